@@ -1,0 +1,20 @@
+# SPREAD analysis of the ferredoxin LY99 case: table of contents. The logic lives in the xfel_spread
+# package; rules/*.smk only wire its command-line entry points together (see docs/design.md).
+#
+#   .venv/bin/snakemake --profile profiles/local                                    # demo config
+#   .venv/bin/snakemake --profile profiles/slurm --configfile config/production.yaml  # 100,000 shots
+
+configfile: "config/config.yaml"
+
+# First: validate the config and fill in defaults. A bad config stops the run here, with a one-line
+# "FILE: key.path: problem" message, before any job is planned.
+include: "rules/common.smk"
+
+include: "rules/reference.smk"
+include: "rules/simulate.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        final_targets(),

@@ -1,0 +1,62 @@
+# Shared by all rule files: config validation, output paths, shard bookkeeping, command location.
+
+import os
+import shlex
+import sys
+
+from xfel_spread.config import DATASETS, ConfigError, load_config, shard_ranges
+from xfel_spread.reference import REFERENCE_NAMES
+
+
+def config_source_name():
+    """The config files that made up `config`, in merge order (later override earlier), plus --config."""
+    command_line_files = {str(path) for path in workflow.overwrite_configfiles}
+    # workflow.configfiles lists the --configfile files before the Snakefile's own; put that one first.
+    files = sorted(map(str, workflow.configfiles), key=lambda path: path in command_line_files)
+    sources = [display_path(path) for path in files]
+    if workflow.config_settings.config:
+        sources.append("--config")
+    return " + ".join(sources) or "<config>"
+
+
+def display_path(path):
+    """`path` relative to the working directory when it lies inside it, else absolute."""
+    relative = os.path.relpath(path)
+    return relative if not relative.startswith("..") else os.path.abspath(path)
+
+
+try:
+    # Update in place: the rules read Snakemake's own `config` object.
+    config.update(load_config(config, source_name=config_source_name()))
+except ConfigError as error:
+    sys.exit(f"Config error: {error}")
+
+OUTPUT_DIR = os.path.normpath(config["output_dir"])
+LOG_DIR = os.path.normpath(config["log_dir"])
+REFERENCE_DIR = os.path.normpath(config["reference"]["dir"])
+# (start, stop) shot indices of each shard; shard i holds shots start..stop-1.
+SHARD_RANGES = shard_ranges(config["simulate"]["n_shots"], config["simulate"]["shots_per_shard"])
+
+
+# Shell-quoted directory of the environment's commands (spread-*), next to the Python running Snakemake.
+# Rules write "{ENV_BIN}/spread-..." so they work from .venv/bin/snakemake without an activated venv and
+# cluster jobs use the submitting environment. Named, not inlined, so moving the venv does not change
+# the rules' shell text (which the `code` rerun trigger compares).
+ENV_BIN = shlex.quote(os.path.dirname(sys.executable))
+
+
+def reference_path(name):
+    """Where the pipeline keeps its verified copy of reference file `name`."""
+    return f"{REFERENCE_DIR}/{name}"
+
+
+def shard_path(dataset, index):
+    """Simulated shard `index` of `dataset` (nopsf or psf)."""
+    return f"{OUTPUT_DIR}/sim/{dataset}/shard_{index:05d}.h5"
+
+
+def final_targets():
+    """Everything `rule all` asks for: the reference files and every shard of both datasets."""
+    references = [reference_path(name) for name in REFERENCE_NAMES]
+    shards = [shard_path(dataset, index) for dataset in DATASETS for index in range(len(SHARD_RANGES))]
+    return references + shards
