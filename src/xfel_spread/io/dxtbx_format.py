@@ -1,0 +1,133 @@
+"""``FormatSPREADShard``: the dxtbx Format class that lets DIALS read simulated shards.
+
+Registered through the ``dxtbx.format`` entry point ``"FormatSPREADShard:FormatHDF5"``, so dxtbx
+asks it about every file that ``FormatHDF5`` accepts. A shard is a multi-image file of stills:
+``dials.import`` makes one ImageSet of ``n_shots`` images and one experiment per image, each with
+its own beam, because each shot has its own SASE spectrum.
+
+All file access goes through :mod:`xfel_spread.io.shard`, which owns the layout and validation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import h5py
+from dxtbx.format.FormatHDF5 import FormatHDF5
+from dxtbx.format.FormatStill import FormatStill
+from dxtbx.model import Beam, Detector, SimplePxMmStrategy, Spectrum
+from dxtbx.model.beam import BeamFactory
+from dxtbx.model.detector import DetectorFactory
+from libtbx.utils import Sorry
+from scitbx.array_family import flex
+
+from xfel_spread.io.shard import SHARD_FORMAT, ShardFormatError, read_shard_image, read_shard_metadata
+
+# The laboratory frame of docs/design.md: the beam travels along -z, the panel's fast axis is +x,
+# its slow axis -y, and it lies in the plane z = -distance.
+FAST_AXIS = (1.0, 0.0, 0.0)
+SLOW_AXIS = (0.0, -1.0, 0.0)
+# dxtbx stores the beam's ``direction`` from the sample towards the source, so s0 = -direction/lambda
+# = (0, 0, -1/lambda): the beam travelling along -z.
+SAMPLE_TO_SOURCE = (0.0, 0.0, 1.0)
+
+
+class ShardFormatSorry(ShardFormatError, Sorry):
+    """A :class:`ShardFormatError` that DIALS programs print as one line, ``Sorry: FILE: problem``.
+
+    DIALS lets ``Sorry`` through its "please report this error" wrapper, and libtbx's exception
+    hook prints it without a traceback: a broken shard is the user's data, not a DIALS bug.
+    """
+
+
+@contextlib.contextmanager
+def _shard_errors_as_sorry():
+    """Re-raise the shard reader's errors as :class:`ShardFormatSorry`."""
+    try:
+        yield
+    except ShardFormatError as error:
+        raise ShardFormatSorry(error.path, error.problem) from None
+
+
+class FormatSPREADShard(FormatHDF5, FormatStill):
+    """Multi-shot still HDF5 shards written by :func:`xfel_spread.io.shard.write_shard`."""
+
+    @staticmethod
+    def understand(image_file):
+        """True for HDF5 files whose root attribute ``format`` names the shard format."""
+        try:
+            with h5py.File(image_file, "r") as h5:
+                return h5.attrs.get("format") == SHARD_FORMAT
+        except OSError:
+            return False
+
+    def setup(self):
+        # Replaces FormatStill.setup, which swallows errors while building the models: a shard
+        # with bad metadata should say what is wrong (ShardFormatError), not load without a beam.
+        with _shard_errors_as_sorry():
+            self._metadata = read_shard_metadata(self._image_file)
+        self._detector_instance = self._detector()
+        self._beams = [self._beam(i) for i in range(self._metadata.n_shots)]
+        self._beam_instance = self._beams[0]
+
+    def _detector(self) -> Detector:
+        """One flat panel at the nominal beam centre, as the simulator's metadata describes it."""
+        detector = self._metadata.detector
+        pixel_size_mm = detector["pixel_size_mm"]
+        beam_x_mm, beam_y_mm = detector["beam_center_mm"]
+        # The corner of pixel (0, 0) sits so that the direct beam meets the panel at the beam centre.
+        origin = (-beam_x_mm, beam_y_mm, -detector["distance_mm"])
+        minimum_adu, maximum_adu = detector["trusted_range"]
+        return DetectorFactory.make_detector(
+            # The Rayonix MX340-HS is a phosphor-coupled CCD.
+            stype="SENSOR_CCD",
+            fast_axis=FAST_AXIS,
+            slow_axis=SLOW_AXIS,
+            origin=origin,
+            pixel_size=(pixel_size_mm, pixel_size_mm),
+            image_size=(detector["n_fast"], detector["n_slow"]),
+            # The file's range is inclusive on integer ADU. dxtbx up to 3.12 masks outside the
+            # open interval (min, max) and later versions outside [min, max]; widening by half an
+            # ADU gives the same mask on integer data under either rule.
+            trusted_range=(minimum_adu - 0.5, maximum_adu + 0.5),
+            # The simulator models how many photons the sensor captures at oblique incidence but
+            # not where inside its depth they are absorbed, so spots carry no parallax shift and
+            # DIALS must not correct for one: no ParallaxCorrectedPxMmStrategy.
+            px_mm=SimplePxMmStrategy(),
+            thickness=detector["thickness_mm"],
+            material=detector["material"],
+            mu=1.0 / detector["attenuation_length_mm"],
+            # With gain and pedestal set, ImageSet.get_corrected_data (what spot finding and
+            # integration read) is (ADU - offset) / gain, i.e. photons.
+            gain=detector["gain_adu_per_photon"],
+            pedestal=detector["adc_offset_adu"],
+        )
+
+    def _beam(self, index: int = 0) -> Beam:
+        """The beam of shot ``index``: wavelength from that shot's photon-weighted mean energy."""
+        beam = self._metadata.beam
+        return BeamFactory.make_polarized_beam(
+            sample_to_source=SAMPLE_TO_SOURCE,
+            wavelength=self.get_spectrum(index).get_weighted_wavelength(),
+            polarization=beam["polarization_normal"],
+            polarization_fraction=beam["polarization_fraction"],
+        )
+
+    def get_num_images(self) -> int:
+        return self._metadata.n_shots
+
+    def get_beam(self, index=None) -> Beam:
+        return self._beams[0 if index is None else index]
+
+    def get_spectrum(self, index=None) -> Spectrum:
+        """Spectrum of shot ``index`` (position in the file; ``ImageSet.get_spectrum`` passes it)."""
+        index = 0 if index is None else index
+        photons = self._metadata.photons_per_channel[index]
+        if photons.sum() <= 0:
+            raise ShardFormatSorry(self._image_file, f"shot {index} has no photons in its spectrum")
+        return Spectrum(flex.double(self._metadata.energy_ev), flex.double(photons))
+
+    def get_raw_data(self, index=None):
+        """Image ``index`` in ADU as flex.int with shape (n_slow, n_fast)."""
+        with _shard_errors_as_sorry():
+            return flex.int(read_shard_image(self._image_file, 0 if index is None else index))
