@@ -1,0 +1,60 @@
+# Stage 1: per-channel structure factors, then simulated shards of shots (both datasets at once).
+
+from xfel_spread.config import stage_settings as settings_of_stage, write_settings
+
+SHARD_INDEX = r"\d{5}"
+
+
+rule stage_settings:
+    """The config sections one stage depends on; rewritten only when they change (params trigger)."""
+    output:
+        f"{OUTPUT_DIR}/settings/{{stage}}.yaml",
+    params:
+        settings=lambda wildcards: settings_of_stage(config, wildcards.stage),
+    log:
+        f"{LOG_DIR}/settings/{{stage}}.log",
+    localrule: True
+    run:
+        write_settings(params.settings, output[0])
+
+
+rule structure_factors:
+    """|F| of the 1M2A model for every energy channel (Fe sites with the ox/red f', f'' tables)."""
+    input:
+        settings=f"{OUTPUT_DIR}/settings/structure_factors.yaml",
+        pdb=reference_path("1m2a.pdb"),
+        oxidized=reference_path("pf-rd-ox_fftkk.out"),
+        reduced=reference_path("pf-rd-red_fftkk.out"),
+    output:
+        f"{OUTPUT_DIR}/structure_factors/amplitudes.h5",
+    log:
+        f"{LOG_DIR}/structure_factors.log",
+    benchmark:
+        f"{LOG_DIR}/benchmarks/structure_factors.tsv"
+    shell:
+        "{ENV_BIN}/spread-structure-factors --config {input.settings:q} --pdb {input.pdb:q}"
+        " --oxidized-table {input.oxidized:q} --reduced-table {input.reduced:q} --output {output:q}"
+        " > {log:q} 2>&1"
+
+
+rule simulate:
+    """One shard of shots, written without and with the detector PSF, plus its ground truth."""
+    input:
+        settings=f"{OUTPUT_DIR}/settings/simulate.yaml",
+        amplitudes=rules.structure_factors.output[0],
+    output:
+        nopsf=f"{OUTPUT_DIR}/sim/nopsf/shard_{{index}}.h5",
+        psf=f"{OUTPUT_DIR}/sim/psf/shard_{{index}}.h5",
+        truth=f"{OUTPUT_DIR}/sim/truth/shard_{{index}}.json",
+    wildcard_constraints:
+        index=SHARD_INDEX,
+    params:
+        shots=lambda wildcards: SHARD_RANGES[int(wildcards.index)],
+    log:
+        f"{LOG_DIR}/simulate/shard_{{index}}.log",
+    benchmark:
+        f"{LOG_DIR}/benchmarks/simulate/shard_{{index}}.tsv"
+    shell:
+        "{ENV_BIN}/spread-simulate --config {input.settings:q} --amplitudes {input.amplitudes:q}"
+        " --shots {params.shots[0]} {params.shots[1]} --nopsf {output.nopsf:q} --psf {output.psf:q}"
+        " --truth {output.truth:q} > {log:q} 2>&1"

@@ -1,0 +1,90 @@
+"""Crystal orientation, unit cell and mosaic domains.
+
+The crystal is described by its real-space matrix ``A`` whose rows are the cell vectors a, b, c
+in the laboratory frame (Angstrom), so fractional Miller indices of a scattering vector s
+(1/Angstrom) are ``h = A @ s`` and the reciprocal-lattice vector of integer ``hkl`` is
+``inv(A) @ hkl``. This is dxtbx's ``Crystal(real_space_a, real_space_b, real_space_c)``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def orthogonalization_matrix(unit_cell) -> np.ndarray:
+    """Cell vectors as rows in the PDB convention: a along x, b in the xy plane."""
+    a, b, c, alpha, beta, gamma = unit_cell
+    cos_alpha, cos_beta, cos_gamma = np.cos(np.radians([alpha, beta, gamma]))
+    sin_gamma = np.sin(np.radians(gamma))
+    c_x = c * cos_beta
+    c_y = c * (cos_alpha - cos_beta * cos_gamma) / sin_gamma
+    c_z = np.sqrt(c ** 2 - c_x ** 2 - c_y ** 2)
+    return np.array([[a, 0.0, 0.0],
+                     [b * cos_gamma, b * sin_gamma, 0.0],
+                     [c_x, c_y, c_z]])
+
+
+def unit_cell_from_matrix(real_space_matrix: np.ndarray) -> tuple[float, ...]:
+    """(a, b, c, alpha, beta, gamma) of a real-space matrix with rows a, b, c."""
+    a_vec, b_vec, c_vec = real_space_matrix
+    lengths = [float(np.linalg.norm(v)) for v in (a_vec, b_vec, c_vec)]
+
+    def angle(u, v):
+        return float(np.degrees(np.arccos(np.clip(u @ v / (np.linalg.norm(u) * np.linalg.norm(v)), -1, 1))))
+
+    return (*lengths, angle(b_vec, c_vec), angle(a_vec, c_vec), angle(a_vec, b_vec))
+
+
+def random_rotation(rng: np.random.Generator) -> np.ndarray:
+    """A rotation matrix drawn uniformly from SO(3) (normalised Gaussian quaternion)."""
+    w, x, y, z = rng.standard_normal(4)
+    norm = np.sqrt(w * w + x * x + y * y + z * z)
+    w, x, y, z = w / norm, x / norm, y / norm, z / norm
+    return np.array([
+        [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+        [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+        [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
+    ])
+
+
+def axis_angle_rotation(axis: np.ndarray, angle_rad: float) -> np.ndarray:
+    """Rotation by ``angle_rad`` about the unit vector ``axis`` (Rodrigues' formula)."""
+    x, y, z = axis
+    cross = np.array([[0, -z, y], [z, 0, -x], [-y, x, 0]])
+    return np.eye(3) + np.sin(angle_rad) * cross + (1 - np.cos(angle_rad)) * cross @ cross
+
+
+def mosaic_rotations(n_domains: int, spread_deg: float, rng: np.random.Generator) -> np.ndarray:
+    """Rotations of the mosaic domains, as the LY99 simulation drew them.
+
+    Each domain turns about an axis uniform on the sphere by an angle drawn from a normal
+    distribution of standard deviation ``spread_deg`` (a sigma, not a FWHM). With a spread of 0
+    every domain is the identity.
+    """
+    rotations = np.empty((n_domains, 3, 3))
+    for domain in range(n_domains):
+        axis = rng.standard_normal(3)
+        axis /= np.linalg.norm(axis)
+        angle = rng.normal(0.0, np.radians(spread_deg))
+        rotations[domain] = axis_angle_rotation(axis, angle)
+    return rotations
+
+
+def domain_matrices(real_space_matrix: np.ndarray, rotations: np.ndarray) -> np.ndarray:
+    """Real-space matrices of the domains: each cell vector turned by the domain's rotation."""
+    return np.einsum("dij,rj->dri", rotations, real_space_matrix)
+
+
+def misorientation_deg(matrix_a: np.ndarray, matrix_b: np.ndarray) -> float:
+    """Angle of the rotation taking the orientation of ``matrix_b`` to that of ``matrix_a``.
+
+    Both are real-space matrices (rows a, b, c) of the same cell setting; the cell shape is
+    removed with a polar decomposition so that small cell differences do not count as rotation.
+    """
+    def rotation_part(matrix):
+        u, _, vt = np.linalg.svd(matrix.T)
+        return u @ vt
+
+    relative = rotation_part(matrix_a) @ rotation_part(matrix_b).T
+    cos_angle = np.clip((np.trace(relative) - 1) / 2, -1.0, 1.0)
+    return float(np.degrees(np.arccos(cos_angle)))

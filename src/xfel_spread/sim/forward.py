@@ -1,0 +1,342 @@
+"""The polychromatic still-diffraction forward model (nanoBragg physics, torch implementation).
+
+For a pixel with unit diffracted direction d, a channel of wavelength lambda (u = 1/lambda) and
+a mosaic domain with real-space matrix A_d, the fractional Miller index is
+``h = u * A_d (d - i)`` (i the beam direction). With h0 the nearest integer index, the Gaussian
+lattice transform with nanoBragg's argument check (``Gauss_argchk``) is::
+
+    arg = |N * (h - h0)|^2 / 0.63,    F_latt = Na Nb Nc exp(-arg) if arg < 35 else 0
+
+and the pixel collects, in photons::
+
+    scale * r_e^2 * polar * omega * capture * sum_k (photons_k / beam_area)
+            * (1 / n_domains) * sum_d |F_k(h0)|^2 F_latt^2
+
+``scale`` is the number of mosaic domains in the crystal (crystal volume / domain volume).
+
+Two evaluations of the same expression are provided:
+
+* :func:`bragg_photons_dense` visits every (pixel, channel, domain) and is the reference.
+* :func:`bragg_photons_sparse` visits only what the cut-off can reach. For reflection hkl and
+  domain d, the Ewald condition ``| |q - c(u)| - u | <= r_s`` (c(u) = u * (0, 0, 1) the sphere
+  centre, r_s the largest |s - q| with arg < 35) is linear in u, which gives the channels that can
+  excite the reflection. Across those channels the spot centre moves along a straight segment on
+  the panel (the central projection of a line), so a box around the segment, widened by the
+  largest footprint of the cut-off ball, holds every pixel that can receive light. For each pixel
+  of that box ``arg(u)`` is a quadratic in u, whose sub-cut-off interval gives exactly the channels
+  to evaluate. Pixels, channels and domains outside contribute exactly zero by definition, so both
+  evaluations agree to rounding.
+
+All tensors carry gradients with respect to the crystal matrices, N and the scale, so the same
+model serves simulation and refinement, on CPU or CUDA.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from xfel_spread.sim.geometry import (
+    BEAM_DIRECTION,
+    Detector,
+    capture_fraction,
+    polarization_factor,
+    solid_angle_sr,
+)
+from xfel_spread.sim.structure_factors import HC_EV_ANGSTROM, AmplitudeGrid
+
+#: Thomson cross-section r_e^2 in m^2, the value nanoBragg uses.
+R_E_SQUARED_M2 = 7.94079248018965e-30
+#: nanoBragg's Gaussian lattice transform: arg = hrad^2 / GAUSS_WIDTH; F_latt = 0 once arg >= ARG_CUTOFF.
+GAUSS_WIDTH = 0.63
+ARG_CUTOFF = 35.0
+#: Evaluation chunk: the number of (pixel, channel[, domain]) terms held in memory at once.
+CHUNK_TERMS = 1 << 22
+
+
+@dataclass
+class Beam:
+    """A polychromatic beam: per-channel photon counts and a square beam of side ``size_m``."""
+
+    energies_ev: torch.Tensor
+    photons: torch.Tensor
+    size_m: float
+    polarization_fraction: float = 1.0
+
+    @property
+    def inverse_wavelengths(self) -> torch.Tensor:
+        """u = 1/lambda for each channel, 1/Angstrom."""
+        return self.energies_ev / HC_EV_ANGSTROM
+
+    @property
+    def fluence_per_m2(self) -> torch.Tensor:
+        return self.photons / self.size_m ** 2
+
+
+@dataclass
+class CrystalState:
+    """What the model needs of the crystal; every tensor may require gradients.
+
+    ``domain_matrices`` (n_domains, 3, 3): real-space matrix of each mosaic domain (rows a, b, c,
+    Angstrom, laboratory frame). ``ncells`` (3,): Na, Nb, Nc. ``scale``: domains per crystal.
+    """
+
+    domain_matrices: torch.Tensor
+    ncells: torch.Tensor
+    scale: torch.Tensor
+
+
+class AmplitudeLookup:
+    """Per-channel |F|^2 looked up by integer Miller index, 0 outside the table (default_F = 0)."""
+
+    def __init__(self, grid: AmplitudeGrid, device, dtype=torch.float64):
+        values = torch.as_tensor(grid.values, device=device)
+        self.intensity = (values.to(dtype) ** 2).reshape(values.shape[0], -1)
+        self.shape = torch.as_tensor(values.shape[1:], device=device)
+        self.hkl_min = torch.as_tensor(grid.hkl_min, device=device)
+        self.n_channels = values.shape[0]
+
+    def cell_index(self, hkl: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat grid index of each hkl (..., 3) and whether it lies inside the table."""
+        offset = hkl.long() - self.hkl_min
+        inside = ((offset >= 0) & (offset < self.shape)).all(dim=-1)
+        offset = torch.where(inside[..., None], offset, torch.zeros_like(offset))
+        flat = (offset[..., 0] * self.shape[1] + offset[..., 1]) * self.shape[2] + offset[..., 2]
+        return flat, inside
+
+    def nonzero_indices(self) -> torch.Tensor:
+        """All Miller indices with a non-zero amplitude in some channel, (M, 3)."""
+        flat = torch.nonzero(self.intensity.amax(dim=0) > 0).squeeze(1)
+        n_k, n_l = int(self.shape[1]), int(self.shape[2])
+        return torch.stack((flat // (n_k * n_l), (flat // n_l) % n_k, flat % n_l), dim=1) + self.hkl_min
+
+
+def pixel_factors(detector: Detector, fast: torch.Tensor, slow: torch.Tensor,
+                  polarization_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit diffracted directions (P, 3) and the per-pixel factor polar * omega * capture (P,)."""
+    positions = detector.pixel_centres_mm(fast, slow)
+    directions = positions / torch.linalg.norm(positions, dim=-1, keepdim=True)
+    factor = (polarization_factor(directions, polarization_fraction)
+              * solid_angle_sr(positions, detector) * capture_fraction(directions, detector))
+    return directions, factor
+
+
+def _photon_prefactor(beam: Beam, crystal: CrystalState) -> torch.Tensor:
+    n_domains = crystal.domain_matrices.shape[0]
+    return crystal.scale * R_E_SQUARED_M2 / n_domains / beam.size_m ** 2
+
+
+def bragg_photons_dense(detector: Detector, beam: Beam, crystal: CrystalState,
+                        amplitudes: AmplitudeLookup, fast: torch.Tensor, slow: torch.Tensor) -> torch.Tensor:
+    """Bragg photons at the given pixels, visiting every channel and domain (reference)."""
+    directions, factor = pixel_factors(detector, fast, slow, beam.polarization_fraction)
+    beam_direction = torch.as_tensor(BEAM_DIRECTION, dtype=directions.dtype, device=directions.device)
+    u = beam.inverse_wavelengths.to(directions.dtype)
+    photons_k = beam.photons.to(directions.dtype)
+    ncells = crystal.ncells.to(directions.dtype)
+    n_terms = u.numel() * crystal.domain_matrices.shape[0]
+    chunk = max(1, CHUNK_TERMS // n_terms)
+    totals = []
+    for start in range(0, directions.shape[0], chunk):
+        # h[p, k, d, :] = u_k * A_d (dir_p - i)
+        h_per_u = torch.einsum("dij,pj->pdi", crystal.domain_matrices, directions[start:start + chunk] - beam_direction)
+        h = u[None, :, None, None] * h_per_u[:, None, :, :]
+        nearest = torch.ceil(h - 0.5)
+        arg = (((h - nearest) * ncells) ** 2).sum(dim=-1) / GAUSS_WIDTH
+        lattice_sq = torch.where(arg < ARG_CUTOFF, torch.prod(ncells) ** 2 * torch.exp(-2 * arg), torch.zeros_like(arg))
+        flat, inside = amplitudes.cell_index(nearest)
+        channel = torch.arange(u.numel(), device=u.device)[None, :, None].expand_as(flat)
+        f_sq = torch.where(inside, amplitudes.intensity[channel, flat], torch.zeros_like(arg))
+        totals.append((f_sq * lattice_sq * photons_k[None, :, None]).sum(dim=(1, 2)))
+    return _photon_prefactor(beam, crystal) * factor * torch.cat(totals)
+
+
+def cutoff_radius(crystal: CrystalState) -> float:
+    """Largest |s - q| (1/Angstrom) at which a domain's lattice transform is still non-zero.
+
+    arg < 35 bounds |N * dh| by sqrt(35 * 0.63); ds = inv(A) diag(1/N) (N * dh), so |ds| is
+    bounded by that times the largest singular value of inv(A) diag(1/N) (rotation-invariant,
+    hence the same for every domain up to their tiny cell differences; the maximum is taken).
+    """
+    with torch.no_grad():
+        inverse = torch.linalg.inv(crystal.domain_matrices) / crystal.ncells.to(crystal.domain_matrices.dtype)
+        largest = torch.linalg.matrix_norm(inverse, ord=2).max()
+    return float(largest) * math.sqrt(ARG_CUTOFF * GAUSS_WIDTH)
+
+
+def _intersect_linear(u_low, u_high, coefficient, rhs, at_least: bool):
+    """Narrow [u_low, u_high] to the u with ``coefficient * u >= rhs`` (or ``<=``)."""
+    bound = rhs / torch.where(coefficient == 0, torch.ones_like(coefficient), coefficient)
+    # Dividing by a negative coefficient turns ">=" into "<=".
+    gives_lower = (coefficient > 0) if at_least else (coefficient < 0)
+    gives_upper = (coefficient < 0) if at_least else (coefficient > 0)
+    u_low = torch.where(gives_lower, torch.maximum(u_low, bound), u_low)
+    u_high = torch.where(gives_upper, torch.minimum(u_high, bound), u_high)
+    # A zero coefficient leaves "0 >= rhs" (or "0 <= rhs"), true or false for every u.
+    unsatisfiable = (coefficient == 0) & ((rhs > 0) if at_least else (rhs < 0))
+    u_high = torch.where(unsatisfiable, torch.full_like(u_high, -math.inf), u_high)
+    return u_low, u_high
+
+
+@dataclass
+class Streaks:
+    """Reflection-domain pairs that some channel can excite, and where their light can land.
+
+    Across the excited channels [u_low, u_high] the spot centre runs along the straight segment
+    from ``start_px`` to ``end_px`` (fast, slow pixel coordinates); every channel's light lies
+    within ``footprint_px`` of that segment.
+    """
+
+    reflection: torch.Tensor
+    domain: torch.Tensor
+    u_low: torch.Tensor
+    u_high: torch.Tensor
+    start_px: torch.Tensor
+    end_px: torch.Tensor
+    footprint_px: torch.Tensor
+
+    def boxes(self, detector: Detector):
+        """Inclusive pixel-index bounds (fast_lo, fast_hi, slow_lo, slow_hi), clipped to the panel."""
+        low = torch.minimum(self.start_px, self.end_px) - self.footprint_px[:, None] - 0.5
+        high = torch.maximum(self.start_px, self.end_px) + self.footprint_px[:, None] - 0.5
+        fast_lo = torch.clamp(torch.floor(low[:, 0]), min=0).long()
+        slow_lo = torch.clamp(torch.floor(low[:, 1]), min=0).long()
+        fast_hi = torch.clamp(torch.ceil(high[:, 0]), max=detector.n_fast - 1).long()
+        slow_hi = torch.clamp(torch.ceil(high[:, 1]), max=detector.n_slow - 1).long()
+        return fast_lo, fast_hi, slow_lo, slow_hi
+
+    def select(self, index: torch.Tensor) -> "Streaks":
+        return Streaks(*(getattr(self, name)[index] for name in self.__dataclass_fields__))
+
+
+def excited_streaks(detector: Detector, crystal: CrystalState, hkl: torch.Tensor,
+                    u_min: float, u_max: float, radius: float) -> Streaks:
+    """Reflection-domain pairs whose cut-off ball meets an Ewald sphere with u in [u_min, u_max]."""
+    with torch.no_grad():
+        inverse = torch.linalg.inv(crystal.domain_matrices)
+        q = torch.einsum("dij,mj->mdi", inverse, hkl.to(inverse.dtype))
+        q_sq = (q ** 2).sum(-1)
+        q_z = q[..., 2]
+        # | |q - c(u)| - u | <= r  <=>  2u(q_z + r) >= q^2 - r^2  and  2u(q_z - r) <= q^2 - r^2
+        rhs = q_sq - radius ** 2
+        u_low = torch.full_like(q_sq, u_min)
+        u_high = torch.full_like(q_sq, u_max)
+        u_low, u_high = _intersect_linear(u_low, u_high, 2 * (q_z + radius), rhs, at_least=True)
+        u_low, u_high = _intersect_linear(u_low, u_high, 2 * (q_z - radius), rhs, at_least=False)
+        excited = (u_low <= u_high) & (q_sq > 0)
+        reflection, domain = torch.nonzero(excited, as_tuple=True)
+        q = q[reflection, domain]
+        u_low, u_high = u_low[reflection, domain], u_high[reflection, domain]
+
+        ends_px, cos_normal = [], []
+        towards = torch.ones_like(u_low, dtype=torch.bool)
+        for u_end in (u_low, u_high):
+            ray = q.clone()
+            ray[:, 2] -= u_end
+            ray = ray / torch.linalg.norm(ray, dim=-1, keepdim=True)
+            fast_px, slow_px, forward = detector.project_directions_px(ray)
+            ends_px.append(torch.stack((fast_px, slow_px), dim=-1))
+            cos_normal.append(-ray[:, 2])
+            towards &= forward
+        # A cone of half-angle alpha around a ray at angle theta to the panel normal reaches at
+        # most D (tan(theta + alpha) - tan(theta)) from the ray's hit; theta is largest at an end.
+        alpha = torch.asin(torch.clamp(radius / torch.clamp(u_low - radius, min=1e-12), max=1.0))
+        theta = torch.acos(torch.clamp(torch.minimum(*cos_normal), -1.0, 1.0))
+        reach = theta + alpha
+        towards &= reach < (math.pi / 2 - 1e-3)
+        reach = torch.clamp(reach, max=math.pi / 2 - 1e-3)
+        footprint_px = detector.distance_mm * (torch.tan(reach) - torch.tan(theta)) / detector.pixel_size_mm + 1.0
+        streaks = Streaks(reflection, domain, u_low, u_high, ends_px[0], ends_px[1], footprint_px)
+        streaks = streaks.select(torch.nonzero(towards).squeeze(1))
+        fast_lo, fast_hi, slow_lo, slow_hi = streaks.boxes(detector)
+        return streaks.select(torch.nonzero((fast_lo <= fast_hi) & (slow_lo <= slow_hi)).squeeze(1))
+
+
+def _pixels_near_segments(streaks: Streaks, detector: Detector):
+    """(streak, fast, slow) for every pixel whose centre lies within the footprint of a streak."""
+    fast_lo, fast_hi, slow_lo, slow_hi = streaks.boxes(detector)
+    width = fast_hi - fast_lo + 1
+    counts = width * (slow_hi - slow_lo + 1)
+    streak = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
+    first = torch.cumsum(counts, 0) - counts
+    local = torch.arange(streak.numel(), device=counts.device) - first[streak]
+    fast = fast_lo[streak] + local % width[streak]
+    slow = slow_lo[streak] + local // width[streak]
+    centre = torch.stack((fast, slow), dim=-1).to(streaks.start_px.dtype) + 0.5
+    start, end = streaks.start_px[streak], streaks.end_px[streak]
+    along = end - start
+    length_sq = (along ** 2).sum(-1)
+    t = torch.clamp(((centre - start) * along).sum(-1) / torch.clamp(length_sq, min=1e-12), 0.0, 1.0)
+    distance = torch.linalg.norm(centre - (start + t[:, None] * along), dim=-1)
+    near = torch.nonzero(distance <= streaks.footprint_px[streak]).squeeze(1)
+    return streak[near], fast[near], slow[near]
+
+
+def bragg_photons_sparse(detector: Detector, beam: Beam, crystal: CrystalState,
+                         amplitudes: AmplitudeLookup, hkl: torch.Tensor | None = None) -> torch.Tensor:
+    """Bragg photons on the whole panel (n_slow, n_fast), visiting only what the cut-off reaches."""
+    dtype = crystal.domain_matrices.dtype
+    device = crystal.domain_matrices.device
+    if hkl is None:
+        hkl = amplitudes.nonzero_indices()
+    u_channels = beam.inverse_wavelengths.to(dtype)
+    if torch.any(u_channels[1:] <= u_channels[:-1]):
+        raise ValueError("beam channels must be sorted by increasing energy")
+    radius = cutoff_radius(crystal)
+    ncells = crystal.ncells.to(dtype)
+    needs_rounding_check = bool(torch.any(ncells.detach() <= 2 * math.sqrt(ARG_CUTOFF * GAUSS_WIDTH)))
+    image = torch.zeros(detector.n_slow * detector.n_fast, dtype=dtype, device=device)
+    beam_direction = torch.as_tensor(BEAM_DIRECTION, dtype=dtype, device=device)
+    weight_k = beam.photons.to(dtype)
+    lattice_peak_sq = torch.prod(ncells) ** 2
+
+    streaks = excited_streaks(detector, crystal, hkl.to(device), float(u_channels[0]), float(u_channels[-1]), radius)
+    fast_lo, fast_hi, slow_lo, slow_hi = streaks.boxes(detector)
+    box_end = torch.cumsum((fast_hi - fast_lo + 1) * (slow_hi - slow_lo + 1), 0)
+    start = 0
+    while start < box_end.numel():
+        # Streaks whose boxes fit in one chunk (always at least one).
+        budget = (int(box_end[start - 1]) if start else 0) + CHUNK_TERMS // 8
+        stop = max(start + 1, int(torch.searchsorted(box_end, torch.tensor(budget, device=device), right=True)))
+        streak, fast, slow = _pixels_near_segments(streaks.select(torch.arange(start, stop, device=device)), detector)
+        streak = streak + start
+        start = stop
+        pair_hkl = hkl[streaks.reflection[streak]].to(dtype)
+        pair_domain = streaks.domain[streak]
+        flat_cell, inside = amplitudes.cell_index(pair_hkl)
+        directions, factor = pixel_factors(detector, fast, slow, beam.polarization_fraction)
+        h_per_u = torch.einsum("pij,pj->pi", crystal.domain_matrices[pair_domain], directions - beam_direction)
+        # arg(u) = |N (u h1 - hkl)|^2 / 0.63 = curvature (u - u_centre)^2 + floor
+        scaled_h1 = h_per_u * ncells
+        scaled_hkl = pair_hkl * ncells
+        curvature = (scaled_h1 ** 2).sum(-1) / GAUSS_WIDTH
+        u_centre = (scaled_h1 * scaled_hkl).sum(-1) / (scaled_h1 ** 2).sum(-1)
+        floor = ((scaled_hkl ** 2).sum(-1) - (scaled_h1 * scaled_hkl).sum(-1) ** 2 / (scaled_h1 ** 2).sum(-1)) / GAUSS_WIDTH
+        with torch.no_grad():
+            half_width = torch.sqrt(torch.clamp((ARG_CUTOFF - floor) / curvature, min=0))
+            k_first = torch.searchsorted(u_channels.contiguous(), (u_centre - half_width).contiguous())
+            k_last = torch.searchsorted(u_channels.contiguous(), (u_centre + half_width).contiguous(), right=True)
+            live = (floor < ARG_CUTOFF) & (k_last > k_first)
+            live_index = torch.nonzero(live).squeeze(1)
+        if live_index.numel() == 0:
+            continue
+        k_first, n_k = k_first[live_index], (k_last - k_first)[live_index]
+        pixel_flat = (slow * detector.n_fast + fast)[live_index]
+        term_pair = torch.repeat_interleave(torch.arange(live_index.numel(), device=device), n_k)
+        term_channel = k_first[term_pair] + (torch.arange(term_pair.numel(), device=device)
+                                             - (torch.cumsum(n_k, 0) - n_k)[term_pair])
+        pair = live_index[term_pair]
+        du = u_channels[term_channel] - u_centre[pair]
+        arg = curvature[pair] * du ** 2 + floor[pair]
+        alive = arg < ARG_CUTOFF
+        if needs_rounding_check:
+            h = u_channels[term_channel, None] * h_per_u[pair]
+            alive &= (torch.ceil(h - 0.5) == pair_hkl[pair]).all(dim=-1)
+        f_sq = torch.where(inside[pair], amplitudes.intensity[term_channel, flat_cell[pair]], torch.zeros_like(arg))
+        contribution = torch.where(alive, f_sq * weight_k[term_channel] * lattice_peak_sq * torch.exp(-2 * arg),
+                                   torch.zeros_like(arg)) * factor[pair]
+        image.index_add_(0, pixel_flat[term_pair], contribution)
+    return (_photon_prefactor(beam, crystal) * image).reshape(detector.n_slow, detector.n_fast)

@@ -1,0 +1,276 @@
+"""Simulate a shard of LY99 shots and write it as two datasets (without and with PSF).
+
+Every random draw of shot ``i`` comes from generators seeded by ``(seed, i, stream)``, so a shot
+is the same whichever shard, rank or process simulates it. The diffraction is computed with the
+*true* detector (nominal beam centre + ``beam_center_offset_px``); the shard's metadata carries
+the *nominal* one, and the truth file records both.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from xfel_spread.atomic import atomic_output
+from xfel_spread.io.shard import open_shard_writer
+from xfel_spread.sim import background as bg
+from xfel_spread.sim import crystal as xtal
+from xfel_spread.sim import detector_effects as effects
+from xfel_spread.sim.forward import AmplitudeLookup, Beam, CrystalState, bragg_photons_sparse
+from xfel_spread.sim.geometry import Detector
+from xfel_spread.sim.spectrum import SaseModel, read_recorded_spectra, sase_spectrum
+from xfel_spread.sim.structure_factors import expand_to_p1_grid, load_channel_amplitudes
+
+log = logging.getLogger(__name__)
+
+#: Independent random streams of one shot.
+STREAM_SPECTRUM, STREAM_CRYSTAL, STREAM_NOISE = 0, 1, 2
+#: Stream of the run-wide calibration (gain) pattern, the same for every shot.
+CALIBRATION_STREAM = 2 ** 31 - 1
+#: The trusted range written into the metadata: any int32 ADU from 0 up; nothing saturates.
+TRUSTED_RANGE = (0, 2 ** 31 - 2)
+
+
+def shot_rng(seed: int, shot_index: int, stream: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence((seed, shot_index, stream)))
+
+
+def shot_torch_seed(seed: int, shot_index: int, stream: int) -> int:
+    return int(np.random.SeedSequence((seed, shot_index, stream)).generate_state(1, dtype=np.uint64)[0]) >> 1
+
+
+def domains_per_crystal(length_um: float, illuminated_diameter_um: float, domain_size_a: float) -> float:
+    """Mosaic domains in the illuminated cylinder of crystal (the Bragg scale of the LY99 model)."""
+    illuminated = math.pi * (illuminated_diameter_um / 2) ** 2 * length_um
+    domain = 4.0 / 3.0 * math.pi * (domain_size_a * 1e-4 / 2) ** 3
+    return illuminated / domain
+
+
+def cells_per_domain_edge(unit_cell, domain_size_a: float) -> int:
+    """N (the same along a, b, c): cube root of spherical domain volume / cell volume, rounded."""
+    real_space = xtal.orthogonalization_matrix(unit_cell)
+    cell_volume = abs(np.linalg.det(real_space))
+    domain_volume = 4.0 / 3.0 * math.pi * (domain_size_a / 2) ** 3
+    return int(round((domain_volume / cell_volume) ** (1.0 / 3.0)))
+
+
+@dataclass
+class SimulationSetup:
+    """Everything fixed for a run, resolved from the config and the amplitude table."""
+
+    nominal_detector: Detector
+    true_detector: Detector
+    energies_ev: np.ndarray
+    amplitudes: AmplitudeLookup
+    hkl: torch.Tensor
+    unit_cell: tuple
+    ncells: np.ndarray
+    scale: float
+    n_domains: int
+    mosaic_spread_deg: float
+    beam_size_m: float
+    polarization_fraction: float
+    readout: effects.ReadoutModel
+    psf_fwhm_px: float
+    psf_radius_px: int
+    materials: list
+    seed: int
+    device: torch.device
+    sase: SaseModel | None = None
+    recorded_spectra: np.ndarray | None = None
+    calibration: torch.Tensor = field(init=False)
+
+    def __post_init__(self):
+        shape = (self.nominal_detector.n_slow, self.nominal_detector.n_fast)
+        self.calibration = effects.calibration_pattern(
+            shape, self.readout.calibration_noise_fraction,
+            shot_torch_seed(self.seed, 0, CALIBRATION_STREAM), self.device)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("simulate.device is cuda but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def setup_from_config(config: dict, amplitude_table_path: str) -> SimulationSetup:
+    """Build the run's :class:`SimulationSetup` from a validated config."""
+    sim = config["simulate"]
+    det, beam, crystal = sim["detector"], sim["beam"], sim["crystal"]
+    device = resolve_device(sim["device"])
+    table = load_channel_amplitudes(amplitude_table_path)
+    amplitudes = AmplitudeLookup(expand_to_p1_grid(table), device)
+
+    centre = (det["n_fast"] * det["pixel_size_mm"] / 2, det["n_slow"] * det["pixel_size_mm"] / 2)
+    nominal = Detector(det["n_fast"], det["n_slow"], det["pixel_size_mm"], det["distance_mm"], centre,
+                       det["thickness_mm"], det["attenuation_length_mm"])
+    ncells = crystal["ncells_abc"] or [cells_per_domain_edge(table.unit_cell, crystal["domain_size_a"])] * 3
+    materials = []
+    if sim["background"]["enabled"]:
+        materials = [bg.water(sim["background"]["water_thickness_mm"]), bg.air(sim["background"]["air_path_mm"])]
+    spectrum = beam["spectrum"]
+    sase, recorded = None, None
+    if spectrum["source"] == "file":
+        recorded = read_recorded_spectra(spectrum["file"], len(table.energies_ev))
+    else:
+        sase = SaseModel(spectrum["envelope_center_ev"], spectrum["envelope_fwhm_ev"], spectrum["center_jitter_ev"],
+                         spectrum["n_modes"], spectrum["mode_fwhm_ev"], beam["total_photons"])
+    return SimulationSetup(
+        nominal_detector=nominal,
+        true_detector=nominal.with_beam_center_offset_px(tuple(det["beam_center_offset_px"])),
+        energies_ev=table.energies_ev,
+        amplitudes=amplitudes,
+        hkl=amplitudes.nonzero_indices(),
+        unit_cell=table.unit_cell,
+        ncells=np.asarray(ncells, dtype=np.float64),
+        scale=domains_per_crystal(crystal["size_um"], crystal["illuminated_diameter_um"], crystal["domain_size_a"]),
+        n_domains=crystal["n_mosaic_domains"],
+        mosaic_spread_deg=crystal["mosaic_spread_deg"],
+        beam_size_m=beam["beam_size_um"] * 1e-6,
+        polarization_fraction=beam["polarization_fraction"],
+        readout=effects.ReadoutModel(det["gain_adu_per_photon"], det["adc_offset_adu"], det["readout_noise_adu"],
+                                     det["calibration_noise_fraction"]),
+        psf_fwhm_px=det["psf_fwhm_mm"] / det["pixel_size_mm"],
+        psf_radius_px=det["psf_radius_px"],
+        materials=materials,
+        seed=sim["seed"],
+        device=device,
+        sase=sase,
+        recorded_spectra=recorded,
+    )
+
+
+def shot_spectrum(setup: SimulationSetup, shot_index: int) -> np.ndarray:
+    """Photons per channel for one shot."""
+    if setup.recorded_spectra is not None:
+        if shot_index >= len(setup.recorded_spectra):
+            raise ValueError(f"shot {shot_index}: only {len(setup.recorded_spectra)} recorded spectra were given")
+        return setup.recorded_spectra[shot_index]
+    return sase_spectrum(setup.sase, setup.energies_ev, shot_rng(setup.seed, shot_index, STREAM_SPECTRUM))
+
+
+@dataclass
+class ShotTruth:
+    """What was true for one shot; written to the truth file."""
+
+    shot_index: int
+    real_space_matrix: np.ndarray
+    mosaic_rotations: np.ndarray
+
+    def as_json(self, setup: SimulationSetup, photons: np.ndarray) -> dict:
+        true_det, nominal = setup.true_detector, setup.nominal_detector
+        mean_energy = float(photons @ setup.energies_ev / photons.sum())
+        return {
+            "shot_index": self.shot_index,
+            "real_space_a_b_c": self.real_space_matrix.tolist(),
+            "unit_cell": list(xtal.unit_cell_from_matrix(self.real_space_matrix)),
+            "space_group": "C 1 2 1",
+            "ncells_abc": setup.ncells.tolist(),
+            "domains_per_crystal": setup.scale,
+            "mosaic_rotations": self.mosaic_rotations.tolist(),
+            "true_beam_center_mm": list(true_det.beam_center_mm),
+            "nominal_beam_center_mm": list(nominal.beam_center_mm),
+            "true_beam_center_offset_px": [
+                (true_det.beam_center_mm[i] - nominal.beam_center_mm[i]) / nominal.pixel_size_mm for i in (0, 1)],
+            "total_photons": float(photons.sum()),
+            "mean_energy_ev": mean_energy,
+        }
+
+
+def draw_crystal(setup: SimulationSetup, shot_index: int) -> ShotTruth:
+    """Random orientation and mosaic domains of one shot."""
+    rng = shot_rng(setup.seed, shot_index, STREAM_CRYSTAL)
+    rotation = xtal.random_rotation(rng)
+    real_space = (rotation @ xtal.orthogonalization_matrix(setup.unit_cell).T).T
+    return ShotTruth(shot_index, real_space, xtal.mosaic_rotations(setup.n_domains, setup.mosaic_spread_deg, rng))
+
+
+def expected_photons(setup: SimulationSetup, truth: ShotTruth, photons: np.ndarray,
+                     include_background: bool = True) -> torch.Tensor:
+    """Noise-free photons on the panel (n_slow, n_fast): Bragg spots plus amorphous background."""
+    dtype = torch.float64
+    beam = Beam(torch.as_tensor(setup.energies_ev, dtype=dtype, device=setup.device),
+                torch.as_tensor(photons, dtype=dtype, device=setup.device),
+                setup.beam_size_m, setup.polarization_fraction)
+    crystal = CrystalState(
+        torch.as_tensor(xtal.domain_matrices(truth.real_space_matrix, truth.mosaic_rotations), dtype=dtype, device=setup.device),
+        torch.as_tensor(setup.ncells, dtype=dtype, device=setup.device),
+        torch.tensor(setup.scale, dtype=dtype, device=setup.device))
+    image = bragg_photons_sparse(setup.true_detector, beam, crystal, setup.amplitudes, setup.hkl)
+    if include_background and setup.materials:
+        image = image + bg.background_photons(setup.true_detector, beam, setup.materials, setup.device)
+    return image
+
+
+def detector_images(setup: SimulationSetup, expected: torch.Tensor, shot_index: int) -> dict[str, np.ndarray]:
+    """ADU images of one shot for both datasets, sharing every random draw."""
+    noisy = effects.draw_noise(expected, setup.calibration, setup.readout,
+                               shot_torch_seed(setup.seed, shot_index, STREAM_NOISE))
+    spread = effects.apply_fiber_psf(noisy.photons, setup.psf_fwhm_px, setup.psf_radius_px)
+    return {"nopsf": effects.to_adu(noisy.photons, noisy.readout_adu, setup.readout).cpu().numpy(),
+            "psf": effects.to_adu(spread, noisy.readout_adu, setup.readout).cpu().numpy()}
+
+
+def shard_metadata(setup: SimulationSetup) -> tuple[dict, dict]:
+    """Detector and beam attributes of a shard (the nominal geometry the images claim)."""
+    det = setup.nominal_detector
+    detector = {
+        "pixel_size_mm": det.pixel_size_mm, "distance_mm": det.distance_mm,
+        "n_fast": det.n_fast, "n_slow": det.n_slow,
+        "beam_center_mm": np.asarray(det.beam_center_mm),
+        "gain_adu_per_photon": setup.readout.gain_adu_per_photon,
+        "adc_offset_adu": setup.readout.adc_offset_adu,
+        "trusted_range": np.asarray(TRUSTED_RANGE, dtype=np.float64),
+        "thickness_mm": det.thickness_mm, "attenuation_length_mm": det.attenuation_length_mm,
+        "material": "Gd2O2S",
+    }
+    beam = {"polarization_fraction": setup.polarization_fraction,
+            "polarization_normal": np.array([0.0, 1.0, 0.0])}
+    return detector, beam
+
+
+class ProgressLog:
+    """Logs shots done, rate and time left."""
+
+    def __init__(self, total: int, label: str):
+        self.total, self.label, self.started, self.done = total, label, time.monotonic(), 0
+
+    def step(self):
+        self.done += 1
+        elapsed = time.monotonic() - self.started
+        rate = self.done / elapsed if elapsed > 0 else float("inf")
+        left = (self.total - self.done) / rate if rate > 0 else float("nan")
+        log.info("%s: %d/%d shots, %.3f shots/s, %.0f s left", self.label, self.done, self.total, rate, left)
+
+
+def simulate_shard(setup: SimulationSetup, start: int, stop: int, shard_paths: dict[str, str],
+                   truth_path: str) -> None:
+    """Simulate shots start..stop-1; write both datasets and the truth file, each atomically."""
+    shots = list(range(start, stop))
+    spectra = np.stack([shot_spectrum(setup, shot) for shot in shots])
+    detector_attrs, beam_attrs = shard_metadata(setup)
+    progress = ProgressLog(len(shots), f"shard {shard_paths['nopsf']}")
+    truths = []
+    with open_shard_writer(shard_paths["nopsf"], shot_index=shots, energy_ev=setup.energies_ev,
+                           photons_per_channel=spectra, detector=detector_attrs, beam=beam_attrs,
+                           dataset="nopsf") as nopsf_writer, \
+         open_shard_writer(shard_paths["psf"], shot_index=shots, energy_ev=setup.energies_ev,
+                           photons_per_channel=spectra, detector=detector_attrs, beam=beam_attrs,
+                           dataset="psf") as psf_writer:
+        for shot, photons in zip(shots, spectra):
+            truth = draw_crystal(setup, shot)
+            images = detector_images(setup, expected_photons(setup, truth, photons), shot)
+            nopsf_writer.append(images["nopsf"])
+            psf_writer.append(images["psf"])
+            truths.append(truth.as_json(setup, photons))
+            progress.step()
+        with atomic_output(truth_path, "w") as handle:
+            json.dump({"seed": setup.seed, "shots": truths}, handle, indent=1)

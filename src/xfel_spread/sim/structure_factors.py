@@ -1,0 +1,233 @@
+"""Per-energy-channel structure-factor amplitudes of the LY99 ferredoxin model.
+
+The LY99 simulation uses one amplitude set per energy channel: Fcalc from the 1M2A model to
+1.7 A with a flat bulk-solvent model (k_sol 0.435, b_sol 46), in which the iron atoms named FE1
+take the oxidized f'/f'' table and those named FE2 the reduced table at the channel's energy.
+
+Structure factors are linear in each atom's form factor, so the energy dependence is carried by
+two complex "site sums" instead of 100 full Fcalc evaluations::
+
+    F_k(h) = F_model(h; Fe f'=f''=0) + sum_site (f'_site(E_k) + i f''_site(E_k)) * G_site(h)
+
+where ``G_site(h) = sum_{atoms j of the site, symmetry ops} T_j(h) exp(2 pi i h.x_j)`` is the
+structure factor of that site's atoms with unit, resolution-independent scattering. The other
+atoms take Henke f'/f'' at the mean channel energy: across the 100 eV band they change by less
+than 1e-3 electrons (no absorption edge of C, N, O, S lies near 7.1 keV).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+#: hc in eV * Angstrom (CODATA 2018), used to convert channel energies to wavelengths.
+HC_EV_ANGSTROM = 12398.419843320026
+
+
+class ModelFileError(ValueError):
+    """A model or scattering-factor table that cannot be used, with the file named."""
+
+
+@dataclass(frozen=True)
+class ChannelAmplitudes:
+    """Amplitudes |F| for each energy channel on one anomalous asymmetric unit.
+
+    ``indices`` are Miller indices in the space group's asymmetric unit with Friedel mates kept
+    separate; ``amplitudes[k, m]`` is |F| of ``indices[m]`` at ``energies_ev[k]``.
+    """
+
+    energies_ev: np.ndarray
+    unit_cell: tuple[float, float, float, float, float, float]
+    space_group: str
+    indices: np.ndarray
+    amplitudes: np.ndarray
+
+    @property
+    def wavelengths_a(self) -> np.ndarray:
+        return HC_EV_ANGSTROM / self.energies_ev
+
+
+def channel_energies(start_ev: float, step_ev: float, n_channels: int) -> np.ndarray:
+    """Energies of the simulation's channels: ``start + k * step`` for k = 0..n-1."""
+    return start_ev + step_ev * np.arange(n_channels, dtype=np.float64)
+
+
+def read_fp_fdp_table(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Read a three-column (energy eV, f', f'') table such as ``pf-rd-ox_fftkk.out``."""
+    try:
+        table = np.loadtxt(path, dtype=np.float64, ndmin=2)
+    except OSError as exc:
+        raise ModelFileError(f"{path}: cannot read scattering-factor table ({exc.strerror or exc})") from None
+    except ValueError as exc:
+        raise ModelFileError(f"{path}: not a numeric three-column table ({exc})") from None
+    if table.shape[1] != 3 or table.shape[0] < 2:
+        raise ModelFileError(f"{path}: expected three columns (energy, f', f'') and at least two rows, got shape {table.shape}")
+    energy = table[:, 0]
+    if np.any(np.diff(energy) <= 0):
+        raise ModelFileError(f"{path}: energies are not strictly increasing")
+    return energy, table[:, 1], table[:, 2]
+
+
+def interpolate_fp_fdp(table: tuple[np.ndarray, np.ndarray, np.ndarray], energies_ev: np.ndarray,
+                       source: str) -> tuple[np.ndarray, np.ndarray]:
+    """f', f'' at the given energies by linear interpolation, refusing to extrapolate."""
+    energy, fp, fdp = table
+    if energies_ev.min() < energy[0] or energies_ev.max() > energy[-1]:
+        raise ModelFileError(
+            f"{source}: table covers {energy[0]:g}-{energy[-1]:g} eV, channels need "
+            f"{energies_ev.min():g}-{energies_ev.max():g} eV")
+    return np.interp(energies_ev, energy, fp), np.interp(energies_ev, energy, fdp)
+
+
+def _read_xray_structure(pdb_path: str):
+    import iotbx.pdb
+
+    try:
+        pdb_input = iotbx.pdb.input(file_name=pdb_path)
+        xray_structure = pdb_input.xray_structure_simple()
+    except Exception as exc:  # iotbx raises OSError, Sorry or CifParserError with multi-line text
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelFileError(f"{pdb_path}: cannot read model ({first_line})") from None
+    if xray_structure.scatterers().size() == 0:
+        raise ModelFileError(f"{pdb_path}: model has no atoms")
+    atom_names = [atom.name.strip() for atom in pdb_input.atoms()]
+    return xray_structure, atom_names
+
+
+def _site_sum(miller_set, xray_structure, selection):
+    """G_site(h): structure factor of the selected atoms per unit of (f' + i f'')."""
+    from cctbx import xray
+
+    site = xray_structure.select(selection)
+    with_unit_fp = site.deep_copy_scatterers()
+    without_fp = site.deep_copy_scatterers()
+    for scatterer in with_unit_fp.scatterers():
+        scatterer.fp, scatterer.fdp = 1.0, 0.0
+    for scatterer in without_fp.scatterers():
+        scatterer.fp, scatterer.fdp = 0.0, 0.0
+
+    def fcalc(structure):
+        return xray.structure_factors.from_scatterers(
+            miller_set=miller_set, cos_sin_table=False)(
+            xray_structure=structure, miller_set=miller_set, algorithm="direct").f_calc().data()
+
+    return np.asarray(fcalc(with_unit_fp) - fcalc(without_fp))
+
+
+def compute_channel_amplitudes(pdb_path: str, oxidized_table_path: str, reduced_table_path: str,
+                               energies_ev: np.ndarray, d_min_a: float, k_sol: float, b_sol: float,
+                               oxidized_atom: str = "FE1", reduced_atom: str = "FE2") -> ChannelAmplitudes:
+    """Amplitudes for every channel: Fmodel with bulk solvent plus the energy-dependent Fe terms."""
+    import mmtbx.f_model
+    from cctbx import miller
+    from cctbx.array_family import flex
+    from cctbx.eltbx import henke
+
+    xray_structure, atom_names = _read_xray_structure(pdb_path)
+    tables = {oxidized_atom: read_fp_fdp_table(oxidized_table_path),
+              reduced_atom: read_fp_fdp_table(reduced_table_path)}
+    sources = {oxidized_atom: oxidized_table_path, reduced_atom: reduced_table_path}
+    site_selections = {}
+    for name in (oxidized_atom, reduced_atom):
+        selection = flex.bool([atom_name == name for atom_name in atom_names])
+        if selection.count(True) == 0:
+            raise ModelFileError(f"{pdb_path}: no atom named {name} for the anomalous site")
+        site_selections[name] = selection
+
+    mean_wavelength = HC_EV_ANGSTROM / float(np.mean(energies_ev))
+    is_site_atom = site_selections[oxidized_atom] | site_selections[reduced_atom]
+    for scatterer, in_site in zip(xray_structure.scatterers(), is_site_atom):
+        if in_site:
+            scatterer.fp, scatterer.fdp = 0.0, 0.0
+        else:
+            henke_factors = henke.table(scatterer.element_symbol()).at_angstrom(mean_wavelength)
+            scatterer.fp, scatterer.fdp = henke_factors.fp(), henke_factors.fdp()
+
+    miller_set = xray_structure.build_miller_set(anomalous_flag=True, d_min=d_min_a)
+    placeholder_fobs = miller_set.array(data=flex.double(miller_set.size(), 1.0))
+    fmodel = mmtbx.f_model.manager(f_obs=placeholder_fobs, xray_structure=xray_structure,
+                                   k_sol=k_sol, b_sol=b_sol)
+    base = np.asarray(fmodel.f_model().data())
+
+    complex_f = np.repeat(base[None, :], len(energies_ev), axis=0)
+    for name, selection in site_selections.items():
+        fp, fdp = interpolate_fp_fdp(tables[name], energies_ev, sources[name])
+        site_sum = _site_sum(miller_set, xray_structure, selection)
+        complex_f += (fp + 1j * fdp)[:, None] * site_sum[None, :]
+
+    symmetry = xray_structure.crystal_symmetry()
+    return ChannelAmplitudes(
+        energies_ev=np.asarray(energies_ev, dtype=np.float64),
+        unit_cell=tuple(symmetry.unit_cell().parameters()),
+        space_group=symmetry.space_group_info().type().lookup_symbol(),
+        indices=np.asarray(miller_set.indices(), dtype=np.int32).reshape(-1, 3),
+        amplitudes=np.abs(complex_f).astype(np.float32),
+    )
+
+
+def save_channel_amplitudes(amplitudes: ChannelAmplitudes, path: str) -> None:
+    """Write the table as HDF5, atomically."""
+    import h5py
+
+    from xfel_spread.atomic import atomic_path
+
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as handle:
+        handle.attrs["format"] = "xfel_spread.channel_amplitudes"
+        handle.attrs["unit_cell"] = np.asarray(amplitudes.unit_cell)
+        handle.attrs["space_group"] = amplitudes.space_group
+        handle["energy_ev"] = amplitudes.energies_ev
+        handle["miller_index"] = amplitudes.indices
+        handle.create_dataset("amplitude", data=amplitudes.amplitudes, compression="gzip",
+                              compression_opts=4, shuffle=True)
+
+
+def load_channel_amplitudes(path: str) -> ChannelAmplitudes:
+    """Read a table written by :func:`save_channel_amplitudes`."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as handle:
+            if handle.attrs.get("format") != "xfel_spread.channel_amplitudes":
+                raise ModelFileError(f"{path}: not a channel-amplitude table")
+            return ChannelAmplitudes(
+                energies_ev=handle["energy_ev"][()],
+                unit_cell=tuple(float(v) for v in handle.attrs["unit_cell"]),
+                space_group=str(handle.attrs["space_group"]),
+                indices=handle["miller_index"][()],
+                amplitudes=handle["amplitude"][()],
+            )
+    except (OSError, KeyError) as exc:
+        raise ModelFileError(f"{path}: cannot read channel-amplitude table ({exc})") from None
+
+
+@dataclass(frozen=True)
+class AmplitudeGrid:
+    """Dense P1 lookup table: ``values[k, h - h_min, k - k_min, l - l_min]`` = |F|, 0 outside."""
+
+    values: np.ndarray
+    hkl_min: np.ndarray
+
+
+def expand_to_p1_grid(amplitudes: ChannelAmplitudes) -> AmplitudeGrid:
+    """Expand the asymmetric unit to all P1 indices (Friedel mates distinct) on a dense grid.
+
+    The simulator looks up amplitudes by integer Miller index; a dense grid makes that an indexed
+    load on CPU and GPU alike. Indices beyond d_min keep amplitude 0 (nanoBragg's default_F = 0).
+    """
+    from cctbx import crystal, miller
+    from cctbx.array_family import flex
+
+    symmetry = crystal.symmetry(unit_cell=amplitudes.unit_cell, space_group_symbol=amplitudes.space_group)
+    asu_set = miller.set(symmetry, flex.miller_index([tuple(int(v) for v in row) for row in amplitudes.indices]),
+                         anomalous_flag=True)
+    p1_set, asu_selection = asu_set.expand_to_p1(return_iselection=True)
+    p1_indices = np.asarray(p1_set.indices(), dtype=np.int64).reshape(-1, 3)
+    source_columns = np.asarray(asu_selection, dtype=np.int64)
+
+    hkl_min = p1_indices.min(axis=0)
+    shape = p1_indices.max(axis=0) - hkl_min + 1
+    grid = np.zeros((amplitudes.amplitudes.shape[0], *shape), dtype=np.float32)
+    offset = p1_indices - hkl_min
+    grid[:, offset[:, 0], offset[:, 1], offset[:, 2]] = amplitudes.amplitudes[:, source_columns]
+    return AmplitudeGrid(values=grid, hkl_min=hkl_min)
