@@ -50,6 +50,7 @@ rule simulate:
         index=SHARD_INDEX,
     params:
         shots=lambda wildcards: SHARD_RANGES[int(wildcards.index)],
+    threads: 2
     log:
         f"{LOG_DIR}/simulate/shard_{{index}}.log",
     benchmark:
@@ -57,4 +58,4 @@ rule simulate:
     shell:
         "{ENV_BIN}/spread-simulate --config {input.settings:q} --amplitudes {input.amplitudes:q}"
         " --shots {params.shots[0]} {params.shots[1]} --nopsf {output.nopsf:q} --psf {output.psf:q}"
-        " --truth {output.truth:q} > {log:q} 2>&1"
+        " --truth {output.truth:q} --threads {threads} > {log:q} 2>&1"

@@ -72,11 +72,16 @@ def simulate_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nopsf", required=True, help="shard to write without the point spread function")
     parser.add_argument("--psf", required=True, help="shard to write with the point spread function")
     parser.add_argument("--truth", required=True, help="ground-truth JSON to write")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     arguments = parser.parse_args(argv)
 
     def action():
+        import torch
+
         from xfel_spread.sim.shard import setup_from_config, simulate_shard
 
+        if arguments.threads:
+            torch.set_num_threads(arguments.threads)
         start, stop = arguments.shots
         if not 0 <= start < stop:
             raise ValueError(f"--shots {start} {stop}: need 0 <= START < STOP")
