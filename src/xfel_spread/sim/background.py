@@ -71,17 +71,37 @@ def background_profile(beam: Beam, materials: list[AmorphousMaterial], two_theta
     return R_E_SQUARED_M2 * total
 
 
+class PanelBackground:
+    """Background on a whole panel for any beam; the per-pixel geometry is computed once.
+
+    The scattering angle and polar * omega * capture of every pixel depend only on the detector
+    and the beam's polarization, so a simulation job builds this once and reuses it for each shot.
+    """
+
+    def __init__(self, detector: Detector, polarization_fraction: float, materials: list[AmorphousMaterial],
+                 device="cpu", grid_points: int = 4096):
+        slow, fast = torch.meshgrid(torch.arange(detector.n_slow, device=device),
+                                    torch.arange(detector.n_fast, device=device), indexing="ij")
+        directions, self.factor = pixel_factors(detector, fast.reshape(-1), slow.reshape(-1), polarization_fraction)
+        two_theta = torch.arccos(torch.clamp(-directions[:, 2], -1.0, 1.0))
+        self.grid = np.linspace(0.0, float(two_theta.max()) * 1.0001 + 1e-9, grid_points)
+        position = two_theta / self.grid[-1] * (grid_points - 1)
+        self.lower = torch.clamp(position.floor().long(), max=grid_points - 2)
+        self.weight = position - self.lower
+        self.shape = (detector.n_slow, detector.n_fast)
+        self.materials = materials
+        self.polarization_fraction = polarization_fraction
+
+    def photons(self, beam: Beam) -> torch.Tensor:
+        """Amorphous background (n_slow, n_fast), float64 photons, for this beam's spectrum."""
+        if beam.polarization_fraction != self.polarization_fraction:
+            raise ValueError("beam polarization differs from the one the panel geometry was computed for")
+        profile = torch.as_tensor(background_profile(beam, self.materials, self.grid), device=self.factor.device)
+        per_sr = profile[self.lower] * (1 - self.weight) + profile[self.lower + 1] * self.weight
+        return (per_sr * self.factor).reshape(self.shape)
+
+
 def background_photons(detector: Detector, beam: Beam, materials: list[AmorphousMaterial],
                        device="cpu", grid_points: int = 4096) -> torch.Tensor:
     """Amorphous background on the whole panel (n_slow, n_fast), float64 photons."""
-    slow, fast = torch.meshgrid(torch.arange(detector.n_slow, device=device),
-                                torch.arange(detector.n_fast, device=device), indexing="ij")
-    directions, factor = pixel_factors(detector, fast.reshape(-1), slow.reshape(-1), beam.polarization_fraction)
-    two_theta = torch.arccos(torch.clamp(-directions[:, 2], -1.0, 1.0))
-    grid = np.linspace(0.0, float(two_theta.max()) * 1.0001 + 1e-9, grid_points)
-    profile = torch.as_tensor(background_profile(beam, materials, grid), device=device)
-    position = two_theta / grid[-1] * (grid_points - 1)
-    lower = torch.clamp(position.floor().long(), max=grid_points - 2)
-    weight = position - lower
-    per_sr = profile[lower] * (1 - weight) + profile[lower + 1] * weight
-    return (per_sr * factor).reshape(detector.n_slow, detector.n_fast)
+    return PanelBackground(detector, beam.polarization_fraction, materials, device, grid_points).photons(beam)

@@ -13,6 +13,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -91,6 +92,11 @@ class SimulationSetup:
         self.calibration = effects.calibration_pattern(
             shape, self.readout.calibration_noise_fraction,
             shot_torch_seed(self.seed, 0, CALIBRATION_STREAM), self.device)
+
+    @cached_property
+    def background(self) -> bg.PanelBackground:
+        """Per-pixel background geometry of the true detector, built on first use."""
+        return bg.PanelBackground(self.true_detector, self.polarization_fraction, self.materials, self.device)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -206,7 +212,7 @@ def expected_photons(setup: SimulationSetup, truth: ShotTruth, photons: np.ndarr
         torch.tensor(setup.scale, dtype=dtype, device=setup.device))
     image = bragg_photons_sparse(setup.true_detector, beam, crystal, setup.amplitudes, setup.hkl)
     if include_background and setup.materials:
-        image = image + bg.background_photons(setup.true_detector, beam, setup.materials, setup.device)
+        image = image + setup.background.photons(beam)
     return image
 
 
