@@ -1,0 +1,304 @@
+"""The Snakemake workflow end to end on a tiny config: outputs, logs, rerun semantics, early failures.
+
+Snakemake runs as a subprocess (``python -m snakemake`` from the test's environment, so the rules
+find the spread-* commands beside it) with ``--directory`` set to a temporary directory: nothing is
+written into the repository. The tiny config keeps the full physics (every default of the schema)
+but a 256 x 256 panel of 0.6 mm pixels and 4 shots in 2 shards, so a complete run takes seconds.
+"""
+
+import json
+import re
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+
+from xfel_spread.io.shard import read_shard_metadata
+from xfel_spread.reference import REFERENCE_NAMES
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SNAKEFILE = REPO_ROOT / "Snakefile"
+SHARED_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
+ALL_TRIGGERS = ["--rerun-triggers", "mtime", "params", "input", "code", "software-env"]
+
+N_PIXELS, PIXEL_SIZE_MM = 256, 0.6
+N_SHOTS, SHOTS_PER_SHARD = 4, 2
+
+
+# --- tiny config and helpers -------------------------------------------------------------------------
+
+
+def tiny_config(workdir, **simulate_overrides):
+    """The tiny test config as a dict; `simulate_overrides` replace top-level keys of `simulate`."""
+    simulate = {
+        "n_shots": N_SHOTS,
+        "shots_per_shard": SHOTS_PER_SHARD,
+        "detector": {
+            "n_fast": N_PIXELS,
+            "n_slow": N_PIXELS,
+            "pixel_size_mm": PIXEL_SIZE_MM,
+            # About one pixel, as the default 0.08 mm is on the 0.088 mm production pixels.
+            "psf_fwhm_mm": 0.6,
+            "psf_radius_px": 3,
+        },
+    }
+    simulate.update(simulate_overrides)
+    return {
+        "output_dir": str(workdir / "results"),
+        "log_dir": str(workdir / "logs"),
+        "reference": {"mirror_dir": str(SHARED_DATA_DIR), "dir": str(workdir / "resources" / "reference")},
+        "simulate": simulate,
+    }
+
+
+def write_config(path, config):
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def snakemake(workdir, configfile, *arguments):
+    """Run Snakemake on the repository's Snakefile in `workdir`; return the CompletedProcess.
+
+    The config file goes last as --configfile=FILE: the option takes several values and would
+    swallow targets or options after it.
+    """
+    command = [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE), "--directory", str(workdir),
+               "--cores", "2", *arguments, f"--configfile={configfile}"]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600)
+
+
+def output_of(result):
+    return result.stdout + result.stderr
+
+
+def succeeded(result):
+    assert result.returncode == 0, output_of(result)[-5000:]
+    return output_of(result)
+
+
+JOB_HEADER = re.compile(r"^(?:local)?rule (\w+):$")
+WILDCARDS = re.compile(r"^\s+wildcards: (.*)$")
+
+
+def planned_jobs(output):
+    """(rule, wildcards) of every job a dry run lists, e.g. ("simulate", (("index", "00002"),)).
+
+    Cross-checked against the "Job stats" table, so a change in Snakemake's output format fails
+    loudly instead of silently planning nothing.
+    """
+    jobs, current = [], None
+    for line in output.splitlines():
+        header = JOB_HEADER.match(line)
+        if header:
+            current = [header.group(1), ()]
+            jobs.append(current)
+        elif current is not None and (match := WILDCARDS.match(line)):
+            current[1] = tuple(tuple(item.split("=", 1)) for item in match.group(1).split(", "))
+        elif not line.startswith((" ", "\t")):
+            current = None
+    jobs = [tuple(job) for job in jobs]
+    assert Counter(rule for rule, _ in jobs) == job_stats(output), output
+    return jobs
+
+
+def job_stats(output):
+    """{rule: count} from the first "Job stats" table of a dry run (empty when nothing is to be done)."""
+    lines = output.splitlines()
+    if "Job stats:" not in lines:
+        assert "Nothing to be done" in output, output
+        return Counter()
+    counts = Counter()
+    for line in lines[lines.index("Job stats:") + 3:]:  # skip the header and the dashes
+        rule, count = line.split()
+        if rule == "total":
+            assert int(count) == sum(counts.values()), output
+            return counts
+        counts[rule] = int(count)
+    raise AssertionError(f"no total line in the job stats table:\n{output}")
+
+
+def dry_run(workdir, configfile):
+    """Jobs a dry run with every rerun trigger plans, as a set of (rule, wildcards)."""
+    return set(planned_jobs(succeeded(snakemake(workdir, configfile, "--dry-run", *ALL_TRIGGERS))))
+
+
+def shard_job(index):
+    return ("simulate", (("index", f"{index:05d}"),))
+
+
+def settings_job(stage):
+    return ("stage_settings", (("stage", stage),))
+
+
+ALL_JOB = ("all", ())
+
+
+# --- a completed run, shared by the tests that inspect or extend it -----------------------------------
+
+
+@pytest.fixture(scope="module")
+def completed_run(tmp_path_factory):
+    """A working directory in which the tiny config ran to completion; returns (workdir, configfile)."""
+    workdir = tmp_path_factory.mktemp("pipeline")
+    configfile = write_config(workdir / "tiny.yaml", tiny_config(workdir))
+    succeeded(snakemake(workdir, configfile))
+    return workdir, configfile
+
+
+def test_end_to_end_outputs_logs_and_benchmarks(completed_run):
+    workdir, configfile = completed_run
+    results, logs = workdir / "results", workdir / "logs"
+    n_shards = N_SHOTS // SHOTS_PER_SHARD
+
+    for name in REFERENCE_NAMES:
+        assert (workdir / "resources" / "reference" / name).read_bytes() == (SHARED_DATA_DIR / name).read_bytes()
+        assert (logs / "reference" / f"{name}.log").is_file()
+    for stage in ("structure_factors", "simulate"):
+        assert (results / "settings" / f"{stage}.yaml").is_file()
+        assert (logs / "settings" / f"{stage}.log").is_file()
+    assert (results / "structure_factors" / "amplitudes.h5").is_file()
+    assert (logs / "structure_factors.log").is_file()
+    assert (logs / "benchmarks" / "structure_factors.tsv").is_file()
+
+    nominal_centre_mm = N_PIXELS * PIXEL_SIZE_MM / 2
+    for index in range(n_shards):
+        shots = list(range(index * SHOTS_PER_SHARD, (index + 1) * SHOTS_PER_SHARD))
+        for dataset in ("nopsf", "psf"):
+            metadata = read_shard_metadata(results / "sim" / dataset / f"shard_{index:05d}.h5")
+            assert metadata.dataset == dataset
+            assert metadata.n_shots == SHOTS_PER_SHARD
+            assert metadata.shot_index.tolist() == shots
+            assert metadata.detector["beam_center_mm"] == pytest.approx((nominal_centre_mm, nominal_centre_mm))
+            assert (metadata.detector["n_fast"], metadata.detector["n_slow"]) == (N_PIXELS, N_PIXELS)
+        truth = json.loads((results / "sim" / "truth" / f"shard_{index:05d}.json").read_text())
+        assert [shot["shot_index"] for shot in truth["shots"]] == shots
+        for shot in truth["shots"]:
+            assert shot["true_beam_center_offset_px"] == pytest.approx([0.5, 0.5])
+            assert shot["nominal_beam_center_mm"] == pytest.approx([nominal_centre_mm, nominal_centre_mm])
+            assert shot["true_beam_center_mm"] == pytest.approx([nominal_centre_mm + 0.5 * PIXEL_SIZE_MM] * 2)
+        assert (logs / "simulate" / f"shard_{index:05d}.log").is_file()
+        assert (logs / "benchmarks" / "simulate" / f"shard_{index:05d}.tsv").is_file()
+    assert not (results / "sim" / "nopsf" / f"shard_{n_shards:05d}.h5").exists()
+    # Every write is atomic: no temporary file is left behind anywhere.
+    assert not [path for path in workdir.rglob("*.partial")]
+
+    assert job_stats(succeeded(snakemake(workdir, configfile, "--dry-run"))) == Counter()
+
+
+def test_dry_run_on_a_fresh_directory_lists_every_stage(tmp_path):
+    configfile = write_config(tmp_path / "tiny.yaml", tiny_config(tmp_path))
+    jobs = planned_jobs(succeeded(snakemake(tmp_path, configfile, "--dry-run")))
+
+    assert Counter(rule for rule, _ in jobs) == {
+        "reference_data": len(REFERENCE_NAMES), "stage_settings": 2, "structure_factors": 1,
+        "simulate": N_SHOTS // SHOTS_PER_SHARD, "all": 1}
+    assert {wildcards for rule, wildcards in jobs if rule == "reference_data"} == {
+        (("name", name),) for name in REFERENCE_NAMES}
+    # A dry run plans; it writes no results.
+    assert not (tmp_path / "results").exists()
+
+
+# --- rerun semantics (dry runs against the completed run) ----------------------------------------------
+
+
+def test_unchanged_config_plans_nothing(completed_run):
+    workdir, configfile = completed_run
+    assert dry_run(workdir, configfile) == set()
+
+
+@pytest.mark.parametrize("simulate_change", [{"seed": 7}, {"beam": {"total_photons": 5.0e11}}],
+                         ids=["seed", "total_photons"])
+def test_simulation_setting_reruns_simulation_only(completed_run, tmp_path, simulate_change):
+    workdir, _ = completed_run
+    configfile = write_config(tmp_path / "changed.yaml", tiny_config(workdir, **simulate_change))
+    assert dry_run(workdir, configfile) == {settings_job("simulate"), shard_job(0), shard_job(1), ALL_JOB}
+
+
+def test_structure_factor_setting_reruns_structure_factors_and_simulation(completed_run, tmp_path):
+    workdir, _ = completed_run
+    config = tiny_config(workdir)
+    config["structure_factors"] = {"k_sol": 0.35}
+    configfile = write_config(tmp_path / "changed.yaml", config)
+    assert dry_run(workdir, configfile) == {
+        settings_job("structure_factors"), settings_job("simulate"), ("structure_factors", ()),
+        shard_job(0), shard_job(1), ALL_JOB}
+
+
+def test_shots_per_shard_reruns_the_shards_whose_shots_changed(completed_run, tmp_path):
+    workdir, _ = completed_run
+    configfile = write_config(tmp_path / "changed.yaml", tiny_config(workdir, shots_per_shard=3))
+    assert dry_run(workdir, configfile) == {shard_job(0), shard_job(1), ALL_JOB}
+
+
+def test_more_shots_add_only_the_new_shard_and_keep_the_old_ones(completed_run, tmp_path):
+    workdir, _ = completed_run
+    configfile = write_config(tmp_path / "more.yaml", tiny_config(workdir, n_shots=N_SHOTS + 2))
+    assert dry_run(workdir, configfile) == {shard_job(2), ALL_JOB}
+
+    old_shards = sorted((workdir / "results" / "sim").glob("*/shard_0000[01].*"))
+    assert len(old_shards) == 6
+    before = {path: (path.stat().st_mtime_ns, path.read_bytes()) for path in old_shards}
+    succeeded(snakemake(workdir, configfile))
+    assert {path: (path.stat().st_mtime_ns, path.read_bytes()) for path in old_shards} == before
+    metadata = read_shard_metadata(workdir / "results" / "sim" / "psf" / "shard_00002.h5")
+    assert metadata.shot_index.tolist() == [4, 5]
+    assert dry_run(workdir, configfile) == set()
+
+
+# --- failures before any work, and a failing job ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "simulate_change, key",
+    [({"detector": {"n_fast": N_PIXELS, "n_slow": N_PIXELS, "pixel_sise_mm": 0.6}}, "simulate.detector.pixel_sise_mm"),
+     ({"detector": {"n_fast": N_PIXELS, "n_slow": N_PIXELS, "pixel_size_mm": -0.6}}, "simulate.detector.pixel_size_mm")],
+    ids=["unknown_key", "negative_pixel_size"])
+def test_bad_config_stops_before_any_work(tmp_path, simulate_change, key):
+    configfile = write_config(tmp_path / "bad.yaml", tiny_config(tmp_path, **simulate_change))
+    result = snakemake(tmp_path, configfile)
+
+    assert result.returncode != 0
+    assert "Traceback" not in output_of(result)
+    lines = [line for line in output_of(result).splitlines() if key in line]
+    assert len(lines) == 1, output_of(result)
+    assert re.fullmatch(rf"Config error: bad\.yaml: {re.escape(key)}: .+", lines[0]), lines[0]
+    for directory in ("results", "logs", "resources"):
+        assert not (tmp_path / directory).exists()
+
+
+def test_missing_mirror_file_stops_before_any_work_naming_it(tmp_path):
+    mirror = tmp_path / "empty_mirror"
+    mirror.mkdir()
+    config = tiny_config(tmp_path)
+    config["reference"]["mirror_dir"] = str(mirror)
+    result = snakemake(tmp_path, write_config(tmp_path / "tiny.yaml", config))
+
+    # The mirror copies are the reference jobs' inputs, so Snakemake refuses to plan them at all.
+    assert result.returncode != 0
+    assert "MissingInputException" in output_of(result)
+    assert str(mirror / "1m2a.pdb") in output_of(result)
+    for directory in ("results", "logs", "resources"):
+        assert not (tmp_path / directory).exists()
+
+
+def test_corrupt_mirror_file_fails_its_job_with_one_line_in_the_log(tmp_path):
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    for name in REFERENCE_NAMES:
+        (mirror / name).symlink_to(SHARED_DATA_DIR / name)
+    (mirror / "1m2a.pdb").unlink()
+    (mirror / "1m2a.pdb").write_text("HEADER    NOT THE 1M2A MODEL\n")
+    config = tiny_config(tmp_path)
+    config["reference"]["mirror_dir"] = str(mirror)
+    result = snakemake(tmp_path, write_config(tmp_path / "tiny.yaml", config))
+
+    assert result.returncode != 0
+    log = (tmp_path / "logs" / "reference" / "1m2a.pdb.log").read_text()
+    assert log.count("\n") == 1, log
+    assert log.startswith(f"spread-fetch-reference: error: 1m2a.pdb: sha256 mismatch for the copy from {mirror / '1m2a.pdb'}")
+    assert not (tmp_path / "resources" / "reference" / "1m2a.pdb").exists()
+    assert not (tmp_path / "results" / "structure_factors").exists()
+    assert not (tmp_path / "results" / "sim").exists()
