@@ -14,49 +14,19 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import yaml
 
 from xfel_spread.io.shard import read_shard_metadata
 from xfel_spread.reference import REFERENCE_NAMES
 
+from tiny_config import (N_PIXELS, N_SHOTS, PIXEL_SIZE_MM, SHARED_DATA_DIR, SHOTS_PER_SHARD, tiny_config,
+                         write_config)
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SNAKEFILE = REPO_ROOT / "Snakefile"
-SHARED_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 ALL_TRIGGERS = ["--rerun-triggers", "mtime", "params", "input", "code", "software-env"]
-
-N_PIXELS, PIXEL_SIZE_MM = 256, 0.6
-N_SHOTS, SHOTS_PER_SHARD = 4, 2
 
 
 # --- tiny config and helpers -------------------------------------------------------------------------
-
-
-def tiny_config(workdir, **simulate_overrides):
-    """The tiny test config as a dict; `simulate_overrides` replace top-level keys of `simulate`."""
-    simulate = {
-        "n_shots": N_SHOTS,
-        "shots_per_shard": SHOTS_PER_SHARD,
-        "detector": {
-            "n_fast": N_PIXELS,
-            "n_slow": N_PIXELS,
-            "pixel_size_mm": PIXEL_SIZE_MM,
-            # About one pixel, as the default 0.08 mm is on the 0.088 mm production pixels.
-            "psf_fwhm_mm": 0.6,
-            "psf_radius_px": 3,
-        },
-    }
-    simulate.update(simulate_overrides)
-    return {
-        "output_dir": str(workdir / "results"),
-        "log_dir": str(workdir / "logs"),
-        "reference": {"mirror_dir": str(SHARED_DATA_DIR), "dir": str(workdir / "resources" / "reference")},
-        "simulate": simulate,
-    }
-
-
-def write_config(path, config):
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
 
 
 def snakemake(workdir, configfile, *arguments):

@@ -13,33 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from xfel_spread.io.shard import ShardFormatError, read_shard_image, read_shard_metadata, read_shard_spectrum
 
-SHARED_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
+from tiny_config import N_PIXELS, PIXEL_SIZE_MM, PSF_RADIUS_PX, SHARED_DATA_DIR, tiny_config, write_config
+
 BIN_DIR = Path(sys.executable).parent  # the environment's spread-* commands live beside its python
-N_PIXELS, PIXEL_SIZE_MM = 256, 0.6
-PSF_RADIUS_PX = 3
 ADC_OFFSET_ADU = 10.0  # the schema's default
-
-
-def tiny_config(**simulate_overrides):
-    """Full LY99 physics on a coarse 256 x 256 panel; `simulate_overrides` replace keys of `simulate`."""
-    simulate = {
-        "n_shots": 4,
-        "shots_per_shard": 2,
-        "detector": {"n_fast": N_PIXELS, "n_slow": N_PIXELS, "pixel_size_mm": PIXEL_SIZE_MM,
-                     # About one pixel, as the default 0.08 mm is on the 0.088 mm production pixels.
-                     "psf_fwhm_mm": 0.6, "psf_radius_px": PSF_RADIUS_PX},
-    }
-    simulate.update(simulate_overrides)
-    return {"reference": {"mirror_dir": str(SHARED_DATA_DIR)}, "simulate": simulate}
-
-
-def write_config(path, config):
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
 
 
 def command(name, *arguments):
