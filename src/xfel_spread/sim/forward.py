@@ -97,7 +97,6 @@ class AmplitudeLookup:
         self.intensity = (values.to(dtype) ** 2).reshape(values.shape[0], -1)
         self.shape = torch.as_tensor(values.shape[1:], device=device)
         self.hkl_min = torch.as_tensor(grid.hkl_min, device=device)
-        self.n_channels = values.shape[0]
 
     def cell_index(self, hkl: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Flat grid index of each hkl (..., 3) and whether it lies inside the table."""
