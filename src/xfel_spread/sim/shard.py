@@ -8,6 +8,7 @@ the *nominal* one, and the truth file records both.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from xfel_spread.atomic import atomic_output
+from xfel_spread.config import DATASETS
 from xfel_spread.io.shard import open_shard_writer
 from xfel_spread.sim import background as bg
 from xfel_spread.sim import crystal as xtal
@@ -265,17 +267,15 @@ def simulate_shard(setup: SimulationSetup, start: int, stop: int, shard_paths: d
     detector_attrs, beam_attrs = shard_metadata(setup)
     progress = ProgressLog(len(shots), f"shard {shard_paths['nopsf']}")
     truths = []
-    with open_shard_writer(shard_paths["nopsf"], shot_index=shots, energy_ev=setup.energies_ev,
-                           photons_per_channel=spectra, detector=detector_attrs, beam=beam_attrs,
-                           dataset="nopsf") as nopsf_writer, \
-         open_shard_writer(shard_paths["psf"], shot_index=shots, energy_ev=setup.energies_ev,
-                           photons_per_channel=spectra, detector=detector_attrs, beam=beam_attrs,
-                           dataset="psf") as psf_writer:
+    with contextlib.ExitStack() as stack:
+        writers = {dataset: stack.enter_context(open_shard_writer(
+            shard_paths[dataset], shot_index=shots, energy_ev=setup.energies_ev, photons_per_channel=spectra,
+            detector=detector_attrs, beam=beam_attrs, dataset=dataset)) for dataset in DATASETS}
         for shot, photons in zip(shots, spectra):
             truth = draw_crystal(setup, shot)
             images = detector_images(setup, expected_photons(setup, truth, photons), shot)
-            nopsf_writer.append(images["nopsf"])
-            psf_writer.append(images["psf"])
+            for dataset, writer in writers.items():
+                writer.append(images[dataset])
             truths.append(truth.as_json(setup, photons))
             progress.step()
         with atomic_output(truth_path, "w") as handle:
