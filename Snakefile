@@ -12,6 +12,10 @@ include: "rules/common.smk"
 
 include: "rules/reference.smk"
 include: "rules/simulate.smk"
+include: "rules/index.smk"
+include: "rules/metrology.smk"
+include: "rules/reindex.smk"
+include: "rules/score.smk"
 
 
 rule all:

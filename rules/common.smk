@@ -56,7 +56,59 @@ def shard_path(dataset, index):
 
 
 def final_targets():
-    """Everything `rule all` asks for: the reference files and every shard of both datasets."""
+    """Everything `rule all` asks for: the reference files, every shard of both datasets, and the
+    DIALS chain's score tables (which pull in index, metrology and reindex)."""
     references = [reference_path(name) for name in REFERENCE_NAMES]
     shards = [shard_path(dataset, index) for dataset in DATASETS for index in range(len(SHARD_RANGES))]
-    return references + shards
+    scores = [f"{OUTPUT_DIR}/score/dials_{dataset}.tsv" for dataset in DATASETS]
+    return references + shards + scores
+
+
+def workflow_file(path):
+    """`path` itself when it exists (absolute, or relative to the working directory), else the same
+    relative path inside the workflow's directory, where the shipped config/*.phil files live."""
+    if os.path.isabs(path) or os.path.exists(path):
+        return path
+    return display_path(os.path.join(workflow.basedir, path))
+
+
+for section in ("index", "metrology"):
+    config[section]["phil"] = workflow_file(config[section]["phil"])
+
+
+def check_phil_files():
+    """Stop before any job if a DIALS phil file has an unknown parameter or a bad value."""
+    from xfel_spread.dials.phil import PhilFileError, check_phil_file
+
+    try:
+        check_phil_file(config["index"]["phil"], "stills_process")
+        check_phil_file(config["metrology"]["phil"], "refine")
+    except PhilFileError as error:
+        sys.exit(f"Phil error: {error}")
+
+
+check_phil_files()
+
+
+def stills_prefix(stage, dataset, index):
+    """Output prefix of shard `index` of `dataset` in a stills_process stage (index or reindex)."""
+    return f"{OUTPUT_DIR}/{stage}/{dataset}/shard_{index:05d}"
+
+
+def stills_outputs(stage):
+    """A stills_process rule's outputs, by name, with {dataset} and {index} wildcards."""
+    from xfel_spread.dials.stills import OUTPUT_SUFFIXES
+
+    prefix = f"{OUTPUT_DIR}/{stage}/{{dataset}}/shard_{{index}}"
+    return {name: prefix + suffix for name, suffix in OUTPUT_SUFFIXES.items()}
+
+
+def stills_output_of_all_shards(stage, name):
+    """Input function: output `name` of every shard of the job's dataset in `stage`."""
+    from xfel_spread.dials.stills import OUTPUT_SUFFIXES
+
+    def paths(wildcards):
+        return [stills_prefix(stage, wildcards.dataset, index) + OUTPUT_SUFFIXES[name]
+                for index in range(len(SHARD_RANGES))]
+
+    return paths

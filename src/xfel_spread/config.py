@@ -154,6 +154,8 @@ def _sort_key(path) -> list[str]:
 STAGE_SECTIONS = {
     "structure_factors": {"structure_factors": None},
     "simulate": {"structure_factors": None, "simulate": ("n_shots", "shots_per_shard")},
+    # The phil file is the rule's input (edits rerun through its modification time), not a setting.
+    "metrology": {"metrology": ("phil",)},
 }
 
 

@@ -27,15 +27,20 @@ from xfel_spread.sim.structure_factors import (
 INPUT_ERRORS = (ConfigError, ModelFileError, SpectrumFileError, ShardFormatError, OSError, ValueError)
 
 
-def _configure_logging():
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+def _configure_logging(level: int = logging.INFO):
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    # The level goes on the handler too: a program that lowers the root logger's level later (DIALS
+    # does) must not make this handler repeat what it logs to its own files.
+    for handler in logging.getLogger().handlers:
+        handler.setLevel(level)
 
 
-def _run(program: str, action) -> int:
-    _configure_logging()
+def _run(program: str, action, input_errors: tuple = INPUT_ERRORS, log_level: int = logging.INFO) -> int:
+    """Run ``action``; report an input error as one line ``program: error: ...`` and exit status 1."""
+    _configure_logging(log_level)
     try:
         action()
-    except INPUT_ERRORS as error:
+    except input_errors as error:
         print(f"{program}: error: {error}", file=sys.stderr)
         return 1
     return 0

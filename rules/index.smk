@@ -1,0 +1,30 @@
+# Stage 2: dials.stills_process (spot finding, indexing, refinement, integration) on every shard, one
+# MPI job per shard; ranks come from the profile (resources `mpi` and `tasks`).
+
+DATASET = "|".join(DATASETS)
+
+
+rule index:
+    """Index and integrate every shot of one shard with the nominal detector."""
+    input:
+        shard=f"{OUTPUT_DIR}/sim/{{dataset}}/shard_{{index}}.h5",
+        phil=config["index"]["phil"],
+    output:
+        **stills_outputs("index"),
+    wildcard_constraints:
+        dataset=DATASET,
+        index=SHARD_INDEX,
+    params:
+        shots=lambda wildcards: SHARD_RANGES[int(wildcards.index)],
+        prefix=lambda wildcards: stills_prefix("index", wildcards.dataset, int(wildcards.index)),
+    resources:
+        mpi="mpirun",
+        tasks=1,
+    log:
+        f"{LOG_DIR}/index/{{dataset}}/shard_{{index}}.log",
+    benchmark:
+        f"{LOG_DIR}/benchmarks/index/{{dataset}}/shard_{{index}}.tsv"
+    shell:
+        "{resources.mpi} -n {resources.tasks} {ENV_BIN}/spread-stills-process --shard {input.shard:q}"
+        " --shots {params.shots[0]} {params.shots[1]} --phil {input.phil:q} --output-prefix {params.prefix:q}"
+        " > {log:q} 2>&1"

@@ -1,0 +1,28 @@
+# Stage 4: dials.stills_process again on every shard, with the detector refined by metrology.
+
+
+rule reindex:
+    """Index and integrate every shot of one shard with the refined detector."""
+    input:
+        shard=f"{OUTPUT_DIR}/sim/{{dataset}}/shard_{{index}}.h5",
+        phil=config["index"]["phil"],
+        refined_phil=rules.metrology.output.refined_phil,
+    output:
+        **stills_outputs("reindex"),
+    wildcard_constraints:
+        dataset=DATASET,
+        index=SHARD_INDEX,
+    params:
+        shots=lambda wildcards: SHARD_RANGES[int(wildcards.index)],
+        prefix=lambda wildcards: stills_prefix("reindex", wildcards.dataset, int(wildcards.index)),
+    resources:
+        mpi="mpirun",
+        tasks=1,
+    log:
+        f"{LOG_DIR}/reindex/{{dataset}}/shard_{{index}}.log",
+    benchmark:
+        f"{LOG_DIR}/benchmarks/reindex/{{dataset}}/shard_{{index}}.tsv"
+    shell:
+        "{resources.mpi} -n {resources.tasks} {ENV_BIN}/spread-stills-process --shard {input.shard:q}"
+        " --shots {params.shots[0]} {params.shots[1]} --phil {input.phil:q} --phil {input.refined_phil:q}"
+        " --output-prefix {params.prefix:q} > {log:q} 2>&1"

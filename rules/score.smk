@@ -1,0 +1,32 @@
+# Scoring of stages 2-4 against the simulation's truth (simulated data only).
+
+TRUTH_FILES = [f"{OUTPUT_DIR}/sim/truth/shard_{index:05d}.json" for index in range(len(SHARD_RANGES))]
+
+
+rule score_dials:
+    """Indexing rate, misorientation, cell and beam-centre errors of index and reindex, per dataset."""
+    input:
+        index_shots=stills_output_of_all_shards("index", "shots"),
+        index_experiments=stills_output_of_all_shards("index", "integrated_experiments"),
+        reindex_shots=stills_output_of_all_shards("reindex", "shots"),
+        reindex_experiments=stills_output_of_all_shards("reindex", "integrated_experiments"),
+        truth=TRUTH_FILES,
+        metrology=rules.metrology.output.summary,
+    output:
+        table=f"{OUTPUT_DIR}/score/dials_{{dataset}}.tsv",
+        text=f"{OUTPUT_DIR}/score/dials_{{dataset}}.txt",
+    wildcard_constraints:
+        dataset=DATASET,
+    params:
+        shards=lambda wildcards: " ".join(
+            f"--index-prefix {shlex.quote(stills_prefix('index', wildcards.dataset, index))}"
+            f" --reindex-prefix {shlex.quote(stills_prefix('reindex', wildcards.dataset, index))}"
+            for index in range(len(SHARD_RANGES))
+        ),
+        truth=" ".join(f"--truth {shlex.quote(path)}" for path in TRUTH_FILES),
+    log:
+        f"{LOG_DIR}/score/dials_{{dataset}}.log",
+    shell:
+        "{ENV_BIN}/spread-score-dials --dataset {wildcards.dataset} {params.shards}"
+        " {params.truth} --metrology-summary {input.metrology:q}"
+        " --table {output.table:q} --text {output.text:q} > {log:q} 2>&1"

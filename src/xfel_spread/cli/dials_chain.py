@@ -1,0 +1,121 @@
+"""Entry points of the DIALS stages (index, metrology, reindex) and their scoring.
+
+``spread-stills-process``: dials.stills_process on one shard, run under MPI (``mpirun``/``srun``).
+``spread-metrology``: level-0 detector refinement from the indexed lattices of one dataset.
+``spread-score-dials``: the indexing results of one dataset scored against the simulation's truth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from xfel_spread.cli.simulate import INPUT_ERRORS, _run
+from xfel_spread.config import load_config
+from xfel_spread.dials.metrology import MetrologyError
+
+#: Besides bad inputs, a DIALS program that fails is reported in one line (its output is in the log).
+DIALS_CHAIN_ERRORS = INPUT_ERRORS + (MetrologyError,)
+
+
+def stills_process_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="spread-stills-process",
+        description="Index and integrate every shot of one shard with dials.stills_process (run it under MPI).")
+    parser.add_argument("--shard", required=True, help="simulated shard (HDF5)")
+    parser.add_argument("--shots", required=True, type=int, nargs=2, metavar=("START", "STOP"),
+                        help="the shard's shot indices START..STOP-1")
+    parser.add_argument("--phil", action="append", default=[], help="stills_process parameter file (repeatable)")
+    parser.add_argument("--output-prefix", required=True,
+                        help="write PREFIX_integrated.expt/.refl, _refined.expt, _indexed.refl and _shots.tsv")
+    parser.add_argument("--progress-interval", type=float, default=30.0, metavar="SECONDS",
+                        help="how often to log shots done, rate and time left (default 30)")
+    arguments = parser.parse_args(argv)
+
+    def action():
+        from xfel_spread.dials.phil import check_phil_file
+        from xfel_spread.dials.stills import process_shard
+
+        for phil in arguments.phil:
+            check_phil_file(phil, "stills_process")
+        shots = process_shard(arguments.shard, tuple(arguments.shots), arguments.phil, arguments.output_prefix,
+                              arguments.progress_interval)
+        if shots is not None:
+            n_integrated = sum(shot.status == "integrate_ok" for shot in shots)
+            print(f"{arguments.shard}: {n_integrated} of {len(shots)} shots integrated", file=sys.stderr)
+
+    # DIALS logs to per-rank files, which are copied into the job's log in rank order at the end.
+    return _run("spread-stills-process", action, DIALS_CHAIN_ERRORS, log_level=logging.WARNING)
+
+
+def metrology_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="spread-metrology",
+                                     description="Refine the whole-detector (level-0) position of one dataset.")
+    parser.add_argument("--config", required=True, help="pipeline settings of the metrology stage (YAML)")
+    parser.add_argument("--dataset", required=True, help="dataset name, for the report")
+    parser.add_argument("--phil", required=True, help="dials.refine parameter file")
+    parser.add_argument("--shard-prefix", action="append", required=True,
+                        help="output prefix of one shard's index stage (repeat for every shard, in order)")
+    parser.add_argument("--report", required=True, help="before/after report to write (text)")
+    parser.add_argument("--summary", required=True, help="before/after geometry to write (JSON)")
+    parser.add_argument("--refined-phil", required=True, help="stills_process phil fragment to write")
+    parser.add_argument("--work-dir", required=True, help="scratch directory for the DIALS programs")
+    arguments = parser.parse_args(argv)
+
+    def action():
+        from pathlib import Path
+
+        from xfel_spread.dials.metrology import refine_detector, shard_lattices, write_metrology_outputs
+        from xfel_spread.dials.phil import check_phil_file
+        from xfel_spread.dials.stills import output_paths
+
+        settings = load_config(arguments.config)["metrology"]
+        check_phil_file(arguments.phil, "refine")
+        shards = []
+        for prefix in arguments.shard_prefix:
+            paths = output_paths(prefix)
+            shards.append(shard_lattices(paths["refined_experiments"], paths["indexed_reflections"], paths["shots"]))
+        n_lattices, before, after = refine_detector(
+            arguments.dataset, shards, arguments.phil, settings["engine"], settings["max_lattices"],
+            Path(arguments.work_dir), sys.stdout)
+        write_metrology_outputs(arguments.dataset, n_lattices, settings["engine"], before, after,
+                                arguments.report, arguments.refined_phil, arguments.summary)
+        print(Path(arguments.report).read_text(), end="")
+
+    return _run("spread-metrology", action, DIALS_CHAIN_ERRORS)
+
+
+def score_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="spread-score-dials",
+                                     description="Score the index and reindex passes of one dataset against truth.")
+    parser.add_argument("--dataset", required=True, help="dataset name, for the table's title")
+    parser.add_argument("--index-prefix", action="append", required=True,
+                        help="output prefix of one shard's index stage (repeat for every shard, in order)")
+    parser.add_argument("--reindex-prefix", action="append", required=True,
+                        help="output prefix of one shard's reindex stage (same order)")
+    parser.add_argument("--truth", action="append", required=True, help="truth JSON of each shard (same order)")
+    parser.add_argument("--metrology-summary", required=True, help="JSON summary of the metrology stage")
+    parser.add_argument("--table", required=True, help="score table to write (TSV)")
+    parser.add_argument("--text", required=True, help="the same table, aligned for reading")
+    arguments = parser.parse_args(argv)
+
+    def action():
+        import json
+        from pathlib import Path
+
+        from xfel_spread.atomic import atomic_output
+        from xfel_spread.dials.scoring import format_score_table, score_pass, write_score_table
+
+        if not len(arguments.index_prefix) == len(arguments.reindex_prefix) == len(arguments.truth):
+            raise ValueError("--index-prefix, --reindex-prefix and --truth must be given once per shard")
+        summary = json.loads(Path(arguments.metrology_summary).read_text())
+        rows = [score_pass("index", arguments.index_prefix, arguments.truth, summary, refined=False),
+                score_pass("reindex", arguments.reindex_prefix, arguments.truth, summary, refined=True)]
+        write_score_table(rows, arguments.table)
+        text = format_score_table(arguments.dataset, rows)
+        with atomic_output(arguments.text, "w") as stream:
+            stream.write(text)
+        print(text, end="")
+
+    return _run("spread-score-dials", action, DIALS_CHAIN_ERRORS)
