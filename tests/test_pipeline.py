@@ -1,12 +1,14 @@
-"""The Snakemake workflow end to end on a tiny config: outputs, logs, rerun semantics, early failures.
+"""The Snakemake workflow end to end on a small config: outputs, logs, rerun semantics, early failures.
 
 Snakemake runs as a subprocess (``python -m snakemake`` from the test's environment, so the rules
-find the spread-* commands beside it) with ``--directory`` set to a temporary directory: nothing is
-written into the repository. The tiny config keeps the full physics (every default of the schema)
-but a 256 x 256 panel of 0.6 mm pixels and 4 shots in 2 shards, so a complete run takes seconds.
+find the spread-* commands beside it) with the local profile (mpirun for the MPI stages) and
+``--directory`` set to a temporary directory: nothing is written into the repository. The config keeps
+the full physics (every default of the schema) but a 1536 x 1536 panel of 0.176 mm pixels that DIALS
+indexes, and 4 shots in 2 shards, so a complete run, DIALS stages included, takes a minute or two.
 """
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -18,11 +20,14 @@ import pytest
 from xfel_spread.io.shard import read_shard_metadata
 from xfel_spread.reference import REFERENCE_NAMES
 
-from tiny_config import (N_PIXELS, N_SHOTS, PIXEL_SIZE_MM, SHARED_DATA_DIR, SHOTS_PER_SHARD, tiny_config,
-                         write_config)
+from tiny_config import (INDEXABLE_N_PIXELS, INDEXABLE_PIXEL_SIZE_MM, N_PIXELS, N_SHOTS, SHARED_DATA_DIR,
+                         SHOTS_PER_SHARD, indexable_config, tiny_config, write_config)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SNAKEFILE = REPO_ROOT / "Snakefile"
+LOCAL_PROFILE = REPO_ROOT / "profiles" / "local"
+DATASETS = ("nopsf", "psf")
+N_SHARDS = N_SHOTS // SHOTS_PER_SHARD
 ALL_TRIGGERS = ["--rerun-triggers", "mtime", "params", "input", "code", "software-env"]
 
 
@@ -36,7 +41,7 @@ def snakemake(workdir, configfile, *arguments):
     swallow targets or options after it.
     """
     command = [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE), "--directory", str(workdir),
-               "--cores", "2", *arguments, f"--configfile={configfile}"]
+               "--profile", str(LOCAL_PROFILE), "--cores", "2", *arguments, f"--configfile={configfile}"]
     return subprocess.run(command, capture_output=True, text=True, timeout=600)
 
 
@@ -99,6 +104,22 @@ def shard_job(index):
     return ("simulate", (("index", f"{index:05d}"),))
 
 
+def stills_jobs(stage, shards):
+    """The index or reindex jobs of `shards` in both datasets."""
+    return {(stage, (("dataset", dataset), ("index", f"{index:05d}"))) for dataset in DATASETS for index in shards}
+
+
+def metrology_and_after(n_shards=N_SHARDS):
+    """Jobs that follow a new detector refinement: metrology, every reindex job, the scores."""
+    per_dataset = {(rule, (("dataset", dataset),)) for rule in ("metrology", "score_dials") for dataset in DATASETS}
+    return per_dataset | stills_jobs("reindex", range(n_shards))
+
+
+def index_and_after(shards, n_shards=N_SHARDS):
+    """Jobs that follow new index output for `shards`."""
+    return stills_jobs("index", shards) | metrology_and_after(n_shards)
+
+
 def settings_job(stage):
     return ("stage_settings", (("stage", stage),))
 
@@ -109,11 +130,19 @@ ALL_JOB = ("all", ())
 # --- a completed run, shared by the tests that inspect or extend it -----------------------------------
 
 
+def pipeline_config(workdir, **simulate_overrides):
+    """The indexable config, with its own copy of the index phil (tests edit it) in `workdir`."""
+    config = indexable_config(workdir, **simulate_overrides)
+    config["index"] = {"phil": str(workdir / "index.phil")}
+    return config
+
+
 @pytest.fixture(scope="module")
 def completed_run(tmp_path_factory):
-    """A working directory in which the tiny config ran to completion; returns (workdir, configfile)."""
+    """A working directory in which the small config ran to completion; returns (workdir, configfile)."""
     workdir = tmp_path_factory.mktemp("pipeline")
-    configfile = write_config(workdir / "tiny.yaml", tiny_config(workdir))
+    (workdir / "index.phil").write_text((REPO_ROOT / "config" / "index.phil").read_text())
+    configfile = write_config(workdir / "small.yaml", pipeline_config(workdir))
     succeeded(snakemake(workdir, configfile))
     return workdir, configfile
 
@@ -133,7 +162,7 @@ def test_end_to_end_outputs_logs_and_benchmarks(completed_run):
     assert (logs / "structure_factors.log").is_file()
     assert (logs / "benchmarks" / "structure_factors.tsv").is_file()
 
-    nominal_centre_mm = N_PIXELS * PIXEL_SIZE_MM / 2
+    nominal_centre_mm = INDEXABLE_N_PIXELS * INDEXABLE_PIXEL_SIZE_MM / 2
     for index in range(n_shards):
         shots = list(range(index * SHOTS_PER_SHARD, (index + 1) * SHOTS_PER_SHARD))
         for dataset in ("nopsf", "psf"):
@@ -142,29 +171,79 @@ def test_end_to_end_outputs_logs_and_benchmarks(completed_run):
             assert metadata.n_shots == SHOTS_PER_SHARD
             assert metadata.shot_index.tolist() == shots
             assert metadata.detector["beam_center_mm"] == pytest.approx((nominal_centre_mm, nominal_centre_mm))
-            assert (metadata.detector["n_fast"], metadata.detector["n_slow"]) == (N_PIXELS, N_PIXELS)
+            assert (metadata.detector["n_fast"], metadata.detector["n_slow"]) == (INDEXABLE_N_PIXELS,) * 2
         truth = json.loads((results / "sim" / "truth" / f"shard_{index:05d}.json").read_text())
         assert [shot["shot_index"] for shot in truth["shots"]] == shots
         for shot in truth["shots"]:
             assert shot["true_beam_center_offset_px"] == pytest.approx([0.5, 0.5])
             assert shot["nominal_beam_center_mm"] == pytest.approx([nominal_centre_mm, nominal_centre_mm])
-            assert shot["true_beam_center_mm"] == pytest.approx([nominal_centre_mm + 0.5 * PIXEL_SIZE_MM] * 2)
+            assert shot["true_beam_center_mm"] == pytest.approx([nominal_centre_mm + 0.5 * INDEXABLE_PIXEL_SIZE_MM] * 2)
         assert (logs / "simulate" / f"shard_{index:05d}.log").is_file()
         assert (logs / "benchmarks" / "simulate" / f"shard_{index:05d}.tsv").is_file()
     assert not (results / "sim" / "nopsf" / f"shard_{n_shards:05d}.h5").exists()
     # Every write is atomic: no temporary file is left behind anywhere.
     assert not [path for path in workdir.rglob("*.partial")]
+    # ... and the DIALS stages' scratch directories are gone.
+    assert not [path for path in workdir.rglob("*.work")]
+    assert not (results / "metrology" / "nopsf" / "work").exists()
+
+
+def test_dials_stages_index_refine_the_detector_and_reindex_with_it(completed_run):
+    from dxtbx.model.experiment_list import ExperimentList
+
+    from xfel_spread.dials.stills import OUTPUT_SUFFIXES, read_shots_table
+
+    workdir, _ = completed_run
+    results, logs = workdir / "results", workdir / "logs"
+    for dataset in DATASETS:
+        summary = json.loads((results / "metrology" / dataset / "summary.json").read_text())
+        assert summary["n_lattices"] == N_SHOTS
+        assert "before" in (results / "metrology" / dataset / "report.txt").read_text()
+        assert (logs / "metrology" / f"{dataset}.log").is_file()
+        assert (logs / "benchmarks" / "metrology" / f"{dataset}.tsv").is_file()
+
+        for stage in ("index", "reindex"):
+            for index in range(N_SHARDS):
+                prefix = results / stage / dataset / f"shard_{index:05d}"
+                rows = read_shots_table(f"{prefix}_shots.tsv")
+                assert [row["shot"] for row in rows] == list(range(index * SHOTS_PER_SHARD, (index + 1) * SHOTS_PER_SHARD))
+                assert {row["status"] for row in rows} == {"integrate_ok"}, rows
+                experiments = ExperimentList.from_file(f"{prefix}_integrated.expt", check_format=False)
+                assert len(experiments) == SHOTS_PER_SHARD
+                origin = experiments[0].detector[0].get_origin()
+                # index uses the nominal detector of the image files; reindex the refined one.
+                expected = summary["before" if stage == "index" else "after"]["panels"][0]["origin_mm"]
+                assert origin == pytest.approx(expected, abs=1e-6)
+                assert all(Path(f"{prefix}{suffix}").is_file() for suffix in OUTPUT_SUFFIXES.values())
+                assert "shots done" in (logs / stage / dataset / f"shard_{index:05d}.log").read_text()
+                assert (logs / "benchmarks" / stage / dataset / f"shard_{index:05d}.tsv").is_file()
+
+        score = {row["pass"]: row for row in csv_rows(results / "score" / f"dials_{dataset}.tsv")}
+        assert float(score["index"]["indexed_fraction"]) == 1.0
+        # The images' header centre is 0.5 px off the truth; the refined detector is closer.
+        assert float(score["index"]["beam_centre_error_fast_px"]) == pytest.approx(-0.5)
+        for axis in ("fast", "slow"):
+            assert abs(float(score["reindex"][f"beam_centre_error_{axis}_px"])) < 0.25
+        assert (logs / "score" / f"dials_{dataset}.log").read_text().startswith("DIALS stages scored")
+
+
+def csv_rows(path):
+    import csv
+
+    with open(path, newline="") as stream:
+        return list(csv.DictReader(stream, delimiter="\t"))
 
     assert job_stats(succeeded(snakemake(workdir, configfile, "--dry-run"))) == Counter()
 
 
 def test_dry_run_on_a_fresh_directory_lists_every_stage(tmp_path):
-    configfile = write_config(tmp_path / "tiny.yaml", tiny_config(tmp_path))
+    configfile = write_config(tmp_path / "small.yaml", indexable_config(tmp_path))
     jobs = planned_jobs(succeeded(snakemake(tmp_path, configfile, "--dry-run")))
 
     assert Counter(rule for rule, _ in jobs) == {
-        "reference_data": len(REFERENCE_NAMES), "stage_settings": 2, "structure_factors": 1,
-        "simulate": N_SHOTS // SHOTS_PER_SHARD, "all": 1}
+        "reference_data": len(REFERENCE_NAMES), "stage_settings": 3, "structure_factors": 1,
+        "simulate": N_SHARDS, "index": 2 * N_SHARDS, "metrology": 2, "reindex": 2 * N_SHARDS,
+        "score_dials": 2, "all": 1}
     assert {wildcards for rule, wildcards in jobs if rule == "reference_data"} == {
         (("name", name),) for name in REFERENCE_NAMES}
     # A dry run plans; it writes no results.
@@ -183,30 +262,54 @@ def test_unchanged_config_plans_nothing(completed_run):
                          ids=["seed", "total_photons"])
 def test_simulation_setting_reruns_simulation_only(completed_run, tmp_path, simulate_change):
     workdir, _ = completed_run
-    configfile = write_config(tmp_path / "changed.yaml", tiny_config(workdir, **simulate_change))
-    assert dry_run(workdir, configfile) == {settings_job("simulate"), shard_job(0), shard_job(1), ALL_JOB}
+    configfile = write_config(tmp_path / "changed.yaml", pipeline_config(workdir, **simulate_change))
+    assert dry_run(workdir, configfile) == {
+        settings_job("simulate"), shard_job(0), shard_job(1), ALL_JOB} | index_and_after(range(N_SHARDS))
 
 
 def test_structure_factor_setting_reruns_structure_factors_and_simulation(completed_run, tmp_path):
     workdir, _ = completed_run
-    config = tiny_config(workdir)
+    config = pipeline_config(workdir)
     config["structure_factors"] = {"k_sol": 0.35}
     configfile = write_config(tmp_path / "changed.yaml", config)
     assert dry_run(workdir, configfile) == {
         settings_job("structure_factors"), settings_job("simulate"), ("structure_factors", ()),
-        shard_job(0), shard_job(1), ALL_JOB}
+        shard_job(0), shard_job(1), ALL_JOB} | index_and_after(range(N_SHARDS))
 
 
 def test_shots_per_shard_reruns_the_shards_whose_shots_changed(completed_run, tmp_path):
     workdir, _ = completed_run
-    configfile = write_config(tmp_path / "changed.yaml", tiny_config(workdir, shots_per_shard=3))
-    assert dry_run(workdir, configfile) == {shard_job(0), shard_job(1), ALL_JOB}
+    configfile = write_config(tmp_path / "changed.yaml", pipeline_config(workdir, shots_per_shard=3))
+    assert dry_run(workdir, configfile) == {shard_job(0), shard_job(1), ALL_JOB} | index_and_after(range(N_SHARDS))
+
+
+def test_index_phil_edit_reruns_index_and_what_follows_nothing_upstream(completed_run):
+    workdir, configfile = completed_run
+    phil = workdir / "index.phil"
+    original_text, original_stat = phil.read_text(), phil.stat()
+    try:
+        phil.write_text(original_text.replace("min_spot_size = 3", "min_spot_size = 4"))
+        assert dry_run(workdir, configfile) == {ALL_JOB} | index_and_after(range(N_SHARDS))
+    finally:
+        phil.write_text(original_text)
+        os.utime(phil, ns=(original_stat.st_atime_ns, original_stat.st_mtime_ns))
+    assert dry_run(workdir, configfile) == set()
+
+
+def test_metrology_setting_reruns_metrology_and_what_follows(completed_run, tmp_path):
+    workdir, _ = completed_run
+    config = pipeline_config(workdir)
+    config["metrology"] = {"max_lattices": 2}
+    configfile = write_config(tmp_path / "changed.yaml", config)
+    assert dry_run(workdir, configfile) == {settings_job("metrology"), ALL_JOB} | metrology_and_after()
 
 
 def test_more_shots_add_only_the_new_shard_and_keep_the_old_ones(completed_run, tmp_path):
     workdir, _ = completed_run
-    configfile = write_config(tmp_path / "more.yaml", tiny_config(workdir, n_shots=N_SHOTS + 2))
-    assert dry_run(workdir, configfile) == {shard_job(2), ALL_JOB}
+    configfile = write_config(tmp_path / "more.yaml", pipeline_config(workdir, n_shots=N_SHOTS + 2))
+    # The new shard is simulated and indexed; the detector is refined again with its lattices, so
+    # every shard is reindexed.
+    assert dry_run(workdir, configfile) == {shard_job(2), ALL_JOB} | index_and_after([2], N_SHARDS + 1)
 
     old_shards = sorted((workdir / "results" / "sim").glob("*/shard_0000[01].*"))
     assert len(old_shards) == 6
@@ -235,6 +338,21 @@ def test_bad_config_stops_before_any_work(tmp_path, simulate_change, key):
     lines = [line for line in output_of(result).splitlines() if key in line]
     assert len(lines) == 1, output_of(result)
     assert re.fullmatch(rf"Config error: bad\.yaml: {re.escape(key)}: .+", lines[0]), lines[0]
+    for directory in ("results", "logs", "resources"):
+        assert not (tmp_path / directory).exists()
+
+
+def test_phil_with_unknown_parameter_stops_before_any_work(tmp_path):
+    phil = tmp_path / "index.phil"
+    phil.write_text((REPO_ROOT / "config" / "index.phil").read_text() + "spotfinder.filter.min_spot_sise = 3\n")
+    config = pipeline_config(tmp_path)
+    result = snakemake(tmp_path, write_config(tmp_path / "small.yaml", config))
+
+    assert result.returncode != 0
+    assert "Traceback" not in output_of(result)
+    lines = [line for line in output_of(result).splitlines() if "min_spot_sise" in line]
+    assert lines == [f"Phil error: {phil}: unknown parameter for dials.stills_process: "
+                     f"spotfinder.filter.min_spot_sise (line {len(phil.read_text().splitlines())})"]
     for directory in ("results", "logs", "resources"):
         assert not (tmp_path / directory).exists()
 

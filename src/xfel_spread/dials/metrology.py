@@ -185,7 +185,10 @@ def refine_detector(dataset: str, shards: Sequence[ShardLattices], phil_path, en
                          f"refinement.refinery.engine={engine}",
                          "output.experiments=refined.expt", "output.reflections=refined.refl",
                          "output.log=dials.refine.log"], work_dir, log_stream)
-    return n_lattices, detector_geometry(work_dir / "combined.expt"), detector_geometry(work_dir / "refined.expt")
+    before, after = detector_geometry(work_dir / "combined.expt"), detector_geometry(work_dir / "refined.expt")
+    # The combined and refined lattices are large and used by nothing downstream; the log keeps the story.
+    shutil.rmtree(work_dir)
+    return n_lattices, before, after
 
 
 def write_metrology_outputs(dataset, n_lattices, engine, before, after, report_path, phil_path, summary_path):

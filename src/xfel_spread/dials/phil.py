@@ -34,6 +34,7 @@ def master_scope(program: str):
 def check_phil_file(path: str | os.PathLike, program: str) -> None:
     """Raise :class:`PhilFileError` unless ``path`` is a valid parameter file for ``program``."""
     from libtbx import phil
+    from libtbx.utils import Sorry
 
     if not os.path.isfile(path):
         raise PhilFileError(f"{path}: no such file")
@@ -44,7 +45,11 @@ def check_phil_file(path: str | os.PathLike, program: str) -> None:
             names = ", ".join(f"{definition.path}{_line_of(definition)}" for definition in unused)
             raise PhilFileError(f"{path}: unknown parameter for dials.{program}: {names}")
         working.extract()
-    except RuntimeError as error:  # libtbx reports syntax and type errors as RuntimeError
+    except (RuntimeError, Sorry, ValueError) as error:
+        # libtbx reports syntax and most type errors as RuntimeError, a bad choice as Sorry (over
+        # several lines), and some malformed values (a unit cell of words) as a bare ValueError.
+        if isinstance(error, PhilFileError):
+            raise
         raise PhilFileError(f"{path}: {' '.join(str(error).split())}") from None
 
 

@@ -48,9 +48,12 @@ _COMPOSITE_FILES = {
     "refined_experiments": "idx-0000_refined.expt",
     "indexed_reflections": "idx-0000_indexed.refl",
 }
-SHOTS_TABLE_COLUMNS = ("shot", "image", "status", "n_spots", "n_integrated", "reason")
-#: Shot outcomes: the last word DIALS's debug log gives a shot, without its trailing count.
+SHOTS_TABLE_COLUMNS = ("shot", "image", "status", "n_spots", "n_indexed", "n_integrated", "reason")
+#: Shot outcomes: the last word DIALS's debug log gives a shot, without its trailing count. That count
+#: is the integrated reflections for a success, the indexed ones when refinement or integration
+#: failed, and the strong spots when spot finding or indexing did.
 INTEGRATED = "integrate_ok"
+_COUNTS_INDEXED = ("refine_failed", "integrate_failed")
 NOT_PROCESSED = "not_processed"
 UNREADABLE_SHARD = "unreadable_shard"
 
@@ -76,11 +79,12 @@ class ShotOutcome:
     image: int
     status: str = NOT_PROCESSED
     n_spots: int | None = None
+    n_indexed: int | None = None
     n_integrated: int | None = None
     reason: str = ""
 
     def as_row(self) -> list:
-        return [self.shot, self.image, self.status, _blank_if_none(self.n_spots),
+        return [self.shot, self.image, self.status, _blank_if_none(self.n_spots), _blank_if_none(self.n_indexed),
                 _blank_if_none(self.n_integrated), self.reason]
 
 
@@ -120,7 +124,7 @@ def parse_failure_reasons(stdout_lines: Sequence[str]) -> dict[str, str]:
             continue
         words = [match.group("reason")]
         for continuation in stdout_lines[number + 1:]:
-            if not continuation.strip() or continuation.startswith("*"):
+            if not continuation.strip() or continuation.startswith("*") or _FAILURE_LINE.match(continuation):
                 break
             words.append(continuation)
         reasons[match.group("tag")] = " ".join(" ".join(words).split())
@@ -144,8 +148,11 @@ def shot_outcomes(shard_path, first_shot: int, n_images: int, work_dir: Path) ->
             shot.status, count = outcomes[tag]
             if shot.status == INTEGRATED:
                 shot.n_integrated = count
+            elif shot.status in _COUNTS_INDEXED:
+                shot.n_indexed = count
             else:
                 shot.n_spots = count
+            if shot.status != INTEGRATED:
                 shot.reason = reasons.get(tag, "")
         shots.append(shot)
     return shots
@@ -165,7 +172,7 @@ def read_shots_table(path) -> list[dict]:
     for row in rows:
         for key in ("shot", "image"):
             row[key] = int(row[key])
-        for key in ("n_spots", "n_integrated"):
+        for key in ("n_spots", "n_indexed", "n_integrated"):
             row[key] = int(row[key]) if row[key] else None
     return rows
 
@@ -247,25 +254,27 @@ def _mpi_world():
     return MPI.COMM_WORLD
 
 
-def _empty_outputs() -> dict:
+def _write_empty(name: str, path: Path) -> None:
+    """An empty experiment list or reflection table, as DIALS writes one, at ``path``."""
     from dials.array_family import flex
     from dxtbx.model.experiment_list import ExperimentList
 
-    return {"integrated_experiments": ExperimentList(), "integrated_reflections": flex.reflection_table(),
-            "refined_experiments": ExperimentList(), "indexed_reflections": flex.reflection_table()}
+    if name.endswith("experiments"):
+        # ExperimentList.as_file insists on an .expt name, which the temporary file does not have.
+        path.write_text(ExperimentList().as_json())
+    else:
+        flex.reflection_table().as_file(str(path))
 
 
 def _write_dials_outputs(work_dir: Path, paths: dict[str, Path]) -> None:
     """Move stills_process's composite files to their final names, writing empty ones it did not make."""
-    empty = None
     for name, composite_name in _COMPOSITE_FILES.items():
         composite = work_dir / composite_name
         with atomic_path(paths[name]) as temporary:
             if composite.exists():
                 shutil.copyfile(composite, temporary)
             else:
-                empty = empty or _empty_outputs()
-                empty[name].as_file(str(temporary))
+                _write_empty(name, temporary)
 
 
 def _append_rank_logs(work_dir: Path, stream) -> None:
