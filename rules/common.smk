@@ -90,6 +90,19 @@ def check_phil_files():
 check_phil_files()
 
 
+def check_metrology_engine():
+    """Stop before any job if the refinement engine cannot run (missing, or too many lattices)."""
+    from xfel_spread.dials.metrology import MetrologyError, plan_refinement
+
+    try:
+        plan_refinement(config["metrology"]["engine"], config["metrology"]["max_lattices"])
+    except MetrologyError as error:
+        sys.exit(f"Config error: {config_source_name()}: {error}")
+
+
+check_metrology_engine()
+
+
 def stills_prefix(stage, dataset, index):
     """Output prefix of shard `index` of `dataset` in a stills_process stage (index or reindex)."""
     return f"{OUTPUT_DIR}/{stage}/{dataset}/shard_{index:05d}"

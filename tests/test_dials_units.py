@@ -493,3 +493,47 @@ def test_mono_sim_stand_in_makes_the_import_work_once_installed():
         "print(install_mono_sim_stand_in())\n")
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["True", "False"]
+
+
+# --- metrology.plan_refinement -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sparse", [True, False], ids=["with_eigen", "without_eigen"])
+def test_auto_engine_is_sparse_where_available_else_capped_levmar(monkeypatch, sparse):
+    from xfel_spread.dials import metrology
+
+    monkeypatch.setattr(metrology, "sparse_engine_available", lambda: sparse)
+    plan = metrology.plan_refinement("auto", 30000)
+    if sparse:
+        assert plan == metrology.RefinementPlan("SparseLevMar", 30000)
+    else:
+        assert (plan.engine, plan.max_lattices) == ("LevMar", metrology.DENSE_ENGINE_MAX_LATTICES)
+        assert "30000" in plan.note and str(metrology.DENSE_ENGINE_MAX_LATTICES) in plan.note
+    # Small sets are never capped.
+    assert metrology.plan_refinement("auto", 50).max_lattices == 50
+
+
+def test_explicit_engines_are_used_as_named_or_refused(monkeypatch):
+    from xfel_spread.dials import metrology
+
+    monkeypatch.setattr(metrology, "sparse_engine_available", lambda: False)
+    assert metrology.plan_refinement("LevMar", 200) == metrology.RefinementPlan("LevMar", 200)
+    assert metrology.plan_refinement("SimpleLBFGS", 30000) == metrology.RefinementPlan("SimpleLBFGS", 30000)
+    with pytest.raises(metrology.MetrologyError, match="SparseLevMar needs DIALS's Eigen extension"):
+        metrology.plan_refinement("SparseLevMar", 200)
+    # 30,000 lattices x 7 parameters: a (210,000)^2 matrix of doubles, 353 GB.
+    with pytest.raises(metrology.MetrologyError, match="need a dense 353 GB normal matrix"):
+        metrology.plan_refinement("LevMar", 30000)
+
+
+def test_this_dials_reports_whether_it_has_the_sparse_engine():
+    # Debian's DIALS 3.12 lacks the Eigen wrapper; a conda-forge DIALS has it. Either way the answer
+    # must agree with whether the module behind SparseLevMar imports.
+    from xfel_spread.dials.metrology import sparse_engine_available
+
+    try:
+        import dials.algorithms.refinement.sparse_engine  # noqa: F401
+        importable = True
+    except Exception:  # DIALS raises its own DialsRefineConfigError when Eigen is missing
+        importable = False
+    assert sparse_engine_available() == importable

@@ -357,6 +357,16 @@ def test_phil_with_unknown_parameter_stops_before_any_work(tmp_path):
         assert not (tmp_path / directory).exists()
 
 
+def test_dense_engine_with_too_many_lattices_stops_before_any_work(tmp_path):
+    config = indexable_config(tmp_path)
+    config["metrology"] = {"engine": "LevMar", "max_lattices": 30000}
+    result = snakemake(tmp_path, write_config(tmp_path / "bad.yaml", config), "--dry-run")
+
+    assert result.returncode != 0
+    lines = [line for line in output_of(result).splitlines() if "max_lattices" in line]
+    assert len(lines) == 1 and lines[0].startswith("Config error: bad.yaml: metrology.max_lattices: 30000 "), lines
+
+
 def test_missing_mirror_file_stops_before_any_work_naming_it(tmp_path):
     mirror = tmp_path / "empty_mirror"
     mirror.mkdir()

@@ -66,20 +66,24 @@ def metrology_main(argv: list[str] | None = None) -> int:
     def action():
         from pathlib import Path
 
-        from xfel_spread.dials.metrology import refine_detector, shard_lattices, write_metrology_outputs
+        from xfel_spread.dials.metrology import (plan_refinement, refine_detector, shard_lattices,
+                                                 write_metrology_outputs)
         from xfel_spread.dials.phil import check_phil_file
         from xfel_spread.dials.stills import output_paths
 
         settings = load_config(arguments.config)["metrology"]
+        plan = plan_refinement(settings["engine"], settings["max_lattices"])
+        if plan.note:
+            print(f"note: {plan.note}", flush=True)
         check_phil_file(arguments.phil, "refine")
         shards = []
         for prefix in arguments.shard_prefix:
             paths = output_paths(prefix)
             shards.append(shard_lattices(paths["refined_experiments"], paths["indexed_reflections"], paths["shots"]))
         n_lattices, before, after = refine_detector(
-            arguments.dataset, shards, arguments.phil, settings["engine"], settings["max_lattices"],
+            arguments.dataset, shards, arguments.phil, plan.engine, plan.max_lattices,
             Path(arguments.work_dir), sys.stdout)
-        write_metrology_outputs(arguments.dataset, n_lattices, settings["engine"], before, after,
+        write_metrology_outputs(arguments.dataset, n_lattices, plan, before, after,
                                 arguments.report, arguments.refined_phil, arguments.summary)
         print(Path(arguments.report).read_text(), end="")
 

@@ -28,10 +28,61 @@ from xfel_spread.dials.stills import read_shots_table
 
 #: Shot outcomes whose lattice was indexed and refined (so it is in the shard's _refined.expt).
 INDEXED_OUTCOMES = ("integrate_ok", "integrate_failed")
+#: dials.refine engines that build the dense normal matrix of all parameters (7 per C2 lattice:
+#: 3 orientation + 4 cell), whose size and factorisation cost grow as the square and cube of the
+#: lattice count. Beyond this many lattices (14,000 parameters, a 1.6 GB matrix) they are refused.
+DENSE_ENGINES = ("LevMar", "GaussNewton")
+DENSE_ENGINE_MAX_LATTICES = 2000
 
 
 class MetrologyError(RuntimeError):
     """Metrology could not run; the message says why in one line."""
+
+
+def sparse_engine_available() -> bool:
+    """Whether this DIALS has the Eigen extension SparseLevMar needs (Debian's DIALS 3.12 does not)."""
+    try:
+        from scitbx.examples.bevington import non_linear_ls_eigen_wrapper  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class RefinementPlan:
+    """The dials.refine engine and lattice count metrology will use, and why if they differ from config."""
+
+    engine: str
+    max_lattices: int
+    note: str = ""
+
+
+def plan_refinement(engine: str, max_lattices: int) -> RefinementPlan:
+    """Resolve config values ``metrology.engine`` and ``max_lattices``; raise MetrologyError if unusable.
+
+    ``auto`` is SparseLevMar where DIALS has it (the LY99 choice, which scales to tens of thousands
+    of lattices) and LevMar otherwise (the same refined geometry on small sets, about two times
+    slower), with the lattice count capped at what a dense engine can take. An engine named
+    explicitly is used as named, or refused when it cannot run.
+    """
+    if engine == "auto":
+        if sparse_engine_available():
+            return RefinementPlan("SparseLevMar", max_lattices)
+        if max_lattices > DENSE_ENGINE_MAX_LATTICES:
+            return RefinementPlan("LevMar", DENSE_ENGINE_MAX_LATTICES,
+                                  f"engine auto: this DIALS has no SparseLevMar, so LevMar refines at most "
+                                  f"{DENSE_ENGINE_MAX_LATTICES} of the {max_lattices} lattices asked for")
+        return RefinementPlan("LevMar", max_lattices)
+    if engine == "SparseLevMar" and not sparse_engine_available():
+        raise MetrologyError("metrology.engine: SparseLevMar needs DIALS's Eigen extension, which this DIALS "
+                             "lacks; use auto or LevMar")
+    if engine in DENSE_ENGINES and max_lattices > DENSE_ENGINE_MAX_LATTICES:
+        gigabytes = (7 * max_lattices) ** 2 * 8 / 1e9
+        raise MetrologyError(
+            f"metrology.max_lattices: {max_lattices} lattices with dials.refine's {engine} need a dense "
+            f"{gigabytes:.0f} GB normal matrix; set at most {DENSE_ENGINE_MAX_LATTICES}, or use engine auto, "
+            "SparseLevMar (a DIALS with Eigen, e.g. conda-forge's) or SimpleLBFGS")
+    return RefinementPlan(engine, max_lattices)
 
 
 @dataclass(frozen=True)
@@ -134,10 +185,10 @@ def geometry_shift(before: dict, after: dict) -> list[dict]:
     return shifts
 
 
-def format_report(dataset: str, n_lattices: int, engine: str, before: dict, after: dict) -> str:
+def format_report(dataset: str, n_lattices: int, engine: str, before: dict, after: dict, note: str = "") -> str:
     """The human-readable before/after comparison."""
     lines = [f"Level-0 detector metrology, dataset {dataset}",
-             f"lattices refined: {n_lattices} (refinery.engine={engine})", ""]
+             f"lattices refined: {n_lattices} (refinery.engine={engine})", *([note] if note else []), ""]
     for old, new, shift in zip(before["panels"], after["panels"], geometry_shift(before, after)):
         lines += [
             f"panel {new['name'] or '(unnamed)'}",
@@ -191,12 +242,13 @@ def refine_detector(dataset: str, shards: Sequence[ShardLattices], phil_path, en
     return n_lattices, before, after
 
 
-def write_metrology_outputs(dataset, n_lattices, engine, before, after, report_path, phil_path, summary_path):
+def write_metrology_outputs(dataset, n_lattices, plan: RefinementPlan, before, after, report_path, phil_path,
+                            summary_path):
     """Write the report, the refined-detector phil fragment and the JSON summary, each atomically."""
     with atomic_output(report_path, "w") as stream:
-        stream.write(format_report(dataset, n_lattices, engine, before, after))
+        stream.write(format_report(dataset, n_lattices, plan.engine, before, after, plan.note))
     with atomic_output(summary_path, "w") as stream:
-        json.dump({"dataset": dataset, "n_lattices": n_lattices, "engine": engine, "before": before,
-                   "after": after, "shift": geometry_shift(before, after)}, stream, indent=1)
+        json.dump({"dataset": dataset, "n_lattices": n_lattices, "engine": plan.engine, "note": plan.note,
+                   "before": before, "after": after, "shift": geometry_shift(before, after)}, stream, indent=1)
     with atomic_output(phil_path, "w") as stream:
         stream.write(refined_detector_phil(after))
