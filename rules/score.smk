@@ -12,9 +12,11 @@ rule score_dials:
         reindex_experiments=stills_output_of_all_shards("reindex", "integrated_experiments"),
         truth=TRUTH_FILES,
         metrology=rules.metrology.output.summary,
+        image_shard=f"{OUTPUT_DIR}/sim/{{dataset}}/shard_00000.h5",
     output:
         table=f"{OUTPUT_DIR}/score/dials_{{dataset}}.tsv",
         text=f"{OUTPUT_DIR}/score/dials_{{dataset}}.txt",
+        plot=f"{OUTPUT_DIR}/score/dials_{{dataset}}.png",
     wildcard_constraints:
         dataset=DATASET,
     params:
@@ -29,4 +31,5 @@ rule score_dials:
     shell:
         "{ENV_BIN}/spread-score-dials --dataset {wildcards.dataset} {params.shards}"
         " {params.truth} --metrology-summary {input.metrology:q}"
-        " --table {output.table:q} --text {output.text:q} > {log:q} 2>&1"
+        " --table {output.table:q} --text {output.text:q} --image-shard {input.image_shard:q}"
+        " --plot {output.plot:q} > {log:q} 2>&1"

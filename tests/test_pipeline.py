@@ -225,6 +225,7 @@ def test_dials_stages_index_refine_the_detector_and_reindex_with_it(completed_ru
         for axis in ("fast", "slow"):
             assert abs(float(score["reindex"][f"beam_centre_error_{axis}_px"])) < 0.25
         assert (logs / "score" / f"dials_{dataset}.log").read_text().startswith("DIALS stages scored")
+        assert (results / "score" / f"dials_{dataset}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def csv_rows(path):

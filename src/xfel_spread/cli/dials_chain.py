@@ -102,24 +102,51 @@ def score_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrology-summary", required=True, help="JSON summary of the metrology stage")
     parser.add_argument("--table", required=True, help="score table to write (TSV)")
     parser.add_argument("--text", required=True, help="the same table, aligned for reading")
+    parser.add_argument("--image-shard", required=True, help="the first shard's images, for the plot")
+    parser.add_argument("--plot", required=True, help="summary figure to write (PNG)")
     arguments = parser.parse_args(argv)
 
     def action():
         import json
         from pathlib import Path
 
+        import numpy as np
+
         from xfel_spread.atomic import atomic_output
+        from xfel_spread.dials.plots import plot_dials_summary, predicted_and_observed_px
         from xfel_spread.dials.scoring import format_score_table, score_pass, write_score_table
+        from xfel_spread.dials.stills import INTEGRATED, output_paths, read_shots_table
+        from xfel_spread.io.shard import read_shard_image
 
         if not len(arguments.index_prefix) == len(arguments.reindex_prefix) == len(arguments.truth):
             raise ValueError("--index-prefix, --reindex-prefix and --truth must be given once per shard")
         summary = json.loads(Path(arguments.metrology_summary).read_text())
-        rows = [score_pass("index", arguments.index_prefix, arguments.truth, summary, refined=False),
-                score_pass("reindex", arguments.reindex_prefix, arguments.truth, summary, refined=True)]
+        index_row, index_lattices = score_pass("index", arguments.index_prefix, arguments.truth, summary,
+                                               refined=False)
+        reindex_row, reindex_lattices = score_pass("reindex", arguments.reindex_prefix, arguments.truth, summary,
+                                                   refined=True)
+        rows = [index_row, reindex_row]
         write_score_table(rows, arguments.table)
         text = format_score_table(arguments.dataset, rows)
         with atomic_output(arguments.text, "w") as stream:
             stream.write(text)
         print(text, end="")
+
+        first_shard = output_paths(arguments.reindex_prefix[0])
+        integrated = [row for row in read_shots_table(first_shard["shots"]) if row["status"] == INTEGRATED]
+        image = spots = shot = None
+        if integrated:
+            shot = integrated[0]["shot"]
+            image = read_shard_image(arguments.image_shard, integrated[0]["image"])
+            spots = predicted_and_observed_px(first_shard["integrated_experiments"],
+                                              first_shard["integrated_reflections"], integrated[0]["image"])
+        true_mm = np.array(json.loads(Path(arguments.truth[0]).read_text())["shots"][0]["true_beam_center_mm"])
+        pixel_mm = np.array(summary["before"]["panels"][0]["pixel_size_mm"])
+        centres = {"nominal": summary["before"]["panels"][0]["beam_centre_px"],
+                   "refined": summary["after"]["panels"][0]["beam_centre_px"], "true": list(true_mm / pixel_mm)}
+        plot_dials_summary(arguments.plot, arguments.dataset,
+                           {"index": [lattice.misorientation_deg for lattice in index_lattices],
+                            "reindex": [lattice.misorientation_deg for lattice in reindex_lattices]},
+                           centres, image, spots, shot)
 
     return _run("spread-score-dials", action, DIALS_CHAIN_ERRORS)

@@ -113,8 +113,8 @@ def beam_centre_error_px(metrology_summary: dict, truth_shot: dict, refined: boo
 
 
 def score_pass(name: str, shard_prefixes: Sequence, truth_paths: Sequence, metrology_summary: dict,
-               refined: bool, space_group_symbol: str = "C 1 2 1") -> dict:
-    """One row of the score table for a pass over all shards of a dataset."""
+               refined: bool, space_group_symbol: str = "C 1 2 1") -> tuple[dict, list[LatticeScore]]:
+    """One row of the score table for a pass over all shards of a dataset, and its lattices' scores."""
     rotations = point_group_rotations(space_group_symbol)
     statuses, integrated_counts, lattices, first_truth = [], [], [], None
     for prefix, truth_path in zip(shard_prefixes, truth_paths):
@@ -131,7 +131,7 @@ def score_pass(name: str, shard_prefixes: Sequence, truth_paths: Sequence, metro
     misorientations = np.array([lattice.misorientation_deg for lattice in lattices])
     cell_errors = np.abs(np.array([lattice.cell_error for lattice in lattices])).reshape(-1, 4)
     centre_error = beam_centre_error_px(metrology_summary, first_truth, refined)
-    return {
+    row = {
         "pass": name,
         "shots": n_shots,
         "indexed_fraction": sum(status in INDEXED_OUTCOMES for status in statuses) / n_shots,
@@ -147,6 +147,7 @@ def score_pass(name: str, shard_prefixes: Sequence, truth_paths: Sequence, metro
         "beam_centre_error_fast_px": float(centre_error[0]),
         "beam_centre_error_slow_px": float(centre_error[1]),
     }
+    return row, lattices
 
 
 def _statistic(function, values: np.ndarray) -> float:
