@@ -6,7 +6,9 @@ The bare run is the smallest call that indexes on Debian's DIALS: stills_process
 the xfel_mono_sim_ext stand-in installed (without it no shot indexes, which would be faster and
 meaningless). The pipeline adds its shard check, MPI set-up, progress thread, the gathering of the
 outputs into one set per shard and the shots table. The two runs alternate, ``--repeats`` times each,
-and the medians are compared.
+and the medians are compared. Snakemake adds a fixed cost per job on top (on a cluster, each job parses
+the workflow again); the last line measures it as a dry run of the demo and relates it to one
+production shard of 500 shots.
 
 Usage: .venv/bin/python benchmarks/bench_stills.py [--shard results/sim/psf/shard_00000.h5] [--repeats 2]
 (the default shard is the demo's: run ``make demo`` first, or give any simulated shard).
@@ -74,6 +76,11 @@ def main() -> None:
     print(f"spread-stills-process     : {pipeline:8.2f} s  ({pipeline / n_shots:.2f} s per shot)  runs: "
           + ", ".join(f"{value:.2f}" for value in pipeline_times))
     print(f"pipeline overhead         : {100 * (pipeline - bare) / bare:+.1f} %  (goal: at most +5 %)")
+
+    parse = timed_run([str(bin_dir / "snakemake"), "--dry-run", "--quiet", "--cores", "1"], REPO)
+    shard_seconds = 500 * bare / n_shots
+    print(f"Snakemake job start-up    : {parse:8.2f} s per job (a dry run of the demo): "
+          f"{100 * parse / shard_seconds:.2f} % of a 500-shot shard's {shard_seconds:.0f} CPU s")
 
 
 if __name__ == "__main__":
