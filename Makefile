@@ -19,7 +19,7 @@ demo: setup
 test: setup
 	$(VENV)/bin/python -m pytest -q tests
 
-bench: setup
+bench: demo
 	@shopt -s nullglob; benchmarks=(benchmarks/*.py); \
 	if (( $${#benchmarks[@]} == 0 )); then echo "no benchmarks/*.py to run"; fi; \
 	for benchmark in "$${benchmarks[@]}"; do \
