@@ -73,8 +73,6 @@ def metrology_main(argv: list[str] | None = None) -> int:
 
         settings = load_config(arguments.config)["metrology"]
         plan = plan_refinement(settings["engine"], settings["max_lattices"])
-        if plan.note:
-            print(f"note: {plan.note}", flush=True)
         check_phil_file(arguments.phil, "refine")
         shards = []
         for prefix in arguments.shard_prefix:

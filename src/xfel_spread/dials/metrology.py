@@ -245,10 +245,12 @@ def refine_detector(dataset: str, shards: Sequence[ShardLattices], phil_path, en
 def write_metrology_outputs(dataset, n_lattices, plan: RefinementPlan, before, after, report_path, phil_path,
                             summary_path):
     """Write the report, the refined-detector phil fragment and the JSON summary, each atomically."""
+    # The plan's note (a capped lattice count) matters only when the cap was reached.
+    note = plan.note if n_lattices >= plan.max_lattices else ""
     with atomic_output(report_path, "w") as stream:
-        stream.write(format_report(dataset, n_lattices, plan.engine, before, after, plan.note))
+        stream.write(format_report(dataset, n_lattices, plan.engine, before, after, note))
     with atomic_output(summary_path, "w") as stream:
-        json.dump({"dataset": dataset, "n_lattices": n_lattices, "engine": plan.engine, "note": plan.note,
+        json.dump({"dataset": dataset, "n_lattices": n_lattices, "engine": plan.engine, "note": note,
                    "before": before, "after": after, "shift": geometry_shift(before, after)}, stream, indent=1)
     with atomic_output(phil_path, "w") as stream:
         stream.write(refined_detector_phil(after))
