@@ -507,8 +507,8 @@ def test_auto_engine_is_sparse_where_available_else_capped_levmar(monkeypatch, s
     if sparse:
         assert plan == metrology.RefinementPlan("SparseLevMar", 30000)
     else:
-        assert (plan.engine, plan.max_lattices) == ("LevMar", metrology.DENSE_ENGINE_MAX_LATTICES)
-        assert "30000" in plan.note and str(metrology.DENSE_ENGINE_MAX_LATTICES) in plan.note
+        assert (plan.engine, plan.max_lattices) == ("LevMar", metrology.AUTO_DENSE_MAX_LATTICES)
+        assert "30000" in plan.note and str(metrology.AUTO_DENSE_MAX_LATTICES) in plan.note
     # Small sets are never capped.
     assert metrology.plan_refinement("auto", 50).max_lattices == 50
 
@@ -518,6 +518,8 @@ def test_explicit_engines_are_used_as_named_or_refused(monkeypatch):
 
     monkeypatch.setattr(metrology, "sparse_engine_available", lambda: False)
     assert metrology.plan_refinement("LevMar", 200) == metrology.RefinementPlan("LevMar", 200)
+    # Explicitly named, a dense engine may exceed auto's cap (the user accepts the time) ...
+    assert metrology.plan_refinement("GaussNewton", 1000) == metrology.RefinementPlan("GaussNewton", 1000)
     assert metrology.plan_refinement("SimpleLBFGS", 30000) == metrology.RefinementPlan("SimpleLBFGS", 30000)
     with pytest.raises(metrology.MetrologyError, match="SparseLevMar needs DIALS's Eigen extension"):
         metrology.plan_refinement("SparseLevMar", 200)

@@ -29,9 +29,12 @@ from xfel_spread.dials.stills import read_shots_table
 #: Shot outcomes whose lattice was indexed and refined (so it is in the shard's _refined.expt).
 INDEXED_OUTCOMES = ("integrate_ok", "integrate_failed")
 #: dials.refine engines that build the dense normal matrix of all parameters (7 per C2 lattice:
-#: 3 orientation + 4 cell), whose size and factorisation cost grow as the square and cube of the
-#: lattice count. Beyond this many lattices (14,000 parameters, a 1.6 GB matrix) they are refused.
+#: 3 orientation + 4 cell). Its accumulation costs rows x parameters^2, the cube of the lattice count:
+#: measured on Debian's DIALS 3.12, one GaussNewton iteration over 199 LY99 lattices (1,396 parameters)
+#: took 150 s on one core. Under engine auto they get at most AUTO_DENSE_MAX_LATTICES (minutes per
+#: iteration); named explicitly they are refused beyond DENSE_ENGINE_MAX_LATTICES (days per iteration).
 DENSE_ENGINES = ("LevMar", "GaussNewton")
+AUTO_DENSE_MAX_LATTICES = 300
 DENSE_ENGINE_MAX_LATTICES = 2000
 
 
@@ -62,16 +65,16 @@ def plan_refinement(engine: str, max_lattices: int) -> RefinementPlan:
 
     ``auto`` is SparseLevMar where DIALS has it (the LY99 choice, which scales to tens of thousands
     of lattices) and LevMar otherwise (the same refined geometry on small sets, about two times
-    slower), with the lattice count capped at what a dense engine can take. An engine named
-    explicitly is used as named, or refused when it cannot run.
+    slower), with the lattice count capped at AUTO_DENSE_MAX_LATTICES. An engine named explicitly
+    is used as named, or refused when it cannot finish.
     """
     if engine == "auto":
         if sparse_engine_available():
             return RefinementPlan("SparseLevMar", max_lattices)
-        if max_lattices > DENSE_ENGINE_MAX_LATTICES:
-            return RefinementPlan("LevMar", DENSE_ENGINE_MAX_LATTICES,
+        if max_lattices > AUTO_DENSE_MAX_LATTICES:
+            return RefinementPlan("LevMar", AUTO_DENSE_MAX_LATTICES,
                                   f"engine auto: this DIALS has no SparseLevMar, so LevMar refines at most "
-                                  f"{DENSE_ENGINE_MAX_LATTICES} of the {max_lattices} lattices asked for")
+                                  f"{AUTO_DENSE_MAX_LATTICES} of the {max_lattices} lattices asked for")
         return RefinementPlan("LevMar", max_lattices)
     if engine == "SparseLevMar" and not sparse_engine_available():
         raise MetrologyError("metrology.engine: SparseLevMar needs DIALS's Eigen extension, which this DIALS "
@@ -80,8 +83,8 @@ def plan_refinement(engine: str, max_lattices: int) -> RefinementPlan:
         gigabytes = (7 * max_lattices) ** 2 * 8 / 1e9
         raise MetrologyError(
             f"metrology.max_lattices: {max_lattices} lattices with dials.refine's {engine} need a dense "
-            f"{gigabytes:.0f} GB normal matrix; set at most {DENSE_ENGINE_MAX_LATTICES}, or use engine auto, "
-            "SparseLevMar (a DIALS with Eigen, e.g. conda-forge's) or SimpleLBFGS")
+            f"{gigabytes:.0f} GB normal matrix and days per iteration; set at most {DENSE_ENGINE_MAX_LATTICES} "
+            "(or engine auto, which caps it), or use SparseLevMar (a DIALS with Eigen, e.g. conda-forge's)")
     return RefinementPlan(engine, max_lattices)
 
 
