@@ -38,19 +38,18 @@ def check_phil_file(path: str | os.PathLike, program: str) -> None:
 
     if not os.path.isfile(path):
         raise PhilFileError(f"{path}: no such file")
+    # libtbx reports syntax and most type errors as RuntimeError, a bad choice as Sorry (over several
+    # lines), and some malformed values (a unit cell of words) as a bare ValueError.
     try:
         source = phil.parse(file_name=str(path))
         working, unused = master_scope(program).fetch(sources=[source], track_unused_definitions=True)
-        if unused:
-            names = ", ".join(f"{definition.path}{_line_of(definition)}" for definition in unused)
-            raise PhilFileError(f"{path}: unknown parameter for dials.{program}: {names}")
-        working.extract()
+        if not unused:  # values are interpreted only once every name is known
+            working.extract()
     except (RuntimeError, Sorry, ValueError) as error:
-        # libtbx reports syntax and most type errors as RuntimeError, a bad choice as Sorry (over
-        # several lines), and some malformed values (a unit cell of words) as a bare ValueError.
-        if isinstance(error, PhilFileError):
-            raise
         raise PhilFileError(f"{path}: {' '.join(str(error).split())}") from None
+    if unused:
+        names = ", ".join(f"{definition.path}{_line_of(definition)}" for definition in unused)
+        raise PhilFileError(f"{path}: unknown parameter for dials.{program}: {names}")
 
 
 def _line_of(definition) -> str:
