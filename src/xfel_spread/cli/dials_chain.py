@@ -35,14 +35,14 @@ def stills_process_main(argv: list[str] | None = None) -> int:
 
     def action():
         from xfel_spread.dials.phil import check_phil_file
-        from xfel_spread.dials.stills import process_shard
+        from xfel_spread.dials.stills import INTEGRATED, process_shard
 
         for phil in arguments.phil:
             check_phil_file(phil, "stills_process")
         shots = process_shard(arguments.shard, tuple(arguments.shots), arguments.phil, arguments.output_prefix,
                               arguments.progress_interval)
         if shots is not None:
-            n_integrated = sum(shot.status == "integrate_ok" for shot in shots)
+            n_integrated = sum(shot.status == INTEGRATED for shot in shots)
             print(f"{arguments.shard}: {n_integrated} of {len(shots)} shots integrated", file=sys.stderr)
 
     # DIALS logs to per-rank files, which are copied into the job's log in rank order at the end.
@@ -108,13 +108,9 @@ def score_main(argv: list[str] | None = None) -> int:
         import json
         from pathlib import Path
 
-        import numpy as np
-
         from xfel_spread.atomic import atomic_output
-        from xfel_spread.dials.plots import plot_dials_summary, predicted_and_observed_px
+        from xfel_spread.dials.plots import plot_pipeline_outputs
         from xfel_spread.dials.scoring import format_score_table, score_pass, write_score_table
-        from xfel_spread.dials.stills import INTEGRATED, output_paths, read_shots_table
-        from xfel_spread.io.shard import read_shard_image
 
         if not len(arguments.index_prefix) == len(arguments.reindex_prefix) == len(arguments.truth):
             raise ValueError("--index-prefix, --reindex-prefix and --truth must be given once per shard")
@@ -130,21 +126,8 @@ def score_main(argv: list[str] | None = None) -> int:
             stream.write(text)
         print(text, end="")
 
-        first_shard = output_paths(arguments.reindex_prefix[0])
-        integrated = [row for row in read_shots_table(first_shard["shots"]) if row["status"] == INTEGRATED]
-        image = spots = shot = None
-        if integrated:
-            shot = integrated[0]["shot"]
-            image = read_shard_image(arguments.image_shard, integrated[0]["image"])
-            spots = predicted_and_observed_px(first_shard["integrated_experiments"],
-                                              first_shard["integrated_reflections"], integrated[0]["image"])
-        true_mm = np.array(json.loads(Path(arguments.truth[0]).read_text())["shots"][0]["true_beam_center_mm"])
-        pixel_mm = np.array(summary["before"]["panels"][0]["pixel_size_mm"])
-        centres = {"nominal": summary["before"]["panels"][0]["beam_centre_px"],
-                   "refined": summary["after"]["panels"][0]["beam_centre_px"], "true": list(true_mm / pixel_mm)}
-        plot_dials_summary(arguments.plot, arguments.dataset,
-                           {"index": [lattice.misorientation_deg for lattice in index_lattices],
-                            "reindex": [lattice.misorientation_deg for lattice in reindex_lattices]},
-                           centres, image, spots, shot)
+        plot_pipeline_outputs(arguments.plot, arguments.dataset,
+                              {"index": index_lattices, "reindex": reindex_lattices}, summary,
+                              arguments.reindex_prefix[0], arguments.image_shard, arguments.truth[0])
 
     return _run("spread-score-dials", action, DIALS_CHAIN_ERRORS)

@@ -6,12 +6,14 @@ metrology against the true one, and a shot with the reindex pass's predicted spo
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from xfel_spread.atomic import atomic_path
+from xfel_spread.dials.stills import INTEGRATED, output_paths, read_shots_table
 
 
 def predicted_and_observed_px(integrated_experiments: Path, integrated_reflections: Path, image: int):
@@ -87,3 +89,27 @@ def plot_dials_summary(path, dataset: str, misorientations: dict[str, Sequence[f
     with atomic_path(path) as temporary:
         figure.savefig(temporary, format="png", dpi=100)
     pyplot.close(figure)
+
+
+def plot_pipeline_outputs(path, dataset: str, lattices_by_pass: dict, metrology_summary: dict, reindex_prefix,
+                          image_shard, truth_path) -> None:
+    """:func:`plot_dials_summary` from the stages' files: the scored lattices of each pass, the metrology
+    summary, and the first integrated shot of the reindex pass's first shard (``reindex_prefix``), whose
+    image is read from ``image_shard`` and whose truth file gives the true beam centre."""
+    from xfel_spread.io.shard import read_shard_image
+
+    first_shard = output_paths(reindex_prefix)
+    integrated = [row for row in read_shots_table(first_shard["shots"]) if row["status"] == INTEGRATED]
+    image = spots = shot = None
+    if integrated:
+        shot = integrated[0]["shot"]
+        image = read_shard_image(image_shard, integrated[0]["image"])
+        spots = predicted_and_observed_px(first_shard["integrated_experiments"],
+                                          first_shard["integrated_reflections"], integrated[0]["image"])
+    true_mm = np.array(json.loads(Path(truth_path).read_text())["shots"][0]["true_beam_center_mm"])
+    pixel_mm = np.array(metrology_summary["before"]["panels"][0]["pixel_size_mm"])
+    centres = {"nominal": metrology_summary["before"]["panels"][0]["beam_centre_px"],
+               "refined": metrology_summary["after"]["panels"][0]["beam_centre_px"], "true": list(true_mm / pixel_mm)}
+    misorientations = {name: [lattice.misorientation_deg for lattice in lattices]
+                       for name, lattices in lattices_by_pass.items()}
+    plot_dials_summary(path, dataset, misorientations, centres, image, spots, shot)
