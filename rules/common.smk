@@ -116,12 +116,21 @@ def stills_outputs(stage):
     return {name: prefix + suffix for name, suffix in OUTPUT_SUFFIXES.items()}
 
 
+def stills_prefixes(stage, dataset):
+    """Output prefixes of every shard of `dataset` in a stills_process stage, in shard order."""
+    return [stills_prefix(stage, dataset, index) for index in range(len(SHARD_RANGES))]
+
+
 def stills_output_of_all_shards(stage, name):
     """Input function: output `name` of every shard of the job's dataset in `stage`."""
     from xfel_spread.dials.stills import OUTPUT_SUFFIXES
 
     def paths(wildcards):
-        return [stills_prefix(stage, wildcards.dataset, index) + OUTPUT_SUFFIXES[name]
-                for index in range(len(SHARD_RANGES))]
+        return [prefix + OUTPUT_SUFFIXES[name] for prefix in stills_prefixes(stage, wildcards.dataset)]
 
     return paths
+
+
+def repeated_option(option, values):
+    """`option value` once per value, shell-quoted: how spread-* commands take one path per shard."""
+    return " ".join(f"{option} {shlex.quote(str(value))}" for value in values)

@@ -17,10 +17,7 @@ rule metrology:
     wildcard_constraints:
         dataset=DATASET,
     params:
-        prefixes=lambda wildcards: " ".join(
-            f"--shard-prefix {shlex.quote(stills_prefix('index', wildcards.dataset, index))}"
-            for index in range(len(SHARD_RANGES))
-        ),
+        prefixes=lambda wildcards: repeated_option("--shard-prefix", stills_prefixes("index", wildcards.dataset)),
         work_dir=lambda wildcards: f"{OUTPUT_DIR}/metrology/{wildcards.dataset}/work",
     log:
         f"{LOG_DIR}/metrology/{{dataset}}.log",

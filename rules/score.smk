@@ -20,12 +20,9 @@ rule score_dials:
     wildcard_constraints:
         dataset=DATASET,
     params:
-        shards=lambda wildcards: " ".join(
-            f"--index-prefix {shlex.quote(stills_prefix('index', wildcards.dataset, index))}"
-            f" --reindex-prefix {shlex.quote(stills_prefix('reindex', wildcards.dataset, index))}"
-            for index in range(len(SHARD_RANGES))
-        ),
-        truth=" ".join(f"--truth {shlex.quote(path)}" for path in TRUTH_FILES),
+        shards=lambda wildcards: repeated_option("--index-prefix", stills_prefixes("index", wildcards.dataset))
+        + " " + repeated_option("--reindex-prefix", stills_prefixes("reindex", wildcards.dataset)),
+        truth=repeated_option("--truth", TRUTH_FILES),
     log:
         f"{LOG_DIR}/score/dials_{{dataset}}.log",
     shell:
