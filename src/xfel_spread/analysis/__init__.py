@@ -1,0 +1,1 @@
+"""Analysis of the merged data: scoring against the simulation's truth and the resolution annulus."""
