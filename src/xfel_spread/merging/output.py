@@ -1,0 +1,85 @@
+"""Files the merge writes: the MTZ, the per-lattice table and the JSON summary (each atomically)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from xfel_spread.atomic import atomic_output, atomic_path
+from xfel_spread.merging.indices import as_flex_miller_index, unpack_keys
+from xfel_spread.merging.merge import MergedIntensities
+
+#: Columns of the lattice table. The annulus stage reads ``identifier`` and ``accepted``.
+LATTICE_COLUMNS = ("global_id", "shard_prefix", "identifier", "accepted", "reason", "G", "B", "RS",
+                   "theta_x_mrad", "theta_y_mrad", "mahalanobis", "reference_cc", "n_reflections")
+#: MTZ column labels, in file order after H, K, L.
+MTZ_LABELS = ("IMEAN", "SIGIMEAN", "I(+)", "SIGI(+)", "I(-)", "SIGI(-)", "NIMEAN", "N(+)", "N(-)")
+
+
+def anomalous_indices(merged: MergedIntensities) -> np.ndarray:
+    """(n, 3) indices in cctbx's anomalous asymmetric unit: I(-) of pair h is stored as -h."""
+    hkl = unpack_keys(merged.key)
+    return np.where(merged.is_minus[:, None], -hkl, hkl)
+
+
+def write_mtz(path, pairs: MergedIntensities, anomalous: MergedIntensities, cell: Sequence[float],
+              space_group_symbol: str, wavelength: float) -> None:
+    """IMEAN/SIGIMEAN, I(+)/SIGI(+)/I(-)/SIGI(-) and the multiplicities NIMEAN, N(+), N(-)."""
+    from cctbx import crystal, miller
+    from cctbx.array_family import flex
+
+    symmetry = crystal.symmetry(unit_cell=tuple(cell), space_group_symbol=space_group_symbol)
+    pair_set = miller.set(symmetry, as_flex_miller_index(unpack_keys(pairs.key)), anomalous_flag=False)
+    anomalous_set = miller.set(symmetry, as_flex_miller_index(anomalous_indices(anomalous)), anomalous_flag=True)
+    imean = miller.array(pair_set, flex.double(pairs.intensity), flex.double(pairs.sigma))
+    ianom = miller.array(anomalous_set, flex.double(anomalous.intensity), flex.double(anomalous.sigma))
+    dataset = imean.set_observation_type_xray_intensity().as_mtz_dataset(
+        column_root_label="IMEAN", wavelength=wavelength)
+    dataset.add_miller_array(ianom.set_observation_type_xray_intensity(), column_root_label="I")
+    dataset.add_miller_array(miller.array(pair_set, flex.int(pairs.multiplicity.astype(np.int32))),
+                             column_root_label="NIMEAN")
+    dataset.add_miller_array(miller.array(anomalous_set, flex.int(anomalous.multiplicity.astype(np.int32))),
+                             column_root_label="N")
+    mtz = dataset.mtz_object()
+    mtz.set_title("spread-merge: merged intensities, Friedel mates separate")
+    with atomic_path(path) as temporary:
+        mtz.write(str(temporary))
+
+
+def write_lattice_table(rows: Mapping[str, Sequence], path) -> None:
+    """One row per lattice; ``rows`` maps each of LATTICE_COLUMNS to a column of values."""
+    n = len(rows["global_id"])
+    with atomic_output(path, "w", newline="") as stream:
+        writer = csv.writer(stream, delimiter="\t", lineterminator="\n")
+        writer.writerow(LATTICE_COLUMNS)
+        for row in range(n):
+            writer.writerow([_cell_text(rows[column][row]) for column in LATTICE_COLUMNS])
+
+
+def _cell_text(value) -> str:
+    if isinstance(value, (float, np.floating)):
+        return "" if math.isnan(value) else f"{value:.6g}"
+    return str(value)
+
+
+def json_ready(value):
+    """``value`` with numpy scalars as Python numbers and NaN/inf as None (JSON has neither)."""
+    if isinstance(value, Mapping):
+        return {str(key): json_ready(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [json_ready(item) for item in value]
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    return value
+
+
+def write_summary(summary: Mapping, path) -> None:
+    with atomic_output(path, "w") as stream:
+        json.dump(json_ready(summary), stream, indent=2)
+        stream.write("\n")
