@@ -16,6 +16,9 @@ include: "rules/index.smk"
 include: "rules/metrology.smk"
 include: "rules/reindex.smk"
 include: "rules/score.smk"
+include: "rules/cells.smk"
+include: "rules/merge.smk"
+include: "rules/annulus.smk"
 
 
 rule all:

@@ -15,6 +15,7 @@ apt_packages=(
   dials python3-dials python3-cctbx python3-venv
   openmpi-bin libopenmpi-dev python3-mpi4py
   python3-h5py python3-matplotlib python3-scipy python3-numpy python3-yaml python3-jsonschema
+  python3-sklearn  # tests only: our DBSCAN and covariance are compared with its own
 )
 
 say() { printf '[setup] %s\n' "$*"; }

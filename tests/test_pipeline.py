@@ -109,10 +109,19 @@ def stills_jobs(stage, shards):
     return {(stage, (("dataset", dataset), ("index", f"{index:05d}"))) for dataset in DATASETS for index in shards}
 
 
+def per_dataset_jobs(*rules):
+    """The jobs of per-dataset `rules` in both datasets."""
+    return {(rule, (("dataset", dataset),)) for rule in rules for dataset in DATASETS}
+
+
+#: The per-dataset stages after reindex, in stage order: each one's jobs rerun when an earlier one reruns.
+MERGE_STAGES = ("tdata", "covariance", "merge", "dials_merge", "score_merge", "annulus")
+
+
 def metrology_and_after(n_shards=N_SHARDS):
-    """Jobs that follow a new detector refinement: metrology, every reindex job, the scores."""
-    per_dataset = {(rule, (("dataset", dataset),)) for rule in ("metrology", "score_dials") for dataset in DATASETS}
-    return per_dataset | stills_jobs("reindex", range(n_shards))
+    """Jobs that follow a new detector refinement: metrology, every reindex job, the cell analysis,
+    merging, the annulus and the scores."""
+    return per_dataset_jobs("metrology", "score_dials", *MERGE_STAGES) | stills_jobs("reindex", range(n_shards))
 
 
 def index_and_after(shards, n_shards=N_SHARDS):
@@ -131,9 +140,13 @@ ALL_JOB = ("all", ())
 
 
 def pipeline_config(workdir, **simulate_overrides):
-    """The indexable config, with its own copy of the index phil (tests edit it) in `workdir`."""
+    """The indexable config, with its own copy of the index phil (tests edit it) in `workdir`.
+
+    A cell cluster needs min_samples lattices within eps of each other; 4 shots give 4 lattices.
+    """
     config = indexable_config(workdir, **simulate_overrides)
     config["index"] = {"phil": str(workdir / "index.phil")}
+    config["cells"] = {"min_samples": 3}
     return config
 
 
@@ -242,9 +255,12 @@ def test_dry_run_on_a_fresh_directory_lists_every_stage(tmp_path):
     jobs = planned_jobs(succeeded(snakemake(tmp_path, configfile, "--dry-run")))
 
     assert Counter(rule for rule, _ in jobs) == {
-        "reference_data": len(REFERENCE_NAMES), "stage_settings": 3, "structure_factors": 1,
+        "reference_data": len(REFERENCE_NAMES), "stage_settings": 7, "structure_factors": 1,
         "simulate": N_SHARDS, "index": 2 * N_SHARDS, "metrology": 2, "reindex": 2 * N_SHARDS,
-        "score_dials": 2, "all": 1}
+        "score_dials": 2, **{rule: 2 for rule in MERGE_STAGES}, "all": 1}
+    assert {wildcards for rule, wildcards in jobs if rule == "stage_settings"} == {
+        (("stage", stage),) for stage in ("structure_factors", "simulate", "metrology", "cells", "merge",
+                                          "dials_merge", "annulus")}
     assert {wildcards for rule, wildcards in jobs if rule == "reference_data"} == {
         (("name", name),) for name in REFERENCE_NAMES}
     # A dry run plans; it writes no results.
@@ -303,6 +319,41 @@ def test_metrology_setting_reruns_metrology_and_what_follows(completed_run, tmp_
     config["metrology"] = {"max_lattices": 2}
     configfile = write_config(tmp_path / "changed.yaml", config)
     assert dry_run(workdir, configfile) == {settings_job("metrology"), ALL_JOB} | metrology_and_after()
+
+
+def test_cell_clustering_setting_reruns_covariance_and_what_follows_not_tdata(completed_run, tmp_path):
+    workdir, _ = completed_run
+    config = pipeline_config(workdir)
+    config["cells"]["eps"] = 0.3
+    configfile = write_config(tmp_path / "changed.yaml", config)
+    assert dry_run(workdir, configfile) == {settings_job("cells"), ALL_JOB} | per_dataset_jobs(
+        "covariance", "merge", "dials_merge", "score_merge", "annulus")
+
+
+def test_merge_setting_reruns_merge_cross_check_scores_and_annulus(completed_run, tmp_path):
+    workdir, _ = completed_run
+    config = pipeline_config(workdir)
+    config["merge"] = {"d_min": 2.0}
+    configfile = write_config(tmp_path / "changed.yaml", config)
+    assert dry_run(workdir, configfile) == {settings_job("merge"), settings_job("dials_merge"), ALL_JOB} | \
+        per_dataset_jobs("merge", "dials_merge", "score_merge", "annulus")
+
+
+def test_cross_check_setting_reruns_the_cross_check_and_its_score_only(completed_run, tmp_path):
+    workdir, _ = completed_run
+    config = pipeline_config(workdir)
+    config["merge"] = {"dials_crosscheck": {"max_lattices": 3}}
+    configfile = write_config(tmp_path / "changed.yaml", config)
+    assert dry_run(workdir, configfile) == {settings_job("dials_merge"), ALL_JOB} | per_dataset_jobs(
+        "dials_merge", "score_merge")
+
+
+def test_annulus_setting_reruns_the_annulus_only(completed_run, tmp_path):
+    workdir, _ = completed_run
+    config = pipeline_config(workdir)
+    config["annulus"] = {"d_min": 2.2}
+    configfile = write_config(tmp_path / "changed.yaml", config)
+    assert dry_run(workdir, configfile) == {settings_job("annulus"), ALL_JOB} | per_dataset_jobs("annulus")
 
 
 def test_more_shots_add_only_the_new_shard_and_keep_the_old_ones(completed_run, tmp_path):

@@ -156,6 +156,11 @@ STAGE_SECTIONS = {
     "simulate": {"structure_factors": None, "simulate": ("n_shots", "shots_per_shard")},
     # The phil file is the rule's input (edits rerun through its modification time), not a setting.
     "metrology": {"metrology": ("phil",)},
+    "cells": {"cells": None},
+    # The cross-check has its own settings file, so editing it leaves our merge alone.
+    "merge": {"merge": ("dials_crosscheck",)},
+    "dials_merge": {"merge": None},
+    "annulus": {"annulus": None},
 }
 
 
