@@ -180,6 +180,9 @@ def test_rs_failures_and_parameter_outliers():
     reasons = postrefine.parameter_outliers(population)
     assert reasons[7] == postrefine.B_OUTLIER and reasons[9] == postrefine.ROTATION_OUTLIER
     assert np.count_nonzero(reasons != "") <= 4
+    # Too few lattices to know the population's spread: none is called an outlier.
+    few = population[:postrefine.MIN_OUTLIER_POPULATION - 1]
+    assert np.all(postrefine.parameter_outliers(few) == "")
 
 
 def test_scale_only_is_the_inverse_of_upstreams_slope():

@@ -142,11 +142,13 @@ ALL_JOB = ("all", ())
 def pipeline_config(workdir, **simulate_overrides):
     """The indexable config, with its own copy of the index phil (tests edit it) in `workdir`.
 
-    A cell cluster needs min_samples lattices within eps of each other; 4 shots give 4 lattices.
+    A cell cluster needs min_samples lattices within eps of each other, and 4 shots give 4 lattices,
+    too few to observe any index twice.
     """
     config = indexable_config(workdir, **simulate_overrides)
     config["index"] = {"phil": str(workdir / "index.phil")}
     config["cells"] = {"min_samples": 3}
+    config["merge"] = {"minimum_multiplicity": 1}
     return config
 
 
@@ -241,6 +243,64 @@ def test_dials_stages_index_refine_the_detector_and_reindex_with_it(completed_ru
         assert (results / "score" / f"dials_{dataset}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_cell_analysis_merging_and_annulus_for_both_datasets(completed_run):
+    from dials.array_family import flex
+    from iotbx import mtz
+
+    from xfel_spread.cells.covariance import read_covariance
+
+    workdir, _ = completed_run
+    results, logs = workdir / "results", workdir / "logs"
+    png_signature = b"\x89PNG\r\n\x1a\n"
+    for dataset in DATASETS:
+        tdata = (results / "cells" / f"{dataset}.tdata").read_text().splitlines()
+        assert len(tdata) == N_SHOTS
+        for line in tdata:
+            *cell, symbol = line.split()
+            assert symbol == "C12/m1"
+            assert [float(value) for value in cell] == pytest.approx([67.2, 59.8, 47.2, 90, 110.3, 90], abs=0.5)
+        cluster = read_covariance(results / "cells" / f"{dataset}_covariance.pickle", 0)
+        assert cluster.n_members == N_SHOTS and cluster.features == ("a", "b", "c")
+        assert (results / "cells" / f"{dataset}_clusters.png").read_bytes()[:8] == png_signature
+
+        merge_dir = results / "merge" / dataset
+        lattices = csv_rows(merge_dir / "lattices.tsv")
+        assert len(lattices) == N_SHOTS
+        accepted = [row for row in lattices if row["accepted"] == "1"]
+        assert accepted and all(row["reason"] == "" for row in accepted)
+        merged = mtz.object(str(merge_dir / "merged.mtz"))
+        labels = set(merged.column_labels())
+        assert {"IMEAN", "SIGIMEAN", "I(+)", "SIGI(+)", "I(-)", "SIGI(-)"} <= labels
+        assert str(merged.space_group_info()) == "C 1 2 1"
+        assert merged.n_reflections() > 100
+        statistics = csv_rows(merge_dir / "statistics.tsv")
+        assert len(statistics) == 20 + 1  # the bins and the overall row
+        summary = json.loads((merge_dir / "summary.json").read_text())
+        assert summary["lattices_read"] == N_SHOTS and summary["accepted"] == len(accepted)
+        assert (merge_dir / "statistics.png").read_bytes()[:8] == png_signature
+        assert set(mtz.object(str(merge_dir / "dials" / "merged.mtz")).column_labels()) >= {"IMEAN", "I(+)", "I(-)"}
+
+        scores = {row["comparison"]: row for row in csv_rows(results / "score" / f"merge_{dataset}.tsv")
+                  if row["bin"] == "overall"}
+        assert set(scores) == {"ours vs truth", "dials vs truth", "ours vs dials"}
+        assert float(scores["ours vs truth"]["cc"]) > 0.5
+
+        annulus = json.loads((results / "annulus" / dataset / "summary.json").read_text())
+        total = annulus["total"]
+        assert 0 < total["lattices"] <= len(accepted)
+        assert total["shoeboxes"] > 0 and total["shoebox_pixels"] > 0
+        selected = [flex.reflection_table.from_file(str(results / "annulus" / dataset / f"shard_{index:05d}_annulus.refl"))
+                    for index in range(N_SHARDS)]
+        assert sum(len(table) for table in selected) == total["shoeboxes"]
+        for table in selected:
+            d = table["d"].as_numpy_array()
+            assert ((d >= 2.1) & (d < 2.5)).all()
+
+        for log in (f"cells/tdata_{dataset}", f"cells/covariance_{dataset}", f"merge/{dataset}",
+                    f"merge/dials_{dataset}", f"score/merge_{dataset}", f"annulus/{dataset}"):
+            assert (logs / f"{log}.log").stat().st_size > 0, log
+
+
 def csv_rows(path):
     import csv
 
@@ -333,7 +393,7 @@ def test_cell_clustering_setting_reruns_covariance_and_what_follows_not_tdata(co
 def test_merge_setting_reruns_merge_cross_check_scores_and_annulus(completed_run, tmp_path):
     workdir, _ = completed_run
     config = pipeline_config(workdir)
-    config["merge"] = {"d_min": 2.0}
+    config["merge"]["d_min"] = 2.0
     configfile = write_config(tmp_path / "changed.yaml", config)
     assert dry_run(workdir, configfile) == {settings_job("merge"), settings_job("dials_merge"), ALL_JOB} | \
         per_dataset_jobs("merge", "dials_merge", "score_merge", "annulus")
@@ -342,7 +402,7 @@ def test_merge_setting_reruns_merge_cross_check_scores_and_annulus(completed_run
 def test_cross_check_setting_reruns_the_cross_check_and_its_score_only(completed_run, tmp_path):
     workdir, _ = completed_run
     config = pipeline_config(workdir)
-    config["merge"] = {"dials_crosscheck": {"max_lattices": 3}}
+    config["merge"]["dials_crosscheck"] = {"max_lattices": 3}
     configfile = write_config(tmp_path / "changed.yaml", config)
     assert dry_run(workdir, configfile) == {settings_job("dials_merge"), ALL_JOB} | per_dataset_jobs(
         "dials_merge", "score_merge")

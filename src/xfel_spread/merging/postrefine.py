@@ -55,6 +55,9 @@ MIN_NEAR_FULL = 3
 #: LY99-like lattices it rejects 2.6 % of them, and without it the ev11 merge correlates with the truth
 #: not at all (CC 0.00 against 0.994 with it).
 OUTLIER_ROBUST_SIGMAS = 5.0
+#: Fewer fitted lattices than this say too little about the population's spread (four lattices can
+#: have a median absolute deviation of almost nothing), so no lattice is called an outlier.
+MIN_OUTLIER_POPULATION = 20
 #: Levenberg-Marquardt control: initial damping, relative decrease of the residual sum of squares
 #: below which a lattice has converged (upstream's LBFGS stops at a relative drop of 1e-5 too),
 #: damping beyond which no step is tried any more.
@@ -290,8 +293,13 @@ def scale_only(lattice: np.ndarray, observed: np.ndarray, reference: np.ndarray,
 
 
 def parameter_outliers(parameters: np.ndarray) -> np.ndarray:
-    """Rejection reason ("" if none) of each fitted lattice from its place among all of them ((n, 5))."""
+    """Rejection reason ("" if none) of each fitted lattice from its place among all of them ((n, 5)).
+
+    None below MIN_OUTLIER_POPULATION lattices.
+    """
     reason = np.full(len(parameters), "", dtype=object)
+    if len(parameters) < MIN_OUTLIER_POPULATION:
+        return reason
     rotated_far = (robust_outliers(parameters[:, 3], OUTLIER_ROBUST_SIGMAS)
                    | robust_outliers(parameters[:, 4], OUTLIER_ROBUST_SIGMAS))
     reason[rotated_far] = ROTATION_OUTLIER
