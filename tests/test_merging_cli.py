@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
 import subprocess
 import sys
 import uuid
@@ -276,7 +278,8 @@ def test_statistics_files(merged_dataset):
     saved = json.loads(outputs.summary.read_text())
     assert saved["overall"]["n_measured"] == int(rows[-1]["n_measured"])
     assert set(saved["timings_s"]) >= {"load", "reference", "filter", "scale", "merge", "write"}
-    assert saved["error_model"]["sdfac"] > 0
+    assert saved["error_model"]["sdfac"] > 0 and saved["error_model"]["sdb"] == 0.0
+    assert saved["error_model"]["target"] >= 0 and saved["error_model"]["note"] == ""
 
 
 def test_scale_only_and_no_error_model(merged_dataset, tmp_path):
@@ -297,7 +300,23 @@ def write_covariance(path):
     write_covariance_pickle(path, CellPopulations(np.zeros(10, int), [cluster]), ["a", "b", "c"], "test", {})
 
 
-def merge_command(directory, prefixes, name, covariance, model=MODEL, ranks=None):
+def run_job(command, timeout):
+    """Run ``command`` in its own process group; fail the test (killing the group) if it outlives ``timeout`` s.
+
+    A hung MPI job is killed whole, ranks included, not only its mpirun.
+    """
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"{Path(command[0]).name} ... still running after {timeout} s (killed):\n{stderr[-3000:]}")
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def merge_command(directory, prefixes, name, covariance, model=MODEL, ranks=None, timeout=300):
     config = directory / "merge.yaml"
     config.write_text(f"merge:\n  d_min: {D_MIN}\n  n_bins: 4\n")
     outputs = outputs_in(directory, name)
@@ -309,7 +328,7 @@ def merge_command(directory, prefixes, name, covariance, model=MODEL, ranks=None
                "--summary", str(outputs.summary)]
     if ranks:
         command = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-n", str(ranks)] + command
-    return subprocess.run(command, capture_output=True, text=True, timeout=300), outputs
+    return run_job(command, timeout), outputs
 
 
 def test_one_and_two_ranks_give_identical_files(merged_dataset, tmp_path):
@@ -369,6 +388,29 @@ def test_errors_on_two_ranks_are_one_line(merged_dataset, tmp_path):
                                 "removed 1, cell_outlier removed 43")
 
 
+def test_a_corrupt_shard_on_one_rank_ends_the_job(merged_dataset, tmp_path):
+    """Rank 1's shard has a truncated reflection table: the job ends at once, reports it, writes nothing."""
+    _, prefixes, _, _, _ = merged_dataset
+    covariance = tmp_path / "covariance.pickle"
+    write_covariance(covariance)
+    corrupt = tmp_path / "corrupt"
+    Path(f"{corrupt}_integrated.expt").write_bytes(Path(f"{prefixes[2]}_integrated.expt").read_bytes())
+    table = Path(f"{prefixes[2]}_integrated.refl").read_bytes()
+    Path(f"{corrupt}_integrated.refl").write_bytes(table[:len(table) // 2])  # a copy cut short
+    output_directory = tmp_path / "out"
+    output_directory.mkdir()
+
+    # Two shards on two ranks: rank 0 reads a good one, rank 1 the corrupt one.
+    result, _ = merge_command(output_directory, [prefixes[0], corrupt], "merged", covariance, ranks=2, timeout=120)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.startswith("spread-merge: error:")]
+    assert len(lines) == 1, result.stderr[-3000:]
+    assert lines[0].startswith(f"spread-merge: error: {corrupt}_integrated.refl: not a readable reflection table (")
+    assert "Traceback" not in result.stderr
+    # Nothing written, not even a temporary file: only the settings file the test put there.
+    assert sorted(path.name for path in output_directory.iterdir()) == ["merge.yaml"]
+
+
 def test_input_errors(merged_dataset, tmp_path):
     from xfel_spread.merging.loading import read_reflections
 
@@ -400,4 +442,14 @@ def test_input_errors(merged_dataset, tmp_path):
 
     with pytest.raises(ValueError, match=r"garbled_integrated.refl: not a readable reflection table"):
         read_reflections(tmp_path / "garbled_integrated.refl", 1, ["x"])
+    assert not outputs_in(tmp_path).mtz.exists()
+
+
+def test_nothing_to_merge_is_an_error_not_an_empty_mtz(merged_dataset, tmp_path):
+    _, prefixes, _, _, _ = merged_dataset
+    # No index is observed a thousand times in 44 small lattices.
+    settings = MergeSettings(d_min=D_MIN, n_bins=4, minimum_multiplicity=1000)
+    with pytest.raises(ValueError, match=r"^nothing to merge: no index of the \d+ accepted lattices is observed at "
+                                         r"least 1000 times \(merge.minimum_multiplicity\) to 3.2 A$"):
+        run_merge(SerialComm(), prefixes, SphericalCluster(), MODEL, settings, outputs_in(tmp_path))
     assert not outputs_in(tmp_path).mtz.exists()

@@ -20,7 +20,7 @@ distributed with MPI:
     per-lattice scale, B, two rotations and spot radius of the "rs" partiality model, fitted for all
     lattices at once by batched Levenberg-Marquardt (or scale only);
 ``error_model``
-    the ev11 (Evans 2011) sdfac, sdb, sdadd refinement;
+    the ev11 (Evans 2011) error model: sdfac and sdadd refined, sdb held at 0;
 ``merge``
     weighted means per asymmetric-unit index: I(+), I(-), IMEAN and the two lattice halves;
 ``statistics``

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
@@ -163,8 +164,9 @@ def read_reflections(path: Path, n_lattices: int, identifiers: Sequence[str]) ->
 
     try:
         table = flex.reflection_table.from_file(str(path))
-    except (OSError, RuntimeError, ValueError, EOFError, KeyError, TypeError) as error:
-        # msgpack and dials report a truncated or foreign file in all of these ways
+    except (OSError, RuntimeError, ValueError, EOFError, KeyError, TypeError, pickle.UnpicklingError) as error:
+        # msgpack and dials report a truncated or foreign file in all of these ways (a file that is not
+        # msgpack is tried as a legacy pickle)
         raise ShardFileError(f"{path}: not a readable reflection table ({type(error).__name__}: {error})") from error
     if len(table) == 0:
         return empty_observations()

@@ -360,6 +360,10 @@ def run_merge(comm, prefixes: Sequence[str], cluster, model_path, settings: Merg
                 return merged.select(in_range & (merged.multiplicity >= minimum))
 
             written_pairs, written_anomalous = written(pairs), written(anomalous)
+            if len(written_pairs.key) == 0:
+                raise AgreedError(
+                    f"nothing to merge: no index of the {int(accepted.sum())} accepted lattices is observed at "
+                    f"least {minimum} times (merge.minimum_multiplicity) to {settings.d_min} A")
             write_mtz(outputs.mtz, written_pairs, written_anomalous, average_cell, reference.space_group_symbol,
                       wavelength)
             title = (f"merging statistics: {int(accepted.sum())} lattices, Friedel mates separate, "
@@ -402,7 +406,8 @@ def _summary(records: LatticeRecords, n_observations: int, error_model: ErrorMod
         "average_cell": list(average_cell),
         "average_wavelength": wavelength,
         "error_model": {"sdfac": error_model.sdfac, "sdb": error_model.sdb, "sdadd": error_model.sdadd,
-                        "n_deviations": error_model.n_deviations, "note": error_model.note},
+                        "target": error_model.target, "n_deviations": error_model.n_deviations,
+                        "note": error_model.note},
         "settings": {field.name: getattr(settings, field.name) for field in fields(settings)},
         "overall": rows[-1],
         "statistics": rows[:-1],
