@@ -282,7 +282,7 @@ def test_cell_analysis_merging_and_annulus_for_both_datasets(completed_run):
 
         scores = {row["comparison"]: row for row in csv_rows(results / "score" / f"merge_{dataset}.tsv")
                   if row["bin"] == "overall"}
-        assert set(scores) == {"ours vs truth", "dials vs truth", "ours vs dials"}
+        assert set(scores) == {"ours vs truth", "DIALS vs truth", "ours vs DIALS"}
         assert float(scores["ours vs truth"]["cc"]) > 0.5
 
         annulus = json.loads((results / "annulus" / dataset / "summary.json").read_text())
