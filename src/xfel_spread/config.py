@@ -161,6 +161,7 @@ STAGE_SECTIONS = {
     "merge": {"merge": ("dials_crosscheck",)},
     "dials_merge": {"merge": None},
     "annulus": {"annulus": None},
+    "stage1": {"stage1": None},
 }
 
 

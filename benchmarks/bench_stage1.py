@@ -1,0 +1,124 @@
+"""Seconds per shot of the per-shot pixel refinement (stage 8) and of its batched path (stage 9, exa).
+
+Shots are simulated with the project's simulator (``xfel_spread.stage1.synthetic``): the LY99 panel,
+all channels of the amplitude table, ``--rois`` shoeboxes of ``--shoebox`` px around the strongest
+spots, LY99's crystal (N 57, G 93.75). Each refinement starts from the truth turned by 0.05 degrees
+with a, b, c and beta off by 0.3 %, and N at the LY99 start (72). Printed per path: seconds per shot
+(median; CPU time too, as other jobs on the machine inflate wall time), iterations, centroid RMSD
+before and after, misorientation to the truth before and after,
+refined N, G (93.75 is the truth) and eta.
+
+  1. ``refine_shot`` on the CPU, torch threads as set (default refinement: G, rotation, cell, N; with
+     ``--eta``, eta too, with 25 mosaic domains, on shots simulated with LY99's 25 domains and 0.05
+     degree spread);
+  2. ``refine_batch`` on ``--device`` with all shots in one batch, and its largest parameter
+     differences from ``refine_shot``.
+
+Usage: .venv/bin/python benchmarks/bench_stage1.py [--shots 3] [--rois 50] [--shoebox 12] [--eta]
+       [--device cpu|cuda] [--amplitudes results/structure_factors/amplitudes.h5]
+The amplitude table defaults to the demo run's; without it, it is computed from ../shared/data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from xfel_spread.config import load_config
+from xfel_spread.sim import crystal as xtal
+from xfel_spread.sim.forward import AmplitudeLookup
+from xfel_spread.sim.structure_factors import (
+    channel_energies,
+    compute_channel_amplitudes,
+    expand_to_p1_grid,
+    load_channel_amplitudes,
+)
+from xfel_spread.stage1.batched import ExaForwardModel, refine_batch
+from xfel_spread.stage1.model import Stage1Settings
+from xfel_spread.stage1.refine import refine_shot
+from xfel_spread.stage1.synthetic import perturbed_matrix, simulate_shot_pixels, with_start
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def amplitude_table(path: Path, reference: Path):
+    if path.exists():
+        return load_channel_amplitudes(str(path))
+    settings = load_config({})["structure_factors"]
+    energies = channel_energies(settings["channel_start_ev"], settings["channel_step_ev"], settings["n_channels"])
+    return compute_channel_amplitudes(str(reference / "1m2a.pdb"), str(reference / "pf-rd-ox_fftkk.out"),
+                                      str(reference / "pf-rd-red_fftkk.out"), energies, settings["d_min_a"],
+                                      settings["k_sol"], settings["b_sol"])
+
+
+def report(label: str, fits, truths, seconds: list[float]) -> None:
+    misorientation = [(xtal.misorientation_deg(fit.start_real_space_matrix, truth.true_matrix),
+                       xtal.misorientation_deg(fit.real_space_matrix, truth.true_matrix))
+                      for fit, truth in zip(fits, truths)]
+    print(f"{label}: {statistics.median(seconds):6.2f} s/shot (median of {len(seconds)}: "
+          + ", ".join(f"{s:.2f}" for s in seconds) + ")")
+    for fit, (before, after) in zip(fits, misorientation):
+        print(f"    shot {fit.shot_index}: converged {fit.converged} {fit.reason} iterations {fit.n_iterations}, "
+              f"evaluations {fit.n_evaluations}; RMSD {fit.rmsd_px_start:.3f} -> {fit.rmsd_px:.3f} px "
+              f"(radial {fit.radial_rmsd_px_start:.3f} -> {fit.radial_rmsd_px:.3f}); misorientation "
+              f"{before:.4f} -> {after:.4f} deg; N {fit.final['Na']:.1f} {fit.final['Nb']:.1f} {fit.final['Nc']:.1f}; "
+              f"G {fit.final['G']:.2f}; eta {fit.final['eta_deg']:.4f} deg")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shots", type=int, default=3)
+    parser.add_argument("--rois", type=int, default=50)
+    parser.add_argument("--shoebox", type=int, default=12)
+    parser.add_argument("--eta", action="store_true", help="time the refinement with eta (25 domains) instead")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--amplitudes", default=str(REPO / "results" / "structure_factors" / "amplitudes.h5"))
+    parser.add_argument("--reference-dir", default=str(REPO.parent / "shared" / "data"))
+    arguments = parser.parse_args()
+
+    table = amplitude_table(Path(arguments.amplitudes), Path(arguments.reference_dir))
+    lookup = AmplitudeLookup(expand_to_p1_grid(table), "cpu")
+    print(f"torch threads {torch.get_num_threads()}, {len(table.energies_ev)} channels, {arguments.rois} shoeboxes "
+          f"of {arguments.shoebox} x {arguments.shoebox} px per shot")
+
+    if arguments.eta:
+        label, spread, domains = "G, rotation, cell, N, eta (25 domains)", 0.05, 25
+        settings = Stage1Settings.from_config({"refine": ["G", "rotation", "cell", "ncells", "eta"]})
+    else:
+        label, spread, domains = "G, rotation, cell, N", 0.0, 1
+        settings = Stage1Settings.from_config({})
+    truths = [simulate_shot_pixels(lookup, table.energies_ev, table.unit_cell, seed, n_rois=arguments.rois,
+                                   shoebox=arguments.shoebox, spread_deg=spread, n_domains=domains)
+              for seed in range(1, arguments.shots + 1)]
+    shots = [with_start(truth.shot, perturbed_matrix(truth.true_matrix, truth.shot.shot_index)) for truth in truths]
+    singles, cpu_seconds = [], []
+    for shot in shots:
+        started = time.process_time()
+        singles.append(refine_shot(shot, lookup, settings))
+        cpu_seconds.append(time.process_time() - started)
+    report(f"refine_shot, cpu, {label}", singles, truths, [fit.seconds for fit in singles])
+    print(f"    CPU time {statistics.median(cpu_seconds):.2f} s/shot (median; wall time on an idle machine lies "
+          f"between this and this / {torch.get_num_threads()} threads)")
+
+    device = torch.device(arguments.device)
+    model = ExaForwardModel(lookup, table.energies_ev, device)
+    if device.type == "cuda":
+        refine_batch(shots[:1], model, settings)  # warm-up: CUDA context and kernels
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    fits = refine_batch(shots, model, settings)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    per_shot = (time.perf_counter() - started) / len(shots)
+    report(f"refine_batch, {device}, {label}, {len(shots)} shots per batch", fits, truths, [per_shot])
+    worst = {name: max(abs(a.final[name] - b.final[name]) for a, b in zip(fits, singles)) for name in fits[0].final}
+    print("    largest difference refine_batch - refine_shot: "
+          + ", ".join(f"{name} {value:.1e}" for name, value in worst.items()))
+
+
+if __name__ == "__main__":
+    main()

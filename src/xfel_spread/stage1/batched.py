@@ -1,0 +1,403 @@
+"""Stage 9 ("exa"): the batched forward model, and stage 8's refinement run through it.
+
+:class:`ExaForwardModel` keeps the per-channel |F|^2 of all channels on one device for its whole
+life, and evaluates the shoebox pixels of a batch of shots in one call: the shots' pixels are
+concatenated with the index of their shot, and each shot brings its own crystal (mosaic-domain
+matrices, N, G) and spectrum. The expression is :func:`xfel_spread.sim.forward.bragg_photons_dense`'s
+(the reference), with per-pixel gathers of the per-shot inputs (:func:`batched_bragg_photons`).
+The pixel arrays of a batch live in device buffers that are reused from batch to batch (grown when a
+batch needs more), and the pixels' directions and geometric factors are computed once per batch
+unless the detector distance is refined.
+
+:func:`refine_batch` runs exactly :func:`xfel_spread.stage1.refine.refine_shot`'s refinement for
+every shot of a batch at once. Each shot keeps its own L-BFGS-B (its own parameters, iterations,
+convergence and failure), running in its own thread; whenever every running shot waits for an
+evaluation, one batched call computes the sum of their NLLs and its gradient. Shots are
+independent, so the gradient of the sum with respect to a shot's parameters is that shot's
+gradient, and each shot follows the path ``refine_shot`` would, up to rounding.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from xfel_spread.sim.forward import (
+    ARG_CUTOFF,
+    GAUSS_WIDTH,
+    R_E_SQUARED_M2,
+    AmplitudeLookup,
+    pixel_factors,
+)
+from xfel_spread.sim.geometry import BEAM_DIRECTION
+from xfel_spread.sim.structure_factors import HC_EV_ANGSTROM, AmplitudeGrid
+from xfel_spread.stage1.likelihood import ShotDataError, pixel_nll, pixels_per_call
+from xfel_spread.stage1.model import (
+    INDEX,
+    NCELLS,
+    REFERENCE_BEAM_SIZE_M,
+    ParameterSpace,
+    Stage1Settings,
+)
+from xfel_spread.stage1.refine import (
+    Evaluator,
+    ShotFit,
+    ShotProblem,
+    describe_exception,
+    failed_fit,
+    finished_fit,
+    minimize_shot,
+    summarize_model,
+)
+from xfel_spread.stage1.shot import ShotPixels
+
+
+def batched_bragg_photons(directions: torch.Tensor, factor: torch.Tensor, pixel_shot: torch.Tensor,
+                          domain_matrices: torch.Tensor, ncells: torch.Tensor, scale: torch.Tensor,
+                          photons: torch.Tensor, inverse_wavelengths: torch.Tensor,
+                          amplitudes: AmplitudeLookup, beam_size_m: float) -> torch.Tensor:
+    """Bragg photons of pixels belonging to different shots, in one evaluation.
+
+    Per pixel: unit diffracted direction ``directions`` (P, 3), polar * omega * capture ``factor``
+    (P,) and its shot ``pixel_shot`` (P,). Per shot: ``domain_matrices`` (S, D, 3, 3), ``ncells``
+    (S, 3), ``scale`` (S,) and ``photons`` (S, K) per channel of ``inverse_wavelengths`` (K,). Each
+    pixel gets ``bragg_photons_dense`` of its own shot, every channel and domain visited.
+    """
+    n_channels, n_domains = inverse_wavelengths.numel(), domain_matrices.shape[1]
+    beam_direction = torch.as_tensor(BEAM_DIRECTION, dtype=directions.dtype, device=directions.device)
+    channel = torch.arange(n_channels, device=directions.device)[None, :, None]
+    lattice_peak_sq = torch.prod(ncells, dim=1) ** 2
+    chunk = pixels_per_call(directions.device, n_channels * n_domains)
+    totals = []
+    for start in range(0, directions.shape[0], chunk):
+        shot = pixel_shot[start:start + chunk]
+        # h[p, k, d, :] = u_k * A_{shot(p), d} (dir_p - i)
+        h_per_u = torch.einsum("pdij,pj->pdi", domain_matrices[shot], directions[start:start + chunk] - beam_direction)
+        h = inverse_wavelengths[None, :, None, None] * h_per_u[:, None, :, :]
+        nearest = torch.ceil(h - 0.5)
+        arg = (((h - nearest) * ncells[shot][:, None, None, :]) ** 2).sum(dim=-1) / GAUSS_WIDTH
+        lattice_sq = torch.where(arg < ARG_CUTOFF, lattice_peak_sq[shot][:, None, None] * torch.exp(-2 * arg),
+                                 torch.zeros_like(arg))
+        flat, inside = amplitudes.cell_index(nearest)
+        f_sq = torch.where(inside, amplitudes.intensity[channel.expand_as(flat), flat], torch.zeros_like(arg))
+        totals.append((f_sq * lattice_sq * photons[shot][:, :, None]).sum(dim=(1, 2)))
+    prefactor = scale * R_E_SQUARED_M2 / n_domains / beam_size_m ** 2
+    return prefactor[pixel_shot] * factor * torch.cat(totals)
+
+
+def lookup_on(amplitudes: AmplitudeLookup | AmplitudeGrid, device: torch.device) -> AmplitudeLookup:
+    """The amplitude lookup on ``device`` (built from a grid, or copied from another device)."""
+    if isinstance(amplitudes, AmplitudeGrid):
+        return AmplitudeLookup(amplitudes, device)
+    if amplitudes.intensity.device == device:
+        return amplitudes
+    moved = copy.copy(amplitudes)
+    moved.intensity = amplitudes.intensity.to(device)
+    moved.shape = amplitudes.shape.to(device)
+    moved.hkl_min = amplitudes.hkl_min.to(device)
+    return moved
+
+
+class ExaForwardModel:
+    """Per-channel |F|^2 resident on one device; the shoebox pixels of a batch of shots in one call.
+
+    ``energies_ev`` are the channels of the amplitude table's rows, shared by every shot. Use
+    :meth:`load` to put a batch's pixels on the device, then :meth:`nll_and_gradients` and
+    :meth:`bragg_all_pixels` on it.
+    """
+
+    def __init__(self, amplitudes: AmplitudeLookup | AmplitudeGrid, energies_ev: np.ndarray, device):
+        self.device = torch.device(device)
+        self.amplitudes = lookup_on(amplitudes, self.device)
+        self.energies_ev = np.asarray(energies_ev, dtype=np.float64)
+        if self.amplitudes.intensity.shape[0] != self.energies_ev.size:
+            raise ValueError(f"amplitude table has {self.amplitudes.intensity.shape[0]} channel rows for "
+                             f"{self.energies_ev.size} channel energies")
+        self.inverse_wavelengths = torch.as_tensor(self.energies_ev / HC_EV_ANGSTROM, device=self.device)
+        self._storage: dict[str, torch.Tensor] = {}
+        self.problems: list[ShotProblem] = []
+
+    def check_shot(self, shot: ShotPixels) -> None:
+        """ShotDataError unless the shot's channels are the model's."""
+        energies = np.asarray(shot.energies_ev, dtype=np.float64)
+        if energies.shape != self.energies_ev.shape or not np.array_equal(energies, self.energies_ev):
+            raise ShotDataError("the shot's channel energies differ from those of the batched model")
+
+    def _buffer(self, name: str, size: int, dtype: torch.dtype, width: tuple[int, ...] = ()) -> torch.Tensor:
+        """A reusable device buffer of ``size`` rows, grown (never shrunk) when a batch needs more."""
+        stored = self._storage.get(name)
+        if stored is None or stored.shape[0] < size or stored.shape[1:] != width or stored.dtype != dtype:
+            stored = torch.empty((size, *width), dtype=dtype, device=self.device)
+            self._storage[name] = stored
+        return stored[:size]
+
+    def _fill(self, name: str, values: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+        values = np.ascontiguousarray(values)
+        buffer = self._buffer(name, values.shape[0], dtype, values.shape[1:])
+        buffer.copy_(torch.from_numpy(values).to(dtype))
+        return buffer
+
+    def load(self, problems: Sequence[ShotProblem]) -> None:
+        """Put the shoebox pixels and spectra of a batch of shots (checked ShotProblems) on the device."""
+        self.problems = list(problems)
+        shots = [problem.shot for problem in self.problems]
+        counts = np.array([shot.n_pixels for shot in shots], dtype=np.int64)
+        self.first_pixel = np.concatenate(([0], np.cumsum(counts)))
+        self.fast = self._fill("fast", np.concatenate([shot.pixel_fast for shot in shots]), torch.int64)
+        self.slow = self._fill("slow", np.concatenate([shot.pixel_slow for shot in shots]), torch.int64)
+        self.pixel_shot = self._fill("pixel_shot", np.repeat(np.arange(len(shots)), counts), torch.int64)
+        self.data = self._fill("data", np.concatenate([shot.data_photons for shot in shots]), torch.float64)
+        self.background = self._fill("background", np.concatenate([shot.background_photons for shot in shots]),
+                                     torch.float64)
+        trusted = [self.first_pixel[i] + np.flatnonzero(np.asarray(shot.trusted, dtype=bool))
+                   for i, shot in enumerate(shots)]
+        self.trusted_of_shot = [torch.as_tensor(indices, device=self.device) for indices in trusted]
+        self.photons = self._fill("photons", np.stack([shot.photons for shot in shots]), torch.float64)
+        self.readout_variance = torch.as_tensor([problem.tensors.readout_variance for problem in self.problems],
+                                                dtype=torch.float64, device=self.device)
+        directions, factor = [], []
+        for problem in self.problems:
+            shot_directions, shot_factor = pixel_factors(problem.detector, problem.tensors.fast, problem.tensors.slow,
+                                                         problem.shot.polarization_fraction)
+            directions.append(shot_directions)
+            factor.append(shot_factor)
+        self.directions = self._buffer("directions", int(self.first_pixel[-1]), torch.float64, (3,))
+        self.directions.copy_(torch.cat(directions))
+        self.factor = self._buffer("factor", int(self.first_pixel[-1]), torch.float64)
+        self.factor.copy_(torch.cat(factor))
+
+    def _pixels(self, shots: Sequence[int], trusted: bool) -> torch.Tensor:
+        """Indices (into the batch's pixel buffers) of the shots' trusted or all pixels, in shot order."""
+        if trusted:
+            return torch.cat([self.trusted_of_shot[shot] for shot in shots])
+        return torch.cat([torch.arange(int(self.first_pixel[shot]), int(self.first_pixel[shot + 1]), device=self.device)
+                          for shot in shots])
+
+    def _geometry(self, shots: Sequence[int], values: torch.Tensor, pixels: torch.Tensor):
+        """Directions and factors of the pixels: the cached ones, or recomputed for moved detectors."""
+        if not any(self.problems[shot].moves_detector for shot in shots):
+            return self.directions[pixels], self.factor[pixels]
+        directions, factor = [], []
+        for row, shot in enumerate(shots):
+            problem = self.problems[shot]
+            mine = pixels[self.pixel_shot[pixels] == shot]
+            shot_directions, shot_factor = pixel_factors(problem.detector_at(values[row]), self.fast[mine],
+                                                         self.slow[mine], problem.shot.polarization_fraction)
+            directions.append(shot_directions)
+            factor.append(shot_factor)
+        return torch.cat(directions), torch.cat(factor)
+
+    def bragg(self, shots: Sequence[int], values: torch.Tensor,
+              trusted: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """G * Bragg photons of the shots' pixels for ``values`` (len(shots), 13), differentiable.
+
+        Returns the photons, the pixels' indices into the batch buffers and their row in ``shots``.
+        """
+        pixels = self._pixels(shots, trusted)
+        row_of_shot = torch.full((len(self.problems),), -1, dtype=torch.int64, device=self.device)
+        row_of_shot[torch.as_tensor(list(shots), device=self.device)] = torch.arange(len(shots), device=self.device)
+        rows = row_of_shot[self.pixel_shot[pixels]]
+        directions, factor = self._geometry(shots, values, pixels)
+        domain_matrices = torch.stack([self.problems[shot].crystal.domain_matrices(values[row])
+                                       for row, shot in enumerate(shots)])
+        photons = self.photons[torch.as_tensor(list(shots), device=self.device)]
+        bragg = batched_bragg_photons(directions, factor, rows, domain_matrices, values[:, NCELLS],
+                                      values[:, INDEX["G"]], photons, self.inverse_wavelengths, self.amplitudes,
+                                      REFERENCE_BEAM_SIZE_M)
+        return bragg, pixels, rows
+
+    def nll_and_gradients(self, requests: dict[int, tuple[ParameterSpace, np.ndarray]]
+                          ) -> dict[int, tuple[float, np.ndarray]]:
+        """Each requested shot's NLL (plus restraints) and gradient in its scaled parameters.
+
+        ``requests`` maps a shot (its position in the loaded batch) to the parameter space of its
+        current refinement pass and the scaled parameters to evaluate. One forward and one backward
+        pass over the requested shots' trusted pixels serve them all.
+        """
+        shots = sorted(requests)
+        leaves = [torch.tensor(requests[shot][1], dtype=torch.float64, device=self.device, requires_grad=True)
+                  for shot in shots]
+        values = torch.stack([requests[shot][0].physical(leaf) for shot, leaf in zip(shots, leaves)])
+        bragg, pixels, rows = self.bragg(shots, values, trusted=True)
+        model = self.background[pixels] + bragg
+        readout_variance = self.readout_variance[torch.as_tensor(shots, device=self.device)][rows]
+        per_pixel = pixel_nll(model, self.data[pixels], readout_variance)
+        per_shot = torch.zeros(len(shots), dtype=torch.float64, device=self.device).index_add(0, rows, per_pixel)
+        per_shot = per_shot + torch.stack([self.problems[shot].space.restraint_penalty(values[row])
+                                           for row, shot in enumerate(shots)])
+        per_shot.sum().backward()
+        return {shot: (float(per_shot[row].detach()), leaf.grad.detach().cpu().numpy())
+                for row, (shot, leaf) in enumerate(zip(shots, leaves))}
+
+    def bragg_all_pixels(self, shots: Sequence[int], values: torch.Tensor) -> list[torch.Tensor]:
+        """G * Bragg photons on every shoebox pixel of each shot (no gradient), one tensor per shot."""
+        with torch.no_grad():
+            bragg, _, rows = self.bragg(shots, values, trusted=False)
+        counts = torch.bincount(rows, minlength=len(shots)).tolist()
+        return list(torch.split(bragg, counts))
+
+
+class Lockstep:
+    """One minimisation per shot, each in its own thread, whose evaluations are served in batches.
+
+    A task receives an :data:`~xfel_spread.stage1.refine.Evaluator` and returns its result. Whenever
+    every running task waits for an evaluation, ``serve`` gets all their requests at once and returns
+    one reply per task (a (NLL, gradient) pair, or an exception the task's evaluation raises).
+    """
+
+    def __init__(self):
+        self._condition = threading.Condition()
+        self._requests: dict[int, tuple[ParameterSpace, np.ndarray]] = {}
+        self._replies: dict[int, object] = {}
+        self._running: set[int] = set()
+
+    def _evaluator(self, key: int) -> Evaluator:
+        def evaluate(space: ParameterSpace, scaled: np.ndarray) -> tuple[float, np.ndarray]:
+            with self._condition:
+                self._requests[key] = (space, scaled)
+                self._condition.notify_all()
+                self._condition.wait_for(lambda: key in self._replies)
+                reply = self._replies.pop(key)
+            if isinstance(reply, BaseException):
+                raise reply
+            return reply
+        return evaluate
+
+    def run(self, tasks: dict[int, Callable[[Evaluator], object]],
+            serve: Callable[[dict[int, tuple[ParameterSpace, np.ndarray]]], dict[int, object]]) -> dict[int, object]:
+        """Run every task to its end; returns each task's result, or the exception it raised."""
+        results: dict[int, object] = {}
+
+        def work(key: int, task: Callable[[Evaluator], object]) -> None:
+            try:
+                results[key] = task(self._evaluator(key))
+            except BaseException as exc:  # noqa: BLE001 - reported per task
+                results[key] = exc
+            finally:
+                with self._condition:
+                    self._running.discard(key)
+                    self._condition.notify_all()
+
+        self._running = set(tasks)
+        threads = [threading.Thread(target=work, args=item, daemon=True) for item in tasks.items()]
+        for thread in threads:
+            thread.start()
+        while True:
+            with self._condition:
+                self._condition.wait_for(lambda: len(self._requests) == len(self._running))
+                if not self._running:
+                    break
+                batch, self._requests = self._requests, {}
+            try:
+                replies = serve(batch)
+            except Exception as exc:  # noqa: BLE001 - a failed batch fails its shots, not the stage
+                replies = {key: exc for key in batch}
+            with self._condition:
+                self._replies.update(replies)
+                self._condition.notify_all()
+        for thread in threads:
+            thread.join()
+        return results
+
+
+def refine_batch(shots: Sequence[ShotPixels], amplitudes: ExaForwardModel | AmplitudeLookup | AmplitudeGrid,
+                 settings: Stage1Settings, device=None) -> list[ShotFit]:
+    """Refine a batch of shots at once through the batched forward model; never raises per shot.
+
+    ``amplitudes`` is an :class:`ExaForwardModel` (kept and reused across batches; ``device`` is
+    then its device) or a lookup/grid to build one from on ``device`` (default: ``settings.device``).
+    Returns one ShotFit per shot, in order, as :func:`~xfel_spread.stage1.refine.refine_shot` would;
+    ``seconds`` is the batch's wall time divided by its shots.
+    """
+    started = time.perf_counter()
+    if not shots:
+        return []
+    if isinstance(amplitudes, ExaForwardModel):
+        model = amplitudes
+    else:
+        device = settings.torch_device() if device is None else torch.device(device)
+        model = ExaForwardModel(amplitudes, shots[0].energies_ev, device)
+    reasons: dict[int, str] = {}
+    problems: dict[int, ShotProblem] = {}
+    for index, shot in enumerate(shots):
+        try:
+            model.check_shot(shot)
+            problems[index] = ShotProblem(shot, settings, model.device)
+        except Exception as exc:  # noqa: BLE001 - reported per shot
+            reasons[index] = describe_exception(exc)
+    order = list(problems)
+    if order:
+        model.load([problems[index] for index in order])
+    batch_of = {index: position for position, index in enumerate(order)}
+
+    starts = _start_summaries(model, problems, order, reasons)
+    running = [index for index in order if index not in reasons]
+
+    def refine_task(index: int) -> Callable[[Evaluator], object]:
+        return lambda evaluate: minimize_shot(problems[index], evaluate)
+
+    def serve(requests):
+        replies = model.nll_and_gradients({batch_of[index]: request for index, request in requests.items()})
+        return {index: replies[batch_of[index]] for index in requests}
+
+    minimizations = Lockstep().run({index: refine_task(index) for index in running}, serve)
+    finals = _final_summaries(model, problems, minimizations, batch_of, reasons)
+
+    seconds = (time.perf_counter() - started) / max(len(shots), 1)
+    fits = []
+    for index, shot in enumerate(shots):
+        if index in reasons:
+            fits.append(failed_fit(shot, settings, reasons[index], seconds, problems.get(index), starts.get(index)))
+        else:
+            fits.append(finished_fit(problems[index], starts[index], finals[index], minimizations[index], seconds))
+    return fits
+
+
+def _start_summaries(model: ExaForwardModel, problems: dict[int, ShotProblem], order: list[int],
+                     reasons: dict[int, str]) -> dict:
+    """Start G (closed form when not given) and start summary of every loaded shot, in one evaluation."""
+    summaries = {}
+    if not order:
+        return summaries
+    try:
+        unit_values = torch.stack([problems[index].unit_start_values() for index in order])
+        unit_bragg = model.bragg_all_pixels(range(len(order)), unit_values)
+    except Exception as exc:  # noqa: BLE001 - a failed batch fails its shots, not the stage
+        reasons.update({index: describe_exception(exc) for index in order})
+        return summaries
+    for index, bragg in zip(order, unit_bragg):
+        problem = problems[index]
+        try:
+            problem.set_start(bragg[problem.tensors.trusted])
+            start_values = torch.as_tensor(problem.start_values, device=model.device)
+            summaries[index] = summarize_model(problem, start_values, bragg * start_values[INDEX["G"]])
+        except Exception as exc:  # noqa: BLE001 - reported per shot
+            reasons[index] = describe_exception(exc)
+    return summaries
+
+
+def _final_summaries(model: ExaForwardModel, problems: dict[int, ShotProblem], minimizations: dict,
+                     batch_of: dict[int, int], reasons: dict[int, str]) -> dict:
+    """Summary of every minimised shot at its final values, in one evaluation."""
+    for index, result in minimizations.items():
+        if isinstance(result, BaseException):
+            reasons[index] = describe_exception(result)
+    done = sorted(index for index in minimizations if index not in reasons)
+    summaries = {}
+    if not done:
+        return summaries
+    try:
+        values = torch.stack([torch.as_tensor(minimizations[index].values, device=model.device) for index in done])
+        bragg = model.bragg_all_pixels([batch_of[index] for index in done], values)
+    except Exception as exc:  # noqa: BLE001 - a failed batch fails its shots, not the stage
+        reasons.update({index: describe_exception(exc) for index in done})
+        return summaries
+    for row, index in enumerate(done):
+        summaries[index] = summarize_model(problems[index], values[row], bragg[row])
+    return summaries
+

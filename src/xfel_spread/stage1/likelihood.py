@@ -1,0 +1,195 @@
+"""Expected photons in the shoebox pixels and the likelihood of the measured ones.
+
+Each pixel's expected photons are the shoebox's tilted-plane background plus the Bragg photons of
+the forward model (:func:`xfel_spread.sim.forward.bragg_photons_dense` on the shoebox pixels,
+scale G included)::
+
+    model = background + G * bragg
+
+Measured photons carry Poisson noise and the detector's Gaussian readout noise (sigma_r =
+readout_sigma_adu / gain photons). As diffBragg does, their sum is approximated by a Gaussian of
+variance ``v = model + sigma_r^2``, whose negative log-likelihood over the trusted pixels is::
+
+    NLL = sum 0.5 * log(2 pi v) + (data - model)^2 / (2 v)
+
+``model`` enters the variance clipped at 0 (a tilted plane can dip below zero at a shoebox corner),
+and the variance is floored at :data:`VARIANCE_FLOOR` so that a pixel predicted empty without readout
+noise keeps a finite weight. The Z-scores ``(data - model) / sqrt(v)`` of a good model have unit
+standard deviation.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from xfel_spread.sim.forward import AmplitudeLookup, Beam, bragg_photons_dense
+from xfel_spread.sim.geometry import Detector
+from xfel_spread.stage1.model import REFERENCE_BEAM_SIZE_M, CrystalModel
+from xfel_spread.stage1.shot import ShotPixels
+
+#: Most (pixel, channel, domain) terms per call of the dense forward model. Its own evaluation
+#: chunks hold 4M terms; on a CPU, calls of a quarter million keep its temporaries in cache: an
+#: evaluation (forward and backward) of 50 shoeboxes of 144 px, 100 channels, is 0.054 s instead of
+#: 0.088 s with one domain, 1.1 s instead of 3.2 s with 25. A GPU takes larger calls best.
+TERMS_PER_CALL = {"cpu": 1 << 18, "cuda": 1 << 24}
+#: Smallest pixel variance (photons^2).
+VARIANCE_FLOOR = 1e-6
+HALF_LOG_TWO_PI = 0.5 * math.log(2 * math.pi)
+
+
+class ShotDataError(ValueError):
+    """Shoebox pixels that cannot be refined (none trusted, non-finite values, no spectrum)."""
+
+
+def readout_variance(readout_sigma_adu: float, gain_adu_per_photon: float) -> float:
+    """The readout noise variance in photons^2."""
+    return (readout_sigma_adu / gain_adu_per_photon) ** 2
+
+
+@dataclass
+class ShotTensors:
+    """One shot's pixels and beam as float64 / int64 tensors on one device.
+
+    ``fast``, ``slow``, ``roi`` cover every shoebox pixel; ``trusted`` are the indices of the trusted
+    ones, which alone enter the likelihood.
+    """
+
+    fast: torch.Tensor
+    slow: torch.Tensor
+    roi: torch.Tensor
+    data: torch.Tensor
+    background: torch.Tensor
+    trusted: torch.Tensor
+    beam: Beam
+    readout_variance: float
+
+
+def check_shot(shot: ShotPixels) -> None:
+    """Raise ShotDataError if the shot's pixels or spectrum cannot be refined."""
+    pixel_arrays = ("pixel_fast", "pixel_slow", "pixel_roi", "data_photons", "background_photons", "trusted")
+    lengths = {len(getattr(shot, name)) for name in pixel_arrays}
+    if len(lengths) != 1 or len(shot.energies_ev) != len(shot.photons):
+        raise ShotDataError("pixel arrays, or channel energies and photons, differ in length")
+    if shot.n_pixels and (min(shot.pixel_roi) < 0 or max(shot.pixel_roi) >= shot.n_rois):
+        raise ShotDataError(f"pixel ROI numbers fall outside the {shot.n_rois} ROIs")
+    trusted = np.asarray(shot.trusted, dtype=bool)
+    if shot.n_pixels == 0 or not trusted.any():
+        raise ShotDataError("no trusted shoebox pixels")
+    for name in ("data_photons", "background_photons"):
+        values = np.asarray(getattr(shot, name), dtype=np.float64)[trusted]
+        bad = int(np.count_nonzero(~np.isfinite(values)))
+        if bad:
+            raise ShotDataError(f"{bad} trusted pixel(s) hold non-finite {name}")
+    photons = np.asarray(shot.photons, dtype=np.float64)
+    if not np.all(np.isfinite(photons)) or np.any(photons < 0) or photons.sum() <= 0:
+        raise ShotDataError("the shot's spectrum has no photons, or negative or non-finite ones")
+    if not shot.gain_adu_per_photon > 0:
+        raise ShotDataError(f"gain {shot.gain_adu_per_photon} ADU/photon is not positive")
+
+
+def shot_beam(shot: ShotPixels, device) -> Beam:
+    """The shot's spectrum as the forward model's Beam (reference beam size, see the model module)."""
+    return Beam(torch.as_tensor(np.asarray(shot.energies_ev, dtype=np.float64), device=device),
+                torch.as_tensor(np.asarray(shot.photons, dtype=np.float64), device=device),
+                REFERENCE_BEAM_SIZE_M, float(shot.polarization_fraction))
+
+
+def same_for_every_channel(amplitudes: AmplitudeLookup, n_channels: int) -> AmplitudeLookup:
+    """A one-row table (|F| without energy dependence, e.g. from merged IMEAN) repeated for every
+    channel, as a view: the forward model looks |F|^2 up by channel."""
+    if amplitudes.intensity.shape[0] != 1:
+        raise ValueError(f"expected a one-row amplitude table, got {amplitudes.intensity.shape[0]} rows")
+    repeated = copy.copy(amplitudes)
+    repeated.intensity = amplitudes.intensity.expand(n_channels, -1)
+    return repeated
+
+
+def check_amplitude_rows(amplitudes: AmplitudeLookup, n_channels: int) -> None:
+    """ShotDataError unless the amplitude table has one row of |F|^2 per channel of the spectrum."""
+    rows = amplitudes.intensity.shape[0]
+    if rows != n_channels:
+        raise ShotDataError(f"the amplitude table has {rows} channel rows for the shot's {n_channels} channels")
+
+
+def shot_tensors(shot: ShotPixels, readout_sigma_adu: float, device) -> ShotTensors:
+    """The shot's arrays on ``device`` (checked first with :func:`check_shot`)."""
+    check_shot(shot)
+
+    def as_long(values):
+        return torch.as_tensor(np.asarray(values, dtype=np.int64), device=device)
+
+    def as_float(values):
+        return torch.as_tensor(np.asarray(values, dtype=np.float64), device=device)
+
+    return ShotTensors(
+        fast=as_long(shot.pixel_fast), slow=as_long(shot.pixel_slow), roi=as_long(shot.pixel_roi),
+        data=as_float(shot.data_photons), background=as_float(shot.background_photons),
+        trusted=as_long(np.flatnonzero(np.asarray(shot.trusted, dtype=bool))),
+        beam=shot_beam(shot, device),
+        readout_variance=readout_variance(readout_sigma_adu, shot.gain_adu_per_photon),
+    )
+
+
+def bragg_photons(detector: Detector, crystal: CrystalModel, values: torch.Tensor, tensors: ShotTensors,
+                  amplitudes: AmplitudeLookup, pixels: torch.Tensor | None = None) -> torch.Tensor:
+    """G * Bragg photons at the given pixel indices (default: the trusted ones).
+
+    ``detector`` is the shot's detector already moved by ``detz_shift_mm`` (see
+    :func:`xfel_spread.stage1.model.shifted_detector`); the result is differentiable in ``values``.
+    """
+    pixels = tensors.trusted if pixels is None else pixels
+    fast, slow = tensors.fast[pixels], tensors.slow[pixels]
+    state = crystal.crystal_state(values)
+    step = pixels_per_call(fast.device, tensors.beam.energies_ev.numel() * crystal.n_domains)
+    return torch.cat([bragg_photons_dense(detector, tensors.beam, state, amplitudes, fast[start:start + step],
+                                          slow[start:start + step]) for start in range(0, fast.numel(), step)])
+
+
+def pixels_per_call(device: torch.device, terms_per_pixel: int) -> int:
+    """Pixels evaluated per forward-model call on ``device`` (see :data:`TERMS_PER_CALL`)."""
+    return max(1, TERMS_PER_CALL.get(device.type, TERMS_PER_CALL["cpu"]) // terms_per_pixel)
+
+
+def pixel_variance(model: torch.Tensor, readout_var: float | torch.Tensor) -> torch.Tensor:
+    """Poisson plus readout variance of each pixel, floored."""
+    return torch.clamp(torch.clamp(model, min=0) + readout_var, min=VARIANCE_FLOOR)
+
+
+def pixel_nll(model: torch.Tensor, data: torch.Tensor, readout_var: float | torch.Tensor) -> torch.Tensor:
+    """Per-pixel negative log-likelihood of the Gaussian approximation."""
+    variance = pixel_variance(model, readout_var)
+    return HALF_LOG_TWO_PI + 0.5 * torch.log(variance) + (data - model) ** 2 / (2 * variance)
+
+
+def z_scores(model: torch.Tensor, data: torch.Tensor, readout_var: float | torch.Tensor) -> torch.Tensor:
+    """Residuals in units of their expected standard deviation."""
+    return (data - model) / torch.sqrt(pixel_variance(model, readout_var))
+
+
+def z_score_sigma(model: torch.Tensor, data: torch.Tensor, readout_var: float | torch.Tensor) -> float:
+    """Standard deviation of the Z-scores (1 for a model that explains the data down to the noise)."""
+    z = z_scores(model, data, readout_var)
+    return float(torch.std(z)) if z.numel() > 1 else float("nan")
+
+
+def closed_form_scale(unit_bragg: torch.Tensor, data: torch.Tensor, background: torch.Tensor,
+                      roi: torch.Tensor) -> float:
+    """Least-squares G for the shoebox sums: sum_roi (signal_roi - G * bragg_roi)^2 is least.
+
+    ``signal_roi`` is the background-subtracted photons and ``bragg_roi`` the start model's Bragg
+    photons per unit G, both summed over each shoebox's given (trusted) pixels. Fitting sums rather
+    than pixels keeps the estimate sound when the start model's spots sit a pixel or two off the
+    measured ones. The result may be <= 0 or non-finite when the shoeboxes hold no Bragg signal.
+    """
+    n_rois = int(roi.max()) + 1 if roi.numel() else 0
+    signal = torch.zeros(n_rois, dtype=data.dtype, device=data.device).index_add_(0, roi, data - background)
+    bragg = torch.zeros(n_rois, dtype=data.dtype, device=data.device).index_add_(0, roi, unit_bragg)
+    denominator = float((bragg ** 2).sum())
+    if not denominator > 0:
+        return float("nan")
+    return float((bragg * signal).sum()) / denominator

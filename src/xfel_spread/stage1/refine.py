@@ -1,0 +1,387 @@
+"""Per-shot refinement of the crystal against its shoebox pixels (stage 8).
+
+For one shot, :func:`refine_shot`:
+
+1. checks the pixels and the start crystal (:class:`ShotProblem`);
+2. evaluates the Bragg photons of the start model on every shoebox pixel (scale 1) and takes the
+   start G from ``initial.G`` or, when that is null, by least squares on the shoebox sums
+   (:func:`xfel_spread.stage1.likelihood.closed_form_scale`);
+3. minimises the negative log-likelihood (plus optional restraints) over the scaled refined
+   parameters with scipy's L-BFGS-B, whose bounds are the parameters' bounds, with gradients from
+   torch autograd through the forward model in float64; spot positions first, then everything
+   (:func:`xfel_spread.stage1.model.refinement_passes`);
+4. evaluates the refined model on every shoebox pixel and reports, before and after, the
+   model-predicted spot centroids, their RMSD against the observed ones (overall and radial), the
+   NLL and the Z-scores' standard deviation (:class:`ShotFit`).
+
+A shot never raises: bad pixels, a start crystal the parameterisation cannot describe, a non-finite
+likelihood or gradient, no convergence within ``max_iterations`` and any exception inside end as a
+ShotFit with ``converged=False`` and the reason. Parameters always stay inside their bounds.
+
+Predicted centroids are the centroids of the model's Bragg photons over each ROI's pixels, in the
+dxtbx pixel convention (pixel i spans [i, i+1)), like ``observed_centroid_px``. The radial component
+of a centroid error is its projection on the direction from the beam centre to the observed centroid.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.optimize
+import torch
+
+from xfel_spread.sim.forward import AmplitudeLookup
+from xfel_spread.sim.geometry import Detector
+from xfel_spread.stage1.likelihood import (
+    ShotDataError,
+    ShotTensors,
+    bragg_photons,
+    check_amplitude_rows,
+    closed_form_scale,
+    pixel_nll,
+    shot_tensors,
+    z_score_sigma,
+)
+from xfel_spread.stage1.model import (
+    INDEX,
+    PARAMETER_NAMES,
+    CrystalModel,
+    ParameterSpace,
+    Stage1Settings,
+    parameter_space,
+    refinement_passes,
+    shifted_detector,
+)
+from xfel_spread.stage1.shot import ShotPixels
+
+logger = logging.getLogger(__name__)
+
+#: L-BFGS-B stops when the NLL falls by less than this fraction in an iteration, or when every
+#: projected gradient component (scaled units) is below GTOL.
+FTOL = 1e-10
+GTOL = 1e-6
+
+
+class NonFiniteError(ArithmeticError):
+    """The NLL or its gradient became non-finite during the refinement."""
+
+
+@dataclass
+class ShotFit:
+    """The outcome of one shot's refinement.
+
+    ``start`` and ``final`` map every name of :data:`~xfel_spread.stage1.model.PARAMETER_NAMES` to
+    its value (physical units; fixed parameters keep their start value). Values that could not be
+    computed (a shot that failed before its model was evaluated) are NaN. ``seconds`` is the wall
+    time of the shot (in a batch: the batch's wall time divided by its shots).
+    """
+
+    shot_index: int
+    identifier: str
+    shard: str
+    image_index: int
+    converged: bool
+    reason: str
+    refined: tuple[str, ...]
+    start: dict[str, float]
+    final: dict[str, float]
+    n_iterations: int
+    n_evaluations: int
+    nll_start: float
+    nll_final: float
+    z_score_sigma_start: float
+    z_score_sigma_final: float
+    start_real_space_matrix: np.ndarray
+    real_space_matrix: np.ndarray
+    distance_mm: float
+    model_centroid_px_start: np.ndarray
+    model_centroid_px: np.ndarray
+    rmsd_px_start: float
+    rmsd_px: float
+    radial_rmsd_px_start: float
+    radial_rmsd_px: float
+    n_rois: int
+    n_trusted_pixels: int
+    seconds: float
+
+
+class ShotProblem:
+    """One shot made ready for refinement: its tensors on a device, crystal model and parameters.
+
+    Construction checks the pixels (ShotDataError) and the start crystal (StartModelError). The
+    parameter space exists once the start G is known (:meth:`set_start`).
+    """
+
+    def __init__(self, shot: ShotPixels, settings: Stage1Settings, device):
+        self.shot = shot
+        self.settings = settings
+        self.device = torch.device(device)
+        self.tensors: ShotTensors = shot_tensors(shot, settings.readout_sigma_adu, self.device)
+        self.crystal = CrystalModel(shot.real_space_matrix, settings.n_domains, self.device)
+        self.moves_detector = "detz_shift" in settings.refine
+        self.space: ParameterSpace | None = None
+        self.start_values: np.ndarray | None = None
+
+    @property
+    def detector(self) -> Detector:
+        return self.shot.detector
+
+    def unit_start_values(self) -> torch.Tensor:
+        """Start values with G = 1, to evaluate the start model's Bragg photons per unit scale."""
+        return torch.as_tensor(parameter_space(self.settings, self.crystal.start_cell, 1.0).start,
+                               dtype=torch.float64, device=self.device)
+
+    def set_start(self, unit_bragg_trusted: torch.Tensor) -> None:
+        """Fix the start G (``initial.G`` or the closed form) and build the parameter space."""
+        settings, tensors = self.settings, self.tensors
+        if settings.initial_G is not None:
+            scale = settings.initial_G
+        else:
+            if not float(unit_bragg_trusted.sum()) > 0:
+                raise ShotDataError("the start model predicts no Bragg photons in the trusted pixels")
+            scale = closed_form_scale(unit_bragg_trusted, tensors.data[tensors.trusted],
+                                      tensors.background[tensors.trusted], tensors.roi[tensors.trusted])
+            if not (np.isfinite(scale) and scale > 0):
+                raise ShotDataError(f"no Bragg signal in the shoeboxes: the least-squares start G is {scale:.3g}")
+            scale = float(np.clip(scale, *settings.bounds_G))
+        self.space = parameter_space(settings, self.crystal.start_cell, scale)
+        self.start_values = self.space.start.copy()
+
+    def detector_at(self, values: torch.Tensor) -> Detector:
+        """The detector moved by the ``detz_shift_mm`` of ``values`` when the shift is refined."""
+        if self.moves_detector:
+            return shifted_detector(self.detector, values[INDEX["detz_shift_mm"]])
+        return self.detector
+
+    def bragg(self, values: torch.Tensor, amplitudes: AmplitudeLookup,
+              pixels: torch.Tensor | None = None) -> torch.Tensor:
+        """G * Bragg photons at ``pixels`` (default: trusted) with the dense forward model."""
+        return bragg_photons(self.detector_at(values), self.crystal, values, self.tensors, amplitudes, pixels)
+
+    def nll(self, values: torch.Tensor, bragg_trusted: torch.Tensor) -> torch.Tensor:
+        """NLL of the trusted pixels given their G * Bragg photons, plus the restraints."""
+        tensors = self.tensors
+        model = tensors.background[tensors.trusted] + bragg_trusted
+        return (pixel_nll(model, tensors.data[tensors.trusted], tensors.readout_variance).sum()
+                + self.space.restraint_penalty(values))
+
+
+def all_pixels(problem: ShotProblem) -> torch.Tensor:
+    return torch.arange(problem.tensors.fast.numel(), device=problem.device)
+
+
+def model_centroids(bragg: np.ndarray, fast: np.ndarray, slow: np.ndarray, roi: np.ndarray,
+                    n_rois: int) -> np.ndarray:
+    """Centroid (fast, slow) of the model's Bragg photons in each ROI; NaN where it predicts none."""
+    total = np.bincount(roi, weights=bragg, minlength=n_rois)
+    fast_sum = np.bincount(roi, weights=bragg * (fast + 0.5), minlength=n_rois)
+    slow_sum = np.bincount(roi, weights=bragg * (slow + 0.5), minlength=n_rois)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        centroids = np.stack((fast_sum / total, slow_sum / total), axis=1)
+    centroids[~(total > 0)] = np.nan
+    return centroids
+
+
+def centroid_rmsd(predicted: np.ndarray, observed: np.ndarray, beam_centre_px: np.ndarray) -> tuple[float, float]:
+    """(overall, radial) RMSD in pixels over the ROIs with finite predicted and observed centroids."""
+    usable = np.all(np.isfinite(predicted), axis=1) & np.all(np.isfinite(observed), axis=1)
+    if not usable.any():
+        return float("nan"), float("nan")
+    delta = predicted[usable] - observed[usable]
+    outward = observed[usable] - beam_centre_px
+    length = np.linalg.norm(outward, axis=1, keepdims=True)
+    radial = np.sum(delta * np.divide(outward, length, out=np.zeros_like(outward), where=length > 0), axis=1)
+    return float(np.sqrt(np.mean(np.sum(delta ** 2, axis=1)))), float(np.sqrt(np.mean(radial ** 2)))
+
+
+@dataclass
+class ModelSummary:
+    """What one evaluation of the model on every shoebox pixel says about a shot."""
+
+    nll: float
+    z_score_sigma: float
+    centroids: np.ndarray
+    rmsd_px: float
+    radial_rmsd_px: float
+    real_space_matrix: np.ndarray
+    distance_mm: float
+
+
+def summarize_model(problem: ShotProblem, values: torch.Tensor, bragg_all: torch.Tensor) -> ModelSummary:
+    """NLL, Z-scores, centroids and RMSDs of the model with ``values`` whose G * Bragg photons on
+    every shoebox pixel are ``bragg_all``."""
+    tensors, shot = problem.tensors, problem.shot
+    with torch.no_grad():
+        nll = float(problem.nll(values, bragg_all[tensors.trusted]))
+        model = tensors.background[tensors.trusted] + bragg_all[tensors.trusted]
+        sigma = z_score_sigma(model, tensors.data[tensors.trusted], tensors.readout_variance)
+        matrix = problem.crystal.real_space_matrix(values).cpu().numpy()
+    centroids = model_centroids(bragg_all.detach().cpu().numpy(), np.asarray(shot.pixel_fast),
+                                np.asarray(shot.pixel_slow), np.asarray(shot.pixel_roi), shot.n_rois)
+    beam_centre_px = np.asarray(shot.detector.beam_center_mm) / shot.detector.pixel_size_mm
+    rmsd, radial = centroid_rmsd(centroids, np.asarray(shot.observed_centroid_px, dtype=np.float64), beam_centre_px)
+    distance = shot.detector.distance_mm + float(values[INDEX["detz_shift_mm"]])
+    return ModelSummary(nll, sigma, centroids, rmsd, radial, matrix, distance)
+
+
+#: ``evaluate(space, scaled)``: NLL and its gradient in the scaled parameters refined by ``space``.
+Evaluator = Callable[[ParameterSpace, np.ndarray], tuple[float, np.ndarray]]
+
+
+@dataclass
+class Minimization:
+    """Where a shot's minimisation ended: physical values (inside the bounds) and how it went."""
+
+    values: np.ndarray
+    n_iterations: int
+    n_evaluations: int
+    converged: bool
+    reason: str
+
+
+def outcome(result: scipy.optimize.OptimizeResult) -> tuple[bool, str]:
+    """(converged, reason) of an L-BFGS-B result; the reason is empty for a converged shot."""
+    message = result.message.decode() if isinstance(result.message, bytes) else str(result.message)
+    if result.success:
+        return True, ""
+    return False, f"L-BFGS-B did not converge: {message}"
+
+
+def minimize_shot(problem: ShotProblem, evaluate: Evaluator) -> Minimization:
+    """L-BFGS-B over each refinement pass in turn (:func:`~xfel_spread.stage1.model.refinement_passes`).
+
+    Each pass starts where the previous stopped, within the shot's bounds, for at most
+    ``max_iterations`` iterations; the last pass decides convergence. A non-finite NLL or gradient
+    ends the minimisation at the last point evaluated.
+    """
+    values = problem.start_values.copy()
+    n_iterations = n_evaluations = 0
+    converged, reason = False, "no refinement pass ran"
+    for space in refinement_passes(problem.space):
+        last = [space.scaled(values)]
+
+        def fun(scaled: np.ndarray, space=space, last=last) -> tuple[float, np.ndarray]:
+            nonlocal n_evaluations
+            n_evaluations += 1
+            last[0] = np.array(scaled, dtype=np.float64)
+            value, gradient = evaluate(space, last[0])
+            if not (np.isfinite(value) and np.all(np.isfinite(gradient))):
+                raise NonFiniteError(f"non-finite NLL or gradient at evaluation {n_evaluations}")
+            return value, gradient
+
+        try:
+            result = scipy.optimize.minimize(fun, space.scaled(values), jac=True, method="L-BFGS-B",
+                                             bounds=space.scaled_bounds(),
+                                             options={"maxiter": problem.settings.max_iterations,
+                                                      "ftol": FTOL, "gtol": GTOL})
+        except NonFiniteError as exc:
+            return Minimization(space.values(last[0]), n_iterations, n_evaluations, False, str(exc))
+        values = space.values(result.x)
+        n_iterations += int(result.nit)
+        converged, reason = outcome(result)
+    return Minimization(values, n_iterations, n_evaluations, converged, reason)
+
+
+def dense_evaluator(problem: ShotProblem, amplitudes: AmplitudeLookup) -> Evaluator:
+    """NLL and gradient of one shot with the dense forward model and torch autograd (float64)."""
+
+    def evaluate(space: ParameterSpace, scaled: np.ndarray) -> tuple[float, np.ndarray]:
+        leaf = torch.tensor(scaled, dtype=torch.float64, device=problem.device, requires_grad=True)
+        values = space.physical(leaf)
+        nll = problem.nll(values, problem.bragg(values, amplitudes))
+        nll.backward()
+        return float(nll.detach()), leaf.grad.detach().cpu().numpy()
+
+    return evaluate
+
+
+def describe_exception(exc: BaseException) -> str:
+    """One line naming an exception raised inside a shot's refinement."""
+    if isinstance(exc, (ValueError, ArithmeticError)) and str(exc):
+        return str(exc).strip().splitlines()[0]
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def failed_fit(shot: ShotPixels, settings: Stage1Settings, reason: str, seconds: float,
+               problem: ShotProblem | None = None, start: ModelSummary | None = None) -> ShotFit:
+    """The ShotFit of a shot whose refinement did not run to the end; known start figures are kept."""
+    nan_parameters = {name: float("nan") for name in PARAMETER_NAMES}
+    start_values = (ParameterSpace.as_dict(problem.start_values)
+                    if problem is not None and problem.start_values is not None else nan_parameters)
+    nan_centroids = np.full((shot.n_rois, 2), np.nan)
+    matrix = np.asarray(shot.real_space_matrix, dtype=np.float64)
+    return ShotFit(
+        shot_index=shot.shot_index, identifier=shot.identifier, shard=shot.shard, image_index=shot.image_index,
+        converged=False, reason=reason, refined=settings.refined_names,
+        start=start_values, final=dict(start_values), n_iterations=0, n_evaluations=0,
+        nll_start=start.nll if start else float("nan"), nll_final=float("nan"),
+        z_score_sigma_start=start.z_score_sigma if start else float("nan"), z_score_sigma_final=float("nan"),
+        start_real_space_matrix=start.real_space_matrix if start else matrix,
+        real_space_matrix=start.real_space_matrix if start else matrix,
+        distance_mm=float(shot.detector.distance_mm),
+        model_centroid_px_start=start.centroids if start else nan_centroids,
+        model_centroid_px=nan_centroids,
+        rmsd_px_start=start.rmsd_px if start else float("nan"), rmsd_px=float("nan"),
+        radial_rmsd_px_start=start.radial_rmsd_px if start else float("nan"), radial_rmsd_px=float("nan"),
+        n_rois=shot.n_rois, n_trusted_pixels=int(np.count_nonzero(shot.trusted)), seconds=seconds)
+
+
+def finished_fit(problem: ShotProblem, start: ModelSummary, final: ModelSummary, minimization: Minimization,
+                 seconds: float) -> ShotFit:
+    """The ShotFit of a shot whose minimisation ran (converged or not).
+
+    A refinement that ends with no Bragg photons in the shoeboxes (G at 0, or every spot moved out)
+    has lost the shot even where L-BFGS-B reports convergence: there every gradient but G's vanishes.
+    """
+    shot = problem.shot
+    converged, reason = minimization.converged, minimization.reason
+    if not np.any(np.isfinite(final.centroids)):
+        converged, reason = False, "the refined model predicts no Bragg photons in the shoeboxes"
+    return ShotFit(
+        shot_index=shot.shot_index, identifier=shot.identifier, shard=shot.shard, image_index=shot.image_index,
+        converged=converged, reason=reason, refined=problem.settings.refined_names,
+        start=ParameterSpace.as_dict(problem.start_values), final=ParameterSpace.as_dict(minimization.values),
+        n_iterations=minimization.n_iterations, n_evaluations=minimization.n_evaluations,
+        nll_start=start.nll, nll_final=final.nll,
+        z_score_sigma_start=start.z_score_sigma, z_score_sigma_final=final.z_score_sigma,
+        start_real_space_matrix=start.real_space_matrix, real_space_matrix=final.real_space_matrix,
+        distance_mm=final.distance_mm,
+        model_centroid_px_start=start.centroids, model_centroid_px=final.centroids,
+        rmsd_px_start=start.rmsd_px, rmsd_px=final.rmsd_px,
+        radial_rmsd_px_start=start.radial_rmsd_px, radial_rmsd_px=final.radial_rmsd_px,
+        n_rois=shot.n_rois, n_trusted_pixels=int(problem.tensors.trusted.numel()), seconds=seconds)
+
+
+def refine_shot(shot: ShotPixels, amplitudes: AmplitudeLookup, settings: Stage1Settings) -> ShotFit:
+    """Refine one shot against its shoebox pixels (see the module docstring); never raises.
+
+    The forward model runs on the device of ``amplitudes`` (per-channel |F|^2, one row per channel
+    of the shot's spectrum).
+    """
+    started = time.perf_counter()
+    problem, start = None, None
+    try:
+        check_amplitude_rows(amplitudes, len(shot.energies_ev))
+        problem = ShotProblem(shot, settings, amplitudes.intensity.device)
+        pixels = all_pixels(problem)
+        with torch.no_grad():
+            unit_values = problem.unit_start_values()
+            unit_bragg = problem.bragg(unit_values, amplitudes, pixels)
+        problem.set_start(unit_bragg[problem.tensors.trusted])
+        start_values = torch.as_tensor(problem.start_values, device=problem.device)
+        start = summarize_model(problem, start_values, unit_bragg * start_values[INDEX["G"]])
+        minimization = minimize_shot(problem, dense_evaluator(problem, amplitudes))
+        final_values = torch.as_tensor(minimization.values, device=problem.device)
+        with torch.no_grad():
+            final = summarize_model(problem, final_values, problem.bragg(final_values, amplitudes, pixels))
+        fit = finished_fit(problem, start, final, minimization, time.perf_counter() - started)
+    except Exception as exc:  # noqa: BLE001 - a shot must never stop the stage; the reason is reported
+        fit = failed_fit(shot, settings, describe_exception(exc), time.perf_counter() - started, problem, start)
+    logger.debug("shot %d (%s): converged=%s %s; RMSD %.3f -> %.3f px in %.1f s", shot.shot_index,
+                 shot.identifier, fit.converged, fit.reason, fit.rmsd_px_start, fit.rmsd_px, fit.seconds)
+    return fit

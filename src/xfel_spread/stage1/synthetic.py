@@ -1,0 +1,156 @@
+"""Synthetic shots for the per-shot refinement: simulated with the project's simulator, as ShotPixels.
+
+For the tests and the benchmark. A shot is drawn as ``sim.shard`` draws one: a random orientation of
+the cell, a SASE spectrum, mosaic domains (``sim.crystal.mosaic_rotations``), Bragg photons from the
+forward model, then Poisson and readout noise (``sim.detector_effects``) over a smooth background (a
+plane of a few photons per pixel, standing in for the water ring's slow variation). Shoeboxes
+(12 x 12 px by default) sit around the strongest spots of the crystal's mean orientation on the LY99
+panel (``bragg_photons_sparse`` over the whole panel) and do not overlap; only their pixels get the
+photons of every domain (``bragg_photons_dense``, the same expression), which keeps shots with many
+domains cheap. As the I/O side of stage 1 builds them from real images, each shoebox's background is
+the tilted plane fitted to its border and its observed centroid the centroid of the
+background-subtracted photons.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from xfel_spread.sim import crystal as xtal
+from xfel_spread.sim import detector_effects as effects
+from xfel_spread.sim.forward import AmplitudeLookup, Beam, CrystalState, bragg_photons_dense, bragg_photons_sparse
+from xfel_spread.sim.geometry import Detector
+from xfel_spread.sim.spectrum import SaseModel, sase_spectrum
+from xfel_spread.stage1.model import REFERENCE_BEAM_SIZE_M, c2_cell, c2_orthogonalization, start_orientation
+from xfel_spread.stage1.shot import ShotPixels
+
+#: The LY99 Rayonix panel with its true beam centre (the nominal centre + 0.5 px).
+LY99_DETECTOR = Detector(3840, 3840, 0.088, 141.7, (169.004, 169.004), 0.032, 0.017)
+#: LY99's unit cells per domain edge and domains per crystal (its SASE pulses are SaseModel's defaults).
+LY99_NCELLS = 57.0
+LY99_DOMAINS_PER_CRYSTAL = 93.75
+#: Gain 1 ADU/photon, offset 10 ADU, 1 ADU readout noise, no calibration error.
+READOUT = effects.ReadoutModel(gain_adu_per_photon=1.0, adc_offset_adu=10.0, readout_noise_adu=1.0,
+                               calibration_noise_fraction=0.0)
+
+
+@dataclass
+class SyntheticShot:
+    """A simulated shot's pixels and its truth (G in the units of the refinement, see the model module)."""
+
+    shot: ShotPixels
+    true_matrix: np.ndarray
+    true_ncells: float
+    true_G: float
+    true_spread_deg: float  #: root-mean-square rotation angle of the drawn mosaic domains
+    true_distance_mm: float
+
+
+def fit_tilted_plane(fast: np.ndarray, slow: np.ndarray, values: np.ndarray, border: np.ndarray) -> np.ndarray:
+    """The plane a + b x + c y fitted by least squares to the border pixels, at every pixel."""
+    design = np.stack((np.ones(fast.size), fast, slow), axis=1).astype(np.float64)
+    coefficients, *_ = np.linalg.lstsq(design[border], values[border], rcond=None)
+    return design @ coefficients
+
+
+def strongest_boxes(image: np.ndarray, n_rois: int, size: int, threshold: float = 0.5) -> list[tuple[int, int]]:
+    """Corners (x0, y0) of up to ``n_rois`` non-overlapping size x size boxes on the strongest spots."""
+    labels, n_labels = ndimage.label(image > threshold)
+    ids = np.arange(1, n_labels + 1)
+    totals = np.asarray(ndimage.sum(image, labels, ids))
+    centres = np.asarray(ndimage.center_of_mass(image, labels, ids)).reshape(-1, 2)
+    n_slow, n_fast = image.shape
+    occupied = np.zeros_like(image, dtype=bool)
+    corners = []
+    for spot in np.argsort(totals)[::-1]:
+        centre_slow, centre_fast = centres[spot] + 0.5
+        x0, y0 = int(round(centre_fast)) - size // 2, int(round(centre_slow)) - size // 2
+        if x0 < 0 or y0 < 0 or x0 + size > n_fast or y0 + size > n_slow or occupied[y0:y0 + size, x0:x0 + size].any():
+            continue
+        occupied[y0:y0 + size, x0:x0 + size] = True
+        corners.append((x0, y0))
+        if len(corners) == n_rois:
+            break
+    return corners
+
+
+def rms_rotation_deg(rotations: np.ndarray) -> float:
+    """Root-mean-square rotation angle (degrees) of rotation matrices (D, 3, 3)."""
+    cos_angle = np.clip((np.trace(rotations, axis1=1, axis2=2) - 1) / 2, -1.0, 1.0)
+    return float(np.degrees(np.sqrt(np.mean(np.arccos(cos_angle) ** 2))))
+
+
+def simulate_shot_pixels(lookup: AmplitudeLookup, energies_ev: np.ndarray, unit_cell, seed: int, *,
+                         n_rois: int = 20, shoebox: int = 12, ncells: float = LY99_NCELLS, spread_deg: float = 0.0,
+                         n_domains: int = 1, total_photons: float = 1e12, background_photons: float = 5.0,
+                         detector: Detector = LY99_DETECTOR) -> SyntheticShot:
+    """One shot simulated with the project's simulator; its start crystal is the truth."""
+    rng = np.random.default_rng(seed)
+    true_matrix = (xtal.random_rotation(rng) @ xtal.orthogonalization_matrix(unit_cell).T).T
+    photons = sase_spectrum(SaseModel(total_photons=total_photons), np.asarray(energies_ev), rng)
+    beam = Beam(torch.as_tensor(energies_ev, dtype=torch.float64), torch.as_tensor(photons),
+                REFERENCE_BEAM_SIZE_M, 1.0)
+    rotations = xtal.mosaic_rotations(n_domains, spread_deg, rng)
+
+    def crystal(matrices):
+        return CrystalState(torch.as_tensor(matrices), torch.full((3,), float(ncells), dtype=torch.float64),
+                            torch.tensor(LY99_DOMAINS_PER_CRYSTAL, dtype=torch.float64))
+
+    corners = strongest_boxes(bragg_photons_sparse(detector, beam, crystal(true_matrix[None]), lookup).numpy(),
+                              n_rois, shoebox)
+    grids = [np.mgrid[y0:y0 + shoebox, x0:x0 + shoebox] for x0, y0 in corners]
+    slow = np.concatenate([grid[0].ravel() for grid in grids])
+    fast = np.concatenate([grid[1].ravel() for grid in grids])
+    roi = np.repeat(np.arange(len(corners)), shoebox * shoebox)
+
+    centre = np.array([detector.n_fast, detector.n_slow]) / 2
+    background = background_photons * (1 + 0.2 * (fast - centre[0]) / centre[0] - 0.1 * (slow - centre[1]) / centre[1])
+    bragg = bragg_photons_dense(detector, beam, crystal(xtal.domain_matrices(true_matrix, rotations)), lookup,
+                                torch.as_tensor(fast), torch.as_tensor(slow))
+    expected = bragg + torch.as_tensor(background)
+    noisy = effects.draw_noise(expected, torch.ones_like(expected), READOUT, seed)
+    adu = effects.to_adu(noisy.photons, noisy.readout_adu, READOUT).numpy()
+    data = (adu - READOUT.adc_offset_adu) / READOUT.gain_adu_per_photon
+
+    plane = np.empty_like(data)
+    observed = np.empty((len(corners), 2))
+    for index, (x0, y0) in enumerate(corners):
+        mine = roi == index
+        border = np.isin(fast[mine], (x0, x0 + shoebox - 1)) | np.isin(slow[mine], (y0, y0 + shoebox - 1))
+        plane[mine] = fit_tilted_plane(fast[mine], slow[mine], data[mine], border)
+        signal = np.clip(data[mine] - plane[mine], 0, None)
+        observed[index] = (signal @ (fast[mine] + 0.5), signal @ (slow[mine] + 0.5))
+        observed[index] /= signal.sum()
+
+    shot = ShotPixels(
+        shard="synthetic", shot_index=seed, image_index=0, identifier=f"synthetic-{seed}", detector=detector,
+        energies_ev=np.asarray(energies_ev, dtype=np.float64), photons=photons, polarization_fraction=1.0,
+        gain_adu_per_photon=READOUT.gain_adu_per_photon, real_space_matrix=true_matrix, space_group="C 1 2 1",
+        miller_index=np.zeros((len(corners), 3), dtype=int),
+        roi_bounds=np.array([(x0, x0 + shoebox, y0, y0 + shoebox) for x0, y0 in corners]),
+        observed_centroid_px=observed, pixel_fast=fast, pixel_slow=slow, pixel_roi=roi,
+        data_photons=data, background_photons=plane, trusted=np.ones(fast.size, dtype=bool))
+    return SyntheticShot(shot, true_matrix, float(ncells), LY99_DOMAINS_PER_CRYSTAL, rms_rotation_deg(rotations),
+                         detector.distance_mm)
+
+
+def perturbed_matrix(true_matrix: np.ndarray, seed: int, rotation_deg: float = 0.05,
+                     cell_fraction: float = 0.003) -> np.ndarray:
+    """The crystal turned by ``rotation_deg`` about a random axis, with a, b, c and beta each changed
+    by ``cell_fraction`` of their value (random signs)."""
+    rng = np.random.default_rng(seed)
+    axis = rng.standard_normal(3)
+    axis /= np.linalg.norm(axis)
+    true_cell = c2_cell(true_matrix)
+    cell = np.asarray(true_cell) * (1 + cell_fraction * rng.choice([-1.0, 1.0], size=4))
+    orientation = xtal.axis_angle_rotation(axis, np.radians(rotation_deg)) @ start_orientation(true_matrix, true_cell)
+    return c2_orthogonalization(torch.as_tensor(cell)).numpy() @ orientation.T
+
+
+def with_start(shot: ShotPixels, start_matrix: np.ndarray, detector: Detector | None = None) -> ShotPixels:
+    """The shot's pixels with another start crystal (and detector)."""
+    return replace(shot, real_space_matrix=start_matrix, detector=shot.detector if detector is None else detector)

@@ -1,0 +1,201 @@
+"""Stage 9 (exa): the batched forward model against the dense reference, its gradients, buffer reuse,
+the lockstep driver, and refine_batch against refine_shot on CPU (and CUDA against CPU)."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from sim_fixtures import LY99_ENERGIES_EV, amplitude_table, lookup_for  # noqa: F401  (amplitude_table is a fixture)
+
+from xfel_spread.sim import crystal as xtal
+from xfel_spread.sim.forward import Beam, CrystalState, bragg_photons_dense, pixel_factors
+from xfel_spread.sim.structure_factors import HC_EV_ANGSTROM
+from xfel_spread.stage1.batched import ExaForwardModel, Lockstep, batched_bragg_photons, refine_batch
+from xfel_spread.stage1.model import PARAMETER_NAMES, Stage1Settings
+from xfel_spread.stage1.refine import ShotProblem, all_pixels, dense_evaluator, refine_shot
+from xfel_spread.stage1.synthetic import LY99_DETECTOR, perturbed_matrix, simulate_shot_pixels, with_start
+
+FEW_CHANNELS = np.arange(20, 80, 6)
+ALL_GROUPS = ["G", "rotation", "cell", "ncells", "eta", "detz_shift"]
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(scope="module")
+def few_lookup(amplitude_table):
+    return lookup_for(amplitude_table, FEW_CHANNELS)
+
+
+@pytest.fixture(scope="module")
+def three_shots(amplitude_table, few_lookup):
+    """Three simulated shots (different crystals, spectra) with perturbed starts."""
+    shots = []
+    for seed in (1, 2, 3):
+        synthetic = simulate_shot_pixels(few_lookup, LY99_ENERGIES_EV[FEW_CHANNELS], amplitude_table.unit_cell,
+                                         seed=seed, n_rois=8)
+        shots.append(with_start(synthetic.shot, perturbed_matrix(synthetic.true_matrix, seed, cell_fraction=0.001)))
+    return shots
+
+
+def prepared(shot, settings, lookup):
+    """A ShotProblem with its start G set, as refine_shot makes it."""
+    problem = ShotProblem(shot, settings, "cpu")
+    with torch.no_grad():
+        unit_bragg = problem.bragg(problem.unit_start_values(), lookup, all_pixels(problem))
+    problem.set_start(unit_bragg[problem.tensors.trusted])
+    return problem
+
+
+def test_batched_kernel_equals_the_dense_model_per_shot(three_shots, few_lookup):
+    """Three shots' shoebox pixels, each shot with its own 3-domain crystal, N, scale and spectrum."""
+    energies = LY99_ENERGIES_EV[FEW_CHANNELS]
+    rng = np.random.default_rng(5)
+    fast = torch.as_tensor(np.concatenate([shot.pixel_fast for shot in three_shots]))
+    slow = torch.as_tensor(np.concatenate([shot.pixel_slow for shot in three_shots]))
+    shot_of_pixel = torch.as_tensor(np.repeat([0, 1, 2], [shot.n_pixels for shot in three_shots]))
+    crystals = [CrystalState(torch.as_tensor(xtal.domain_matrices(shot.real_space_matrix,
+                                                                  xtal.mosaic_rotations(3, 0.1, rng))),
+                             torch.as_tensor(rng.uniform(30, 80, 3)), torch.tensor(rng.uniform(10, 100)))
+                for shot in three_shots]
+    spectra = [torch.as_tensor(shot.photons * rng.uniform(0.5, 2.0, FEW_CHANNELS.size)) for shot in three_shots]
+    directions, factor = pixel_factors(LY99_DETECTOR, fast, slow, 1.0)
+    batched = batched_bragg_photons(
+        directions, factor, shot_of_pixel, torch.stack([c.domain_matrices for c in crystals]),
+        torch.stack([c.ncells for c in crystals]), torch.stack([c.scale for c in crystals]), torch.stack(spectra),
+        torch.as_tensor(energies / HC_EV_ANGSTROM), few_lookup, 3e-6)
+    for shot in range(3):
+        mine = shot_of_pixel == shot
+        beam = Beam(torch.as_tensor(energies), spectra[shot], 3e-6, 1.0)
+        reference = bragg_photons_dense(LY99_DETECTOR, beam, crystals[shot], few_lookup, fast[mine], slow[mine])
+        assert reference.max() > 100
+        assert torch.allclose(batched[mine], reference, rtol=1e-12, atol=0)
+
+
+def test_batched_nll_and_gradients_equal_the_dense_ones(three_shots, few_lookup):
+    """Every parameter refined (eta with 4 domains, detector shift), at generic points of each shot."""
+    settings = Stage1Settings.from_config({"refine": ALL_GROUPS, "mosaic_domains": 4, "restraints": {"ncells": 20.0}})
+    problems = [prepared(shot, settings, few_lookup) for shot in three_shots]
+    model = ExaForwardModel(few_lookup, LY99_ENERGIES_EV[FEW_CHANNELS], "cpu")
+    model.load(problems)
+    rng = np.random.default_rng(1)
+    requests = {index: (problem.space, rng.uniform(-3, 3, problem.space.n_refined))
+                for index, problem in enumerate(problems)}
+    replies = model.nll_and_gradients(requests)
+    for index, problem in enumerate(problems):
+        value, gradient = dense_evaluator(problem, few_lookup)(*requests[index])
+        assert replies[index][0] == pytest.approx(value, rel=1e-13)
+        assert np.allclose(replies[index][1], gradient, rtol=1e-10, atol=1e-10 * np.abs(gradient).max())
+    # A subset of the shots is served alone, with the same answers.
+    alone = model.nll_and_gradients({2: requests[2]})
+    assert alone[2][0] == pytest.approx(replies[2][0], rel=1e-13)
+    assert np.allclose(alone[2][1], replies[2][1], rtol=1e-12)
+
+
+def test_buffers_are_reused_between_batches(three_shots, few_lookup):
+    settings = Stage1Settings.from_config({})
+    model = ExaForwardModel(few_lookup, LY99_ENERGIES_EV[FEW_CHANNELS], "cpu")
+    model.load([prepared(shot, settings, few_lookup) for shot in three_shots])
+    pointers = {name: model._storage[name].data_ptr() for name in ("fast", "data", "directions")}
+    model.load([prepared(shot, settings, few_lookup) for shot in three_shots[:2]])
+    assert {name: model._storage[name].data_ptr() for name in pointers} == pointers
+    assert model.data.shape[0] == sum(shot.n_pixels for shot in three_shots[:2])
+    assert np.array_equal(model.data.numpy(), np.concatenate([shot.data_photons for shot in three_shots[:2]]))
+
+
+def test_lockstep_serves_every_waiting_task_in_one_batch():
+    batch_sizes = []
+
+    def task(centre, fail_at=None):
+        def run(evaluate):
+            position, calls = np.zeros(1), 0
+            for _ in range(5 + centre):
+                calls += 1
+                if calls == fail_at:
+                    raise RuntimeError("task gave up")
+                value, gradient = evaluate(None, position)
+                position = position - 0.5 * gradient
+            return float(position[0]), value
+        return run
+
+    def serve(requests):
+        batch_sizes.append(len(requests))
+        return {key: (float((x[0] - key) ** 2), 2 * (x - key)) for key, (_, x) in requests.items()}
+
+    results = Lockstep().run({1: task(1), 2: task(2), 3: task(3, fail_at=2)}, serve)
+    assert results[1] == (1.0, 0.0) and results[2] == (2.0, 0.0)
+    assert isinstance(results[3], RuntimeError)
+    assert batch_sizes == [3, 2, 2, 2, 2, 2, 1]
+
+
+def assert_same_fit(batched, single, tolerance_steps=1e-3):
+    """Same outcome, and parameters within ``tolerance_steps`` scaled units (a thousandth of the
+    step each parameter is scaled by, about its 1-sigma on an LY99 shot)."""
+    assert batched.converged == single.converged and batched.reason == single.reason
+    assert batched.n_rois == single.n_rois
+    start = np.array([single.start[name] for name in PARAMETER_NAMES])
+    assert np.allclose([batched.start[name] for name in PARAMETER_NAMES], start, rtol=1e-10)
+    step = np.array([0.03 * start[0], 1e-3, 1e-3, 1e-3, *(1e-4 * start[4:8]), *(0.02 * 72,) * 3, 0.002, 0.005])
+    difference = np.array([batched.final[name] - single.final[name] for name in PARAMETER_NAMES])
+    assert np.all(np.abs(difference) <= tolerance_steps * step), dict(zip(PARAMETER_NAMES, difference / step))
+    assert batched.rmsd_px == pytest.approx(single.rmsd_px, rel=1e-3, abs=1e-4)
+    assert np.allclose(batched.real_space_matrix, single.real_space_matrix, rtol=0, atol=1e-2 * tolerance_steps)
+
+
+def test_refine_batch_gives_the_parameters_of_refine_shot(three_shots, few_lookup):
+    settings = Stage1Settings.from_config({})
+    singles = [refine_shot(shot, few_lookup, settings) for shot in three_shots]
+    batched = refine_batch(three_shots, few_lookup, settings, "cpu")
+    assert [fit.shot_index for fit in batched] == [shot.shot_index for shot in three_shots]
+    for batched_fit, single_fit in zip(batched, singles):
+        assert single_fit.converged, single_fit.reason
+        assert batched_fit.rmsd_px < 0.05 < batched_fit.rmsd_px_start
+        assert_same_fit(batched_fit, single_fit)
+
+
+def test_refine_batch_with_eta_and_distance_gives_the_parameters_of_refine_shot(three_shots, few_lookup):
+    """Rotation, cell and distance are correlated: rounding moves the end point along that valley a
+    little more, so a hundredth of a step is asked."""
+    settings = Stage1Settings.from_config({"refine": ALL_GROUPS, "mosaic_domains": 4})
+    shots = three_shots[:2]
+    for batched_fit, shot in zip(refine_batch(shots, few_lookup, settings, "cpu"), shots):
+        assert_same_fit(batched_fit, refine_shot(shot, few_lookup, settings), tolerance_steps=1e-2)
+
+
+def test_failed_shots_do_not_stop_the_batch(three_shots, few_lookup):
+    settings = Stage1Settings.from_config({})
+    broken = np.array(three_shots[1].data_photons, copy=True)
+    broken[3] = np.nan
+    other_channels = dataclasses.replace(three_shots[2], energies_ev=three_shots[2].energies_ev + 1.0)
+    shots = [three_shots[0], dataclasses.replace(three_shots[1], data_photons=broken), other_channels, three_shots[0]]
+    model = ExaForwardModel(few_lookup, LY99_ENERGIES_EV[FEW_CHANNELS], "cpu")
+    fits = refine_batch(shots, model, settings)
+    assert not fits[1].converged and fits[1].reason == "1 trusted pixel(s) hold non-finite data_photons"
+    assert not fits[2].converged
+    assert fits[2].reason == "the shot's channel energies differ from those of the batched model"
+    single = refine_shot(three_shots[0], few_lookup, settings)
+    assert_same_fit(fits[0], single)
+    assert_same_fit(fits[3], single)
+    assert refine_batch([], model, settings) == []
+
+
+def test_a_failing_batch_evaluation_fails_its_shots_with_the_reason(three_shots, few_lookup, monkeypatch):
+    model = ExaForwardModel(few_lookup, LY99_ENERGIES_EV[FEW_CHANNELS], "cpu")
+
+    def out_of_memory(requests):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(model, "nll_and_gradients", out_of_memory)
+    fits = refine_batch(three_shots, model, Stage1Settings.from_config({}))
+    assert [fit.converged for fit in fits] == [False] * 3
+    assert {fit.reason for fit in fits} == {"RuntimeError: CUDA out of memory"}
+    assert all(np.isfinite(fit.rmsd_px_start) for fit in fits)
+
+
+@needs_cuda
+def test_refine_batch_on_cuda_gives_the_parameters_found_on_cpu(three_shots, few_lookup):
+    settings = Stage1Settings.from_config({"refine": ALL_GROUPS, "mosaic_domains": 4})
+    on_cpu = refine_batch(three_shots, few_lookup, settings, "cpu")
+    on_cuda = refine_batch(three_shots, few_lookup, settings, "cuda")
+    for cuda_fit, cpu_fit in zip(on_cuda, on_cpu):
+        assert cpu_fit.converged, cpu_fit.reason
+        assert_same_fit(cuda_fit, cpu_fit, tolerance_steps=1e-2)
