@@ -19,6 +19,7 @@ include: "rules/score.smk"
 include: "rules/cells.smk"
 include: "rules/merge.smk"
 include: "rules/annulus.smk"
+include: "rules/stage1.smk"
 
 
 rule all:

@@ -57,11 +57,12 @@ def shard_path(dataset, index):
 
 def final_targets():
     """Everything `rule all` asks for: the reference files, every shard of both datasets, the score
-    tables of the DIALS chain and of merging (which pull in index, metrology, reindex, the cell
-    analysis and the merge), and the annulus selection."""
+    tables of the DIALS chain, merging and both pixel refinements (which pull in index, metrology,
+    reindex, the cell analysis, the merge and the annulus), and the annulus summaries."""
     references = [reference_path(name) for name in REFERENCE_NAMES]
     shards = [shard_path(dataset, index) for dataset in DATASETS for index in range(len(SHARD_RANGES))]
-    scores = [f"{OUTPUT_DIR}/score/{stage}_{dataset}.tsv" for stage in ("dials", "merge") for dataset in DATASETS]
+    scores = [f"{OUTPUT_DIR}/score/{stage}_{dataset}.tsv"
+              for stage in ("dials", "merge", "stage1", "exa") for dataset in DATASETS]
     annulus = [f"{OUTPUT_DIR}/annulus/{dataset}/summary.json" for dataset in DATASETS]
     return references + shards + scores + annulus
 

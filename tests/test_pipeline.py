@@ -116,12 +116,23 @@ def per_dataset_jobs(*rules):
 
 #: The per-dataset stages after reindex, in stage order: each one's jobs rerun when an earlier one reruns.
 MERGE_STAGES = ("tdata", "covariance", "merge", "dials_merge", "score_merge", "annulus")
+#: The per-shard pixel refinements and their per-dataset scores, which follow the annulus.
+PIXEL_REFINEMENTS = ("stage1", "exa")
+PIXEL_SCORES = ("score_stage1", "score_exa")
+
+
+def pixel_refinement_jobs(n_shards=N_SHARDS):
+    """Jobs that follow a new annulus selection: both pixel refinements of every shard, their scores."""
+    shard_jobs = {(rule, (("dataset", dataset), ("index", f"{index:05d}")))
+                  for rule in PIXEL_REFINEMENTS for dataset in DATASETS for index in range(n_shards)}
+    return shard_jobs | per_dataset_jobs(*PIXEL_SCORES)
 
 
 def metrology_and_after(n_shards=N_SHARDS):
     """Jobs that follow a new detector refinement: metrology, every reindex job, the cell analysis,
-    merging, the annulus and the scores."""
-    return per_dataset_jobs("metrology", "score_dials", *MERGE_STAGES) | stills_jobs("reindex", range(n_shards))
+    merging, the annulus, the pixel refinements and the scores."""
+    return (per_dataset_jobs("metrology", "score_dials", *MERGE_STAGES) | stills_jobs("reindex", range(n_shards))
+            | pixel_refinement_jobs(n_shards))
 
 
 def index_and_after(shards, n_shards=N_SHARDS):
@@ -149,6 +160,7 @@ def pipeline_config(workdir, **simulate_overrides):
     config["index"] = {"phil": str(workdir / "index.phil")}
     config["cells"] = {"min_samples": 3}
     config["merge"] = {"minimum_multiplicity": 1}
+    config["stage1"] = {}
     return config
 
 
@@ -301,6 +313,34 @@ def test_cell_analysis_merging_and_annulus_for_both_datasets(completed_run):
             assert (logs / f"{log}.log").stat().st_size > 0, log
 
 
+def test_pixel_refinements_cover_every_annulus_lattice(completed_run):
+    from dxtbx.model.experiment_list import ExperimentList
+
+    workdir, _ = completed_run
+    results, logs = workdir / "results", workdir / "logs"
+    for dataset in DATASETS:
+        for refinement in ("stage1", "exa"):
+            for index in range(N_SHARDS):
+                annulus = ExperimentList.from_file(
+                    str(results / "annulus" / dataset / f"shard_{index:05d}_annulus.expt"), check_format=False)
+                prefix = results / refinement / dataset / f"shard_{index:05d}"
+                rows = csv_rows(f"{prefix}_shots.tsv")
+                assert [row["identifier"] for row in rows] == list(annulus.identifiers())
+                refined = ExperimentList.from_file(f"{prefix}_refined.expt", check_format=False)
+                assert list(refined.identifiers()) == list(annulus.identifiers())
+                for row in rows:
+                    if row["converged"] == "1":
+                        assert float(row["rmsd_overall_after_px"]) >= 0 and int(row["iterations"]) >= 1
+                    else:
+                        assert row["reason"], row
+                assert (logs / refinement / dataset / f"shard_{index:05d}.log").is_file()
+                assert (logs / "benchmarks" / refinement / dataset / f"shard_{index:05d}.tsv").is_file()
+            scores = csv_rows(results / "score" / f"{refinement}_{dataset}.tsv")
+            assert len(scores) == sum(len(csv_rows(results / refinement / dataset / f"shard_{index:05d}_shots.tsv"))
+                                      for index in range(N_SHARDS))
+            assert (results / "score" / f"{refinement}_{dataset}.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def csv_rows(path):
     import csv
 
@@ -315,12 +355,13 @@ def test_dry_run_on_a_fresh_directory_lists_every_stage(tmp_path):
     jobs = planned_jobs(succeeded(snakemake(tmp_path, configfile, "--dry-run")))
 
     assert Counter(rule for rule, _ in jobs) == {
-        "reference_data": len(REFERENCE_NAMES), "stage_settings": 7, "structure_factors": 1,
+        "reference_data": len(REFERENCE_NAMES), "stage_settings": 8, "structure_factors": 1,
         "simulate": N_SHARDS, "index": 2 * N_SHARDS, "metrology": 2, "reindex": 2 * N_SHARDS,
-        "score_dials": 2, **{rule: 2 for rule in MERGE_STAGES}, "all": 1}
+        "score_dials": 2, **{rule: 2 for rule in MERGE_STAGES}, **{rule: 2 * N_SHARDS for rule in PIXEL_REFINEMENTS},
+        **{rule: 2 for rule in PIXEL_SCORES}, "all": 1}
     assert {wildcards for rule, wildcards in jobs if rule == "stage_settings"} == {
         (("stage", stage),) for stage in ("structure_factors", "simulate", "metrology", "cells", "merge",
-                                          "dials_merge", "annulus")}
+                                          "dials_merge", "annulus", "stage1")}
     assert {wildcards for rule, wildcards in jobs if rule == "reference_data"} == {
         (("name", name),) for name in REFERENCE_NAMES}
     # A dry run plans; it writes no results.
@@ -387,7 +428,7 @@ def test_cell_clustering_setting_reruns_covariance_and_what_follows_not_tdata(co
     config["cells"]["eps"] = 0.3
     configfile = write_config(tmp_path / "changed.yaml", config)
     assert dry_run(workdir, configfile) == {settings_job("cells"), ALL_JOB} | per_dataset_jobs(
-        "covariance", "merge", "dials_merge", "score_merge", "annulus")
+        "covariance", "merge", "dials_merge", "score_merge", "annulus") | pixel_refinement_jobs()
 
 
 def test_merge_setting_reruns_merge_cross_check_scores_and_annulus(completed_run, tmp_path):
@@ -396,7 +437,7 @@ def test_merge_setting_reruns_merge_cross_check_scores_and_annulus(completed_run
     config["merge"]["d_min"] = 2.0
     configfile = write_config(tmp_path / "changed.yaml", config)
     assert dry_run(workdir, configfile) == {settings_job("merge"), settings_job("dials_merge"), ALL_JOB} | \
-        per_dataset_jobs("merge", "dials_merge", "score_merge", "annulus")
+        per_dataset_jobs("merge", "dials_merge", "score_merge", "annulus") | pixel_refinement_jobs()
 
 
 def test_cross_check_setting_reruns_the_cross_check_and_its_score_only(completed_run, tmp_path):
@@ -408,12 +449,21 @@ def test_cross_check_setting_reruns_the_cross_check_and_its_score_only(completed
         "dials_merge", "score_merge")
 
 
-def test_annulus_setting_reruns_the_annulus_only(completed_run, tmp_path):
+def test_annulus_setting_reruns_the_annulus_and_the_pixel_refinements(completed_run, tmp_path):
     workdir, _ = completed_run
     config = pipeline_config(workdir)
     config["annulus"] = {"d_min": 2.2}
     configfile = write_config(tmp_path / "changed.yaml", config)
-    assert dry_run(workdir, configfile) == {settings_job("annulus"), ALL_JOB} | per_dataset_jobs("annulus")
+    assert dry_run(workdir, configfile) == {settings_job("annulus"), ALL_JOB} | per_dataset_jobs("annulus") | \
+        pixel_refinement_jobs()
+
+
+def test_stage1_setting_reruns_the_pixel_refinements_only(completed_run, tmp_path):
+    workdir, _ = completed_run
+    config = pipeline_config(workdir)
+    config["stage1"]["readout_sigma_adu"] = 2.0
+    configfile = write_config(tmp_path / "changed.yaml", config)
+    assert dry_run(workdir, configfile) == {settings_job("stage1"), ALL_JOB} | pixel_refinement_jobs()
 
 
 def test_more_shots_add_only_the_new_shard_and_keep_the_old_ones(completed_run, tmp_path):
