@@ -26,13 +26,13 @@ import shutil
 import sys
 import threading
 import time
-import traceback
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from xfel_spread.atomic import atomic_output, atomic_path
 from xfel_spread.dials.compat import install_mono_sim_stand_in
+from xfel_spread.mpi import abort_on_error
 
 #: The outputs of one shard, as suffixes of its prefix.
 OUTPUT_SUFFIXES = {
@@ -249,20 +249,6 @@ def _restored_standard_streams():
         sys.stdout, sys.stderr = stdout, stderr
 
 
-@contextlib.contextmanager
-def _abort_world_on_error(comm):
-    """A rank that dies alone leaves the others waiting for it forever (srun does not kill them by
-    default); abort the whole job instead, after printing the error."""
-    try:
-        yield
-    except BaseException:
-        if comm.Get_size() == 1:
-            raise
-        traceback.print_exc(file=sys.__stderr__)
-        sys.__stderr__.flush()
-        comm.Abort(1)
-
-
 def _mpi_world():
     from mpi4py import MPI
 
@@ -344,7 +330,7 @@ def process_shard(shard_path, shots: tuple[int, int], phil_paths: Sequence, pref
     arguments = stills_process_arguments(shard_path, phil_paths, work_dir.resolve(), size)
     reporter = ProgressReporter(work_dir / "debug", n_images, log_stream, progress_interval_s)
     progress = reporter.running() if rank == 0 else contextlib.nullcontext()
-    with _abort_world_on_error(comm), progress, _restored_standard_streams():
+    with abort_on_error(comm), progress, _restored_standard_streams():
         Script().run(arguments)
     comm.barrier()
     if rank != 0:

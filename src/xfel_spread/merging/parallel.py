@@ -12,12 +12,11 @@ other exception on one rank aborts the whole job (:func:`abort_on_unexpected_err
 
 from __future__ import annotations
 
-import contextlib
-import sys
-import traceback
 from collections.abc import Mapping
 
 import numpy as np
+
+from xfel_spread.mpi import abort_on_error
 
 
 class SerialComm:
@@ -131,16 +130,6 @@ def first_error(comm, error: Exception | None) -> None:
             raise AgreedError(message)
 
 
-@contextlib.contextmanager
 def abort_on_unexpected_error(comm):
     """Abort the MPI job on an exception other than an agreed one (which every rank raises)."""
-    try:
-        yield
-    except AgreedError:
-        raise
-    except BaseException:
-        if comm.Get_size() == 1:
-            raise
-        traceback.print_exc(file=sys.__stderr__)
-        sys.__stderr__.flush()
-        comm.Abort(1)
+    return abort_on_error(comm, passthrough=(AgreedError,))
