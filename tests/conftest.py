@@ -1,5 +1,9 @@
-"""Shared fixtures: where the repository and the project's reference-data mirror are."""
+"""Shared fixtures and helpers: where the repository and the project's reference-data mirror are, and
+how the command-line tests run MPI jobs."""
 
+import os
+import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -17,3 +21,25 @@ def repo_root() -> Path:
 @pytest.fixture
 def shared_data_dir() -> Path:
     return SHARED_DATA_DIR
+
+
+def mpirun_command(command, ranks: int) -> list:
+    """``command`` under ``mpirun -n ranks`` (allowed as root, and with more ranks than cores)."""
+    return ["mpirun", "--allow-run-as-root", "--oversubscribe", "-n", str(ranks), *command]
+
+
+def run_job(command, timeout: float) -> subprocess.CompletedProcess:
+    """Run ``command`` in its own process group; fail the test (killing the group) if it outlives ``timeout`` s.
+
+    A hung MPI job is killed whole, ranks included, not only its mpirun.
+    """
+    command = [str(part) for part in command]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"{Path(command[0]).name} ... still running after {timeout} s (killed):\n{stderr[-3000:]}")
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)

@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import signal
-import subprocess
 import sys
 import uuid
 from pathlib import Path
@@ -25,7 +22,7 @@ from xfel_spread.merging.parallel import SerialComm
 from xfel_spread.merging.pipeline import MergeOutputs, MergeSettings, run_merge
 from xfel_spread.merging.reference import model_reference
 
-from conftest import SHARED_DATA_DIR
+from conftest import SHARED_DATA_DIR, mpirun_command, run_job
 
 MODEL = SHARED_DATA_DIR / "1m2a.pdb"
 CELL = (67.2, 59.8, 47.2, 90.0, 110.3, 90.0)
@@ -300,22 +297,6 @@ def write_covariance(path):
     write_covariance_pickle(path, CellPopulations(np.zeros(10, int), [cluster]), ["a", "b", "c"], "test", {})
 
 
-def run_job(command, timeout):
-    """Run ``command`` in its own process group; fail the test (killing the group) if it outlives ``timeout`` s.
-
-    A hung MPI job is killed whole, ranks included, not only its mpirun.
-    """
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
-    try:
-        stdout, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-        pytest.fail(f"{Path(command[0]).name} ... still running after {timeout} s (killed):\n{stderr[-3000:]}")
-    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
-
-
 def merge_command(directory, prefixes, name, covariance, model=MODEL, ranks=None, timeout=300):
     config = directory / "merge.yaml"
     config.write_text(f"merge:\n  d_min: {D_MIN}\n  n_bins: 4\n")
@@ -327,7 +308,7 @@ def merge_command(directory, prefixes, name, covariance, model=MODEL, ranks=None
                "--stats-plot", str(outputs.stats_plot), "--lattices", str(outputs.lattices),
                "--summary", str(outputs.summary)]
     if ranks:
-        command = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-n", str(ranks)] + command
+        command = mpirun_command(command, ranks)
     return run_job(command, timeout), outputs
 
 

@@ -8,15 +8,13 @@ later ``mpirun`` fail.
 from __future__ import annotations
 
 import csv
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conftest import mpirun_command, run_job
 from test_stage1_rois import CELL, DISTANCE_MM, G_TRUE, NCELLS_TRUE, write_case, write_test_mtz
 from xfel_spread.dials.scoring import misorientation_deg, point_group_rotations
 
@@ -24,19 +22,6 @@ BIN = Path(sys.executable).parent
 TIMEOUT_S = 300
 #: Columns that may differ between two runs of the same input: wall time.
 TIMING_COLUMNS = ("seconds",)
-
-
-def run_job(command, timeout=TIMEOUT_S) -> subprocess.CompletedProcess:
-    """Run ``command`` in its own process group; kill the group and fail if it outlives ``timeout``."""
-    process = subprocess.Popen([str(part) for part in command], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, start_new_session=True)
-    try:
-        stdout, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-        pytest.fail(f"{command[0]} still running after {timeout} s (killed):\n{stderr[-3000:]}")
-    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 def write_config(path: Path, source: str = "model", **settings) -> Path:
@@ -51,7 +36,7 @@ def stage1_command(case, config, output_prefix, program="spread-stage1", ranks=N
     command = [BIN / program, "--config", config, "--annulus-prefix", case.annulus_prefix, "--shard", case.shard,
                *source, "--output-prefix", output_prefix]
     if ranks:
-        command = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-n", str(ranks)] + command
+        command = mpirun_command(command, ranks)
     return command
 
 
@@ -88,7 +73,7 @@ def one_rank(case, tmp_path_factory):
     """spread-stage1 on one MPI rank with the model's structure factors."""
     directory = tmp_path_factory.mktemp("one_rank")
     config = write_config(directory / "stage1.yaml")
-    result = run_job(stage1_command(case, config, directory / "shard_00000", ranks=1))
+    result = run_job(stage1_command(case, config, directory / "shard_00000", ranks=1), TIMEOUT_S)
     assert result.returncode == 0, result.stderr[-3000:]
     return directory / "shard_00000", result
 
@@ -119,7 +104,7 @@ def test_one_row_per_lattice_in_order_and_refined_crystals_closer_to_the_truth(c
 def test_two_ranks_write_the_same_files_as_one(case, one_rank, tmp_path):
     prefix, _ = one_rank
     config = write_config(tmp_path / "stage1.yaml")
-    result = run_job(stage1_command(case, config, tmp_path / "shard_00000", ranks=2))
+    result = run_job(stage1_command(case, config, tmp_path / "shard_00000", ranks=2), TIMEOUT_S)
     assert result.returncode == 0, result.stderr[-3000:]
     assert without_timing(read_table(tmp_path / "shard_00000_shots.tsv")) == without_timing(
         read_table(Path(f"{prefix}_shots.tsv")))
@@ -131,7 +116,7 @@ def test_two_ranks_write_the_same_files_as_one(case, one_rank, tmp_path):
 def test_exa_gives_the_parameters_of_stage1(case, one_rank, tmp_path):
     prefix, _ = one_rank
     config = write_config(tmp_path / "stage1.yaml", batch_shots=2)
-    result = run_job(stage1_command(case, config, tmp_path / "e", program="spread-exa", ranks=1))
+    result = run_job(stage1_command(case, config, tmp_path / "e", program="spread-exa", ranks=1), TIMEOUT_S)
     assert result.returncode == 0, result.stderr[-3000:]
     exa_rows, stage1_rows = read_table(tmp_path / "e_shots.tsv"), read_table(Path(f"{prefix}_shots.tsv"))
     assert [row["identifier"] for row in exa_rows] == [row["identifier"] for row in stage1_rows]
@@ -163,7 +148,7 @@ def test_merged_structure_factors_drop_and_count_reflections_without_f(case, tmp
     write_test_mtz(mtz, miller.array(kept, flex.double([1.0e4, 2.0e4])))
 
     config = write_config(tmp_path / "stage1.yaml", source="merged", max_iterations=20)
-    result = run_job(stage1_command(case, config, tmp_path / "m", mtz=mtz))
+    result = run_job(stage1_command(case, config, tmp_path / "m", mtz=mtz), TIMEOUT_S)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = read_table(tmp_path / "m_shots.tsv")
     assert int(rows[0]["n_rois"]) == 2 and int(rows[0]["n_rois_no_f"]) == case.n_reflections[0] - 2
@@ -181,7 +166,7 @@ def test_detector_distance_is_written_when_refined(case, tmp_path):
     config = tmp_path / "stage1.yaml"
     config.write_text("stage1:\n  structure_factors: model\n  device: cpu\n"
                       "  refine: [G, rotation, cell, ncells, detz_shift]\n")
-    result = run_job(stage1_command(case, config, tmp_path / "d"))
+    result = run_job(stage1_command(case, config, tmp_path / "d"), TIMEOUT_S)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = read_table(tmp_path / "d_shots.tsv")
     written = ExperimentList.from_file(str(tmp_path / "d_refined.expt"), check_format=False)
@@ -194,15 +179,15 @@ def test_detector_distance_is_written_when_refined(case, tmp_path):
 
 def test_input_errors_are_one_line(case, tmp_path):
     config = write_config(tmp_path / "stage1.yaml", source="merged")
-    line = one_error_line(run_job(stage1_command(case, config, tmp_path / "x")), "spread-stage1")
+    line = one_error_line(run_job(stage1_command(case, config, tmp_path / "x"), TIMEOUT_S), "spread-stage1")
     assert "stage1.structure_factors is merged; give --mtz" in line
     config = write_config(tmp_path / "bad.yaml", shoebox_size_px=2)
-    line = one_error_line(run_job(stage1_command(case, config, tmp_path / "x")), "spread-stage1")
+    line = one_error_line(run_job(stage1_command(case, config, tmp_path / "x"), TIMEOUT_S), "spread-stage1")
     assert "stage1.shoebox_size_px" in line
     config = write_config(tmp_path / "stage1.yaml")
     command = stage1_command(case, config, tmp_path / "x")
     command[command.index("--annulus-prefix") + 1] = tmp_path / "missing"
-    line = one_error_line(run_job(command, timeout=TIMEOUT_S), "spread-stage1")
+    line = one_error_line(run_job(command, TIMEOUT_S), "spread-stage1")
     assert f"{tmp_path / 'missing'}_annulus.expt: no such file" in line
     assert not list(tmp_path.glob("x_*"))
 
@@ -212,7 +197,7 @@ def test_score_stage1_against_the_truth(case, one_rank, tmp_path):
     command = [BIN / "spread-score-stage1", "--dataset", "psf", "--stage1-prefix", prefix,
                "--dials-prefix", case.reindex_prefix, "--truth", case.truth, "--table", tmp_path / "score.tsv",
                "--text", tmp_path / "score.txt", "--plot", tmp_path / "score.png"]
-    result = run_job(command)
+    result = run_job(command, TIMEOUT_S)
     assert result.returncode == 0, result.stderr[-3000:]
     text = (tmp_path / "score.txt").read_text()
     assert "lattices 2, converged 2" in text
@@ -239,5 +224,5 @@ def test_score_needs_one_dials_prefix_and_truth_per_shard(case, one_rank, tmp_pa
     command = [BIN / "spread-score-stage1", "--dataset", "psf", "--stage1-prefix", prefix, "--stage1-prefix", prefix,
                "--dials-prefix", case.reindex_prefix, "--truth", case.truth, "--table", tmp_path / "s.tsv",
                "--text", tmp_path / "s.txt", "--plot", tmp_path / "s.png"]
-    line = one_error_line(run_job(command), "spread-score-stage1")
+    line = one_error_line(run_job(command, TIMEOUT_S), "spread-score-stage1")
     assert "give one --dials-prefix and one --truth per --stage1-prefix" in line
