@@ -16,6 +16,7 @@ apt_packages=(
   openmpi-bin libopenmpi-dev python3-mpi4py
   python3-h5py python3-matplotlib python3-scipy python3-numpy python3-yaml python3-jsonschema
   python3-sklearn  # tests only: our DBSCAN and covariance are compared with its own
+  chromium         # tests only: the Snakemake report is rendered in headless Chromium
 )
 
 say() { printf '[setup] %s\n' "$*"; }
