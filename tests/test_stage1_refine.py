@@ -71,6 +71,8 @@ def test_recovers_the_truth_from_a_perturbed_start(realistic_shot, full_lookup):
     assert fit.final["G"] == pytest.approx(realistic_shot.true_G, rel=0.02)
     assert fit.rmsd_px_start > 1.0 and fit.rmsd_px < 0.05
     assert fit.radial_rmsd_px < 0.05 and fit.radial_rmsd_px <= fit.rmsd_px
+    # Every synthetic spot counts as strong.
+    assert fit.n_strong_rois == 20 and fit.strong_radial_rmsd_px == fit.radial_rmsd_px
     assert fit.nll_final < fit.nll_start and 0.5 < fit.z_score_sigma_final < 1.5
     assert fit.model_centroid_px.shape == (20, 2) and np.all(np.isfinite(fit.model_centroid_px))
     assert fit.distance_mm == LY99_DETECTOR.distance_mm and fit.final["detz_shift_mm"] == 0
@@ -210,6 +212,26 @@ def test_an_exception_inside_is_reported(quick_shot, few_lookup, monkeypatch):
     assert not fit.converged
     assert fit.reason == "RuntimeError: CUDA out of memory."
     assert np.isfinite(fit.rmsd_px_start) and np.isfinite(fit.nll_start)
+
+
+def test_strong_spot_rmsds_are_taken_over_the_strong_rois_only(quick_shot, few_lookup):
+    strong = np.arange(quick_shot.shot.n_rois) % 3 == 0
+    observed = quick_shot.shot.observed_centroid_px
+    dials_predicted = observed + np.array([0.3, -0.2])
+    shot = dataclasses.replace(quick_shot.shot, strong=strong, dials_predicted_px=dials_predicted)
+    fit = refine_shot(shot, few_lookup, Stage1Settings.from_config({}))
+    assert fit.converged, fit.reason
+    assert fit.n_strong_rois == strong.sum() < fit.n_rois
+    beam_centre = np.asarray(LY99_DETECTOR.beam_center_mm) / LY99_DETECTOR.pixel_size_mm
+    assert fit.dials_strong_radial_rmsd_px == pytest.approx(
+        centroid_rmsd(dials_predicted[strong], observed[strong], beam_centre)[1])
+    assert fit.dials_strong_radial_rmsd_px > 0.01
+    observed = observed[strong]
+    for predicted, overall, radial in ((fit.model_centroid_px_start, fit.strong_rmsd_px_start,
+                                        fit.strong_radial_rmsd_px_start),
+                                       (fit.model_centroid_px, fit.strong_rmsd_px, fit.strong_radial_rmsd_px)):
+        assert (overall, radial) == pytest.approx(centroid_rmsd(predicted[strong], observed, beam_centre))
+    assert fit.strong_radial_rmsd_px != pytest.approx(fit.radial_rmsd_px)
 
 
 def test_centroids_and_radial_rmsd():

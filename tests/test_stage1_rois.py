@@ -39,6 +39,8 @@ NCELLS_TRUE, G_TRUE = 57.0, 100.0
 GAIN, ADC_OFFSET = 2.0, 10.0
 #: Orientation seeds of the case's shots (each lights 10 or more spots on the panel).
 ORIENTATION_SEEDS = (1, 4)
+#: DIALS's predicted centroids (xyzcal.px) are written this far from the observed ones, along fast.
+DIALS_PREDICTION_OFFSET_PX = 0.25
 #: The start crystal: the truth turned by this angle (deg) and its a axis stretched by this fraction.
 START_ROTATION_DEG, START_STRETCH = 0.05, 0.002
 
@@ -151,7 +153,11 @@ def write_case(directory: Path, seeds=ORIENTATION_SEEDS, noise_seed: int = 7) ->
     reflections["id"] = flex.int(ids)
     reflections["miller_index"] = flex.miller_index(indices)
     reflections["xyzobs.px.value"] = flex.vec3_double(centroids_all)
+    reflections["xyzcal.px"] = flex.vec3_double([(x + DIALS_PREDICTION_OFFSET_PX, y, z) for x, y, z in centroids_all])
     reflections["panel"] = flex.size_t(len(ids), 0)
+    # Every other reflection was found by the spot finder; the rest were only predicted and integrated.
+    reflections["flags"] = flex.size_t(len(ids), 0)
+    reflections.set_flags(flex.bool([index % 2 == 0 for index in range(len(ids))]), reflections.flags.strong)
     for position, experiment in enumerate(annulus):
         reflections.experiment_identifiers()[position] = experiment.identifier
 
@@ -289,6 +295,10 @@ def test_shoebox_background_is_a_known_plane_exactly_on_a_synthetic_image(case):
     for lattice in range(annulus.n_lattices):
         shot, counts = rois.shot_pixels(annulus, lattice, image_adu, 12)
         assert counts.no_background == 0 and shot.n_rois == case.n_reflections[lattice]
+        first_row = sum(case.n_reflections[:lattice])
+        np.testing.assert_array_equal(shot.strong, (first_row + np.arange(shot.n_rois)) % 2 == 0)
+        np.testing.assert_allclose(shot.dials_predicted_px - shot.observed_centroid_px,
+                                   [[DIALS_PREDICTION_OFFSET_PX, 0.0]] * shot.n_rois)
         np.testing.assert_array_equal(shot.data_photons, image[shot.pixel_slow, shot.pixel_fast])
         np.testing.assert_allclose(shot.background_photons, plane[shot.pixel_slow, shot.pixel_fast], rtol=0, atol=1e-9)
 

@@ -23,7 +23,9 @@ Outputs of one annulus shard, for output prefix P:
     parameters (start values for those not refined; G, rotations in degrees about the laboratory x,
     y, z axes, the C2 cell in Angstrom and degrees, Na, Nb, Nc, eta in degrees, the distance shift
     in mm); the NLL before and after; L-BFGS-B iterations; radial and overall RMSD (px) of the
-    model's spot centroids against the observed ones, before and after; the standard deviation of
+    model's spot centroids against the observed ones, before and after, over every ROI and over the
+    ROIs of strong spots (``n_rois_strong`` of them; see ``stage1.refine``), and DIALS's own radial
+    RMSD (xyzcal.px) over the same strong spots; the standard deviation of
     the trusted pixels' Z-scores before and after; wall seconds. Values that do not exist for the
     lattice (a lattice that never reached the refinement) are blank.
 """
@@ -50,16 +52,19 @@ ENERGY_TOLERANCE_EV = 1e-6
 
 #: Columns of the shots table, in order.
 SHOT_COLUMNS = (
-    "shot", "image", "identifier", "converged", "reason", "n_rois", "n_rois_no_f", "n_pixels", "n_trusted",
+    "shot", "image", "identifier", "converged", "reason", "n_rois", "n_rois_strong", "n_rois_no_f", "n_pixels",
+    "n_trusted",
     "G", "rot_x_deg", "rot_y_deg", "rot_z_deg", "a", "b", "c", "beta_deg", "Na", "Nb", "Nc", "eta_deg",
     "detz_shift_mm", "nll_before", "nll_after", "iterations",
     "rmsd_radial_before_px", "rmsd_radial_after_px", "rmsd_overall_before_px", "rmsd_overall_after_px",
-    "zscore_sigma_before", "zscore_sigma", "seconds",
+    "rmsd_radial_strong_before_px", "rmsd_radial_strong_after_px", "rmsd_overall_strong_before_px",
+    "rmsd_overall_strong_after_px", "rmsd_radial_strong_dials_px", "zscore_sigma_before", "zscore_sigma", "seconds",
 )
 #: Refined parameters, as the shots table names them (those of ``stage1.model.PARAMETER_NAMES``).
 PARAMETER_COLUMNS = ("G", "rot_x_deg", "rot_y_deg", "rot_z_deg", "a", "b", "c", "beta_deg", "Na", "Nb", "Nc",
                      "eta_deg", "detz_shift_mm")
-INTEGER_COLUMNS = ("shot", "image", "converged", "n_rois", "n_rois_no_f", "n_pixels", "n_trusted", "iterations")
+INTEGER_COLUMNS = ("shot", "image", "converged", "n_rois", "n_rois_strong", "n_rois_no_f", "n_pixels", "n_trusted",
+                   "iterations")
 TEXT_COLUMNS = ("identifier", "reason")
 
 
@@ -143,12 +148,17 @@ def lattice_result(lattice: int, fit, n_rois_no_f: int, n_pixels: int) -> Lattic
     """The result of a lattice whose refinement ran (``fit``: a ``stage1.refine.ShotFit``)."""
     row = {
         "shot": fit.shot_index, "image": fit.image_index, "identifier": fit.identifier,
-        "converged": int(fit.converged), "reason": fit.reason, "n_rois": fit.n_rois, "n_rois_no_f": n_rois_no_f,
+        "converged": int(fit.converged), "reason": fit.reason, "n_rois": fit.n_rois,
+        "n_rois_strong": fit.n_strong_rois, "n_rois_no_f": n_rois_no_f,
         "n_pixels": n_pixels, "n_trusted": fit.n_trusted_pixels,
         **{name: fit.final.get(name) for name in PARAMETER_COLUMNS},
         "nll_before": fit.nll_start, "nll_after": fit.nll_final, "iterations": fit.n_iterations,
         "rmsd_radial_before_px": fit.radial_rmsd_px_start, "rmsd_radial_after_px": fit.radial_rmsd_px,
         "rmsd_overall_before_px": fit.rmsd_px_start, "rmsd_overall_after_px": fit.rmsd_px,
+        "rmsd_radial_strong_before_px": fit.strong_radial_rmsd_px_start,
+        "rmsd_radial_strong_after_px": fit.strong_radial_rmsd_px,
+        "rmsd_overall_strong_before_px": fit.strong_rmsd_px_start, "rmsd_overall_strong_after_px": fit.strong_rmsd_px,
+        "rmsd_radial_strong_dials_px": fit.dials_strong_radial_rmsd_px,
         "zscore_sigma_before": fit.z_score_sigma_start, "zscore_sigma": fit.z_score_sigma_final,
         "seconds": fit.seconds,
     }

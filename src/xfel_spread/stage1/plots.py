@@ -1,7 +1,7 @@
 """The per-shot refinement at a glance: one figure per dataset, written by its scoring step.
 
-Three panels: radial and overall centroid RMSD before and after refinement (histograms over the
-converged lattices), and each lattice's misorientation to the truth, DIALS's against the refined
+Three panels: the radial centroid RMSD before and after refinement over the strong spots (the goal's)
+and over every ROI (histograms over the converged lattices), and each lattice's misorientation to the truth, DIALS's against the refined
 one, with the diagonal (points below it improved).
 """
 
@@ -29,18 +29,19 @@ def plot_stage1_summary(path, dataset: str, scores: Sequence[dict], summary: dic
     matplotlib.use("Agg")
     from matplotlib import pyplot
 
-    figure, (radial_axes, overall_axes, misorientation_axes) = pyplot.subplots(1, 3, figsize=(16, 5.2))
+    figure, (strong_axes, every_roi_axes, misorientation_axes) = pyplot.subplots(1, 3, figsize=(16, 5.2))
     figure.suptitle(f"Stage 1 against the simulation's truth, dataset {dataset}: "
                     f"{summary['converged']} of {summary['lattices']} lattices converged")
 
-    for axes, name, title in ((radial_axes, "radial", "radial"), (overall_axes, "overall", "overall")):
+    for axes, name, title in ((strong_axes, "radial_strong", "radial, strong spots,"),
+                              (every_roi_axes, "radial", "radial, every ROI,")):
         before = _finite(scores, f"rmsd_{name}_before_px")
         after = _finite(scores, f"rmsd_{name}_after_px")
         values = np.concatenate((before, after))
         bins = np.linspace(0, max(float(values.max()) if len(values) else 1.0, 1e-3) * 1.05, 30)
         axes.hist(before, bins=bins, alpha=0.6, label=f"start (median {_median_text(before)} px)")
         axes.hist(after, bins=bins, alpha=0.6, label=f"refined (median {_median_text(after)} px)")
-        if name == "radial":
+        if name == "radial_strong":
             axes.axvline(RADIAL_RMSD_GOAL_PX, color="k", linestyle="--", linewidth=0.8, label="goal")
         axes.set_xlabel(f"{title} RMSD of spot centroids, model - observed (px)")
         axes.set_ylabel("lattices")

@@ -348,6 +348,8 @@ def shot_pixels(annulus: AnnulusShard, lattice: int, image_adu: np.ndarray,
     table = annulus.reflections.select(_flex_size_t(selection))
     miller_index = np.array(table["miller_index"].as_vec3_double(), dtype=np.int64).reshape(-1, 3)
     centroids = np.array(table["xyzobs.px.value"], dtype=np.float64).reshape(-1, 3)[:, :2]
+    strong = (table["flags"].as_numpy_array() & int(table.flags.strong)) != 0
+    dials_predicted = np.array(table["xyzcal.px"], dtype=np.float64).reshape(-1, 3)[:, :2]
     counts = RoiCounts(reflections=len(selection))
 
     bounds = shoebox_bounds(centroids, shoebox_size_px, detector.n_fast, detector.n_slow)
@@ -374,6 +376,8 @@ def shot_pixels(annulus: AnnulusShard, lattice: int, image_adu: np.ndarray,
         miller_index=miller_index,
         roi_bounds=bounds,
         observed_centroid_px=centroids,
+        strong=strong,
+        dials_predicted_px=dials_predicted,
         pixel_fast=pixels.fast,
         pixel_slow=pixels.slow,
         pixel_roi=pixels.roi,
@@ -400,6 +404,8 @@ def select_rois(shot: ShotPixels, keep: np.ndarray) -> ShotPixels:
         miller_index=shot.miller_index[keep],
         roi_bounds=shot.roi_bounds[keep],
         observed_centroid_px=shot.observed_centroid_px[keep],
+        strong=shot.strong[keep],
+        dials_predicted_px=shot.dials_predicted_px[keep],
         pixel_fast=shot.pixel_fast[pixel_keep],
         pixel_slow=shot.pixel_slow[pixel_keep],
         pixel_roi=new_number[shot.pixel_roi[pixel_keep]],

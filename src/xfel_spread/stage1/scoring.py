@@ -6,6 +6,10 @@ C 1 2 1, the indexing ambiguity of C2: :func:`xfel_spread.dials.scoring.misorien
 cell errors, the refined N against the truth's ``ncells_abc``, G against the truth's
 ``domains_per_crystal`` up to one overall scale, and the centroid RMSDs before and after.
 
+The radial RMSD goal is judged on the strong spots, the reflections DIALS's spot finder found: their
+observed centroids measure the spots, as those of DIALS's own refinement RMSD do. Over every ROI the
+weak spots' integration centroids, mostly background noise, dominate; that RMSD is reported too.
+
 The truth's crystal is a set of mosaic domains turned about its matrix ``real_space_a_b_c`` by
 random small rotations (``mosaic_rotations``); with 25 domains of 0.05 degrees their mean orientation
 sits about 0.01 degrees from that matrix, which is the precision of a good refinement. Both
@@ -52,6 +56,7 @@ SCORE_COLUMNS = (
     "a_error_refined_a", "b_error_refined_a", "c_error_refined_a", "beta_error_refined_deg",
     "Na", "Nb", "Nc", "ncells_true", "G", "G_scaled", "G_true",
     "rmsd_radial_before_px", "rmsd_radial_after_px", "rmsd_overall_before_px", "rmsd_overall_after_px",
+    "n_rois_strong", "rmsd_radial_strong_before_px", "rmsd_radial_strong_after_px", "rmsd_radial_strong_dials_px",
     "zscore_sigma",
 )
 _CELL_PARAMETERS = (0, 1, 2, 4)  # a, b, c, beta of a unit cell's six parameters
@@ -138,6 +143,10 @@ def score_shard(stage1_prefix, dials_prefix, truth_path, rotations) -> list[dict
             "rmsd_radial_before_px": row["rmsd_radial_before_px"], "rmsd_radial_after_px": row["rmsd_radial_after_px"],
             "rmsd_overall_before_px": row["rmsd_overall_before_px"],
             "rmsd_overall_after_px": row["rmsd_overall_after_px"],
+            "n_rois_strong": row["n_rois_strong"],
+            "rmsd_radial_strong_before_px": row["rmsd_radial_strong_before_px"],
+            "rmsd_radial_strong_after_px": row["rmsd_radial_strong_after_px"],
+            "rmsd_radial_strong_dials_px": row["rmsd_radial_strong_dials_px"],
             "zscore_sigma": row["zscore_sigma"],
         })
     return scores
@@ -203,6 +212,9 @@ def summarize(scores: Sequence[dict]) -> dict:
         "rmsd_radial_after_px": _median(_converged_values(scores, "rmsd_radial_after_px")),
         "rmsd_overall_before_px": _median(_converged_values(scores, "rmsd_overall_before_px")),
         "rmsd_overall_after_px": _median(_converged_values(scores, "rmsd_overall_after_px")),
+        "rmsd_radial_strong_before_px": _median(_converged_values(scores, "rmsd_radial_strong_before_px")),
+        "rmsd_radial_strong_after_px": _median(_converged_values(scores, "rmsd_radial_strong_after_px")),
+        "rmsd_radial_strong_dials_px": _median(_converged_values(scores, "rmsd_radial_strong_dials_px")),
         "misorientation_dials_median_deg": _median(dials),
         "misorientation_refined_median_deg": _median(refined),
         "improved_fraction": improved,
@@ -222,7 +234,7 @@ def summarize(scores: Sequence[dict]) -> dict:
         summary[f"cell_error_{source}_median"] = [
             _median(np.abs([score[f"{name}_error_{source}_{unit}"] for score in scores]))
             for name, unit in (("a", "a"), ("b", "a"), ("c", "a"), ("beta", "deg"))]
-    summary["radial_goal_met"] = bool(summary["rmsd_radial_after_px"] <= RADIAL_RMSD_GOAL_PX)
+    summary["radial_goal_met"] = bool(summary["rmsd_radial_strong_after_px"] <= RADIAL_RMSD_GOAL_PX)
     summary["improved_goal_met"] = bool(improved >= IMPROVED_FRACTION_GOAL)
     return summary
 
@@ -236,9 +248,12 @@ def format_summary(dataset: str, summary: dict) -> str:
     lines = [
         f"Stage 1 (per-shot pixel refinement) against the simulation's truth, dataset {dataset}",
         f"lattices {summary['lattices']}, converged {summary['converged']}",
-        f"median radial RMSD (px), converged lattices     {summary['rmsd_radial_before_px']:8.3f} -> "
-        f"{summary['rmsd_radial_after_px']:8.3f}   goal <= {RADIAL_RMSD_GOAL_PX:g}: {goal(summary['radial_goal_met'])}",
-        f"median overall RMSD (px), converged lattices    {summary['rmsd_overall_before_px']:8.3f} -> "
+        f"median radial RMSD (px), strong spots          {summary['rmsd_radial_strong_before_px']:8.3f} -> "
+        f"{summary['rmsd_radial_strong_after_px']:8.3f}   goal <= {RADIAL_RMSD_GOAL_PX:g}: "
+        f"{goal(summary['radial_goal_met'])}; DIALS's own (xyzcal) {summary['rmsd_radial_strong_dials_px']:.3f}",
+        f"median radial RMSD (px), every ROI             {summary['rmsd_radial_before_px']:8.3f} -> "
+        f"{summary['rmsd_radial_after_px']:8.3f}",
+        f"median overall RMSD (px), every ROI            {summary['rmsd_overall_before_px']:8.3f} -> "
         f"{summary['rmsd_overall_after_px']:8.3f}",
         f"median misorientation to truth (deg), DIALS -> refined {summary['misorientation_dials_median_deg']:8.4f} -> "
         f"{summary['misorientation_refined_median_deg']:8.4f}",

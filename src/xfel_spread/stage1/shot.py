@@ -34,6 +34,11 @@ class ShotPixels:
     miller_index: np.ndarray  #: (n_roi, 3) int
     roi_bounds: np.ndarray  #: (n_roi, 4) int: x0, x1, y0, y1 (pixels x0 <= x < x1, y0 <= y < y1)
     observed_centroid_px: np.ndarray  #: (n_roi, 2) DIALS's observed centroid (fast, slow), pixel units
+    #: (n_roi,) bool: DIALS's spot finder found the reflection (flag ``strong``). Only there is the
+    #: observed centroid a measurement of the spot; elsewhere it is the integration centroid of a
+    #: weak or absent spot, dominated by background noise.
+    strong: np.ndarray
+    dials_predicted_px: np.ndarray  #: (n_roi, 2) DIALS's predicted centroid (fast, slow): its xyzcal.px
     pixel_fast: np.ndarray  #: (n_pix,) int
     pixel_slow: np.ndarray  #: (n_pix,) int
     pixel_roi: np.ndarray  #: (n_pix,) int, the ROI each pixel belongs to

@@ -132,7 +132,8 @@ def simulate_shot_pixels(lookup: AmplitudeLookup, energies_ev: np.ndarray, unit_
         gain_adu_per_photon=READOUT.gain_adu_per_photon, real_space_matrix=true_matrix, space_group="C 1 2 1",
         miller_index=np.zeros((len(corners), 3), dtype=int),
         roi_bounds=np.array([(x0, x0 + shoebox, y0, y0 + shoebox) for x0, y0 in corners]),
-        observed_centroid_px=observed, pixel_fast=fast, pixel_slow=slow, pixel_roi=roi,
+        observed_centroid_px=observed, strong=np.ones(len(corners), dtype=bool),
+        dials_predicted_px=observed, pixel_fast=fast, pixel_slow=slow, pixel_roi=roi,
         data_photons=data, background_photons=plane, trusted=np.ones(fast.size, dtype=bool))
     return SyntheticShot(shot, true_matrix, float(ncells), LY99_DOMAINS_PER_CRYSTAL, rms_rotation_deg(rotations),
                          detector.distance_mm)
