@@ -4,7 +4,8 @@
 ``snakemake --profile profiles/slurm`` submits every job with sbatch and follows it with squeue, up to
 the index stage of one shard: dials.stills_process as an MPI job of 2 ranks launched by the profile's
 ``srun --mpi=pmix``. The daemons are stopped whatever happens. Needs root and the Slurm packages
-(scripts/setup.sh installs them); skipped otherwise.
+(scripts/setup.sh installs them); skipped otherwise. The checks of what the plugin makes of the
+profile's resources run its own code and need no cluster.
 
 The profile's site and machine values (account, partition, GPUs, 32 ranks, tens of GB) do not fit a
 2-core machine without GPUs, so the run overrides them on the command line, keeping the rest of the
@@ -16,7 +17,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,11 +37,72 @@ PARTITION = "debug"
 RANKS = 2
 DATASETS = ("nopsf", "psf")
 
-pytestmark = [
-    pytest.mark.skipif(shutil.which("slurmctld") is None or shutil.which("slurmd") is None,
-                       reason="Slurm is not installed (scripts/setup.sh installs slurmctld, slurmd, munge)"),
-    pytest.mark.skipif(os.geteuid() != 0, reason="starting munged, slurmctld and slurmd needs root"),
-]
+
+def why_no_slurm_here() -> str | None:
+    """Why this machine cannot run a single-node Slurm, or None when it can."""
+    if shutil.which("slurmctld") is None or shutil.which("slurmd") is None:
+        return "Slurm is not installed (scripts/setup.sh installs slurmctld, slurmd, munge)"
+    if os.geteuid() != 0:
+        return "starting munged, slurmctld and slurmd needs root"
+    return None
+
+
+requires_slurm = pytest.mark.skipif(why_no_slurm_here() is not None, reason=str(why_no_slurm_here()))
+
+
+def profile_resources() -> dict:
+    """The per-rule resources of profiles/slurm, as written there."""
+    return yaml.safe_load((SLURM_PROFILE / "config.yaml").read_text())["set-resources"]
+
+
+class PluginJob:
+    """What the Slurm plugin reads of a Snakemake job to build its sbatch call: threads and resources
+    (read with .get and as attributes)."""
+
+    class Resources(dict):
+        __getattr__ = dict.__getitem__
+
+    def __init__(self, resources: dict):
+        self.threads = 1
+        self.resources = self.Resources(resources)
+
+
+def sbatch_options(resources: dict) -> str:
+    """The options the Slurm plugin gives sbatch for a job with `resources` (its own code, no cluster)."""
+    from snakemake_executor_plugin_slurm.submit_string import get_submit_command
+    from snakemake_executor_plugin_slurm.utils import set_gres_string
+
+    job = PluginJob(resources)
+    params = {"run_uuid": "run", "slurm_logfile": "job.log", "comment_str": "rule", "account": "-A account",
+              "partition": "-p partition", "workdir": None}
+    return get_submit_command(job, params) + set_gres_string(job)
+
+
+def test_the_plugin_turns_the_profiles_ranks_and_gpus_into_sbatch_options():
+    resources = profile_resources()
+    mpi_rules = sorted(rule for rule, values in resources.items() if "mpi" in values)
+    assert mpi_rules == ["exa", "index", "merge", "reindex", "stage1"]
+    for rule in mpi_rules:
+        values = resources[rule]
+        assert values["mpi"] == "srun --mpi=pmix"
+        options = sbatch_options(values).split()
+        assert f"--ntasks={values['tasks']}" in options, (rule, options)
+        assert f"--cpus-per-task={values['cpus_per_task']}" in options
+        assert options[options.index("--mem-per-cpu") + 1] == str(values["mem_mb_per_cpu"])
+        assert options[options.index("-t") + 1] == str(values["runtime"])
+    for rule in ("stage1", "exa"):
+        options = sbatch_options(resources[rule]).split()
+        assert {f"--gpus={resources[rule]['gpu']}", "--ntasks-per-gpu=1"} <= set(options), (rule, options)
+    assert "--gpus=1" in sbatch_options(resources["simulate"]).split()
+    assert "--ntasks=1" in sbatch_options(resources["metrology"]).split()
+
+
+def test_the_plugin_refuses_an_mpi_job_of_one_task():
+    """Why exa runs 2 ranks in the profile."""
+    from snakemake_interface_common.exceptions import WorkflowError
+
+    with pytest.raises(WorkflowError, match="'tasks' must be greater than 1"):
+        sbatch_options({"mpi": "srun --mpi=pmix", "tasks": 1, "gpu": 1, "tasks_per_gpu": 1})
 
 
 def fit_to_this_machine(rule_resources: dict) -> dict:
@@ -58,7 +119,7 @@ def fit_to_this_machine(rule_resources: dict) -> dict:
     return fitted
 
 
-def machine_overrides(profile: dict) -> list[str]:
+def machine_overrides(set_resources: dict) -> list[str]:
     """Command-line options that replace the profile's site and machine values for this machine.
 
     --set-resources on the command line replaces the profile's whole table, so every rule of the
@@ -68,7 +129,7 @@ def machine_overrides(profile: dict) -> list[str]:
     (MinJobAge is 300 s, above the 3 x 2 s the plugin wants).
     """
     set_resources = [f"{rule}:{key}={value!r}" if isinstance(value, str) else f"{rule}:{key}={value}"
-                     for rule, resources in profile["set-resources"].items()
+                     for rule, resources in set_resources.items()
                      for key, value in fit_to_this_machine(resources).items()]
     return ["--slurm-init-seconds-before-status-checks", "2",
             "--default-resources", f"slurm_partition={PARTITION}", "mem_mb=2000", "runtime=10",
@@ -104,10 +165,9 @@ def slurm_run(single_node_slurm, tmp_path_factory):
     config = indexable_config(workdir)
     config["index"] = {"phil": str(REPO_ROOT / "config" / "index.phil")}
     configfile = write_config(workdir / "slurm.yaml", config)
-    profile = yaml.safe_load((SLURM_PROFILE / "config.yaml").read_text())
     targets = [str(workdir / "results" / "index" / dataset / "shard_00000_integrated.expt") for dataset in DATASETS]
     command = [sys.executable, "-m", "snakemake", "--snakefile", SNAKEFILE, "--directory", workdir,
-               "--profile", SLURM_PROFILE, *machine_overrides(profile), f"--configfile={configfile}",
+               "--profile", SLURM_PROFILE, *machine_overrides(profile_resources()), f"--configfile={configfile}",
                "--", *targets]
     started = time.monotonic()
     result = run_job(command, timeout=900)
@@ -117,6 +177,7 @@ def slurm_run(single_node_slurm, tmp_path_factory):
     return workdir, output
 
 
+@requires_slurm
 def test_index_runs_through_slurm_with_two_srun_ranks(slurm_run):
     from xfel_spread.dials.stills import read_shots_table
 

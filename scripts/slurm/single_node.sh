@@ -77,9 +77,10 @@ start_munge() {
   [[ -s /etc/munge/munge.key ]] || mungekey --create --keyfile=/etc/munge/munge.key
   install -d -o munge -g munge -m 0755 /run/munge
   if [[ -s /run/munge/munged.pid ]] && kill -0 "$(cat /run/munge/munged.pid)" 2>/dev/null; then
-    say "munged: already running"
+    say "munged: already running (left running by down)"
   else
     runuser -u munge -- munged
+    touch "$state_dir/munged.ours"  # so that down stops this munged and no other
     say "munged: started"
   fi
 }
@@ -122,7 +123,9 @@ down() {
   scancel --full --quiet --partition="$partition" 2>/dev/null || true
   stop_daemon slurmd "$state_dir/slurmd.pid"
   stop_daemon slurmctld "$state_dir/slurmctld.pid"
-  stop_daemon munged /run/munge/munged.pid
+  if [[ -e "$state_dir/munged.ours" ]]; then
+    stop_daemon munged /run/munge/munged.pid
+  fi
   if [[ -e "$conf" ]] && grep -qxF "$marker" "$conf"; then
     rm -f "$conf"
   fi
