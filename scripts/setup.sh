@@ -17,6 +17,10 @@ apt_packages=(
   python3-h5py python3-matplotlib python3-scipy python3-numpy python3-yaml python3-jsonschema
   python3-sklearn  # tests only: our DBSCAN and covariance are compared with its own
   chromium         # tests only: the Snakemake report is rendered in headless Chromium
+  python3-pandas   # imported by snakemake-executor-plugin-slurm when Snakemake loads it
+  # tests only: a single-node Slurm (scripts/slurm/single_node.sh) for tests/test_slurm.py
+  slurmctld slurmd slurm-client munge
+  slurm-wlm-basic-plugins  # tests only: its mpi_pmix plugin is what `srun --mpi=pmix` loads
 )
 
 say() { printf '[setup] %s\n' "$*"; }
@@ -58,7 +62,13 @@ pip_install() {
   # Packages Debian already provides (numpy, h5py, jsonschema, pyyaml) are left alone when they satisfy
   # the constraints; pip only adds what is missing.
   "$venv/bin/python" -m pip install --quiet -c "$repo_root/constraints.txt" \
-    'snakemake>=9,<10' snakemake-executor-plugin-slurm 'torch==2.13.0' pytest jsonschema pyyaml
+    'snakemake>=9,<10' 'torch==2.13.0' pytest jsonschema pyyaml \
+    snakemake-executor-plugin-slurm-jobstep throttler
+  # The Slurm plugin without its declared dependencies, which include numpy 2 and pandas 2: see
+  # constraints.txt for why it works with Debian's numpy 1.24 and pandas 1.5; the two it needs
+  # besides are installed just above. `pip check` reports the declared conflict.
+  "$venv/bin/python" -m pip install --quiet -c "$repo_root/constraints.txt" --no-deps \
+    snakemake-executor-plugin-slurm
   "$venv/bin/python" -m pip install --quiet -c "$repo_root/constraints.txt" -e "$repo_root"
 }
 
@@ -68,6 +78,7 @@ check_environment() {
 import numpy
 
 import cctbx, dials.command_line.stills_process, dxtbx, h5py, jsonschema, mpi4py, snakemake, torch
+import snakemake_executor_plugin_slurm  # loads its numpy and pandas modules too
 import xfel_spread
 
 # Debian's compiled DIALS/cctbx/h5py extensions are built against numpy 1.x.
