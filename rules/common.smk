@@ -106,6 +106,16 @@ def check_metrology_engine():
 check_metrology_engine()
 
 
+def check_saved_detector():
+    """Stop before any job if metrology.reference_geometry names a file that is not there."""
+    path = config["metrology"]["reference_geometry"]
+    if path is not None and not os.path.isfile(path):
+        sys.exit(f"Config error: {config_source_name()}: metrology.reference_geometry: {path}: no such file")
+
+
+check_saved_detector()
+
+
 def stills_prefix(stage, dataset, index):
     """Output prefix of shard `index` of `dataset` in a stills_process stage (index or reindex)."""
     return f"{OUTPUT_DIR}/{stage}/{dataset}/shard_{index:05d}"

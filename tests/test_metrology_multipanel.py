@@ -264,6 +264,22 @@ def test_saved_detector_applied_to_another_run_gives_the_same_geometry(run_direc
     assert statistics[-1]["rmsd_px"] < 1.5 * NOISE_PX * math.sqrt(2)
 
 
+def test_stills_process_puts_the_saved_detector_on_every_image(run_directory, level_1):
+    """The reindex stage's use of refined_detector.expt, done as stills_process does it."""
+    from dials.command_line.stills_process import sync_geometry
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    saved = run_directory / "refined_detector_for_stills.expt"
+    write_detector(level_1.refined_detector, saved)
+    (reference,) = ExperimentListFactory.from_json_file(str(saved), check_format=False).detectors()
+    image_detector = nominal_detector()  # what a shot's file says
+    sync_geometry(reference.hierarchy(), image_detector.hierarchy())
+
+    for panel, refined_panel in zip(image_detector, level_1.refined_detector):
+        assert panel.get_origin() == pytest.approx(refined_panel.get_origin(), abs=1e-9)
+        assert panel.get_fast_axis() == pytest.approx(refined_panel.get_fast_axis(), abs=1e-12)
+
+
 def test_metrology_outputs_include_residual_maps_and_table(tmp_path, level_1):
     outputs = MetrologyOutputs(*(tmp_path / name for name in (
         "report.txt", "summary.json", "refined_detector.expt", "residuals.tsv", "residuals_before.png",
@@ -291,7 +307,9 @@ def test_level_1_on_a_single_panel_detector_is_refused():
     assert detector_parameterisation_arguments(0, 1, "x") == [
         "refinement.parameterisation.detector.panels=single",
         "refinement.parameterisation.detector.hierarchy_level=0"]
-    assert detector_parameterisation_arguments(1, 4, "x")[0] == "refinement.parameterisation.detector.panels=hierarchical"
+    assert detector_parameterisation_arguments(1, 4, "x") == [
+        "refinement.parameterisation.detector.panels=hierarchical",
+        "refinement.parameterisation.detector.hierarchy_level=1"]
     with pytest.raises(MetrologyInputError, match=r"metrology.hierarchy_level: 2 is not one of \(0, 1\)"):
         detector_parameterisation_arguments(2, 4, "x")
 

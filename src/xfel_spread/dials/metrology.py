@@ -261,7 +261,7 @@ def format_report(dataset: str, n_lattices: int, engine: str, before: dict, afte
                   method: str = "refined at hierarchy level 0", rmsd_px: tuple[float, float] | None = None) -> str:
     """The human-readable before/after comparison; ``rmsd_px`` is the positional RMSD (before, after)."""
     lines = [f"Detector metrology ({method}), dataset {dataset}",
-             f"lattices: {n_lattices} (refinery.engine={engine})", *([note] if note else [])]
+             f"lattices refined: {n_lattices} (refinery.engine={engine})", *([note] if note else [])]
     if rmsd_px is not None:
         lines.append(f"positional RMSD (observed - predicted): {rmsd_px[0]:.4f} px before, {rmsd_px[1]:.4f} px after")
     lines.append("")
