@@ -331,3 +331,26 @@ def test_saved_detector_errors_name_the_file(tmp_path, shard, run_directory):
     with pytest.raises(MetrologyInputError, match=r"single_panel.expt: the saved detector \(1 panels\) does not have "
                                                   r"the hierarchy of this dataset's detector \(4 panels\)"):
         run_metrology(run_directory, [shard], "mismatch", saved_detector=saved)
+
+
+# --- residual maps ----------------------------------------------------------------------------------------
+
+
+def test_binned_means_and_statistics_of_known_residuals():
+    # Panel 0: two spots in the top-left bin, one in the bottom-right; panel 1: one spot.
+    residuals = residual_maps.PositionalResiduals(
+        panel=np.array([0, 0, 0, 1]), x=np.array([1.0, 2.0, 99.0, 50.0]), y=np.array([1.0, 3.0, 99.5, 50.0]),
+        dx=np.array([0.2, 0.4, -1.0, 0.5]), dy=np.array([0.0, -0.2, 2.0, 0.1]))
+
+    mean_dx, mean_dy = residual_maps.binned_residual_means(residuals, 0, (100, 100), bins=4)
+    assert mean_dx[0, 0] == pytest.approx(0.3) and mean_dy[0, 0] == pytest.approx(-0.1)
+    assert mean_dx[3, 3] == pytest.approx(-1.0) and mean_dy[3, 3] == pytest.approx(2.0)
+    assert np.isnan(mean_dx).sum() == 14
+
+    rows = residual_maps.residual_statistics(residuals, ["a", "b"])
+    assert [row["panel"] for row in rows] == ["0", "1", "all"]
+    assert rows[0]["n_reflections"] == 3
+    assert rows[0]["mean_dx_px"] == pytest.approx(-0.4 / 3)
+    assert rows[0]["rmsd_x_px"] == pytest.approx(math.sqrt((0.04 + 0.16 + 1.0) / 3))
+    assert rows[1]["rmsd_px"] == pytest.approx(math.hypot(0.5, 0.1))
+    assert rows[2]["n_reflections"] == 4

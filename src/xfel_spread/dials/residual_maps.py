@@ -152,10 +152,11 @@ def plot_residual_maps(path, residuals: PositionalResiduals, detector, title: st
     from matplotlib import pyplot
 
     figure, axes = pyplot.subplots(1, 2, figsize=(12, 5.6))
-    figure.suptitle(title)
+    figure.suptitle(f"{title}\nbinned means of observed - predicted centroids (grey: no spots)")
     corners = [panel_bin_corners(detector, index) for index in range(len(detector))]
     means = [binned_residual_means(residuals, index, panel.get_image_size()) for index, panel in enumerate(detector)]
     for component, (axis, label) in enumerate(zip(axes, ("x (fast)", "y (slow)"))):
+        axis.set_facecolor("0.85")  # shows through empty (masked) bins, which white would pass off as zero
         for index, ((fast_mm, slow_mm), panel_means) in enumerate(zip(corners, means)):
             mesh = axis.pcolormesh(fast_mm, slow_mm, np.ma.masked_invalid(panel_means[component]), cmap="RdBu_r",
                                    vmin=-limit, vmax=limit, shading="flat")
