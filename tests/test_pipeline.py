@@ -434,6 +434,13 @@ def test_saved_detector_reruns_metrology_and_what_follows(completed_run, tmp_pat
     config = pipeline_config(workdir)
     saved = workdir / "results" / "metrology" / "nopsf" / "refined_detector.expt"
     config["metrology"] = {"reference_geometry": str(saved)}
+    result = snakemake(workdir, write_config(tmp_path / "own_output.yaml", config), "--dry-run")
+    assert result.returncode != 0
+    assert f"metrology.reference_geometry: {saved} is written by this run's metrology" in output_of(result)
+
+    copy = tmp_path / "saved_detector.expt"
+    copy.write_bytes(saved.read_bytes())
+    config["metrology"] = {"reference_geometry": str(copy)}
     configfile = write_config(tmp_path / "saved.yaml", config)
     assert dry_run(workdir, configfile) == {settings_job("metrology"), ALL_JOB} | metrology_and_after()
 
