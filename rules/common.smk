@@ -106,6 +106,23 @@ def check_metrology_engine():
 check_metrology_engine()
 
 
+def check_saved_detector():
+    """Stop before any job if metrology.reference_geometry names a file that is not there, or one that
+    this run's metrology writes (a job that needs its own output)."""
+    path = config["metrology"]["reference_geometry"]
+    if path is None:
+        return
+    if not os.path.isfile(path):
+        sys.exit(f"Config error: {config_source_name()}: metrology.reference_geometry: {path}: no such file")
+    metrology_dir = os.path.abspath(f"{OUTPUT_DIR}/metrology")
+    if os.path.commonpath([os.path.abspath(path), metrology_dir]) == metrology_dir:
+        sys.exit(f"Config error: {config_source_name()}: metrology.reference_geometry: {path} is written by this "
+                 "run's metrology; copy it elsewhere first")
+
+
+check_saved_detector()
+
+
 def stills_prefix(stage, dataset, index):
     """Output prefix of shard `index` of `dataset` in a stills_process stage (index or reindex)."""
     return f"{OUTPUT_DIR}/{stage}/{dataset}/shard_{index:05d}"

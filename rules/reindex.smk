@@ -6,7 +6,7 @@ rule reindex:
     input:
         shard=f"{OUTPUT_DIR}/sim/{{dataset}}/shard_{{index}}.h5",
         phil=config["index"]["phil"],
-        refined_phil=rules.metrology.output.refined_phil,
+        refined_detector=rules.metrology.output.refined_detector,
     output:
         **stills_outputs("reindex"),
     wildcard_constraints:
@@ -24,5 +24,6 @@ rule reindex:
         f"{LOG_DIR}/benchmarks/reindex/{{dataset}}/shard_{{index}}.tsv"
     shell:
         "{resources.mpi} -n {resources.tasks} {ENV_BIN}/spread-stills-process --shard {input.shard:q}"
-        " --shots {params.shots[0]} {params.shots[1]} --phil {input.phil:q} --phil {input.refined_phil:q}"
+        " --shots {params.shots[0]} {params.shots[1]} --phil {input.phil:q}"
+        " --reference-geometry {input.refined_detector:q}"
         " --output-prefix {params.prefix:q} > {log:q} 2>&1"

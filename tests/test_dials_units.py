@@ -18,7 +18,6 @@ from xfel_spread.dials.metrology import (
     ShardLattices,
     format_report,
     geometry_shift,
-    refined_detector_phil,
     select_shards,
     shard_lattices,
 )
@@ -222,6 +221,21 @@ def test_stills_process_arguments_order_and_meaning(tmp_path, monkeypatch):
     assert params.output.integration_pickle is None
 
 
+def test_stills_process_arguments_pass_the_reference_geometry_as_an_absolute_path(tmp_path, monkeypatch):
+    from dials.command_line.stills_process import phil_scope
+
+    monkeypatch.chdir(tmp_path)
+    arguments = stills_process_arguments("shard.h5", ["index.phil"], tmp_path / "work", 1,
+                                         reference_geometry="metrology/refined_detector.expt")
+
+    # stills_process runs in its work directory: the path must not depend on where it was given from.
+    assert arguments[2] == f"input.reference_geometry={tmp_path / 'metrology' / 'refined_detector.expt'}"
+    interpreter = phil_scope.command_line_argument_interpreter()
+    params = phil_scope.fetch(sources=[interpreter.process(arg=arguments[2])]).extract()
+    assert params.input.reference_geometry == str(tmp_path / "metrology" / "refined_detector.expt")
+    assert params.input.sync_reference_geom
+
+
 # --- scoring.py --------------------------------------------------------------------------------------
 
 
@@ -356,28 +370,6 @@ BEFORE = {"n_experiments": 300, "panels": [panel_geometry(
     [-151.3, 146.9, -141.7], [151.3, 146.9], [1700.0, 1650.5], 141.7)]}
 AFTER = {"n_experiments": 300, "panels": [panel_geometry(
     [-151.4113, 146.7665, -141.55], [151.4113, 146.7665], [1701.25, 1649.0], 141.55)]}
-
-
-def test_refined_detector_phil_sets_panel_geometry_in_stills_process(tmp_path):
-    from dials.command_line.stills_process import phil_scope
-    from libtbx import phil
-
-    fast = [np.cos(np.radians(0.3)), np.sin(np.radians(0.3)), 0.0]  # a slightly rotated panel
-    slow = [np.sin(np.radians(0.3)), -np.cos(np.radians(0.3)), 0.0]
-    geometry = {"panels": [dict(AFTER["panels"][0], origin_mm=[-151.412345678, 146.76654321, -141.5498765],
-                                fast_axis=fast, slow_axis=slow)]}
-    text = refined_detector_phil(geometry)
-
-    panel = phil_scope.fetch(sources=[phil.parse(text)]).extract().geometry.detector.panel[0]
-    assert panel.id == 0
-    # The file keeps ten significant digits: at most 5e-8 mm off at 150 mm, far below a micrometre.
-    assert list(panel.origin) == pytest.approx(geometry["panels"][0]["origin_mm"], rel=1e-9)
-    assert list(panel.fast_axis) == pytest.approx(fast, abs=1e-9)
-    assert list(panel.slow_axis) == pytest.approx(slow, abs=1e-9)
-
-    path = tmp_path / "refined_detector.phil"
-    path.write_text(text)
-    check_phil_file(path, "stills_process")
 
 
 def test_geometry_shift_is_after_minus_before():

@@ -226,6 +226,13 @@ def test_dials_stages_index_refine_the_detector_and_reindex_with_it(completed_ru
         summary = json.loads((results / "metrology" / dataset / "summary.json").read_text())
         assert summary["n_lattices"] == N_SHOTS
         assert "before" in (results / "metrology" / dataset / "report.txt").read_text()
+        metrology = results / "metrology" / dataset
+        assert len(ExperimentList.from_file(str(metrology / "refined_detector.expt"),
+                                            check_format=False).detectors()) == 1
+        residuals = {(row["stage"], row["panel"]): row for row in csv_rows(metrology / "residuals.tsv")}
+        assert float(residuals["after", "all"]["rmsd_px"]) < float(residuals["before", "all"]["rmsd_px"])
+        for stage in ("before", "after"):
+            assert (metrology / f"residuals_{stage}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert (logs / "metrology" / f"{dataset}.log").is_file()
         assert (logs / "benchmarks" / "metrology" / f"{dataset}.tsv").is_file()
 
@@ -422,6 +429,22 @@ def test_metrology_setting_reruns_metrology_and_what_follows(completed_run, tmp_
     assert dry_run(workdir, configfile) == {settings_job("metrology"), ALL_JOB} | metrology_and_after()
 
 
+def test_saved_detector_reruns_metrology_and_what_follows(completed_run, tmp_path):
+    workdir, _ = completed_run
+    config = pipeline_config(workdir)
+    saved = workdir / "results" / "metrology" / "nopsf" / "refined_detector.expt"
+    config["metrology"] = {"reference_geometry": str(saved)}
+    result = snakemake(workdir, write_config(tmp_path / "own_output.yaml", config), "--dry-run")
+    assert result.returncode != 0
+    assert f"metrology.reference_geometry: {saved} is written by this run's metrology" in output_of(result)
+
+    copy = tmp_path / "saved_detector.expt"
+    copy.write_bytes(saved.read_bytes())
+    config["metrology"] = {"reference_geometry": str(copy)}
+    configfile = write_config(tmp_path / "saved.yaml", config)
+    assert dry_run(workdir, configfile) == {settings_job("metrology"), ALL_JOB} | metrology_and_after()
+
+
 def test_cell_clustering_setting_reruns_covariance_and_what_follows_not_tdata(completed_run, tmp_path):
     workdir, _ = completed_run
     config = pipeline_config(workdir)
@@ -484,6 +507,16 @@ def test_more_shots_add_only_the_new_shard_and_keep_the_old_ones(completed_run, 
 
 
 # --- failures before any work, and a failing job ---------------------------------------------------------
+
+
+def test_missing_saved_detector_stops_before_any_work(tmp_path):
+    config = indexable_config(tmp_path)
+    config["metrology"] = {"reference_geometry": "saved/refined_detector.expt"}
+    result = snakemake(tmp_path, write_config(tmp_path / "bad.yaml", config), "--dry-run")
+
+    assert result.returncode != 0
+    lines = [line for line in output_of(result).splitlines() if "reference_geometry" in line]
+    assert lines == ["Config error: bad.yaml: metrology.reference_geometry: saved/refined_detector.expt: no such file"]
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,8 @@
 """Entry points of the DIALS stages (index, metrology, reindex) and their scoring.
 
 ``spread-stills-process``: dials.stills_process on one shard, run under MPI (``mpirun``/``srun``).
-``spread-metrology``: level-0 detector refinement from the indexed lattices of one dataset.
+``spread-metrology``: detector refinement (hierarchy level 0 or 1) from the indexed lattices of one dataset,
+or a saved detector applied to them.
 ``spread-score-dials``: the indexing results of one dataset scored against the simulation's truth.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from xfel_spread.cli.simulate import INPUT_ERRORS, _run
@@ -27,6 +29,9 @@ def stills_process_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shots", required=True, type=int, nargs=2, metavar=("START", "STOP"),
                         help="the shard's shot indices START..STOP-1")
     parser.add_argument("--phil", action="append", default=[], help="stills_process parameter file (repeatable)")
+    parser.add_argument("--reference-geometry", metavar="EXPT",
+                        help="detector to use instead of the images' (an experiment list, e.g. metrology's "
+                             "refined_detector.expt)")
     parser.add_argument("--output-prefix", required=True,
                         help="write PREFIX_integrated.expt/.refl, _refined.expt, _indexed.refl and _shots.tsv")
     parser.add_argument("--progress-interval", type=float, default=30.0, metavar="SECONDS",
@@ -39,8 +44,10 @@ def stills_process_main(argv: list[str] | None = None) -> int:
 
         for phil in arguments.phil:
             check_phil_file(phil, "stills_process")
+        if arguments.reference_geometry is not None and not os.path.isfile(arguments.reference_geometry):
+            raise ValueError(f"--reference-geometry: {arguments.reference_geometry}: no such file")
         shots = process_shard(arguments.shard, tuple(arguments.shots), arguments.phil, arguments.output_prefix,
-                              arguments.progress_interval)
+                              arguments.progress_interval, arguments.reference_geometry)
         if shots is not None:
             n_integrated = sum(shot.status == INTEGRATED for shot in shots)
             print(f"{arguments.shard}: {n_integrated} of {len(shots)} shots integrated", file=sys.stderr)
@@ -50,8 +57,9 @@ def stills_process_main(argv: list[str] | None = None) -> int:
 
 
 def metrology_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="spread-metrology",
-                                     description="Refine the whole-detector (level-0) position of one dataset.")
+    parser = argparse.ArgumentParser(
+        prog="spread-metrology",
+        description="Refine the detector of one dataset (or apply a saved one) and map the spots' residuals.")
     parser.add_argument("--config", required=True, help="pipeline settings of the metrology stage (YAML)")
     parser.add_argument("--dataset", required=True, help="dataset name, for the report")
     parser.add_argument("--phil", required=True, help="dials.refine parameter file")
@@ -59,14 +67,18 @@ def metrology_main(argv: list[str] | None = None) -> int:
                         help="output prefix of one shard's index stage (repeat for every shard, in order)")
     parser.add_argument("--report", required=True, help="before/after report to write (text)")
     parser.add_argument("--summary", required=True, help="before/after geometry to write (JSON)")
-    parser.add_argument("--refined-phil", required=True, help="stills_process phil fragment to write")
+    parser.add_argument("--refined-detector", required=True,
+                        help="refined detector to write (experiment list; stills_process's input.reference_geometry)")
+    parser.add_argument("--residuals-table", required=True, help="per-panel residual statistics to write (TSV)")
+    parser.add_argument("--residuals-before", required=True, help="residual maps before metrology to write (PNG)")
+    parser.add_argument("--residuals-after", required=True, help="residual maps after metrology to write (PNG)")
     parser.add_argument("--work-dir", required=True, help="scratch directory for the DIALS programs")
     arguments = parser.parse_args(argv)
 
     def action():
         from pathlib import Path
 
-        from xfel_spread.dials.metrology import (plan_refinement, refine_detector, shard_lattices,
+        from xfel_spread.dials.metrology import (MetrologyOutputs, plan_refinement, refine_detector, shard_lattices,
                                                  write_metrology_outputs)
         from xfel_spread.dials.phil import check_phil_file
         from xfel_spread.dials.stills import output_paths
@@ -78,12 +90,14 @@ def metrology_main(argv: list[str] | None = None) -> int:
         for prefix in arguments.shard_prefix:
             paths = output_paths(prefix)
             shards.append(shard_lattices(paths["refined_experiments"], paths["indexed_reflections"], paths["shots"]))
-        n_lattices, before, after = refine_detector(
-            arguments.dataset, shards, arguments.phil, plan.engine, plan.max_lattices,
-            Path(arguments.work_dir), sys.stdout)
-        write_metrology_outputs(arguments.dataset, n_lattices, plan, before, after,
-                                arguments.report, arguments.refined_phil, arguments.summary)
-        print(Path(arguments.report).read_text(), end="")
+        result = refine_detector(arguments.dataset, shards, arguments.phil, plan.engine, plan.max_lattices,
+                                 Path(arguments.work_dir), sys.stdout, settings["hierarchy_level"],
+                                 settings["reference_geometry"])
+        outputs = MetrologyOutputs(Path(arguments.report), Path(arguments.summary), Path(arguments.refined_detector),
+                                   Path(arguments.residuals_table), Path(arguments.residuals_before),
+                                   Path(arguments.residuals_after))
+        write_metrology_outputs(arguments.dataset, result, plan, outputs)
+        print(outputs.report.read_text(), end="")
 
     return _run("spread-metrology", action, DIALS_CHAIN_ERRORS)
 

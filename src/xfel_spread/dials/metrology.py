@@ -1,14 +1,23 @@
-"""Level-0 detector metrology: refine the whole detector's position against many indexed lattices.
+"""Detector metrology: refine the detector's position against many indexed lattices.
 
 ``dials.combine_experiments`` puts the lattices of many shards onto one shared detector model
 (``reference_from_experiment.detector=0``); ``dials.refine`` then refines that detector together with
-every lattice's orientation and cell, under the users' phil (``config/metrology.phil``). The result is
-written three ways:
+every lattice's orientation and cell, under the users' phil (``config/metrology.phil``), at the
+hierarchy level of config key ``metrology.hierarchy_level``: 0 moves the whole detector as one rigid
+block, 1 moves every node directly under the detector's root separately (every panel, on a detector
+whose panels hang from its root). Level 1 on a single-panel detector is refused: it would be level 0
+under another name, and asking for it means the config expected a different detector.
 
-* a report with the detector before and after (origin, distance, beam centre in mm and px), the
-  comparison users used to read off ``dials.show``;
-* a phil fragment that sets the refined panel geometry in ``dials.stills_process`` (the reindex
-  stage includes it), so nobody copies numbers by hand;
+Alternatively (``metrology.reference_geometry``) a detector saved by an earlier run is applied
+instead of refined: the lattices are refitted on it with the detector fixed, which shows how well it
+fits this run. The result is written as:
+
+* ``refined_detector.expt``, an experiment list holding only the detector, which the reindex stage
+  gives ``dials.stills_process`` as ``input.reference_geometry`` and which other runs can reuse;
+* a report with the detector before and after (origin, distance, beam centre in mm and px, per
+  panel), the comparison users used to read off ``dials.show``;
+* positional residual maps before and after (PNG) and their per-panel statistics (TSV), see
+  :mod:`xfel_spread.dials.residual_maps`;
 * a JSON summary for the scoring step and the plots.
 """
 
@@ -24,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from xfel_spread.atomic import atomic_output
+from xfel_spread.dials import residual_maps
 from xfel_spread.dials.stills import read_shots_table
 
 #: Shot outcomes whose lattice was indexed and refined (so it is in the shard's _refined.expt).
@@ -36,10 +46,16 @@ INDEXED_OUTCOMES = ("integrate_ok", "integrate_failed")
 DENSE_ENGINES = ("LevMar", "GaussNewton")
 AUTO_DENSE_MAX_LATTICES = 300
 DENSE_ENGINE_MAX_LATTICES = 2000
+#: Values of config key metrology.hierarchy_level: 0 the whole detector, 1 each node under its root.
+HIERARCHY_LEVELS = (0, 1)
 
 
 class MetrologyError(RuntimeError):
     """Metrology could not run; the message says why in one line."""
+
+
+class MetrologyInputError(MetrologyError, ValueError):
+    """A metrology input (setting, saved detector, detector model) is unusable; the message names it."""
 
 
 def sparse_engine_available() -> bool:
@@ -133,11 +149,15 @@ def run_dials(program: str, arguments: Sequence[str], work_dir: Path, log_stream
         raise MetrologyError(f"dials.{program} failed (exit status {result.returncode}); its output is in the log")
 
 
-def detector_geometry(experiments_path: Path) -> dict:
-    """Geometry of the first detector in an experiment list, with the beam centre of its first beam."""
+def read_experiments(path):
+    """An experiment list read without its images (metrology needs only the models)."""
     from dxtbx.model.experiment_list import ExperimentList
 
-    experiments = ExperimentList.from_file(str(experiments_path), check_format=False)
+    return ExperimentList.from_file(str(path), check_format=False)
+
+
+def detector_geometry(experiments) -> dict:
+    """Geometry of the first detector in an experiment list, with the beam centre of its first beam."""
     detector, beam = experiments[0].detector, experiments[0].beam
     panels = []
     for panel in detector:
@@ -155,24 +175,73 @@ def detector_geometry(experiments_path: Path) -> dict:
     return {"n_experiments": len(experiments), "panels": panels}
 
 
-def refined_detector_phil(geometry: dict) -> str:
-    """stills_process phil that sets every panel to its refined position and orientation."""
-    lines = ["# Refined detector from the metrology stage; written by the pipeline, do not edit.",
-             "geometry.detector {"]
-    for index, panel in enumerate(geometry["panels"]):
-        lines += [
-            "  panel {",
-            f"    id = {index}",
-            f"    origin = {_vector(panel['origin_mm'])}",
-            f"    fast_axis = {_vector(panel['fast_axis'])}",
-            f"    slow_axis = {_vector(panel['slow_axis'])}",
-            "  }",
-        ]
-    return "\n".join(lines + ["}"]) + "\n"
+def detector_parameterisation_arguments(hierarchy_level: int, n_panels: int, source) -> list[str]:
+    """dials.refine arguments that move the detector as one block (level 0) or node by node (level 1).
+
+    ``source`` names the experiment list the detector came from, for the error message.
+    """
+    if hierarchy_level not in HIERARCHY_LEVELS:
+        raise MetrologyInputError(f"metrology.hierarchy_level: {hierarchy_level} is not one of {HIERARCHY_LEVELS}")
+    if hierarchy_level == 1 and n_panels == 1:
+        raise MetrologyInputError(f"{source}: metrology.hierarchy_level 1 refines each panel separately, but this "
+                                  "detector has a single panel; use hierarchy_level 0")
+    # dials.refine's single-panel parameterisation is the level-0 one for a single panel; any other
+    # detector is refined through its hierarchy (level 0: the root group as one rigid block).
+    panels = "single" if n_panels == 1 else "hierarchical"
+    return [f"refinement.parameterisation.detector.panels={panels}",
+            f"refinement.parameterisation.detector.hierarchy_level={hierarchy_level}"]
 
 
-def _vector(values) -> str:
-    return ",".join(f"{value:.10g}" for value in values)
+def read_saved_detector(path):
+    """The one detector model of a saved detector file (an experiment list, e.g. refined_detector.expt)."""
+    from dxtbx.model.experiment_list import ExperimentList
+
+    path = Path(path)
+    if not path.is_file():
+        raise MetrologyInputError(f"metrology.reference_geometry: {path}: no such file")
+    try:
+        experiments = ExperimentList.from_file(str(path), check_format=False)
+    except Exception as error:  # dxtbx raises anything from JSON errors to RuntimeError
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise MetrologyInputError(f"{path}: not a DIALS experiment list ({reason})") from error
+    detectors = experiments.detectors()
+    if len(detectors) != 1:
+        raise MetrologyInputError(f"{path}: holds {len(detectors)} detector models; a saved detector holds one")
+    return detectors[0]
+
+
+def apply_saved_detector(saved, detector, source) -> None:
+    """Set ``detector``'s hierarchy, node by node, to the local frames of ``saved`` (in place).
+
+    This is what stills_process does with ``input.reference_geometry``: the models keep their own
+    panels (names, pixel sizes, masks), and only the geometry is taken from the saved detector, which
+    must therefore have the same hierarchy.
+    """
+    if _hierarchy_shape(saved.hierarchy()) != _hierarchy_shape(detector.hierarchy()):
+        raise MetrologyInputError(f"{source}: the saved detector ({len(saved)} panels) does not have the hierarchy "
+                                  f"of this dataset's detector ({len(detector)} panels)")
+    _copy_local_frames(saved.hierarchy(), detector.hierarchy())
+
+
+def _hierarchy_shape(node):
+    return None if node.is_panel() else tuple(_hierarchy_shape(child) for child in node)
+
+
+def _copy_local_frames(source, destination) -> None:
+    destination.set_local_frame(source.get_local_fast_axis(), source.get_local_slow_axis(),
+                                source.get_local_origin())
+    if not source.is_panel():
+        for source_child, destination_child in zip(source, destination):
+            _copy_local_frames(source_child, destination_child)
+
+
+def write_detector(detector, path) -> None:
+    """Save ``detector`` as an experiment list holding only it (stills_process's reference_geometry), atomically."""
+    from dxtbx.model import Experiment
+    from dxtbx.model.experiment_list import ExperimentList
+
+    with atomic_output(path, "w") as stream:
+        json.dump(ExperimentList([Experiment(detector=detector)]).to_dict(), stream, indent=1)
 
 
 def geometry_shift(before: dict, after: dict) -> list[dict]:
@@ -188,10 +257,14 @@ def geometry_shift(before: dict, after: dict) -> list[dict]:
     return shifts
 
 
-def format_report(dataset: str, n_lattices: int, engine: str, before: dict, after: dict, note: str = "") -> str:
-    """The human-readable before/after comparison."""
-    lines = [f"Level-0 detector metrology, dataset {dataset}",
-             f"lattices refined: {n_lattices} (refinery.engine={engine})", *([note] if note else []), ""]
+def format_report(dataset: str, n_lattices: int, engine: str, before: dict, after: dict, note: str = "",
+                  method: str = "refined at hierarchy level 0", rmsd_px: tuple[float, float] | None = None) -> str:
+    """The human-readable before/after comparison; ``rmsd_px`` is the positional RMSD (before, after)."""
+    lines = [f"Detector metrology ({method}), dataset {dataset}",
+             f"lattices refined: {n_lattices} (refinery.engine={engine})", *([note] if note else [])]
+    if rmsd_px is not None:
+        lines.append(f"positional RMSD (observed - predicted): {rmsd_px[0]:.4f} px before, {rmsd_px[1]:.4f} px after")
+    lines.append("")
     for old, new, shift in zip(before["panels"], after["panels"], geometry_shift(before, after)):
         lines += [
             f"panel {new['name'] or '(unnamed)'}",
@@ -214,9 +287,30 @@ def _pair(values) -> str:
     return "(" + ", ".join(f"{value:+.4f}" if abs(value) < 10 else f"{value:.4f}" for value in values) + ")"
 
 
+@dataclass(frozen=True)
+class MetrologyResult:
+    """What one metrology run found: the detector before and after, and the spots' residuals on each."""
+
+    n_lattices: int
+    method: str
+    starting_detector: object
+    refined_detector: object
+    before: dict
+    after: dict
+    residuals_before: residual_maps.PositionalResiduals
+    residuals_after: residual_maps.PositionalResiduals
+
+
 def refine_detector(dataset: str, shards: Sequence[ShardLattices], phil_path, engine: str, max_lattices: int,
-                    work_dir: Path, log_stream) -> tuple[int, dict, dict]:
-    """Combine the selected lattices and refine the detector; returns (lattices, before, after)."""
+                    work_dir: Path, log_stream, hierarchy_level: int = 0,
+                    saved_detector_path=None) -> MetrologyResult:
+    """Combine the selected lattices and refine the detector at ``hierarchy_level``.
+
+    With ``saved_detector_path`` the saved detector is applied instead and only the lattices are
+    refined on it. The residuals are those of the spots dials.refine used, predicted before (the
+    lattices as indexed, on the starting detector) and after.
+    """
+    saved_detector = read_saved_detector(saved_detector_path) if saved_detector_path is not None else None
     selected, n_available = select_shards(shards, max_lattices)
     if not selected:
         raise MetrologyError(f"dataset {dataset}: none of its {len(shards)} shards has an indexed lattice; "
@@ -235,25 +329,82 @@ def refine_detector(dataset: str, shards: Sequence[ShardLattices], phil_path, en
         # Deterministic, unlike the default random subset: keep the lattices with most reflections.
         combine_arguments += [f"output.n_subset={max_lattices}", "output.n_subset_method=n_refl"]
     run_dials("combine_experiments", combine_arguments, work_dir, log_stream)
-    run_dials("refine", ["combined.expt", "combined.refl", os.path.abspath(phil_path),
-                         f"refinement.refinery.engine={engine}",
+    combined = read_experiments(work_dir / "combined.expt")
+    detector = combined[0].detector
+
+    if saved_detector is None:
+        method = f"refined at hierarchy level {hierarchy_level}"
+        detector_arguments = detector_parameterisation_arguments(hierarchy_level, len(detector),
+                                                                 selected[0].refined_experiments)
+        starting_experiments = "combined.expt"
+    else:
+        method = f"saved detector {saved_detector_path} applied"
+        applied = read_experiments(work_dir / "combined.expt")
+        apply_saved_detector(saved_detector, applied[0].detector, saved_detector_path)
+        applied.as_file(str(work_dir / "applied.expt"))
+        # dials.refine applies a fix_list after fix=all, freeing what the list leaves out; so no list.
+        detector_arguments = ["refinement.parameterisation.detector.fix=all",
+                              "refinement.parameterisation.detector.fix_list=None"]
+        starting_experiments = "applied.expt"
+    print(f"metrology: {method}, {len(detector)} panel(s)", file=log_stream, flush=True)
+    run_dials("refine", [starting_experiments, "combined.refl", os.path.abspath(phil_path),
+                         f"refinement.refinery.engine={engine}", *detector_arguments,
                          "output.experiments=refined.expt", "output.reflections=refined.refl",
                          "output.log=dials.refine.log"], work_dir, log_stream)
-    before, after = detector_geometry(work_dir / "combined.expt"), detector_geometry(work_dir / "refined.expt")
+    refined = read_experiments(work_dir / "refined.expt")
+    refined_reflections = flex_reflections(work_dir / "refined.refl")
+    result = MetrologyResult(
+        n_lattices=n_lattices, method=method, starting_detector=detector, refined_detector=refined[0].detector,
+        before=detector_geometry(combined), after=detector_geometry(refined),
+        residuals_before=residual_maps.positional_residuals(combined, refined_reflections),
+        residuals_after=residual_maps.positional_residuals(refined, refined_reflections))
     # The combined and refined lattices are large and used by nothing downstream; the log keeps the story.
     shutil.rmtree(work_dir)
-    return n_lattices, before, after
+    return result
 
 
-def write_metrology_outputs(dataset, n_lattices, plan: RefinementPlan, before, after, report_path, phil_path,
-                            summary_path):
-    """Write the report, the refined-detector phil fragment and the JSON summary, each atomically."""
+def flex_reflections(path):
+    """A DIALS reflection table read from ``path``."""
+    from dials.array_family import flex
+
+    return flex.reflection_table.from_file(str(path))
+
+
+@dataclass(frozen=True)
+class MetrologyOutputs:
+    """Where the metrology stage writes its results."""
+
+    report: Path
+    summary: Path
+    refined_detector: Path
+    residuals_table: Path
+    residuals_before_plot: Path
+    residuals_after_plot: Path
+
+
+def write_metrology_outputs(dataset: str, result: MetrologyResult, plan: RefinementPlan,
+                            outputs: MetrologyOutputs) -> None:
+    """Write the refined detector, the report, the residual table and maps and the JSON summary, atomically."""
     # The plan's note (a capped lattice count) matters only when the cap was reached.
-    note = plan.note if n_lattices >= plan.max_lattices else ""
-    with atomic_output(report_path, "w") as stream:
-        stream.write(format_report(dataset, n_lattices, plan.engine, before, after, note))
-    with atomic_output(summary_path, "w") as stream:
-        json.dump({"dataset": dataset, "n_lattices": n_lattices, "engine": plan.engine, "note": note,
-                   "before": before, "after": after, "shift": geometry_shift(before, after)}, stream, indent=1)
-    with atomic_output(phil_path, "w") as stream:
-        stream.write(refined_detector_phil(after))
+    note = plan.note if result.n_lattices >= plan.max_lattices else ""
+    panel_names = [panel.get_name() for panel in result.refined_detector]
+    statistics = {"before": residual_maps.residual_statistics(result.residuals_before, panel_names),
+                  "after": residual_maps.residual_statistics(result.residuals_after, panel_names)}
+    rmsd_px = (statistics["before"][-1]["rmsd_px"], statistics["after"][-1]["rmsd_px"])
+
+    write_detector(result.refined_detector, outputs.refined_detector)
+    with atomic_output(outputs.report, "w") as stream:
+        stream.write(format_report(dataset, result.n_lattices, plan.engine, result.before, result.after, note,
+                                   result.method, rmsd_px))
+    residual_maps.write_residual_statistics(statistics, outputs.residuals_table)
+    limit = residual_maps.colour_limit(result.residuals_before, result.residuals_after,
+                                       detector=result.refined_detector)
+    for stage, residuals, detector, path in (
+            ("before", result.residuals_before, result.starting_detector, outputs.residuals_before_plot),
+            ("after", result.residuals_after, result.refined_detector, outputs.residuals_after_plot)):
+        residual_maps.plot_residual_maps(path, residuals, detector,
+                                         f"Dataset {dataset}, {stage} metrology ({result.method})", limit)
+    with atomic_output(outputs.summary, "w") as stream:
+        json.dump({"dataset": dataset, "n_lattices": result.n_lattices, "engine": plan.engine, "note": note,
+                   "method": result.method, "before": result.before, "after": result.after,
+                   "shift": geometry_shift(result.before, result.after), "residuals": statistics}, stream, indent=1)

@@ -67,7 +67,7 @@ def plot_dials_summary(path, dataset: str, misorientations: dict[str, Sequence[f
     middle.set_xlabel("beam centre - true, fast (px)")
     middle.set_ylabel("beam centre - true, slow (px)")
     middle.set_aspect("equal", adjustable="datalim")
-    middle.legend(title="level-0 metrology")
+    middle.legend(title="metrology")
 
     if image is not None and spots is not None:
         predicted, observed = spots

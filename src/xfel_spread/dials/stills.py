@@ -178,11 +178,18 @@ def read_shots_table(path) -> list[dict]:
     return rows
 
 
-def stills_process_arguments(shard_path, phil_paths: Sequence, work_dir: Path, n_ranks: int) -> list[str]:
-    """Command-line arguments of stills_process for one shard (phil files, then the pipeline's own)."""
+def stills_process_arguments(shard_path, phil_paths: Sequence, work_dir: Path, n_ranks: int,
+                             reference_geometry=None) -> list[str]:
+    """Command-line arguments of stills_process for one shard (phil files, then the pipeline's own).
+
+    ``reference_geometry``, an experiment list holding one detector, replaces the images' detector:
+    stills_process copies its hierarchy's frames onto each image's detector (sync_reference_geom).
+    """
+    geometry = [] if reference_geometry is None else [f"input.reference_geometry={os.path.abspath(reference_geometry)}"]
     return [
         os.path.abspath(shard_path),
         *map(str, phil_paths),
+        *geometry,
         "mp.method=mpi",
         f"mp.composite_stride={n_ranks}",
         f"output.output_dir={work_dir}",
@@ -288,8 +295,9 @@ def _append_rank_logs(work_dir: Path, stream) -> None:
 
 
 def process_shard(shard_path, shots: tuple[int, int], phil_paths: Sequence, prefix,
-                  progress_interval_s: float = 30.0) -> list[ShotOutcome] | None:
-    """Run stills_process on every shot of ``shard_path`` (shots ``shots[0]`` to ``shots[1] - 1``).
+                  progress_interval_s: float = 30.0, reference_geometry=None) -> list[ShotOutcome] | None:
+    """Run stills_process on every shot of ``shard_path`` (shots ``shots[0]`` to ``shots[1] - 1``),
+    with the detector of ``reference_geometry`` (see :func:`stills_process_arguments`) when given.
 
     Collective over the MPI world. Returns the shot outcomes on rank 0 (which writes the outputs)
     and None on the other ranks.
@@ -327,7 +335,7 @@ def process_shard(shard_path, shots: tuple[int, int], phil_paths: Sequence, pref
     install_mono_sim_stand_in()
     from dials.command_line.stills_process import Script
 
-    arguments = stills_process_arguments(shard_path, phil_paths, work_dir.resolve(), size)
+    arguments = stills_process_arguments(shard_path, phil_paths, work_dir.resolve(), size, reference_geometry)
     reporter = ProgressReporter(work_dir / "debug", n_images, log_stream, progress_interval_s)
     progress = reporter.running() if rank == 0 else contextlib.nullcontext()
     with abort_on_error(comm), progress, _restored_standard_streams():
