@@ -252,12 +252,6 @@ class ParameterSpace:
         start = torch.as_tensor(self.start, dtype=values.dtype, device=values.device)
         return 0.5 * (((values - start) / sigma) ** 2).sum()
 
-    def holding(self, name: str) -> "ParameterSpace":
-        """The same space with parameter ``name`` held at its value."""
-        refined = self.refined.copy()
-        refined[INDEX[name]] = False
-        return self.with_refined(refined)
-
     def with_refined(self, refined: np.ndarray) -> "ParameterSpace":
         """The same space refining only the parameters flagged in ``refined``."""
         return dataclasses.replace(self, refined=np.asarray(refined, dtype=bool))

@@ -310,10 +310,8 @@ def minimize_shot(problem: ShotProblem, evaluate: Evaluator) -> Minimization:
 
     Each pass starts where the previous stopped, within the shot's bounds, for at most
     ``max_iterations`` iterations; the last pass decides convergence. A pass that loses the spots
-    (:func:`lost_spots`: every spot left its band, or G ran to 0) is run again from where it started
-    with G held and the rotations inside a trust region of :data:`TRUST_ROTATION_DEG`, which brings
-    the spots onto the data without switching them off, then once more with G and the full bounds
-    from where that stopped. A
+    (:func:`lost_spots`) is run again from where it started inside a rotation trust region of
+    :data:`TRUST_ROTATION_DEG`, then once more with the full bounds from where that stopped. A
     non-finite NLL or gradient ends the minimisation at the last point evaluated.
     """
     counts = {"iterations": 0, "evaluations": 0}
@@ -340,15 +338,14 @@ def minimize_shot(problem: ShotProblem, evaluate: Evaluator) -> Minimization:
     converged, reason = False, "no refinement pass ran"
     try:
         for space in refinement_passes(problem.space):
-            ran, result = space, run(space, values)
+            result = run(space, values)
             if lost_spots(space, result):
                 logger.debug("shot %d lost its spots; the pass runs again inside a trust region",
                              problem.shot.shot_index)
-                ran = within_rotation_trust_region(space.holding("G"), values, TRUST_ROTATION_DEG)
-                result = run(ran, values)
-                if not lost_spots(ran, result):
-                    ran, result = space, run(space, ran.values(result.x))
-            values = ran.values(result.x)
+                result = run(within_rotation_trust_region(space, values, TRUST_ROTATION_DEG), values)
+                if not lost_spots(space, result):
+                    result = run(space, space.values(result.x))
+            values = space.values(result.x)
             converged, reason = outcome(result)
     except NonFiniteError as exc:
         return Minimization(exc.values, counts["iterations"], counts["evaluations"], False, exc.args[0])
