@@ -5,15 +5,13 @@ import dataclasses
 
 import numpy as np
 import pytest
-import scipy.optimize
 from sim_fixtures import LY99_ENERGIES_EV, amplitude_table, lookup_for  # noqa: F401  (amplitude_table is a fixture)
 
 from xfel_spread.sim import crystal as xtal
 from xfel_spread.sim.forward import bragg_photons_dense
 from xfel_spread.stage1 import likelihood
 from xfel_spread.stage1.model import PARAMETER_NAMES, Stage1Settings, c2_cell, parameter_space
-from xfel_spread.stage1.refine import (centroid_rmsd, lost_spots, model_centroids, refine_shot,
-                                      within_rotation_trust_region)
+from xfel_spread.stage1.refine import centroid_rmsd, model_centroids, refine_shot
 from xfel_spread.stage1.synthetic import LY99_DETECTOR, perturbed_matrix, simulate_shot_pixels, with_start
 
 #: Ten channels over the band, for the quicker tests.
@@ -234,31 +232,6 @@ def test_strong_spot_rmsds_are_taken_over_the_strong_rois_only(quick_shot, few_l
                                        (fit.model_centroid_px, fit.strong_rmsd_px, fit.strong_radial_rmsd_px)):
         assert (overall, radial) == pytest.approx(centroid_rmsd(predicted[strong], observed, beam_centre))
     assert fit.strong_radial_rmsd_px != pytest.approx(fit.radial_rmsd_px)
-
-
-def test_a_pass_has_lost_its_spots_only_when_the_nll_ignores_the_orientation():
-    space = parameter_space(Stage1Settings.from_config({}), (67.2, 59.8, 47.2, 110.3), 100.0)
-    refined_names = np.array(PARAMETER_NAMES)[space.refined_index]
-    jac = np.ones(space.n_refined)
-    assert not lost_spots(space, scipy.optimize.OptimizeResult(jac=jac))
-    jac[np.char.startswith(refined_names.astype(str), "rot_")] = 0.0
-    assert lost_spots(space, scipy.optimize.OptimizeResult(jac=jac))
-    # A pass that does not refine the orientation never counts as lost.
-    no_rotation = space.with_refined(space.refined & ~np.char.startswith(np.array(PARAMETER_NAMES), "rot_"))
-    assert not lost_spots(no_rotation, scipy.optimize.OptimizeResult(jac=np.zeros(no_rotation.n_refined)))
-
-
-def test_the_trust_region_bounds_only_the_rotations_around_the_given_values():
-    space = parameter_space(Stage1Settings.from_config({}), (67.2, 59.8, 47.2, 110.3), 100.0)
-    values = space.start.copy()
-    values[1:4] = (0.5, -14.99, 0.0)
-    narrowed = within_rotation_trust_region(space, values, 0.02)
-    np.testing.assert_allclose(narrowed.lower[1:4], (0.48, -15.0, -0.02))
-    np.testing.assert_allclose(narrowed.upper[1:4], (0.52, -14.97, 0.02))
-    keep = np.ones(len(PARAMETER_NAMES), dtype=bool)
-    keep[1:4] = False
-    np.testing.assert_array_equal(narrowed.lower[keep], space.lower[keep])
-    np.testing.assert_array_equal(narrowed.upper[keep], space.upper[keep])
 
 
 def test_centroids_and_radial_rmsd():

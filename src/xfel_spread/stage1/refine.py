@@ -30,7 +30,6 @@ to 0.69 px (median 0.2) over the strong spots.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -55,7 +54,6 @@ from xfel_spread.stage1.likelihood import (
 from xfel_spread.stage1.model import (
     INDEX,
     PARAMETER_NAMES,
-    ROTATION,
     CrystalModel,
     ParameterSpace,
     Stage1Settings,
@@ -71,18 +69,10 @@ logger = logging.getLogger(__name__)
 #: projected gradient component (scaled units) is below GTOL.
 FTOL = 1e-10
 GTOL = 1e-6
-#: Half-width (degrees, about each axis) of the trust region a pass that lost its spots is rerun in.
-#: DIALS's orientations are 0.01 to 0.06 degrees off on LY99; a turn of a few hundredths of a degree
-#: moves a spot out of its band of the spectrum, so the region is of that size.
-TRUST_ROTATION_DEG = 0.02
 
 
 class NonFiniteError(ArithmeticError):
-    """The NLL or its gradient became non-finite during the refinement, at physical ``values``."""
-
-    def __init__(self, message: str, values: np.ndarray):
-        super().__init__(message)
-        self.values = values
+    """The NLL or its gradient became non-finite during the refinement."""
 
 
 @dataclass
@@ -285,71 +275,39 @@ def outcome(result: scipy.optimize.OptimizeResult) -> tuple[bool, str]:
     return False, f"L-BFGS-B did not converge: {message}"
 
 
-def lost_spots(space: ParameterSpace, result: scipy.optimize.OptimizeResult) -> bool:
-    """Whether a pass that refines the orientation ended where the NLL no longer depends on it.
-
-    That happens only when the model predicts no Bragg photons in any trusted pixel: every spot has
-    left its shoebox (or its band of the spectrum), typically after L-BFGS-B's first line search
-    extrapolated far from a start whose spots sit a few pixels off.
-    """
-    names = np.array(PARAMETER_NAMES)[space.refined_index]
-    rotation = np.flatnonzero(np.char.startswith(names.astype(str), "rot_"))
-    return len(rotation) > 0 and not np.any(np.asarray(result.jac)[rotation])
-
-
-def within_rotation_trust_region(space: ParameterSpace, values: np.ndarray, half_width_deg: float) -> ParameterSpace:
-    """``space`` with each rotation bounded to ``half_width_deg`` around its value in ``values``."""
-    lower, upper = space.lower.copy(), space.upper.copy()
-    lower[ROTATION] = np.maximum(lower[ROTATION], values[ROTATION] - half_width_deg)
-    upper[ROTATION] = np.minimum(upper[ROTATION], values[ROTATION] + half_width_deg)
-    return dataclasses.replace(space, lower=lower, upper=upper)
-
-
 def minimize_shot(problem: ShotProblem, evaluate: Evaluator) -> Minimization:
     """L-BFGS-B over each refinement pass in turn (:func:`~xfel_spread.stage1.model.refinement_passes`).
 
     Each pass starts where the previous stopped, within the shot's bounds, for at most
-    ``max_iterations`` iterations; the last pass decides convergence. A pass that loses the spots
-    (:func:`lost_spots`) is run again from where it started inside a rotation trust region of
-    :data:`TRUST_ROTATION_DEG`, then once more with the full bounds from where that stopped. A
-    non-finite NLL or gradient ends the minimisation at the last point evaluated.
+    ``max_iterations`` iterations; the last pass decides convergence. A non-finite NLL or gradient
+    ends the minimisation at the last point evaluated.
     """
-    counts = {"iterations": 0, "evaluations": 0}
-
-    def run(space: ParameterSpace, values: np.ndarray) -> scipy.optimize.OptimizeResult:
+    values = problem.start_values.copy()
+    n_iterations = n_evaluations = 0
+    converged, reason = False, "no refinement pass ran"
+    for space in refinement_passes(problem.space):
         last = [space.scaled(values)]
 
-        def fun(scaled: np.ndarray) -> tuple[float, np.ndarray]:
-            counts["evaluations"] += 1
+        def fun(scaled: np.ndarray, space=space, last=last) -> tuple[float, np.ndarray]:
+            nonlocal n_evaluations
+            n_evaluations += 1
             last[0] = np.array(scaled, dtype=np.float64)
             value, gradient = evaluate(space, last[0])
             if not (np.isfinite(value) and np.all(np.isfinite(gradient))):
-                raise NonFiniteError(f"non-finite NLL or gradient at evaluation {counts['evaluations']}",
-                                     space.values(last[0]))
+                raise NonFiniteError(f"non-finite NLL or gradient at evaluation {n_evaluations}")
             return value, gradient
 
-        result = scipy.optimize.minimize(fun, last[0], jac=True, method="L-BFGS-B", bounds=space.scaled_bounds(),
-                                         options={"maxiter": problem.settings.max_iterations,
-                                                  "ftol": FTOL, "gtol": GTOL})
-        counts["iterations"] += int(result.nit)
-        return result
-
-    values = problem.start_values.copy()
-    converged, reason = False, "no refinement pass ran"
-    try:
-        for space in refinement_passes(problem.space):
-            result = run(space, values)
-            if lost_spots(space, result):
-                logger.debug("shot %d lost its spots; the pass runs again inside a trust region",
-                             problem.shot.shot_index)
-                result = run(within_rotation_trust_region(space, values, TRUST_ROTATION_DEG), values)
-                if not lost_spots(space, result):
-                    result = run(space, space.values(result.x))
-            values = space.values(result.x)
-            converged, reason = outcome(result)
-    except NonFiniteError as exc:
-        return Minimization(exc.values, counts["iterations"], counts["evaluations"], False, exc.args[0])
-    return Minimization(values, counts["iterations"], counts["evaluations"], converged, reason)
+        try:
+            result = scipy.optimize.minimize(fun, space.scaled(values), jac=True, method="L-BFGS-B",
+                                             bounds=space.scaled_bounds(),
+                                             options={"maxiter": problem.settings.max_iterations,
+                                                      "ftol": FTOL, "gtol": GTOL})
+        except NonFiniteError as exc:
+            return Minimization(space.values(last[0]), n_iterations, n_evaluations, False, str(exc))
+        values = space.values(result.x)
+        n_iterations += int(result.nit)
+        converged, reason = outcome(result)
+    return Minimization(values, n_iterations, n_evaluations, converged, reason)
 
 
 def dense_evaluator(problem: ShotProblem, amplitudes: AmplitudeLookup) -> Evaluator:
