@@ -6,7 +6,8 @@ datasets) in a scratch working directory, so nothing real is read or written (go
 prints the jobs per rule. Then plans the same run with shards half as large (400 shards) and checks
 that every per-shard rule doubled while every other rule kept its count: the DAG grows with the
 shards, not with the shots. Wall time depends on what else the machine runs, so the CPU time of the
-Snakemake process (user + system) is printed beside it.
+Snakemake process (user + system) is printed beside it. Last, what profiles/slurm asks for each rule's
+jobs (tasks, CPUs, GPUs, time limit), and at most at once under its `jobs` limit.
 
 Usage: .venv/bin/python benchmarks/bench_dryrun.py [--repeats 3]
 """
@@ -27,6 +28,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PRODUCTION = REPO / "config" / "production.yaml"
+SLURM_PROFILE = REPO / "profiles" / "slurm" / "config.yaml"
 #: Rules with one job per shard and dataset (or per shard, for simulate, which writes both datasets).
 PER_SHARD_RULES = {"simulate", "index", "reindex", "stage1", "exa"}
 JOB_STATS_ROW = re.compile(r"^(\w+)\s+(\d+)$")
@@ -64,6 +66,25 @@ def timed_dry_run(configfiles: list[Path]) -> tuple[float, float, Counter]:
     return wall, cpu, job_stats(result.stdout + result.stderr)
 
 
+def print_slurm_requests(counts: Counter) -> None:
+    """Per rule: jobs, and per job the tasks, CPUs, GPUs and time limit profiles/slurm asks for."""
+    import yaml
+
+    profile = yaml.safe_load(SLURM_PROFILE.read_text())
+    default, limit = profile.get("default-resources", {}), int(profile.get("jobs", 1))
+    print(f"profiles/slurm asks (at most {limit} jobs queued or running at once):")
+    print(f"  {'rule':26s} {'jobs':>5s} {'tasks':>5s} {'CPUs':>5s} {'GPUs':>5s} {'limit':>7s}  at once")
+    for rule, count in counts.items():
+        if rule in {"all", "stage_settings", "reference_data"}:  # local rules, run by Snakemake itself
+            continue
+        asked = {**default, **profile.get("set-resources", {}).get(rule, {})}
+        tasks, gpus = int(asked.get("tasks", 1)), int(asked.get("gpu", 0))
+        cpus = tasks * int(asked.get("cpus_per_task", 1))
+        at_once = min(count, limit)
+        print(f"  {rule:26s} {count:5d} {tasks:5d} {cpus:5d} {gpus:5d} {asked.get('runtime', '?'):>5} min"
+              f"  {at_once} jobs: {at_once * cpus} CPUs, {at_once * gpus} GPUs")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3, help="timed dry runs of the production config")
@@ -86,6 +107,7 @@ def main() -> None:
                if doubled[rule] != (2 * counts[rule] if rule in PER_SHARD_RULES else counts[rule])}
     print(f"shards of 250 instead of 500: {sum(doubled.values())} jobs; per-shard rules doubled, the others "
           f"unchanged: {'yes' if not changed else f'NO, {changed}'}")
+    print_slurm_requests(counts)
 
 
 if __name__ == "__main__":
