@@ -62,6 +62,21 @@ def kill_when_a_shot_is_done(workdir: Path, timeout: float = 300) -> None:
     finally:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+    # The job's processes were in the group too: none is left to finish the shard behind our back.
+    assert not processes_mentioning(workdir)
+
+
+def processes_mentioning(path: Path) -> list[str]:
+    """Command lines of running processes that name ``path``."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            arguments = cmdline.read_bytes().split(b"\0")
+        except OSError:  # the process ended meanwhile
+            continue
+        if any(os.fsencode(path) in argument for argument in arguments):
+            found.append(b" ".join(arguments).decode(errors="replace"))
+    return found
 
 
 def incomplete_markers(workdir: Path) -> set[str]:
