@@ -39,6 +39,10 @@ def _save(figure, path) -> None:
 
 # --- a shot with its predicted spots --------------------------------------------------------------------
 
+#: Most image pixels a side drawn in the shot figure: its axes are about 700 screen pixels wide, so each
+#: drawn pixel (a block's maximum) stays at least one screen pixel and no spot is dropped in resampling.
+SHOT_FIGURE_SIDE = 400
+
 
 def image_photons(image_adu: np.ndarray, detector: dict) -> np.ndarray:
     """Pixel values in photons: ADU minus the ADC offset, over the gain (readout noise can go below 0)."""
@@ -69,11 +73,11 @@ def plot_shot_with_predictions(path, dataset: str, photons: np.ndarray, predicte
 
     pyplot = _pyplot()
     figure, axes = pyplot.subplots(figsize=(9, 8.4))
-    shown, block = block_maximum(photons, 400)
+    shown, block = block_maximum(photons, SHOT_FIGURE_SIDE)
     # The colour scale starts at the median (the background) so that spots stand out from it.
     low = max(float(np.median(photons)), 0.5)
-    image = axes.imshow(np.clip(shown, low, None), cmap="magma", norm=LogNorm(vmin=low, vmax=max(float(shown.max()), 2 * low)),
-                        origin="upper", interpolation="nearest",
+    norm = LogNorm(vmin=low, vmax=max(float(shown.max()), 2 * low))
+    image = axes.imshow(np.clip(shown, low, None), cmap="magma", norm=norm, origin="upper", interpolation="nearest",
                         extent=(0, shown.shape[1] * block, shown.shape[0] * block, 0))
     figure.colorbar(image, ax=axes, fraction=0.046, pad=0.02,
                     label=f"photons, log scale (maximum of {block} x {block} pixel blocks)")
