@@ -6,6 +6,9 @@
 
 configfile: "config/config.yaml"
 
+# `snakemake --report report.html`: this text, then every stage's figures (see rules/report.smk).
+report: "report/workflow.rst"
+
 # First: validate the config and fill in defaults. A bad config stops the run here, with a one-line
 # "FILE: key.path: problem" message, before any job is planned.
 include: "rules/common.smk"
@@ -20,6 +23,7 @@ include: "rules/cells.smk"
 include: "rules/merge.smk"
 include: "rules/annulus.smk"
 include: "rules/stage1.smk"
+include: "rules/report.smk"
 
 
 rule all:

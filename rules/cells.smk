@@ -26,7 +26,9 @@ rule covariance:
     output:
         pickle=f"{OUTPUT_DIR}/cells/{{dataset}}_covariance.pickle",
         summary=f"{OUTPUT_DIR}/cells/{{dataset}}_clusters.txt",
-        plot=f"{OUTPUT_DIR}/cells/{{dataset}}_clusters.png",
+        plot=report(f"{OUTPUT_DIR}/cells/{{dataset}}_clusters.png", caption="../report/cells.rst",
+                    category="3. Unit cells", subcategory="{dataset}",
+                    labels={"dataset": "{dataset}", "figure": "cell clusters"}),
     wildcard_constraints:
         dataset=DATASET,
     log:

@@ -55,16 +55,26 @@ def shard_path(dataset, index):
     return f"{OUTPUT_DIR}/sim/{dataset}/shard_{index:05d}.h5"
 
 
+#: The report's own figures (rules/report.smk), one of each per dataset.
+REPORT_FIGURES = ("shot", "detector_refinement")
+
+
+def report_plot(figure, dataset="{dataset}"):
+    """Report figure `figure` of `dataset` (a {dataset} wildcard unless given)."""
+    return f"{OUTPUT_DIR}/report/{dataset}_{figure}.png"
+
+
 def final_targets():
     """Everything `rule all` asks for: the reference files, every shard of both datasets, the score
     tables of the DIALS chain, merging and both pixel refinements (which pull in index, metrology,
-    reindex, the cell analysis, the merge and the annulus), and the annulus summaries."""
+    reindex, the cell analysis, the merge and the annulus), the annulus summaries and the report's figures."""
     references = [reference_path(name) for name in REFERENCE_NAMES]
     shards = [shard_path(dataset, index) for dataset in DATASETS for index in range(len(SHARD_RANGES))]
     scores = [f"{OUTPUT_DIR}/score/{stage}_{dataset}.tsv"
               for stage in ("dials", "merge", "stage1", "exa") for dataset in DATASETS]
     annulus = [f"{OUTPUT_DIR}/annulus/{dataset}/summary.json" for dataset in DATASETS]
-    return references + shards + scores + annulus
+    figures = [report_plot(figure, dataset) for figure in REPORT_FIGURES for dataset in DATASETS]
+    return references + shards + scores + annulus + figures
 
 
 def workflow_file(path):

@@ -19,7 +19,9 @@ rule merge:
         mtz=f"{OUTPUT_DIR}/merge/{{dataset}}/merged.mtz",
         stats_table=f"{OUTPUT_DIR}/merge/{{dataset}}/statistics.tsv",
         stats_text=f"{OUTPUT_DIR}/merge/{{dataset}}/statistics.txt",
-        stats_plot=f"{OUTPUT_DIR}/merge/{{dataset}}/statistics.png",
+        stats_plot=report(f"{OUTPUT_DIR}/merge/{{dataset}}/statistics.png", caption="../report/merge_statistics.rst",
+                          category="4. Merging", subcategory="{dataset}",
+                          labels={"dataset": "{dataset}", "figure": "merging statistics"}),
         lattices=f"{OUTPUT_DIR}/merge/{{dataset}}/lattices.tsv",
         summary=f"{OUTPUT_DIR}/merge/{{dataset}}/summary.json",
     wildcard_constraints:
@@ -83,7 +85,9 @@ rule score_merge:
     output:
         table=f"{OUTPUT_DIR}/score/merge_{{dataset}}.tsv",
         text=f"{OUTPUT_DIR}/score/merge_{{dataset}}.txt",
-        plot=f"{OUTPUT_DIR}/score/merge_{{dataset}}.png",
+        plot=report(f"{OUTPUT_DIR}/score/merge_{{dataset}}.png", caption="../report/merge_score.rst",
+                    category="4. Merging", subcategory="{dataset}",
+                    labels={"dataset": "{dataset}", "figure": "merged intensities against the truth"}),
     wildcard_constraints:
         dataset=DATASET,
     params:

@@ -16,7 +16,9 @@ rule score_dials:
     output:
         table=f"{OUTPUT_DIR}/score/dials_{{dataset}}.tsv",
         text=f"{OUTPUT_DIR}/score/dials_{{dataset}}.txt",
-        plot=f"{OUTPUT_DIR}/score/dials_{{dataset}}.png",
+        plot=report(f"{OUTPUT_DIR}/score/dials_{{dataset}}.png", caption="../report/dials_score.rst",
+                    category="2. DIALS stages", subcategory="{dataset}",
+                    labels={"dataset": "{dataset}", "figure": "index and reindex against the truth"}),
     wildcard_constraints:
         dataset=DATASET,
     params:

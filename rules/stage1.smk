@@ -73,7 +73,9 @@ for refinement in PIXEL_REFINEMENTS:
         output:
             table=f"{OUTPUT_DIR}/score/{refinement}_{{dataset}}.tsv",
             text=f"{OUTPUT_DIR}/score/{refinement}_{{dataset}}.txt",
-            plot=f"{OUTPUT_DIR}/score/{refinement}_{{dataset}}.png",
+            plot=report(f"{OUTPUT_DIR}/score/{refinement}_{{dataset}}.png", caption=f"../report/{refinement}.rst",
+                        category="5. Pixel refinement", subcategory="{dataset}",
+                        labels={"dataset": "{dataset}", "figure": f"{refinement}: RMSD and misorientation"}),
         wildcard_constraints:
             dataset=DATASET,
         params:

@@ -23,6 +23,16 @@ def shared_data_dir() -> Path:
     return SHARED_DATA_DIR
 
 
+@pytest.fixture(scope="session")
+def completed_run(tmp_path_factory):
+    """A working directory in which tests/test_pipeline.py's small config ran to completion, made once
+    per session for the tests that inspect or extend it (test_pipeline, test_report); returns
+    (workdir, configfile)."""
+    from test_pipeline import completed_pipeline_run
+
+    return completed_pipeline_run(tmp_path_factory.mktemp("pipeline"))
+
+
 def mpirun_command(command, ranks: int) -> list:
     """``command`` under ``mpirun -n ranks`` (allowed as root, and with more ranks than cores)."""
     return ["mpirun", "--allow-run-as-root", "--oversubscribe", "-n", str(ranks), *command]

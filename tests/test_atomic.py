@@ -100,6 +100,19 @@ def test_killed_process_never_exposes_a_partial_file(tmp_path, existing):
     assert all(name.startswith(".out.bin.") and name.endswith(".partial") for name in leftovers)
 
 
+def test_next_writer_removes_what_a_killed_writer_left_and_nothing_else(tmp_path):
+    target = tmp_path / "out.bin"
+    stale = [tmp_path / ".out.bin.k3_x9q0a.partial", tmp_path / ".out.bin.zzzzzzzz.partial"]
+    kept = [tmp_path / ".out.bin.gz.k3_x9q0a.partial",  # another file's temporary
+            tmp_path / "out.bin.k3_x9q0a.partial",  # not hidden: not ours
+            tmp_path / ".out.bin.notes"]
+    for path in stale + kept:
+        path.write_bytes(b"left behind")
+    with atomic_output(target) as stream:
+        stream.write(b"complete")
+    assert sorted(os.listdir(tmp_path)) == sorted(["out.bin"] + [path.name for path in kept])
+
+
 def test_atomic_path_for_h5py(tmp_path):
     target = tmp_path / "shard.h5"
     with atomic_path(target) as temporary:

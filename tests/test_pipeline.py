@@ -119,6 +119,8 @@ MERGE_STAGES = ("tdata", "covariance", "merge", "dials_merge", "score_merge", "a
 #: The per-shard pixel refinements and their per-dataset scores, which follow the annulus.
 PIXEL_REFINEMENTS = ("stage1", "exa")
 PIXEL_SCORES = ("score_stage1", "score_exa")
+#: The report's own figures (rules/report.smk), which read shard 0 of index and reindex.
+REPORT_FIGURES = ("plot_shot", "plot_detector_refinement")
 
 
 def pixel_refinement_jobs(n_shards=N_SHARDS):
@@ -130,8 +132,9 @@ def pixel_refinement_jobs(n_shards=N_SHARDS):
 
 def metrology_and_after(n_shards=N_SHARDS):
     """Jobs that follow a new detector refinement: metrology, every reindex job, the cell analysis,
-    merging, the annulus, the pixel refinements and the scores."""
-    return (per_dataset_jobs("metrology", "score_dials", *MERGE_STAGES) | stills_jobs("reindex", range(n_shards))
+    merging, the annulus, the pixel refinements, the scores and the report's figures."""
+    return (per_dataset_jobs("metrology", "score_dials", *MERGE_STAGES, *REPORT_FIGURES)
+            | stills_jobs("reindex", range(n_shards))
             | pixel_refinement_jobs(n_shards))
 
 
@@ -164,10 +167,12 @@ def pipeline_config(workdir, **simulate_overrides):
     return config
 
 
-@pytest.fixture(scope="module")
-def completed_run(tmp_path_factory):
-    """A working directory in which the small config ran to completion; returns (workdir, configfile)."""
-    workdir = tmp_path_factory.mktemp("pipeline")
+# `completed_run` (tests/conftest.py): the small config run to completion once per session, in a
+# working directory made by `completed_pipeline_run` below; tests/test_report.py reports on it too.
+
+
+def completed_pipeline_run(workdir):
+    """Run the small config to completion in `workdir`; returns (workdir, configfile)."""
     (workdir / "index.phil").write_text((REPO_ROOT / "config" / "index.phil").read_text())
     configfile = write_config(workdir / "small.yaml", pipeline_config(workdir))
     succeeded(snakemake(workdir, configfile))
@@ -365,7 +370,7 @@ def test_dry_run_on_a_fresh_directory_lists_every_stage(tmp_path):
         "reference_data": len(REFERENCE_NAMES), "stage_settings": 8, "structure_factors": 1,
         "simulate": N_SHARDS, "index": 2 * N_SHARDS, "metrology": 2, "reindex": 2 * N_SHARDS,
         "score_dials": 2, **{rule: 2 for rule in MERGE_STAGES}, **{rule: 2 * N_SHARDS for rule in PIXEL_REFINEMENTS},
-        **{rule: 2 for rule in PIXEL_SCORES}, "all": 1}
+        **{rule: 2 for rule in PIXEL_SCORES}, **{rule: 2 for rule in REPORT_FIGURES}, "all": 1}
     assert {wildcards for rule, wildcards in jobs if rule == "stage_settings"} == {
         (("stage", stage),) for stage in ("structure_factors", "simulate", "metrology", "cells", "merge",
                                           "dials_merge", "annulus", "stage1")}

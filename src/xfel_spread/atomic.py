@@ -3,13 +3,15 @@
 Output is written to a hidden temporary file in the destination directory (same file system, so the
 final ``os.replace`` is atomic) and renamed into place only when writing finished without an
 exception. A job killed half-way therefore never leaves a truncated file that a later run would take
-for finished output, and a complete file that was already there stays untouched.
+for finished output, and a complete file that was already there stays untouched. A kill (SIGKILL, a
+node lost) runs no clean-up, so its temporary stays behind; the next writer of the same file deletes it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +32,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     is deleted and ``path`` is left as it was.
     """
     final_path = Path(path)
+    _remove_stale_temporaries(final_path)
     descriptor, temporary_name = tempfile.mkstemp(
         prefix=f".{final_path.name}.", suffix=".partial", dir=final_path.parent
     )
@@ -57,6 +60,20 @@ def atomic_output(path: str | os.PathLike, mode: str = "wb", **open_kwargs) -> I
     with atomic_path(path) as temporary_path:
         with open(temporary_path, mode, **open_kwargs) as stream:
             yield stream
+
+
+def _remove_stale_temporaries(final_path: Path) -> None:
+    """Delete the temporaries that killed writers of ``final_path`` left (a production shard's is GBs).
+
+    The pipeline never has two writers of one file at once (Snakemake runs one job per output), so any
+    temporary of this name is stale. The match is exact: mkstemp's random part has no dot, so the
+    temporaries of another name (``out.bin.gz``'s for ``out.bin``) never match.
+    """
+    stale = re.compile(re.escape(f".{final_path.name}.") + r"[a-z0-9_]+\.partial")
+    with os.scandir(final_path.parent) as entries:
+        for entry in entries:
+            if stale.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+                os.unlink(entry.path)
 
 
 def _sync_to_disk(path: Path) -> None:

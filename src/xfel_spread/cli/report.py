@@ -1,0 +1,56 @@
+"""Entry points of the report's own figures (the Snakemake report shows these beside the stages' plots).
+
+``spread-plot-shot``: one simulated shot of a dataset with the reindex pass's predicted spots overlaid.
+``spread-plot-detector-refinement``: centroid residuals of the indexed spots before (index pass) and after
+(reindex pass) the detector refinement.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from xfel_spread.cli.simulate import INPUT_ERRORS, _run
+
+
+def plot_shot_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="spread-plot-shot",
+        description="Draw the first shot the reindex pass integrated in a shard, with its predicted spots.")
+    parser.add_argument("--dataset", required=True, help="dataset name, for the title")
+    parser.add_argument("--shard", required=True, help="the simulated shard (HDF5)")
+    parser.add_argument("--reindex-prefix", required=True, help="output prefix of the same shard's reindex stage")
+    parser.add_argument("--plot", required=True, help="figure to write (PNG)")
+    arguments = parser.parse_args(argv)
+
+    def action():
+        from xfel_spread.report.plots import plot_shot_from_files
+
+        shot = plot_shot_from_files(arguments.plot, arguments.dataset, arguments.reindex_prefix, arguments.shard)
+        print(f"{arguments.plot}: shot {shot} of {arguments.shard}")
+
+    return _run("spread-plot-shot", action, INPUT_ERRORS)
+
+
+def plot_detector_refinement_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="spread-plot-detector-refinement",
+        description="Plot observed - predicted centroids of one shard's indexed spots before and after metrology.")
+    parser.add_argument("--dataset", required=True, help="dataset name, for the title")
+    parser.add_argument("--index-prefix", required=True, help="output prefix of the shard's index stage")
+    parser.add_argument("--reindex-prefix", required=True, help="output prefix of the same shard's reindex stage")
+    parser.add_argument("--plot", required=True, help="figure to write (PNG)")
+    arguments = parser.parse_args(argv)
+
+    def action():
+        from xfel_spread.report.plots import centroid_residuals, plot_detector_refinement
+
+        before = centroid_residuals(arguments.index_prefix)
+        after = centroid_residuals(arguments.reindex_prefix)
+        plot_detector_refinement(arguments.plot, arguments.dataset, before, after)
+        for name, residuals in (("index", before), ("reindex", after)):
+            values = residuals.all
+            mean = values.mean(axis=0) if len(values) else [float("nan")] * 2
+            print(f"{name}: {len(residuals.by_image)} lattices, {len(values)} spots, "
+                  f"mean residual ({mean[0]:+.3f}, {mean[1]:+.3f}) px")
+
+    return _run("spread-plot-detector-refinement", action, INPUT_ERRORS)

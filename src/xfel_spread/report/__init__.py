@@ -1,0 +1,1 @@
+"""Figures made for the Snakemake report (``snakemake --report``) that no stage draws itself."""

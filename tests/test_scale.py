@@ -1,0 +1,63 @@
+"""Scale of the workflow: the production DAG has jobs per shard, never per shot.
+
+Dry runs of config/production.yaml (100,000 shots in shards of 500) in a scratch working directory,
+as is and with shards of 333 (the last one partial); the jobs per rule must be the expected function
+of the number of shards. How long the dry run takes is measured by benchmarks/bench_dryrun.py, not here.
+"""
+
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+import yaml
+
+from conftest import REPO_ROOT
+from xfel_spread.reference import REFERENCE_NAMES
+
+PRODUCTION = REPO_ROOT / "config" / "production.yaml"
+#: One job per shard and dataset.
+PER_SHARD_AND_DATASET = ("index", "reindex", "stage1", "exa")
+#: One job per dataset, whatever the number of shots.
+PER_DATASET = ("metrology", "score_dials", "tdata", "covariance", "merge", "dials_merge", "score_merge", "annulus",
+               "score_stage1", "score_exa", "plot_shot", "plot_detector_refinement")
+
+
+def expected_jobs(n_shards: int) -> Counter:
+    return Counter({"reference_data": len(REFERENCE_NAMES), "stage_settings": 8, "structure_factors": 1,
+                    "simulate": n_shards, **{rule: 2 * n_shards for rule in PER_SHARD_AND_DATASET},
+                    **{rule: 2 for rule in PER_DATASET}, "all": 1})
+
+
+def job_stats(output: str) -> Counter:
+    """{rule: count} from the first "Job stats" table of a dry run."""
+    lines = output.splitlines()
+    assert "Job stats:" in lines, output[-3000:]
+    counts = Counter()
+    for line in lines[lines.index("Job stats:") + 3:]:  # skip the header and the dashes
+        rule, count = line.split()
+        if rule == "total":
+            assert int(count) == sum(counts.values()), output
+            return counts
+        counts[rule] = int(count)
+    raise AssertionError(f"no total line in the job stats table:\n{output}")
+
+
+@pytest.mark.parametrize("shots_per_shard, n_shards", [(None, 200), (333, 301)], ids=["production", "shards_of_333"])
+def test_production_dag_has_jobs_per_shard_not_per_shot(tmp_path, shots_per_shard, n_shards):
+    production = yaml.safe_load(PRODUCTION.read_text())["simulate"]
+    assert (production["n_shots"], production["shots_per_shard"]) == (100_000, 500)
+    configfiles = [PRODUCTION]
+    if shots_per_shard is not None:
+        configfiles.append(tmp_path / "shards.yaml")
+        configfiles[-1].write_text(yaml.safe_dump({"simulate": {"shots_per_shard": shots_per_shard}}))
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    command = [sys.executable, "-m", "snakemake", "--dry-run", "--snakefile", str(REPO_ROOT / "Snakefile"),
+               "--directory", str(workdir), "--configfile", *map(str, configfiles)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+
+    assert job_stats(result.stdout + result.stderr) == expected_jobs(n_shards)
+    # Planning writes nothing but Snakemake's own bookkeeping.
+    assert [path.name for path in workdir.iterdir()] in ([], [".snakemake"])
