@@ -18,8 +18,14 @@ rule metrology:
         summary=f"{OUTPUT_DIR}/metrology/{{dataset}}/summary.json",
         refined_detector=f"{OUTPUT_DIR}/metrology/{{dataset}}/refined_detector.expt",
         residuals=f"{OUTPUT_DIR}/metrology/{{dataset}}/residuals.tsv",
-        residuals_before=f"{OUTPUT_DIR}/metrology/{{dataset}}/residuals_before.png",
-        residuals_after=f"{OUTPUT_DIR}/metrology/{{dataset}}/residuals_after.png",
+        residuals_before=report(f"{OUTPUT_DIR}/metrology/{{dataset}}/residuals_before.png",
+                                caption="../report/metrology_residuals.rst", category="2. DIALS stages",
+                                subcategory="{dataset}",
+                                labels={"dataset": "{dataset}", "figure": "positional residuals, before"}),
+        residuals_after=report(f"{OUTPUT_DIR}/metrology/{{dataset}}/residuals_after.png",
+                               caption="../report/metrology_residuals.rst", category="2. DIALS stages",
+                               subcategory="{dataset}",
+                               labels={"dataset": "{dataset}", "figure": "positional residuals, after"}),
     wildcard_constraints:
         dataset=DATASET,
     params:

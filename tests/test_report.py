@@ -24,6 +24,8 @@ FIGURES = [
     ("1. Simulated shots", "report/{dataset}_shot.png", "plot_shot"),
     ("2. DIALS stages", "report/{dataset}_detector_refinement.png", "plot_detector_refinement"),
     ("2. DIALS stages", "score/dials_{dataset}.png", "score_dials"),
+    ("2. DIALS stages", "metrology/{dataset}/residuals_before.png", "metrology"),
+    ("2. DIALS stages", "metrology/{dataset}/residuals_after.png", "metrology"),
     ("3. Unit cells", "cells/{dataset}_clusters.png", "covariance"),
     ("4. Merging", "merge/{dataset}/statistics.png", "merge"),
     ("4. Merging", "score/merge_{dataset}.png", "score_merge"),
