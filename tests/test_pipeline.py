@@ -34,6 +34,11 @@ ALL_TRIGGERS = ["--rerun-triggers", "mtime", "params", "input", "code", "softwar
 # --- tiny config and helpers -------------------------------------------------------------------------
 
 
+#: A guard against a hung pipeline, not a timing goal: the whole tiny pipeline takes about 5 minutes
+#: on an idle 2-core machine and over 11 on one shared with other work.
+PIPELINE_TIMEOUT_S = 1800
+
+
 def snakemake(workdir, configfile, *arguments):
     """Run Snakemake on the repository's Snakefile in `workdir`; return the CompletedProcess.
 
@@ -42,7 +47,7 @@ def snakemake(workdir, configfile, *arguments):
     """
     command = [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE), "--directory", str(workdir),
                "--profile", str(LOCAL_PROFILE), "--cores", "2", *arguments, f"--configfile={configfile}"]
-    return subprocess.run(command, capture_output=True, text=True, timeout=600)
+    return subprocess.run(command, capture_output=True, text=True, timeout=PIPELINE_TIMEOUT_S)
 
 
 def output_of(result):
