@@ -34,8 +34,8 @@ ALL_TRIGGERS = ["--rerun-triggers", "mtime", "params", "input", "code", "softwar
 # --- tiny config and helpers -------------------------------------------------------------------------
 
 
-#: A guard against a hung pipeline, not a timing goal: the whole tiny pipeline takes about 5 minutes
-#: on an idle 2-core machine and over 11 on one shared with other work.
+#: A guard against a hung pipeline, not a timing goal: the whole tiny pipeline took 11.5 minutes on
+#: this 2-core machine while other work loaded it (load 8-12).
 PIPELINE_TIMEOUT_S = 1800
 
 
