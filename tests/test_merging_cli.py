@@ -323,6 +323,8 @@ def test_one_and_two_ranks_give_identical_files(merged_dataset, tmp_path):
     two, two_outputs = merge_command(tmp_path, prefixes, "two", covariance, ranks=2)
     assert two.returncode == 0, two.stderr[-3000:]
     assert "merging statistics" in two.stderr and "spread-merge: 40 of 44 lattices merged" in two.stderr
+    # Rank 0 names the rank count; the others log only warnings.
+    assert one.stderr.count("spread-merge: 1 rank(s)") == 1 and two.stderr.count("spread-merge: 2 rank(s)") == 1
     first, second = mtz.object(str(one_outputs.mtz)), mtz.object(str(two_outputs.mtz))
     for column_one, column_two in zip(first.columns(), second.columns()):
         assert column_one.label() == column_two.label()

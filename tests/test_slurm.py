@@ -1,9 +1,11 @@
-"""The Slurm profile on a real Slurm: a single-node cluster on this machine runs part of the pipeline.
+"""The Slurm profile on a real Slurm: a single-node cluster on this machine runs the whole pipeline.
 
 ``scripts/slurm/single_node.sh up`` starts munged, slurmctld and slurmd (Debian's Slurm 22.05); then
-``snakemake --profile profiles/slurm`` submits every job with sbatch and follows it with squeue, up to
-the index stage of one shard: dials.stills_process as an MPI job of 2 ranks launched by the profile's
-``srun --mpi=pmix``. The daemons are stopped whatever happens. Needs root and the Slurm packages
+``snakemake --profile profiles/slurm`` runs the default target (every stage, simulation to the scores of
+both pixel refinements) on tests/test_pipeline.py's small config, submitting every job with sbatch and
+following it with squeue. The MPI stages (index, reindex, merge, stage1, exa) run 2 ranks each under the
+profile's ``srun --mpi=pmix``; their logs show both ranks at work. ``single_node.sh down`` stops the
+daemons whatever happens, and the test checks they are gone. Needs root and the Slurm packages
 (scripts/setup.sh installs them); skipped otherwise. The checks of what the plugin makes of the
 profile's resources run its own code and need no cluster.
 
@@ -14,18 +16,22 @@ profile (executor, status command, MPI launcher, resource keys) as it is.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import sys
 import time
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
 
 from conftest import run_job
-from tiny_config import SHOTS_PER_SHARD, indexable_config, write_config
+from test_pipeline import ALL_TRIGGERS, job_stats, pipeline_config, snakemake, succeeded
+from tiny_config import N_SHOTS, SHOTS_PER_SHARD, write_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SNAKEFILE = REPO_ROOT / "Snakefile"
@@ -33,9 +39,18 @@ SLURM_PROFILE = REPO_ROOT / "profiles" / "slurm"
 SINGLE_NODE = REPO_ROOT / "scripts" / "slurm" / "single_node.sh"
 #: The partition single_node.sh defines.
 PARTITION = "debug"
+#: Where single_node.sh keeps its pid files (its default, unless the environment names another).
+STATE_DIR = Path(os.environ.get("SPREAD_SLURM_STATE_DIR", "/var/tmp/spread-slurm"))
 #: MPI ranks per MPI job here: all the cores of a 2-core machine.
 RANKS = 2
 DATASETS = ("nopsf", "psf")
+N_SHARDS = N_SHOTS // SHOTS_PER_SHARD
+#: Jobs that Snakemake runs itself, not through sbatch: the rules marked local (copying reference files,
+#: writing a stage's settings) and the default target.
+LOCAL_RULES = {"reference_data", "stage_settings", "all"}
+#: The command each MPI rule launches.
+MPI_COMMANDS = {"index": "spread-stills-process", "reindex": "spread-stills-process", "merge": "spread-merge",
+                "stage1": "spread-stage1", "exa": "spread-exa"}
 
 
 def why_no_slurm_here() -> str | None:
@@ -145,53 +160,112 @@ def test_fit_to_this_machine_keeps_the_launcher_and_drops_gpus():
         "mem_mb": 2000, "runtime": 10, "tasks": 1, "cpus_per_task": 1}
 
 
+def daemon_pids() -> dict[str, int]:
+    """The daemons single_node.sh started and will stop, by name: slurmctld, slurmd, and munged when it
+    started that one too."""
+    pid_files = {"slurmctld": STATE_DIR / "slurmctld.pid", "slurmd": STATE_DIR / "slurmd.pid"}
+    if (STATE_DIR / "munged.ours").exists():
+        pid_files["munged"] = Path("/run/munge/munged.pid")
+    return {name: int(path.read_text()) for name, path in pid_files.items()}
+
+
+def is_running(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie (a daemon that exited, waiting for its parent)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat[stat.rindex(")") + 2] not in "ZX"  # the state follows the command name in parentheses
+
+
+@dataclass
+class SlurmRun:
+    """What the run through Slurm left: its directory and config, Snakemake's output, the jobs a dry run
+    planned before it ({rule: count}), the daemons that ran it ({name: pid}) and those still running after
+    single_node.sh down."""
+
+    workdir: Path
+    configfile: Path
+    output: str
+    planned: Counter
+    daemons: dict
+    running_after_down: list
+
+
 @pytest.fixture(scope="module")
-def single_node_slurm():
-    """A running single-node Slurm; yields the seconds it took to come up; always shut down after."""
+def slurm_run(tmp_path_factory) -> SlurmRun:
+    """The whole pipeline on test_pipeline's small config, run through the Slurm profile on a single-node
+    Slurm that is brought up for it and always shut down after."""
+    workdir = tmp_path_factory.mktemp("slurm")
+    (workdir / "index.phil").write_text((REPO_ROOT / "config" / "index.phil").read_text())
+    configfile = write_config(workdir / "small.yaml", pipeline_config(workdir))
+    planned = job_stats(succeeded(snakemake(workdir, configfile, "--dry-run")))
+    command = [sys.executable, "-m", "snakemake", "--snakefile", SNAKEFILE, "--directory", workdir,
+               "--profile", SLURM_PROFILE, *machine_overrides(profile_resources()), f"--configfile={configfile}"]
     started = time.monotonic()
     try:
         up = run_job([SINGLE_NODE, "up"], timeout=120)
         assert up.returncode == 0, up.stdout + up.stderr
-        yield time.monotonic() - started
+        daemons = daemon_pids()
+        up_seconds = time.monotonic() - started
+        result = run_job(command, timeout=2400)
+        run_seconds = time.monotonic() - started - up_seconds
     finally:
         down = run_job([SINGLE_NODE, "down"], timeout=120)
-        assert down.returncode == 0, down.stdout + down.stderr
-
-
-@pytest.fixture(scope="module")
-def slurm_run(single_node_slurm, tmp_path_factory):
-    """The index stage of shard 0 (both datasets) run through the Slurm profile; returns (workdir, output)."""
-    workdir = tmp_path_factory.mktemp("slurm")
-    config = indexable_config(workdir)
-    config["index"] = {"phil": str(REPO_ROOT / "config" / "index.phil")}
-    configfile = write_config(workdir / "slurm.yaml", config)
-    targets = [str(workdir / "results" / "index" / dataset / "shard_00000_integrated.expt") for dataset in DATASETS]
-    command = [sys.executable, "-m", "snakemake", "--snakefile", SNAKEFILE, "--directory", workdir,
-               "--profile", SLURM_PROFILE, *machine_overrides(profile_resources()), f"--configfile={configfile}",
-               "--", *targets]
-    started = time.monotonic()
-    result = run_job(command, timeout=900)
+    assert down.returncode == 0, down.stdout + down.stderr
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-5000:]
-    print(f"Slurm up in {single_node_slurm:.1f} s; pipeline through Slurm in {time.monotonic() - started:.0f} s")
-    return workdir, output
+    print(f"Slurm up in {up_seconds:.1f} s; {sum(planned.values())} jobs through Slurm in {run_seconds:.0f} s")
+    running = [name for name, pid in daemons.items() if is_running(pid)]
+    return SlurmRun(workdir, configfile, output, planned, daemons, running)
 
 
 @requires_slurm
-def test_index_runs_through_slurm_with_two_srun_ranks(slurm_run):
+def test_every_job_goes_through_sbatch_and_the_run_completes(slurm_run):
+    submitted = Counter(re.findall(r"submitted with SLURM jobid \d+ \(log: \S+/slurm_logs/rule_(\w+)/",
+                                   slurm_run.output))
+    local = Counter(re.findall(r"^localrule (\w+):$", slurm_run.output, re.MULTILINE))
+    assert set(local) == LOCAL_RULES, local
+    assert submitted + local == slurm_run.planned, slurm_run.output[-5000:]
+    assert set(MPI_COMMANDS) | {"simulate", "metrology", "dials_merge", "score_exa"} <= set(submitted), submitted
+    # Every final output is there and up to date: a dry run with every rerun trigger plans nothing.
+    after = snakemake(slurm_run.workdir, slurm_run.configfile, "--dry-run", *ALL_TRIGGERS)
+    assert job_stats(succeeded(after)) == Counter()
+
+
+@requires_slurm
+def test_the_mpi_stages_ran_two_ranks_under_srun(slurm_run):
     from xfel_spread.dials.stills import read_shots_table
 
-    workdir, output = slurm_run
+    results, logs = slurm_run.workdir / "results", slurm_run.workdir / "logs"
+    # The profile's launcher ran each MPI job's command, inside the job sbatch submitted.
+    launched = Counter(re.findall(rf"srun --mpi=pmix -n {RANKS} \S*/(spread-[\w-]+) ", slurm_run.output))
+    assert launched == Counter(MPI_COMMANDS[rule] for rule in MPI_COMMANDS
+                               for _ in range(slurm_run.planned[rule])), slurm_run.output[-5000:]
+    for stage in ("index", "reindex"):
+        for dataset in DATASETS:
+            for index in range(N_SHARDS):
+                shots = read_shots_table(results / stage / dataset / f"shard_{index:05d}_shots.tsv")
+                assert [row["shot"] for row in shots] == list(range(index * SHOTS_PER_SHARD,
+                                                                     (index + 1) * SHOTS_PER_SHARD))
+                # Each of the 2 ranks took a shot and left its own DIALS log, copied into the job's log.
+                log = (logs / stage / dataset / f"shard_{index:05d}.log").read_text()
+                for rank in range(RANKS):
+                    assert f"----- info_rank{rank:04d}.out -----" in log, (stage, log[-3000:])
+                assert f"----- info_rank{RANKS:04d}.out -----" not in log
     for dataset in DATASETS:
-        rows = read_shots_table(workdir / "results" / "index" / dataset / "shard_00000_shots.tsv")
-        assert [row["shot"] for row in rows] == list(range(SHOTS_PER_SHARD))
-        assert {row["status"] for row in rows} == {"integrate_ok"}, rows
-        # Each of the 2 ranks took a shot and left its own DIALS log, copied into the job's log.
-        log = (workdir / "logs" / "index" / dataset / "shard_00000.log").read_text()
-        for rank in range(RANKS):
-            assert f"----- info_rank{rank:04d}.out -----" in log, log[-3000:]
-        assert f"----- info_rank{RANKS:04d}.out -----" not in log
-    # The launcher was the profile's srun, inside jobs that sbatch submitted.
-    assert output.count(f"srun --mpi=pmix -n {RANKS} ") >= len(DATASETS), output[-5000:]
-    submitted = re.findall(r"submitted with SLURM jobid \d+ \(log: \S+/slurm_logs/rule_(\w+)/", output)
-    assert sorted(submitted) == ["index", "index", "simulate", "structure_factors"], output[-5000:]
+        # Ranks that had not joined one MPI world would each count 1, and each write the files.
+        assert f"spread-merge: {RANKS} rank(s)" in (logs / "merge" / f"{dataset}.log").read_text()
+        summary = json.loads((results / "merge" / dataset / "summary.json").read_text())
+        assert summary["n_ranks"] == RANKS and summary["accepted"] > 0, summary
+        for refinement in ("stage1", "exa"):
+            for index in range(N_SHARDS):
+                log = (logs / refinement / dataset / f"shard_{index:05d}.log").read_text()
+                assert re.search(rf"spread-{refinement}: \d+ lattices of \S+ on {RANKS} rank\(s\)", log), log[-3000:]
+
+
+@requires_slurm
+def test_the_daemons_are_down_after_the_run(slurm_run):
+    assert {"slurmctld", "slurmd"} <= set(slurm_run.daemons), slurm_run.daemons
+    assert slurm_run.running_after_down == [], slurm_run.daemons
+    assert not Path("/etc/slurm/slurm.conf").exists()  # down removes the config up wrote

@@ -42,6 +42,8 @@ def merge_main(argv: list[str] | None = None) -> int:
         if comm.Get_rank() != 0:  # rank 0 logs the job's progress; the others only their warnings
             for handler in logging.getLogger().handlers:
                 handler.setLevel(logging.WARNING)
+        # The launcher's rank count, as MPI sees it: 1 would mean the ranks did not join one world.
+        logging.info("spread-merge: %d rank(s)", comm.Get_size())
         try:
             settings = MergeSettings.from_config(load_config(arguments.config)["merge"])
             cluster = read_covariance(arguments.covariance, settings.covariance_component)
