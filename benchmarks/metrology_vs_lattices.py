@@ -60,8 +60,11 @@ def main() -> None:
                                                               "engine": arguments.engine}}))
             command = [str(bin_dir / "spread-metrology"), "--config", str(settings), "--dataset", arguments.dataset,
                        "--phil", arguments.phil, "--report", str(work / "report.txt"),
-                       "--summary", str(work / "summary.json"), "--refined-phil", str(work / "refined.phil"),
-                       "--work-dir", str(work / "dials")]
+                       "--summary", str(work / "summary.json"),
+                       "--refined-detector", str(work / "refined_detector.expt"),
+                       "--residuals-table", str(work / "residuals.tsv"),
+                       "--residuals-before", str(work / "residuals_before.png"),
+                       "--residuals-after", str(work / "residuals_after.png"), "--work-dir", str(work / "dials")]
             for prefix in prefixes:
                 command += ["--shard-prefix", str(prefix)]
             start = time.perf_counter()
