@@ -44,8 +44,8 @@ def block_sum(image: np.ndarray, max_pixels: int = DISPLAY_PIXELS) -> np.ndarray
     return image[:n_slow, :n_fast].reshape(n_slow // block, block, n_fast // block, block).sum(axis=(1, 3))
 
 
-def plot_powder(path, powder: np.ndarray, q_inv_a: np.ndarray, profile: np.ndarray, shot_profiles: np.ndarray,
-                is_hit: np.ndarray, ring: RingPeak, n_shots: int) -> None:
+def plot_powder(path, powder: np.ndarray, q_inv_a: np.ndarray, profile: np.ndarray, solvent_profile: np.ndarray,
+                shot_profiles: np.ndarray, is_hit: np.ndarray, ring: RingPeak, n_shots: int) -> None:
     """Powder image (log scale) and radial profiles (photons per pixel at normal incidence) against q."""
     pyplot = _pyplot()
     figure, (left, right) = pyplot.subplots(1, 2, figsize=(14, 6))
@@ -65,6 +65,8 @@ def plot_powder(path, powder: np.ndarray, q_inv_a: np.ndarray, profile: np.ndarr
     right.plot([], [], color="tab:blue", label="shots called hits (Bragg spots clipped)")
     right.plot([], [], color="tab:orange", label="shots called misses")
     right.plot(q_inv_a, profile, color="black", linewidth=1.5, label="powder sum / shots")
+    right.plot(q_inv_a, solvent_profile, color="tab:green", linewidth=1.0, linestyle=":",
+               label="powder, Bragg spots clipped (solvent)")
     if np.isfinite(ring.q_inv_a):
         right.axvline(ring.q_inv_a, color="0.4", linestyle="--",
                       label=f"powder ring q = {ring.q_inv_a:.3f} 1/A (d = {ring.d_a:.2f} A)")

@@ -26,6 +26,7 @@ from xfel_spread.analysis.radial import (
     ProfileComparison,
     RingPeak,
     background_model_profile,
+    clipped_radial_statistics,
     compare_profiles,
     detector_from_attrs,
     mean_wavelength_a,
@@ -120,12 +121,16 @@ def find_hits(lit_paths: Sequence, radial_paths: Sequence, powder_paths: Sequenc
     wavelength = float(np.mean(np.concatenate([radial.wavelengths_a for radial in radials])))
     per_shot, covered = powder.mean_per_shot()
     raw_profile, n_pixels = radial_mean(per_shot, covered, geometry)
-    corrected_profile, _ = radial_mean(per_shot / geometry.relative_factor, covered, geometry)
-    ring = ring_peak(corrected_profile, geometry.bin_two_theta_rad, wavelength, tuple(hitfind["ring_q_range_inv_a"]))
+    corrected = per_shot / geometry.relative_factor
+    corrected_profile, _ = radial_mean(corrected, covered, geometry)
+    # The powder's Bragg rings pull a plain mean's maximum off the solvent ring: find it on the clipped one.
+    solvent_profile, _ = clipped_radial_statistics(corrected, covered, geometry, geometry.root_relative_factor)
+    ring = ring_peak(solvent_profile, geometry.bin_two_theta_rad, wavelength, tuple(hitfind["ring_q_range_inv_a"]))
 
     with atomic_output(outputs["powder"], "wb") as stream:
         np.save(stream, powder.photons.reshape(geometry.shape).astype(np.float32))
-    _write_powder_radial(outputs["powder_radial"], geometry, wavelength, n_pixels, raw_profile, corrected_profile)
+    _write_powder_radial(outputs["powder_radial"], geometry, wavelength, n_pixels, raw_profile, corrected_profile,
+                         solvent_profile)
     all_rows = [dict(row, shard=index) for index, rows in enumerate(shards) for row in rows]
     is_hit = threshold.is_hit(lit)
     _write_ring_peaks(outputs["ring_peaks"], all_rows, is_hit)
@@ -136,7 +141,7 @@ def find_hits(lit_paths: Sequence, radial_paths: Sequence, powder_paths: Sequenc
         json.dump(_finite_or_none(asdict(summary)), stream, indent=1)
 
     plots.plot_powder(outputs["powder_plot"], powder.photons.reshape(geometry.shape), geometry.q_inv_a(wavelength),
-                      corrected_profile, np.concatenate([radial.profiles for radial in radials]), is_hit, ring,
+                      corrected_profile, solvent_profile, np.concatenate([radial.profiles for radial in radials]), is_hit, ring,
                       powder.n_shots)
     plots.plot_shots(outputs["shots_plot"], all_rows, is_hit, threshold)
     return summary
@@ -154,18 +159,20 @@ def _finite_or_none(values: dict) -> dict:
             for key, value in values.items()}
 
 
+#: Per bin: photons per pixel per shot (Bragg spots included), the same at normal incidence, and the
+#: solvent's share (normal incidence, Bragg spots clipped).
 POWDER_RADIAL_COLUMNS = ("bin", "radius_px", "two_theta_deg", "q_inv_a", "d_a", "n_pixels", "photons_per_pixel",
-                         "photons_per_pixel_normal_incidence")
+                         "photons_per_pixel_normal_incidence", "solvent_photons_per_pixel_normal_incidence")
 
 
-def _write_powder_radial(path, geometry, wavelength_a: float, n_pixels, raw, corrected) -> None:
+def _write_powder_radial(path, geometry, wavelength_a: float, n_pixels, raw, corrected, solvent) -> None:
     q = geometry.q_inv_a(wavelength_a)
     rows = []
     for index in np.flatnonzero(n_pixels):
         rows.append([index, f"{geometry.bin_radius_px[index]:.3f}",
                      f"{math.degrees(geometry.bin_two_theta_rad[index]):.4f}", f"{q[index]:.5f}",
                      tables._number(2 * math.pi / q[index]) if q[index] > 0 else "", n_pixels[index],
-                     f"{raw[index]:.6g}", f"{corrected[index]:.6g}"])
+                     f"{raw[index]:.6g}", f"{corrected[index]:.6g}", f"{solvent[index]:.6g}"])
     tables.write_tsv(path, POWDER_RADIAL_COLUMNS, rows)
 
 
