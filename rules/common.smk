@@ -64,7 +64,8 @@ def final_targets():
     scores = [f"{OUTPUT_DIR}/score/{stage}_{dataset}.tsv"
               for stage in ("dials", "merge", "stage1", "exa") for dataset in DATASETS]
     annulus = [f"{OUTPUT_DIR}/annulus/{dataset}/summary.json" for dataset in DATASETS]
-    hitfind = [f"{OUTPUT_DIR}/score/hitfind_{dataset}.tsv" for dataset in DATASETS] if HITFIND else []
+    hitfind = [f"{OUTPUT_DIR}/{path}" for dataset in DATASETS
+               for path in (f"score/hitfind_{dataset}.tsv", f"hitfind/{dataset}/powder.json")] if HITFIND else []
     return references + shards + scores + annulus + hitfind
 
 

@@ -1,5 +1,5 @@
 # Hit finding and radial averages (hitfind.*): every shard measured once (lit pixels, photons, radial
-# profiles, powder sum), then per dataset the hit threshold, a hits table per shard (index and reindex
+# profiles, powder sum), then per dataset the hit threshold with a hits table per shard (index and reindex
 # read it when hitfind.enabled), the powder pattern with its radial profile, and the score against truth.
 
 
@@ -22,7 +22,8 @@ rule hitfind_shard:
     output:
         lit=f"{OUTPUT_DIR}/hitfind/{{dataset}}/shard_{{index}}_lit.tsv",
         radial=f"{OUTPUT_DIR}/hitfind/{{dataset}}/shard_{{index}}_radial.npz",
-        # A full-size panel's sum is 118 MB per shard; the dataset's sum is what is kept.
+        # A full-size panel's sum is 118 MB per shard; the dataset's sum is what is kept. Only `powder`
+        # reads it, and that reruns only when the measurements do, so it is never needed again.
         powder=temp(f"{OUTPUT_DIR}/hitfind/{{dataset}}/shard_{{index}}_powder.npz"),
     wildcard_constraints:
         dataset=DATASET,
@@ -40,43 +41,62 @@ rule hitfind_shard:
 
 
 rule hitfind:
-    """The run's hit threshold, a hits table per shard, the powder pattern and the ring peaks of one dataset."""
+    """The run's hit threshold, a hits table per shard and the per-shot ring peaks of one dataset."""
     input:
         settings=f"{OUTPUT_DIR}/settings/hitfind.yaml",
         lit=hitfind_files("_lit.tsv"),
-        radial=hitfind_files("_radial.npz"),
-        powder=hitfind_files("_powder.npz"),
     output:
         hits=[hitfind_prefix(index) + "_hits.tsv" for index in range(len(SHARD_RANGES))],
-        powder=f"{OUTPUT_DIR}/hitfind/{{dataset}}/powder.npy",
-        powder_radial=f"{OUTPUT_DIR}/hitfind/{{dataset}}/powder_radial.tsv",
         ring_peaks=f"{OUTPUT_DIR}/hitfind/{{dataset}}/ring_peaks.tsv",
         summary=f"{OUTPUT_DIR}/hitfind/{{dataset}}/summary.json",
-        powder_plot=f"{OUTPUT_DIR}/hitfind/{{dataset}}/powder.png",
-        shots_plot=f"{OUTPUT_DIR}/hitfind/{{dataset}}/shots.png",
+        shots_plot=report(f"{OUTPUT_DIR}/hitfind/{{dataset}}/shots.png", category="Hit finding",
+                          labels={"dataset": "{dataset}", "figure": "lit pixels and ring peaks per shot"}),
     wildcard_constraints:
         dataset=DATASET,
     params:
-        shards=lambda wildcards, input, output: " ".join(
-            repeated_option(option, paths) for option, paths in (
-                ("--lit-table", input.lit), ("--radial", input.radial), ("--powder", input.powder),
-                ("--hits-table", output.hits))),
+        shards=lambda wildcards, input, output: repeated_option("--lit-table", input.lit) + " "
+        + repeated_option("--hits-table", output.hits),
     log:
         f"{LOG_DIR}/hitfind/{{dataset}}.log",
     benchmark:
         f"{LOG_DIR}/benchmarks/hitfind/{{dataset}}.tsv"
     shell:
-        "{ENV_BIN}/spread-hitfind --config {input.settings:q} {params.shards}"
-        " --powder-image {output.powder:q} --powder-radial {output.powder_radial:q}"
-        " --ring-peaks {output.ring_peaks:q} --summary {output.summary:q}"
-        " --powder-plot {output.powder_plot:q} --shots-plot {output.shots_plot:q} > {log:q} 2>&1"
+        "{ENV_BIN}/spread-hitfind --config {input.settings:q} {params.shards} --ring-peaks {output.ring_peaks:q}"
+        " --summary {output.summary:q} --shots-plot {output.shots_plot:q} > {log:q} 2>&1"
+
+
+rule powder:
+    """The powder pattern (sum of every shot) of one dataset, its radial profile and solvent ring."""
+    input:
+        settings=f"{OUTPUT_DIR}/settings/hitfind_shard.yaml",
+        radial=hitfind_files("_radial.npz"),
+        powder=hitfind_files("_powder.npz"),
+    output:
+        powder=f"{OUTPUT_DIR}/hitfind/{{dataset}}/powder.npy",
+        powder_radial=f"{OUTPUT_DIR}/hitfind/{{dataset}}/powder_radial.tsv",
+        summary=f"{OUTPUT_DIR}/hitfind/{{dataset}}/powder.json",
+        plot=report(f"{OUTPUT_DIR}/hitfind/{{dataset}}/powder.png", category="Hit finding",
+                    labels={"dataset": "{dataset}", "figure": "powder pattern and radial profile"}),
+    wildcard_constraints:
+        dataset=DATASET,
+    params:
+        shards=lambda wildcards, input: repeated_option("--radial", input.radial) + " "
+        + repeated_option("--powder", input.powder),
+    log:
+        f"{LOG_DIR}/powder/{{dataset}}.log",
+    benchmark:
+        f"{LOG_DIR}/benchmarks/powder/{{dataset}}.tsv"
+    shell:
+        "{ENV_BIN}/spread-powder --config {input.settings:q} {params.shards} --powder-image {output.powder:q}"
+        " --powder-radial {output.powder_radial:q} --summary {output.summary:q} --plot {output.plot:q}"
+        " > {log:q} 2>&1"
 
 
 rule score_hitfind:
     """Hit/miss accuracy against the truth's blank flags; the solvent profile against the background model."""
     input:
         simulate=f"{OUTPUT_DIR}/settings/simulate.yaml",
-        settings=f"{OUTPUT_DIR}/settings/hitfind.yaml",
+        settings=f"{OUTPUT_DIR}/settings/hitfind_shard.yaml",
         hits=rules.hitfind.output.hits,
         radial=hitfind_files("_radial.npz"),
         truth=[f"{OUTPUT_DIR}/sim/truth/shard_{index:05d}.json" for index in range(len(SHARD_RANGES))],
@@ -84,7 +104,8 @@ rule score_hitfind:
     output:
         table=f"{OUTPUT_DIR}/score/hitfind_{{dataset}}.tsv",
         text=f"{OUTPUT_DIR}/score/hitfind_{{dataset}}.txt",
-        plot=f"{OUTPUT_DIR}/score/hitfind_{{dataset}}.png",
+        plot=report(f"{OUTPUT_DIR}/score/hitfind_{{dataset}}.png", category="Hit finding",
+                    labels={"dataset": "{dataset}", "figure": "hits and solvent profile against the simulation"}),
     wildcard_constraints:
         dataset=DATASET,
     params:

@@ -92,14 +92,15 @@ def blank_run(tmp_path_factory):
             succeeded(run("spread-hitfind-shard", "--config", settings, "--shard", root / f"shard_{index}" / f"{dataset}.h5",
                           "--first-shot", first, "--lit-table", out / f"{index}_lit.tsv",
                           "--radial", out / f"{index}_radial.npz", "--powder", out / f"{index}_powder.npz"))
-        per_shard = []
+        per_shard, powders = [], []
         for index in range(len(SHARDS)):
-            per_shard += ["--lit-table", out / f"{index}_lit.tsv", "--radial", out / f"{index}_radial.npz",
-                          "--powder", out / f"{index}_powder.npz", "--hits-table", out / f"{index}_hits.tsv"]
-        succeeded(run("spread-hitfind", "--config", settings, *per_shard, "--powder-image", out / "powder.npy",
-                      "--powder-radial", out / "powder_radial.tsv", "--ring-peaks", out / "ring_peaks.tsv",
-                      "--summary", out / "summary.json", "--powder-plot", out / "powder.png",
-                      "--shots-plot", out / "shots.png"))
+            per_shard += ["--lit-table", out / f"{index}_lit.tsv", "--hits-table", out / f"{index}_hits.tsv"]
+            powders += ["--radial", out / f"{index}_radial.npz", "--powder", out / f"{index}_powder.npz"]
+        succeeded(run("spread-hitfind", "--config", settings, *per_shard, "--ring-peaks", out / "ring_peaks.tsv",
+                      "--summary", out / "summary.json", "--shots-plot", out / "shots.png"))
+        succeeded(run("spread-powder", "--config", settings, *powders, "--powder-image", out / "powder.npy",
+                      "--powder-radial", out / "powder_radial.tsv", "--summary", out / "powder.json",
+                      "--plot", out / "powder.png"))
         scoring = []
         for index in range(len(SHARDS)):
             scoring += ["--hits-table", out / f"{index}_hits.tsv", "--radial", out / f"{index}_radial.npz",
@@ -175,7 +176,7 @@ def test_water_ring_and_profile_match_the_simulators_background_model(blank_run,
     rings = [line.split("\t") for line in (out / "ring_peaks.tsv").read_text().splitlines()]
     column = rings[0].index("ring_q_inv_a")
     assert all(2.0 < float(row[column]) < 2.06 for row in rings[1:])  # water's ring, d = 3.1 A
-    powder_q = json.loads((out / "summary.json").read_text())["powder_ring_q_inv_a"]
+    powder_q = json.loads((out / "powder.json").read_text())["ring_q_inv_a"]
     assert powder_q == pytest.approx(float(score["ring_q_model_inv_a"]), abs=0.02)
 
 
@@ -267,13 +268,17 @@ def test_commands_report_bad_input_in_one_line(blank_run, tmp_path):
 
     out = blank_run / "nopsf"
     line = one_error_line(run("spread-hitfind", "--config", settings, "--lit-table", out / "0_lit.tsv",
-                              "--radial", out / "0_radial.npz", "--powder", out / "0_powder.npz",
                               "--hits-table", tmp_path / "h0.tsv", "--hits-table", tmp_path / "h1.tsv",
-                              "--powder-image", tmp_path / "p.npy", "--powder-radial", tmp_path / "pr.tsv",
                               "--ring-peaks", tmp_path / "rp.tsv", "--summary", tmp_path / "s.json",
-                              "--powder-plot", tmp_path / "p.png", "--shots-plot", tmp_path / "s.png"),
-                          "spread-hitfind")
-    assert "one lit table, radial file, powder file and hits table per shard" in line
+                              "--shots-plot", tmp_path / "s.png"), "spread-hitfind")
+    assert "give one lit table and one hits table per shard" in line
+    assert not (tmp_path / "h0.tsv").exists()
+
+    line = one_error_line(run("spread-powder", "--config", settings, "--radial", out / "0_radial.npz",
+                              "--radial", out / "1_radial.npz", "--powder", out / "0_lit.tsv", "--powder", out / "1_lit.tsv",
+                              "--powder-image", tmp_path / "p.npy", "--powder-radial", tmp_path / "pr.tsv",
+                              "--summary", tmp_path / "p.json", "--plot", tmp_path / "p.png"), "spread-powder")
+    assert f"{out / '0_lit.tsv'}: not a powder-sum file" in line
 
     old_truth = tmp_path / "truth.json"
     truth = json.loads((blank_run / "shard_0" / "truth.json").read_text())

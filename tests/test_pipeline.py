@@ -146,7 +146,7 @@ def hitfind_jobs(shards):
     (which rewrites every shard's hits table, so every shard is indexed again) and its score."""
     measured = {("hitfind_shard", (("dataset", dataset), ("index", f"{index:05d}")))
                 for dataset in DATASETS for index in shards}
-    return measured | per_dataset_jobs("hitfind", "score_hitfind")
+    return measured | per_dataset_jobs("hitfind", "powder", "score_hitfind")
 
 
 def settings_job(stage):
@@ -277,7 +277,8 @@ def test_hitfind_calls_every_simulated_shot_a_hit_and_draws_the_powder_pattern(c
             assert not (results / "hitfind" / dataset / f"shard_{index:05d}_powder.npz").exists()
         summary = json.loads((results / "hitfind" / dataset / "summary.json").read_text())
         assert summary["n_hits"] == N_SHOTS and summary["threshold_rule"] == "floor"
-        assert 1.9 < summary["powder_ring_q_inv_a"] < 2.1  # the water ring
+        powder_summary = json.loads((results / "hitfind" / dataset / "powder.json").read_text())
+        assert powder_summary["n_shots"] == N_SHOTS and 1.9 < powder_summary["ring_q_inv_a"] < 2.1  # water
         powder = np.load(results / "hitfind" / dataset / "powder.npy")
         assert powder.shape == (INDEXABLE_N_PIXELS, INDEXABLE_N_PIXELS)
         assert len(csv_rows(results / "hitfind" / dataset / "ring_peaks.tsv")) == N_SHOTS
@@ -390,7 +391,7 @@ def test_dry_run_on_a_fresh_directory_lists_every_stage(tmp_path):
 
     assert Counter(rule for rule, _ in jobs) == {
         "reference_data": len(REFERENCE_NAMES), "stage_settings": 10, "structure_factors": 1,
-        "hitfind_shard": 2 * N_SHARDS, "hitfind": 2, "score_hitfind": 2,
+        "hitfind_shard": 2 * N_SHARDS, "hitfind": 2, "powder": 2, "score_hitfind": 2,
         "simulate": N_SHARDS, "index": 2 * N_SHARDS, "metrology": 2, "reindex": 2 * N_SHARDS,
         "score_dials": 2, **{rule: 2 for rule in MERGE_STAGES}, **{rule: 2 * N_SHARDS for rule in PIXEL_REFINEMENTS},
         **{rule: 2 for rule in PIXEL_SCORES}, "all": 1}
@@ -517,7 +518,7 @@ def test_lit_pixel_setting_reruns_the_measurements_too(completed_run, tmp_path):
     config = pipeline_config(workdir)
     config["hitfind"] = {"lit_pixel_sigma": 7.0}
     configfile = write_config(tmp_path / "changed.yaml", config)
-    assert dry_run(workdir, configfile) == {settings_job("hitfind"), settings_job("hitfind_shard"), ALL_JOB} \
+    assert dry_run(workdir, configfile) == {settings_job("hitfind_shard"), ALL_JOB} \
         | hitfind_jobs(range(N_SHARDS)) | index_and_after(range(N_SHARDS))
 
 
@@ -526,7 +527,7 @@ def test_hitfind_disabled_plans_no_hitfind_job(tmp_path):
     config["hitfind"] = {"enabled": False}
     jobs = planned_jobs(succeeded(snakemake(tmp_path, write_config(tmp_path / "small.yaml", config), "--dry-run")))
     rules = Counter(rule for rule, _ in jobs)
-    assert not {"hitfind_shard", "hitfind", "score_hitfind"} & set(rules)
+    assert not {"hitfind_shard", "hitfind", "powder", "score_hitfind"} & set(rules)
     assert rules["index"] == 2 * N_SHARDS and rules["stage_settings"] == 8
 
 

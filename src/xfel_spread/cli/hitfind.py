@@ -2,8 +2,9 @@
 
 ``spread-hitfind-shard``: lit pixels, photons, radial profile and ring peak of every shot of a shard,
 and its powder sum.
-``spread-hitfind``: the run's hit threshold, a hits table per shard, the powder pattern with its radial
-table, the per-shot ring peaks, a summary and figures, for one dataset.
+``spread-hitfind``: the run's hit threshold, a hits table per shard, the per-shot ring peaks, a summary
+and a figure, for one dataset.
+``spread-powder``: the powder pattern of one dataset (sum of all shots), its radial table, ring and figure.
 ``spread-score-hitfind``: hit/miss accuracy against the truth's blank flags, and the mean solvent
 profile against the simulator's background model (simulated data only).
 """
@@ -49,16 +50,14 @@ def hitfind_shard_main(argv: list[str] | None = None) -> int:
 
 def hitfind_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="spread-hitfind",
-                                     description="Hit threshold, hits tables and powder pattern of one dataset.")
+                                     description="Hit threshold and hits tables of one dataset.")
     parser.add_argument("--config", required=True, help="settings of the hitfind stage (YAML)")
-    for option, what in (("--lit-table", "per-shot measurements"), ("--radial", "radial profiles"),
-                         ("--powder", "powder sum"), ("--hits-table", "hits table to write")):
-        parser.add_argument(option, action="append", required=True, help=f"{what} of one shard (once per shard, in order)")
-    parser.add_argument("--powder-image", required=True, help="powder pattern to write (.npy, photons summed over shots)")
-    parser.add_argument("--powder-radial", required=True, help="its radial profile to write (TSV)")
+    parser.add_argument("--lit-table", action="append", required=True,
+                        help="per-shot measurements of one shard (once per shard, in order)")
+    parser.add_argument("--hits-table", action="append", required=True,
+                        help="hits table to write for one shard (once per shard, same order)")
     parser.add_argument("--ring-peaks", required=True, help="per-shot solvent-ring peaks to write (TSV)")
-    parser.add_argument("--summary", required=True, help="threshold, hit counts, powder ring to write (JSON)")
-    parser.add_argument("--powder-plot", required=True, help="powder pattern with its radial profile (PNG)")
+    parser.add_argument("--summary", required=True, help="threshold and hit counts to write (JSON)")
     parser.add_argument("--shots-plot", required=True, help="lit pixels and ring peaks per shot (PNG)")
     arguments = parser.parse_args(argv)
 
@@ -66,15 +65,38 @@ def hitfind_main(argv: list[str] | None = None) -> int:
         from xfel_spread.hitfind.stages import find_hits
 
         hitfind = load_config(arguments.config)["hitfind"]
-        summary = find_hits(arguments.lit_table, arguments.radial, arguments.powder, arguments.hits_table, hitfind, {
-            "powder": arguments.powder_image, "powder_radial": arguments.powder_radial,
-            "ring_peaks": arguments.ring_peaks, "summary": arguments.summary,
-            "powder_plot": arguments.powder_plot, "shots_plot": arguments.shots_plot})
+        summary = find_hits(arguments.lit_table, arguments.hits_table, hitfind, {
+            "ring_peaks": arguments.ring_peaks, "summary": arguments.summary, "shots_plot": arguments.shots_plot})
         print(f"{summary.n_hits} hits of {summary.n_shots} shots (threshold {summary.threshold_min_lit_pixels:g} "
-              f"lit pixels, rule {summary.threshold_rule}); powder ring at q = {summary.powder_ring_q_inv_a} 1/A",
-              file=sys.stderr)
+              f"lit pixels, rule {summary.threshold_rule})", file=sys.stderr)
 
     return _run("spread-hitfind", action, HITFIND_ERRORS)
+
+
+def powder_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="spread-powder",
+                                     description="The powder pattern of one dataset and its radial profile.")
+    parser.add_argument("--config", required=True, help="settings of the hitfind_shard stage (YAML)")
+    parser.add_argument("--radial", action="append", required=True,
+                        help="radial profiles of one shard (once per shard, in order)")
+    parser.add_argument("--powder", action="append", required=True, help="powder sum of one shard (same order)")
+    parser.add_argument("--powder-image", required=True, help="powder pattern to write (.npy, photons summed over shots)")
+    parser.add_argument("--powder-radial", required=True, help="its radial profile to write (TSV)")
+    parser.add_argument("--summary", required=True, help="shots, wavelength and ring of the powder to write (JSON)")
+    parser.add_argument("--plot", required=True, help="powder pattern with its radial profile (PNG)")
+    arguments = parser.parse_args(argv)
+
+    def action():
+        from xfel_spread.hitfind.stages import sum_powder
+
+        hitfind = load_config(arguments.config)["hitfind"]
+        summary = sum_powder(arguments.radial, arguments.powder, tuple(hitfind["ring_q_range_inv_a"]), {
+            "powder": arguments.powder_image, "powder_radial": arguments.powder_radial,
+            "summary": arguments.summary, "plot": arguments.plot})
+        print(f"powder of {summary.n_shots} shots: solvent ring at q = {summary.ring_q_inv_a:.4f} 1/A",
+              file=sys.stderr)
+
+    return _run("spread-powder", action, HITFIND_ERRORS)
 
 
 def score_hitfind_main(argv: list[str] | None = None) -> int:
@@ -82,7 +104,8 @@ def score_hitfind_main(argv: list[str] | None = None) -> int:
                                      description="Hit finding and the solvent profile against the simulation.")
     parser.add_argument("--dataset", required=True, help="dataset name, for the report")
     parser.add_argument("--simulate-config", required=True, help="settings of the simulate stage (YAML)")
-    parser.add_argument("--hitfind-config", required=True, help="settings of the hitfind stage (YAML)")
+    parser.add_argument("--hitfind-config", required=True,
+                        help="settings of the hitfind_shard stage (YAML), for the ring window")
     parser.add_argument("--hits-table", action="append", required=True, help="hits table of one shard (in order)")
     parser.add_argument("--radial", action="append", required=True, help="radial profiles of one shard (same order)")
     parser.add_argument("--truth", action="append", required=True, help="truth JSON of one shard (same order)")
@@ -97,7 +120,7 @@ def score_hitfind_main(argv: list[str] | None = None) -> int:
 
         text = score_hits(arguments.dataset, arguments.hits_table, arguments.radial, arguments.truth,
                           load_config(arguments.simulate_config)["simulate"],
-                          load_config(arguments.hitfind_config)["hitfind"], arguments.summary,
+                          load_config(arguments.hitfind_config)["hitfind"]["ring_q_range_inv_a"], arguments.summary,
                           arguments.table, arguments.text, arguments.plot)
         print(text, end="")
 

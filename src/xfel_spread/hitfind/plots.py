@@ -1,6 +1,6 @@
 """Figures of the hitfind stage (matplotlib Agg, written atomically).
 
-``plot_powder``: the powder pattern (sum of all shots) beside its radial profile and the shots' own.
+``plot_powder``: the powder pattern (sum of all shots) beside its radial profile and some shots' own.
 ``plot_shots``: lit pixels per shot with the hit threshold, and each shot's solvent-ring peak.
 ``plot_score``: the mean solvent profile against the simulator's background model, and lit pixels of
 true hits and blanks.
@@ -45,7 +45,7 @@ def block_sum(image: np.ndarray, max_pixels: int = DISPLAY_PIXELS) -> np.ndarray
 
 
 def plot_powder(path, powder: np.ndarray, q_inv_a: np.ndarray, profile: np.ndarray, solvent_profile: np.ndarray,
-                shot_profiles: np.ndarray, is_hit: np.ndarray, ring: RingPeak, n_shots: int) -> None:
+                shot_profiles: np.ndarray, ring: RingPeak, n_shots: int) -> None:
     """Powder image (log scale) and radial profiles (photons per pixel at normal incidence) against q."""
     pyplot = _pyplot()
     figure, (left, right) = pyplot.subplots(1, 2, figsize=(14, 6))
@@ -58,12 +58,9 @@ def plot_powder(path, powder: np.ndarray, q_inv_a: np.ndarray, profile: np.ndarr
     left.set_xlabel("fast (display px)")
     left.set_ylabel("slow (display px)")
 
-    chosen = np.unique(np.linspace(0, len(shot_profiles) - 1, min(len(shot_profiles), MAX_SHOT_PROFILES)).astype(int))
-    for index in chosen:
-        right.plot(q_inv_a, shot_profiles[index], color="tab:blue" if is_hit[index] else "tab:orange",
-                   alpha=0.25, linewidth=0.7)
-    right.plot([], [], color="tab:blue", label="shots called hits (Bragg spots clipped)")
-    right.plot([], [], color="tab:orange", label="shots called misses")
+    for shot_profile in shot_profiles:
+        right.plot(q_inv_a, shot_profile, color="tab:blue", alpha=0.25, linewidth=0.7)
+    right.plot([], [], color="tab:blue", label=f"{len(shot_profiles)} shots' own (Bragg spots clipped)")
     right.plot(q_inv_a, profile, color="black", linewidth=1.5, label="powder sum / shots")
     right.plot(q_inv_a, solvent_profile, color="tab:green", linewidth=1.0, linestyle=":",
                label="powder, Bragg spots clipped (solvent)")

@@ -4,8 +4,11 @@
     reads every image of one shard once: lit pixels, photons, radial profile and ring peak per shot
     (``_lit.tsv``, ``_radial.npz``) and the shard's powder sum (``_powder.npz``);
 ``find_hits``
-    the run's threshold from every shard's lit pixels; ``_hits.tsv`` per shard; the powder pattern
-    (sum of all shots), its radial table, the per-shot ring peaks, a summary and two figures;
+    the run's threshold from every shard's lit pixels; ``_hits.tsv`` per shard, the per-shot ring
+    peaks, a summary and a figure;
+``sum_powder``
+    the powder pattern (sum of all shots), its radial table and ring, and its figure (apart from
+    ``find_hits``, so that a new threshold does not need the shards' powder sums again);
 ``score_hits``
     hit/miss accuracy against the truth files' ``blank`` flags, and the mean solvent profile against
     the background model the simulator used (simulated data only).
@@ -23,8 +26,6 @@ import numpy as np
 
 from xfel_spread.analysis.radial import (
     WATER_RING_Q_RANGE_INV_A,
-    ProfileComparison,
-    RingPeak,
     background_model_profile,
     clipped_radial_statistics,
     compare_profiles,
@@ -87,30 +88,58 @@ class HitfindSummary:
     threshold_min_lit_pixels: float
     threshold_rule: str
     separation_decades: float | None
-    powder_ring_q_inv_a: float
-    powder_ring_d_a: float
-    powder_ring_intensity: float
-    mean_wavelength_a: float
 
 
-def find_hits(lit_paths: Sequence, radial_paths: Sequence, powder_paths: Sequence, hits_paths: Sequence,
-              hitfind: dict, outputs: dict) -> HitfindSummary:
-    """Threshold, hits tables, powder pattern and its radial table, ring-peak table, summary, figures.
+def find_hits(lit_paths: Sequence, hits_paths: Sequence, hitfind: dict, outputs: dict) -> HitfindSummary:
+    """The run's threshold; a hits table per shard, the ring-peak table, the summary and the shots figure.
 
-    ``outputs`` names the files: ``powder`` (.npy, float32 photons summed over shots), ``powder_radial``,
-    ``ring_peaks`` (TSV), ``summary`` (JSON), ``powder_plot``, ``shots_plot`` (PNG).
+    ``outputs`` names the files: ``ring_peaks`` (TSV), ``summary`` (JSON), ``shots_plot`` (PNG).
     """
     from xfel_spread.hitfind import plots
 
-    if not len(lit_paths) == len(radial_paths) == len(powder_paths) == len(hits_paths):
-        raise ValueError("give one lit table, radial file, powder file and hits table per shard")
+    if len(lit_paths) != len(hits_paths):
+        raise ValueError("give one lit table and one hits table per shard")
     shards = [tables.read_lit_table(path) for path in lit_paths]
     lit = np.array([row["lit_pixels"] for rows in shards for row in rows], dtype=np.float64)
     threshold = choose_hit_threshold(lit, hitfind["lit_pixel_floor"], hitfind["min_separation_decades"],
                                      hitfind["min_lit_pixels"])
     for rows, path in zip(shards, hits_paths):
         tables.write_hits_table(path, rows, threshold.is_hit([row["lit_pixels"] for row in rows]))
+    all_rows = [dict(row, shard=index) for index, rows in enumerate(shards) for row in rows]
+    is_hit = threshold.is_hit(lit)
+    _write_ring_peaks(outputs["ring_peaks"], all_rows, is_hit)
+    summary = HitfindSummary(len(lit), int(is_hit.sum()), float(is_hit.mean()), threshold.min_lit_pixels,
+                             threshold.rule, threshold.separation_decades)
+    with atomic_output(outputs["summary"], "w") as stream:
+        json.dump(_finite_or_none(asdict(summary)), stream, indent=1)
+    plots.plot_shots(outputs["shots_plot"], all_rows, is_hit, threshold)
+    return summary
 
+
+@dataclass(frozen=True)
+class PowderSummary:
+    """The powder pattern's numbers, for ``powder.json``."""
+
+    n_shots: int
+    mean_wavelength_a: float
+    ring_q_inv_a: float
+    ring_d_a: float
+    ring_two_theta_deg: float
+    ring_intensity: float
+
+
+def sum_powder(radial_paths: Sequence, powder_paths: Sequence, ring_q_range_inv_a: tuple[float, float],
+               outputs: dict) -> PowderSummary:
+    """The powder pattern of a run (sum of every shot), its radial table, its ring, and its figure.
+
+    ``outputs`` names the files: ``powder`` (.npy, float32 photons summed over shots, image-shaped),
+    ``powder_radial`` (TSV), ``summary`` (JSON), ``plot`` (PNG, with up to
+    :data:`plots.MAX_SHOT_PROFILES` shots' own profiles).
+    """
+    from xfel_spread.hitfind import plots
+
+    if len(radial_paths) != len(powder_paths):
+        raise ValueError("give one radial file and one powder file per shard")
     radials = [tables.read_radial(path) for path in radial_paths]
     _check_same_panel(radials, radial_paths)
     powder = tables.read_powder(powder_paths[0])
@@ -125,26 +154,31 @@ def find_hits(lit_paths: Sequence, radial_paths: Sequence, powder_paths: Sequenc
     corrected_profile, _ = radial_mean(corrected, covered, geometry)
     # The powder's Bragg rings pull a plain mean's maximum off the solvent ring: find it on the clipped one.
     solvent_profile, _ = clipped_radial_statistics(corrected, covered, geometry, geometry.root_relative_factor)
-    ring = ring_peak(solvent_profile, geometry.bin_two_theta_rad, wavelength, tuple(hitfind["ring_q_range_inv_a"]))
+    ring = ring_peak(solvent_profile, geometry.bin_two_theta_rad, wavelength, ring_q_range_inv_a)
 
     with atomic_output(outputs["powder"], "wb") as stream:
         np.save(stream, powder.photons.reshape(geometry.shape).astype(np.float32))
     _write_powder_radial(outputs["powder_radial"], geometry, wavelength, n_pixels, raw_profile, corrected_profile,
                          solvent_profile)
-    all_rows = [dict(row, shard=index) for index, rows in enumerate(shards) for row in rows]
-    is_hit = threshold.is_hit(lit)
-    _write_ring_peaks(outputs["ring_peaks"], all_rows, is_hit)
-    summary = HitfindSummary(len(lit), int(is_hit.sum()), float(is_hit.mean()), threshold.min_lit_pixels,
-                             threshold.rule, threshold.separation_decades, ring.q_inv_a, ring.d_a, ring.intensity,
-                             wavelength)
+    summary = PowderSummary(powder.n_shots, wavelength, ring.q_inv_a, ring.d_a, ring.two_theta_deg, ring.intensity)
     with atomic_output(outputs["summary"], "w") as stream:
         json.dump(_finite_or_none(asdict(summary)), stream, indent=1)
-
-    plots.plot_powder(outputs["powder_plot"], powder.photons.reshape(geometry.shape), geometry.q_inv_a(wavelength),
-                      corrected_profile, solvent_profile, np.concatenate([radial.profiles for radial in radials]), is_hit, ring,
-                      powder.n_shots)
-    plots.plot_shots(outputs["shots_plot"], all_rows, is_hit, threshold)
+    plots.plot_powder(outputs["plot"], powder.photons.reshape(geometry.shape), geometry.q_inv_a(wavelength),
+                      corrected_profile, solvent_profile, _some_profiles(radials), ring, powder.n_shots)
     return summary
+
+
+def _some_profiles(radials: Sequence[tables.ShardRadial]) -> np.ndarray:
+    """At most :data:`plots.MAX_SHOT_PROFILES` shots' profiles, evenly spread through the run."""
+    from xfel_spread.hitfind.plots import MAX_SHOT_PROFILES
+
+    n_shots = sum(len(radial.profiles) for radial in radials)
+    chosen = set(np.linspace(0, n_shots - 1, min(n_shots, MAX_SHOT_PROFILES)).astype(int).tolist())
+    profiles, offset = [], 0
+    for radial in radials:
+        profiles += [radial.profiles[i] for i in range(len(radial.profiles)) if offset + i in chosen]
+        offset += len(radial.profiles)
+    return np.array(profiles).reshape(len(profiles), len(radials[0].pixels_per_bin))
 
 
 def _check_same_panel(radials: Sequence[tables.ShardRadial], paths: Sequence) -> None:
@@ -249,13 +283,13 @@ def _truth_blanks(path) -> dict[int, bool]:
 
 
 def mean_profile_against_model(radial_paths: Sequence, simulate: dict,
-                               ring_q_range_inv_a: tuple[float, float] = WATER_RING_Q_RANGE_INV_A) -> tuple[np.ndarray, np.ndarray, np.ndarray,
-                                                                                 ProfileComparison, RingPeak, RingPeak]:
+                               ring_q_range_inv_a: tuple[float, float] = WATER_RING_Q_RANGE_INV_A) -> tuple:
     """The shots' mean radial profile against the simulator's background model under the mean spectrum.
 
-    Returns (2-theta of the bins in rad, observed, model, comparison, observed ring, model ring). The
-    background is linear in the spectrum, so the model of the mean spectrum is the mean of the
-    shots' models. Background off in ``simulate`` leaves no model to compare with: an error.
+    Returns (2-theta of the bins in rad, observed, model, :class:`ProfileComparison`, observed ring,
+    model ring, mean wavelength in A). The background is linear in the spectrum, so the model of the
+    mean spectrum is the mean of the shots' models. Background off in ``simulate`` leaves no model to
+    compare with: an error.
     """
     from xfel_spread.sim import background as bg
 
@@ -264,9 +298,12 @@ def mean_profile_against_model(radial_paths: Sequence, simulate: dict,
     radials = [tables.read_radial(path) for path in radial_paths]
     _check_same_panel(radials, radial_paths)
     first = radials[0]
-    profiles = np.concatenate([radial.profiles for radial in radials]).astype(np.float64)
+    # Sums shard by shard: a run's profiles (shots x bins) need not be in memory at once.
+    profile_sum = sum(np.nansum(radial.profiles.astype(np.float64), axis=0) for radial in radials)
+    profile_count = sum(np.isfinite(radial.profiles).sum(axis=0) for radial in radials)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        observed = profile_sum / profile_count
     spectra = np.concatenate([radial.photons_per_channel for radial in radials])
-    observed = np.nanmean(profiles, axis=0) if len(profiles) else np.full(len(first.pixels_per_bin), np.nan)
     materials = [bg.water(simulate["background"]["water_thickness_mm"]), bg.air(simulate["background"]["air_path_mm"])]
     two_theta = first.bin_two_theta_rad
     finite = np.isfinite(two_theta)
@@ -276,11 +313,11 @@ def mean_profile_against_model(radial_paths: Sequence, simulate: dict,
     wavelength = mean_wavelength_a(first.energy_ev, spectra.mean(axis=0))
     return (two_theta, observed, model, compare_profiles(observed, model),
             ring_peak(observed, two_theta, wavelength, ring_q_range_inv_a),
-            ring_peak(model, two_theta, wavelength, ring_q_range_inv_a))
+            ring_peak(model, two_theta, wavelength, ring_q_range_inv_a), wavelength)
 
 
 def score_hits(dataset: str, hits_paths: Sequence, radial_paths: Sequence, truth_paths: Sequence, simulate: dict,
-               hitfind: dict, summary_path, table_path, text_path, plot_path) -> str:
+               ring_q_range_inv_a: Sequence[float], summary_path, table_path, text_path, plot_path) -> str:
     """Write the hitfind score (TSV of quantity/value, aligned text, figure); return the text."""
     from pathlib import Path
 
@@ -291,13 +328,14 @@ def score_hits(dataset: str, hits_paths: Sequence, radial_paths: Sequence, truth
     accuracy, shots = hit_accuracy(hits_paths, truth_paths)
     try:
         summary = json.loads(Path(summary_path).read_text())
-    except (OSError, ValueError) as error:
+        threshold = summary["threshold_min_lit_pixels"], summary["threshold_rule"]
+    except (OSError, ValueError, KeyError) as error:
         raise tables.HitfindFileError(summary_path, f"not a hitfind summary ({error})") from None
-    two_theta, observed, model, comparison, observed_ring, model_ring = mean_profile_against_model(
-        radial_paths, simulate, tuple(hitfind["ring_q_range_inv_a"]))
+    two_theta, observed, model, comparison, observed_ring, model_ring, wavelength = mean_profile_against_model(
+        radial_paths, simulate, tuple(ring_q_range_inv_a))
     quantities = [
         ("shots", len(shots)), ("blank_shots_in_truth", sum(blank for _, _, blank, _ in shots)),
-        ("threshold_min_lit_pixels", summary["threshold_min_lit_pixels"]), ("threshold_rule", summary["threshold_rule"]),
+        ("threshold_min_lit_pixels", threshold[0]), ("threshold_rule", threshold[1]),
         ("true_hits", accuracy.true_hits), ("missed_hits", accuracy.missed_hits),
         ("true_blanks", accuracy.true_blanks), ("false_hits", accuracy.false_hits),
         ("accuracy", accuracy.accuracy), ("hit_recall", accuracy.hit_recall), ("blank_recall", accuracy.blank_recall),
@@ -312,10 +350,9 @@ def score_hits(dataset: str, hits_paths: Sequence, radial_paths: Sequence, truth
         f"  {name:<32s} {_format(value)}\n" for name, value in quantities)
     with atomic_output(text_path, "w") as stream:
         stream.write(text)
-    wavelength = float(summary["mean_wavelength_a"])
     plots.plot_score(plot_path, dataset, 4 * math.pi * np.sin(two_theta / 2) / wavelength, observed, model,
                      comparison.scale, [lit for _, _, blank, lit in shots if not blank],
-                     [lit for _, _, blank, lit in shots if blank], summary["threshold_min_lit_pixels"])
+                     [lit for _, _, blank, lit in shots if blank], threshold[0])
     return text
 
 
