@@ -273,8 +273,7 @@ def test_hitfind_calls_every_simulated_shot_a_hit_and_draws_the_powder_pattern(c
             assert [int(row["shot"]) for row in rows] == list(range(index * SHOTS_PER_SHARD, (index + 1) * SHOTS_PER_SHARD))
             assert {row["is_hit"] for row in rows} == {"1"}, rows
             assert (logs / "hitfind" / dataset / f"shard_{index:05d}.log").is_file()
-            # The per-shard powder sums are temporary: only the dataset's sum is kept.
-            assert not (results / "hitfind" / dataset / f"shard_{index:05d}_powder.npz").exists()
+            assert (results / "hitfind" / dataset / f"shard_{index:05d}_powder.npz").is_file()
         summary = json.loads((results / "hitfind" / dataset / "summary.json").read_text())
         assert summary["n_hits"] == N_SHOTS and summary["threshold_rule"] == "floor"
         powder_summary = json.loads((results / "hitfind" / dataset / "powder.json").read_text())
@@ -534,8 +533,9 @@ def test_hitfind_disabled_plans_no_hitfind_job(tmp_path):
 def test_more_shots_add_only_the_new_shard_and_keep_the_old_ones(completed_run, tmp_path):
     workdir, _ = completed_run
     configfile = write_config(tmp_path / "more.yaml", pipeline_config(workdir, n_shots=N_SHOTS + 2))
-    # The new shard is simulated and measured; the run's hit threshold is chosen again, so every shard
-    # is indexed again (and the detector refined again, so every shard is reindexed).
+    # The new shard is simulated and measured (the old ones' measurements are kept); the run's hit
+    # threshold is chosen again, so every shard is indexed again (and the detector refined again, so
+    # every shard is reindexed).
     assert dry_run(workdir, configfile) == {shard_job(2), ALL_JOB} | hitfind_jobs([2]) \
         | index_and_after(range(N_SHARDS + 1), N_SHARDS + 1)
 
