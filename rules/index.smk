@@ -28,5 +28,5 @@ rule index:
         f"{LOG_DIR}/benchmarks/index/{{dataset}}/shard_{{index}}.tsv"
     shell:
         "{resources.mpi} -n {resources.tasks} {ENV_BIN}/spread-stills-process --shard {input.shard:q}"
-        " --shots {params.shots[0]} {params.shots[1]} --phil {input.phil:q} --output-prefix {params.prefix:q} {params.hits}"
-        " > {log:q} 2>&1"
+        " --shots {params.shots[0]} {params.shots[1]} --phil {input.phil:q} --output-prefix {params.prefix:q}"
+        " {params.hits} > {log:q} 2>&1"

@@ -89,7 +89,8 @@ def blank_run(tmp_path_factory):
         out = root / dataset
         out.mkdir()
         for index, (first, _) in enumerate(SHARDS):
-            succeeded(run("spread-hitfind-shard", "--config", settings, "--shard", root / f"shard_{index}" / f"{dataset}.h5",
+            succeeded(run("spread-hitfind-shard", "--config", settings,
+                          "--shard", root / f"shard_{index}" / f"{dataset}.h5",
                           "--first-shot", first, "--lit-table", out / f"{index}_lit.tsv",
                           "--radial", out / f"{index}_radial.npz", "--powder", out / f"{index}_powder.npz"))
         per_shard, powders = [], []
@@ -275,7 +276,8 @@ def test_commands_report_bad_input_in_one_line(blank_run, tmp_path):
     assert not (tmp_path / "h0.tsv").exists()
 
     line = one_error_line(run("spread-powder", "--config", settings, "--radial", out / "0_radial.npz",
-                              "--radial", out / "1_radial.npz", "--powder", out / "0_lit.tsv", "--powder", out / "1_lit.tsv",
+                              "--radial", out / "1_radial.npz", "--powder", out / "0_lit.tsv",
+                              "--powder", out / "1_lit.tsv",
                               "--powder-image", tmp_path / "p.npy", "--powder-radial", tmp_path / "pr.tsv",
                               "--summary", tmp_path / "p.json", "--plot", tmp_path / "p.png"), "spread-powder")
     assert f"{out / '0_lit.tsv'}: not a powder-sum file" in line
@@ -288,6 +290,7 @@ def test_commands_report_bad_input_in_one_line(blank_run, tmp_path):
     line = one_error_line(run("spread-score-hitfind", "--dataset", "nopsf", "--simulate-config", settings,
                               "--hitfind-config", settings, "--hits-table", out / "0_hits.tsv",
                               "--radial", out / "0_radial.npz", "--truth", old_truth, "--summary", out / "summary.json",
-                              "--table", tmp_path / "t.tsv", "--text", tmp_path / "t.txt", "--plot", tmp_path / "t.png"),
+                              "--table", tmp_path / "t.tsv", "--text", tmp_path / "t.txt",
+                              "--plot", tmp_path / "t.png"),
                           "spread-score-hitfind")
     assert f"{old_truth}: not a truth file with per-shot blank flags" in line

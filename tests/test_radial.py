@@ -24,7 +24,8 @@ WAVELENGTH_A = 1.75
 
 def panel(offset_px=(0.0, 0.0), thickness_mm=0.0) -> Detector:
     centre = N_PIXELS * PIXEL_MM / 2
-    return Detector(N_PIXELS, N_PIXELS, PIXEL_MM, DISTANCE_MM, (centre, centre), thickness_mm).with_beam_center_offset_px(offset_px)
+    detector = Detector(N_PIXELS, N_PIXELS, PIXEL_MM, DISTANCE_MM, (centre, centre), thickness_mm)
+    return detector.with_beam_center_offset_px(offset_px)
 
 
 def pixel_radius(detector: Detector) -> np.ndarray:

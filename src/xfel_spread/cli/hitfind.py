@@ -80,7 +80,8 @@ def powder_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--radial", action="append", required=True,
                         help="radial profiles of one shard (once per shard, in order)")
     parser.add_argument("--powder", action="append", required=True, help="powder sum of one shard (same order)")
-    parser.add_argument("--powder-image", required=True, help="powder pattern to write (.npy, photons summed over shots)")
+    parser.add_argument("--powder-image", required=True,
+                        help="powder pattern to write (.npy, photons summed over shots)")
     parser.add_argument("--powder-radial", required=True, help="its radial profile to write (TSV)")
     parser.add_argument("--summary", required=True, help="shots, wavelength and ring of the powder to write (JSON)")
     parser.add_argument("--plot", required=True, help="powder pattern with its radial profile (PNG)")

@@ -298,7 +298,8 @@ def _append_rank_logs(work_dir: Path, stream) -> None:
 
 
 def process_shard(shard_path, shots: tuple[int, int], phil_paths: Sequence, prefix,
-                  progress_interval_s: float = 30.0, hit_images: Sequence[int] | None = None) -> list[ShotOutcome] | None:
+                  progress_interval_s: float = 30.0,
+                  hit_images: Sequence[int] | None = None) -> list[ShotOutcome] | None:
     """Run stills_process on every shot of ``shard_path`` (shots ``shots[0]`` to ``shots[1] - 1``).
 
     ``hit_images``: when given, only these images (positions in the shard) are processed; the others

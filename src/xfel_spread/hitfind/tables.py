@@ -162,8 +162,9 @@ def read_radial(path) -> ShardRadial:
 def write_powder(path, powder: PowderSum) -> None:
     """Float32 photons (7 digits: ample for a sum of photon counts) and uint32 shot counts: 8 bytes a pixel."""
     with atomic_output(path, "wb") as stream:
-        np.savez(stream, photons=powder.photons.astype(np.float32), trusted_shots=powder.trusted_shots.astype(np.uint32),
-                 shape=np.array(powder.shape), n_shots=powder.n_shots)
+        np.savez(stream, photons=powder.photons.astype(np.float32),
+                 trusted_shots=powder.trusted_shots.astype(np.uint32), shape=np.array(powder.shape),
+                 n_shots=powder.n_shots)
 
 
 def read_powder(path) -> PowderSum:
