@@ -74,7 +74,23 @@ def final_targets():
               for stage in ("dials", "merge", "stage1", "exa") for dataset in DATASETS]
     annulus = [f"{OUTPUT_DIR}/annulus/{dataset}/summary.json" for dataset in DATASETS]
     figures = [report_plot(figure, dataset) for figure in REPORT_FIGURES for dataset in DATASETS]
-    return references + shards + scores + annulus + figures
+    hitfind = [f"{OUTPUT_DIR}/{path}" for dataset in DATASETS
+               for path in (f"score/hitfind_{dataset}.tsv", f"hitfind/{dataset}/powder.json")] if HITFIND else []
+    return references + shards + scores + annulus + figures + hitfind
+
+
+#: Whether the hitfind stage runs and index/reindex take only its hits.
+HITFIND = config["hitfind"]["enabled"]
+
+
+def hits_table_input():
+    """index/reindex input `hits`: the shard's hits table when hitfind is enabled, else nothing."""
+    return {"hits": f"{OUTPUT_DIR}/hitfind/{{dataset}}/shard_{{index}}_hits.tsv"} if HITFIND else {}
+
+
+def hits_table_option(wildcards, input):
+    """index/reindex option giving spread-stills-process the hits table (empty when hitfind is off)."""
+    return f"--hits-table {shlex.quote(input.hits)}" if HITFIND else ""
 
 
 def workflow_file(path):

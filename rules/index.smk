@@ -9,6 +9,7 @@ rule index:
     input:
         shard=f"{OUTPUT_DIR}/sim/{{dataset}}/shard_{{index}}.h5",
         phil=config["index"]["phil"],
+        **hits_table_input(),
     output:
         **stills_outputs("index"),
     wildcard_constraints:
@@ -17,6 +18,7 @@ rule index:
     params:
         shots=lambda wildcards: SHARD_RANGES[int(wildcards.index)],
         prefix=lambda wildcards: stills_prefix("index", wildcards.dataset, int(wildcards.index)),
+        hits=hits_table_option,
     resources:
         mpi="mpirun",
         tasks=1,
@@ -27,4 +29,4 @@ rule index:
     shell:
         "{resources.mpi} -n {resources.tasks} {ENV_BIN}/spread-stills-process --shard {input.shard:q}"
         " --shots {params.shots[0]} {params.shots[1]} --phil {input.phil:q} --output-prefix {params.prefix:q}"
-        " > {log:q} 2>&1"
+        " {params.hits} > {log:q} 2>&1"

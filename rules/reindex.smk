@@ -6,6 +6,7 @@ rule reindex:
     input:
         shard=f"{OUTPUT_DIR}/sim/{{dataset}}/shard_{{index}}.h5",
         phil=config["index"]["phil"],
+        **hits_table_input(),
         refined_detector=rules.metrology.output.refined_detector,
     output:
         **stills_outputs("reindex"),
@@ -15,6 +16,7 @@ rule reindex:
     params:
         shots=lambda wildcards: SHARD_RANGES[int(wildcards.index)],
         prefix=lambda wildcards: stills_prefix("reindex", wildcards.dataset, int(wildcards.index)),
+        hits=hits_table_option,
     resources:
         mpi="mpirun",
         tasks=1,
@@ -26,4 +28,4 @@ rule reindex:
         "{resources.mpi} -n {resources.tasks} {ENV_BIN}/spread-stills-process --shard {input.shard:q}"
         " --shots {params.shots[0]} {params.shots[1]} --phil {input.phil:q}"
         " --reference-geometry {input.refined_detector:q}"
-        " --output-prefix {params.prefix:q} > {log:q} 2>&1"
+        " --output-prefix {params.prefix:q} {params.hits} > {log:q} 2>&1"

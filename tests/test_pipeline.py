@@ -15,6 +15,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from xfel_spread.io.shard import read_shard_metadata
@@ -148,6 +149,14 @@ def index_and_after(shards, n_shards=N_SHARDS):
     return stills_jobs("index", shards) | metrology_and_after(n_shards)
 
 
+def hitfind_jobs(shards):
+    """Jobs that follow new images in `shards`: their hitfind measurements, then the run's threshold
+    (which rewrites every shard's hits table, so every shard is indexed again) and its score."""
+    measured = {("hitfind_shard", (("dataset", dataset), ("index", f"{index:05d}")))
+                for dataset in DATASETS for index in shards}
+    return measured | per_dataset_jobs("hitfind", "powder", "score_hitfind")
+
+
 def settings_job(stage):
     return ("stage_settings", (("stage", stage),))
 
@@ -272,6 +281,31 @@ def test_dials_stages_index_refine_the_detector_and_reindex_with_it(completed_ru
         assert (results / "score" / f"dials_{dataset}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_hitfind_calls_every_simulated_shot_a_hit_and_draws_the_powder_pattern(completed_run):
+    workdir, _ = completed_run
+    results, logs = workdir / "results", workdir / "logs"
+    for dataset in DATASETS:
+        for index in range(N_SHARDS):
+            rows = csv_rows(results / "hitfind" / dataset / f"shard_{index:05d}_hits.tsv")
+            assert [int(row["shot"]) for row in rows] == list(range(index * SHOTS_PER_SHARD, (index + 1) * SHOTS_PER_SHARD))
+            assert {row["is_hit"] for row in rows} == {"1"}, rows
+            assert (logs / "hitfind" / dataset / f"shard_{index:05d}.log").is_file()
+            assert (results / "hitfind" / dataset / f"shard_{index:05d}_powder.npz").is_file()
+        summary = json.loads((results / "hitfind" / dataset / "summary.json").read_text())
+        assert summary["n_hits"] == N_SHOTS and summary["threshold_rule"] == "floor"
+        powder_summary = json.loads((results / "hitfind" / dataset / "powder.json").read_text())
+        assert powder_summary["n_shots"] == N_SHOTS and 1.9 < powder_summary["ring_q_inv_a"] < 2.1  # water
+        powder = np.load(results / "hitfind" / dataset / "powder.npy")
+        assert powder.shape == (INDEXABLE_N_PIXELS, INDEXABLE_N_PIXELS)
+        assert len(csv_rows(results / "hitfind" / dataset / "ring_peaks.tsv")) == N_SHOTS
+        assert csv_rows(results / "hitfind" / dataset / "powder_radial.tsv")
+        for plot in ("powder.png", "shots.png"):
+            assert (results / "hitfind" / dataset / plot).read_bytes()[:4] == b"\x89PNG"
+        score = {row["quantity"]: row["value"] for row in csv_rows(results / "score" / f"hitfind_{dataset}.tsv")}
+        assert float(score["accuracy"]) == 1.0 and int(score["true_hits"]) == N_SHOTS
+        assert float(score["profile_correlation_with_model"]) > 0.99
+
+
 def test_cell_analysis_merging_and_annulus_for_both_datasets(completed_run):
     from dials.array_family import flex
     from iotbx import mtz
@@ -372,13 +406,14 @@ def test_dry_run_on_a_fresh_directory_lists_every_stage(tmp_path):
     jobs = planned_jobs(succeeded(snakemake(tmp_path, configfile, "--dry-run")))
 
     assert Counter(rule for rule, _ in jobs) == {
-        "reference_data": len(REFERENCE_NAMES), "stage_settings": 8, "structure_factors": 1,
+        "reference_data": len(REFERENCE_NAMES), "stage_settings": 10, "structure_factors": 1,
+        "hitfind_shard": 2 * N_SHARDS, "hitfind": 2, "powder": 2, "score_hitfind": 2,
         "simulate": N_SHARDS, "index": 2 * N_SHARDS, "metrology": 2, "reindex": 2 * N_SHARDS,
         "score_dials": 2, **{rule: 2 for rule in MERGE_STAGES}, **{rule: 2 * N_SHARDS for rule in PIXEL_REFINEMENTS},
         **{rule: 2 for rule in PIXEL_SCORES}, **{rule: 2 for rule in REPORT_FIGURES}, "all": 1}
     assert {wildcards for rule, wildcards in jobs if rule == "stage_settings"} == {
         (("stage", stage),) for stage in ("structure_factors", "simulate", "metrology", "cells", "merge",
-                                          "dials_merge", "annulus", "stage1")}
+                                          "dials_merge", "annulus", "stage1", "hitfind_shard", "hitfind")}
     assert {wildcards for rule, wildcards in jobs if rule == "reference_data"} == {
         (("name", name),) for name in REFERENCE_NAMES}
     # A dry run plans; it writes no results.
@@ -399,7 +434,8 @@ def test_simulation_setting_reruns_simulation_only(completed_run, tmp_path, simu
     workdir, _ = completed_run
     configfile = write_config(tmp_path / "changed.yaml", pipeline_config(workdir, **simulate_change))
     assert dry_run(workdir, configfile) == {
-        settings_job("simulate"), shard_job(0), shard_job(1), ALL_JOB} | index_and_after(range(N_SHARDS))
+        settings_job("simulate"), shard_job(0), shard_job(1), ALL_JOB} | index_and_after(range(N_SHARDS)) \
+        | hitfind_jobs(range(N_SHARDS))
 
 
 def test_structure_factor_setting_reruns_structure_factors_and_simulation(completed_run, tmp_path):
@@ -409,13 +445,14 @@ def test_structure_factor_setting_reruns_structure_factors_and_simulation(comple
     configfile = write_config(tmp_path / "changed.yaml", config)
     assert dry_run(workdir, configfile) == {
         settings_job("structure_factors"), settings_job("simulate"), ("structure_factors", ()),
-        shard_job(0), shard_job(1), ALL_JOB} | index_and_after(range(N_SHARDS))
+        shard_job(0), shard_job(1), ALL_JOB} | index_and_after(range(N_SHARDS)) | hitfind_jobs(range(N_SHARDS))
 
 
 def test_shots_per_shard_reruns_the_shards_whose_shots_changed(completed_run, tmp_path):
     workdir, _ = completed_run
     configfile = write_config(tmp_path / "changed.yaml", pipeline_config(workdir, shots_per_shard=3))
-    assert dry_run(workdir, configfile) == {shard_job(0), shard_job(1), ALL_JOB} | index_and_after(range(N_SHARDS))
+    assert dry_run(workdir, configfile) == {shard_job(0), shard_job(1), ALL_JOB} | index_and_after(range(N_SHARDS)) \
+        | hitfind_jobs(range(N_SHARDS))
 
 
 def test_index_phil_edit_reruns_index_and_what_follows_nothing_upstream(completed_run):
@@ -499,12 +536,41 @@ def test_stage1_setting_reruns_the_pixel_refinements_only(completed_run, tmp_pat
     assert dry_run(workdir, configfile) == {settings_job("stage1"), ALL_JOB} | pixel_refinement_jobs()
 
 
+def test_hit_threshold_setting_reruns_the_threshold_and_indexing_not_the_measurements(completed_run, tmp_path):
+    workdir, _ = completed_run
+    config = pipeline_config(workdir)
+    config["hitfind"] = {"lit_pixel_floor": 3}
+    configfile = write_config(tmp_path / "changed.yaml", config)
+    assert dry_run(workdir, configfile) == {settings_job("hitfind"), ALL_JOB} \
+        | per_dataset_jobs("hitfind", "score_hitfind") | index_and_after(range(N_SHARDS))
+
+
+def test_lit_pixel_setting_reruns_the_measurements_too(completed_run, tmp_path):
+    workdir, _ = completed_run
+    config = pipeline_config(workdir)
+    config["hitfind"] = {"lit_pixel_sigma": 7.0}
+    configfile = write_config(tmp_path / "changed.yaml", config)
+    assert dry_run(workdir, configfile) == {settings_job("hitfind_shard"), ALL_JOB} \
+        | hitfind_jobs(range(N_SHARDS)) | index_and_after(range(N_SHARDS))
+
+
+def test_hitfind_disabled_plans_no_hitfind_job(tmp_path):
+    config = indexable_config(tmp_path)
+    config["hitfind"] = {"enabled": False}
+    jobs = planned_jobs(succeeded(snakemake(tmp_path, write_config(tmp_path / "small.yaml", config), "--dry-run")))
+    rules = Counter(rule for rule, _ in jobs)
+    assert not {"hitfind_shard", "hitfind", "powder", "score_hitfind"} & set(rules)
+    assert rules["index"] == 2 * N_SHARDS and rules["stage_settings"] == 8
+
+
 def test_more_shots_add_only_the_new_shard_and_keep_the_old_ones(completed_run, tmp_path):
     workdir, _ = completed_run
     configfile = write_config(tmp_path / "more.yaml", pipeline_config(workdir, n_shots=N_SHOTS + 2))
-    # The new shard is simulated and indexed; the detector is refined again with its lattices, so
-    # every shard is reindexed.
-    assert dry_run(workdir, configfile) == {shard_job(2), ALL_JOB} | index_and_after([2], N_SHARDS + 1)
+    # The new shard is simulated and measured (the old ones' measurements are kept); the run's hit
+    # threshold is chosen again, so every shard is indexed again (and the detector refined again, so
+    # every shard is reindexed).
+    assert dry_run(workdir, configfile) == {shard_job(2), ALL_JOB} | hitfind_jobs([2]) \
+        | index_and_after(range(N_SHARDS + 1), N_SHARDS + 1)
 
     old_shards = sorted((workdir / "results" / "sim").glob("*/shard_0000[01].*"))
     assert len(old_shards) == 6

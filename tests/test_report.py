@@ -22,6 +22,9 @@ from tiny_config import N_SHOTS, SHOTS_PER_SHARD
 #: Every figure the report must hold: (category, path under results/ with {dataset}, rule).
 FIGURES = [
     ("1. Simulated shots", "report/{dataset}_shot.png", "plot_shot"),
+    ("1. Simulated shots", "hitfind/{dataset}/shots.png", "hitfind"),
+    ("1. Simulated shots", "hitfind/{dataset}/powder.png", "powder"),
+    ("1. Simulated shots", "score/hitfind_{dataset}.png", "score_hitfind"),
     ("2. DIALS stages", "report/{dataset}_detector_refinement.png", "plot_detector_refinement"),
     ("2. DIALS stages", "score/dials_{dataset}.png", "score_dials"),
     ("2. DIALS stages", "metrology/{dataset}/residuals_before.png", "metrology"),

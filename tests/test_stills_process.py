@@ -15,7 +15,7 @@ import h5py
 import numpy as np
 import pytest
 
-from xfel_spread.dials.stills import INTEGRATED, UNREADABLE_SHARD, output_paths, read_shots_table
+from xfel_spread.dials.stills import INTEGRATED, NOT_A_HIT, UNREADABLE_SHARD, output_paths, read_shots_table
 from xfel_spread.io.shard import read_shard_metadata, write_shard
 
 from tiny_config import indexable_config, write_config
@@ -37,10 +37,13 @@ def succeeded(result):
     return result
 
 
-def stills_process(shard, prefix, ranks=None):
-    """spread-stills-process on all shots of `shard`; under `mpirun -n ranks` when ranks is given."""
+def stills_process(shard, prefix, ranks=None, hits_table=None):
+    """spread-stills-process on all shots of `shard` (or the hits of `hits_table`); under
+    `mpirun -n ranks` when ranks is given."""
     command = [BIN_DIR / "spread-stills-process", "--shard", shard, "--shots", 0, N_SHOTS,
                "--phil", INDEX_PHIL, "--output-prefix", prefix]
+    if hits_table is not None:
+        command += ["--hits-table", hits_table]
     if ranks is not None:
         command = [*MPIRUN, "-n", ranks, *command]
     return run(command)
@@ -201,3 +204,43 @@ def test_unknown_phil_parameter_fails_in_one_line_before_processing(shard, tmp_p
         f"spread-stills-process: error: {phil}: unknown parameter for dials.stills_process: "
         "spotfinder.filter.min_spot_sise (line 1)"]
     assert not any(path.exists() for path in output_paths(prefix).values())
+
+
+def hits_table(path, is_hit, first_shot=0):
+    """A hitfind hits table marking shot first_shot + i a hit when is_hit[i]."""
+    path.write_text("shot\tlit_pixels\tphotons\tis_hit\n" + "".join(
+        f"{first_shot + image}\t{500 if hit else 0}\t1.0e9\t{int(hit)}\n" for image, hit in enumerate(is_hit)))
+    return path
+
+
+def test_only_the_hits_are_processed(shard, one_rank, tmp_path):
+    prefix = tmp_path / "shard_00000"
+    result = succeeded(stills_process(shard, prefix, hits_table=hits_table(tmp_path / "hits.tsv", [True, False, True])))
+    shots, experiments, _ = load_outputs(prefix)
+
+    assert [row["status"] for row in shots] == [INTEGRATED, NOT_A_HIT, INTEGRATED], shots
+    assert sorted(experiment.imageset.indices()[0] for experiment in experiments) == [0, 2]
+    # The hits come out as they do when every shot is processed.
+    every_shot = read_shots_table(output_paths(one_rank[0])["shots"])
+    assert [shots[i]["n_integrated"] for i in (0, 2)] == [every_shot[i]["n_integrated"] for i in (0, 2)]
+    assert "2 of 3 shots integrated" in result.stderr
+
+
+def test_shard_without_hits_gives_empty_outputs_without_running_dials(shard, tmp_path):
+    prefix = tmp_path / "shard_00000"
+    result = succeeded(stills_process(shard, prefix, hits_table=hits_table(tmp_path / "hits.tsv", [False] * N_SHOTS)))
+    shots, experiments, reflections = load_outputs(prefix)
+
+    assert [row["status"] for row in shots] == [NOT_A_HIT] * N_SHOTS
+    assert len(experiments) == 0 and len(reflections) == 0
+    assert "no hits; stills_process not run" in result.stderr
+    assert "----- info_rank" not in result.stderr
+
+
+def test_hits_table_of_other_shots_fails_in_one_line(shard, tmp_path):
+    table = hits_table(tmp_path / "hits.tsv", [True] * N_SHOTS, first_shot=100)
+    result = stills_process(shard, tmp_path / "shard_00000", hits_table=table)
+
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"spread-stills-process: error: {table}: lists shots [100, 101, 102]... (3), expected 0..2"]

@@ -162,6 +162,11 @@ STAGE_SECTIONS = {
     "dials_merge": {"merge": None},
     "annulus": {"annulus": None},
     "stage1": {"stage1": None},
+    # Measuring shards (lit pixels, radial profiles, powder) and choosing the threshold read separate keys,
+    # so a new threshold reuses the measurements; `enabled` only wires the stage into the workflow.
+    "hitfind_shard": {"hitfind": ("enabled", "lit_pixel_floor", "min_separation_decades", "min_lit_pixels")},
+    "hitfind": {"hitfind": ("enabled", "lit_pixel_sigma", "lit_pixel_min_photons", "radial_bin_px",
+                            "ring_q_range_inv_a")},
 }
 
 

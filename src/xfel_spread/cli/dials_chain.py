@@ -36,18 +36,23 @@ def stills_process_main(argv: list[str] | None = None) -> int:
                         help="write PREFIX_integrated.expt/.refl, _refined.expt, _indexed.refl and _shots.tsv")
     parser.add_argument("--progress-interval", type=float, default=30.0, metavar="SECONDS",
                         help="how often to log shots done, rate and time left (default 30)")
+    parser.add_argument("--hits-table", default=None,
+                        help="hitfind's table of the shard's shots: process only those marked is_hit")
     arguments = parser.parse_args(argv)
 
     def action():
         from xfel_spread.dials.phil import check_phil_file
         from xfel_spread.dials.stills import INTEGRATED, process_shard
+        from xfel_spread.hitfind.tables import hit_images
 
         for phil in arguments.phil:
             check_phil_file(phil, "stills_process")
         if arguments.reference_geometry is not None and not os.path.isfile(arguments.reference_geometry):
             raise ValueError(f"--reference-geometry: {arguments.reference_geometry}: no such file")
+        start, stop = arguments.shots
+        hits = hit_images(arguments.hits_table, start, stop - start) if arguments.hits_table else None
         shots = process_shard(arguments.shard, tuple(arguments.shots), arguments.phil, arguments.output_prefix,
-                              arguments.progress_interval, arguments.reference_geometry)
+                              arguments.progress_interval, arguments.reference_geometry, hits)
         if shots is not None:
             n_integrated = sum(shot.status == INTEGRATED for shot in shots)
             print(f"{arguments.shard}: {n_integrated} of {len(shots)} shots integrated", file=sys.stderr)

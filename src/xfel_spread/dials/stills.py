@@ -14,6 +14,10 @@ a private work directory; rank 0 then writes the shard's five outputs, each atom
 A shot that DIALS cannot read, index or integrate is recorded in the table and does not stop the
 shard; a shard whose file cannot be opened at all gives empty outputs with every shot marked
 ``unreadable_shard``, so one bad file does not stop the pipeline either.
+
+Given the images that are hits (the hitfind stage), stills_process sees only those (its
+``input.image_tag``); the others are recorded as ``not_a_hit``, and a shard without hits gives empty
+outputs without running DIALS.
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ INTEGRATED = "integrate_ok"
 _COUNTS_INDEXED = ("refine_failed", "integrate_failed")
 NOT_PROCESSED = "not_processed"
 UNREADABLE_SHARD = "unreadable_shard"
+NOT_A_HIT = "not_a_hit"
 
 # stills_process prints one line per failed shot: "<what failed> <tag> <reason>", where the reason may
 # continue over further lines (up to a blank one).
@@ -179,11 +184,12 @@ def read_shots_table(path) -> list[dict]:
 
 
 def stills_process_arguments(shard_path, phil_paths: Sequence, work_dir: Path, n_ranks: int,
-                             reference_geometry=None) -> list[str]:
+                             reference_geometry=None, only_images: Sequence[int] | None = None) -> list[str]:
     """Command-line arguments of stills_process for one shard (phil files, then the pipeline's own).
 
     ``reference_geometry``, an experiment list holding one detector, replaces the images' detector:
     stills_process copies its hierarchy's frames onto each image's detector (sync_reference_geom).
+    ``only_images``: process just these images (by their tags); None processes every image.
     """
     geometry = [] if reference_geometry is None else [f"input.reference_geometry={os.path.abspath(reference_geometry)}"]
     return [
@@ -196,6 +202,7 @@ def stills_process_arguments(shard_path, phil_paths: Sequence, work_dir: Path, n
         f"output.logging_dir={work_dir}",
         # cctbx.xfel-style integration pickles duplicate the .refl output.
         "output.integration_pickle=None",
+        *(f"input.image_tag={image_tag(shard_path, image)}" for image in only_images or ()),
     ]
 
 
@@ -295,12 +302,14 @@ def _append_rank_logs(work_dir: Path, stream) -> None:
 
 
 def process_shard(shard_path, shots: tuple[int, int], phil_paths: Sequence, prefix,
-                  progress_interval_s: float = 30.0, reference_geometry=None) -> list[ShotOutcome] | None:
+                  progress_interval_s: float = 30.0, reference_geometry=None,
+                  hit_images: Sequence[int] | None = None) -> list[ShotOutcome] | None:
     """Run stills_process on every shot of ``shard_path`` (shots ``shots[0]`` to ``shots[1] - 1``),
     with the detector of ``reference_geometry`` (see :func:`stills_process_arguments`) when given.
 
-    Collective over the MPI world. Returns the shot outcomes on rank 0 (which writes the outputs)
-    and None on the other ranks.
+    ``hit_images``: when given, only these images (positions in the shard) are processed; the others
+    are recorded as ``not_a_hit``. Collective over the MPI world. Returns the shot outcomes on rank 0
+    (which writes the outputs) and None on the other ranks.
     """
     from xfel_spread.io.shard import ShardFormatError, read_shard_metadata
 
@@ -332,11 +341,23 @@ def process_shard(shard_path, shots: tuple[int, int], phil_paths: Sequence, pref
                     for image in range(n_images)]
         return _finish(outcomes, paths, work_dir)
 
+    selected = sorted(set(hit_images)) if hit_images is not None else list(range(n_images))
+    if not selected:
+        if rank != 0:
+            return None
+        print(f"{shard_path}: no hits; stills_process not run", file=log_stream, flush=True)
+        return _finish([ShotOutcome(first_shot + image, image, NOT_A_HIT) for image in range(n_images)],
+                       paths, work_dir)
+
     install_mono_sim_stand_in()
     from dials.command_line.stills_process import Script
 
-    arguments = stills_process_arguments(shard_path, phil_paths, work_dir.resolve(), size, reference_geometry)
-    reporter = ProgressReporter(work_dir / "debug", n_images, log_stream, progress_interval_s)
+    # stills_process tags an image of a one-image file by the file name alone, so an image filter only
+    # works (and is only needed) when the shard holds several images and some are left out.
+    only_images = selected if len(selected) < n_images else None
+    arguments = stills_process_arguments(shard_path, phil_paths, work_dir.resolve(), size, reference_geometry,
+                                         only_images)
+    reporter = ProgressReporter(work_dir / "debug", len(selected), log_stream, progress_interval_s)
     progress = reporter.running() if rank == 0 else contextlib.nullcontext()
     with abort_on_error(comm), progress, _restored_standard_streams():
         Script().run(arguments)
@@ -345,7 +366,11 @@ def process_shard(shard_path, shots: tuple[int, int], phil_paths: Sequence, pref
         return None
 
     _append_rank_logs(work_dir, log_stream)
-    return _finish(shot_outcomes(shard_path, first_shot, n_images, work_dir), paths, work_dir)
+    outcomes = shot_outcomes(shard_path, first_shot, n_images, work_dir)
+    for outcome in outcomes:
+        if outcome.image not in selected:
+            outcome.status = NOT_A_HIT
+    return _finish(outcomes, paths, work_dir)
 
 
 def _finish(outcomes: list[ShotOutcome], paths, work_dir: Path) -> list[ShotOutcome]:

@@ -4,6 +4,11 @@ Every random draw of shot ``i`` comes from generators seeded by ``(seed, i, stre
 is the same whichever shard, rank or process simulates it. The diffraction is computed with the
 *true* detector (nominal beam centre + ``beam_center_offset_px``); the shard's metadata carries
 the *nominal* one, and the truth file records both.
+
+A fraction ``blank_fraction`` of the shots are blanks: the crystal misses the beam, so the image holds
+the amorphous background and the detector noise only. Whether a shot is blank is drawn from its own
+stream, so it does not depend on sharding, and no other draw changes (with fraction 0 the images are
+bit-identical to a run without blanks). The truth file flags each shot ``blank``.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from xfel_spread.sim.structure_factors import expand_to_p1_grid, load_channel_am
 log = logging.getLogger(__name__)
 
 #: Independent random streams of one shot.
-STREAM_SPECTRUM, STREAM_CRYSTAL, STREAM_NOISE = 0, 1, 2
+STREAM_SPECTRUM, STREAM_CRYSTAL, STREAM_NOISE, STREAM_BLANK = 0, 1, 2, 3
 #: Stream of the run-wide calibration (gain) pattern, the same for every shot.
 CALIBRATION_STREAM = 2 ** 31 - 1
 #: The trusted range written into the metadata: any int32 ADU from 0 up; nothing saturates.
@@ -46,6 +51,12 @@ def shot_rng(seed: int, shot_index: int, stream: int) -> np.random.Generator:
 
 def shot_torch_seed(seed: int, shot_index: int, stream: int) -> int:
     return int(np.random.SeedSequence((seed, shot_index, stream)).generate_state(1, dtype=np.uint64)[0]) >> 1
+
+
+def is_blank_shot(seed: int, shot_index: int, blank_fraction: float) -> bool:
+    """Whether shot ``shot_index`` is a blank (no crystal in the beam), from its own random stream."""
+    # Compare even when the fraction is 0 (never true then), so the rule has no special case.
+    return bool(shot_rng(seed, shot_index, STREAM_BLANK).random() < blank_fraction)
 
 
 def domains_per_crystal(length_um: float, illuminated_diameter_um: float, domain_size_a: float) -> float:
@@ -85,6 +96,7 @@ class SimulationSetup:
     materials: list
     seed: int
     device: torch.device
+    blank_fraction: float = 0.0
     sase: SaseModel | None = None
     recorded_spectra: np.ndarray | None = None
     calibration: torch.Tensor = field(init=False)
@@ -151,6 +163,7 @@ def setup_from_config(config: dict, amplitude_table_path: str) -> SimulationSetu
         materials=materials,
         seed=sim["seed"],
         device=device,
+        blank_fraction=sim["blank_fraction"],
         sase=sase,
         recorded_spectra=recorded,
     )
@@ -172,12 +185,16 @@ class ShotTruth:
     shot_index: int
     real_space_matrix: np.ndarray
     mosaic_rotations: np.ndarray
+    #: The crystal missed the beam: the image is background and noise only (its crystal is still drawn,
+    #: so the crystal fields describe the one that would have been hit).
+    blank: bool = False
 
     def as_json(self, setup: SimulationSetup, photons: np.ndarray) -> dict:
         true_det, nominal = setup.true_detector, setup.nominal_detector
         mean_energy = float(photons @ setup.energies_ev / photons.sum())
         return {
             "shot_index": self.shot_index,
+            "blank": self.blank,
             "real_space_a_b_c": self.real_space_matrix.tolist(),
             "unit_cell": list(xtal.unit_cell_from_matrix(self.real_space_matrix)),
             "space_group": "C 1 2 1",
@@ -194,20 +211,26 @@ class ShotTruth:
 
 
 def draw_crystal(setup: SimulationSetup, shot_index: int) -> ShotTruth:
-    """Random orientation and mosaic domains of one shot."""
+    """Random orientation and mosaic domains of one shot, and whether it is a blank."""
     rng = shot_rng(setup.seed, shot_index, STREAM_CRYSTAL)
     rotation = xtal.random_rotation(rng)
     real_space = (rotation @ xtal.orthogonalization_matrix(setup.unit_cell).T).T
-    return ShotTruth(shot_index, real_space, xtal.mosaic_rotations(setup.n_domains, setup.mosaic_spread_deg, rng))
+    return ShotTruth(shot_index, real_space, xtal.mosaic_rotations(setup.n_domains, setup.mosaic_spread_deg, rng),
+                     is_blank_shot(setup.seed, shot_index, setup.blank_fraction))
 
 
 def expected_photons(setup: SimulationSetup, truth: ShotTruth, photons: np.ndarray,
                      include_background: bool = True) -> torch.Tensor:
-    """Noise-free photons on the panel (n_slow, n_fast): Bragg spots plus amorphous background."""
+    """Noise-free photons on the panel (n_slow, n_fast): Bragg spots (none for a blank) plus amorphous
+    background."""
     dtype = torch.float64
     beam = Beam(torch.as_tensor(setup.energies_ev, dtype=dtype, device=setup.device),
                 torch.as_tensor(photons, dtype=dtype, device=setup.device),
                 setup.beam_size_m, setup.polarization_fraction)
+    if truth.blank:
+        shape = (setup.true_detector.n_slow, setup.true_detector.n_fast)
+        blank = torch.zeros(shape, dtype=dtype, device=setup.device)
+        return blank + setup.background.photons(beam) if include_background and setup.materials else blank
     crystal = CrystalState(
         torch.as_tensor(xtal.domain_matrices(truth.real_space_matrix, truth.mosaic_rotations), dtype=dtype, device=setup.device),
         torch.as_tensor(setup.ncells, dtype=dtype, device=setup.device),
