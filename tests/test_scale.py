@@ -13,18 +13,20 @@ import pytest
 import yaml
 
 from conftest import REPO_ROOT
+from xfel_spread.config import STAGE_SECTIONS
 from xfel_spread.reference import REFERENCE_NAMES
 
 PRODUCTION = REPO_ROOT / "config" / "production.yaml"
 #: One job per shard and dataset.
-PER_SHARD_AND_DATASET = ("index", "reindex", "stage1", "exa")
+PER_SHARD_AND_DATASET = ("hitfind_shard", "index", "reindex", "stage1", "exa")
 #: One job per dataset, whatever the number of shots.
 PER_DATASET = ("metrology", "score_dials", "tdata", "covariance", "merge", "dials_merge", "score_merge", "annulus",
-               "score_stage1", "score_exa", "plot_shot", "plot_detector_refinement")
+               "score_stage1", "score_exa", "plot_shot", "plot_detector_refinement", "hitfind", "powder",
+               "score_hitfind")
 
 
 def expected_jobs(n_shards: int) -> Counter:
-    return Counter({"reference_data": len(REFERENCE_NAMES), "stage_settings": 8, "structure_factors": 1,
+    return Counter({"reference_data": len(REFERENCE_NAMES), "stage_settings": len(STAGE_SECTIONS), "structure_factors": 1,
                     "simulate": n_shards, **{rule: 2 * n_shards for rule in PER_SHARD_AND_DATASET},
                     **{rule: 2 for rule in PER_DATASET}, "all": 1})
 
