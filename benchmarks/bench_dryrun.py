@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 PRODUCTION = REPO / "config" / "production.yaml"
 SLURM_PROFILE = REPO / "profiles" / "slurm" / "config.yaml"
 #: Rules with one job per shard and dataset (or per shard, for simulate, which writes both datasets).
-PER_SHARD_RULES = {"simulate", "index", "reindex", "stage1", "exa"}
+PER_SHARD_RULES = {"simulate", "hitfind_shard", "index", "reindex", "stage1", "exa"}
 JOB_STATS_ROW = re.compile(r"^(\w+)\s+(\d+)$")
 
 
