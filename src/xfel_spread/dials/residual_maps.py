@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from xfel_spread.atomic import atomic_output, atomic_path
+from xfel_spread import plotting
+from xfel_spread.atomic import atomic_output
 
 #: Bins along each side of a panel in the maps: fine enough to show a gradient (a rotated panel),
 #: coarse enough that a bin averages many spots.
@@ -146,12 +147,7 @@ def panel_bin_corners(detector, panel_index: int, bins: int = MAP_BINS_PER_SIDE)
 
 def plot_residual_maps(path, residuals: PositionalResiduals, detector, title: str, limit: float) -> None:
     """Two colour maps (x and y residual, binned means) over every panel, written as PNG, atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot
-
-    figure, axes = pyplot.subplots(1, 2, figsize=(12, 5.6))
+    figure, axes = plotting.pyplot().subplots(1, 2, figsize=(12, 5.6))
     figure.suptitle(f"{title}\nbinned means of observed - predicted centroids (grey: no spots)")
     corners = [panel_bin_corners(detector, index) for index in range(len(detector))]
     means = [binned_residual_means(residuals, index, panel.get_image_size()) for index, panel in enumerate(detector)]
@@ -172,7 +168,4 @@ def plot_residual_maps(path, residuals: PositionalResiduals, detector, title: st
         axis.set_aspect("equal")
         axis.invert_yaxis()  # slow increases downwards, as in an image
         figure.colorbar(mesh, ax=axis, label=f"mean residual {label} (px)", shrink=0.8)
-    figure.tight_layout()
-    with atomic_path(path) as temporary:
-        figure.savefig(temporary, format="png", dpi=100)
-    pyplot.close(figure)
+    plotting.save_png(figure, path)

@@ -13,28 +13,13 @@ from collections.abc import Sequence
 import numpy as np
 
 from xfel_spread.analysis.radial import RingPeak
-from xfel_spread.atomic import atomic_path
+from xfel_spread import plotting
 
 #: Most shot profiles drawn in the powder figure (evenly spaced through the run).
 MAX_SHOT_PROFILES = 200
 #: The powder image is block-summed down to at most this many pixels a side for display.
 DISPLAY_PIXELS = 960
 
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot
-
-    return pyplot
-
-
-def _save(figure, path) -> None:
-    figure.tight_layout()
-    with atomic_path(path) as temporary:
-        figure.savefig(temporary, format="png", dpi=100)
-    _pyplot().close(figure)
 
 
 def block_sum(image: np.ndarray, max_pixels: int = DISPLAY_PIXELS) -> np.ndarray:
@@ -47,7 +32,7 @@ def block_sum(image: np.ndarray, max_pixels: int = DISPLAY_PIXELS) -> np.ndarray
 def plot_powder(path, powder: np.ndarray, q_inv_a: np.ndarray, profile: np.ndarray, solvent_profile: np.ndarray,
                 shot_profiles: np.ndarray, ring: RingPeak, n_shots: int) -> None:
     """Powder image (log scale) and radial profiles (photons per pixel at normal incidence) against q."""
-    pyplot = _pyplot()
+    pyplot = plotting.pyplot()
     figure, (left, right) = pyplot.subplots(1, 2, figsize=(14, 6))
     shown = block_sum(powder)
     positive = shown[shown > 0]
@@ -71,12 +56,12 @@ def plot_powder(path, powder: np.ndarray, q_inv_a: np.ndarray, profile: np.ndarr
     right.set_ylabel("photons per pixel at normal incidence")
     right.set_title("radial profiles")
     right.legend(fontsize="small")
-    _save(figure, path)
+    plotting.save_png(figure, path)
 
 
 def plot_shots(path, rows: Sequence[dict], is_hit: np.ndarray, threshold) -> None:
     """Lit pixels per shot with the threshold; ring position and intensity per shot."""
-    pyplot = _pyplot()
+    pyplot = plotting.pyplot()
     figure, (left, middle, right) = pyplot.subplots(1, 3, figsize=(17, 5))
     shots = np.array([row["shot"] for row in rows])
     lit = np.array([row["lit_pixels"] for row in rows], dtype=float)
@@ -98,13 +83,13 @@ def plot_shots(path, rows: Sequence[dict], is_hit: np.ndarray, threshold) -> Non
     right.set_ylabel("ring peak (photons per pixel at normal incidence)")
     for axis in (middle, right):
         axis.legend(fontsize="small")
-    _save(figure, path)
+    plotting.save_png(figure, path)
 
 
 def plot_score(path, dataset: str, q_inv_a: np.ndarray, observed: np.ndarray, model: np.ndarray, scale: float,
                lit_true_hits: Sequence[int], lit_blanks: Sequence[int], threshold: float | None) -> None:
     """The mean solvent profile against the scaled background model; lit pixels by true class."""
-    pyplot = _pyplot()
+    pyplot = plotting.pyplot()
     figure, (left, right) = pyplot.subplots(1, 2, figsize=(14, 5.5))
     figure.suptitle(f"hit finding and solvent profile against the simulation, dataset {dataset}")
     left.plot(q_inv_a, observed, color="black", label="mean of the shots' profiles")
@@ -123,4 +108,4 @@ def plot_score(path, dataset: str, q_inv_a: np.ndarray, observed: np.ndarray, mo
     right.set_xlabel("1 + lit pixels")
     right.set_ylabel("shots")
     right.legend(fontsize="small")
-    _save(figure, path)
+    plotting.save_png(figure, path)

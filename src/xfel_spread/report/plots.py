@@ -14,27 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from xfel_spread.atomic import atomic_path
+from xfel_spread import plotting
 from xfel_spread.dials.plots import predicted_and_observed_px
 from xfel_spread.dials.stills import INTEGRATED, output_paths, read_shots_table
 from xfel_spread.io.shard import read_shard_image, read_shard_metadata
 
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot
-
-    return pyplot
-
-
-def _save(figure, path) -> None:
-    """Write ``figure`` to ``path`` (PNG) atomically and free it."""
-    figure.tight_layout()
-    with atomic_path(path) as temporary:
-        figure.savefig(temporary, format="png", dpi=100)
-    _pyplot().close(figure)
 
 
 # --- a shot with its predicted spots --------------------------------------------------------------------
@@ -71,7 +55,7 @@ def plot_shot_with_predictions(path, dataset: str, photons: np.ndarray, predicte
     """Write one shot's image (photons, log colour scale) with ``predicted_px`` (x, y) spots overlaid."""
     from matplotlib.colors import LogNorm
 
-    pyplot = _pyplot()
+    pyplot = plotting.pyplot()
     figure, axes = pyplot.subplots(figsize=(9, 8.4))
     shown, block = block_maximum(photons, SHOT_FIGURE_SIDE)
     # The colour scale starts at the median (the background) so that spots stand out from it.
@@ -90,7 +74,7 @@ def plot_shot_with_predictions(path, dataset: str, photons: np.ndarray, predicte
         axes.set_title(f"dataset {dataset}, shot {shot}: not integrated by the reindex pass")
     axes.set_xlabel("fast (px)")
     axes.set_ylabel("slow (px)")
-    _save(figure, path)
+    plotting.save_png(figure, path)
 
 
 def plot_shot_from_files(path, dataset: str, reindex_prefix, shard_path) -> int:
@@ -158,7 +142,7 @@ def plot_detector_refinement(path, dataset: str, before: CentroidResiduals, afte
     """Three panels: the residuals of both passes in the detector plane with their means, the
     distribution of their lengths, and each shot's RMSD after against before (below the diagonal:
     better with the refined detector)."""
-    pyplot = _pyplot()
+    pyplot = plotting.pyplot()
     figure, (plane, lengths, per_shot) = pyplot.subplots(1, 3, figsize=(16, 5.2))
     figure.suptitle(f"Detector refinement, dataset {dataset}: indexed spots, observed - predicted centroid")
     passes = (("index (nominal detector)", before, "tab:orange"), ("reindex (refined detector)", after, "tab:blue"))
@@ -200,4 +184,4 @@ def plot_detector_refinement(path, dataset: str, before: CentroidResiduals, afte
     per_shot.set_xlabel("shot RMSD, index pass (px)")
     per_shot.set_ylabel("shot RMSD, reindex pass (px)")
     per_shot.set_title(f"{int((y < x).sum())} of {len(images)} shots closer with the refined detector")
-    _save(figure, path)
+    plotting.save_png(figure, path)

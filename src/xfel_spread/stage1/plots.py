@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from xfel_spread.atomic import atomic_path
+from xfel_spread import plotting
 from xfel_spread.stage1.scoring import RADIAL_RMSD_GOAL_PX
 
 
@@ -24,12 +24,8 @@ def _finite(scores: Sequence[dict], column: str, converged_only: bool = True) ->
 
 def plot_stage1_summary(path, dataset: str, scores: Sequence[dict], summary: dict) -> None:
     """Write the three-panel figure to ``path`` (PNG), atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot
-
-    figure, (strong_axes, every_roi_axes, misorientation_axes) = pyplot.subplots(1, 3, figsize=(16, 5.2))
+    figure, (strong_axes, every_roi_axes, misorientation_axes) = plotting.pyplot().subplots(1, 3,
+                                                                                    figsize=(16, 5.2))
     figure.suptitle(f"Stage 1 against the simulation's truth, dataset {dataset}: "
                     f"{summary['converged']} of {summary['lattices']} lattices converged")
 
@@ -67,10 +63,7 @@ def plot_stage1_summary(path, dataset: str, scores: Sequence[dict], summary: dic
     misorientation_axes.set_title(f"{100 * summary['improved_fraction']:.1f} % of lattices below the diagonal")
     misorientation_axes.legend()
 
-    figure.tight_layout()
-    with atomic_path(path) as temporary:
-        figure.savefig(temporary, format="png", dpi=100)
-    pyplot.close(figure)
+    plotting.save_png(figure, path)
 
 
 def _median_text(values: np.ndarray) -> str:
