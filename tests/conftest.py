@@ -1,9 +1,10 @@
 """Shared fixtures and helpers: where the repository and the project's reference-data mirror are, and
-how the command-line tests run MPI jobs."""
+how the command-line tests run MPI jobs, and the job counts of a Snakemake dry run."""
 
 import os
 import signal
 import subprocess
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -53,3 +54,19 @@ def run_job(command, timeout: float) -> subprocess.CompletedProcess:
         stdout, stderr = process.communicate()
         pytest.fail(f"{Path(command[0]).name} ... still running after {timeout} s (killed):\n{stderr[-3000:]}")
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def job_stats(output: str) -> Counter:
+    """{rule: count} from the first "Job stats" table of a dry run (empty when nothing is to be done)."""
+    lines = output.splitlines()
+    if "Job stats:" not in lines:
+        assert "Nothing to be done" in output, output
+        return Counter()
+    counts = Counter()
+    for line in lines[lines.index("Job stats:") + 3:]:  # skip the header and the dashes
+        rule, count = line.split()
+        if rule == "total":
+            assert int(count) == sum(counts.values()), output
+            return counts
+        counts[rule] = int(count)
+    raise AssertionError(f"no total line in the job stats table:\n{output}")

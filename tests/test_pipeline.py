@@ -21,6 +21,7 @@ import pytest
 from xfel_spread.io.shard import read_shard_metadata
 from xfel_spread.reference import REFERENCE_NAMES
 
+from conftest import job_stats
 from tiny_config import (INDEXABLE_N_PIXELS, INDEXABLE_PIXEL_SIZE_MM, N_PIXELS, N_SHOTS, SHARED_DATA_DIR,
                          SHOTS_PER_SHARD, indexable_config, tiny_config, write_config)
 
@@ -83,22 +84,6 @@ def planned_jobs(output):
     jobs = [tuple(job) for job in jobs]
     assert Counter(rule for rule, _ in jobs) == job_stats(output), output
     return jobs
-
-
-def job_stats(output):
-    """{rule: count} from the first "Job stats" table of a dry run (empty when nothing is to be done)."""
-    lines = output.splitlines()
-    if "Job stats:" not in lines:
-        assert "Nothing to be done" in output, output
-        return Counter()
-    counts = Counter()
-    for line in lines[lines.index("Job stats:") + 3:]:  # skip the header and the dashes
-        rule, count = line.split()
-        if rule == "total":
-            assert int(count) == sum(counts.values()), output
-            return counts
-        counts[rule] = int(count)
-    raise AssertionError(f"no total line in the job stats table:\n{output}")
 
 
 def dry_run(workdir, configfile):

@@ -12,7 +12,7 @@ from collections import Counter
 import pytest
 import yaml
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, job_stats
 from xfel_spread.config import STAGE_SECTIONS
 from xfel_spread.reference import REFERENCE_NAMES
 
@@ -26,23 +26,10 @@ PER_DATASET = ("metrology", "score_dials", "tdata", "covariance", "merge", "dial
 
 
 def expected_jobs(n_shards: int) -> Counter:
-    return Counter({"reference_data": len(REFERENCE_NAMES), "stage_settings": len(STAGE_SECTIONS), "structure_factors": 1,
+    return Counter({"reference_data": len(REFERENCE_NAMES), "stage_settings": len(STAGE_SECTIONS),
+                    "structure_factors": 1,
                     "simulate": n_shards, **{rule: 2 * n_shards for rule in PER_SHARD_AND_DATASET},
                     **{rule: 2 for rule in PER_DATASET}, "all": 1})
-
-
-def job_stats(output: str) -> Counter:
-    """{rule: count} from the first "Job stats" table of a dry run."""
-    lines = output.splitlines()
-    assert "Job stats:" in lines, output[-3000:]
-    counts = Counter()
-    for line in lines[lines.index("Job stats:") + 3:]:  # skip the header and the dashes
-        rule, count = line.split()
-        if rule == "total":
-            assert int(count) == sum(counts.values()), output
-            return counts
-        counts[rule] = int(count)
-    raise AssertionError(f"no total line in the job stats table:\n{output}")
 
 
 @pytest.mark.parametrize("shots_per_shard, n_shards", [(None, 200), (333, 301)], ids=["production", "shards_of_333"])
