@@ -17,6 +17,14 @@ def structure_factor_option(wildcards, input):
     return " ".join(f"--{name} {shlex.quote(str(input[name]))}" for name in ("mtz", "amplitudes") if name in input.keys())
 
 
+def detector_psf_option(wildcards):
+    """`--psf-fwhm-mm F --psf-radius-px R` for the psf dataset (its images' spread), unless switched off."""
+    detector = config["simulate"]["detector"]
+    if wildcards.dataset != "psf" or not config["stage1"]["model_detector_psf"] or detector["psf_fwhm_mm"] <= 0:
+        return ""
+    return f"--psf-fwhm-mm {detector['psf_fwhm_mm']} --psf-radius-px {detector['psf_radius_px']}"
+
+
 def pixel_refinement_prefix(refinement, dataset, index):
     """Output prefix of shard `index` of `dataset` in `refinement` (stage1 or exa)."""
     return f"{OUTPUT_DIR}/{refinement}/{dataset}/shard_{index:05d}"
@@ -43,6 +51,7 @@ for refinement in PIXEL_REFINEMENTS:
             prefix=lambda wildcards, refinement=refinement: pixel_refinement_prefix(
                 refinement, wildcards.dataset, int(wildcards.index)),
             structure_factors=structure_factor_option,
+            psf=detector_psf_option,
             command=f"spread-{refinement}",
             # stage1 runs one single-threaded rank per shot stream; exa's one rank drives the device
             # and gives torch the job's threads.
@@ -58,7 +67,7 @@ for refinement in PIXEL_REFINEMENTS:
         shell:
             "{resources.mpi} -n {resources.tasks} {ENV_BIN}/{params.command} --config {input.settings:q}"
             " --annulus-prefix {params.annulus_prefix:q} --shard {input.shard:q} {params.structure_factors}"
-            " --output-prefix {params.prefix:q} {params.threads_option} > {log:q} 2>&1"
+            " --output-prefix {params.prefix:q} {params.psf} {params.threads_option} > {log:q} 2>&1"
 
     rule:
         name: f"score_{refinement}"

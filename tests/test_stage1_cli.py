@@ -189,6 +189,12 @@ def test_input_errors_are_one_line(case, tmp_path):
     command[command.index("--annulus-prefix") + 1] = tmp_path / "missing"
     line = one_error_line(run_job(command, TIMEOUT_S), "spread-stage1")
     assert f"{tmp_path / 'missing'}_annulus.expt: no such file" in line
+    line = one_error_line(run_job(stage1_command(case, config, tmp_path / "x") + ["--psf-fwhm-mm", "0.08"],
+                                  TIMEOUT_S), "spread-stage1")
+    assert "--psf-fwhm-mm and --psf-radius-px go together" in line
+    line = one_error_line(run_job(stage1_command(case, config, tmp_path / "x")
+                                  + ["--psf-fwhm-mm", "0", "--psf-radius-px", "10"], TIMEOUT_S), "spread-stage1")
+    assert "point-spread FWHM must be positive, got 0.0 mm" in line
     assert not list(tmp_path.glob("x_*"))
 
 

@@ -64,7 +64,22 @@ def _stage1_parser(program: str, description: str) -> argparse.ArgumentParser:
     sources.add_argument("--amplitudes", help="per-channel amplitude table (HDF5; stage1.structure_factors: model)")
     parser.add_argument("--output-prefix", required=True, help="write P_refined.expt and P_shots.tsv")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per rank (default 1)")
+    parser.add_argument("--psf-fwhm-mm", type=float,
+                        help="model the detector's fiber point spread of this FWHM (mm); with --psf-radius-px")
+    parser.add_argument("--psf-radius-px", type=int, help="radius of the point-spread kernel (pixels)")
     return parser
+
+
+def detector_psf(arguments):
+    """The DetectorPsf the options ask for, or None; ValueError when only one of the two is given."""
+    from xfel_spread.stage1.psf import DetectorPsf
+
+    given = (arguments.psf_fwhm_mm is not None, arguments.psf_radius_px is not None)
+    if not any(given):
+        return None
+    if not all(given):
+        raise ValueError("--psf-fwhm-mm and --psf-radius-px go together; give both or neither")
+    return DetectorPsf(arguments.psf_fwhm_mm, arguments.psf_radius_px)
 
 
 def resolve_device(requested: str, local_rank: int) -> str:
@@ -118,7 +133,7 @@ def _prepared_lattices(annulus, grid, lattices: Iterable[int], shoebox_size_px: 
 
 def run_stage1(arguments, program: str, refine: Callable) -> None:
     """The body of ``spread-stage1`` and ``spread-exa``: ``refine(annulus, grid, lattices, settings,
-    device, progress)`` returns the rank's :class:`LatticeResult` list."""
+    device, progress, psf)`` returns the rank's :class:`LatticeResult` list."""
     import torch
     from mpi4py import MPI
 
@@ -134,6 +149,7 @@ def run_stage1(arguments, program: str, refine: Callable) -> None:
         if arguments.threads < 1:
             raise ValueError(f"--threads must be at least 1, got {arguments.threads}")
         torch.set_num_threads(arguments.threads)
+        psf = detector_psf(arguments)
         settings = Stage1Settings.from_config(load_config(arguments.config)["stage1"], arguments.config)
         _check_source(settings.structure_factors, arguments)
         annulus = open_annulus_shard(arguments.annulus_prefix, arguments.shard)
@@ -156,8 +172,10 @@ def run_stage1(arguments, program: str, refine: Callable) -> None:
         if rank == 0:
             logger.info("%s: %d lattices of %s on %d rank(s), device %s, structure factors %s", program,
                         annulus.n_lattices, annulus.experiments_path, size, device, settings.structure_factors)
+            logger.info("detector point spread: %s", "none modelled" if psf is None else
+                        f"fiber, FWHM {psf.fwhm_mm:g} mm, kernel radius {psf.radius_px} px")
         progress = Progress(len(lattices), f"rank {rank}")
-        results = refine(annulus, grid, lattices, settings, device, progress)
+        results = refine(annulus, grid, lattices, settings, device, progress, psf)
         gathered = comm.gather(results, root=0)
         if rank != 0:
             return
@@ -179,7 +197,7 @@ def _check_source(source: str, arguments) -> None:
         raise ValueError(f"{arguments.config}: stage1.structure_factors is model; give --amplitudes, not --mtz")
 
 
-def refine_one_by_one(annulus, grid, lattices, settings, device, progress) -> list:
+def refine_one_by_one(annulus, grid, lattices, settings, device, progress, psf) -> list:
     """Stage 8: each lattice through ``refine_shot``."""
     from xfel_spread.sim.forward import AmplitudeLookup
     from xfel_spread.stage1.io import lattice_result
@@ -189,13 +207,13 @@ def refine_one_by_one(annulus, grid, lattices, settings, device, progress) -> li
     results = []
     for lattice, shot, n_pixels, no_f in _prepared_lattices(annulus, grid, lattices, settings.shoebox_size_px,
                                                             results):
-        results.append(lattice_result(lattice, refine_shot(shot, amplitudes, settings), no_f, n_pixels))
+        results.append(lattice_result(lattice, refine_shot(shot, amplitudes, settings, psf), no_f, n_pixels))
         progress.advance()
     progress.advance(len(lattices) - progress.done)
     return results
 
 
-def refine_in_batches(annulus, grid, lattices, settings, device, progress) -> list:
+def refine_in_batches(annulus, grid, lattices, settings, device, progress, psf) -> list:
     """Stage 9: lattices in batches of ``stage1.batch_shots`` through ``refine_batch``, with one
     batched forward model (structure factors resident on the device, buffers reused) per rank."""
     from xfel_spread.stage1.batched import ExaForwardModel, refine_batch
@@ -207,7 +225,7 @@ def refine_in_batches(annulus, grid, lattices, settings, device, progress) -> li
 
     def flush():
         try:
-            fits = refine_batch([shot for _, shot, _, _ in batch], model, settings)
+            fits = refine_batch([shot for _, shot, _, _ in batch], model, settings, psf=psf)
         except Exception:  # noqa: BLE001 - find the shot that breaks the batch; the others go on
             logger.warning("a batch of %d lattices failed; refining them one at a time", len(batch), exc_info=True)
             fits = [_single(shot) for _, shot, _, _ in batch]
@@ -222,7 +240,7 @@ def refine_in_batches(annulus, grid, lattices, settings, device, progress) -> li
 
     def _single(shot):
         try:
-            return refine_batch([shot], model, settings)[0]
+            return refine_batch([shot], model, settings, psf=psf)[0]
         except Exception as error:  # noqa: BLE001 - reported in the shot's row
             return error
 

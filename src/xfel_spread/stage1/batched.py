@@ -44,6 +44,7 @@ from xfel_spread.stage1.model import (
     ParameterSpace,
     Stage1Settings,
 )
+from xfel_spread.stage1.psf import DetectorPsf, block_diagonal, spread
 from xfel_spread.stage1.refine import (
     Evaluator,
     ShotFit,
@@ -121,6 +122,7 @@ class ExaForwardModel:
         self.inverse_wavelengths = torch.as_tensor(self.energies_ev / HC_EV_ANGSTROM, device=self.device)
         self._storage: dict[str, torch.Tensor] = {}
         self.problems: list[ShotProblem] = []
+        self.spread: torch.Tensor | None = None
 
     def check_shot(self, shot: ShotPixels) -> None:
         """ShotDataError unless the shot's channels are the model's."""
@@ -170,6 +172,10 @@ class ExaForwardModel:
         self.directions.copy_(torch.cat(directions))
         self.factor = self._buffer("factor", int(self.first_pixel[-1]), torch.float64)
         self.factor.copy_(torch.cat(factor))
+        spreads = [problem.spread for problem in self.problems]
+        if any(matrix is None for matrix in spreads) and any(matrix is not None for matrix in spreads):
+            raise ValueError("a batch must model the point spread for all of its shots or for none")
+        self.spread = block_diagonal(spreads) if spreads and spreads[0] is not None else None
 
     def _pixels(self, shots: Sequence[int], trusted: bool) -> torch.Tensor:
         """Indices (into the batch's pixel buffers) of the shots' trusted or all pixels, in shot order."""
@@ -194,7 +200,8 @@ class ExaForwardModel:
 
     def bragg(self, shots: Sequence[int], values: torch.Tensor,
               trusted: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """G * Bragg photons of the shots' pixels for ``values`` (len(shots), 13), differentiable.
+        """G * Bragg photons of the shots' pixels for ``values`` (len(shots), 13), differentiable,
+        spread by the detector's point spread when the batch models one.
 
         Returns the photons, the pixels' indices into the batch buffers and their row in ``shots``.
         """
@@ -202,14 +209,25 @@ class ExaForwardModel:
         row_of_shot = torch.full((len(self.problems),), -1, dtype=torch.int64, device=self.device)
         row_of_shot[torch.as_tensor(list(shots), device=self.device)] = torch.arange(len(shots), device=self.device)
         rows = row_of_shot[self.pixel_shot[pixels]]
+        if self.spread is None:
+            return self._unspread_bragg(shots, values, pixels, rows), pixels, rows
+        # Light reaches a trusted pixel from every pixel of its shot's shoeboxes. The batch's map is
+        # block-diagonal, so the shots not asked for (zeros here) add nothing to those asked for.
+        every = self._pixels(shots, trusted=False)
+        bragg = self._unspread_bragg(shots, values, every, row_of_shot[self.pixel_shot[every]])
+        batch = torch.zeros(self.pixel_shot.numel(), dtype=bragg.dtype, device=self.device).index_add(0, every, bragg)
+        return spread(self.spread, batch)[pixels], pixels, rows
+
+    def _unspread_bragg(self, shots: Sequence[int], values: torch.Tensor, pixels: torch.Tensor,
+                        rows: torch.Tensor) -> torch.Tensor:
+        """G * Bragg photons at ``pixels`` (of the shots in ``rows``) before any point spread."""
         directions, factor = self._geometry(shots, values, pixels)
         domain_matrices = torch.stack([self.problems[shot].crystal.domain_matrices(values[row])
                                        for row, shot in enumerate(shots)])
         photons = self.photons[torch.as_tensor(list(shots), device=self.device)]
-        bragg = batched_bragg_photons(directions, factor, rows, domain_matrices, values[:, NCELLS],
-                                      values[:, INDEX["G"]], photons, self.inverse_wavelengths, self.amplitudes,
-                                      REFERENCE_BEAM_SIZE_M)
-        return bragg, pixels, rows
+        return batched_bragg_photons(directions, factor, rows, domain_matrices, values[:, NCELLS],
+                                     values[:, INDEX["G"]], photons, self.inverse_wavelengths, self.amplitudes,
+                                     REFERENCE_BEAM_SIZE_M)
 
     def nll_and_gradients(self, requests: dict[int, tuple[ParameterSpace, np.ndarray]]
                           ) -> dict[int, tuple[float, np.ndarray]]:
@@ -306,7 +324,7 @@ class Lockstep:
 
 
 def refine_batch(shots: Sequence[ShotPixels], amplitudes: ExaForwardModel | AmplitudeLookup | AmplitudeGrid,
-                 settings: Stage1Settings, device=None) -> list[ShotFit]:
+                 settings: Stage1Settings, device=None, psf: DetectorPsf | None = None) -> list[ShotFit]:
     """Refine a batch of shots at once through the batched forward model; never raises per shot.
 
     ``amplitudes`` is an :class:`ExaForwardModel` (kept and reused across batches; ``device`` is
@@ -327,7 +345,7 @@ def refine_batch(shots: Sequence[ShotPixels], amplitudes: ExaForwardModel | Ampl
     for index, shot in enumerate(shots):
         try:
             model.check_shot(shot)
-            problems[index] = ShotProblem(shot, settings, model.device)
+            problems[index] = ShotProblem(shot, settings, model.device, psf)
         except Exception as exc:  # noqa: BLE001 - reported per shot
             reasons[index] = describe_exception(exc)
     order = list(problems)

@@ -3,7 +3,8 @@
 For one shot, :func:`refine_shot`:
 
 1. checks the pixels and the start crystal (:class:`ShotProblem`);
-2. evaluates the Bragg photons of the start model on every shoebox pixel (scale 1) and takes the
+2. evaluates the Bragg photons of the start model on every shoebox pixel (scale 1; spread by the
+   detector's point spread where one is given, :mod:`xfel_spread.stage1.psf`) and takes the
    start G from ``initial.G`` or, when that is null, by least squares on the shoebox sums
    (:func:`xfel_spread.stage1.likelihood.closed_form_scale`);
 3. minimises the negative log-likelihood (plus optional restraints) over the scaled refined
@@ -61,6 +62,7 @@ from xfel_spread.stage1.model import (
     refinement_passes,
     shifted_detector,
 )
+from xfel_spread.stage1.psf import DetectorPsf, spread
 from xfel_spread.stage1.shot import ShotPixels
 
 logger = logging.getLogger(__name__)
@@ -127,13 +129,16 @@ class ShotProblem:
     parameter space exists once the start G is known (:meth:`set_start`).
     """
 
-    def __init__(self, shot: ShotPixels, settings: Stage1Settings, device):
+    def __init__(self, shot: ShotPixels, settings: Stage1Settings, device, psf: DetectorPsf | None = None):
         self.shot = shot
         self.settings = settings
         self.device = torch.device(device)
         self.tensors: ShotTensors = shot_tensors(shot, settings.readout_sigma_adu, self.device)
         self.crystal = CrystalModel(shot.real_space_matrix, settings.n_domains, self.device)
         self.moves_detector = "detz_shift" in settings.refine
+        #: The sparse map of the detector's point spread among the shoebox pixels, or None.
+        self.spread = (None if psf is None else
+                       psf.spread_matrix(shot.pixel_fast, shot.pixel_slow, shot.detector.pixel_size_mm, self.device))
         self.space: ParameterSpace | None = None
         self.start_values: np.ndarray | None = None
 
@@ -170,8 +175,13 @@ class ShotProblem:
 
     def bragg(self, values: torch.Tensor, amplitudes: AmplitudeLookup,
               pixels: torch.Tensor | None = None) -> torch.Tensor:
-        """G * Bragg photons at ``pixels`` (default: trusted) with the dense forward model."""
-        return bragg_photons(self.detector_at(values), self.crystal, values, self.tensors, amplitudes, pixels)
+        """G * Bragg photons at ``pixels`` (default: trusted) with the dense forward model, spread by
+        the detector's point spread when the shot models one."""
+        if self.spread is None:
+            return bragg_photons(self.detector_at(values), self.crystal, values, self.tensors, amplitudes, pixels)
+        every = bragg_photons(self.detector_at(values), self.crystal, values, self.tensors, amplitudes,
+                              all_pixels(self))
+        return spread(self.spread, every)[self.tensors.trusted if pixels is None else pixels]
 
     def nll(self, values: torch.Tensor, bragg_trusted: torch.Tensor) -> torch.Tensor:
         """NLL of the trusted pixels given their G * Bragg photons, plus the restraints."""
@@ -387,17 +397,19 @@ def finished_fit(problem: ShotProblem, start: ModelSummary, final: ModelSummary,
         n_rois=shot.n_rois, n_strong_rois=int(np.count_nonzero(shot.strong)), n_trusted_pixels=int(problem.tensors.trusted.numel()), seconds=seconds)
 
 
-def refine_shot(shot: ShotPixels, amplitudes: AmplitudeLookup, settings: Stage1Settings) -> ShotFit:
+def refine_shot(shot: ShotPixels, amplitudes: AmplitudeLookup, settings: Stage1Settings,
+                psf: DetectorPsf | None = None) -> ShotFit:
     """Refine one shot against its shoebox pixels (see the module docstring); never raises.
 
     The forward model runs on the device of ``amplitudes`` (per-channel |F|^2, one row per channel
-    of the shot's spectrum).
+    of the shot's spectrum); ``psf``, when given, is the detector's point spread, applied to the
+    model's Bragg photons (:mod:`xfel_spread.stage1.psf`).
     """
     started = time.perf_counter()
     problem, start = None, None
     try:
         check_amplitude_rows(amplitudes, len(shot.energies_ev))
-        problem = ShotProblem(shot, settings, amplitudes.intensity.device)
+        problem = ShotProblem(shot, settings, amplitudes.intensity.device, psf)
         pixels = all_pixels(problem)
         with torch.no_grad():
             unit_values = problem.unit_start_values()

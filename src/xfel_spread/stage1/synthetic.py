@@ -9,7 +9,11 @@ panel (``bragg_photons_sparse`` over the whole panel) and do not overlap; only t
 photons of every domain (``bragg_photons_dense``, the same expression), which keeps shots with many
 domains cheap. As the I/O side of stage 1 builds them from real images, each shoebox's background is
 the tilted plane fitted to its border and its observed centroid the centroid of the
-background-subtracted photons.
+background-subtracted photons. With a point spread, each shoebox's Bragg photons are computed on the
+shoebox plus a margin of the kernel radius and spread by the simulator's own fiber PSF
+(``sim.detector_effects.apply_fiber_psf``, so light from just outside a shoebox reaches it), before
+the noise; the simulator spreads after the noise, which a test of the refinement's model does not
+need.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from xfel_spread.sim.forward import AmplitudeLookup, Beam, CrystalState, bragg_p
 from xfel_spread.sim.geometry import Detector
 from xfel_spread.sim.spectrum import SaseModel, sase_spectrum
 from xfel_spread.stage1.model import REFERENCE_BEAM_SIZE_M, c2_cell, c2_orthogonalization, start_orientation
+from xfel_spread.stage1.psf import DetectorPsf
 from xfel_spread.stage1.shot import ShotPixels
 
 #: The LY99 Rayonix panel with its true beam centre (the nominal centre + 0.5 px).
@@ -87,7 +92,7 @@ def rms_rotation_deg(rotations: np.ndarray) -> float:
 def simulate_shot_pixels(lookup: AmplitudeLookup, energies_ev: np.ndarray, unit_cell, seed: int, *,
                          n_rois: int = 20, shoebox: int = 12, ncells: float = LY99_NCELLS, spread_deg: float = 0.0,
                          n_domains: int = 1, total_photons: float = 1e12, background_photons: float = 5.0,
-                         detector: Detector = LY99_DETECTOR) -> SyntheticShot:
+                         detector: Detector = LY99_DETECTOR, psf: DetectorPsf | None = None) -> SyntheticShot:
     """One shot simulated with the project's simulator; its start crystal is the truth."""
     rng = np.random.default_rng(seed)
     true_matrix = (xtal.random_rotation(rng) @ xtal.orthogonalization_matrix(unit_cell).T).T
@@ -109,8 +114,11 @@ def simulate_shot_pixels(lookup: AmplitudeLookup, energies_ev: np.ndarray, unit_
 
     centre = np.array([detector.n_fast, detector.n_slow]) / 2
     background = background_photons * (1 + 0.2 * (fast - centre[0]) / centre[0] - 0.1 * (slow - centre[1]) / centre[1])
-    bragg = bragg_photons_dense(detector, beam, crystal(xtal.domain_matrices(true_matrix, rotations)), lookup,
-                                torch.as_tensor(fast), torch.as_tensor(slow))
+    domains = crystal(xtal.domain_matrices(true_matrix, rotations))
+    if psf is None:
+        bragg = bragg_photons_dense(detector, beam, domains, lookup, torch.as_tensor(fast), torch.as_tensor(slow))
+    else:
+        bragg = torch.cat([spread_box(detector, beam, domains, lookup, x0, y0, shoebox, psf) for x0, y0 in corners])
     expected = bragg + torch.as_tensor(background)
     noisy = effects.draw_noise(expected, torch.ones_like(expected), READOUT, seed)
     adu = effects.to_adu(noisy.photons, noisy.readout_adu, READOUT).numpy()
@@ -137,6 +145,17 @@ def simulate_shot_pixels(lookup: AmplitudeLookup, energies_ev: np.ndarray, unit_
         data_photons=data, background_photons=plane, trusted=np.ones(fast.size, dtype=bool))
     return SyntheticShot(shot, true_matrix, float(ncells), LY99_DOMAINS_PER_CRYSTAL, rms_rotation_deg(rotations),
                          detector.distance_mm)
+
+
+def spread_box(detector: Detector, beam: Beam, crystal: CrystalState, lookup: AmplitudeLookup, x0: int, y0: int,
+               size: int, psf: DetectorPsf) -> torch.Tensor:
+    """Bragg photons of the box at (x0, y0) after the point spread, in image order (slow, then fast)."""
+    margin = psf.radius_px
+    slow, fast = np.mgrid[y0 - margin:y0 + size + margin, x0 - margin:x0 + size + margin]
+    patch = bragg_photons_dense(detector, beam, crystal, lookup, torch.as_tensor(fast.ravel()),
+                                torch.as_tensor(slow.ravel())).reshape(fast.shape)
+    spread = effects.apply_fiber_psf(patch, psf.fwhm_mm / detector.pixel_size_mm, psf.radius_px)
+    return spread[margin:margin + size, margin:margin + size].reshape(-1)
 
 
 def perturbed_matrix(true_matrix: np.ndarray, seed: int, rotation_deg: float = 0.05,
