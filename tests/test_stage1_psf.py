@@ -65,6 +65,8 @@ def test_bad_psf_and_repeated_pixels_are_refused():
         DetectorPsf(0.0, 10)
     with pytest.raises(ValueError, match="radius must be at least 0"):
         DetectorPsf(0.08, -1)
+    with pytest.raises(ValueError, match="no shoebox pixels"):
+        LY99_PSF.spread_matrix(np.zeros(0, dtype=int), np.zeros(0, dtype=int), PIXEL_MM, "cpu")
     with pytest.raises(ValueError, match="not distinct"):
         LY99_PSF.spread_matrix(np.array([3, 4, 3]), np.array([7, 7, 7]), PIXEL_MM, "cpu")
 

@@ -46,10 +46,12 @@ class DetectorPsf:
         """
         fast = np.asarray(fast, dtype=np.int64)
         slow = np.asarray(slow, dtype=np.int64)
+        if fast.size == 0:
+            raise ValueError("no shoebox pixels to spread")
         radius = self.radius_px
         kernel = fiber_psf_kernel(self.fwhm_mm / pixel_size_mm, radius).numpy()
         # One integer key per pixel, with room for every kernel offset without wrapping a row.
-        width = (int(fast.max()) if fast.size else 0) + 2 * radius + 1
+        width = int(fast.max()) + 2 * radius + 1
         key = slow * width + fast
         order = np.argsort(key, kind="stable")
         sorted_key = key[order]
@@ -57,15 +59,14 @@ class DetectorPsf:
             raise ValueError("the shoebox pixels are not distinct")
         rows, columns, weights = [], [], []
         for d_slow, d_fast in zip(*np.nonzero(kernel)):
-            weight = kernel[d_slow, d_fast]
             target = key + (d_slow - radius) * width + (d_fast - radius)
-            position = np.minimum(np.searchsorted(sorted_key, target), max(len(key) - 1, 0))
-            hit = sorted_key[position] == target if len(key) else np.zeros(0, dtype=bool)
+            position = np.minimum(np.searchsorted(sorted_key, target), len(key) - 1)
+            hit = sorted_key[position] == target
             rows.append(order[position[hit]])
             columns.append(np.flatnonzero(hit))
-            weights.append(np.full(int(hit.sum()), weight))
-        indices = np.stack((np.concatenate(rows), np.concatenate(columns))) if rows else np.zeros((2, 0), np.int64)
-        values = np.concatenate(weights) if weights else np.zeros(0)
+            weights.append(np.full(int(hit.sum()), kernel[d_slow, d_fast]))
+        indices = np.stack((np.concatenate(rows), np.concatenate(columns)))
+        values = np.concatenate(weights)
         return torch.sparse_coo_tensor(torch.as_tensor(indices), torch.as_tensor(values), (len(key), len(key)),
                                        dtype=torch.float64, device=device, check_invariants=True).coalesce()
 
