@@ -29,13 +29,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from xfel_spread.config import load_config
+from xfel_spread.config import load_config, modelled_psf
 from xfel_spread.dials.scoring import misorientation_deg, point_group_rotations
 from xfel_spread.sim.forward import AmplitudeLookup
 from xfel_spread.stage1.io import load_amplitude_grid
 from xfel_spread.stage1.model import INDEX, CrystalModel, Stage1Settings
 from xfel_spread.stage1.psf import DetectorPsf
-from xfel_spread.stage1.refine import ShotProblem, all_pixels, dense_evaluator, minimize_shot
+from xfel_spread.stage1.refine import ShotProblem, dense_evaluator, minimize_shot
 from xfel_spread.stage1.rois import open_annulus_shard, read_lattices, rois_with_amplitude, select_rois
 
 
@@ -56,9 +56,7 @@ def refine(shot, amplitudes, settings, psf, truth_rotations=None):
     problem = ShotProblem(shot, settings, "cpu", psf)
     if truth_rotations is not None:
         problem.crystal = TruthDomainCrystal(shot.real_space_matrix, truth_rotations)
-    with torch.no_grad():
-        unit_bragg = problem.bragg(problem.unit_start_values(), amplitudes, all_pixels(problem))
-    problem.set_start(unit_bragg[problem.tensors.trusted])
+    problem.set_start_from_model(amplitudes)
     result = minimize_shot(problem, dense_evaluator(problem, amplitudes))
     values = torch.as_tensor(result.values)
     n = [float(values[INDEX[name]]) for name in ("Na", "Nb", "Nc")]
@@ -74,11 +72,11 @@ def main() -> None:
     arguments = parser.parse_args()
     torch.set_num_threads(1)
     results = Path(arguments.results)
-    stage1 = load_config(results / "settings" / "stage1.yaml")["stage1"]
-    settings = Stage1Settings.from_config(stage1)
-    detector = load_config(results / "settings" / "simulate.yaml")["simulate"]["detector"]
-    psf = (DetectorPsf(detector["psf_fwhm_mm"], detector["psf_radius_px"])
-           if arguments.dataset == "psf" and stage1["model_detector_psf"] and detector["psf_fwhm_mm"] > 0 else None)
+    config = {section: load_config(results / "settings" / f"{section}.yaml")[section]
+              for section in ("simulate", "stage1")}
+    settings = Stage1Settings.from_config(config["stage1"])
+    fwhm_and_radius = modelled_psf(arguments.dataset, config)
+    psf = None if fwhm_and_radius is None else DetectorPsf(*fwhm_and_radius)
     shard = f"shard_{arguments.shard:05d}"
     annulus = open_annulus_shard(results / "annulus" / arguments.dataset / shard,
                                  results / "sim" / arguments.dataset / f"{shard}.h5")

@@ -2,6 +2,8 @@
 # `stage1` through the per-shot forward model, `exa` through the batched forward-model API (GPUs where
 # the profile gives them), each scored against the simulation's truth and DIALS's starting crystals.
 
+from xfel_spread.config import modelled_psf
+
 PIXEL_REFINEMENTS = ("stage1", "exa")
 
 
@@ -18,11 +20,9 @@ def structure_factor_option(wildcards, input):
 
 
 def detector_psf_option(wildcards):
-    """`--psf-fwhm-mm F --psf-radius-px R` for the psf dataset (its images' spread), unless switched off."""
-    detector = config["simulate"]["detector"]
-    if wildcards.dataset != "psf" or not config["stage1"]["model_detector_psf"] or detector["psf_fwhm_mm"] <= 0:
-        return ""
-    return f"--psf-fwhm-mm {detector['psf_fwhm_mm']} --psf-radius-px {detector['psf_radius_px']}"
+    """`--psf-fwhm-mm F --psf-radius-px R` where the dataset's spread is modelled (config.modelled_psf)."""
+    psf = modelled_psf(wildcards.dataset, config)
+    return "" if psf is None else f"--psf-fwhm-mm {psf[0]} --psf-radius-px {psf[1]}"
 
 
 def pixel_refinement_prefix(refinement, dataset, index):

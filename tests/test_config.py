@@ -6,7 +6,7 @@ import sys
 import pytest
 import yaml
 
-from xfel_spread.config import ConfigError, load_config, load_schema, shard_ranges
+from xfel_spread.config import ConfigError, load_config, load_schema, modelled_psf, shard_ranges
 
 
 def schema_keys(schema, path=()):
@@ -231,3 +231,13 @@ def test_production_shards_cover_every_shot_once():
 def test_shard_ranges_rejects_non_positive_counts(n_shots, shots_per_shard):
     with pytest.raises(ValueError):
         shard_ranges(n_shots, shots_per_shard)
+
+
+def test_modelled_psf_is_the_simulated_spread_of_the_psf_dataset_only():
+    config = load_config({})
+    assert modelled_psf("psf", config) == (0.08, 10)
+    assert modelled_psf("nopsf", config) is None
+    config["stage1"]["model_detector_psf"] = False
+    assert modelled_psf("psf", config) is None
+    config = load_config({"simulate": {"detector": {"psf_fwhm_mm": 0.0}}})
+    assert modelled_psf("psf", config) is None

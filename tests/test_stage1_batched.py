@@ -13,7 +13,7 @@ from xfel_spread.sim.forward import Beam, CrystalState, bragg_photons_dense, pix
 from xfel_spread.sim.structure_factors import HC_EV_ANGSTROM
 from xfel_spread.stage1.batched import ExaForwardModel, Lockstep, batched_bragg_photons, refine_batch
 from xfel_spread.stage1.model import PARAMETER_NAMES, Stage1Settings
-from xfel_spread.stage1.refine import ShotProblem, all_pixels, dense_evaluator, refine_shot
+from xfel_spread.stage1.refine import ShotProblem, dense_evaluator, refine_shot
 from xfel_spread.stage1.synthetic import LY99_DETECTOR, perturbed_matrix, simulate_shot_pixels, with_start
 
 FEW_CHANNELS = np.arange(20, 80, 6)
@@ -40,9 +40,7 @@ def three_shots(amplitude_table, few_lookup):
 def prepared(shot, settings, lookup):
     """A ShotProblem with its start G set, as refine_shot makes it."""
     problem = ShotProblem(shot, settings, "cpu")
-    with torch.no_grad():
-        unit_bragg = problem.bragg(problem.unit_start_values(), lookup, all_pixels(problem))
-    problem.set_start(unit_bragg[problem.tensors.trusted])
+    problem.set_start_from_model(lookup)
     return problem
 
 

@@ -102,6 +102,18 @@ def shard_ranges(n_shots: int, shots_per_shard: int) -> list[tuple[int, int]]:
     return [(index * shots_per_shard, min((index + 1) * shots_per_shard, n_shots)) for index in range(n_shards)]
 
 
+def modelled_psf(dataset: str, config: Mapping) -> tuple[float, int] | None:
+    """(FWHM mm, kernel radius px) of the point spread the pixel refinement models for ``dataset``:
+    the one its images were made with (``simulate.detector``) for the psf dataset when
+    ``stage1.model_detector_psf`` is on; None otherwise. ``config`` holds the ``simulate`` and
+    ``stage1`` sections, defaults filled. (Kept here, free of torch, for the Snakefile.)
+    """
+    detector = config["simulate"]["detector"]
+    if dataset != "psf" or not config["stage1"]["model_detector_psf"] or detector["psf_fwhm_mm"] <= 0:
+        return None
+    return detector["psf_fwhm_mm"], detector["psf_radius_px"]
+
+
 def _read_yaml(path: Path, source: str) -> Any:
     """Parse a YAML file, turning I/O and syntax errors into one-line :class:`ConfigError`."""
     try:

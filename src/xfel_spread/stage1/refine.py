@@ -167,6 +167,14 @@ class ShotProblem:
         self.space = parameter_space(settings, self.crystal.start_cell, scale)
         self.start_values = self.space.start.copy()
 
+    def set_start_from_model(self, amplitudes: AmplitudeLookup) -> torch.Tensor:
+        """Evaluate the start model at unit G on every shoebox pixel, fix the start G from it
+        (:meth:`set_start`) and return those unit-G Bragg photons."""
+        with torch.no_grad():
+            unit_bragg = self.bragg(self.unit_start_values(), amplitudes, all_pixels(self))
+        self.set_start(unit_bragg[self.tensors.trusted])
+        return unit_bragg
+
     def detector_at(self, values: torch.Tensor) -> Detector:
         """The detector moved by the ``detz_shift_mm`` of ``values`` when the shift is refined."""
         if self.moves_detector:
@@ -411,10 +419,7 @@ def refine_shot(shot: ShotPixels, amplitudes: AmplitudeLookup, settings: Stage1S
         check_amplitude_rows(amplitudes, len(shot.energies_ev))
         problem = ShotProblem(shot, settings, amplitudes.intensity.device, psf)
         pixels = all_pixels(problem)
-        with torch.no_grad():
-            unit_values = problem.unit_start_values()
-            unit_bragg = problem.bragg(unit_values, amplitudes, pixels)
-        problem.set_start(unit_bragg[problem.tensors.trusted])
+        unit_bragg = problem.set_start_from_model(amplitudes)
         start_values = torch.as_tensor(problem.start_values, device=problem.device)
         start = summarize_model(problem, start_values, unit_bragg * start_values[INDEX["G"]])
         minimization = minimize_shot(problem, dense_evaluator(problem, amplitudes))
