@@ -1,4 +1,5 @@
-"""Synthetic integrated lattices (xfel_spread.sim.lattices, sim.lattice_dataset, io.synthetic_lattices): files, physics, determinism."""
+"""Synthetic integrated lattices (sim.lattices, sim.lattice_dataset, io.synthetic_lattices): files, physics,
+determinism."""
 
 from __future__ import annotations
 
