@@ -5,7 +5,7 @@ here, on ``--ranks`` ranks: merge wall time <= 132 s, CC of IMEAN to the truth >
 I(+) - I(-) to the truth >= 0.5.
 
 Steps (each timed and printed):
-  1. generate the lattices (xfel_spread.merging.synthetic) in the layout dials.stills_process writes,
+  1. generate the lattices (xfel_spread.sim.lattices) in the layout dials.stills_process writes,
      200 shards of 500 by default, into ``WORKDIR/data_N_PER-SHARD_seedS``; a complete directory with
      the same parameters is reused (its ``complete`` marker is written last);
   2. ``spread-tdata`` and ``spread-covariance`` on their cells, as the pipeline's stage 5 runs them;
@@ -39,7 +39,9 @@ import numpy as np
 
 from xfel_spread.analysis.truth import read_merged_mtz, score_against_truth
 from xfel_spread.config import load_config, stage_settings, write_settings
-from xfel_spread.merging import synthetic as syn
+from xfel_spread.io import synthetic_lattices as synio
+from xfel_spread.sim import lattice_dataset as lds
+from xfel_spread.sim import lattices as lat
 from xfel_spread.sim.structure_factors import (
     channel_energies,
     compute_channel_amplitudes,
@@ -90,7 +92,7 @@ def truth_kinds(prefixes: list[str]) -> dict[str, int]:
     """Lattice kind (normal, off-cluster, unrelated) by identifier, from the shards' truth files."""
     kinds = {}
     for prefix in prefixes:
-        with np.load(prefix + syn.TRUTH_SUFFIX) as truth:
+        with np.load(prefix + synio.TRUTH_SUFFIX) as truth:
             kinds.update(zip(truth["identifier"].tolist(), truth["kind"].tolist()))
     return kinds
 
@@ -105,8 +107,8 @@ def lattice_decisions(lattices_table: Path) -> dict[str, str]:
 def print_decisions_by_kind(decisions: dict[str, str], kinds: dict[str, int]) -> None:
     """How many lattices of each planted kind the merge accepted, and why it rejected the others."""
     print("\nlattices by what the generator made them, and what the merge decided:")
-    for kind, name in ((syn.KIND_NORMAL, "normal"), (syn.KIND_OFF_CLUSTER, "second cell cluster"),
-                       (syn.KIND_UNRELATED, "unrelated intensities")):
+    for kind, name in ((lat.KIND_NORMAL, "normal"), (lat.KIND_OFF_CLUSTER, "second cell cluster"),
+                       (lat.KIND_UNRELATED, "unrelated intensities")):
         outcomes = Counter(decisions.get(identifier, "not in the lattice table")
                            for identifier, value in kinds.items() if value == kind)
         total = sum(outcomes.values())
@@ -131,18 +133,18 @@ def main() -> None:
 
     workdir = arguments.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    settings = syn.SyntheticSettings()
+    settings = lat.SyntheticSettings()
     amplitudes, amplitude_source = channel_amplitudes(arguments.amplitudes, arguments.reference_dir, workdir)
-    truth = syn.truth_intensities(amplitudes, syn.spectrum_weights(
+    truth = lat.truth_intensities(amplitudes, lat.spectrum_weights(
         amplitudes.energies_ev, settings.energy_ev, settings.spectrum_fwhm_ev))
 
     data = workdir / f"data_{arguments.n_lattices}_{arguments.lattices_per_shard}_seed{arguments.seed}"
-    reused = (data / syn.COMPLETE_MARKER).is_file()
+    reused = (data / lds.COMPLETE_MARKER).is_file()
     start = time.perf_counter()
-    prefixes = syn.generate_dataset(data, arguments.n_lattices, arguments.lattices_per_shard, truth, settings,
+    prefixes = lds.generate_dataset(data, arguments.n_lattices, arguments.lattices_per_shard, truth, settings,
                                     arguments.seed, truth_source=amplitude_source, processes=arguments.jobs)
     generation_seconds = time.perf_counter() - start
-    marker = json.loads((data / syn.COMPLETE_MARKER).read_text())
+    marker = json.loads((data / lds.COMPLETE_MARKER).read_text())
     size_gb = directory_bytes(data) / 1e9
     if reused:
         print(f"data: reused {data} ({marker['n_lattices']} lattices, {marker['n_shards']} shards, {size_gb:.2f} GB; "

@@ -1,4 +1,4 @@
-"""Seconds per shot of the per-shot pixel refinement (stage 8) and of its batched path (stage 9, exa).
+"""Seconds per shot of the per-shot pixel refinement and of its batched path (stage1.batched, what the exa rule runs).
 
 Shots are simulated with the project's simulator (``xfel_spread.stage1.synthetic``): the LY99 panel,
 all channels of the amplitude table, ``--rois`` shoeboxes of ``--shoebox`` px around the strongest
@@ -37,7 +37,7 @@ from xfel_spread.sim.structure_factors import (
     expand_to_p1_grid,
     load_channel_amplitudes,
 )
-from xfel_spread.stage1.batched import ExaForwardModel, refine_batch
+from xfel_spread.stage1.batched import BatchedForwardModel, refine_batch
 from xfel_spread.stage1.model import Stage1Settings
 from xfel_spread.stage1.refine import refine_shot
 from xfel_spread.stage1.synthetic import perturbed_matrix, simulate_shot_pixels, with_start
@@ -105,7 +105,7 @@ def main() -> None:
           f"between this and this / {torch.get_num_threads()} threads)")
 
     device = torch.device(arguments.device)
-    model = ExaForwardModel(lookup, table.energies_ev, device)
+    model = BatchedForwardModel(lookup, table.energies_ev, device)
     if device.type == "cuda":
         refine_batch(shots[:1], model, settings)  # warm-up: CUDA context and kernels
         torch.cuda.synchronize()

@@ -80,7 +80,8 @@ def test_rotations_are_about_the_laboratory_axes_in_xyz_order():
     expected = np.eye(3)
     for axis, angle in zip(np.eye(3), angles):
         expected = expected @ xtal.axis_angle_rotation(axis, math.radians(angle))
-    assert np.allclose(rotation_xyz(torch.tensor(angles, dtype=torch.float64)).numpy(), expected, atol=1e-15)
+    # Two orders of three 3x3 products of entries <= 1 (3-term sums): a few ulp of 1 each (eps 2.2e-16).
+    assert np.allclose(rotation_xyz(torch.tensor(angles, dtype=torch.float64)).numpy(), expected, rtol=0, atol=1e-14)
 
     matrix = start_matrix()
     model = CrystalModel(matrix, 1)

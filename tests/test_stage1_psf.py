@@ -10,7 +10,7 @@ from test_stage1_batched import assert_same_fit
 
 from xfel_spread.sim import crystal as xtal
 from xfel_spread.sim.detector_effects import apply_fiber_psf, fiber_psf_kernel
-from xfel_spread.stage1.batched import ExaForwardModel, refine_batch
+from xfel_spread.stage1.batched import BatchedForwardModel, refine_batch
 from xfel_spread.stage1.model import Stage1Settings
 from xfel_spread.stage1.psf import DetectorPsf, block_diagonal, spread
 from xfel_spread.stage1.refine import ShotProblem, dense_evaluator, refine_shot
@@ -131,7 +131,7 @@ def test_refine_batch_with_the_psf_gives_the_parameters_of_refine_shot(amplitude
     shots = [with_start(synthetic.shot, perturbed_matrix(synthetic.true_matrix, seed, cell_fraction=0.001))
              for seed, synthetic in ((4, spread_shot), (5, other))]
     settings = Stage1Settings.from_config({})
-    model = ExaForwardModel(few_lookup, LY99_ENERGIES_EV[FEW_CHANNELS], "cpu")
+    model = BatchedForwardModel(few_lookup, LY99_ENERGIES_EV[FEW_CHANNELS], "cpu")
     singles = [refine_shot(shot, few_lookup, settings, LY99_PSF) for shot in shots]
     for batched, single in zip(refine_batch(shots, model, settings, psf=LY99_PSF), singles):
         assert single.converged, single.reason

@@ -216,11 +216,11 @@ def refine_one_by_one(annulus, grid, lattices, settings, device, progress, psf) 
 def refine_in_batches(annulus, grid, lattices, settings, device, progress, psf) -> list:
     """Stage 9: lattices in batches of ``stage1.batch_shots`` through ``refine_batch``, with one
     batched forward model (structure factors resident on the device, buffers reused) per rank."""
-    from xfel_spread.stage1.batched import ExaForwardModel, refine_batch
+    from xfel_spread.stage1.batched import BatchedForwardModel, refine_batch
     from xfel_spread.stage1.io import failed_lattice_result, lattice_result
     from xfel_spread.stage1.refine import describe_exception
 
-    model = ExaForwardModel(grid, annulus.metadata.energy_ev, device)
+    model = BatchedForwardModel(grid, annulus.metadata.energy_ev, device)
     results, batch = [], []
 
     def flush():

@@ -16,7 +16,8 @@ and the pixel collects, in photons::
 
 Two evaluations of the same expression are provided:
 
-* :func:`bragg_photons_dense` visits every (pixel, channel, domain) and is the reference.
+* :func:`bragg_photons_dense` visits every (pixel, channel, domain) and is the reference; its
+  kernel :func:`bragg_sum` also serves pixels of many shots at once (the batched path).
 * :func:`bragg_photons_sparse` visits only what the cut-off can reach. For reflection hkl and
   domain d, the Ewald condition ``| |q - c(u)| - u | <= r_s`` (c(u) = u * (0, 0, 1) the sphere
   centre, r_s the largest |s - q| with arg < 35) is linear in u, which gives the channels that can
@@ -128,6 +129,31 @@ def _photon_prefactor(beam: Beam, crystal: CrystalState) -> torch.Tensor:
     return crystal.scale * R_E_SQUARED_M2 / n_domains / beam.size_m ** 2
 
 
+def bragg_sum(h_per_u: torch.Tensor, inverse_wavelengths: torch.Tensor, ncells: torch.Tensor,
+              photons: torch.Tensor, amplitudes: AmplitudeLookup) -> torch.Tensor:
+    """``sum_k sum_d photons_k |F_k(h0)|^2 F_latt^2`` of each pixel, every channel and domain visited.
+
+    ``h_per_u`` (P, D, 3) is ``A_d (dir_p - i)``, the fractional index per unit inverse wavelength of
+    each pixel and domain; ``inverse_wavelengths`` (K,) are the channels, whose rows ``amplitudes``
+    holds. ``ncells`` (3,) and ``photons`` (K,) are one crystal's N and spectrum, shared by every
+    pixel; or (P, 3) and (P, K), each pixel's own (pixels of different shots in one call). This is the
+    one dense kernel: :func:`bragg_photons_dense` and the batched path of
+    :mod:`xfel_spread.stage1.batched` differ only in how they gather its inputs.
+    """
+    per_pixel = ncells.dim() == 2
+    # h[p, k, d, :] = u_k * A_d (dir_p - i)
+    h = inverse_wavelengths[None, :, None, None] * h_per_u[:, None, :, :]
+    nearest = torch.ceil(h - 0.5)
+    arg = (((h - nearest) * (ncells[:, None, None, :] if per_pixel else ncells)) ** 2).sum(dim=-1) / GAUSS_WIDTH
+    peak_sq = torch.prod(ncells, dim=1)[:, None, None] ** 2 if per_pixel else torch.prod(ncells) ** 2
+    lattice_sq = torch.where(arg < ARG_CUTOFF, peak_sq * torch.exp(-2 * arg), torch.zeros_like(arg))
+    flat, inside = amplitudes.cell_index(nearest)
+    channel = torch.arange(inverse_wavelengths.numel(), device=inverse_wavelengths.device)[None, :, None].expand_as(flat)
+    f_sq = torch.where(inside, amplitudes.intensity[channel, flat], torch.zeros_like(arg))
+    weights = photons[:, :, None] if per_pixel else photons[None, :, None]
+    return (f_sq * lattice_sq * weights).sum(dim=(1, 2))
+
+
 def bragg_photons_dense(detector: Detector, beam: Beam, crystal: CrystalState,
                         amplitudes: AmplitudeLookup, fast: torch.Tensor, slow: torch.Tensor) -> torch.Tensor:
     """Bragg photons at the given pixels, visiting every channel and domain (reference)."""
@@ -140,16 +166,8 @@ def bragg_photons_dense(detector: Detector, beam: Beam, crystal: CrystalState,
     chunk = max(1, CHUNK_TERMS // n_terms)
     totals = []
     for start in range(0, directions.shape[0], chunk):
-        # h[p, k, d, :] = u_k * A_d (dir_p - i)
         h_per_u = torch.einsum("dij,pj->pdi", crystal.domain_matrices, directions[start:start + chunk] - beam_direction)
-        h = u[None, :, None, None] * h_per_u[:, None, :, :]
-        nearest = torch.ceil(h - 0.5)
-        arg = (((h - nearest) * ncells) ** 2).sum(dim=-1) / GAUSS_WIDTH
-        lattice_sq = torch.where(arg < ARG_CUTOFF, torch.prod(ncells) ** 2 * torch.exp(-2 * arg), torch.zeros_like(arg))
-        flat, inside = amplitudes.cell_index(nearest)
-        channel = torch.arange(u.numel(), device=u.device)[None, :, None].expand_as(flat)
-        f_sq = torch.where(inside, amplitudes.intensity[channel, flat], torch.zeros_like(arg))
-        totals.append((f_sq * lattice_sq * photons_k[None, :, None]).sum(dim=(1, 2)))
+        totals.append(bragg_sum(h_per_u, u, ncells, photons_k, amplitudes))
     return _photon_prefactor(beam, crystal) * factor * torch.cat(totals)
 
 

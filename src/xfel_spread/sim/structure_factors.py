@@ -231,3 +231,18 @@ def expand_to_p1_grid(amplitudes: ChannelAmplitudes) -> AmplitudeGrid:
     offset = p1_indices - hkl_min
     grid[:, offset[:, 0], offset[:, 1], offset[:, 2]] = amplitudes.amplitudes[:, source_columns]
     return AmplitudeGrid(values=grid, hkl_min=hkl_min)
+
+
+def true_intensities(amplitudes: ChannelAmplitudes, mean_spectrum_weights) -> tuple[np.ndarray, np.ndarray]:
+    """(anomalous asymmetric-unit indices, sum_k w_k |F_k(h)|^2) with the weights normalised to sum 1.
+
+    ``mean_spectrum_weights`` has one non-negative weight per channel of ``amplitudes``.
+    """
+    weights = np.asarray(mean_spectrum_weights, dtype=np.float64)
+    n_channels = amplitudes.amplitudes.shape[0]
+    if weights.shape != (n_channels,):
+        raise ValueError(f"true intensities: {weights.size} spectrum weights for {n_channels} amplitude channels")
+    if np.any(weights < 0) or not weights.sum() > 0:
+        raise ValueError("true intensities: spectrum weights must be non-negative and not all zero")
+    squared = np.square(amplitudes.amplitudes.astype(np.float64))
+    return np.asarray(amplitudes.indices), (weights / weights.sum()) @ squared

@@ -1,10 +1,12 @@
-"""Stage 9 ("exa"): the batched forward model, and stage 8's refinement run through it.
+"""The batched forward model, and the per-shot pixel refinement run through it (the ``exa`` rule's path).
 
-:class:`ExaForwardModel` keeps the per-channel |F|^2 of all channels on one device for its whole
-life, and evaluates the shoebox pixels of a batch of shots in one call: the shots' pixels are
-concatenated with the index of their shot, and each shot brings its own crystal (mosaic-domain
-matrices, N, G) and spectrum. The expression is :func:`xfel_spread.sim.forward.bragg_photons_dense`'s
-(the reference), with per-pixel gathers of the per-shot inputs (:func:`batched_bragg_photons`).
+The batched path is what the pipeline's ``exa`` rule runs (command ``spread-exa``, outputs under
+``exa/``); in the code it is called "batched" throughout. :class:`BatchedForwardModel` keeps the
+per-channel |F|^2 of all channels on one device for its whole life, and evaluates the shoebox pixels
+of a batch of shots in one call: the shots' pixels are concatenated with the index of their shot, and
+each shot brings its own crystal (mosaic-domain matrices, N, G) and spectrum. The kernel is
+:func:`xfel_spread.sim.forward.bragg_sum`, the one :func:`~xfel_spread.sim.forward.bragg_photons_dense`
+(the reference) uses, fed per-pixel gathers of the per-shot inputs (:func:`batched_bragg_photons`).
 The pixel arrays of a batch live in device buffers that are reused from batch to batch (grown when a
 batch needs more), and the pixels' directions and geometric factors are computed once per batch
 unless the detector distance is refined.
@@ -28,10 +30,9 @@ import numpy as np
 import torch
 
 from xfel_spread.sim.forward import (
-    ARG_CUTOFF,
-    GAUSS_WIDTH,
     R_E_SQUARED_M2,
     AmplitudeLookup,
+    bragg_sum,
     pixel_factors,
 )
 from xfel_spread.sim.geometry import BEAM_DIRECTION
@@ -67,26 +68,17 @@ def batched_bragg_photons(directions: torch.Tensor, factor: torch.Tensor, pixel_
     Per pixel: unit diffracted direction ``directions`` (P, 3), polar * omega * capture ``factor``
     (P,) and its shot ``pixel_shot`` (P,). Per shot: ``domain_matrices`` (S, D, 3, 3), ``ncells``
     (S, 3), ``scale`` (S,) and ``photons`` (S, K) per channel of ``inverse_wavelengths`` (K,). Each
-    pixel gets ``bragg_photons_dense`` of its own shot, every channel and domain visited.
+    pixel gets ``bragg_photons_dense`` of its own shot: the same kernel (:func:`bragg_sum`) on the
+    pixel's gathered crystal and spectrum.
     """
-    n_channels, n_domains = inverse_wavelengths.numel(), domain_matrices.shape[1]
+    n_domains = domain_matrices.shape[1]
     beam_direction = torch.as_tensor(BEAM_DIRECTION, dtype=directions.dtype, device=directions.device)
-    channel = torch.arange(n_channels, device=directions.device)[None, :, None]
-    lattice_peak_sq = torch.prod(ncells, dim=1) ** 2
-    chunk = pixels_per_call(directions.device, n_channels * n_domains)
+    chunk = pixels_per_call(directions.device, inverse_wavelengths.numel() * n_domains)
     totals = []
     for start in range(0, directions.shape[0], chunk):
         shot = pixel_shot[start:start + chunk]
-        # h[p, k, d, :] = u_k * A_{shot(p), d} (dir_p - i)
         h_per_u = torch.einsum("pdij,pj->pdi", domain_matrices[shot], directions[start:start + chunk] - beam_direction)
-        h = inverse_wavelengths[None, :, None, None] * h_per_u[:, None, :, :]
-        nearest = torch.ceil(h - 0.5)
-        arg = (((h - nearest) * ncells[shot][:, None, None, :]) ** 2).sum(dim=-1) / GAUSS_WIDTH
-        lattice_sq = torch.where(arg < ARG_CUTOFF, lattice_peak_sq[shot][:, None, None] * torch.exp(-2 * arg),
-                                 torch.zeros_like(arg))
-        flat, inside = amplitudes.cell_index(nearest)
-        f_sq = torch.where(inside, amplitudes.intensity[channel.expand_as(flat), flat], torch.zeros_like(arg))
-        totals.append((f_sq * lattice_sq * photons[shot][:, :, None]).sum(dim=(1, 2)))
+        totals.append(bragg_sum(h_per_u, inverse_wavelengths, ncells[shot], photons[shot], amplitudes))
     prefactor = scale * R_E_SQUARED_M2 / n_domains / beam_size_m ** 2
     return prefactor[pixel_shot] * factor * torch.cat(totals)
 
@@ -104,7 +96,7 @@ def lookup_on(amplitudes: AmplitudeLookup | AmplitudeGrid, device: torch.device)
     return moved
 
 
-class ExaForwardModel:
+class BatchedForwardModel:
     """Per-channel |F|^2 resident on one device; the shoebox pixels of a batch of shots in one call.
 
     ``energies_ev`` are the channels of the amplitude table's rows, shared by every shot. Use
@@ -323,11 +315,11 @@ class Lockstep:
         return results
 
 
-def refine_batch(shots: Sequence[ShotPixels], amplitudes: ExaForwardModel | AmplitudeLookup | AmplitudeGrid,
+def refine_batch(shots: Sequence[ShotPixels], amplitudes: BatchedForwardModel | AmplitudeLookup | AmplitudeGrid,
                  settings: Stage1Settings, device=None, psf: DetectorPsf | None = None) -> list[ShotFit]:
     """Refine a batch of shots at once through the batched forward model; never raises per shot.
 
-    ``amplitudes`` is an :class:`ExaForwardModel` (kept and reused across batches; ``device`` is
+    ``amplitudes`` is an :class:`BatchedForwardModel` (kept and reused across batches; ``device`` is
     then its device) or a lookup/grid to build one from on ``device`` (default: ``settings.device``).
     Returns one ShotFit per shot, in order, as :func:`~xfel_spread.stage1.refine.refine_shot` would;
     ``seconds`` is the batch's wall time divided by its shots.
@@ -335,11 +327,11 @@ def refine_batch(shots: Sequence[ShotPixels], amplitudes: ExaForwardModel | Ampl
     started = time.perf_counter()
     if not shots:
         return []
-    if isinstance(amplitudes, ExaForwardModel):
+    if isinstance(amplitudes, BatchedForwardModel):
         model = amplitudes
     else:
         device = settings.torch_device() if device is None else torch.device(device)
-        model = ExaForwardModel(amplitudes, shots[0].energies_ev, device)
+        model = BatchedForwardModel(amplitudes, shots[0].energies_ev, device)
     reasons: dict[int, str] = {}
     problems: dict[int, ShotProblem] = {}
     for index, shot in enumerate(shots):
@@ -376,7 +368,7 @@ def refine_batch(shots: Sequence[ShotPixels], amplitudes: ExaForwardModel | Ampl
     return fits
 
 
-def _start_summaries(model: ExaForwardModel, problems: dict[int, ShotProblem], order: list[int],
+def _start_summaries(model: BatchedForwardModel, problems: dict[int, ShotProblem], order: list[int],
                      reasons: dict[int, str]) -> dict:
     """Start G (closed form when not given) and start summary of every loaded shot, in one evaluation."""
     summaries = {}
@@ -399,7 +391,7 @@ def _start_summaries(model: ExaForwardModel, problems: dict[int, ShotProblem], o
     return summaries
 
 
-def _final_summaries(model: ExaForwardModel, problems: dict[int, ShotProblem], minimizations: dict,
+def _final_summaries(model: BatchedForwardModel, problems: dict[int, ShotProblem], minimizations: dict,
                      batch_of: dict[int, int], reasons: dict[int, str]) -> dict:
     """Summary of every minimised shot at its final values, in one evaluation."""
     for index, result in minimizations.items():

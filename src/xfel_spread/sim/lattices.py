@@ -1,9 +1,8 @@
-"""Synthetic integrated lattices for the merging benchmark, in the layout dials.stills_process writes.
+"""Synthetic integrated lattices for the merging benchmark: the physics behind them.
 
-Each shard prefix ``P`` gets ``P_integrated.expt`` (one experiment per lattice: its identifier, a C2
-crystal, its own beam and one shared detector) and ``P_integrated.refl`` (a DIALS reflection table
-with the columns stills_process writes), plus ``P_truth.npz`` with the true parameters behind them.
-A dataset directory also holds ``truth_intensities.npz``, the intensities every lattice samples.
+What a lattice is, what the predictor keeps and what summation integration reports; the files are
+written by :mod:`xfel_spread.io.synthetic_lattices`, a dataset directory by
+:mod:`xfel_spread.sim.lattice_dataset`.
 
 The physics, per lattice (all of it vectorised numpy, deterministic from one seed; shard ``s``
 draws from its own stream ``SeedSequence(seed, spawn_key=(0, s))``, so shards can be made in any
@@ -41,57 +40,31 @@ strong, centroids about 1 px from prediction; the defaults give 16, 76 and 113, 
 
 from __future__ import annotations
 
-import json
-import logging
-import os
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 
-from xfel_spread.atomic import atomic_output, atomic_path
-from xfel_spread.dials.stills import OUTPUT_SUFFIXES
+from xfel_spread.io.synthetic_lattices import (
+    FLAG_INTEGRATED_SUM,
+    FLAG_PREDICTED,
+    FLAGS_FOUND_SPOT,
+    DetectorModel,
+    SyntheticDataError,
+    TruthIntensities,
+)
+from xfel_spread.sim.crystal import (
+    d_spacings,
+    orthogonalization_matrices,
+    reciprocal_metric,
+    small_rotations,
+    uniform_rotations,
+)
 from xfel_spread.sim.spectrum import FWHM_TO_SIGMA
-from xfel_spread.sim.structure_factors import HC_EV_ANGSTROM, ChannelAmplitudes
-
-LOGGER = logging.getLogger(__name__)
-
-#: Per-shard file of true lattice and reflection parameters, beside the integrated files.
-TRUTH_SUFFIX = "_truth.npz"
-#: The truth intensities of a dataset directory.
-TRUTH_INTENSITIES = "truth_intensities.npz"
-#: Written first in a dataset directory: how it was generated (a reused directory must match).
-GENERATION_FILE = "generation.json"
-#: Written last: every shard of the dataset is on disk.
-COMPLETE_MARKER = "complete"
+from xfel_spread.sim.structure_factors import HC_EV_ANGSTROM, ChannelAmplitudes, true_intensities
 
 #: Lattice kinds recorded in the truth files.
 KIND_NORMAL, KIND_OFF_CLUSTER, KIND_UNRELATED = 0, 1, 2
-
-#: Reflection-table flags (dials.array_family.flex.reflection_table.flags values).
-FLAG_PREDICTED, FLAG_INDEXED, FLAG_USED_IN_REFINEMENT = 1, 4, 8
-FLAG_STRONG, FLAG_REFERENCE_SPOT, FLAG_INTEGRATED_SUM = 32, 64, 256
-#: Flags of a reflection whose spot was found and indexed (the "strong" ones in stills_process output).
-FLAGS_FOUND_SPOT = FLAG_INDEXED | FLAG_USED_IN_REFINEMENT | FLAG_STRONG | FLAG_REFERENCE_SPOT
-
-#: The flex type of every column written, by name (the types stills_process writes).
-COLUMN_TYPES = {
-    "background.dispersion": "double", "background.mean": "double", "background.mse": "double",
-    "background.sum.value": "double", "background.sum.variance": "double", "bbox": "int6", "d": "double",
-    "delpsical.rad": "double", "entering": "bool", "flags": "size_t", "id": "int",
-    "intensity.sum.value": "double", "intensity.sum.variance": "double", "miller_index": "miller_index",
-    "num_pixels.background": "int", "num_pixels.background_used": "int", "num_pixels.foreground": "int",
-    "num_pixels.valid": "int", "panel": "size_t", "partial_id": "size_t", "partiality": "double",
-    "s1": "vec3_double", "xyzcal.mm": "vec3_double", "xyzcal.px": "vec3_double",
-    "xyzobs.mm.value": "vec3_double", "xyzobs.mm.variance": "vec3_double",
-    "xyzobs.px.value": "vec3_double", "xyzobs.px.variance": "vec3_double",
-}
-
-
-class SyntheticDataError(ValueError):
-    """Synthetic-data input or directory that cannot be used, with the file named."""
 
 
 @dataclass(frozen=True)
@@ -153,18 +126,14 @@ class SyntheticSettings:
         """Plain JSON-able values (tuples as lists)."""
         return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
 
+    def detector_model(self) -> DetectorModel:
+        """The shared panel, polarization and space group that the .expt files record."""
+        return DetectorModel(distance_mm=self.distance_mm, pixel_size_mm=self.pixel_size_mm, n_pixels=self.n_pixels,
+                             beam_center_mm=self.beam_center_mm, polarization_normal=self.polarization_normal,
+                             space_group_hall=self.space_group_hall)
+
 
 # --- truth -----------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class TruthIntensities:
-    """True intensities on one anomalous asymmetric unit (Friedel mates separate)."""
-
-    unit_cell: tuple[float, ...]
-    space_group: str
-    miller_index: np.ndarray
-    intensity: np.ndarray
-
 
 def spectrum_weights(energies_ev: np.ndarray, centre_ev: float, fwhm_ev: float) -> np.ndarray:
     """Weights of the channels under a Gaussian spectrum envelope, summing to 1."""
@@ -175,30 +144,10 @@ def spectrum_weights(energies_ev: np.ndarray, centre_ev: float, fwhm_ev: float) 
 
 def truth_intensities(amplitudes: ChannelAmplitudes, weights: np.ndarray) -> TruthIntensities:
     """``I(h) = sum_k w_k |F_k(h)|^2``: what a shot of the mean spectrum measures."""
-    from xfel_spread.analysis.truth import true_intensities
-
     indices, intensity = true_intensities(amplitudes, weights)
     return TruthIntensities(unit_cell=tuple(float(v) for v in amplitudes.unit_cell),
                             space_group=amplitudes.space_group,
                             miller_index=np.asarray(indices, dtype=np.int32), intensity=intensity)
-
-
-def save_truth_intensities(truth: TruthIntensities, path: str | os.PathLike) -> None:
-    """Write the truth as .npz (miller_index, intensity, unit_cell, space_group), atomically."""
-    with atomic_output(path, "wb") as stream:
-        np.savez(stream, miller_index=truth.miller_index, intensity=truth.intensity,
-                 unit_cell=np.asarray(truth.unit_cell), space_group=np.asarray(truth.space_group))
-
-
-def load_truth_intensities(path: str | os.PathLike) -> TruthIntensities:
-    """Read a file written by :func:`save_truth_intensities`."""
-    try:
-        with np.load(path) as data:
-            return TruthIntensities(unit_cell=tuple(float(v) for v in data["unit_cell"]),
-                                    space_group=str(data["space_group"]),
-                                    miller_index=data["miller_index"], intensity=data["intensity"])
-    except (OSError, KeyError, ValueError) as exc:
-        raise SyntheticDataError(f"{path}: cannot read truth intensities ({exc})") from None
 
 
 @dataclass(frozen=True)
@@ -266,54 +215,6 @@ def prepare_source(truth: TruthIntensities, settings: SyntheticSettings, seed: i
 
 
 # --- crystal geometry -------------------------------------------------------------------------------
-
-def orthogonalization_matrices(cells: np.ndarray) -> np.ndarray:
-    """Cell vectors as rows (n, 3, 3) in the PDB convention (a along x, b in the xy plane)."""
-    a, b, c = cells[:, 0], cells[:, 1], cells[:, 2]
-    cos_alpha, cos_beta, cos_gamma = np.cos(np.radians(cells[:, 3:6])).T
-    sin_gamma = np.sin(np.radians(cells[:, 5]))
-    c_x = c * cos_beta
-    c_y = c * (cos_alpha - cos_beta * cos_gamma) / sin_gamma
-    c_z = np.sqrt(c ** 2 - c_x ** 2 - c_y ** 2)
-    zero = np.zeros_like(a)
-    return np.stack([np.stack([a, zero, zero], axis=-1),
-                     np.stack([b * cos_gamma, b * sin_gamma, zero], axis=-1),
-                     np.stack([c_x, c_y, c_z], axis=-1)], axis=1)
-
-
-def reciprocal_metric(unit_cell: Sequence[float]) -> np.ndarray:
-    """G* (3, 3) such that d*^2 = h . G* . h."""
-    reciprocal = np.linalg.inv(orthogonalization_matrices(np.asarray([unit_cell], dtype=np.float64))[0])
-    return reciprocal.T @ reciprocal
-
-
-def d_spacings(miller_index: np.ndarray, metric: np.ndarray) -> np.ndarray:
-    """d = 1 / sqrt(h . G* . h) for each row of ``miller_index``."""
-    h = np.asarray(miller_index, dtype=np.float64)
-    return 1.0 / np.sqrt(np.einsum("ni,ij,nj->n", h, metric, h))
-
-
-def uniform_rotations(n: int, rng: np.random.Generator) -> np.ndarray:
-    """n rotation matrices drawn uniformly from SO(3) (normalised Gaussian quaternions)."""
-    quaternion = rng.standard_normal((n, 4))
-    w, x, y, z = (quaternion / np.linalg.norm(quaternion, axis=1, keepdims=True)).T
-    return np.stack([
-        np.stack([1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)], axis=-1),
-        np.stack([2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)], axis=-1),
-        np.stack([2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)], axis=-1),
-    ], axis=1)
-
-
-def small_rotations(rotation_vectors: np.ndarray) -> np.ndarray:
-    """Rotation matrices (n, 3, 3) for rotation vectors (n, 3) in radians (Rodrigues' formula)."""
-    angle = np.linalg.norm(rotation_vectors, axis=1)
-    axis = rotation_vectors / np.where(angle > 0, angle, 1.0)[:, None]
-    x, y, z = axis.T
-    zero = np.zeros_like(x)
-    cross = np.stack([np.stack([zero, -z, y], -1), np.stack([z, zero, -x], -1), np.stack([-y, x, zero], -1)], axis=1)
-    sin, one_minus_cos = np.sin(angle)[:, None, None], (1 - np.cos(angle))[:, None, None]
-    return np.eye(3) + sin * cross + one_minus_cos * cross @ cross
-
 
 def scattered_cells(mean_cell: Sequence[float], n: int, fraction: float, beta_sigma_deg: float,
                     rng: np.random.Generator) -> np.ndarray:
@@ -681,189 +582,3 @@ def reflection_columns(predictions: Predictions, lattices: Lattices, measurement
         "xyzobs.px.value": observed_px,
         "xyzobs.px.variance": observed_px_variance,
     }
-
-
-# --- files -----------------------------------------------------------------------------------------
-
-def experiment_list_json(lattices: Lattices, settings: SyntheticSettings) -> dict:
-    """The .expt content: one experiment per lattice with its crystal and beam, one shared detector.
-
-    There is no image behind synthetic lattices, so no imageset (dxtbx reads experiments without one).
-    """
-    panel = {
-        "name": "Panel", "type": "SENSOR_CCD", "fast_axis": [1.0, 0.0, 0.0], "slow_axis": [0.0, -1.0, 0.0],
-        "origin": [-settings.beam_center_mm[0], settings.beam_center_mm[1], -settings.distance_mm],
-        "raw_image_offset": [0, 0], "image_size": [settings.n_pixels, settings.n_pixels],
-        "pixel_size": [settings.pixel_size_mm, settings.pixel_size_mm], "trusted_range": [-0.5, 2147483646.5],
-        "thickness": 0.032, "material": "Gd2O2S", "mu": 58.8235294117647, "identifier": "", "mask": [],
-        "gain": 1.0, "pedestal": 10.0, "px_mm_strategy": {"type": "SimplePxMmStrategy"},
-    }
-    hierarchy = {
-        "name": "", "type": "", "fast_axis": [1.0, 0.0, 0.0], "slow_axis": [0.0, 1.0, 0.0],
-        "origin": [0.0, 0.0, 0.0], "raw_image_offset": [0, 0], "image_size": [0, 0], "pixel_size": [0.0, 0.0],
-        "trusted_range": [0.0, 0.0], "thickness": 0.0, "material": "", "mu": 0.0, "identifier": "", "mask": [],
-        "gain": 1.0, "pedestal": 0.0, "px_mm_strategy": {"type": "SimplePxMmStrategy"}, "children": [{"panel": 0}],
-    }
-    experiments, crystals, beams = [], [], []
-    for i, identifier in enumerate(lattices.identifier):
-        experiments.append({"__id__": "Experiment", "identifier": str(identifier), "beam": i, "detector": 0, "crystal": i})
-        a, b, c = lattices.recorded_matrix[i]
-        crystals.append({"__id__": "crystal", "real_space_a": a.tolist(), "real_space_b": b.tolist(),
-                         "real_space_c": c.tolist(), "space_group_hall_symbol": settings.space_group_hall,
-                         # The rs model's spot radius is the inverse domain size; it has no mosaic spread.
-                         "ML_half_mosaicity_deg": 0.0, "ML_domain_size_ang": float(1.0 / lattices.rs[i])})
-        beams.append({"direction": [0.0, 0.0, 1.0], "wavelength": float(lattices.wavelength[i]), "divergence": 0.0,
-                      "sigma_divergence": 0.0, "polarization_normal": list(settings.polarization_normal),
-                      "polarization_fraction": 1.0, "flux": 0.0, "transmission": 1.0})
-    return {"__id__": "ExperimentList", "experiment": experiments, "imageset": [], "beam": beams,
-            "detector": [{"panels": [panel], "hierarchy": hierarchy}], "goniometer": [], "scan": [],
-            "crystal": crystals, "profile": [], "scaling_model": []}
-
-
-def _to_flex(flex, type_name: str, values: np.ndarray):
-    """Convert one numpy column to its flex type.
-
-    Vector columns go through a flat flex array: flex's own numpy conversion of (n, 3) and (n, 6)
-    arrays loops in Python (0.1-0.2 s per column of 50,000 rows), the flat route is a copy.
-    """
-    if type_name == "vec3_double":
-        return flex.vec3_double(flex.double(np.ascontiguousarray(values, dtype=np.float64).ravel()))
-    if type_name == "int6":
-        return flex.int6(flex.int(np.ascontiguousarray(values, dtype=np.int32).ravel()))
-    if type_name == "miller_index":
-        return flex.miller_index(*(flex.int(np.ascontiguousarray(values[:, axis], dtype=np.int32)) for axis in range(3)))
-    return getattr(flex, type_name)(np.ascontiguousarray(values))
-
-
-def reflection_table(columns: dict, identifiers: Sequence[str]):
-    """A ``flex.reflection_table`` of the columns, with the experiment-identifier map id -> identifier."""
-    from dials.array_family import flex
-
-    table = flex.reflection_table()
-    for name, values in columns.items():
-        table[name] = _to_flex(flex, COLUMN_TYPES[name], values)
-    identifier_map = table.experiment_identifiers()
-    for index, identifier in enumerate(identifiers):
-        identifier_map[index] = str(identifier)
-    return table
-
-
-def write_shard(prefix: str | os.PathLike, shard: Shard, settings: SyntheticSettings) -> None:
-    """Write ``P_integrated.expt``, ``P_integrated.refl`` and ``P_truth.npz``, each atomically.
-
-    The truth file is written last, so its presence marks a finished shard.
-    """
-    prefix = str(prefix)
-    with atomic_output(prefix + OUTPUT_SUFFIXES["integrated_experiments"], "w") as stream:
-        json.dump(experiment_list_json(shard.lattices, settings), stream)
-    with atomic_path(prefix + OUTPUT_SUFFIXES["integrated_reflections"]) as temporary:
-        reflection_table(shard.columns, shard.lattices.identifier).as_file(str(temporary))
-    lattices, predictions = shard.lattices, shard.predictions
-    with atomic_output(prefix + TRUTH_SUFFIX, "wb") as stream:
-        np.savez(stream, identifier=lattices.identifier, kind=lattices.kind, unit_cell=lattices.unit_cell,
-                 true_matrix=lattices.true_matrix, recorded_matrix=lattices.recorded_matrix,
-                 misorientation_deg=lattices.misorientation_deg, wavelength=lattices.wavelength,
-                 scale=lattices.scale, b_factor=lattices.b_factor, rs=lattices.rs,
-                 background_per_pixel=lattices.background_per_pixel,
-                 reflection_lattice=predictions.lattice, reflection_truth_column=shard.truth_column,
-                 reflection_partiality=shard.partiality.astype(np.float32),
-                 reflection_expected_photons=shard.expected_photons.astype(np.float32))
-
-
-def shard_prefix(directory: str | os.PathLike, shard_index: int) -> str:
-    """The pipeline's shard prefix ``DIR/shard_NNNNN``."""
-    return str(Path(directory) / f"shard_{shard_index:05d}")
-
-
-def shard_sizes(n_lattices: int, lattices_per_shard: int) -> list[int]:
-    """Lattices in each shard: full shards, then the remainder."""
-    if n_lattices < 1 or lattices_per_shard < 1:
-        raise SyntheticDataError(f"need at least one lattice and one per shard, got {n_lattices} and {lattices_per_shard}")
-    full, remainder = divmod(n_lattices, lattices_per_shard)
-    return [lattices_per_shard] * full + ([remainder] if remainder else [])
-
-
-def generate_shard(directory: str | os.PathLike, shard_index: int, n_lattices: int, source: Source,
-                   settings: SyntheticSettings, seed: int) -> str:
-    """Simulate and write one shard; return its prefix."""
-    prefix = shard_prefix(directory, shard_index)
-    write_shard(prefix, simulate_shard(shard_index, n_lattices, source, settings, seed), settings)
-    return prefix
-
-
-def generation_record(n_lattices: int, lattices_per_shard: int, seed: int, settings: SyntheticSettings,
-                      truth_source: str) -> dict:
-    """What identifies a dataset: a directory is reused only when this matches."""
-    return {"n_lattices": n_lattices, "lattices_per_shard": lattices_per_shard, "seed": seed,
-            "truth_source": truth_source, "settings": settings.as_dict()}
-
-
-def _shard_done(prefix: str) -> bool:
-    return all(Path(prefix + suffix).is_file() for suffix in (
-        OUTPUT_SUFFIXES["integrated_experiments"], OUTPUT_SUFFIXES["integrated_reflections"], TRUTH_SUFFIX))
-
-
-_WORKER_STATE: dict = {}
-
-
-def _init_worker(directory, source, settings, seed):
-    _WORKER_STATE.update(directory=directory, source=source, settings=settings, seed=seed)
-
-
-def _generate_in_worker(task: tuple[int, int]) -> str:
-    shard_index, n_lattices = task
-    state = _WORKER_STATE
-    return generate_shard(state["directory"], shard_index, n_lattices, state["source"], state["settings"], state["seed"])
-
-
-def generate_dataset(directory: str | os.PathLike, n_lattices: int, lattices_per_shard: int,
-                     truth: TruthIntensities, settings: SyntheticSettings, seed: int,
-                     truth_source: str = "", processes: int = 1) -> list[str]:
-    """Generate (or finish, or reuse) a dataset directory; return its shard prefixes in order.
-
-    ``generation.json`` records the parameters; a directory made with other parameters is refused.
-    Shards already on disk are kept (each was written atomically), missing ones are generated with
-    ``processes`` worker processes, then the ``complete`` marker is written (JSON: shard and lattice
-    counts, and the shards generated by the run that completed the dataset, with its seconds).
-    """
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    record = generation_record(n_lattices, lattices_per_shard, seed, settings, truth_source)
-    record_path = directory / GENERATION_FILE
-    if record_path.is_file():
-        existing = json.loads(record_path.read_text())
-        if existing != record:
-            raise SyntheticDataError(f"{record_path}: directory holds a dataset generated with other parameters; "
-                                     "use another directory")
-    else:
-        with atomic_output(record_path, "w") as stream:
-            json.dump(record, stream, indent=1)
-    sizes = shard_sizes(n_lattices, lattices_per_shard)
-    prefixes = [shard_prefix(directory, index) for index in range(len(sizes))]
-    if (directory / COMPLETE_MARKER).is_file():
-        return prefixes
-    save_truth_intensities(truth, directory / TRUTH_INTENSITIES)
-    tasks = [(index, size) for index, size in enumerate(sizes) if not _shard_done(prefixes[index])]
-    source = prepare_source(truth, settings, seed)
-    start = time.perf_counter()
-
-    def log_progress(done):
-        elapsed = time.perf_counter() - start
-        rate = done / elapsed if elapsed > 0 else 0.0
-        LOGGER.info("synthetic shards: %d/%d done, %.2f shards/s, %.0f s left", done, len(tasks), rate,
-                    (len(tasks) - done) / rate if rate > 0 else float("nan"))
-
-    if processes > 1 and len(tasks) > 1:
-        import multiprocessing
-
-        with multiprocessing.get_context("fork").Pool(processes, _init_worker, (directory, source, settings, seed)) as pool:
-            for done, _ in enumerate(pool.imap_unordered(_generate_in_worker, tasks), start=1):
-                log_progress(done)
-    else:
-        for done, (index, size) in enumerate(tasks, start=1):
-            generate_shard(directory, index, size, source, settings, seed)
-            log_progress(done)
-    with atomic_output(directory / COMPLETE_MARKER, "w") as stream:
-        json.dump({"n_shards": len(sizes), "n_lattices": n_lattices, "shards_generated": len(tasks),
-                   "seconds": time.perf_counter() - start, "processes": processes}, stream)
-    return prefixes

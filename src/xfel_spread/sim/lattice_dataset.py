@@ -1,0 +1,150 @@
+"""A dataset directory of synthetic integrated lattices (:mod:`xfel_spread.sim.lattices`), shard by shard.
+
+Shard ``s`` is made from its own random stream, so shards can be made in any order or in parallel
+(worker processes); each shard's files are written atomically, so an interrupted run is finished by
+the next one with the same parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from xfel_spread.atomic import atomic_output
+from xfel_spread.io.synthetic_lattices import (
+    TRUTH_INTENSITIES,
+    SyntheticDataError,
+    TruthIntensities,
+    experiment_list_json,
+    save_lattice_truth,
+    save_truth_intensities,
+    shard_written,
+    write_integrated,
+)
+from xfel_spread.sim.lattices import Shard, Source, SyntheticSettings, prepare_source, simulate_shard
+
+LOGGER = logging.getLogger(__name__)
+
+#: Written first in a dataset directory: how it was generated (a reused directory must match).
+GENERATION_FILE = "generation.json"
+#: Written last: every shard of the dataset is on disk.
+COMPLETE_MARKER = "complete"
+
+
+def write_shard(prefix: str | os.PathLike, shard: Shard, settings: SyntheticSettings) -> None:
+    """Write ``P_integrated.expt``, ``P_integrated.refl`` and ``P_truth.npz``, each atomically.
+
+    The truth file is written last, so its presence marks a finished shard.
+    """
+    lattices, predictions = shard.lattices, shard.predictions
+    write_integrated(prefix, experiment_list_json(lattices.identifier, lattices.recorded_matrix, lattices.wavelength,
+                                                  lattices.rs, settings.detector_model()),
+                     shard.columns, lattices.identifier)
+    save_lattice_truth(prefix, dict(
+        identifier=lattices.identifier, kind=lattices.kind, unit_cell=lattices.unit_cell,
+        true_matrix=lattices.true_matrix, recorded_matrix=lattices.recorded_matrix,
+        misorientation_deg=lattices.misorientation_deg, wavelength=lattices.wavelength,
+        scale=lattices.scale, b_factor=lattices.b_factor, rs=lattices.rs,
+        background_per_pixel=lattices.background_per_pixel,
+        reflection_lattice=predictions.lattice, reflection_truth_column=shard.truth_column,
+        reflection_partiality=shard.partiality.astype(np.float32),
+        reflection_expected_photons=shard.expected_photons.astype(np.float32)))
+
+
+def shard_prefix(directory: str | os.PathLike, shard_index: int) -> str:
+    """The pipeline's shard prefix ``DIR/shard_NNNNN``."""
+    return str(Path(directory) / f"shard_{shard_index:05d}")
+
+
+def shard_sizes(n_lattices: int, lattices_per_shard: int) -> list[int]:
+    """Lattices in each shard: full shards, then the remainder."""
+    if n_lattices < 1 or lattices_per_shard < 1:
+        raise SyntheticDataError(f"need at least one lattice and one per shard, got {n_lattices} and {lattices_per_shard}")
+    full, remainder = divmod(n_lattices, lattices_per_shard)
+    return [lattices_per_shard] * full + ([remainder] if remainder else [])
+
+
+def generate_shard(directory: str | os.PathLike, shard_index: int, n_lattices: int, source: Source,
+                   settings: SyntheticSettings, seed: int) -> str:
+    """Simulate and write one shard; return its prefix."""
+    prefix = shard_prefix(directory, shard_index)
+    write_shard(prefix, simulate_shard(shard_index, n_lattices, source, settings, seed), settings)
+    return prefix
+
+
+def generation_record(n_lattices: int, lattices_per_shard: int, seed: int, settings: SyntheticSettings,
+                      truth_source: str) -> dict:
+    """What identifies a dataset: a directory is reused only when this matches."""
+    return {"n_lattices": n_lattices, "lattices_per_shard": lattices_per_shard, "seed": seed,
+            "truth_source": truth_source, "settings": settings.as_dict()}
+
+
+_WORKER_STATE: dict = {}
+
+
+def _init_worker(directory, source, settings, seed):
+    _WORKER_STATE.update(directory=directory, source=source, settings=settings, seed=seed)
+
+
+def _generate_in_worker(task: tuple[int, int]) -> str:
+    shard_index, n_lattices = task
+    state = _WORKER_STATE
+    return generate_shard(state["directory"], shard_index, n_lattices, state["source"], state["settings"], state["seed"])
+
+
+def generate_dataset(directory: str | os.PathLike, n_lattices: int, lattices_per_shard: int,
+                     truth: TruthIntensities, settings: SyntheticSettings, seed: int,
+                     truth_source: str = "", processes: int = 1) -> list[str]:
+    """Generate (or finish, or reuse) a dataset directory; return its shard prefixes in order.
+
+    ``generation.json`` records the parameters; a directory made with other parameters is refused.
+    Shards already on disk are kept (each was written atomically), missing ones are generated with
+    ``processes`` worker processes, then the ``complete`` marker is written (JSON: shard and lattice
+    counts, and the shards generated by the run that completed the dataset, with its seconds).
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    record = generation_record(n_lattices, lattices_per_shard, seed, settings, truth_source)
+    record_path = directory / GENERATION_FILE
+    if record_path.is_file():
+        existing = json.loads(record_path.read_text())
+        if existing != record:
+            raise SyntheticDataError(f"{record_path}: directory holds a dataset generated with other parameters; "
+                                     "use another directory")
+    else:
+        with atomic_output(record_path, "w") as stream:
+            json.dump(record, stream, indent=1)
+    sizes = shard_sizes(n_lattices, lattices_per_shard)
+    prefixes = [shard_prefix(directory, index) for index in range(len(sizes))]
+    if (directory / COMPLETE_MARKER).is_file():
+        return prefixes
+    save_truth_intensities(truth, directory / TRUTH_INTENSITIES)
+    tasks = [(index, size) for index, size in enumerate(sizes) if not shard_written(prefixes[index])]
+    source = prepare_source(truth, settings, seed)
+    start = time.perf_counter()
+
+    def log_progress(done):
+        elapsed = time.perf_counter() - start
+        rate = done / elapsed if elapsed > 0 else 0.0
+        LOGGER.info("synthetic shards: %d/%d done, %.2f shards/s, %.0f s left", done, len(tasks), rate,
+                    (len(tasks) - done) / rate if rate > 0 else float("nan"))
+
+    if processes > 1 and len(tasks) > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("fork").Pool(processes, _init_worker, (directory, source, settings, seed)) as pool:
+            for done, _ in enumerate(pool.imap_unordered(_generate_in_worker, tasks), start=1):
+                log_progress(done)
+    else:
+        for done, (index, size) in enumerate(tasks, start=1):
+            generate_shard(directory, index, size, source, settings, seed)
+            log_progress(done)
+    with atomic_output(directory / COMPLETE_MARKER, "w") as stream:
+        json.dump({"n_shards": len(sizes), "n_lattices": n_lattices, "shards_generated": len(tasks),
+                   "seconds": time.perf_counter() - start, "processes": processes}, stream)
+    return prefixes
