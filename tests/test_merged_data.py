@@ -1,4 +1,4 @@
-"""Tests of the analysis of merged data: truth scoring, the resolution annulus, the DIALS cross-check.
+"""Tests of what uses the merged data: MTZ reading and truth scoring, the resolution annulus, the DIALS cross-check.
 
 Shards of integrated lattices are built here as DIALS would write them (dxtbx models, a reflection
 table with the integration columns), small enough for dials.scale to run in seconds.
@@ -13,7 +13,10 @@ import math
 import numpy as np
 import pytest
 
-from xfel_spread.analysis import annulus, truth
+from xfel_spread.annulus import pipeline as annulus_pipeline
+from xfel_spread.annulus import select as annulus
+from xfel_spread.io import lattices, mtz
+from xfel_spread.merging import scoring
 from xfel_spread.sim.structure_factors import ChannelAmplitudes
 
 #: The LY99 cell; its crystals come out of stills_process in the Patterson group C 1 2/m 1.
@@ -103,7 +106,7 @@ def anomalous_truth(rng, d_min: float):
     return np.array(anomalous_set.indices()), values
 
 
-def merged_from_truth(indices, values, rng=None, noise=0.0, path="<test>") -> truth.MergedIntensities:
+def merged_from_truth(indices, values, rng=None, noise=0.0, path="<test>") -> mtz.MergedIntensities:
     """A merged set holding the truth (times 1 + noise), both mates and their mean, as a merge writes it."""
     from cctbx import miller
     from cctbx.array_family import flex
@@ -114,21 +117,21 @@ def merged_from_truth(indices, values, rng=None, noise=0.0, path="<test>") -> tr
     anomalous = miller.set(symmetry(), flex.miller_index([tuple(map(int, h)) for h in indices]),
                            anomalous_flag=True).array(data=flex.double(values), sigmas=flex.double(len(values), 1.0))
     mean = anomalous.average_bijvoet_mates()
-    return truth.MergedIntensities(
+    return mtz.MergedIntensities(
         path=path, unit_cell=CELL, space_group="C 1 2 1",
         anomalous_indices=np.array(anomalous.indices()), anomalous_intensities=values,
         anomalous_sigmas=np.ones(len(values)), mean_indices=np.array(mean.indices()),
         mean_intensities=np.array(mean.data()), mean_sigmas=np.array(mean.sigmas()))
 
 
-def write_our_mtz(path, merged: truth.MergedIntensities) -> None:
+def write_our_mtz(path, merged: mtz.MergedIntensities) -> None:
     """The MTZ layout spread-merge writes: one dataset with IMEAN/SIGIMEAN, I(+)/SIGI(+)/I(-)/SIGI(-)."""
     dataset = merged.mean_array().as_mtz_dataset(column_root_label="IMEAN", wavelength=1.74)
     dataset.add_miller_array(merged.anomalous_array(), column_root_label="I")
     dataset.mtz_object().write(str(path))
 
 
-def write_dials_mtz(path, merged: truth.MergedIntensities) -> None:
+def write_dials_mtz(path, merged: mtz.MergedIntensities) -> None:
     """The MTZ layout dials.merge writes (HKL_base crystal, then XTAL/NATIVE with N(+), N(-)), by its own writer."""
     from cctbx.array_family import flex
     from dials.util.export_mtz import MergedMTZWriter
@@ -154,13 +157,13 @@ def test_true_intensities_are_the_spectrum_weighted_squared_amplitudes():
         energies_ev=np.array([7100.0, 7101.0]), unit_cell=CELL, space_group="C 1 2 1",
         indices=np.array([[1, 1, 0], [-1, -1, 0], [2, 0, 1]]),
         amplitudes=np.array([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0]], dtype=np.float32))
-    indices, values = truth.true_intensities(amplitudes, [1.0, 3.0])  # normalised to 0.25, 0.75
+    indices, values = scoring.true_intensities(amplitudes, [1.0, 3.0])  # normalised to 0.25, 0.75
     np.testing.assert_array_equal(indices, amplitudes.indices)
     np.testing.assert_allclose(values, [0.25 * 1 + 0.75 * 9, 0.25 * 4 + 0.75 * 4, 0.25 * 9 + 0.75 * 1])
     with pytest.raises(ValueError, match="3 spectrum weights for 2 amplitude channels"):
-        truth.true_intensities(amplitudes, [1.0, 1.0, 1.0])
+        scoring.true_intensities(amplitudes, [1.0, 1.0, 1.0])
     with pytest.raises(ValueError, match="non-negative"):
-        truth.true_intensities(amplitudes, [1.0, -1.0])
+        scoring.true_intensities(amplitudes, [1.0, -1.0])
 
 
 SHARD_DETECTOR = {"pixel_size_mm": 0.1, "distance_mm": 140.0, "n_fast": 4, "n_slow": 3, "beam_center_mm": (0.2, 0.15),
@@ -182,36 +185,36 @@ def test_mean_spectrum_sums_every_shot_of_every_shard(tmp_path):
     energies = [7100.0, 7101.0, 7102.0]
     write_spectrum_shard(tmp_path / "a.h5", energies, [[1.0, 0.0, 1.0], [0.0, 2.0, 0.0]])
     write_spectrum_shard(tmp_path / "b.h5", energies, [[0.0, 0.0, 4.0]])
-    spectrum = truth.mean_spectrum([tmp_path / "a.h5", tmp_path / "b.h5"])
+    spectrum = scoring.mean_spectrum([tmp_path / "a.h5", tmp_path / "b.h5"])
     assert spectrum.n_shots == 3
     np.testing.assert_allclose(spectrum.weights, [1 / 8, 2 / 8, 5 / 8])
     np.testing.assert_array_equal(spectrum.energies_ev, energies)
 
     write_spectrum_shard(tmp_path / "c.h5", [7100.0, 7101.0, 7105.0], [[1.0, 1.0, 1.0]])
     with pytest.raises(ValueError, match="c.h5: spectrum channels differ"):
-        truth.mean_spectrum([tmp_path / "a.h5", tmp_path / "c.h5"])
+        scoring.mean_spectrum([tmp_path / "a.h5", tmp_path / "c.h5"])
 
 
 def test_pearson_cc_known_values_and_undefined_cases():
-    assert truth.pearson_cc([1, 2, 3], [2, 4, 6]) == pytest.approx(1.0)
-    assert truth.pearson_cc([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
-    assert truth.pearson_cc([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)
-    assert math.isnan(truth.pearson_cc([1.0], [2.0]))
-    assert math.isnan(truth.pearson_cc([1, 2, 3], [5, 5, 5]))
+    assert scoring.pearson_cc([1, 2, 3], [2, 4, 6]) == pytest.approx(1.0)
+    assert scoring.pearson_cc([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert scoring.pearson_cc([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)
+    assert math.isnan(scoring.pearson_cc([1.0], [2.0]))
+    assert math.isnan(scoring.pearson_cc([1, 2, 3], [5, 5, 5]))
 
 
 def test_resolution_bins_have_equal_reciprocal_volume_and_exact_ends():
-    edges = truth.resolution_bin_edges(10.0, 2.0, 4)
+    edges = scoring.resolution_bin_edges(10.0, 2.0, 4)
     assert edges[0] == 10.0 and edges[-1] == 2.0
     np.testing.assert_allclose(np.diff(edges ** -3.0), (2.0 ** -3 - 10.0 ** -3) / 4)
     with pytest.raises(ValueError, match="d_max > d_min"):
-        truth.resolution_bin_edges(2.0, 2.5, 4)
+        scoring.resolution_bin_edges(2.0, 2.5, 4)
 
 
 def test_score_against_truth_perfect_and_with_friedel_mates_swapped():
     rng = np.random.default_rng(3)
     indices, values = anomalous_truth(rng, d_min=6.0)
-    perfect = truth.score_against_truth(merged_from_truth(indices, values), indices, values, n_bins=3)
+    perfect = scoring.score_against_truth(merged_from_truth(indices, values), indices, values, n_bins=3)
     assert perfect["cc"] == pytest.approx(1.0) and perfect["cc_anomalous"] == pytest.approx(1.0)
     n_pairs = len(set(map(tuple, merged_from_truth(indices, values).mean_indices)))
     assert perfect["n_common"] == n_pairs
@@ -221,7 +224,7 @@ def test_score_against_truth_perfect_and_with_friedel_mates_swapped():
     # I(+) and I(-) exchanged: the same means, every anomalous difference of the opposite sign.
     value_of = {tuple(h): v for h, v in zip(indices, values)}
     swapped = np.array([value_of.get(tuple(-h), value_of[tuple(h)]) for h in indices])
-    flipped = truth.score_against_truth(merged_from_truth(indices, swapped), indices, values, n_bins=3)
+    flipped = scoring.score_against_truth(merged_from_truth(indices, swapped), indices, values, n_bins=3)
     assert flipped["cc"] == pytest.approx(1.0)
     assert flipped["cc_anomalous"] == pytest.approx(-1.0)
     assert flipped["n_anomalous"] == perfect["n_anomalous"] > 50
@@ -233,7 +236,7 @@ def test_score_against_truth_maps_the_truth_to_the_asymmetric_unit():
     merged = merged_from_truth(indices, values)
     # The 2-fold along b takes (h, k, l) to (-h, k, -l): the same reflections, listed elsewhere.
     equivalents = indices * np.array([-1, 1, -1])
-    result = truth.score_against_truth(merged, equivalents, values, n_bins=2)
+    result = scoring.score_against_truth(merged, equivalents, values, n_bins=2)
     assert result["n_common"] == len(merged.mean_indices)
     assert result["cc"] == pytest.approx(1.0) and result["cc_anomalous"] == pytest.approx(1.0)
 
@@ -243,12 +246,12 @@ def test_correlate_merged_two_noisy_sets_and_a_foreign_point_group():
     indices, values = anomalous_truth(rng, d_min=5.0)
     a = merged_from_truth(indices, values, rng, noise=0.01)
     b = merged_from_truth(indices, values, rng, noise=0.01)
-    result = truth.correlate_merged(a, b, n_bins=4)
+    result = scoring.correlate_merged(a, b, n_bins=4)
     assert 0.99 < result["cc"] < 1.0 and 0.8 < result["cc_anomalous"] < 1.0
     assert len(result["bins"]) == 4
     foreign = dataclasses.replace(b, space_group="P 1")
     with pytest.raises(ValueError, match="different point groups"):
-        truth.correlate_merged(a, foreign, n_bins=4)
+        scoring.correlate_merged(a, foreign, n_bins=4)
 
 
 @pytest.mark.parametrize("writer", [write_our_mtz, write_dials_mtz], ids=["spread-merge", "dials.merge"])
@@ -260,7 +263,7 @@ def test_read_merged_mtz_round_trip(tmp_path, writer):
     written = merged_from_truth(indices[keep], values[keep])
     writer(tmp_path / "merged.mtz", written)
 
-    read = truth.read_merged_mtz(tmp_path / "merged.mtz")
+    read = mtz.read_merged_mtz(tmp_path / "merged.mtz")
     assert read.space_group == "C 1 2 1"
     np.testing.assert_allclose(read.unit_cell, CELL, rtol=1e-6)
     for name in ("anomalous", "mean"):
@@ -275,15 +278,15 @@ def test_read_merged_mtz_errors_name_the_file(tmp_path):
     merged = merged_from_truth(*anomalous_truth(np.random.default_rng(7), d_min=8.0))
     only_mean = tmp_path / "only_mean.mtz"
     merged.mean_array().as_mtz_dataset(column_root_label="IMEAN").mtz_object().write(str(only_mean))
-    with pytest.raises(truth.MergedFileError) as error:
-        truth.read_merged_mtz(only_mean)
+    with pytest.raises(mtz.MergedFileError) as error:
+        mtz.read_merged_mtz(only_mean)
     assert str(error.value).startswith(f"{only_mean}: merged MTZ lacks column(s) I(+), SIGI(+), I(-), SIGI(-)")
     assert "\n" not in str(error.value)
 
     not_mtz = tmp_path / "not.mtz"
     not_mtz.write_text("hello\n")
-    with pytest.raises(truth.MergedFileError, match=f"^{not_mtz}: cannot read MTZ"):
-        truth.read_merged_mtz(not_mtz)
+    with pytest.raises(mtz.MergedFileError, match=f"^{not_mtz}: cannot read MTZ"):
+        mtz.read_merged_mtz(not_mtz)
 
 
 # --- annulus --------------------------------------------------------------------------------------
@@ -329,7 +332,7 @@ def test_annulus_selects_accepted_lattices_in_the_shell(tmp_path):
     from dxtbx.model.experiment_list import ExperimentList
 
     write_annulus_shards(tmp_path)
-    summary = annulus.select_annulus([tmp_path / "shard_00000", tmp_path / "shard_00001"],
+    summary = annulus_pipeline.select_annulus([tmp_path / "shard_00000", tmp_path / "shard_00001"],
                                      [tmp_path / "out_00000", tmp_path / "out_00001"], tmp_path / "lattices.tsv",
                                      d_max=2.5, d_min=2.1)
     assert summary["space_group"] == "C 1 2 1"
@@ -366,15 +369,15 @@ def test_annulus_errors(tmp_path):
         annulus.check_annulus(2.1, 2.1)
     table = tmp_path / "lattices.tsv"
     table.write_text("identifier\tkept\nA\t1\n")
-    with pytest.raises(annulus.AnnulusError, match=f"^{table}: lattice table lacks column\\(s\\) accepted$"):
-        annulus.read_accepted_identifiers(table)
+    with pytest.raises(lattices.LatticeTableError, match=f"^{table}: lattice table lacks column\\(s\\) accepted$"):
+        lattices.read_accepted_identifiers(table)
     table.write_text("identifier\taccepted\nA\tyes\n")
-    with pytest.raises(annulus.AnnulusError, match=f"^{table}:2: accepted must be 1 or 0"):
-        annulus.read_accepted_identifiers(table)
+    with pytest.raises(lattices.LatticeTableError, match=f"^{table}:2: accepted must be 1 or 0"):
+        lattices.read_accepted_identifiers(table)
 
 
 def test_annulus_cli(tmp_path, capsys):
-    from xfel_spread.cli.analysis import annulus_main
+    from xfel_spread.cli.annulus import annulus_main
 
     write_annulus_shards(tmp_path)
     config = tmp_path / "annulus.yaml"
@@ -399,7 +402,7 @@ def test_annulus_cli(tmp_path, capsys):
 # --- spread-score-merge ---------------------------------------------------------------------------
 
 def test_score_merge_cli(tmp_path, capsys):
-    from xfel_spread.cli.analysis import score_merge_main
+    from xfel_spread.cli.merge import score_merge_main
     from xfel_spread.sim.structure_factors import save_channel_amplitudes
 
     rng = np.random.default_rng(9)
@@ -420,8 +423,8 @@ def test_score_merge_cli(tmp_path, capsys):
     assert score_merge_main(arguments) == 0
     assert capsys.readouterr().out == (tmp_path / "score.txt").read_text()
     lines = (tmp_path / "score.tsv").read_text().splitlines()
-    assert lines[0].split("\t") == list(truth.COMPARISON_COLUMNS)
-    rows = [dict(zip(truth.COMPARISON_COLUMNS, line.split("\t"))) for line in lines[1:]]
+    assert lines[0].split("\t") == list(scoring.COMPARISON_COLUMNS)
+    rows = [dict(zip(scoring.COMPARISON_COLUMNS, line.split("\t"))) for line in lines[1:]]
     assert [row["comparison"] for row in rows] == ["ours vs truth"] * 4 + ["DIALS vs truth"] * 4 + ["ours vs DIALS"] * 4
     overall = {row["comparison"]: row for row in rows if row["bin"] == "overall"}
     assert float(overall["ours vs truth"]["cc"]) > 0.999
@@ -468,7 +471,7 @@ def write_scaling_shards(tmp_path, rng, truth_indices, truth_values, n_shards=2,
 
 def test_dials_scale_and_merge_on_accepted_lattices(tmp_path, capsys):
     """dials.scale and dials.merge really run (about 8 s): C 1 2 1, Friedel mates apart, the cap."""
-    from xfel_spread.cli.analysis import dials_merge_main
+    from xfel_spread.cli.merge import dials_merge_main
 
     rng = np.random.default_rng(10)
     truth_indices, truth_values = anomalous_truth(rng, d_min=8.0)
@@ -489,10 +492,10 @@ def test_dials_scale_and_merge_on_accepted_lattices(tmp_path, capsys):
     assert summary in capsys.readouterr().out
     assert not (tmp_path / "work").exists()
 
-    merged = truth.read_merged_mtz(tmp_path / "dials.mtz")
+    merged = mtz.read_merged_mtz(tmp_path / "dials.mtz")
     assert merged.space_group == "C 1 2 1"
     # Scaled and merged, the lattices give back the truth, Friedel mates apart.
-    score = truth.score_against_truth(merged, truth_indices, truth_values, n_bins=2)
+    score = scoring.score_against_truth(merged, truth_indices, truth_values, n_bins=2)
     assert score["n_common"] > 100 and score["cc"] > 0.95
     assert score["n_anomalous"] > 30 and score["cc_anomalous"] > 0.8
 
@@ -500,7 +503,7 @@ def test_dials_scale_and_merge_on_accepted_lattices(tmp_path, capsys):
 def test_dials_failure_is_one_line_naming_the_program(tmp_path):
     from io import StringIO
 
-    from xfel_spread.dials.scale_merge import DialsMergeError, run_dials_program
+    from xfel_spread.merging.dials_crosscheck import DialsMergeError, run_dials_program
 
     log = StringIO()
     with pytest.raises(DialsMergeError) as error:
@@ -511,7 +514,7 @@ def test_dials_failure_is_one_line_naming_the_program(tmp_path):
 
 
 def test_last_error_line_prefers_the_error():
-    from xfel_spread.dials.scale_merge import last_error_line
+    from xfel_spread.merging.dials_crosscheck import last_error_line
 
     output = "Scaling...\nTraceback (most recent call last):\n  File x\nValueError: no reflections\n\n"
     assert last_error_line(output) == "ValueError: no reflections"
