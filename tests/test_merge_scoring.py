@@ -1,153 +1,32 @@
-"""Tests of what uses the merged data: MTZ reading and truth scoring, the resolution annulus, the DIALS cross-check.
-
-Shards of integrated lattices are built here as DIALS would write them (dxtbx models, a reflection
-table with the integration columns), small enough for dials.scale to run in seconds.
+"""Tests of the merge's checks: MTZ reading and truth scoring (spread-score-merge), the DIALS cross-check
+(spread-dials-merge). The shards and merged sets come from merged_fixtures.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 
 import numpy as np
 import pytest
 
-from xfel_spread.annulus import pipeline as annulus_pipeline
-from xfel_spread.annulus import select as annulus
-from xfel_spread.io import lattices, mtz
+from xfel_spread.io import mtz
 from xfel_spread.merging import scoring
 from xfel_spread.sim.structure_factors import ChannelAmplitudes
 
-#: The LY99 cell; its crystals come out of stills_process in the Patterson group C 1 2/m 1.
-CELL = (67.2, 59.8, 47.2, 90.0, 110.3, 90.0)
-PATTERSON_GROUP = "C 1 2/m 1"
-
-
-# --- building DIALS files -------------------------------------------------------------------------
-
-def _crystal(rng):
-    from cctbx import sgtbx, uctbx
-    from dxtbx.model import Crystal
-    from scipy.spatial.transform import Rotation
-
-    orthogonalization = np.array(uctbx.unit_cell(CELL).orthogonalization_matrix()).reshape(3, 3)
-    rotation = Rotation.random(random_state=rng).as_matrix()
-    a, b, c = (rotation @ orthogonalization).T
-    return Crystal(a, b, c, space_group=sgtbx.space_group_info(PATTERSON_GROUP).group())
-
-
-def make_experiments(identifiers, rng, wavelengths=None):
-    """Still-shot experiments (no scan, no images) with random orientations and the given identifiers."""
-    from dxtbx.model import BeamFactory, DetectorFactory, Experiment, ExperimentList
-
-    experiments = ExperimentList()
-    for number, identifier in enumerate(identifiers):
-        wavelength = 1.742 if wavelengths is None else wavelengths[number]
-        detector = DetectorFactory.simple("PAD", 140.0, (50.0, 50.0), "+x", "-y", (0.1, 0.1), (1000, 1000))
-        experiments.append(Experiment(beam=BeamFactory.simple(wavelength), detector=detector,
-                                      crystal=_crystal(rng), identifier=identifier))
-    return experiments
-
-
-def make_reflections(ids, miller_indices, d, bboxes, intensities, identifiers, integrated=None):
-    """An integrated-reflection table with the columns stills_process writes that the code reads."""
-    from dials.array_family import flex
-
-    n = len(ids)
-    table = flex.reflection_table()
-    table["id"] = flex.int(np.asarray(ids, dtype=np.int32))
-    table["miller_index"] = flex.miller_index([tuple(int(v) for v in hkl) for hkl in miller_indices])
-    table["d"] = flex.double(np.asarray(d, dtype=float))
-    table["bbox"] = flex.int6([tuple(int(v) for v in box) for box in bboxes])
-    table["panel"] = flex.size_t(n, 0)
-    intensities = np.asarray(intensities, dtype=float)
-    table["intensity.sum.value"] = flex.double(intensities)
-    table["intensity.sum.variance"] = flex.double(np.maximum(intensities, 1.0))
-    table["partiality"] = flex.double(n, 1.0)
-    table["xyzobs.px.value"] = flex.vec3_double(n, (500.0, 500.0, 0.5))
-    table["s1"] = flex.vec3_double(n, (0.0, 0.1, -0.57))
-    table.set_flags(flex.bool(n, True) if integrated is None else flex.bool(list(integrated)),
-                    table.flags.integrated_sum)
-    for index, identifier in enumerate(identifiers):
-        table.experiment_identifiers()[index] = identifier
-    return table
-
-
-def write_shard(prefix, experiments, reflections) -> None:
-    """The shard's ``_integrated.expt``/``.refl``, as the reindex stage leaves them."""
-    experiments.as_file(f"{prefix}_integrated.expt")
-    reflections.as_file(f"{prefix}_integrated.refl")
-
-
-def write_lattice_table(path, accepted: dict[str, bool]) -> None:
-    lines = ["global_id\tidentifier\taccepted\treason"]
-    lines += [f"{n}\t{identifier}\t{int(ok)}\t{'' if ok else 'cell'}" for n, (identifier, ok) in
-              enumerate(accepted.items())]
-    path.write_text("\n".join(lines) + "\n")
-
-
-def symmetry():
-    from cctbx import crystal
-
-    return crystal.symmetry(unit_cell=CELL, space_group_symbol="C 1 2 1")
-
-
-def anomalous_truth(rng, d_min: float):
-    """A small true data set in C 1 2 1: anomalous asu indices and intensities whose Friedel mates
-    differ by about 10 % (so both the mean and the anomalous signal are there to recover)."""
-    from cctbx import miller
-
-    anomalous_set = miller.build_set(symmetry(), anomalous_flag=True, d_min=d_min)
-    pair_keys = list(anomalous_set.customized_copy(anomalous_flag=False).map_to_asu().indices())
-    unique_keys = sorted(set(pair_keys))
-    pair_mean = dict(zip(unique_keys, rng.gamma(2.0, 1000.0, len(unique_keys))))
-    values = np.array([pair_mean[key] for key in pair_keys]) * (1.0 + 0.1 * rng.standard_normal(len(pair_keys)))
-    return np.array(anomalous_set.indices()), values
-
-
-def merged_from_truth(indices, values, rng=None, noise=0.0, path="<test>") -> mtz.MergedIntensities:
-    """A merged set holding the truth (times 1 + noise), both mates and their mean, as a merge writes it."""
-    from cctbx import miller
-    from cctbx.array_family import flex
-
-    values = np.asarray(values, dtype=float)
-    if noise:
-        values = values * (1.0 + noise * rng.standard_normal(len(values)))
-    anomalous = miller.set(symmetry(), flex.miller_index([tuple(map(int, h)) for h in indices]),
-                           anomalous_flag=True).array(data=flex.double(values), sigmas=flex.double(len(values), 1.0))
-    mean = anomalous.average_bijvoet_mates()
-    return mtz.MergedIntensities(
-        path=path, unit_cell=CELL, space_group="C 1 2 1",
-        anomalous_indices=np.array(anomalous.indices()), anomalous_intensities=values,
-        anomalous_sigmas=np.ones(len(values)), mean_indices=np.array(mean.indices()),
-        mean_intensities=np.array(mean.data()), mean_sigmas=np.array(mean.sigmas()))
-
-
-def write_our_mtz(path, merged: mtz.MergedIntensities) -> None:
-    """The MTZ layout spread-merge writes: one dataset with IMEAN/SIGIMEAN, I(+)/SIGI(+)/I(-)/SIGI(-)."""
-    dataset = merged.mean_array().as_mtz_dataset(column_root_label="IMEAN", wavelength=1.74)
-    dataset.add_miller_array(merged.anomalous_array(), column_root_label="I")
-    dataset.mtz_object().write(str(path))
-
-
-def write_dials_mtz(path, merged: mtz.MergedIntensities) -> None:
-    """The MTZ layout dials.merge writes (HKL_base crystal, then XTAL/NATIVE with N(+), N(-)), by its own writer."""
-    from cctbx.array_family import flex
-    from dials.util.export_mtz import MergedMTZWriter
-
-    anomalous = merged.anomalous_array()
-    writer = MergedMTZWriter(anomalous.space_group(), anomalous.unit_cell())
-    writer.add_crystal(crystal_name="XTAL", project_name="AUTOMATIC")
-    writer.add_empty_dataset(1.74, name="NATIVE")
-    writer.add_dataset(merged.mean_array(), anomalous,
-                       multiplicities=anomalous.customized_copy(data=flex.int(anomalous.size(), 2), sigmas=None))
-    writer.mtz_file.write(str(path))
-
-
-def sorted_rows(indices, *columns):
-    order = np.lexsort(np.asarray(indices).T[::-1])
-    return (np.asarray(indices)[order], *(np.asarray(column)[order] for column in columns))
+from merged_fixtures import (
+    CELL,
+    make_experiments,
+    make_reflections,
+    write_shard,
+    write_lattice_table,
+    symmetry,
+    anomalous_truth,
+    merged_from_truth,
+    write_our_mtz,
+    write_dials_mtz,
+    sorted_rows,
+)
 
 
 # --- truth scoring --------------------------------------------------------------------------------
@@ -287,116 +166,6 @@ def test_read_merged_mtz_errors_name_the_file(tmp_path):
     not_mtz.write_text("hello\n")
     with pytest.raises(mtz.MergedFileError, match=f"^{not_mtz}: cannot read MTZ"):
         mtz.read_merged_mtz(not_mtz)
-
-
-# --- annulus --------------------------------------------------------------------------------------
-
-#: Lattice "A": accepted, with reflections on both edges and outside; "B": accepted, none inside;
-#: "C": inside but rejected by the merge; "D": accepted, inside.
-#: (lattice, hkl, d, bbox x0 x1 y0 y1, integrated)
-ANNULUS_ROWS = [
-    ("A", (2, 0, 0), 3.0, (0, 4, 0, 4), True),
-    ("A", (5, 5, 5), 2.5, (0, 4, 0, 4), True),       # d = d_max: outside
-    ("A", (1, 1, 3), 2.4, (0, 10, 0, 8), True),      # 80 pixels
-    ("A", (3, 3, 3), 2.2, (0, 4, 0, 4), False),      # not integrated
-    ("A", (-1, -1, -3), 2.1, (5, 9, 5, 10), True),   # d = d_min: inside; Friedel mate of (1, 1, 3); 20 px
-    ("A", (4, 0, 0), 2.0, (0, 4, 0, 4), True),
-    ("B", (0, 2, 0), 3.5, (0, 4, 0, 4), True),
-    ("B", (6, 0, 0), 1.9, (0, 4, 0, 4), True),
-    ("C", (1, 1, 3), 2.3, (0, 4, 0, 4), True),
-    ("D", (-1, 1, -3), 2.3, (0, 3, 0, 3), True),     # (1, 1, 3) under the 2-fold along b; 9 px
-    ("D", (2, 2, 1), 2.25, (0, 2, 0, 2), True),      # 4 px
-]
-LATTICES = ("A", "B", "C", "D")
-
-
-def write_annulus_shards(tmp_path):
-    """Shard 0 holds ANNULUS_ROWS; shard 1 has no lattice (stills_process integrated nothing)."""
-    from dials.array_family import flex
-    from dxtbx.model import ExperimentList
-
-    rng = np.random.default_rng(8)
-    position = {name: n for n, name in enumerate(LATTICES)}
-    rows = list(zip(*ANNULUS_ROWS))
-    reflections = make_reflections([position[name] for name in rows[0]], rows[1], rows[2],
-                                   [box + (0, 1) for box in rows[3]], np.arange(len(ANNULUS_ROWS)) * 10.0,
-                                   LATTICES, integrated=rows[4])
-    write_shard(tmp_path / "shard_00000", make_experiments(LATTICES, rng), reflections)
-    ExperimentList().as_file(str(tmp_path / "shard_00001_integrated.expt"))
-    flex.reflection_table().as_file(str(tmp_path / "shard_00001_integrated.refl"))
-    write_lattice_table(tmp_path / "lattices.tsv", {"A": True, "B": True, "C": False, "D": True})
-
-
-def test_annulus_selects_accepted_lattices_in_the_shell(tmp_path):
-    from dials.array_family import flex
-    from dxtbx.model.experiment_list import ExperimentList
-
-    write_annulus_shards(tmp_path)
-    summary = annulus_pipeline.select_annulus([tmp_path / "shard_00000", tmp_path / "shard_00001"],
-                                     [tmp_path / "out_00000", tmp_path / "out_00001"], tmp_path / "lattices.tsv",
-                                     d_max=2.5, d_min=2.1)
-    assert summary["space_group"] == "C 1 2 1"
-    assert summary["accepted_lattices_in_table"] == summary["accepted_lattices_in_shards"] == 3
-    assert summary["total"] == {
-        "lattices": 2, "shoeboxes": 4,
-        # (1, 1, 3) and (-1, 1, -3) are one index; its Friedel mate (-1, -1, -3) another; (2, 2, 1).
-        "unique_indices_anomalous": 3, "unique_indices_friedel_merged": 2,
-        "multiplicity_anomalous": pytest.approx(4 / 3), "multiplicity_friedel_merged": pytest.approx(2.0),
-        "shoebox_pixels": 80 + 20 + 9 + 4,
-    }
-    assert [shard["shoeboxes"] for shard in summary["shards"]] == [4, 0]
-
-    experiments = ExperimentList.from_file(str(tmp_path / "out_00000_annulus.expt"), check_format=False)
-    reflections = flex.reflection_table.from_file(str(tmp_path / "out_00000_annulus.refl"))
-    assert [experiment.identifier for experiment in experiments] == ["A", "D"]
-    assert reflections.are_experiment_identifiers_consistent(experiments)
-    assert dict(reflections.experiment_identifiers()) == {0: "A", 1: "D"}
-    assert list(reflections["id"]) == [0, 0, 1, 1]
-    assert list(reflections["d"]) == [2.4, 2.1, 2.3, 2.25]
-    assert list(reflections["intensity.sum.value"]) == [20.0, 40.0, 90.0, 100.0]  # all columns kept
-    # The second crystal written is D's (B, without an annulus reflection, is dropped).
-    source = ExperimentList.from_file(str(tmp_path / "shard_00000_integrated.expt"), check_format=False)
-    assert experiments[1].crystal.get_A() == source[3].crystal.get_A()
-
-    empty = ExperimentList.from_file(str(tmp_path / "out_00001_annulus.expt"), check_format=False)
-    assert len(empty) == 0 and flex.reflection_table.from_file(str(tmp_path / "out_00001_annulus.refl")).size() == 0
-
-
-def test_annulus_errors(tmp_path):
-    with pytest.raises(annulus.AnnulusError, match=r"d_min \(2.5 A\) must be positive and below d_max \(2.1 A\)"):
-        annulus.check_annulus(2.1, 2.5)
-    with pytest.raises(annulus.AnnulusError, match="below d_max"):
-        annulus.check_annulus(2.1, 2.1)
-    table = tmp_path / "lattices.tsv"
-    table.write_text("identifier\tkept\nA\t1\n")
-    with pytest.raises(lattices.LatticeTableError, match=f"^{table}: lattice table lacks column\\(s\\) accepted$"):
-        lattices.read_accepted_identifiers(table)
-    table.write_text("identifier\taccepted\nA\tyes\n")
-    with pytest.raises(lattices.LatticeTableError, match=f"^{table}:2: accepted must be 1 or 0"):
-        lattices.read_accepted_identifiers(table)
-
-
-def test_annulus_cli(tmp_path, capsys):
-    from xfel_spread.cli.annulus import annulus_main
-
-    write_annulus_shards(tmp_path)
-    config = tmp_path / "annulus.yaml"
-    config.write_text("annulus:\n  d_max: 2.5\n  d_min: 2.1\n")
-    arguments = ["--config", str(config), "--lattices", str(tmp_path / "lattices.tsv"),
-                 "--shard-prefix", str(tmp_path / "shard_00000"), "--output-prefix", str(tmp_path / "out_00000"),
-                 "--shard-prefix", str(tmp_path / "shard_00001"), "--output-prefix", str(tmp_path / "out_00001"),
-                 "--summary", str(tmp_path / "annulus.json"), "--text", str(tmp_path / "annulus.txt")]
-    assert annulus_main(arguments) == 0
-    text = (tmp_path / "annulus.txt").read_text()
-    assert text == capsys.readouterr().out
-    assert "integration bounding boxes" in text
-    assert json.loads((tmp_path / "annulus.json").read_text())["total"]["shoebox_pixels"] == 113
-
-    config.write_text("annulus:\n  d_max: 2.0\n  d_min: 2.1\n")
-    assert annulus_main(arguments) == 1
-    error = capsys.readouterr().err.strip()
-    assert error == (f"spread-annulus: error: {config}: annulus: d_min (2.1 A) must be positive and below "
-                     "d_max (2 A)")
 
 
 # --- spread-score-merge ---------------------------------------------------------------------------
