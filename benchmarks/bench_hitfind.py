@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from xfel_spread.analysis.radial import mean_wavelength_a
+from xfel_spread.hitfind.radial import mean_wavelength_a
 from xfel_spread.hitfind.pixels import LitPixelSettings, PowderSum, measure_shot
 from xfel_spread.hitfind.stages import geometry_of
 from xfel_spread.io.shard import read_shard_image, read_shard_metadata

@@ -11,7 +11,7 @@ Steps (each timed and printed):
   2. ``spread-tdata`` and ``spread-covariance`` on their cells, as the pipeline's stage 5 runs them;
   3. ``mpirun -n RANKS spread-merge`` with the default merge settings (its per-step timings printed
      from its summary JSON);
-  4. the MTZ scored against the generator's truth (xfel_spread.analysis.truth), overall and per
+  4. the MTZ scored against the generator's truth (xfel_spread.merging.scoring), overall and per
      resolution bin, and the merge's accepted lattices against the outliers the generator planted.
 
 The truth intensities come from ``--amplitudes`` (default: the validation run's amplitudes.h5);
@@ -37,9 +37,10 @@ from pathlib import Path
 
 import numpy as np
 
-from xfel_spread.analysis.truth import read_merged_mtz, score_against_truth
 from xfel_spread.config import load_config, stage_settings, write_settings
 from xfel_spread.io import synthetic_lattices as synio
+from xfel_spread.io.mtz import read_merged_mtz
+from xfel_spread.merging.scoring import score_against_truth
 from xfel_spread.sim import lattice_dataset as lds
 from xfel_spread.sim import lattices as lat
 from xfel_spread.sim.structure_factors import (

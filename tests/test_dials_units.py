@@ -43,6 +43,7 @@ from xfel_spread.dials.stills import (
     stills_process_arguments,
     write_shots_table,
 )
+from xfel_spread.io.tables import parse_float
 from xfel_spread.sim.crystal import orthogonalization_matrix
 
 LY99_CELL = (67.2, 59.8, 47.2, 90.0, 110.3, 90.0)
@@ -322,7 +323,7 @@ def test_write_score_table_writes_every_column_of_every_row(tmp_path):
     assert tuple(reader.fieldnames) == SCORE_COLUMNS
     assert [row["pass"] for row in written] == ["index", "reindex"]
     assert [row["shots"] for row in written] == ["40", "38"]
-    assert math.isnan(float(written[1]["misorientation_median_deg"]))
+    assert math.isnan(parse_float(written[1]["misorientation_median_deg"]))  # NaN is the empty cell
     for original, row in zip(rows, written):
         for column in SCORE_COLUMNS[2:]:
             if not math.isnan(original[column]):

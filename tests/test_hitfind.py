@@ -19,10 +19,10 @@ import yaml
 
 from xfel_spread.config import load_config
 from xfel_spread.hitfind.pixels import LitPixelSettings, measure_shot, photons_from_adu
+from xfel_spread.hitfind.radial import radial_geometry
 from xfel_spread.hitfind.tables import HitfindFileError, hit_images, read_hits_table, read_lit_table
 from xfel_spread.hitfind.threshold import ThresholdInputError, choose_hit_threshold
 from xfel_spread.io.shard import read_shard_image, read_shard_metadata
-from xfel_spread.analysis.radial import radial_geometry
 from xfel_spread.sim.geometry import Detector
 from xfel_spread.sim.shard import is_blank_shot
 

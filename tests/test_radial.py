@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from xfel_spread.analysis.radial import (
+from xfel_spread.hitfind.radial import (
     RadialInputError,
     background_model_profile,
     clipped_radial_statistics,

@@ -255,13 +255,6 @@ def test_truth_intensities_round_trip(tmp_path, truth):
         synio.load_truth_intensities(tmp_path / "missing.npz")
 
 
-def test_file_suffixes_are_those_of_stills_process():
-    from xfel_spread.dials.stills import OUTPUT_SUFFIXES
-
-    assert synio.INTEGRATED_EXPERIMENTS_SUFFIX == OUTPUT_SUFFIXES["integrated_experiments"]
-    assert synio.INTEGRATED_REFLECTIONS_SUFFIX == OUTPUT_SUFFIXES["integrated_reflections"]
-
-
 def test_lattice_truth_round_trip(dataset):
     _, prefixes = dataset
     arrays = synio.load_lattice_truth(prefixes[0])

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from xfel_spread.atomic import atomic_output
+from xfel_spread.io.expt import load_experiment_json
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +82,7 @@ def format_tdata_line(cell: Sequence[float], symbol: str) -> str:
 def _load_experiment_list(path: Path) -> dict:
     """The parsed JSON of a DIALS experiment list; TdataError if it is not one."""
     try:
-        with open(path, "rb") as stream:
-            document = json.load(stream)
+        document = load_experiment_json(path)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise TdataError(f"{path}: not a DIALS experiment list (invalid JSON: {error})") from None
     if not isinstance(document, dict) or not isinstance(document.get("experiment"), list):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from xfel_spread.analysis.radial import RadialInputError
+from xfel_spread.hitfind.radial import RadialInputError
 from xfel_spread.cli.simulate import INPUT_ERRORS, _run
 from xfel_spread.config import load_config
 from xfel_spread.hitfind.tables import HitfindFileError

@@ -2,6 +2,8 @@
 
 ``spread-merge``: conventional merging of one dataset's reindexed lattices, Friedel mates separate
 (our cctbx.xfel.merge), run under MPI (``mpirun -n N spread-merge ...``); rank 0 writes every file.
+``spread-dials-merge``: the cross-check, dials.scale and dials.merge on the lattices our merge accepted.
+``spread-score-merge``: our merge and DIALS's against the simulation's truth and against each other.
 """
 
 from __future__ import annotations
@@ -13,6 +15,14 @@ from pathlib import Path
 
 from xfel_spread.cli.simulate import INPUT_ERRORS, _run
 from xfel_spread.config import load_config
+from xfel_spread.io.expt import ExperimentListError
+from xfel_spread.io.lattices import LatticeTableError
+from xfel_spread.io.mtz import MergedFileError
+from xfel_spread.merging.dials_crosscheck import DialsMergeError
+
+#: Besides bad inputs, the cross-check and the scoring report an unusable file or a DIALS program
+#: that fails in one line.
+CHECK_ERRORS = INPUT_ERRORS + (LatticeTableError, ExperimentListError, MergedFileError, DialsMergeError)
 
 
 def merge_main(argv: list[str] | None = None) -> int:
@@ -61,6 +71,74 @@ def merge_main(argv: list[str] | None = None) -> int:
                   f"mean intensities ({arguments.mtz})", file=sys.stderr)
 
     return _run("spread-merge", action)
+
+
+def dials_merge_main(argv: list[str] | None = None) -> int:
+    """``spread-dials-merge``: the DIALS cross-check of one dataset's merge; exit status."""
+    parser = argparse.ArgumentParser(
+        prog="spread-dials-merge",
+        description="Cross-check: dials.scale and dials.merge on the lattices our merge accepted.")
+    parser.add_argument("--config", required=True, help="pipeline settings of the DIALS cross-check (YAML)")
+    parser.add_argument("--lattices", required=True, help="per-lattice table of our merge (TSV)")
+    parser.add_argument("--shard-prefix", action="append", required=True,
+                        help="output prefix of one shard's reindex stage (repeat for every shard, in order)")
+    parser.add_argument("--work-dir", required=True, help="scratch directory for the DIALS programs")
+    parser.add_argument("--mtz", required=True, help="merged intensities to write (MTZ)")
+    parser.add_argument("--log-summary", required=True, help="what was run and DIALS's merging summary (text)")
+    arguments = parser.parse_args(argv)
+
+    def action():
+        from pathlib import Path
+
+        from xfel_spread.merging.dials_crosscheck import dials_scale_and_merge
+
+        settings = load_config(arguments.config)["merge"]
+        text = dials_scale_and_merge(arguments.shard_prefix, arguments.lattices, settings["d_min"],
+                                     settings["dials_crosscheck"]["max_lattices"], Path(arguments.work_dir),
+                                     arguments.mtz, arguments.log_summary, sys.stdout)
+        print(text, end="")
+
+    return _run("spread-dials-merge", action, CHECK_ERRORS)
+
+
+def score_merge_main(argv: list[str] | None = None) -> int:
+    """``spread-score-merge``: score the merged intensities against the truth; exit status."""
+    parser = argparse.ArgumentParser(
+        prog="spread-score-merge",
+        description="Score merged intensities against the simulation's truth (and ours against DIALS's).")
+    parser.add_argument("--dataset", required=True, help="dataset name, for the titles")
+    parser.add_argument("--mtz", required=True, help="our merged intensities (MTZ)")
+    parser.add_argument("--dials-mtz", help="DIALS's merged intensities (MTZ), if the cross-check ran")
+    parser.add_argument("--amplitudes", required=True, help="per-channel amplitude table (HDF5)")
+    parser.add_argument("--shard", action="append", required=True,
+                        help="simulated shard whose spectra make the mean spectrum (repeat for every shard)")
+    parser.add_argument("--n-bins", type=int, default=20, help="resolution bins (default 20)")
+    parser.add_argument("--table", required=True, help="score table to write (TSV)")
+    parser.add_argument("--text", required=True, help="the same scores, aligned for reading")
+    parser.add_argument("--plot", required=True, help="CC against resolution to write (PNG)")
+    arguments = parser.parse_args(argv)
+
+    def action():
+        from xfel_spread.atomic import atomic_output
+        from xfel_spread.io.mtz import read_merged_mtz
+        from xfel_spread.merging.plots import plot_cc_by_resolution
+        from xfel_spread.merging.scoring import format_comparisons, score_merged_sets, write_comparison_table
+        from xfel_spread.sim.structure_factors import load_channel_amplitudes
+
+        if arguments.n_bins < 1:
+            raise ValueError(f"--n-bins must be at least 1, got {arguments.n_bins}")
+        ours = read_merged_mtz(arguments.mtz)
+        theirs = read_merged_mtz(arguments.dials_mtz) if arguments.dials_mtz else None
+        amplitudes = load_channel_amplitudes(arguments.amplitudes)
+        comparisons = score_merged_sets(ours, theirs, amplitudes, arguments.shard, arguments.n_bins)
+        write_comparison_table(comparisons, arguments.table)
+        text = format_comparisons(arguments.dataset, comparisons)
+        with atomic_output(arguments.text, "w") as stream:
+            stream.write(text)
+        print(text, end="")
+        plot_cc_by_resolution(arguments.plot, arguments.dataset, comparisons)
+
+    return _run("spread-score-merge", action, CHECK_ERRORS)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ across a panel); after a good refinement the maps are flat noise.
 
 from __future__ import annotations
 
-import csv
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from xfel_spread import plotting
-from xfel_spread.atomic import atomic_output
+from xfel_spread.io.tables import NAN_TEXT, write_table
 
 #: Bins along each side of a panel in the maps: fine enough to show a gradient (a rotated panel),
 #: coarse enough that a bin averages many spots.
@@ -89,16 +88,16 @@ def _rms(values: np.ndarray) -> float:
 
 def write_residual_statistics(rows_by_stage: dict[str, list[dict]], path) -> None:
     """The statistics of each stage (before, after) as one TSV table, atomically."""
-    with atomic_output(path, "w", newline="") as stream:
-        writer = csv.writer(stream, delimiter="\t", lineterminator="\n")
-        writer.writerow(STATISTICS_COLUMNS)
-        for stage, rows in rows_by_stage.items():
-            for row in rows:
-                writer.writerow([stage] + [_cell(row[column]) for column in STATISTICS_COLUMNS[1:]])
+    write_table(path, STATISTICS_COLUMNS, ([stage] + [_cell(row[column]) for column in STATISTICS_COLUMNS[1:]]
+                                           for stage, rows in rows_by_stage.items() for row in rows))
 
 
 def _cell(value) -> str:
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
+    """A cell of the statistics table: floats to four decimals (NaN, a panel without spots, is the
+    empty cell), anything else as str."""
+    if isinstance(value, float):
+        return NAN_TEXT if math.isnan(value) else f"{value:.4f}"
+    return str(value)
 
 
 def binned_residual_means(residuals: PositionalResiduals, panel_index: int, image_size: Sequence[int],

@@ -9,7 +9,6 @@ only on simulated data.
 
 from __future__ import annotations
 
-import csv
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from xfel_spread.atomic import atomic_output
 from xfel_spread.dials.metrology import INDEXED_OUTCOMES
 from xfel_spread.dials.stills import INTEGRATED, output_paths, read_shots_table
+from xfel_spread.io.tables import format_cell, write_table
 
 #: Columns of the score table, in order.
 SCORE_COLUMNS = (
@@ -171,10 +170,6 @@ def _cell(value) -> str:
 
 
 def write_score_table(rows: Sequence[dict], path) -> None:
-    """The score rows as TSV (one row per pass), atomically."""
-    with atomic_output(path, "w", newline="") as stream:
-        writer = csv.DictWriter(stream, fieldnames=SCORE_COLUMNS, delimiter="\t", lineterminator="\n")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({key: (f"{value:.6g}" if isinstance(value, float) else value)
-                             for key, value in row.items()})
+    """The score rows as TSV (one row per pass), atomically; an undefined value (NaN) is the empty cell."""
+    write_table(path, SCORE_COLUMNS, ([format_cell(row[key]) if isinstance(row[key], float) else row[key]
+                                       for key in SCORE_COLUMNS] for row in rows))

@@ -23,7 +23,6 @@ outputs without running DIALS.
 from __future__ import annotations
 
 import contextlib
-import csv
 import os
 import re
 import shutil
@@ -34,18 +33,17 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from xfel_spread.atomic import atomic_output, atomic_path
+from xfel_spread.atomic import atomic_path
 from xfel_spread.dials.compat import install_mono_sim_stand_in
+from xfel_spread.io.stills import (  # noqa: F401 (the shard's file names and table, used here and by importers)
+    OUTPUT_SUFFIXES,
+    SHOTS_TABLE_COLUMNS,
+    output_paths,
+    read_shots_table,
+    write_shots_table,
+)
 from xfel_spread.mpi import abort_on_error
 
-#: The outputs of one shard, as suffixes of its prefix.
-OUTPUT_SUFFIXES = {
-    "integrated_experiments": "_integrated.expt",
-    "integrated_reflections": "_integrated.refl",
-    "refined_experiments": "_refined.expt",
-    "indexed_reflections": "_indexed.refl",
-    "shots": "_shots.tsv",
-}
 #: stills_process's composite output of rank 0 (``idx-`` + composite tag ``0000``), by our output name.
 _COMPOSITE_FILES = {
     "integrated_experiments": "idx-0000_integrated.expt",
@@ -53,7 +51,6 @@ _COMPOSITE_FILES = {
     "refined_experiments": "idx-0000_refined.expt",
     "indexed_reflections": "idx-0000_indexed.refl",
 }
-SHOTS_TABLE_COLUMNS = ("shot", "image", "status", "n_spots", "n_indexed", "n_integrated", "reason")
 #: Shot outcomes: the last word DIALS's debug log gives a shot, without its trailing count. That count
 #: is the integrated reflections for a success, the indexed ones when refinement or integration
 #: failed, and the strong spots when spot finding or indexing did.
@@ -70,11 +67,6 @@ _FAILURE_LINE = re.compile(
     r"|Not enough spots to index|Too many spots to index - Possibly junk) (?P<tag>\S+) ?(?P<reason>.*)$"
 )
 _LAST_NUMBER = re.compile(r"^(?P<status>.*?)(?:_(?P<count>\d+))?$")
-
-
-def output_paths(prefix: str | os.PathLike) -> dict[str, Path]:
-    """The five output files of a shard, by name (see the module docstring)."""
-    return {name: Path(f"{prefix}{suffix}") for name, suffix in OUTPUT_SUFFIXES.items()}
 
 
 @dataclass
@@ -162,25 +154,6 @@ def shot_outcomes(shard_path, first_shot: int, n_images: int, work_dir: Path) ->
                 shot.reason = reasons.get(tag, "")
         shots.append(shot)
     return shots
-
-
-def write_shots_table(shots: Sequence[ShotOutcome], path) -> None:
-    with atomic_output(path, "w", newline="") as stream:
-        writer = csv.writer(stream, delimiter="\t", lineterminator="\n")
-        writer.writerow(SHOTS_TABLE_COLUMNS)
-        writer.writerows(shot.as_row() for shot in shots)
-
-
-def read_shots_table(path) -> list[dict]:
-    """Rows of a ``_shots.tsv`` table as dicts (counts as int or None)."""
-    with open(path, newline="") as stream:
-        rows = list(csv.DictReader(stream, delimiter="\t"))
-    for row in rows:
-        for key in ("shot", "image"):
-            row[key] = int(row[key])
-        for key in ("n_spots", "n_indexed", "n_integrated"):
-            row[key] = int(row[key]) if row[key] else None
-    return rows
 
 
 def stills_process_arguments(shard_path, phil_paths: Sequence, work_dir: Path, n_ranks: int,

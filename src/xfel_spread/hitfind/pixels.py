@@ -5,7 +5,7 @@ For each image (ADU, as the shard stores it):
 1. photons = (ADU - ADC offset) / gain; a pixel is *trusted* when its ADU lies inside the shard's
    trusted range (inclusive);
 2. the shot's solvent background is the azimuthal mean of the trusted pixels in photons per pixel
-   at normal incidence (``analysis.radial``), with bright outliers (Bragg spots) clipped;
+   at normal incidence (``hitfind.radial``), with bright outliers (Bragg spots) clipped;
 3. a pixel is *lit* when its photons exceed that background (times the pixel's collection factor
    f) by more than ``lit_pixel_sigma`` standard deviations of the background's noise and by more
    than ``lit_pixel_min_photons`` photons. The noise is photon counting, so in corrected units it
@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from xfel_spread.analysis.radial import (
+from xfel_spread.hitfind.radial import (
     WATER_RING_Q_RANGE_INV_A,
     RadialGeometry,
     RingPeak,

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from xfel_spread.analysis.radial import RingPeak
+from xfel_spread.hitfind.radial import RingPeak
 from xfel_spread import plotting
 
 #: Most shot profiles drawn in the powder figure (evenly spaced through the run).

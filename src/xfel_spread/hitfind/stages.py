@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from xfel_spread.analysis.radial import (
+from xfel_spread.hitfind.radial import (
     WATER_RING_Q_RANGE_INV_A,
     background_model_profile,
     clipped_radial_statistics,
@@ -39,6 +39,7 @@ from xfel_spread.atomic import atomic_output
 from xfel_spread.hitfind import tables
 from xfel_spread.hitfind.pixels import LitPixelSettings, PowderSum, Progress, measure_shot
 from xfel_spread.hitfind.threshold import HitThreshold, choose_hit_threshold
+from xfel_spread.io.tables import write_table
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +208,7 @@ def _write_powder_radial(path, geometry, wavelength_a: float, n_pixels, raw, cor
                      f"{math.degrees(geometry.bin_two_theta_rad[index]):.4f}", f"{q[index]:.5f}",
                      tables._number(2 * math.pi / q[index]) if q[index] > 0 else "", n_pixels[index],
                      f"{raw[index]:.6g}", f"{corrected[index]:.6g}", f"{solvent[index]:.6g}"])
-    tables.write_tsv(path, POWDER_RADIAL_COLUMNS, rows)
+    write_table(path, POWDER_RADIAL_COLUMNS, rows)
 
 
 RING_PEAK_COLUMNS = ("shard", "shot", "is_hit", "lit_pixels", "photons", "wavelength_a", "ring_q_inv_a", "ring_d_a",
@@ -216,7 +217,7 @@ RING_PEAK_COLUMNS = ("shard", "shot", "is_hit", "lit_pixels", "photons", "wavele
 
 def _write_ring_peaks(path, rows: Sequence[dict], is_hit: np.ndarray) -> None:
     number = tables._number
-    tables.write_tsv(path, RING_PEAK_COLUMNS, [
+    write_table(path, RING_PEAK_COLUMNS, [
         [row["shard"], row["shot"], int(hit), row["lit_pixels"], f"{row['photons']:.6g}",
          f"{row['wavelength_a']:.6f}", number(row["ring_q_inv_a"]), number(row["ring_d_a"]),
          number(row["ring_two_theta_deg"]), number(row["ring_intensity"])] for row, hit in zip(rows, is_hit)])
@@ -345,7 +346,7 @@ def score_hits(dataset: str, hits_paths: Sequence, radial_paths: Sequence, truth
         ("ring_q_observed_inv_a", observed_ring.q_inv_a), ("ring_q_model_inv_a", model_ring.q_inv_a),
         ("ring_intensity_observed", observed_ring.intensity), ("ring_intensity_model", model_ring.intensity),
     ]
-    tables.write_tsv(table_path, ("quantity", "value"), [(name, _format(value)) for name, value in quantities])
+    write_table(table_path, ("quantity", "value"), [(name, _table_cell(value)) for name, value in quantities])
     text = f"hit finding and solvent profile against the simulation, dataset {dataset}\n" + "".join(
         f"  {name:<32s} {_format(value)}\n" for name, value in quantities)
     with atomic_output(text_path, "w") as stream:
@@ -357,6 +358,12 @@ def score_hits(dataset: str, hits_paths: Sequence, radial_paths: Sequence, truth
 
 
 def _format(value) -> str:
+    """A score for the text report: floats to six significant digits, ``nan`` when undefined."""
     if isinstance(value, float):
         return tables._number(value) or "nan"
     return str(value)
+
+
+def _table_cell(value) -> str:
+    """A score for the table: floats to six significant digits, the empty cell when undefined."""
+    return tables._number(value) if isinstance(value, float) else str(value)

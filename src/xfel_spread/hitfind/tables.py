@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from xfel_spread.atomic import atomic_output
+from xfel_spread.io.tables import NAN_TEXT, write_table
 from xfel_spread.hitfind.pixels import PowderSum, ShotMeasurement
 
 LIT_COLUMNS = ("shot", "image", "lit_pixels", "photons", "trusted_pixels", "wavelength_a", "ring_q_inv_a",
@@ -44,14 +45,8 @@ class HitfindFileError(ValueError):
 
 
 def _number(value: float) -> str:
-    return "" if not math.isfinite(value) else f"{value:.6g}"
-
-
-def write_tsv(path, columns: Sequence[str], rows: Sequence[Sequence]) -> None:
-    with atomic_output(path, "w", newline="") as stream:
-        writer = csv.writer(stream, delimiter="\t", lineterminator="\n")
-        writer.writerow(columns)
-        writer.writerows(rows)
+    """A float cell: six significant digits, a NaN or infinite value as the empty cell (NAN_TEXT)."""
+    return NAN_TEXT if not math.isfinite(value) else f"{value:.6g}"
 
 
 def read_tsv(path, columns: Sequence[str]) -> list[dict]:
@@ -74,7 +69,7 @@ def write_lit_table(path, first_shot: int, measurements: Sequence[ShotMeasuremen
         rows.append([first_shot + image, image, shot.lit_pixels, f"{shot.photons:.6g}", shot.trusted_pixels,
                      f"{wavelength:.6f}", _number(ring.q_inv_a), _number(ring.d_a), _number(ring.two_theta_deg),
                      _number(ring.intensity)])
-    write_tsv(path, LIT_COLUMNS, rows)
+    write_table(path, LIT_COLUMNS, rows)
 
 
 def _float(value: str) -> float:
@@ -92,7 +87,7 @@ def read_lit_table(path) -> list[dict]:
 
 
 def write_hits_table(path, rows: Sequence[dict], is_hit: Sequence[bool]) -> None:
-    write_tsv(path, HITS_COLUMNS, [[row["shot"], row["lit_pixels"], f"{row['photons']:.6g}", int(bool(hit))]
+    write_table(path, HITS_COLUMNS, [[row["shot"], row["lit_pixels"], f"{row['photons']:.6g}", int(bool(hit))]
                                    for row, hit in zip(rows, is_hit)])
 
 

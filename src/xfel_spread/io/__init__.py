@@ -1,4 +1,7 @@
-"""File formats: the HDF5 shard layout (``shard``) and its dxtbx reader (``dxtbx_format``).
+"""File formats, each reader next to its writer: the HDF5 shard layout (``shard``) and its dxtbx reader
+(``dxtbx_format``); DIALS experiment lists and their reflections (``expt``); one shard's stills_process
+outputs and shots table (``stills``); the merge's lattice table (``lattices``); merged MTZs (``mtz``);
+and the one TSV writer (``tables``).
 
 ``dxtbx_format`` needs dxtbx, so it is not imported here; dxtbx loads it through the entry point.
 """

@@ -17,10 +17,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from xfel_spread.atomic import atomic_output, atomic_path
+from xfel_spread.io.stills import OUTPUT_SUFFIXES
 
-#: stills_process's integrated outputs of a prefix (the values of ``xfel_spread.dials.stills.OUTPUT_SUFFIXES``).
-INTEGRATED_EXPERIMENTS_SUFFIX = "_integrated.expt"
-INTEGRATED_REFLECTIONS_SUFFIX = "_integrated.refl"
+#: stills_process's integrated outputs of a prefix (``xfel_spread.io.stills.OUTPUT_SUFFIXES``).
+INTEGRATED_EXPERIMENTS_SUFFIX = OUTPUT_SUFFIXES["integrated_experiments"]
+INTEGRATED_REFLECTIONS_SUFFIX = OUTPUT_SUFFIXES["integrated_reflections"]
 #: Per-shard file of true lattice and reflection parameters, beside the integrated files.
 TRUTH_SUFFIX = "_truth.npz"
 #: The truth intensities of a dataset directory.

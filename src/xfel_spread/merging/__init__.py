@@ -26,10 +26,14 @@ distributed with MPI:
 ``statistics``
     merging statistics in resolution bins (completeness, multiplicity, I/sigma, CC1/2, CC_anom);
 ``output``
-    the MTZ file, the per-lattice table and the JSON summary;
+    the MTZ file and the JSON summary (the per-lattice table: ``xfel_spread.io.lattices``);
 ``parallel``
     the MPI exchanges (observations by owner of their index, gathers in canonical order), and a
     one-rank stand-in communicator for running without MPI;
 ``pipeline``
-    the whole merge, as ``spread-merge`` runs it.
+    the whole merge, as ``spread-merge`` runs it;
+``dials_crosscheck``
+    the cross-check of the merge: dials.scale and dials.merge on the lattices it accepted;
+``scoring``, ``plots``
+    merged intensities (ours and DIALS's) scored against the simulation's truth, and their figure.
 """

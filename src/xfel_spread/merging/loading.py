@@ -12,7 +12,6 @@ sorted by lattice (those of one lattice are contiguous).
 
 from __future__ import annotations
 
-import json
 import logging
 import pickle
 import time
@@ -22,10 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
+from xfel_spread.io.expt import load_experiment_json
+from xfel_spread.io.stills import OUTPUT_SUFFIXES
+
 log = logging.getLogger(__name__)
 
-EXPERIMENTS_SUFFIX = "_integrated.expt"
-REFLECTIONS_SUFFIX = "_integrated.refl"
+EXPERIMENTS_SUFFIX = OUTPUT_SUFFIXES["integrated_experiments"]
+REFLECTIONS_SUFFIX = OUTPUT_SUFFIXES["integrated_reflections"]
 #: Columns of the reflection table merging reads.
 REFLECTION_COLUMNS = ("id", "miller_index", "intensity.sum.value", "intensity.sum.variance", "d", "s1", "flags")
 
@@ -122,7 +124,7 @@ def cell_parameters(real_space: np.ndarray) -> np.ndarray:
 def read_experiments(path: Path, shard: int) -> Lattices:
     """The lattices of one experiment list (JSON), tagged with shard position ``shard``."""
     try:
-        document = json.loads(path.read_bytes())
+        document = load_experiment_json(path)
         crystals, beams = document["crystal"], document["beam"]
         real_space, halls, directions, wavelengths, normals, identifiers = [], [], [], [], [], []
         for experiment in document["experiment"]:

@@ -1,8 +1,10 @@
-"""Files the merge writes: the MTZ, the per-lattice table and the JSON summary (each atomically)."""
+"""Files the merge writes: the MTZ and the JSON summary (each atomically).
+
+The per-lattice table is written by :func:`xfel_spread.io.lattices.write_lattice_table`.
+"""
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -13,9 +15,6 @@ from xfel_spread.atomic import atomic_output, atomic_path
 from xfel_spread.merging.indices import as_flex_miller_index, unpack_keys
 from xfel_spread.merging.merge import MergedIntensities
 
-#: Columns of the lattice table. The annulus stage reads ``identifier`` and ``accepted``.
-LATTICE_COLUMNS = ("global_id", "shard_prefix", "identifier", "accepted", "reason", "G", "B", "RS",
-                   "theta_x_mrad", "theta_y_mrad", "mahalanobis", "reference_cc", "n_reflections")
 #: MTZ column labels, in file order after H, K, L.
 MTZ_LABELS = ("IMEAN", "SIGIMEAN", "I(+)", "SIGI(+)", "I(-)", "SIGI(-)", "NIMEAN", "N(+)", "N(-)")
 
@@ -48,22 +47,6 @@ def write_mtz(path, pairs: MergedIntensities, anomalous: MergedIntensities, cell
     mtz.set_title("spread-merge: merged intensities, Friedel mates separate")
     with atomic_path(path) as temporary:
         mtz.write(str(temporary))
-
-
-def write_lattice_table(rows: Mapping[str, Sequence], path) -> None:
-    """One row per lattice; ``rows`` maps each of LATTICE_COLUMNS to a column of values."""
-    n = len(rows["global_id"])
-    with atomic_output(path, "w", newline="") as stream:
-        writer = csv.writer(stream, delimiter="\t", lineterminator="\n")
-        writer.writerow(LATTICE_COLUMNS)
-        for row in range(n):
-            writer.writerow([_cell_text(rows[column][row]) for column in LATTICE_COLUMNS])
-
-
-def _cell_text(value) -> str:
-    if isinstance(value, (float, np.floating)):
-        return "" if math.isnan(value) else f"{value:.6g}"
-    return str(value)
 
 
 def json_ready(value):

@@ -303,7 +303,8 @@ def run_merge(comm, prefixes: Sequence[str], cluster, model_path, settings: Merg
     ``cluster`` is the unit-cell cluster (any object with ``mahalanobis(cells)``). Collective over
     ``comm``; input errors are raised on every rank as :class:`AgreedError` (a ValueError).
     """
-    from xfel_spread.merging.output import write_lattice_table, write_mtz, write_summary
+    from xfel_spread.io.lattices import write_lattice_table
+    from xfel_spread.merging.output import write_mtz, write_summary
     from xfel_spread.merging.statistics import format_statistics, merging_statistics, plot_statistics, \
         resolution_bins, write_statistics_table
 

@@ -12,13 +12,13 @@ halves.
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from xfel_spread.atomic import atomic_output, atomic_path
+from xfel_spread.atomic import atomic_path
+from xfel_spread.io.tables import format_cell, write_table
 from xfel_spread.merging.indices import key_d_star_sq
 from xfel_spread.merging.merge import MergedIntensities
 
@@ -115,18 +115,13 @@ def merging_statistics(anomalous: MergedIntensities, cell: Sequence[float], bins
 
 
 def write_statistics_table(rows: Sequence[dict], path) -> None:
-    """The statistics rows as TSV (NaN written as ``nan``)."""
-    with atomic_output(path, "w", newline="") as stream:
-        writer = csv.writer(stream, delimiter="\t", lineterminator="\n")
-        writer.writerow(COLUMNS)
-        for row in rows:
-            writer.writerow([_tsv_value(row[column]) for column in COLUMNS])
+    """The statistics rows as TSV, atomically (an undefined value, NaN, is the empty cell)."""
+    write_table(path, COLUMNS, ([_tsv_value(row[column]) for column in COLUMNS] for row in rows))
 
 
 def _tsv_value(value) -> str:
-    if isinstance(value, float):
-        return "nan" if np.isnan(value) else f"{value:.6g}"
-    return str(value)
+    """A cell of the statistics table: floats by :func:`format_cell`, anything else as str."""
+    return format_cell(value) if isinstance(value, float) else str(value)
 
 
 def format_statistics(rows: Sequence[dict], title: str) -> str:

@@ -16,8 +16,9 @@ import numpy as np
 
 from xfel_spread import plotting
 from xfel_spread.dials.plots import predicted_and_observed_px
-from xfel_spread.dials.stills import INTEGRATED, output_paths, read_shots_table
+from xfel_spread.dials.stills import INTEGRATED
 from xfel_spread.io.shard import read_shard_image, read_shard_metadata
+from xfel_spread.io.stills import output_paths, read_shots_table
 
 
 

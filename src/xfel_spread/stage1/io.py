@@ -86,7 +86,7 @@ def amplitude_grid_from_mtz(mtz_path: str | os.PathLike, energies_ev: np.ndarray
     from cctbx import crystal, miller
     from cctbx.array_family import flex
 
-    from xfel_spread.analysis.truth import read_merged_mtz
+    from xfel_spread.io.mtz import read_merged_mtz
 
     merged = read_merged_mtz(mtz_path)
     if len(merged.mean_indices) == 0:

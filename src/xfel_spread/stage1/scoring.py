@@ -28,7 +28,6 @@ deviation) says how far G varies between shots where the truth has one value for
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -37,8 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
-from xfel_spread.atomic import atomic_output
 from xfel_spread.dials.scoring import misorientation_deg, point_group_rotations
+from xfel_spread.io.tables import format_cell, write_table
 from xfel_spread.stage1.io import Stage1FileError, output_paths, read_shots_table
 
 #: Goals of the issue: median radial RMSD after refinement, fraction of lattices improved.
@@ -99,7 +98,7 @@ def _cell_error(crystal, true_cell) -> np.ndarray:
 
 def score_shard(stage1_prefix, dials_prefix, truth_path, rotations) -> list[dict]:
     """Score rows (without G_scaled) of one shard's lattices, in the shots table's order."""
-    from xfel_spread.dials.stills import output_paths as dials_output_paths
+    from xfel_spread.io.stills import output_paths as dials_output_paths
 
     paths = output_paths(stage1_prefix)
     rows = read_shots_table(paths["shots"])
@@ -281,16 +280,9 @@ def _cell_line(name: str, errors) -> str:
 
 def write_score_table(scores: Sequence[dict], path: str | os.PathLike) -> None:
     """The per-lattice scores as TSV, atomically."""
-    with atomic_output(path, "w", newline="") as stream:
-        writer = csv.writer(stream, delimiter="\t", lineterminator="\n")
-        writer.writerow(SCORE_COLUMNS)
-        for score in scores:
-            writer.writerow([_cell(score[column]) for column in SCORE_COLUMNS])
+    write_table(path, SCORE_COLUMNS, ([_cell(score[column]) for column in SCORE_COLUMNS] for score in scores))
 
 
 def _cell(value) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return "" if math.isnan(value) else f"{value:.6g}"
-    return str(value)
+    """A cell of the score table: None, and floats, by :func:`format_cell`; anything else as str."""
+    return format_cell(value) if value is None or isinstance(value, float) else str(value)

@@ -12,7 +12,7 @@ from xfel_spread.atomic import atomic_path
 def plot_cc_by_resolution(path, dataset: str, comparisons: Sequence[dict]) -> None:
     """Two panels, CC and anomalous CC against resolution, one line per comparison; PNG, atomically.
 
-    ``comparisons`` are :func:`xfel_spread.analysis.truth.score_merged_sets`'s results. The x axis
+    ``comparisons`` are :func:`xfel_spread.merging.scoring.score_merged_sets`'s results. The x axis
     is 1/d^2 (labelled in d), each point at its bin's centre; the legend gives the overall CC and its
     count, the text report the counts per bin.
     """

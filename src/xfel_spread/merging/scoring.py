@@ -13,8 +13,7 @@ intensities (IMEAN against the truth averaged over Friedel mates) and of the ano
 I(+) - I(-) (where both mates were measured), overall and in resolution bins, always with the number
 of common indices it rests on, so a CC from a handful of indices reads as what it is.
 
-A merged MTZ needs the columns IMEAN, SIGIMEAN, I(+), SIGI(+), I(-), SIGI(-): our merge writes them,
-and so does ``dials.merge`` (in its dataset, beside N(+), N(-), F, DANO, ...).
+The merged MTZs are read by :mod:`xfel_spread.io.mtz`.
 """
 
 from __future__ import annotations
@@ -26,125 +25,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from xfel_spread.sim.structure_factors import ChannelAmplitudes
-
-#: Columns a merged MTZ must have: the Friedel-merged mean and the two Friedel mates.
-MEAN_COLUMNS = ("IMEAN", "SIGIMEAN")
-ANOMALOUS_COLUMNS = ("I(+)", "SIGI(+)", "I(-)", "SIGI(-)")
-
-
-class MergedFileError(ValueError):
-    """A merged MTZ that cannot be used, with the file named."""
-
-
-@dataclass(frozen=True)
-class MergedIntensities:
-    """One merged data set: Friedel mates separate, and Friedel-merged.
-
-    ``anomalous_indices`` are in the anomalous asymmetric unit (h and -h distinct) with their
-    ``anomalous_intensities``/``anomalous_sigmas``; ``mean_indices`` in the Friedel-merged one with
-    IMEAN and SIGIMEAN. Only measured values are held (an index with I(+) but no I(-) has one row).
-    """
-
-    path: str
-    unit_cell: tuple[float, float, float, float, float, float]
-    space_group: str
-    anomalous_indices: np.ndarray
-    anomalous_intensities: np.ndarray
-    anomalous_sigmas: np.ndarray
-    mean_indices: np.ndarray
-    mean_intensities: np.ndarray
-    mean_sigmas: np.ndarray
-
-    def crystal_symmetry(self):
-        from cctbx import crystal
-
-        return crystal.symmetry(unit_cell=self.unit_cell, space_group_symbol=self.space_group)
-
-    def anomalous_array(self):
-        """The Friedel mates as a cctbx intensity array with ``anomalous_flag`` on."""
-        return _intensity_array(self.crystal_symmetry(), self.anomalous_indices, self.anomalous_intensities,
-                                self.anomalous_sigmas, anomalous=True)
-
-    def mean_array(self):
-        """IMEAN/SIGIMEAN as a cctbx intensity array (Friedel mates merged)."""
-        return _intensity_array(self.crystal_symmetry(), self.mean_indices, self.mean_intensities,
-                                self.mean_sigmas, anomalous=False)
-
-    def d_range(self) -> tuple[float, float]:
-        """(d_max, d_min) of the mean intensities, in Angstrom."""
-        d = self.mean_array().d_spacings().data().as_numpy_array()
-        return float(d.max()), float(d.min())
-
-
-def _intensity_array(symmetry, indices: np.ndarray, data: np.ndarray, sigmas: np.ndarray | None, anomalous: bool):
-    """A cctbx intensity array from numpy indices (n, 3), values and sigmas (or None)."""
-    from cctbx.array_family import flex
-
-    columns = np.ascontiguousarray(np.asarray(indices, dtype=np.int32).reshape(-1, 3).T)
-    return _flex_intensity_array(symmetry, flex.miller_index(*(flex.int(column) for column in columns)),
-                                 flex.double(np.asarray(data, dtype=np.float64)),
-                                 None if sigmas is None else flex.double(np.asarray(sigmas, dtype=np.float64)),
-                                 anomalous)
-
-
-def _flex_intensity_array(symmetry, indices, data, sigmas, anomalous: bool):
-    from cctbx import miller
-
-    array = miller.set(symmetry, indices, anomalous_flag=anomalous).array(data=data, sigmas=sigmas)
-    return array.set_observation_type_xray_intensity()
-
-
-def _indices_as_numpy(indices) -> np.ndarray:
-    """A flex.miller_index as an (n, 3) int64 array."""
-    return indices.as_vec3_double().as_numpy_array().astype(np.int64).reshape(-1, 3)
-
-
-def _crystal_symmetry_of_column(mtz, label: str):
-    """Unit cell and space group of the MTZ crystal that holds the column ``label``."""
-    for crystal in mtz.crystals():
-        for dataset in crystal.datasets():
-            if label in dataset.column_labels():
-                return crystal.crystal_symmetry()
-    raise KeyError(label)
-
-
-def read_merged_mtz(path: str | os.PathLike) -> MergedIntensities:
-    """Read a merged MTZ (ours or dials.merge's); the indices are mapped to the asymmetric unit."""
-    import iotbx.mtz
-
-    try:
-        mtz = iotbx.mtz.object(file_name=str(path))
-    except Exception as exc:  # iotbx raises RuntimeError or Sorry, with multi-line text
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise MergedFileError(f"{path}: cannot read MTZ ({reason})") from None
-    labels = set(mtz.column_labels())
-    missing = [label for label in MEAN_COLUMNS + ANOMALOUS_COLUMNS if label not in labels]
-    if missing:
-        raise MergedFileError(f"{path}: merged MTZ lacks column(s) {', '.join(missing)} "
-                              f"(needs {', '.join(MEAN_COLUMNS + ANOMALOUS_COLUMNS)})")
-    symmetry = _crystal_symmetry_of_column(mtz, MEAN_COLUMNS[0])
-
-    mean = mtz.extract_observations(*MEAN_COLUMNS)
-    anomalous = mtz.extract_observations_anomalous(*ANOMALOUS_COLUMNS)
-    # Both arrays are mapped to the asymmetric unit, whatever convention the writer used.
-    mean_array = _flex_intensity_array(symmetry, mean.indices, mean.data, mean.sigmas, anomalous=False).map_to_asu()
-    anomalous_array = _flex_intensity_array(symmetry, anomalous.indices, anomalous.data, anomalous.sigmas,
-                                            anomalous=True).map_to_asu()
-    for name, array in (("IMEAN", mean_array), ("I(+)/I(-)", anomalous_array)):
-        if not array.is_unique_set_under_symmetry():
-            raise MergedFileError(f"{path}: {name} holds symmetry-equivalent indices twice; it is not merged data")
-    return MergedIntensities(
-        path=str(path),
-        unit_cell=tuple(symmetry.unit_cell().parameters()),
-        space_group=symmetry.space_group_info().type().lookup_symbol(),
-        anomalous_indices=_indices_as_numpy(anomalous_array.indices()),
-        anomalous_intensities=anomalous_array.data().as_numpy_array(),
-        anomalous_sigmas=anomalous_array.sigmas().as_numpy_array(),
-        mean_indices=_indices_as_numpy(mean_array.indices()),
-        mean_intensities=mean_array.data().as_numpy_array(),
-        mean_sigmas=mean_array.sigmas().as_numpy_array(),
-    )
+from xfel_spread.io.mtz import MergedIntensities, intensity_array
+from xfel_spread.io.tables import format_cell, write_table
+from xfel_spread.sim.structure_factors import ChannelAmplitudes, true_intensities
 
 
 @dataclass(frozen=True)
@@ -176,21 +59,6 @@ def mean_spectrum(shard_paths: Sequence[str | os.PathLike]) -> MeanSpectrum:
         raise ValueError(f"{shard_paths[0]}: the shards' spectra hold no photons")
     return MeanSpectrum(energies_ev=np.asarray(energies, dtype=np.float64), weights=total / total.sum(),
                         n_shots=n_shots)
-
-
-def true_intensities(amplitudes: ChannelAmplitudes, mean_spectrum_weights) -> tuple[np.ndarray, np.ndarray]:
-    """(anomalous asymmetric-unit indices, sum_k w_k |F_k(h)|^2) with the weights normalised to sum 1.
-
-    ``mean_spectrum_weights`` has one non-negative weight per channel of ``amplitudes``.
-    """
-    weights = np.asarray(mean_spectrum_weights, dtype=np.float64)
-    n_channels = amplitudes.amplitudes.shape[0]
-    if weights.shape != (n_channels,):
-        raise ValueError(f"true intensities: {weights.size} spectrum weights for {n_channels} amplitude channels")
-    if np.any(weights < 0) or not weights.sum() > 0:
-        raise ValueError("true intensities: spectrum weights must be non-negative and not all zero")
-    squared = np.square(amplitudes.amplitudes.astype(np.float64))
-    return np.asarray(amplitudes.indices), (weights / weights.sum()) @ squared
 
 
 def pearson_cc(x: np.ndarray, y: np.ndarray) -> float:
@@ -278,7 +146,7 @@ def score_against_truth(merged: MergedIntensities, truth_indices: np.ndarray, tr
     merged set's space group), ``truth_intensities`` their I_true; the mean truth is the average of
     the Friedel mates.
     """
-    truth = _intensity_array(merged.crystal_symmetry(), truth_indices, truth_intensities, None,
+    truth = intensity_array(merged.crystal_symmetry(), truth_indices, truth_intensities, None,
                              anomalous=True).map_to_asu()
     return compare_intensities(merged.mean_array(), truth.average_bijvoet_mates(), merged.anomalous_array(), truth,
                                n_bins, d_limits)
@@ -343,17 +211,9 @@ def comparison_rows(comparisons: Sequence[dict]) -> list[dict]:
 
 
 def write_comparison_table(comparisons: Sequence[dict], path) -> None:
-    """The comparisons as TSV (:data:`COMPARISON_COLUMNS`), atomically; an undefined CC is ``nan``."""
-    import csv
-
-    from xfel_spread.atomic import atomic_output
-
-    with atomic_output(path, "w", newline="") as stream:
-        writer = csv.DictWriter(stream, fieldnames=COMPARISON_COLUMNS, delimiter="\t", lineterminator="\n")
-        writer.writeheader()
-        for row in comparison_rows(comparisons):
-            writer.writerow({key: (f"{value:.6g}" if isinstance(value, float) else value)
-                             for key, value in row.items()})
+    """The comparisons as TSV (:data:`COMPARISON_COLUMNS`), atomically; an undefined CC is the empty cell."""
+    write_table(path, COMPARISON_COLUMNS, ([format_cell(row[key]) if isinstance(row[key], float) else row[key]
+                                            for key in COMPARISON_COLUMNS] for row in comparison_rows(comparisons)))
 
 
 def format_comparisons(dataset: str, comparisons: Sequence[dict]) -> str:

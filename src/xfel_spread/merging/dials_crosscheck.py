@@ -36,9 +36,11 @@ from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 
-from xfel_spread.analysis.annulus import read_accepted_identifiers, read_shard_lattices, select_lattices
 from xfel_spread.atomic import atomic_output, atomic_path
 from xfel_spread.dials.metrology import dials_command
+from xfel_spread.io.expt import read_lattices, select_lattices
+from xfel_spread.io.lattices import read_accepted_identifiers
+from xfel_spread.io.stills import output_paths
 
 logger = logging.getLogger(__name__)
 
@@ -65,16 +67,14 @@ def gather_lattices(shard_prefixes: Sequence, accepted: Sequence[str], max_latti
     from dials.array_family import flex
     from dxtbx.model.experiment_list import ExperimentList, ExperimentListDict
 
-    from xfel_spread.dials.stills import output_paths
-
     wanted = set(accepted)
     experiments, tables, n_shards = ExperimentList(), [], 0
     for prefix in shard_prefixes:
         if len(experiments) >= max_lattices:
             break
         paths = output_paths(prefix)
-        shard_document, shard_reflections = read_shard_lattices(paths["integrated_experiments"],
-                                                                   paths["integrated_reflections"])
+        shard_document, shard_reflections = read_lattices(paths["integrated_experiments"],
+                                                             paths["integrated_reflections"])
         selected_document, selected = select_lattices(shard_document, shard_reflections, wanted,
                                                       limit=max_lattices - len(experiments))
         if selected_document["experiment"]:

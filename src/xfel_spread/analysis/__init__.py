@@ -1,1 +1,0 @@
-"""Analysis of the merged data: scoring against the simulation's truth and the resolution annulus."""
