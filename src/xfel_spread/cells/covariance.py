@@ -39,6 +39,7 @@ import numpy as np
 
 from xfel_spread.atomic import atomic_output
 from xfel_spread.cells.tdata import CELL_PARAMETERS
+from xfel_spread.errors import UserInputError
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +50,11 @@ PICKLE_KEYS = ("features", "sample", "info", "populations")
 _GRID_SHRINK = 1.0 - 1e-9
 
 
-class CovarianceFileError(ValueError):
+class CovarianceFileError(UserInputError, ValueError):
     """A covariance pickle that cannot be used; the message is one line naming the file."""
 
 
-class ClusteringError(ValueError):
+class ClusteringError(UserInputError, ValueError):
     """Cells that give no usable covariance model; the message is one line naming the source."""
 
 

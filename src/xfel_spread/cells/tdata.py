@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from xfel_spread.atomic import atomic_output
+from xfel_spread.errors import UserInputError
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ PROGRESS_INTERVAL_S = 10.0
 _PI_180 = math.atan(1.0) / 45.0
 
 
-class TdataError(ValueError):
+class TdataError(UserInputError, ValueError):
     """An experiment list or tdata file that cannot be read; the message is one line naming the file."""
 
 

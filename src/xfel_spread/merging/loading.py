@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from xfel_spread.errors import UserInputError
+
 log = logging.getLogger(__name__)
 
 EXPERIMENTS_SUFFIX = "_integrated.expt"
@@ -30,7 +32,7 @@ REFLECTIONS_SUFFIX = "_integrated.refl"
 REFLECTION_COLUMNS = ("id", "miller_index", "intensity.sum.value", "intensity.sum.variance", "d", "s1", "flags")
 
 
-class ShardFileError(ValueError):
+class ShardFileError(UserInputError, ValueError):
     """A shard's experiment list or reflection table cannot be read; the message names the file."""
 
 

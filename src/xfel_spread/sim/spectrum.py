@@ -20,10 +20,12 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import erf
 
+from xfel_spread.errors import UserInputError
+
 FWHM_TO_SIGMA = 1.0 / (2.0 * np.sqrt(2.0 * np.log(2.0)))
 
 
-class SpectrumFileError(ValueError):
+class SpectrumFileError(UserInputError, ValueError):
     """A recorded-spectrum file that cannot be used, with the file named."""
 
 
