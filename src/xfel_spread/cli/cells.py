@@ -11,10 +11,11 @@ import argparse
 import logging
 from pathlib import Path
 
-from xfel_spread.cli.simulate import _run
+from xfel_spread.cli.common import run_command
 
 
 def tdata_main(argv: list[str] | None = None) -> int:
+    """``spread-tdata``: every lattice's unit cell in tdata format."""
     parser = argparse.ArgumentParser(prog="spread-tdata",
                                      description="List the unit cell of every lattice in tdata format.")
     parser.add_argument("--experiments", action="append", required=True,
@@ -29,10 +30,11 @@ def tdata_main(argv: list[str] | None = None) -> int:
         logging.info("%s: %d unit cells from %d experiment files", arguments.output, n_lattices,
                      len(arguments.experiments))
 
-    return _run("spread-tdata", action)
+    return run_command("spread-tdata", action)
 
 
 def covariance_main(argv: list[str] | None = None) -> int:
+    """``spread-covariance``: cluster the unit cells and write their covariance model."""
     parser = argparse.ArgumentParser(prog="spread-covariance",
                                      description="Cluster unit cells (DBSCAN) and write their covariance model.")
     parser.add_argument("--config", required=True, help="pipeline settings of the cells stage (YAML)")
@@ -69,5 +71,5 @@ def covariance_main(argv: list[str] | None = None) -> int:
                            f"{sample}: {len(cells)} unit cells, DBSCAN eps {settings['eps']}, "
                            f"min_samples {settings['min_samples']}")
 
-    return _run("spread-covariance", action)
+    return run_command("spread-covariance", action)
 

@@ -13,15 +13,13 @@ import logging
 import os
 import sys
 
-from xfel_spread.cli.simulate import INPUT_ERRORS, _run
+from xfel_spread.cli.common import run_command
 from xfel_spread.config import load_config
-from xfel_spread.dials.metrology import MetrologyError
-
-#: Besides bad inputs, a DIALS program that fails is reported in one line (its output is in the log).
-DIALS_CHAIN_ERRORS = INPUT_ERRORS + (MetrologyError,)
+from xfel_spread.errors import OptionError
 
 
 def stills_process_main(argv: list[str] | None = None) -> int:
+    """``spread-stills-process``: dials.stills_process on one shard, under MPI."""
     parser = argparse.ArgumentParser(
         prog="spread-stills-process",
         description="Index and integrate every shot of one shard with dials.stills_process (run it under MPI).")
@@ -48,7 +46,7 @@ def stills_process_main(argv: list[str] | None = None) -> int:
         for phil in arguments.phil:
             check_phil_file(phil, "stills_process")
         if arguments.reference_geometry is not None and not os.path.isfile(arguments.reference_geometry):
-            raise ValueError(f"--reference-geometry: {arguments.reference_geometry}: no such file")
+            raise OptionError(f"--reference-geometry: {arguments.reference_geometry}: no such file")
         start, stop = arguments.shots
         hits = hit_images(arguments.hits_table, start, stop - start) if arguments.hits_table else None
         shots = process_shard(arguments.shard, tuple(arguments.shots), arguments.phil, arguments.output_prefix,
@@ -58,10 +56,11 @@ def stills_process_main(argv: list[str] | None = None) -> int:
             print(f"{arguments.shard}: {n_integrated} of {len(shots)} shots integrated", file=sys.stderr)
 
     # DIALS logs to per-rank files, which are copied into the job's log in rank order at the end.
-    return _run("spread-stills-process", action, DIALS_CHAIN_ERRORS, log_level=logging.WARNING)
+    return run_command("spread-stills-process", action, log_level=logging.WARNING)
 
 
 def metrology_main(argv: list[str] | None = None) -> int:
+    """``spread-metrology``: refine (or apply) the detector of one dataset."""
     parser = argparse.ArgumentParser(
         prog="spread-metrology",
         description="Refine the detector of one dataset (or apply a saved one) and map the spots' residuals.")
@@ -104,10 +103,11 @@ def metrology_main(argv: list[str] | None = None) -> int:
         write_metrology_outputs(arguments.dataset, result, plan, outputs)
         print(outputs.report.read_text(), end="")
 
-    return _run("spread-metrology", action, DIALS_CHAIN_ERRORS)
+    return run_command("spread-metrology", action)
 
 
 def score_main(argv: list[str] | None = None) -> int:
+    """``spread-score-dials``: score the index and reindex passes of one dataset."""
     parser = argparse.ArgumentParser(prog="spread-score-dials",
                                      description="Score the index and reindex passes of one dataset against truth.")
     parser.add_argument("--dataset", required=True, help="dataset name, for the table's title")
@@ -132,7 +132,7 @@ def score_main(argv: list[str] | None = None) -> int:
         from xfel_spread.dials.scoring import format_score_table, score_pass, write_score_table
 
         if not len(arguments.index_prefix) == len(arguments.reindex_prefix) == len(arguments.truth):
-            raise ValueError("--index-prefix, --reindex-prefix and --truth must be given once per shard")
+            raise OptionError("--index-prefix, --reindex-prefix and --truth must be given once per shard")
         summary = json.loads(Path(arguments.metrology_summary).read_text())
         index_row, index_lattices = score_pass("index", arguments.index_prefix, arguments.truth, summary,
                                                refined=False)
@@ -149,4 +149,4 @@ def score_main(argv: list[str] | None = None) -> int:
                               {"index": index_lattices, "reindex": reindex_lattices}, summary,
                               arguments.reindex_prefix[0], arguments.image_shard, arguments.truth[0])
 
-    return _run("spread-score-dials", action, DIALS_CHAIN_ERRORS)
+    return run_command("spread-score-dials", action)

@@ -11,11 +11,12 @@ import logging
 import sys
 from pathlib import Path
 
-from xfel_spread.cli.simulate import INPUT_ERRORS, _run
+from xfel_spread.cli.common import rank_zero_reports, run_command
 from xfel_spread.config import load_config
 
 
 def merge_main(argv: list[str] | None = None) -> int:
+    """``spread-merge``: merge one dataset's lattices under MPI."""
     parser = argparse.ArgumentParser(
         prog="spread-merge",
         description="Merge the integrated lattices of one dataset, Friedel mates separate (run it under MPI).")
@@ -44,23 +45,19 @@ def merge_main(argv: list[str] | None = None) -> int:
                 handler.setLevel(logging.WARNING)
         # The launcher's rank count, as MPI sees it: 1 would mean the ranks did not join one world.
         logging.info("spread-merge: %d rank(s)", comm.Get_size())
-        try:
+        # Every rank meets the same input error; rank 0 reports it, the others leave quietly.
+        with rank_zero_reports(comm):
             settings = MergeSettings.from_config(load_config(arguments.config)["merge"])
             cluster = read_covariance(arguments.covariance, settings.covariance_component)
             outputs = MergeOutputs(Path(arguments.mtz), Path(arguments.stats_table), Path(arguments.stats_text),
                                    Path(arguments.stats_plot), Path(arguments.lattices), Path(arguments.summary))
             summary = run_merge(comm, arguments.shard_prefix, cluster, arguments.model, settings, outputs)
-        except INPUT_ERRORS:
-            # Every rank meets the same input error; rank 0 reports it, the others leave quietly.
-            if comm.Get_rank() != 0:
-                sys.exit(1)
-            raise
         if summary is not None:
             print(f"spread-merge: {summary['accepted']} of {summary['lattices_read']} lattices merged into "
                   f"{summary['unique_written']['anomalous']} anomalous and {summary['unique_written']['IMEAN']} "
                   f"mean intensities ({arguments.mtz})", file=sys.stderr)
 
-    return _run("spread-merge", action)
+    return run_command("spread-merge", action)
 
 
 if __name__ == "__main__":
