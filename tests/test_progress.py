@@ -57,3 +57,13 @@ def test_every_update_with_a_zero_interval_and_finish_covers_skipped_items():
     clock.now += 2.0
     assert progress.finish(" (4 skipped)") == "rank 1: 6/6 done (4 skipped), rate 1.5/s, about 0 s left"
     assert len(lines) == 2 and progress.done == 6
+
+
+def test_without_report_end_the_last_item_only_logs_when_due():
+    clock, lines = FakeClock(), []
+    progress = Progress(3, "read", lines.append, every_seconds=10.0, report_end=False, clock=clock)
+    clock.now += 1.0
+    progress.advance(2)
+    clock.now += 1.0
+    assert progress.advance() is None and lines == []  # the caller logs its own summary
+    assert progress.done == 3

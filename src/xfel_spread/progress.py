@@ -6,7 +6,8 @@ a report is due, passes ``log`` one line::
     what: i/N items done, rate X/s, about T s left
 
 A report is due every ``every_seconds`` seconds (0: at every update), or every ``every_n`` items when
-that is given, and always when the last item is done. The clock is a parameter, so the reporter is
+that is given, and when the last item is done (unless ``report_end`` is False: the caller logs its
+own summary then). The clock is a parameter, so the reporter is
 tested with a fake one.
 """
 
@@ -30,8 +31,9 @@ class Progress:
     """Reports ``done`` out of ``total`` through ``log`` (a callable taking one line) when a report is due."""
 
     def __init__(self, total: int, what: str, log: Callable[[str], object], every_seconds: float = 30.0,
-                 every_n: int | None = None, items: str = "", clock: Callable[[], float] = time.monotonic):
-        self.total, self.what, self.log, self.items = total, what, log, items
+                 every_n: int | None = None, items: str = "", report_end: bool = True,
+                 clock: Callable[[], float] = time.monotonic):
+        self.total, self.what, self.log, self.items, self.report_end = total, what, log, items, report_end
         self.every_seconds, self.every_n, self.clock = every_seconds, every_n, clock
         self.started = self.last_report = clock()
         self.done = self.last_done = 0
@@ -39,7 +41,7 @@ class Progress:
     def due(self, now: float) -> bool:
         """Whether a report is due at ``now`` (the interval passed, ``every_n`` more done, or all done)."""
         if self.done >= self.total:
-            return True
+            return self.report_end
         if self.every_n is not None:
             return self.done - self.last_done >= self.every_n
         return now - self.last_report >= self.every_seconds

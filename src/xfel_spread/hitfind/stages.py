@@ -37,10 +37,14 @@ from xfel_spread.analysis.radial import (
 )
 from xfel_spread.atomic import atomic_output
 from xfel_spread.hitfind import tables
-from xfel_spread.hitfind.pixels import LitPixelSettings, PowderSum, Progress, measure_shot
+from xfel_spread.hitfind.pixels import LitPixelSettings, PowderSum, measure_shot
 from xfel_spread.hitfind.threshold import HitThreshold, choose_hit_threshold
+from xfel_spread.progress import Progress
 
 log = logging.getLogger(__name__)
+
+#: Seconds between two progress lines of a shard's measurement.
+PROGRESS_INTERVAL_S = 10.0
 
 
 def geometry_of(detector: dict, beam: dict, bin_width_px: float):
@@ -60,14 +64,14 @@ def measure_shard(shard_path, first_shot: int, settings: LitPixelSettings, bin_w
     geometry = geometry_of(metadata.detector, metadata.beam, bin_width_px)
     powder = PowderSum(geometry.shape)
     wavelengths = [mean_wavelength_a(metadata.energy_ev, photons) for photons in metadata.photons_per_channel]
-    progress = Progress(metadata.n_shots, f"hitfind {shard_path}")
+    progress = Progress(metadata.n_shots, f"hitfind {shard_path}", log.info, PROGRESS_INTERVAL_S, items="shots")
     measurements = []
     for image in range(metadata.n_shots):
         measurement, photons, trusted = measure_shot(read_shard_image(shard_path, image), metadata.detector,
                                                      geometry, settings, wavelengths[image])
         powder.add(photons, trusted)
         measurements.append(measurement)
-        progress.step()
+        progress.advance()
     tables.write_lit_table(lit_path, first_shot, measurements, wavelengths)
     profiles = np.array([m.profile for m in measurements]).reshape(len(measurements), geometry.n_bins)
     tables.write_radial(radial_path, tables.ShardRadial(
