@@ -36,6 +36,8 @@ from xfel_spread.analysis.radial import (
     ring_peak,
 )
 from xfel_spread.atomic import atomic_output
+from xfel_spread.config import ConfigError
+from xfel_spread.errors import OptionError
 from xfel_spread.hitfind import tables
 from xfel_spread.hitfind.pixels import LitPixelSettings, PowderSum, measure_shot
 from xfel_spread.hitfind.threshold import HitThreshold, choose_hit_threshold
@@ -102,7 +104,7 @@ def find_hits(lit_paths: Sequence, hits_paths: Sequence, hitfind: dict, outputs:
     from xfel_spread.hitfind import plots
 
     if len(lit_paths) != len(hits_paths):
-        raise ValueError("give one lit table and one hits table per shard")
+        raise OptionError("give one lit table and one hits table per shard")
     shards = [tables.read_lit_table(path) for path in lit_paths]
     lit = np.array([row["lit_pixels"] for rows in shards for row in rows], dtype=np.float64)
     threshold = choose_hit_threshold(lit, hitfind["lit_pixel_floor"], hitfind["min_separation_decades"],
@@ -143,7 +145,7 @@ def sum_powder(radial_paths: Sequence, powder_paths: Sequence, ring_q_range_inv_
     from xfel_spread.hitfind import plots
 
     if len(radial_paths) != len(powder_paths):
-        raise ValueError("give one radial file and one powder file per shard")
+        raise OptionError("give one radial file and one powder file per shard")
     radials = [tables.read_radial(path) for path in radial_paths]
     _check_same_panel(radials, radial_paths)
     powder = tables.read_powder(powder_paths[0])
@@ -258,7 +260,7 @@ class HitAccuracy:
 def hit_accuracy(hits_paths: Sequence, truth_paths: Sequence) -> tuple[HitAccuracy, list[tuple[int, bool, bool, int]]]:
     """Accuracy, and per shot (shot, is_hit, is_blank, lit_pixels), from hits tables and truth files."""
     if len(hits_paths) != len(truth_paths):
-        raise ValueError("give one truth file per hits table")
+        raise OptionError("give one truth file per hits table")
     shots = []
     for hits_path, truth_path in zip(hits_paths, truth_paths):
         truth = _truth_blanks(truth_path)
@@ -298,7 +300,7 @@ def mean_profile_against_model(radial_paths: Sequence, simulate: dict,
     from xfel_spread.sim import background as bg
 
     if not simulate["background"]["enabled"]:
-        raise ValueError("simulate.background.enabled is false: there is no background model to compare with")
+        raise ConfigError("simulate.background.enabled is false: there is no background model to compare with")
     radials = [tables.read_radial(path) for path in radial_paths]
     _check_same_panel(radials, radial_paths)
     first = radials[0]
@@ -328,7 +330,7 @@ def score_hits(dataset: str, hits_paths: Sequence, radial_paths: Sequence, truth
     from xfel_spread.hitfind import plots
 
     if not len(hits_paths) == len(radial_paths) == len(truth_paths):
-        raise ValueError("give one hits table, radial file and truth file per shard")
+        raise OptionError("give one hits table, radial file and truth file per shard")
     accuracy, shots = hit_accuracy(hits_paths, truth_paths)
     try:
         summary = json.loads(Path(summary_path).read_text())

@@ -32,7 +32,7 @@ from xfel_spread.sim import crystal as xtal
 from xfel_spread.sim import detector_effects as effects
 from xfel_spread.sim.forward import AmplitudeLookup, Beam, CrystalState, bragg_photons_sparse
 from xfel_spread.sim.geometry import Detector
-from xfel_spread.sim.spectrum import SaseModel, read_recorded_spectra, sase_spectrum
+from xfel_spread.sim.spectrum import SaseModel, SpectrumFileError, read_recorded_spectra, sase_spectrum
 from xfel_spread.sim.structure_factors import expand_to_p1_grid, load_channel_amplitudes
 
 log = logging.getLogger(__name__)
@@ -173,7 +173,7 @@ def shot_spectrum(setup: SimulationSetup, shot_index: int) -> np.ndarray:
     """Photons per channel for one shot."""
     if setup.recorded_spectra is not None:
         if shot_index >= len(setup.recorded_spectra):
-            raise ValueError(f"shot {shot_index}: only {len(setup.recorded_spectra)} recorded spectra were given")
+            raise SpectrumFileError(f"shot {shot_index}: only {len(setup.recorded_spectra)} recorded spectra were given")
         return setup.recorded_spectra[shot_index]
     return sase_spectrum(setup.sase, setup.energies_ev, shot_rng(setup.seed, shot_index, STREAM_SPECTRUM))
 
