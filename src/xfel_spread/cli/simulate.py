@@ -15,8 +15,7 @@ import sys
 
 from xfel_spread.cli.common import configure_logging, run_command
 from xfel_spread.config import load_config
-from xfel_spread.errors import USER_ERRORS, OptionError, error_line
-from xfel_spread.sim.structure_factors import channel_energies, compute_channel_amplitudes, save_channel_amplitudes
+from xfel_spread.errors import USER_ERRORS, error_line
 
 #: Transitional, for ``cli/analysis.py`` (being split by another change): it still imports these two;
 #: remove them once it uses :func:`xfel_spread.cli.common.run_command`.
@@ -45,14 +44,10 @@ def structure_factors_main(argv: list[str] | None = None) -> int:
     arguments = parser.parse_args(argv)
 
     def action():
-        settings = load_config(arguments.config)["structure_factors"]
-        energies = channel_energies(settings["channel_start_ev"], settings["channel_step_ev"], settings["n_channels"])
-        table = compute_channel_amplitudes(
-            arguments.pdb, arguments.oxidized_table, arguments.reduced_table, energies,
-            settings["d_min_a"], settings["k_sol"], settings["b_sol"],
-            settings["fe_oxidized_atom"], settings["fe_reduced_atom"])
-        save_channel_amplitudes(table, arguments.output)
-        logging.info("%s: %d reflections x %d channels", arguments.output, len(table.indices), len(energies))
+        from xfel_spread.sim.pipeline import write_structure_factors
+
+        write_structure_factors(load_config(arguments.config)["structure_factors"], arguments.pdb,
+                                arguments.oxidized_table, arguments.reduced_table, arguments.output)
 
     return run_command("spread-structure-factors", action)
 
@@ -71,17 +66,10 @@ def simulate_main(argv: list[str] | None = None) -> int:
     arguments = parser.parse_args(argv)
 
     def action():
-        import torch
+        from xfel_spread.sim.pipeline import simulate_shots
 
-        from xfel_spread.sim.shard import setup_from_config, simulate_shard
-
-        if arguments.threads:
-            torch.set_num_threads(arguments.threads)
-        start, stop = arguments.shots
-        if not 0 <= start < stop:
-            raise OptionError(f"--shots {start} {stop}: need 0 <= START < STOP")
-        setup = setup_from_config(load_config(arguments.config), arguments.amplitudes)
-        simulate_shard(setup, start, stop, {"nopsf": arguments.nopsf, "psf": arguments.psf}, arguments.truth)
+        simulate_shots(arguments.config, arguments.amplitudes, tuple(arguments.shots), arguments.nopsf,
+                       arguments.psf, arguments.truth, arguments.threads)
 
     return run_command("spread-simulate", action)
 
