@@ -44,15 +44,10 @@ def plot_detector_refinement_main(argv: list[str] | None = None) -> int:
     arguments = parser.parse_args(argv)
 
     def action():
-        from xfel_spread.report.plots import centroid_residuals, plot_detector_refinement
+        from xfel_spread.report.pipeline import detector_refinement_figure
 
-        before = centroid_residuals(arguments.index_prefix)
-        after = centroid_residuals(arguments.reindex_prefix)
-        plot_detector_refinement(arguments.plot, arguments.dataset, before, after)
-        for name, residuals in (("index", before), ("reindex", after)):
-            values = residuals.all
-            mean = values.mean(axis=0) if len(values) else [float("nan")] * 2
-            print(f"{name}: {len(residuals.by_image)} lattices, {len(values)} spots, "
-                  f"mean residual ({mean[0]:+.3f}, {mean[1]:+.3f}) px")
+        for line in detector_refinement_figure(arguments.plot, arguments.dataset, arguments.index_prefix,
+                                               arguments.reindex_prefix):
+            print(line)
 
     return run_command("spread-plot-detector-refinement", action)

@@ -15,7 +15,6 @@ import argparse
 import sys
 
 from xfel_spread.cli.common import rank_zero_reports, run_command
-from xfel_spread.errors import OptionError
 
 
 def _stage1_parser(program: str, description: str) -> argparse.ArgumentParser:
@@ -88,22 +87,10 @@ def score_stage1_main(argv: list[str] | None = None) -> int:
     arguments = parser.parse_args(argv)
 
     def action():
-        from xfel_spread.atomic import atomic_output
-        from xfel_spread.stage1.plots import plot_stage1_summary
-        from xfel_spread.stage1.scoring import format_summary, score_shards, summarize, write_score_table
+        from xfel_spread.stage1.pipeline import score_stage1
 
-        counts = {len(arguments.stage1_prefix), len(arguments.dials_prefix), len(arguments.truth)}
-        if len(counts) != 1:
-            raise OptionError(f"give one --dials-prefix and one --truth per --stage1-prefix (got "
-                             f"{len(arguments.stage1_prefix)}, {len(arguments.dials_prefix)}, {len(arguments.truth)})")
-        scores = score_shards(arguments.stage1_prefix, arguments.dials_prefix, arguments.truth)
-        summary = summarize(scores)
-        write_score_table(scores, arguments.table)
-        text = format_summary(arguments.dataset, summary)
-        with atomic_output(arguments.text, "w") as stream:
-            stream.write(text)
-        print(text, end="")
-        plot_stage1_summary(arguments.plot, arguments.dataset, scores, summary)
+        print(score_stage1(arguments.dataset, arguments.stage1_prefix, arguments.dials_prefix, arguments.truth,
+                           arguments.table, arguments.text, arguments.plot), end="")
 
     return run_command("spread-score-stage1", action)
 

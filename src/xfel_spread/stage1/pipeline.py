@@ -12,7 +12,7 @@ converged 0 and the reason; the job goes on.
 Two ways to refine a rank's lattices: :func:`refine_one_by_one` (stage 8, ``refine_shot`` per
 lattice) and :func:`refine_in_batches` (stage 9, ``refine_batch`` in batches of
 ``stage1.batch_shots``, falling back to one shot at a time when a whole batch fails,
-:func:`refine_batch_or_singly`).
+:func:`refine_batch_or_singly`). :func:`score_stage1` scores the refined lattices against the truth.
 """
 
 from __future__ import annotations
@@ -264,3 +264,26 @@ def run_stage1(inputs: Stage1Inputs, program: str, refine: Refine, comm=None) ->
         write_refined_experiments(annulus.experiments, results, paths["experiments"])
         write_shots_table(results, paths["shots"])
     return results
+
+
+def score_stage1(dataset: str, stage1_prefixes: Sequence[str], dials_prefixes: Sequence[str], truths: Sequence[str],
+                 table: str, text_path: str, plot: str) -> str:
+    """Score the refined lattices of one dataset's shards against the truth (``spread-score-stage1``).
+
+    Writes the per-lattice table, the summary text and its figure; returns the text. OptionError
+    unless every stage-1 prefix has one DIALS prefix and one truth file."""
+    from xfel_spread.atomic import atomic_output
+    from xfel_spread.stage1.plots import plot_stage1_summary
+    from xfel_spread.stage1.scoring import format_summary, score_shards, summarize, write_score_table
+
+    if len({len(stage1_prefixes), len(dials_prefixes), len(truths)}) != 1:
+        raise OptionError(f"give one --dials-prefix and one --truth per --stage1-prefix (got "
+                          f"{len(stage1_prefixes)}, {len(dials_prefixes)}, {len(truths)})")
+    scores = score_shards(stage1_prefixes, dials_prefixes, truths)
+    summary = summarize(scores)
+    write_score_table(scores, table)
+    text = format_summary(dataset, summary)
+    with atomic_output(text_path, "w") as stream:
+        stream.write(text)
+    plot_stage1_summary(plot, dataset, scores, summary)
+    return text
