@@ -106,8 +106,8 @@ def score_main(argv: list[str] | None = None) -> int:
     def action():
         from xfel_spread.dials.pipeline import score_dials
 
-        print(score_dials(arguments.dataset, arguments.index_prefix, arguments.reindex_prefix, arguments.truth,
-                          arguments.metrology_summary, arguments.table, arguments.text, arguments.image_shard,
-                          arguments.plot), end="")
+        score_dials(arguments.dataset, arguments.index_prefix, arguments.reindex_prefix, arguments.truth,
+                    arguments.metrology_summary, arguments.table, arguments.text, arguments.image_shard, arguments.plot,
+                    echo=sys.stdout)
 
     return run_command("spread-score-dials", action)

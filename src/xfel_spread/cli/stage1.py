@@ -89,8 +89,8 @@ def score_stage1_main(argv: list[str] | None = None) -> int:
     def action():
         from xfel_spread.stage1.pipeline import score_stage1
 
-        print(score_stage1(arguments.dataset, arguments.stage1_prefix, arguments.dials_prefix, arguments.truth,
-                           arguments.table, arguments.text, arguments.plot), end="")
+        score_stage1(arguments.dataset, arguments.stage1_prefix, arguments.dials_prefix, arguments.truth,
+                     arguments.table, arguments.text, arguments.plot, echo=sys.stdout)
 
     return run_command("spread-score-stage1", action)
 

@@ -9,6 +9,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TextIO
 
 from xfel_spread.errors import OptionError
 
@@ -57,9 +58,10 @@ def run_metrology(settings: dict, dataset: str, phil: str, shard_prefixes: Seque
 
 def score_dials(dataset: str, index_prefixes: Sequence[str], reindex_prefixes: Sequence[str],
                 truths: Sequence[str], metrology_summary: str, table: str, text_path: str, image_shard: str,
-                plot: str) -> str:
+                plot: str, echo: TextIO | None = None) -> str:
     """Score the index and reindex passes of one dataset against the truth; write the table, its text
-    and the figure; return the text. OptionError unless every shard has one prefix of each and a truth."""
+    and the figure; return the text, also written to ``echo`` (before the figure is drawn) when given.
+    OptionError unless every shard has one prefix of each and a truth."""
     from xfel_spread.atomic import atomic_output
     from xfel_spread.dials.metrology import MetrologyInputError
     from xfel_spread.dials.plots import plot_pipeline_outputs
@@ -78,6 +80,8 @@ def score_dials(dataset: str, index_prefixes: Sequence[str], reindex_prefixes: S
     text = format_score_table(dataset, rows)
     with atomic_output(text_path, "w") as stream:
         stream.write(text)
+    if echo is not None:
+        print(text, end="", file=echo, flush=True)
     plot_pipeline_outputs(plot, dataset, {"index": index_lattices, "reindex": reindex_lattices}, summary,
                           reindex_prefixes[0], image_shard, truths[0])
     return text

@@ -21,6 +21,7 @@ import logging
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import TextIO
 
 from xfel_spread.config import ConfigError, load_config
 from xfel_spread.errors import USER_ERRORS, OptionError
@@ -267,11 +268,12 @@ def run_stage1(inputs: Stage1Inputs, program: str, refine: Refine, comm=None) ->
 
 
 def score_stage1(dataset: str, stage1_prefixes: Sequence[str], dials_prefixes: Sequence[str], truths: Sequence[str],
-                 table: str, text_path: str, plot: str) -> str:
+                 table: str, text_path: str, plot: str, echo: TextIO | None = None) -> str:
     """Score the refined lattices of one dataset's shards against the truth (``spread-score-stage1``).
 
-    Writes the per-lattice table, the summary text and its figure; returns the text. OptionError
-    unless every stage-1 prefix has one DIALS prefix and one truth file."""
+    Writes the per-lattice table, the summary text and its figure; returns the text, also written to
+    ``echo`` (before the figure is drawn) when given. OptionError unless every stage-1 prefix has one
+    DIALS prefix and one truth file."""
     from xfel_spread.atomic import atomic_output
     from xfel_spread.stage1.plots import plot_stage1_summary
     from xfel_spread.stage1.scoring import format_summary, score_shards, summarize, write_score_table
@@ -285,5 +287,7 @@ def score_stage1(dataset: str, stage1_prefixes: Sequence[str], dials_prefixes: S
     text = format_summary(dataset, summary)
     with atomic_output(text_path, "w") as stream:
         stream.write(text)
+    if echo is not None:
+        print(text, end="", file=echo, flush=True)
     plot_stage1_summary(plot, dataset, scores, summary)
     return text
