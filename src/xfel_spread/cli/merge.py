@@ -36,8 +36,7 @@ def merge_main(argv: list[str] | None = None) -> int:
     def action():
         from mpi4py import MPI
 
-        from xfel_spread.cells.covariance import read_covariance
-        from xfel_spread.merging.pipeline import MergeOutputs, MergeSettings, run_merge
+        from xfel_spread.merging.pipeline import MergeOutputs, merge_dataset
 
         comm = MPI.COMM_WORLD
         if comm.Get_rank() != 0:  # rank 0 logs the job's progress; the others only their warnings
@@ -46,12 +45,11 @@ def merge_main(argv: list[str] | None = None) -> int:
         # The launcher's rank count, as MPI sees it: 1 would mean the ranks did not join one world.
         logging.info("spread-merge: %d rank(s)", comm.Get_size())
         # Every rank meets the same input error; rank 0 reports it, the others leave quietly.
+        outputs = MergeOutputs(Path(arguments.mtz), Path(arguments.stats_table), Path(arguments.stats_text),
+                               Path(arguments.stats_plot), Path(arguments.lattices), Path(arguments.summary))
         with rank_zero_reports(comm):
-            settings = MergeSettings.from_config(load_config(arguments.config)["merge"])
-            cluster = read_covariance(arguments.covariance, settings.covariance_component)
-            outputs = MergeOutputs(Path(arguments.mtz), Path(arguments.stats_table), Path(arguments.stats_text),
-                                   Path(arguments.stats_plot), Path(arguments.lattices), Path(arguments.summary))
-            summary = run_merge(comm, arguments.shard_prefix, cluster, arguments.model, settings, outputs)
+            summary = merge_dataset(comm, load_config(arguments.config)["merge"], arguments.shard_prefix,
+                                    arguments.covariance, arguments.model, outputs)
         if summary is not None:
             print(f"spread-merge: {summary['accepted']} of {summary['lattices_read']} lattices merged into "
                   f"{summary['unique_written']['anomalous']} anomalous and {summary['unique_written']['IMEAN']} "
