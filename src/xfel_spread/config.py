@@ -19,6 +19,8 @@ from typing import Any
 import jsonschema
 import yaml
 
+from xfel_spread.errors import UserInputError
+
 #: The two datasets every simulated shard is written as: without and with the detector point-spread
 #: function. Fixed by the pipeline's purpose, so deliberately not a config key.
 DATASETS = ("nopsf", "psf")
@@ -27,7 +29,7 @@ DATASETS = ("nopsf", "psf")
 TOP_LEVEL = "<top level>"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserInputError, ValueError):
     """A configuration that cannot be used; ``str()`` is one line naming the file and the key."""
 
 

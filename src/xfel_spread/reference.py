@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from xfel_spread.atomic import atomic_output
+from xfel_spread.errors import UserInputError
 
 #: Where the LS49 project keeps the Fe tables: a git LFS repository, so there is no plain download URL.
 LS49_DATA_LOCATION = "https://gitlab.com/cctbx/ls49_big_data (git LFS), directory data_sherrell/"
@@ -26,7 +27,7 @@ DOWNLOAD_TIMEOUT_S = 120
 _CHUNK_BYTES = 1 << 20
 
 
-class ReferenceDataError(RuntimeError):
+class ReferenceDataError(UserInputError, RuntimeError):
     """A reference file that cannot be obtained or does not match its checksum (one-line message)."""
 
 

@@ -9,7 +9,6 @@ writes them as ``{output_prefix}_annulus.expt/.refl`` and counts them (:mod:`xfe
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -18,6 +17,7 @@ from xfel_spread.annulus.select import (AnnulusCounts, AnnulusError, acentric_sp
 from xfel_spread.io.expt import experiment_identifiers, read_lattices, select_lattices, write_lattices
 from xfel_spread.io.lattices import read_accepted_identifiers
 from xfel_spread.io.stills import output_paths
+from xfel_spread.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -55,15 +55,12 @@ def select_annulus(shard_prefixes: Sequence, output_prefixes: Sequence, lattices
         raise AnnulusError(f"{len(shard_prefixes)} shard prefixes but {len(output_prefixes)} output prefixes; "
                            "give one output prefix per shard")
     accepted = set(read_accepted_identifiers(lattices_table))
-    shards, start, last_report = [], time.monotonic(), time.monotonic()
-    for number, (shard_prefix, output_prefix) in enumerate(zip(shard_prefixes, output_prefixes), start=1):
+    shards = []
+    progress = Progress(len(shard_prefixes), "annulus", logger.info, progress_interval, items="shards",
+                        report_end=False)
+    for shard_prefix, output_prefix in zip(shard_prefixes, output_prefixes):
         shards.append(annulus_shard(shard_prefix, output_prefix, accepted, d_max, d_min))
-        now = time.monotonic()
-        if now - last_report >= progress_interval and number < len(shard_prefixes):
-            rate = number / (now - start)
-            logger.info("annulus: %d of %d shards, %.1f shards/s, about %.0f s left", number, len(shard_prefixes),
-                        rate, (len(shard_prefixes) - number) / rate)
-            last_report = now
+        progress.advance()
 
     groups = {shard.space_group.type().number(): shard.space_group for shard in shards if shard.space_group}
     if len(groups) > 1:

@@ -26,12 +26,13 @@ from pathlib import Path
 import numpy as np
 
 from xfel_spread.atomic import atomic_output
+from xfel_spread.errors import UserInputError
 
 #: Outputs of one shard, as suffixes of its output prefix.
 ANNULUS_SUFFIXES = {"experiments": "_annulus.expt", "reflections": "_annulus.refl"}
 
 
-class AnnulusError(ValueError):
+class AnnulusError(UserInputError, ValueError):
     """An annulus, lattice table or shard that cannot be used; the message names it in one line."""
 
 

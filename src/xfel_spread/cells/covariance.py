@@ -38,7 +38,9 @@ from pathlib import Path
 import numpy as np
 
 from xfel_spread.atomic import atomic_output
-from xfel_spread.cells.tdata import CELL_PARAMETERS
+from xfel_spread.cells.tdata import CELL_PARAMETERS, TdataError
+from xfel_spread.config import ConfigError
+from xfel_spread.errors import UserInputError
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +51,11 @@ PICKLE_KEYS = ("features", "sample", "info", "populations")
 _GRID_SHRINK = 1.0 - 1e-9
 
 
-class CovarianceFileError(ValueError):
+class CovarianceFileError(UserInputError, ValueError):
     """A covariance pickle that cannot be used; the message is one line naming the file."""
 
 
-class ClusteringError(ValueError):
+class ClusteringError(UserInputError, ValueError):
     """Cells that give no usable covariance model; the message is one line naming the source."""
 
 
@@ -360,7 +362,8 @@ def cluster_cells(cells: np.ndarray, features: Sequence[str], eps: float, min_sa
 
 
 def check_space_groups(symbols: Sequence[str], space_group: str, source: str) -> None:
-    """ValueError unless every symbol's Patterson group is that of ``space_group`` (settings cells.space_group)."""
+    """TdataError (ConfigError for a bad ``space_group``) unless every symbol's Patterson group is that of
+    ``space_group`` (settings cells.space_group); both are ValueErrors."""
     from cctbx import sgtbx
 
     def patterson(symbol):
@@ -369,17 +372,17 @@ def check_space_groups(symbols: Sequence[str], space_group: str, source: str) ->
     try:
         target = patterson(space_group)
     except RuntimeError:
-        raise ValueError(f"cells.space_group: {space_group!r} is not a space group symbol") from None
+        raise ConfigError(f"cells.space_group: {space_group!r} is not a space group symbol") from None
     groups = {}
     for symbol in dict.fromkeys(symbols):
         try:
             groups[symbol] = patterson(symbol)
         except RuntimeError:
-            raise ValueError(f"{source}:{symbols.index(symbol) + 1}: {symbol!r} is not a space group symbol") from None
+            raise TdataError(f"{source}:{symbols.index(symbol) + 1}: {symbol!r} is not a space group symbol") from None
     mismatched = [number for number, symbol in enumerate(symbols) if groups[symbol] != target]
     if mismatched:
         symbol = symbols[mismatched[0]]
-        raise ValueError(f"{source}:{mismatched[0] + 1}: space group {symbol} (Patterson group {groups[symbol]}) "
+        raise TdataError(f"{source}:{mismatched[0] + 1}: space group {symbol} (Patterson group {groups[symbol]}) "
                          f"does not match cells.space_group {space_group} ({target}); {len(mismatched)} of "
                          f"{len(symbols)} cells differ")
 

@@ -24,7 +24,9 @@ from pathlib import Path
 import numpy as np
 
 from xfel_spread.atomic import atomic_output
+from xfel_spread.errors import UserInputError
 from xfel_spread.io.expt import load_experiment_json
+from xfel_spread.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +40,7 @@ PROGRESS_INTERVAL_S = 10.0
 _PI_180 = math.atan(1.0) / 45.0
 
 
-class TdataError(ValueError):
+class TdataError(UserInputError, ValueError):
     """An experiment list or tdata file that cannot be read; the message is one line naming the file."""
 
 
@@ -114,24 +116,15 @@ def experiment_cells(path: str | Path) -> list[tuple[tuple[float, ...], str]]:
     return cells
 
 
-def _log_progress(done: int, total: int, n_lattices: int, started: float) -> None:
-    """Log files read, lattices found, rate and time left."""
-    elapsed = time.monotonic() - started
-    rate = done / elapsed if elapsed > 0 else float("inf")
-    left = (total - done) / rate if rate > 0 else float("nan")
-    log.info("read %d/%d experiment files, %d lattices, %.1f files/s, about %.0f s left",
-             done, total, n_lattices, rate, left)
-
-
 def tdata_lines(experiment_paths: Sequence[str | Path]) -> list[str]:
     """The tdata lines of all lattices, in file order then experiment order; TdataError if there are none."""
     lines: list[str] = []
-    started = last_report = time.monotonic()
-    for done, path in enumerate(experiment_paths, start=1):
+    started = time.monotonic()
+    progress = Progress(len(experiment_paths), "read", log.info, PROGRESS_INTERVAL_S, items="experiment files",
+                        report_end=False)  # the end has its own line below
+    for path in experiment_paths:
         lines.extend(format_tdata_line(cell, symbol) for cell, symbol in experiment_cells(path))
-        if time.monotonic() - last_report >= PROGRESS_INTERVAL_S:
-            _log_progress(done, len(experiment_paths), len(lines), started)
-            last_report = time.monotonic()
+        progress.advance(detail=f" ({len(lines)} lattices)")
     if not lines:
         raise TdataError(f"{len(experiment_paths)} experiment files ({experiment_paths[0]} ...) hold no "
                          "lattice at all" if experiment_paths else "no experiment files given")

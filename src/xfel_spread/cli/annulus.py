@@ -7,14 +7,8 @@ from __future__ import annotations
 
 import argparse
 
-from xfel_spread.annulus.select import AnnulusError
-from xfel_spread.cli.simulate import INPUT_ERRORS, _run
+from xfel_spread.cli.common import run_command
 from xfel_spread.config import load_config
-from xfel_spread.io.expt import ExperimentListError
-from xfel_spread.io.lattices import LatticeTableError
-
-#: Besides bad inputs, an unusable annulus, lattice table or shard is reported in one line.
-ANNULUS_ERRORS = INPUT_ERRORS + (AnnulusError, LatticeTableError, ExperimentListError)
 
 
 def annulus_main(argv: list[str] | None = None) -> int:
@@ -42,4 +36,4 @@ def annulus_main(argv: list[str] | None = None) -> int:
                                  settings["d_max"], settings["d_min"])
         print(write_annulus_report(summary, arguments.summary, arguments.text), end="")
 
-    return _run("spread-annulus", action, ANNULUS_ERRORS)
+    return run_command("spread-annulus", action)

@@ -10,18 +10,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
-from xfel_spread.cli.simulate import INPUT_ERRORS, _run
+from xfel_spread.cli.common import run_command
 from xfel_spread.config import load_config
-from xfel_spread.dials.metrology import MetrologyError
-
-#: Besides bad inputs, a DIALS program that fails is reported in one line (its output is in the log).
-DIALS_CHAIN_ERRORS = INPUT_ERRORS + (MetrologyError,)
 
 
 def stills_process_main(argv: list[str] | None = None) -> int:
+    """``spread-stills-process``: dials.stills_process on one shard, under MPI."""
     parser = argparse.ArgumentParser(
         prog="spread-stills-process",
         description="Index and integrate every shot of one shard with dials.stills_process (run it under MPI).")
@@ -41,27 +37,21 @@ def stills_process_main(argv: list[str] | None = None) -> int:
     arguments = parser.parse_args(argv)
 
     def action():
-        from xfel_spread.dials.phil import check_phil_file
-        from xfel_spread.dials.stills import INTEGRATED, process_shard
-        from xfel_spread.hitfind.tables import hit_images
+        from xfel_spread.dials.pipeline import run_stills_process
+        from xfel_spread.dials.stills import INTEGRATED
 
-        for phil in arguments.phil:
-            check_phil_file(phil, "stills_process")
-        if arguments.reference_geometry is not None and not os.path.isfile(arguments.reference_geometry):
-            raise ValueError(f"--reference-geometry: {arguments.reference_geometry}: no such file")
-        start, stop = arguments.shots
-        hits = hit_images(arguments.hits_table, start, stop - start) if arguments.hits_table else None
-        shots = process_shard(arguments.shard, tuple(arguments.shots), arguments.phil, arguments.output_prefix,
-                              arguments.progress_interval, arguments.reference_geometry, hits)
+        shots = run_stills_process(arguments.shard, tuple(arguments.shots), arguments.phil, arguments.output_prefix,
+                                   arguments.progress_interval, arguments.reference_geometry, arguments.hits_table)
         if shots is not None:
             n_integrated = sum(shot.status == INTEGRATED for shot in shots)
             print(f"{arguments.shard}: {n_integrated} of {len(shots)} shots integrated", file=sys.stderr)
 
     # DIALS logs to per-rank files, which are copied into the job's log in rank order at the end.
-    return _run("spread-stills-process", action, DIALS_CHAIN_ERRORS, log_level=logging.WARNING)
+    return run_command("spread-stills-process", action, log_level=logging.WARNING)
 
 
 def metrology_main(argv: list[str] | None = None) -> int:
+    """``spread-metrology``: refine (or apply) the detector of one dataset."""
     parser = argparse.ArgumentParser(
         prog="spread-metrology",
         description="Refine the detector of one dataset (or apply a saved one) and map the spots' residuals.")
@@ -83,31 +73,21 @@ def metrology_main(argv: list[str] | None = None) -> int:
     def action():
         from pathlib import Path
 
-        from xfel_spread.dials.metrology import (MetrologyOutputs, plan_refinement, refine_detector, shard_lattices,
-                                                 write_metrology_outputs)
-        from xfel_spread.dials.phil import check_phil_file
-        from xfel_spread.dials.stills import output_paths
+        from xfel_spread.dials.metrology import MetrologyOutputs
+        from xfel_spread.dials.pipeline import run_metrology
 
-        settings = load_config(arguments.config)["metrology"]
-        plan = plan_refinement(settings["engine"], settings["max_lattices"])
-        check_phil_file(arguments.phil, "refine")
-        shards = []
-        for prefix in arguments.shard_prefix:
-            paths = output_paths(prefix)
-            shards.append(shard_lattices(paths["refined_experiments"], paths["indexed_reflections"], paths["shots"]))
-        result = refine_detector(arguments.dataset, shards, arguments.phil, plan.engine, plan.max_lattices,
-                                 Path(arguments.work_dir), sys.stdout, settings["hierarchy_level"],
-                                 settings["reference_geometry"])
         outputs = MetrologyOutputs(Path(arguments.report), Path(arguments.summary), Path(arguments.refined_detector),
                                    Path(arguments.residuals_table), Path(arguments.residuals_before),
                                    Path(arguments.residuals_after))
-        write_metrology_outputs(arguments.dataset, result, plan, outputs)
+        run_metrology(load_config(arguments.config)["metrology"], arguments.dataset, arguments.phil,
+                      arguments.shard_prefix, outputs, arguments.work_dir, sys.stdout)
         print(outputs.report.read_text(), end="")
 
-    return _run("spread-metrology", action, DIALS_CHAIN_ERRORS)
+    return run_command("spread-metrology", action)
 
 
 def score_main(argv: list[str] | None = None) -> int:
+    """``spread-score-dials``: score the index and reindex passes of one dataset."""
     parser = argparse.ArgumentParser(prog="spread-score-dials",
                                      description="Score the index and reindex passes of one dataset against truth.")
     parser.add_argument("--dataset", required=True, help="dataset name, for the table's title")
@@ -124,29 +104,10 @@ def score_main(argv: list[str] | None = None) -> int:
     arguments = parser.parse_args(argv)
 
     def action():
-        import json
-        from pathlib import Path
+        from xfel_spread.dials.pipeline import score_dials
 
-        from xfel_spread.atomic import atomic_output
-        from xfel_spread.dials.plots import plot_pipeline_outputs
-        from xfel_spread.dials.scoring import format_score_table, score_pass, write_score_table
+        score_dials(arguments.dataset, arguments.index_prefix, arguments.reindex_prefix, arguments.truth,
+                    arguments.metrology_summary, arguments.table, arguments.text, arguments.image_shard, arguments.plot,
+                    echo=sys.stdout)
 
-        if not len(arguments.index_prefix) == len(arguments.reindex_prefix) == len(arguments.truth):
-            raise ValueError("--index-prefix, --reindex-prefix and --truth must be given once per shard")
-        summary = json.loads(Path(arguments.metrology_summary).read_text())
-        index_row, index_lattices = score_pass("index", arguments.index_prefix, arguments.truth, summary,
-                                               refined=False)
-        reindex_row, reindex_lattices = score_pass("reindex", arguments.reindex_prefix, arguments.truth, summary,
-                                                   refined=True)
-        rows = [index_row, reindex_row]
-        write_score_table(rows, arguments.table)
-        text = format_score_table(arguments.dataset, rows)
-        with atomic_output(arguments.text, "w") as stream:
-            stream.write(text)
-        print(text, end="")
-
-        plot_pipeline_outputs(arguments.plot, arguments.dataset,
-                              {"index": index_lattices, "reindex": reindex_lattices}, summary,
-                              arguments.reindex_prefix[0], arguments.image_shard, arguments.truth[0])
-
-    return _run("spread-score-dials", action, DIALS_CHAIN_ERRORS)
+    return run_command("spread-score-dials", action)

@@ -8,7 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from xfel_spread.reference import REFERENCE_FILES, REFERENCE_NAMES, ReferenceDataError, fetch_reference
+from xfel_spread.cli.common import run_command
+from xfel_spread.reference import REFERENCE_FILES, REFERENCE_NAMES, fetch_reference
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,14 +33,13 @@ def main(argv: list[str] | None = None) -> int:
     """Fetch each named file; print one line per file, or one error line and return 1."""
     arguments = build_parser().parse_args(argv)
     origin = f"mirror {arguments.mirror}" if arguments.mirror else "public source"
-    for name in arguments.names:
-        try:
+
+    def action():
+        for name in arguments.names:
             path = fetch_reference(name, arguments.dest, mirror_dir=arguments.mirror)
-        except ReferenceDataError as error:
-            print(f"spread-fetch-reference: error: {error}", file=sys.stderr)
-            return 1
-        print(f"{path}: verified ({origin})")
-    return 0
+            print(f"{path}: verified ({origin})")
+
+    return run_command("spread-fetch-reference", action)
 
 
 if __name__ == "__main__":

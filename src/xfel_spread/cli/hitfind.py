@@ -14,16 +14,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from xfel_spread.hitfind.radial import RadialInputError
-from xfel_spread.cli.simulate import INPUT_ERRORS, _run
+from xfel_spread.cli.common import run_command
 from xfel_spread.config import load_config
-from xfel_spread.hitfind.tables import HitfindFileError
-from xfel_spread.hitfind.threshold import ThresholdInputError
-
-HITFIND_ERRORS = INPUT_ERRORS + (HitfindFileError, RadialInputError, ThresholdInputError)
 
 
 def hitfind_shard_main(argv: list[str] | None = None) -> int:
+    """``spread-hitfind-shard``: measure every shot of a shard."""
     parser = argparse.ArgumentParser(prog="spread-hitfind-shard",
                                      description="Lit pixels, photons and radial profile of every shot of a shard.")
     parser.add_argument("--config", required=True, help="settings of the hitfind_shard stage (YAML)")
@@ -45,10 +41,11 @@ def hitfind_shard_main(argv: list[str] | None = None) -> int:
         print(f"{arguments.shard}: {len(lit)} shots, lit pixels {min(lit, default=0)}..{max(lit, default=0)}",
               file=sys.stderr)
 
-    return _run("spread-hitfind-shard", action, HITFIND_ERRORS)
+    return run_command("spread-hitfind-shard", action)
 
 
 def hitfind_main(argv: list[str] | None = None) -> int:
+    """``spread-hitfind``: the hit threshold and hits tables of one dataset."""
     parser = argparse.ArgumentParser(prog="spread-hitfind",
                                      description="Hit threshold and hits tables of one dataset.")
     parser.add_argument("--config", required=True, help="settings of the hitfind stage (YAML)")
@@ -70,10 +67,11 @@ def hitfind_main(argv: list[str] | None = None) -> int:
         print(f"{summary.n_hits} hits of {summary.n_shots} shots (threshold {summary.threshold_min_lit_pixels:g} "
               f"lit pixels, rule {summary.threshold_rule})", file=sys.stderr)
 
-    return _run("spread-hitfind", action, HITFIND_ERRORS)
+    return run_command("spread-hitfind", action)
 
 
 def powder_main(argv: list[str] | None = None) -> int:
+    """``spread-powder``: the powder pattern of one dataset."""
     parser = argparse.ArgumentParser(prog="spread-powder",
                                      description="The powder pattern of one dataset and its radial profile.")
     parser.add_argument("--config", required=True, help="settings of the hitfind_shard stage (YAML)")
@@ -97,10 +95,11 @@ def powder_main(argv: list[str] | None = None) -> int:
         print(f"powder of {summary.n_shots} shots: solvent ring at q = {summary.ring_q_inv_a:.4f} 1/A",
               file=sys.stderr)
 
-    return _run("spread-powder", action, HITFIND_ERRORS)
+    return run_command("spread-powder", action)
 
 
 def score_hitfind_main(argv: list[str] | None = None) -> int:
+    """``spread-score-hitfind``: hit finding and solvent profile against the simulation."""
     parser = argparse.ArgumentParser(prog="spread-score-hitfind",
                                      description="Hit finding and the solvent profile against the simulation.")
     parser.add_argument("--dataset", required=True, help="dataset name, for the report")
@@ -125,4 +124,4 @@ def score_hitfind_main(argv: list[str] | None = None) -> int:
                           arguments.table, arguments.text, arguments.plot)
         print(text, end="")
 
-    return _run("spread-score-hitfind", action, HITFIND_ERRORS)
+    return run_command("spread-score-hitfind", action)

@@ -13,19 +13,13 @@ import logging
 import sys
 from pathlib import Path
 
-from xfel_spread.cli.simulate import INPUT_ERRORS, _run
+from xfel_spread.cli.common import rank_zero_reports, run_command
 from xfel_spread.config import load_config
-from xfel_spread.io.expt import ExperimentListError
-from xfel_spread.io.lattices import LatticeTableError
-from xfel_spread.io.mtz import MergedFileError
-from xfel_spread.merging.dials_crosscheck import DialsMergeError
-
-#: Besides bad inputs, the cross-check and the scoring report an unusable file or a DIALS program
-#: that fails in one line.
-CHECK_ERRORS = INPUT_ERRORS + (LatticeTableError, ExperimentListError, MergedFileError, DialsMergeError)
+from xfel_spread.errors import OptionError
 
 
 def merge_main(argv: list[str] | None = None) -> int:
+    """``spread-merge``: merge one dataset's lattices under MPI."""
     parser = argparse.ArgumentParser(
         prog="spread-merge",
         description="Merge the integrated lattices of one dataset, Friedel mates separate (run it under MPI).")
@@ -45,8 +39,7 @@ def merge_main(argv: list[str] | None = None) -> int:
     def action():
         from mpi4py import MPI
 
-        from xfel_spread.cells.covariance import read_covariance
-        from xfel_spread.merging.pipeline import MergeOutputs, MergeSettings, run_merge
+        from xfel_spread.merging.pipeline import MergeOutputs, merge_dataset
 
         comm = MPI.COMM_WORLD
         if comm.Get_rank() != 0:  # rank 0 logs the job's progress; the others only their warnings
@@ -54,23 +47,18 @@ def merge_main(argv: list[str] | None = None) -> int:
                 handler.setLevel(logging.WARNING)
         # The launcher's rank count, as MPI sees it: 1 would mean the ranks did not join one world.
         logging.info("spread-merge: %d rank(s)", comm.Get_size())
-        try:
-            settings = MergeSettings.from_config(load_config(arguments.config)["merge"])
-            cluster = read_covariance(arguments.covariance, settings.covariance_component)
-            outputs = MergeOutputs(Path(arguments.mtz), Path(arguments.stats_table), Path(arguments.stats_text),
-                                   Path(arguments.stats_plot), Path(arguments.lattices), Path(arguments.summary))
-            summary = run_merge(comm, arguments.shard_prefix, cluster, arguments.model, settings, outputs)
-        except INPUT_ERRORS:
-            # Every rank meets the same input error; rank 0 reports it, the others leave quietly.
-            if comm.Get_rank() != 0:
-                sys.exit(1)
-            raise
+        # Every rank meets the same input error; rank 0 reports it, the others leave quietly.
+        outputs = MergeOutputs(Path(arguments.mtz), Path(arguments.stats_table), Path(arguments.stats_text),
+                               Path(arguments.stats_plot), Path(arguments.lattices), Path(arguments.summary))
+        with rank_zero_reports(comm):
+            summary = merge_dataset(comm, load_config(arguments.config)["merge"], arguments.shard_prefix,
+                                    arguments.covariance, arguments.model, outputs)
         if summary is not None:
             print(f"spread-merge: {summary['accepted']} of {summary['lattices_read']} lattices merged into "
                   f"{summary['unique_written']['anomalous']} anomalous and {summary['unique_written']['IMEAN']} "
                   f"mean intensities ({arguments.mtz})", file=sys.stderr)
 
-    return _run("spread-merge", action)
+    return run_command("spread-merge", action)
 
 
 def dials_merge_main(argv: list[str] | None = None) -> int:
@@ -98,7 +86,7 @@ def dials_merge_main(argv: list[str] | None = None) -> int:
                                      arguments.mtz, arguments.log_summary, sys.stdout)
         print(text, end="")
 
-    return _run("spread-dials-merge", action, CHECK_ERRORS)
+    return run_command("spread-dials-merge", action)
 
 
 def score_merge_main(argv: list[str] | None = None) -> int:
@@ -126,7 +114,7 @@ def score_merge_main(argv: list[str] | None = None) -> int:
         from xfel_spread.sim.structure_factors import load_channel_amplitudes
 
         if arguments.n_bins < 1:
-            raise ValueError(f"--n-bins must be at least 1, got {arguments.n_bins}")
+            raise OptionError(f"--n-bins must be at least 1, got {arguments.n_bins}")
         ours = read_merged_mtz(arguments.mtz)
         theirs = read_merged_mtz(arguments.dials_mtz) if arguments.dials_mtz else None
         amplitudes = load_channel_amplitudes(arguments.amplitudes)
@@ -138,7 +126,7 @@ def score_merge_main(argv: list[str] | None = None) -> int:
         print(text, end="")
         plot_cc_by_resolution(arguments.plot, arguments.dataset, comparisons)
 
-    return _run("spread-score-merge", action, CHECK_ERRORS)
+    return run_command("spread-score-merge", action)
 
 
 if __name__ == "__main__":

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import argparse
 
-from xfel_spread.cli.simulate import INPUT_ERRORS, _run
+from xfel_spread.cli.common import run_command
 
 
 def plot_shot_main(argv: list[str] | None = None) -> int:
+    """``spread-plot-shot``: one shot with the reindex pass's predicted spots."""
     parser = argparse.ArgumentParser(
         prog="spread-plot-shot",
         description="Draw the first shot the reindex pass integrated in a shard, with its predicted spots.")
@@ -28,10 +29,11 @@ def plot_shot_main(argv: list[str] | None = None) -> int:
         shot = plot_shot_from_files(arguments.plot, arguments.dataset, arguments.reindex_prefix, arguments.shard)
         print(f"{arguments.plot}: shot {shot} of {arguments.shard}")
 
-    return _run("spread-plot-shot", action, INPUT_ERRORS)
+    return run_command("spread-plot-shot", action)
 
 
 def plot_detector_refinement_main(argv: list[str] | None = None) -> int:
+    """``spread-plot-detector-refinement``: centroid residuals before and after metrology."""
     parser = argparse.ArgumentParser(
         prog="spread-plot-detector-refinement",
         description="Plot observed - predicted centroids of one shard's indexed spots before and after metrology.")
@@ -42,15 +44,10 @@ def plot_detector_refinement_main(argv: list[str] | None = None) -> int:
     arguments = parser.parse_args(argv)
 
     def action():
-        from xfel_spread.report.plots import centroid_residuals, plot_detector_refinement
+        from xfel_spread.report.pipeline import detector_refinement_figure
 
-        before = centroid_residuals(arguments.index_prefix)
-        after = centroid_residuals(arguments.reindex_prefix)
-        plot_detector_refinement(arguments.plot, arguments.dataset, before, after)
-        for name, residuals in (("index", before), ("reindex", after)):
-            values = residuals.all
-            mean = values.mean(axis=0) if len(values) else [float("nan")] * 2
-            print(f"{name}: {len(residuals.by_image)} lattices, {len(values)} spots, "
-                  f"mean residual ({mean[0]:+.3f}, {mean[1]:+.3f}) px")
+        for line in detector_refinement_figure(arguments.plot, arguments.dataset, arguments.index_prefix,
+                                               arguments.reindex_prefix):
+            print(line)
 
-    return _run("spread-plot-detector-refinement", action, INPUT_ERRORS)
+    return run_command("spread-plot-detector-refinement", action)

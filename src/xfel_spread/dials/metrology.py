@@ -35,6 +35,7 @@ from pathlib import Path
 from xfel_spread.atomic import atomic_output
 from xfel_spread.dials import residual_maps
 from xfel_spread.dials.stills import read_shots_table
+from xfel_spread.errors import UserInputError
 
 #: Shot outcomes whose lattice was indexed and refined (so it is in the shard's _refined.expt).
 INDEXED_OUTCOMES = ("integrate_ok", "integrate_failed")
@@ -50,7 +51,7 @@ DENSE_ENGINE_MAX_LATTICES = 2000
 HIERARCHY_LEVELS = (0, 1)
 
 
-class MetrologyError(RuntimeError):
+class MetrologyError(UserInputError, RuntimeError):
     """Metrology could not run; the message says why in one line."""
 
 

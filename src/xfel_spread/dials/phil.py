@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import os
 
+from xfel_spread.errors import UserInputError
+
 #: The DIALS program whose parameters each kind of phil file sets.
 PROGRAMS = ("stills_process", "refine")
 
 
-class PhilFileError(ValueError):
+class PhilFileError(UserInputError, ValueError):
     """A phil file DIALS would reject; the message is one line: ``path: problem``."""
 
 

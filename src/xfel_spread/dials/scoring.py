@@ -18,6 +18,7 @@ import numpy as np
 
 from xfel_spread.dials.metrology import INDEXED_OUTCOMES
 from xfel_spread.dials.stills import INTEGRATED, output_paths, read_shots_table
+from xfel_spread.errors import UserInputError
 from xfel_spread.io.tables import format_cell, write_table
 
 #: Columns of the score table, in order.
@@ -28,6 +29,10 @@ SCORE_COLUMNS = (
     "integrated_reflections_per_shot_median", "integrated_reflections_per_shot_mean",
     "beam_centre_error_fast_px", "beam_centre_error_slow_px",
 )
+
+
+class ScoreInputError(UserInputError, ValueError):
+    """Indexing outputs and truth files that do not belong together; the message names the file."""
 
 
 def point_group_rotations(space_group_symbol: str) -> list[np.ndarray]:
@@ -87,7 +92,7 @@ def score_lattices(integrated_experiments: Path, truth_shots: Sequence[dict], fi
         image = experiment.imageset.indices()[0]
         truth = truth_shots[image]
         if truth["shot_index"] != first_shot + image:
-            raise ValueError(f"{integrated_experiments}: image {image} is shot {first_shot + image}, "
+            raise ScoreInputError(f"{integrated_experiments}: image {image} is shot {first_shot + image}, "
                              f"but its truth record is shot {truth['shot_index']}")
         crystal = experiment.crystal
         estimated = np.array([crystal.get_real_space_vectors()[i] for i in range(3)])

@@ -43,6 +43,7 @@ from xfel_spread.io.stills import (  # noqa: F401 (the shard's file names and ta
     write_shots_table,
 )
 from xfel_spread.mpi import abort_on_error
+from xfel_spread.progress import progress_line
 
 #: stills_process's composite output of rank 0 (``idx-`` + composite tag ``0000``), by our output name.
 _COMPOSITE_FILES = {
@@ -199,12 +200,10 @@ class ProgressReporter:
         return len(outcomes), sum(status == INTEGRATED for status, _ in outcomes.values())
 
     def report(self, start: float) -> None:
+        """Print one progress line: shots finished (and integrated) since ``start``, rate and time left."""
         done, integrated = self.count()
-        elapsed = time.monotonic() - start
-        rate = done / elapsed if elapsed > 0 else 0.0
-        left = f"about {(self.n_shots - done) / rate:.0f} s left" if rate > 0 else "time left unknown"
-        print(f"stills_process: {done}/{self.n_shots} shots done ({integrated} integrated), "
-              f"{rate:.2f} shots/s, {left}", file=self.stream, flush=True)
+        print(progress_line("stills_process", done, self.n_shots, time.monotonic() - start, "shots",
+                            f" ({integrated} integrated)"), file=self.stream, flush=True)
 
     def _loop(self, start: float) -> None:
         while not self._stop.wait(self.interval_s):

@@ -23,7 +23,6 @@ The powder pattern is the sum over shots of every trusted pixel's photons, Bragg
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -119,22 +118,3 @@ class PowderSum:
         """Photons per pixel per trusted shot (flat) and the pixels trusted in at least one shot."""
         covered = self.trusted_shots > 0
         return np.where(covered, self.photons / np.maximum(self.trusted_shots, 1), 0.0), covered
-
-
-class Progress:
-    """Logs shots done, rate and time left, at most every ``interval_s`` seconds (and at the end)."""
-
-    def __init__(self, total: int, label: str, interval_s: float = 10.0):
-        self.total, self.label, self.interval_s = total, label, interval_s
-        self.started = self.last = time.monotonic()
-        self.done = 0
-
-    def step(self) -> None:
-        self.done += 1
-        now = time.monotonic()
-        if now - self.last < self.interval_s and self.done < self.total:
-            return
-        self.last = now
-        rate = self.done / max(now - self.started, 1e-9)
-        log.info("%s: %d/%d shots, %.2f shots/s, %.0f s left", self.label, self.done, self.total, rate,
-                 (self.total - self.done) / rate)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from xfel_spread.errors import UserInputError
 from xfel_spread.sim.geometry import Detector, capture_fraction, polarization_factor, solid_angle_sr
 from xfel_spread.sim.structure_factors import HC_EV_ANGSTROM
 
@@ -29,7 +30,7 @@ WATER_RING_Q_RANGE_INV_A = (1.5, 2.5)
 _ROWS_PER_BLOCK = 256
 
 
-class RadialInputError(ValueError):
+class RadialInputError(UserInputError, ValueError):
     """Bad input to a radial average (shapes, bin width, ring window); one line."""
 
 

@@ -36,12 +36,18 @@ from xfel_spread.hitfind.radial import (
     ring_peak,
 )
 from xfel_spread.atomic import atomic_output
+from xfel_spread.config import ConfigError
+from xfel_spread.errors import OptionError
 from xfel_spread.hitfind import tables
-from xfel_spread.hitfind.pixels import LitPixelSettings, PowderSum, Progress, measure_shot
+from xfel_spread.hitfind.pixels import LitPixelSettings, PowderSum, measure_shot
 from xfel_spread.hitfind.threshold import HitThreshold, choose_hit_threshold
 from xfel_spread.io.tables import write_table
+from xfel_spread.progress import Progress
 
 log = logging.getLogger(__name__)
+
+#: Seconds between two progress lines of a shard's measurement.
+PROGRESS_INTERVAL_S = 10.0
 
 
 def geometry_of(detector: dict, beam: dict, bin_width_px: float):
@@ -61,14 +67,14 @@ def measure_shard(shard_path, first_shot: int, settings: LitPixelSettings, bin_w
     geometry = geometry_of(metadata.detector, metadata.beam, bin_width_px)
     powder = PowderSum(geometry.shape)
     wavelengths = [mean_wavelength_a(metadata.energy_ev, photons) for photons in metadata.photons_per_channel]
-    progress = Progress(metadata.n_shots, f"hitfind {shard_path}")
+    progress = Progress(metadata.n_shots, f"hitfind {shard_path}", log.info, PROGRESS_INTERVAL_S, items="shots")
     measurements = []
     for image in range(metadata.n_shots):
         measurement, photons, trusted = measure_shot(read_shard_image(shard_path, image), metadata.detector,
                                                      geometry, settings, wavelengths[image])
         powder.add(photons, trusted)
         measurements.append(measurement)
-        progress.step()
+        progress.advance()
     tables.write_lit_table(lit_path, first_shot, measurements, wavelengths)
     profiles = np.array([m.profile for m in measurements]).reshape(len(measurements), geometry.n_bins)
     tables.write_radial(radial_path, tables.ShardRadial(
@@ -99,7 +105,7 @@ def find_hits(lit_paths: Sequence, hits_paths: Sequence, hitfind: dict, outputs:
     from xfel_spread.hitfind import plots
 
     if len(lit_paths) != len(hits_paths):
-        raise ValueError("give one lit table and one hits table per shard")
+        raise OptionError("give one lit table and one hits table per shard")
     shards = [tables.read_lit_table(path) for path in lit_paths]
     lit = np.array([row["lit_pixels"] for rows in shards for row in rows], dtype=np.float64)
     threshold = choose_hit_threshold(lit, hitfind["lit_pixel_floor"], hitfind["min_separation_decades"],
@@ -140,7 +146,7 @@ def sum_powder(radial_paths: Sequence, powder_paths: Sequence, ring_q_range_inv_
     from xfel_spread.hitfind import plots
 
     if len(radial_paths) != len(powder_paths):
-        raise ValueError("give one radial file and one powder file per shard")
+        raise OptionError("give one radial file and one powder file per shard")
     radials = [tables.read_radial(path) for path in radial_paths]
     _check_same_panel(radials, radial_paths)
     powder = tables.read_powder(powder_paths[0])
@@ -255,7 +261,7 @@ class HitAccuracy:
 def hit_accuracy(hits_paths: Sequence, truth_paths: Sequence) -> tuple[HitAccuracy, list[tuple[int, bool, bool, int]]]:
     """Accuracy, and per shot (shot, is_hit, is_blank, lit_pixels), from hits tables and truth files."""
     if len(hits_paths) != len(truth_paths):
-        raise ValueError("give one truth file per hits table")
+        raise OptionError("give one truth file per hits table")
     shots = []
     for hits_path, truth_path in zip(hits_paths, truth_paths):
         truth = _truth_blanks(truth_path)
@@ -295,7 +301,7 @@ def mean_profile_against_model(radial_paths: Sequence, simulate: dict,
     from xfel_spread.sim import background as bg
 
     if not simulate["background"]["enabled"]:
-        raise ValueError("simulate.background.enabled is false: there is no background model to compare with")
+        raise ConfigError("simulate.background.enabled is false: there is no background model to compare with")
     radials = [tables.read_radial(path) for path in radial_paths]
     _check_same_panel(radials, radial_paths)
     first = radials[0]
@@ -325,7 +331,7 @@ def score_hits(dataset: str, hits_paths: Sequence, radial_paths: Sequence, truth
     from xfel_spread.hitfind import plots
 
     if not len(hits_paths) == len(radial_paths) == len(truth_paths):
-        raise ValueError("give one hits table, radial file and truth file per shard")
+        raise OptionError("give one hits table, radial file and truth file per shard")
     accuracy, shots = hit_accuracy(hits_paths, truth_paths)
     try:
         summary = json.loads(Path(summary_path).read_text())

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from xfel_spread.atomic import atomic_output
+from xfel_spread.errors import UserInputError
 from xfel_spread.io.tables import NAN_TEXT, write_table
 from xfel_spread.hitfind.pixels import PowderSum, ShotMeasurement
 
@@ -37,7 +38,7 @@ LIT_COLUMNS = ("shot", "image", "lit_pixels", "photons", "trusted_pixels", "wave
 HITS_COLUMNS = ("shot", "lit_pixels", "photons", "is_hit")
 
 
-class HitfindFileError(ValueError):
+class HitfindFileError(UserInputError, ValueError):
     """A hitfind file that is missing, malformed or inconsistent; the message is one line naming it."""
 
     def __init__(self, path: str | os.PathLike, problem: str):

@@ -21,8 +21,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from xfel_spread.errors import UserInputError
 
-class ThresholdInputError(ValueError):
+
+class ThresholdInputError(UserInputError, ValueError):
     """Lit-pixel counts that no threshold can be chosen from; one line."""
 
 

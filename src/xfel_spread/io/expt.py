@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from xfel_spread.atomic import atomic_output, atomic_path
+from xfel_spread.errors import UserInputError
 
 #: Lists of models in a DIALS experiment-list document that experiments refer to by position.
 MODEL_LISTS = ("beam", "detector", "goniometer", "scan", "crystal", "profile", "scaling_model", "imageset")
@@ -29,7 +30,7 @@ IMAGESET_PATH_FIELDS = ("images", "template", "mask", "gain", "pedestal", "dx", 
 REQUIRED_REFLECTION_COLUMNS = ("id", "d", "bbox", "miller_index", "flags")
 
 
-class ExperimentListError(ValueError):
+class ExperimentListError(UserInputError, ValueError):
     """An experiment list, or its reflection table, that cannot be used; the message names it in one line."""
 
 

@@ -11,6 +11,7 @@ import csv
 import os
 from collections.abc import Mapping, Sequence
 
+from xfel_spread.errors import UserInputError
 from xfel_spread.io.tables import format_cell, write_table
 
 #: Columns of the lattice table, in file order.
@@ -20,7 +21,7 @@ LATTICE_COLUMNS = ("global_id", "shard_prefix", "identifier", "accepted", "reaso
 REQUIRED_COLUMNS = ("identifier", "accepted")
 
 
-class LatticeTableError(ValueError):
+class LatticeTableError(UserInputError, ValueError):
     """A lattice table that cannot be used; the message names it (and the line) in one line."""
 
 

@@ -12,12 +12,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from xfel_spread.errors import UserInputError
+
 #: Columns a merged MTZ must have: the Friedel-merged mean and the two Friedel mates.
 MEAN_COLUMNS = ("IMEAN", "SIGIMEAN")
 ANOMALOUS_COLUMNS = ("I(+)", "SIGI(+)", "I(-)", "SIGI(-)")
 
 
-class MergedFileError(ValueError):
+class MergedFileError(UserInputError, ValueError):
     """A merged MTZ that cannot be used, with the file named."""
 
 

@@ -23,6 +23,7 @@ import h5py
 import numpy as np
 
 from xfel_spread.atomic import atomic_path
+from xfel_spread.errors import UserInputError
 
 SHARD_FORMAT = "xfel_spread.shard"
 SHARD_FORMAT_VERSION = 1
@@ -51,7 +52,7 @@ BEAM_ATTRS = ("polarization_fraction", "polarization_normal")
 REQUIRED_DATASETS = ("data", "shot_index", "spectrum/energy_ev", "spectrum/photons")
 
 
-class ShardFormatError(Exception):
+class ShardFormatError(UserInputError):
     """A file that should be a shard is not readable as one; the message is one line naming it."""
 
     def __init__(self, path: str | os.PathLike, problem: str):

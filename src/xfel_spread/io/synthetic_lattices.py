@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from xfel_spread.atomic import atomic_output, atomic_path
+from xfel_spread.errors import UserInputError
 from xfel_spread.io.stills import OUTPUT_SUFFIXES
 
 #: stills_process's integrated outputs of a prefix (``xfel_spread.io.stills.OUTPUT_SUFFIXES``).
@@ -47,7 +48,7 @@ COLUMN_TYPES = {
 }
 
 
-class SyntheticDataError(ValueError):
+class SyntheticDataError(UserInputError, ValueError):
     """Synthetic-data input or directory that cannot be used, with the file named."""
 
 

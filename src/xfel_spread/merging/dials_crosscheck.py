@@ -38,6 +38,7 @@ from pathlib import Path
 
 from xfel_spread.atomic import atomic_output, atomic_path
 from xfel_spread.dials.metrology import dials_command
+from xfel_spread.errors import UserInputError
 from xfel_spread.io.expt import read_lattices, select_lattices
 from xfel_spread.io.lattices import read_accepted_identifiers
 from xfel_spread.io.stills import output_paths
@@ -57,7 +58,7 @@ TAIL_LINES = 200
 _SUMMARY_START = re.compile(r"-+Summary of merging statistics-+")
 
 
-class DialsMergeError(RuntimeError):
+class DialsMergeError(UserInputError, RuntimeError):
     """The cross-check could not run, or a DIALS program failed; the message says which, in one line."""
 
 

@@ -21,8 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
+from xfel_spread.errors import UserInputError
 from xfel_spread.io.expt import load_experiment_json
 from xfel_spread.io.stills import OUTPUT_SUFFIXES
+from xfel_spread.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +34,7 @@ REFLECTIONS_SUFFIX = OUTPUT_SUFFIXES["integrated_reflections"]
 REFLECTION_COLUMNS = ("id", "miller_index", "intensity.sum.value", "intensity.sum.variance", "d", "s1", "flags")
 
 
-class ShardFileError(ValueError):
+class ShardFileError(UserInputError, ValueError):
     """A shard's experiment list or reflection table cannot be read; the message names the file."""
 
 
@@ -202,7 +204,9 @@ def load_shards(prefixes: Sequence[str], positions: Sequence[int],
     """
     lattice_parts, observation_parts = [], []
     n_lattices = n_observations = 0
-    start = last_report = time.monotonic()
+    start = time.monotonic()
+    progress = Progress(len(positions), "loading", log.info, progress_interval_s, items="shards",
+                        report_end=False)  # the end has its own line below
     for count, position in enumerate(positions, 1):
         experiments_path, reflections_path = shard_files(prefixes[position])
         lattices = read_experiments(experiments_path, position)
@@ -212,12 +216,7 @@ def load_shards(prefixes: Sequence[str], positions: Sequence[int],
         observation_parts.append(observations)
         n_lattices += len(lattices)
         n_observations += len(observations)
-        now = time.monotonic()
-        if now - last_report >= progress_interval_s and count < len(positions):
-            last_report = now
-            rate = n_lattices / (now - start)
-            log.info("loading: %d/%d shards, %d lattices (%.0f lattices/s), about %.0f s left",
-                     count, len(positions), n_lattices, rate, (now - start) * (len(positions) / count - 1))
+        progress.update(count, detail=f" ({n_lattices} lattices)")
     elapsed = time.monotonic() - start
     log.info("loaded %d shards: %d lattices, %d observations in %.1f s (%.0f lattices/s)", len(positions),
              n_lattices, n_observations, elapsed, n_lattices / elapsed if elapsed > 0 else 0.0)

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from xfel_spread.errors import UserInputError
 from xfel_spread.mpi import abort_on_error
 
 
@@ -118,7 +119,7 @@ def _int32(values: np.ndarray) -> np.ndarray:
     return values.astype(np.int32)
 
 
-class AgreedError(ValueError):
+class AgreedError(UserInputError, ValueError):
     """An input error one rank found, raised by every rank after they agreed on it."""
 
 

@@ -415,3 +415,16 @@ def _summary(records: LatticeRecords, n_observations: int, error_model: ErrorMod
         "n_ranks": n_ranks,
         "timings_s": dict(timings),
     }
+
+
+def merge_dataset(comm, section: dict, prefixes: Sequence[str], covariance_path, model_path,
+                  outputs: MergeOutputs) -> dict | None:
+    """:func:`run_merge` with the settings of the config's ``merge`` section (``section``) and the unit-cell
+    cluster of the covariance pickle (``spread-merge``); rank 0 returns the summary, the others None.
+
+    Every rank reads the settings and the pickle, so every rank meets the same input error."""
+    from xfel_spread.cells.covariance import read_covariance
+
+    settings = MergeSettings.from_config(section)
+    cluster = read_covariance(covariance_path, settings.covariance_component)
+    return run_merge(comm, prefixes, cluster, model_path, settings, outputs)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from xfel_spread.errors import UserInputError
 from xfel_spread.merging.indices import from_flex_miller_index, pack_hkl
 
 #: Bulk-solvent parameters of cctbx.xfel.merge's reference (``scaling.pdb.k_sol``, ``b_sol``).
@@ -28,7 +29,7 @@ CELL_RELATIVE_LENGTH_TOLERANCE = 0.03
 CELL_ANGLE_TOLERANCE_DEG = 2.0
 
 
-class ModelError(ValueError):
+class ModelError(UserInputError, ValueError):
     """The model cannot be read or does not describe the data; the message names the file."""
 
 

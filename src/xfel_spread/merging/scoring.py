@@ -25,9 +25,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from xfel_spread.errors import UserInputError
 from xfel_spread.io.mtz import MergedIntensities, intensity_array
 from xfel_spread.io.tables import format_cell, write_table
 from xfel_spread.sim.structure_factors import ChannelAmplitudes, true_intensities
+
+
+class ScoringInputError(UserInputError, ValueError):
+    """Shards or merged files that cannot be scored together (no spectrum, differing channels, another
+    point group), with the file named."""
 
 
 @dataclass(frozen=True)
@@ -44,7 +50,7 @@ def mean_spectrum(shard_paths: Sequence[str | os.PathLike]) -> MeanSpectrum:
     from xfel_spread.io.shard import read_shard_metadata
 
     if not shard_paths:
-        raise ValueError("mean spectrum: no shard given")
+        raise ScoringInputError("mean spectrum: no shard given")
     energies, total, n_shots = None, None, 0
     for path in shard_paths:
         # The metadata holds every shot's spectrum (read_shard_spectrum's source) in one read.
@@ -52,11 +58,11 @@ def mean_spectrum(shard_paths: Sequence[str | os.PathLike]) -> MeanSpectrum:
         if energies is None:
             energies, total = metadata.energy_ev, np.zeros(len(metadata.energy_ev))
         elif not np.allclose(metadata.energy_ev, energies, rtol=0, atol=1e-6):
-            raise ValueError(f"{path}: spectrum channels differ from those of {shard_paths[0]}")
+            raise ScoringInputError(f"{path}: spectrum channels differ from those of {shard_paths[0]}")
         total += metadata.photons_per_channel.sum(axis=0)
         n_shots += metadata.n_shots
     if not total.sum() > 0:
-        raise ValueError(f"{shard_paths[0]}: the shards' spectra hold no photons")
+        raise ScoringInputError(f"{shard_paths[0]}: the shards' spectra hold no photons")
     return MeanSpectrum(energies_ev=np.asarray(energies, dtype=np.float64), weights=total / total.sum(),
                         n_shots=n_shots)
 
@@ -135,7 +141,7 @@ def _check_same_point_group(a_symbol: str, b_symbol: str, what: str) -> None:
 
     groups = [sgtbx.space_group_info(symbol).group().build_derived_point_group() for symbol in (a_symbol, b_symbol)]
     if groups[0] != groups[1]:
-        raise ValueError(f"{what}: space groups {a_symbol} and {b_symbol} have different point groups")
+        raise ScoringInputError(f"{what}: space groups {a_symbol} and {b_symbol} have different point groups")
 
 
 def score_against_truth(merged: MergedIntensities, truth_indices: np.ndarray, truth_intensities: np.ndarray,
@@ -172,7 +178,7 @@ def truth_for_shards(amplitudes: ChannelAmplitudes, shard_paths: Sequence) -> tu
     spectrum = mean_spectrum(shard_paths)
     if spectrum.energies_ev.shape != amplitudes.energies_ev.shape or not np.allclose(
             spectrum.energies_ev, amplitudes.energies_ev, rtol=0, atol=1e-6):
-        raise ValueError(f"{shard_paths[0]}: the spectrum's {spectrum.energies_ev.size} channels are not the "
+        raise ScoringInputError(f"{shard_paths[0]}: the spectrum's {spectrum.energies_ev.size} channels are not the "
                          f"amplitude table's {amplitudes.energies_ev.size}")
     return true_intensities(amplitudes, spectrum.weights)
 

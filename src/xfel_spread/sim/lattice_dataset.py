@@ -26,6 +26,7 @@ from xfel_spread.io.synthetic_lattices import (
     shard_written,
     write_integrated,
 )
+from xfel_spread.progress import Progress
 from xfel_spread.sim.lattices import Shard, Source, SyntheticSettings, prepare_source, simulate_shard
 
 LOGGER = logging.getLogger(__name__)
@@ -128,11 +129,10 @@ def generate_dataset(directory: str | os.PathLike, n_lattices: int, lattices_per
     source = prepare_source(truth, settings, seed)
     start = time.perf_counter()
 
+    progress = Progress(len(tasks), "synthetic shards", LOGGER.info, every_seconds=0, items="shards")
+
     def log_progress(done):
-        elapsed = time.perf_counter() - start
-        rate = done / elapsed if elapsed > 0 else 0.0
-        LOGGER.info("synthetic shards: %d/%d done, %.2f shards/s, %.0f s left", done, len(tasks), rate,
-                    (len(tasks) - done) / rate if rate > 0 else float("nan"))
+        progress.update(done)
 
     if processes > 1 and len(tasks) > 1:
         import multiprocessing

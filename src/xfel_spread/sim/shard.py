@@ -17,7 +17,6 @@ import contextlib
 import json
 import logging
 import math
-import time
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -27,12 +26,13 @@ import torch
 from xfel_spread.atomic import atomic_output
 from xfel_spread.config import DATASETS
 from xfel_spread.io.shard import open_shard_writer
+from xfel_spread.progress import Progress
 from xfel_spread.sim import background as bg
 from xfel_spread.sim import crystal as xtal
 from xfel_spread.sim import detector_effects as effects
 from xfel_spread.sim.forward import AmplitudeLookup, Beam, CrystalState, bragg_photons_sparse
 from xfel_spread.sim.geometry import Detector
-from xfel_spread.sim.spectrum import SaseModel, read_recorded_spectra, sase_spectrum
+from xfel_spread.sim.spectrum import SaseModel, SpectrumFileError, read_recorded_spectra, sase_spectrum
 from xfel_spread.sim.structure_factors import expand_to_p1_grid, load_channel_amplitudes
 
 log = logging.getLogger(__name__)
@@ -173,7 +173,7 @@ def shot_spectrum(setup: SimulationSetup, shot_index: int) -> np.ndarray:
     """Photons per channel for one shot."""
     if setup.recorded_spectra is not None:
         if shot_index >= len(setup.recorded_spectra):
-            raise ValueError(f"shot {shot_index}: only {len(setup.recorded_spectra)} recorded spectra were given")
+            raise SpectrumFileError(f"shot {shot_index}: only {len(setup.recorded_spectra)} recorded spectra were given")
         return setup.recorded_spectra[shot_index]
     return sase_spectrum(setup.sase, setup.energies_ev, shot_rng(setup.seed, shot_index, STREAM_SPECTRUM))
 
@@ -268,27 +268,13 @@ def shard_metadata(setup: SimulationSetup) -> tuple[dict, dict]:
     return detector, beam
 
 
-class ProgressLog:
-    """Logs shots done, rate and time left."""
-
-    def __init__(self, total: int, label: str):
-        self.total, self.label, self.started, self.done = total, label, time.monotonic(), 0
-
-    def step(self):
-        self.done += 1
-        elapsed = time.monotonic() - self.started
-        rate = self.done / elapsed if elapsed > 0 else float("inf")
-        left = (self.total - self.done) / rate if rate > 0 else float("nan")
-        log.info("%s: %d/%d shots, %.3f shots/s, %.0f s left", self.label, self.done, self.total, rate, left)
-
-
 def simulate_shard(setup: SimulationSetup, start: int, stop: int, shard_paths: dict[str, str],
                    truth_path: str) -> None:
     """Simulate shots start..stop-1; write both datasets and the truth file, each atomically."""
     shots = list(range(start, stop))
     spectra = np.stack([shot_spectrum(setup, shot) for shot in shots])
     detector_attrs, beam_attrs = shard_metadata(setup)
-    progress = ProgressLog(len(shots), f"shard {shard_paths['nopsf']}")
+    progress = Progress(len(shots), f"shard {shard_paths['nopsf']}", log.info, every_n=1, items="shots")
     truths = []
     with contextlib.ExitStack() as stack:
         writers = {dataset: stack.enter_context(open_shard_writer(
@@ -300,6 +286,6 @@ def simulate_shard(setup: SimulationSetup, start: int, stop: int, shard_paths: d
             for dataset, writer in writers.items():
                 writer.append(images[dataset])
             truths.append(truth.as_json(setup, photons))
-            progress.step()
+            progress.advance()
         with atomic_output(truth_path, "w") as handle:
             json.dump({"seed": setup.seed, "shots": truths}, handle, indent=1)

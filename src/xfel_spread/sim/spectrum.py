@@ -20,10 +20,13 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import erf
 
+from xfel_spread.config import ConfigError
+from xfel_spread.errors import UserInputError
+
 FWHM_TO_SIGMA = 1.0 / (2.0 * np.sqrt(2.0 * np.log(2.0)))
 
 
-class SpectrumFileError(ValueError):
+class SpectrumFileError(UserInputError, ValueError):
     """A recorded-spectrum file that cannot be used, with the file named."""
 
 
@@ -53,7 +56,7 @@ def sase_spectrum(model: SaseModel, energies_ev: np.ndarray, rng: np.random.Gene
     spectrum = mode_weight @ in_bin
     total = spectrum.sum()
     if total <= 0:
-        raise ValueError("SASE spectrum fell entirely outside the channels; widen the channel range")
+        raise ConfigError("SASE spectrum fell entirely outside the channels; widen the channel range")
     return spectrum * (model.total_photons / total)
 
 

@@ -21,11 +21,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from xfel_spread.errors import UserInputError
+
 #: hc in eV * Angstrom (CODATA 2018), used to convert channel energies to wavelengths.
 HC_EV_ANGSTROM = 12398.419843320026
 
 
-class ModelFileError(ValueError):
+class ModelFileError(UserInputError, ValueError):
     """A model or scattering-factor table that cannot be used, with the file named."""
 
 

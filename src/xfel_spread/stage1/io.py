@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from xfel_spread.atomic import atomic_output, atomic_path
+from xfel_spread.errors import UserInputError
 from xfel_spread.sim.structure_factors import (AmplitudeGrid, ChannelAmplitudes, expand_to_p1_grid,
                                                load_channel_amplitudes)
 
@@ -68,7 +69,7 @@ INTEGER_COLUMNS = ("shot", "image", "converged", "n_rois", "n_rois_strong", "n_r
 TEXT_COLUMNS = ("identifier", "reason")
 
 
-class Stage1FileError(ValueError):
+class Stage1FileError(UserInputError, ValueError):
     """A structure-factor source or a stage-1 output that cannot be used; one line naming the file."""
 
 

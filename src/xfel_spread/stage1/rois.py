@@ -41,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
+from xfel_spread.errors import UserInputError
 from xfel_spread.io.shard import ShardMetadata, read_shard_image, read_shard_metadata, read_shard_spectrum
 from xfel_spread.sim.geometry import FAST_AXIS, SLOW_AXIS, Detector
 from xfel_spread.sim.structure_factors import AmplitudeGrid
@@ -56,7 +57,7 @@ BACKGROUND_CLIP_ROUNDS = 10
 POLARIZATION_NORMAL = (0.0, 1.0, 0.0)
 
 
-class RoiInputError(ValueError):
+class RoiInputError(UserInputError, ValueError):
     """Annulus files or a shard that cannot give shoeboxes; the message is one line naming the file."""
 
 
