@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import run_job
-from test_pipeline import DATASETS, snakemake, succeeded
+from pipeline_run import DATASETS, snakemake, succeeded
 from tiny_config import N_SHOTS, SHOTS_PER_SHARD
 
 #: Every figure the report must hold: (category, path under results/ with {dataset}, rule).
