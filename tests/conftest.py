@@ -34,6 +34,15 @@ def completed_run(tmp_path_factory):
     return completed_pipeline_run(tmp_path_factory.mktemp("pipeline"))
 
 
+@pytest.fixture(scope="module")
+def amplitude_table():
+    """The LY99 per-channel amplitude table (tests/sim_fixtures.py's ly99_amplitudes, computed once per
+    process); tests must not modify its arrays."""
+    from sim_fixtures import ly99_amplitudes
+
+    return ly99_amplitudes()
+
+
 def mpirun_command(command, ranks: int) -> list:
     """``command`` under ``mpirun -n ranks`` (allowed as root, and with more ranks than cores)."""
     return ["mpirun", "--allow-run-as-root", "--oversubscribe", "-n", str(ranks), *command]

@@ -25,6 +25,9 @@ from pipeline_run import (ALL_TRIGGERS, DATASETS, N_SHARDS, REPO_ROOT, output_of
 from tiny_config import (INDEXABLE_N_PIXELS, INDEXABLE_PIXEL_SIZE_MM, N_PIXELS, N_SHOTS, SHARED_DATA_DIR,
                          SHOTS_PER_SHARD, indexable_config, tiny_config, write_config)
 
+#: Slow tier (make test-fast leaves it out): the small config run to completion, then reruns on it.
+pytestmark = pytest.mark.slow
+
 
 # --- tiny config and helpers -------------------------------------------------------------------------
 

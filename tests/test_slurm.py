@@ -237,6 +237,7 @@ def slurm_run(tmp_path_factory) -> SlurmRun:
     return SlurmRun(workdir, configfile, output, planned, daemons, running)
 
 
+@pytest.mark.slow
 @requires_slurm
 def test_every_job_goes_through_sbatch_and_the_run_completes(slurm_run):
     submitted = Counter(re.findall(r"submitted with SLURM jobid \d+ \(log: \S+/slurm_logs/rule_(\w+)/",
@@ -251,6 +252,7 @@ def test_every_job_goes_through_sbatch_and_the_run_completes(slurm_run):
     assert job_stats(succeeded(after)) == Counter()
 
 
+@pytest.mark.slow
 @requires_slurm
 def test_the_mpi_stages_ran_two_ranks_under_srun(slurm_run):
     from xfel_spread.dials.stills import read_shots_table
@@ -282,6 +284,7 @@ def test_the_mpi_stages_ran_two_ranks_under_srun(slurm_run):
                 assert re.search(rf"spread-{refinement}: \d+ lattices of \S+ on {RANKS} rank\(s\)", log), log[-3000:]
 
 
+@pytest.mark.slow
 @requires_slurm
 def test_the_daemons_are_down_after_the_run(slurm_run):
     assert {"slurmctld", "slurmd"} <= set(slurm_run.daemons), slurm_run.daemons

@@ -4,7 +4,7 @@ its gradients, the per-shot and batched refinements with it, and what leaving it
 import numpy as np
 import pytest
 import torch
-from sim_fixtures import LY99_ENERGIES_EV, amplitude_table, lookup_for  # noqa: F401  (amplitude_table is a fixture)
+from sim_fixtures import LY99_ENERGIES_EV, lookup_for
 
 from test_stage1_batched import assert_same_fit
 
