@@ -43,7 +43,8 @@ except RunSettingsError as error:
 # Shell-quoted directory of the environment's commands (spread-*), next to the Python running Snakemake.
 # Rules write "{ENV_BIN}/spread-..." so they work from .venv/bin/snakemake without an activated venv and
 # cluster jobs use the submitting environment. Named, not inlined, so moving the venv does not change
-# the rules' shell text (which the `code` rerun trigger compares).
+# the rules' shell text (which the `code` rerun trigger compares); `snakemake --lint` flags it in every
+# rule, accepted with this reason in scripts/lint_workflow.py.
 ENV_BIN = shlex.quote(os.path.dirname(sys.executable))
 
 #: The {dataset} wildcard's values and the {index} wildcard's form (a five-digit shard number).
