@@ -1,9 +1,9 @@
-# Entry points: make setup | demo | test | bench. Everything runs from the project's .venv.
+# Entry points: make setup | demo | lint | test | test-fast | bench. Everything runs from the project's .venv.
 SHELL := /bin/bash
 VENV := .venv
 SETUP_STAMP := $(VENV)/.setup-complete
 
-.PHONY: setup demo test bench
+.PHONY: setup demo lint test test-fast bench
 
 setup: $(SETUP_STAMP)
 
@@ -16,8 +16,19 @@ $(SETUP_STAMP): scripts/setup.sh pyproject.toml constraints.txt
 demo: setup
 	$(VENV)/bin/snakemake --profile profiles/local
 
+# ruff on the Python code (config in pyproject.toml), then `snakemake --lint` on the rules, failing on any
+# lint that scripts/lint_workflow.py does not list with its reason.
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/python scripts/lint_workflow.py
+
+# Everything, the slow tier (pipeline, Slurm, resume, report: pytest -m slow) included; what CI runs.
 test: setup
 	$(VENV)/bin/python -m pytest -q tests
+
+# The fast tier: every test not marked slow.
+test-fast: setup
+	$(VENV)/bin/python -m pytest -q -m "not slow" tests
 
 bench: demo
 	@shopt -s nullglob; benchmarks=(benchmarks/*.py); \

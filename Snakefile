@@ -13,6 +13,8 @@ report: "report/workflow.rst"
 # "FILE: key.path: problem" message, before any job is planned.
 include: "rules/common.smk"
 
+# Then the stages, in pipeline order: every name the rule files share lives in common.smk; the only
+# order they depend on is a rule's `rules.NAME.output` of a rule in a file above it.
 include: "rules/reference.smk"
 include: "rules/simulate.smk"
 include: "rules/index.smk"

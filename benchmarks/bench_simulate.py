@@ -67,8 +67,8 @@ def main() -> None:
         crystals = {shot: sh.draw_crystal(setup, shot) for shot in shots}
         sh.expected_photons(setup, crystals[0], spectra[0], include_background=False)  # warm-up
 
-        bragg = [timed(lambda: sh.expected_photons(setup, crystals[s], spectra[s], include_background=False), device)
-                 for s in shots]
+        bragg = [timed(lambda s=s: sh.expected_photons(setup, crystals[s], spectra[s], include_background=False),
+                       device) for s in shots]
         print(f"Bragg only:                  {statistics.median(bragg):6.2f} s/shot (median of {len(bragg)}: "
               + ", ".join(f"{t:.2f}" for t in bragg) + ")")
 
@@ -76,7 +76,7 @@ def main() -> None:
             expected = sh.expected_photons(setup, crystals[shot], spectra[shot])
             sh.detector_images(setup, expected, shot)
 
-        full = [timed(lambda: everything(s), device) for s in shots]
+        full = [timed(lambda s=s: everything(s), device) for s in shots]
         print(f"+ background, noise, PSF:    {statistics.median(full):6.2f} s/shot (median of {len(full)}: "
               + ", ".join(f"{t:.2f}" for t in full) + ")")
 

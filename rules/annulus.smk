@@ -2,11 +2,6 @@
 # accepted, one reflection/experiment file pair per shard for the pixel-refinement stage, with counts.
 
 
-def annulus_prefix(index):
-    """Output prefix of shard `index` of the annulus stage, with a {dataset} wildcard."""
-    return f"{OUTPUT_DIR}/annulus/{{dataset}}/shard_{index:05d}"
-
-
 rule annulus:
     """Select the annulus reflections of one dataset; count lattices, shoeboxes, indices and pixels."""
     input:
@@ -15,16 +10,15 @@ rule annulus:
         experiments=stills_output_of_all_shards("reindex", "integrated_experiments"),
         reflections=stills_output_of_all_shards("reindex", "integrated_reflections"),
     output:
-        reflections=[annulus_prefix(index) + "_annulus.refl" for index in range(len(SHARD_RANGES))],
-        experiments=[annulus_prefix(index) + "_annulus.expt" for index in range(len(SHARD_RANGES))],
+        reflections=shard_files("annulus", "_annulus.refl"),
+        experiments=shard_files("annulus", "_annulus.expt"),
         summary=f"{OUTPUT_DIR}/annulus/{{dataset}}/summary.json",
         text=f"{OUTPUT_DIR}/annulus/{{dataset}}/summary.txt",
-    wildcard_constraints:
-        dataset=DATASET,
     params:
         shards=lambda wildcards: " ".join(
-            f"--shard-prefix {shlex.quote(prefix)} --output-prefix {shlex.quote(annulus_prefix(index).format(dataset=wildcards.dataset))}"
-            for index, prefix in enumerate(stills_prefixes("reindex", wildcards.dataset))),
+            f"--shard-prefix {shlex.quote(prefix)} --output-prefix {shlex.quote(output_prefix)}"
+            for prefix, output_prefix in zip(shard_prefixes("reindex", wildcards.dataset),
+                                             shard_prefixes("annulus", wildcards.dataset))),
     log:
         f"{LOG_DIR}/annulus/{{dataset}}.log",
     benchmark:

@@ -8,8 +8,6 @@ rule tdata:
         experiments=stills_output_of_all_shards("reindex", "integrated_experiments"),
     output:
         f"{OUTPUT_DIR}/cells/{{dataset}}.tdata",
-    wildcard_constraints:
-        dataset=DATASET,
     params:
         experiments=lambda wildcards, input: repeated_option("--experiments", input.experiments),
     log:
@@ -29,8 +27,6 @@ rule covariance:
         plot=report(f"{OUTPUT_DIR}/cells/{{dataset}}_clusters.png", caption="../report/cells.rst",
                     category="3. Unit cells", subcategory="{dataset}",
                     labels={"dataset": "{dataset}", "figure": "cell clusters"}),
-    wildcard_constraints:
-        dataset=DATASET,
     log:
         f"{LOG_DIR}/cells/covariance_{{dataset}}.log",
     benchmark:

@@ -1,11 +1,13 @@
-# Shared by all rule files: config validation, output paths, shard bookkeeping, command location.
+# Shared by every rules/*.smk file and included before them: config validation and the parse-time checks, output
+# paths, shard bookkeeping, wildcard constraints, command location and every helper the rules call.
 
 import os
 import shlex
 import sys
 
-from xfel_spread.config import DATASETS, ConfigError, load_config, shard_ranges
+from xfel_spread.config import DATASETS, modelled_psf, shard_ranges
 from xfel_spread.reference import REFERENCE_NAMES
+from xfel_spread.workflow import RunSettingsError, check_run_settings, display_path, run_config
 
 
 def config_source_name():
@@ -19,17 +21,11 @@ def config_source_name():
     return " + ".join(sources) or "<config>"
 
 
-def display_path(path):
-    """`path` relative to the working directory when it lies inside it, else absolute."""
-    relative = os.path.relpath(path)
-    return relative if not relative.startswith("..") else os.path.abspath(path)
-
-
 try:
     # Update in place: the rules read Snakemake's own `config` object.
-    config.update(load_config(config, source_name=config_source_name()))
-except ConfigError as error:
-    sys.exit(f"Config error: {error}")
+    config.update(run_config(config, config_source_name(), workflow.basedir))
+except RunSettingsError as error:
+    sys.exit(str(error))
 
 OUTPUT_DIR = os.path.normpath(config["output_dir"])
 LOG_DIR = os.path.normpath(config["log_dir"])
@@ -37,12 +33,40 @@ REFERENCE_DIR = os.path.normpath(config["reference"]["dir"])
 # (start, stop) shot indices of each shard; shard i holds shots start..stop-1.
 SHARD_RANGES = shard_ranges(config["simulate"]["n_shots"], config["simulate"]["shots_per_shard"])
 
+try:
+    # Phil files, metrology engine, saved detector: stop here rather than in every job.
+    check_run_settings(config, config_source_name(), OUTPUT_DIR)
+except RunSettingsError as error:
+    sys.exit(str(error))
+
 
 # Shell-quoted directory of the environment's commands (spread-*), next to the Python running Snakemake.
 # Rules write "{ENV_BIN}/spread-..." so they work from .venv/bin/snakemake without an activated venv and
 # cluster jobs use the submitting environment. Named, not inlined, so moving the venv does not change
-# the rules' shell text (which the `code` rerun trigger compares).
+# the rules' shell text (which the `code` rerun trigger compares); `snakemake --lint` flags it in every
+# rule, accepted with this reason in scripts/lint_workflow.py.
 ENV_BIN = shlex.quote(os.path.dirname(sys.executable))
+
+#: The {dataset} wildcard's values and the {index} wildcard's form (a five-digit shard number).
+DATASET = "|".join(DATASETS)
+SHARD_INDEX = r"\d{5}"
+
+#: Whether the hitfind stage runs and index/reindex take only its hits.
+HITFIND = config["hitfind"]["enabled"]
+
+#: The two pixel refinements (rules/stage1.smk): the per-shot forward model and the batched API.
+PIXEL_REFINEMENTS = ("stage1", "exa")
+
+#: The report's own figures (rules/report.smk), one of each per dataset.
+REPORT_FIGURES = ("shot", "detector_refinement")
+
+
+wildcard_constraints:
+    dataset=DATASET,
+    index=SHARD_INDEX,
+
+
+# --- paths -------------------------------------------------------------------------------------------
 
 
 def reference_path(name):
@@ -50,13 +74,35 @@ def reference_path(name):
     return f"{REFERENCE_DIR}/{name}"
 
 
-def shard_path(dataset, index):
+def shard_prefix(stage, dataset="{dataset}", index="{index}"):
+    """Where shard `index` of `dataset` has its files in `stage`: OUTPUT_DIR/stage/dataset/shard_NNNNN.
+    An int index is written with five digits; left out, dataset and index stay wildcards."""
+    number = f"{index:05d}" if isinstance(index, int) else index
+    return f"{OUTPUT_DIR}/{stage}/{dataset}/shard_{number}"
+
+
+def shard_file(stage, suffix, dataset="{dataset}", index="{index}"):
+    """The file of shard `index` of `dataset` in `stage` that ends in `suffix` (shard_prefix + suffix)."""
+    return shard_prefix(stage, dataset, index) + suffix
+
+
+def shard_prefixes(stage, dataset="{dataset}"):
+    """shard_prefix of every shard of `dataset` in `stage`, in shard order."""
+    return [shard_prefix(stage, dataset, index) for index in range(len(SHARD_RANGES))]
+
+
+def shard_files(stage, suffix, dataset="{dataset}"):
+    """shard_file `suffix` of every shard of `dataset` in `stage`, in shard order."""
+    return [prefix + suffix for prefix in shard_prefixes(stage, dataset)]
+
+
+def shard_path(dataset="{dataset}", index="{index}"):
     """Simulated shard `index` of `dataset` (nopsf or psf)."""
-    return f"{OUTPUT_DIR}/sim/{dataset}/shard_{index:05d}.h5"
+    return shard_file("sim", ".h5", dataset, index)
 
 
-#: The report's own figures (rules/report.smk), one of each per dataset.
-REPORT_FIGURES = ("shot", "detector_refinement")
+#: The simulation's truth, one file per shard (shared by both datasets).
+TRUTH_FILES = shard_files("sim", ".json", dataset="truth")
 
 
 def report_plot(figure, dataset="{dataset}"):
@@ -65,7 +111,7 @@ def report_plot(figure, dataset="{dataset}"):
 
 
 def final_targets():
-    """Everything `rule all` asks for: the reference files, every shard of both datasets, the score
+    """Everything the default target `all` asks for: the reference files, every shard of both datasets, the score
     tables of the DIALS chain, merging and both pixel refinements (which pull in index, metrology,
     reindex, the cell analysis, the merge and the annulus), the annulus summaries and the report's figures."""
     references = [reference_path(name) for name in REFERENCE_NAMES]
@@ -79,13 +125,37 @@ def final_targets():
     return references + shards + scores + annulus + figures + hitfind
 
 
-#: Whether the hitfind stage runs and index/reindex take only its hits.
-HITFIND = config["hitfind"]["enabled"]
+def repeated_option(option, values):
+    """`option value` once per value, shell-quoted: how spread-* commands take one path per shard."""
+    return " ".join(f"{option} {shlex.quote(str(value))}" for value in values)
+
+
+# --- reference data (rules/reference.smk) ------------------------------------------------------------
+
+
+def mirror_copy(wildcards):
+    """The mirror's copy of the file as an input, so Snakemake notices when the mirror changes."""
+    mirror_dir = config["reference"]["mirror_dir"]
+    return [os.path.join(mirror_dir, wildcards.name)] if mirror_dir is not None else []
+
+
+def mirror_option(wildcards):
+    """`--mirror DIR` for spread-fetch-reference, or nothing to download instead."""
+    mirror_dir = config["reference"]["mirror_dir"]
+    return f"--mirror {shlex.quote(mirror_dir)}" if mirror_dir is not None else ""
+
+
+# --- hit finding (rules/hitfind.smk) -----------------------------------------------------------------
+
+
+def hitfind_files(suffix):
+    """Input function: file `suffix` of every shard of the job's dataset in the hitfind stage, in shard order."""
+    return lambda wildcards: shard_files("hitfind", suffix, wildcards.dataset)
 
 
 def hits_table_input():
     """index/reindex input `hits`: the shard's hits table when hitfind is enabled, else nothing."""
-    return {"hits": f"{OUTPUT_DIR}/hitfind/{{dataset}}/shard_{{index}}_hits.tsv"} if HITFIND else {}
+    return {"hits": shard_file("hitfind", "_hits.tsv")} if HITFIND else {}
 
 
 def hits_table_option(wildcards, input):
@@ -93,78 +163,14 @@ def hits_table_option(wildcards, input):
     return f"--hits-table {shlex.quote(input.hits)}" if HITFIND else ""
 
 
-def workflow_file(path):
-    """`path` itself when it exists (absolute, or relative to the working directory), else the same
-    relative path inside the workflow's directory, where the shipped config/*.phil files live."""
-    if os.path.isabs(path) or os.path.exists(path):
-        return path
-    return display_path(os.path.join(workflow.basedir, path))
-
-
-for section in ("index", "metrology"):
-    config[section]["phil"] = workflow_file(config[section]["phil"])
-
-
-def check_phil_files():
-    """Stop before any job if a DIALS phil file has an unknown parameter or a bad value."""
-    from xfel_spread.dials.phil import PhilFileError, check_phil_file
-
-    try:
-        check_phil_file(config["index"]["phil"], "stills_process")
-        check_phil_file(config["metrology"]["phil"], "refine")
-    except PhilFileError as error:
-        sys.exit(f"Phil error: {error}")
-
-
-check_phil_files()
-
-
-def check_metrology_engine():
-    """Stop before any job if the refinement engine cannot run (missing, or too many lattices)."""
-    from xfel_spread.dials.metrology import MetrologyError, plan_refinement
-
-    try:
-        plan_refinement(config["metrology"]["engine"], config["metrology"]["max_lattices"])
-    except MetrologyError as error:
-        sys.exit(f"Config error: {config_source_name()}: {error}")
-
-
-check_metrology_engine()
-
-
-def check_saved_detector():
-    """Stop before any job if metrology.reference_geometry names a file that is not there, or one that
-    this run's metrology writes (a job that needs its own output)."""
-    path = config["metrology"]["reference_geometry"]
-    if path is None:
-        return
-    if not os.path.isfile(path):
-        sys.exit(f"Config error: {config_source_name()}: metrology.reference_geometry: {path}: no such file")
-    metrology_dir = os.path.abspath(f"{OUTPUT_DIR}/metrology")
-    if os.path.commonpath([os.path.abspath(path), metrology_dir]) == metrology_dir:
-        sys.exit(f"Config error: {config_source_name()}: metrology.reference_geometry: {path} is written by this "
-                 "run's metrology; copy it elsewhere first")
-
-
-check_saved_detector()
-
-
-def stills_prefix(stage, dataset, index):
-    """Output prefix of shard `index` of `dataset` in a stills_process stage (index or reindex)."""
-    return f"{OUTPUT_DIR}/{stage}/{dataset}/shard_{index:05d}"
+# --- stills_process stages: index and reindex --------------------------------------------------------
 
 
 def stills_outputs(stage):
     """A stills_process rule's outputs, by name, with {dataset} and {index} wildcards."""
     from xfel_spread.dials.stills import OUTPUT_SUFFIXES
 
-    prefix = f"{OUTPUT_DIR}/{stage}/{{dataset}}/shard_{{index}}"
-    return {name: prefix + suffix for name, suffix in OUTPUT_SUFFIXES.items()}
-
-
-def stills_prefixes(stage, dataset):
-    """Output prefixes of every shard of `dataset` in a stills_process stage, in shard order."""
-    return [stills_prefix(stage, dataset, index) for index in range(len(SHARD_RANGES))]
+    return {name: shard_file(stage, suffix) for name, suffix in OUTPUT_SUFFIXES.items()}
 
 
 def stills_output_of_all_shards(stage, name):
@@ -172,11 +178,49 @@ def stills_output_of_all_shards(stage, name):
     from xfel_spread.dials.stills import OUTPUT_SUFFIXES
 
     def paths(wildcards):
-        return [prefix + OUTPUT_SUFFIXES[name] for prefix in stills_prefixes(stage, wildcards.dataset)]
+        return shard_files(stage, OUTPUT_SUFFIXES[name], wildcards.dataset)
 
     return paths
 
 
-def repeated_option(option, values):
-    """`option value` once per value, shell-quoted: how spread-* commands take one path per shard."""
-    return " ".join(f"{option} {shlex.quote(str(value))}" for value in values)
+def first_shard_output(stage, name):
+    """Output `name` of shard 0 of `stage` (index or reindex), with a {dataset} wildcard."""
+    from xfel_spread.dials.stills import OUTPUT_SUFFIXES
+
+    return shard_file(stage, OUTPUT_SUFFIXES[name], index=0)
+
+
+def integrated_prefixes(wildcards):
+    """`--shard-prefix P` for every reindexed shard of the job's dataset."""
+    return repeated_option("--shard-prefix", shard_prefixes("reindex", wildcards.dataset))
+
+
+# --- merging (rules/merge.smk) -----------------------------------------------------------------------
+
+
+def dials_merged_mtz(wildcards):
+    """The cross-check's MTZ when it is enabled, else nothing."""
+    if not config["merge"]["dials_crosscheck"]["enabled"]:
+        return []
+    return rules.dials_merge.output.mtz.format(dataset=wildcards.dataset)
+
+
+# --- pixel refinement (rules/stage1.smk) -------------------------------------------------------------
+
+
+def stage1_structure_factors(wildcards):
+    """The |F| source of stage 1: the dataset's merged MTZ, or the model's per-channel amplitudes."""
+    if config["stage1"]["structure_factors"] == "merged":
+        return {"mtz": rules.merge.output.mtz.format(dataset=wildcards.dataset)}
+    return {"amplitudes": rules.structure_factors.output[0]}
+
+
+def structure_factor_option(wildcards, input):
+    """`--mtz FILE` or `--amplitudes FILE`, whichever stage1_structure_factors chose."""
+    return " ".join(f"--{name} {shlex.quote(str(input[name]))}" for name in ("mtz", "amplitudes") if name in input.keys())
+
+
+def detector_psf_option(wildcards):
+    """`--psf-fwhm-mm F --psf-radius-px R` where the dataset's spread is modelled (config.modelled_psf)."""
+    psf = modelled_psf(wildcards.dataset, config)
+    return "" if psf is None else f"--psf-fwhm-mm {psf[0]} --psf-radius-px {psf[1]}"

@@ -3,31 +3,17 @@
 # read it when hitfind.enabled), the powder pattern with its radial profile, and the score against truth.
 
 
-def hitfind_prefix(index):
-    """Output prefix of shard `index` in the hitfind stage, with a {dataset} wildcard."""
-    return f"{OUTPUT_DIR}/hitfind/{{dataset}}/shard_{index:05d}"
-
-
-def hitfind_files(suffix):
-    """Input function: file `suffix` of every shard of the job's dataset, in shard order."""
-    return lambda wildcards: [hitfind_prefix(index).format(dataset=wildcards.dataset) + suffix
-                              for index in range(len(SHARD_RANGES))]
-
-
 rule hitfind_shard:
     """Lit pixels, photons, radial profile and solvent-ring peak of every shot of one shard; its powder sum."""
     input:
         settings=f"{OUTPUT_DIR}/settings/hitfind_shard.yaml",
-        shard=f"{OUTPUT_DIR}/sim/{{dataset}}/shard_{{index}}.h5",
+        shard=shard_path(),
     output:
-        lit=f"{OUTPUT_DIR}/hitfind/{{dataset}}/shard_{{index}}_lit.tsv",
-        radial=f"{OUTPUT_DIR}/hitfind/{{dataset}}/shard_{{index}}_radial.npz",
+        lit=shard_file("hitfind", "_lit.tsv"),
+        radial=shard_file("hitfind", "_radial.npz"),
         # Kept (not temporary): a new shard changes the dataset's sum, which then needs every shard's
         # part again. At full size a part is 118 MB, under 3 % of its shard of 500 images.
-        powder=f"{OUTPUT_DIR}/hitfind/{{dataset}}/shard_{{index}}_powder.npz",
-    wildcard_constraints:
-        dataset=DATASET,
-        index=SHARD_INDEX,
+        powder=shard_file("hitfind", "_powder.npz"),
     params:
         first_shot=lambda wildcards: SHARD_RANGES[int(wildcards.index)][0],
     resources:
@@ -49,17 +35,15 @@ rule hitfind:
         settings=f"{OUTPUT_DIR}/settings/hitfind.yaml",
         lit=hitfind_files("_lit.tsv"),
     output:
-        hits=[hitfind_prefix(index) + "_hits.tsv" for index in range(len(SHARD_RANGES))],
+        hits=shard_files("hitfind", "_hits.tsv"),
         ring_peaks=f"{OUTPUT_DIR}/hitfind/{{dataset}}/ring_peaks.tsv",
         summary=f"{OUTPUT_DIR}/hitfind/{{dataset}}/summary.json",
         shots_plot=report(f"{OUTPUT_DIR}/hitfind/{{dataset}}/shots.png", caption="../report/hitfind_shots.rst",
                           category="1. Simulated shots", subcategory="{dataset}",
                           labels={"dataset": "{dataset}", "figure": "lit pixels and ring peaks per shot"}),
-    wildcard_constraints:
-        dataset=DATASET,
     params:
-        shards=lambda wildcards, input, output: repeated_option("--lit-table", input.lit) + " "
-        + repeated_option("--hits-table", output.hits),
+        shards=lambda wildcards, input, output: " ".join((
+            repeated_option("--lit-table", input.lit), repeated_option("--hits-table", output.hits))),
     log:
         f"{LOG_DIR}/hitfind/{{dataset}}.log",
     benchmark:
@@ -82,11 +66,9 @@ rule powder:
         plot=report(f"{OUTPUT_DIR}/hitfind/{{dataset}}/powder.png", caption="../report/powder.rst",
                     category="1. Simulated shots", subcategory="{dataset}",
                     labels={"dataset": "{dataset}", "figure": "powder pattern and radial profile"}),
-    wildcard_constraints:
-        dataset=DATASET,
     params:
-        shards=lambda wildcards, input: repeated_option("--radial", input.radial) + " "
-        + repeated_option("--powder", input.powder),
+        shards=lambda wildcards, input: " ".join((
+            repeated_option("--radial", input.radial), repeated_option("--powder", input.powder))),
     resources:
         # Measured peak: 1.8 GB for a full-size panel.
         mem_mb=3000,
@@ -107,7 +89,7 @@ rule score_hitfind:
         settings=f"{OUTPUT_DIR}/settings/hitfind_shard.yaml",
         hits=rules.hitfind.output.hits,
         radial=hitfind_files("_radial.npz"),
-        truth=[f"{OUTPUT_DIR}/sim/truth/shard_{index:05d}.json" for index in range(len(SHARD_RANGES))],
+        truth=TRUTH_FILES,
         summary=rules.hitfind.output.summary,
     output:
         table=f"{OUTPUT_DIR}/score/hitfind_{{dataset}}.tsv",
@@ -115,8 +97,6 @@ rule score_hitfind:
         plot=report(f"{OUTPUT_DIR}/score/hitfind_{{dataset}}.png", caption="../report/hitfind_score.rst",
                     category="1. Simulated shots", subcategory="{dataset}",
                     labels={"dataset": "{dataset}", "figure": "hits and solvent profile against the simulation"}),
-    wildcard_constraints:
-        dataset=DATASET,
     params:
         shards=lambda wildcards, input: " ".join(
             repeated_option(option, paths) for option, paths in (

@@ -1,23 +1,18 @@
 # Stage 2: dials.stills_process (spot finding, indexing, refinement, integration) on every shard, one
 # MPI job per shard; ranks come from the profile (resources `mpi` and `tasks`).
 
-DATASET = "|".join(DATASETS)
-
 
 rule index:
     """Index and integrate every shot of one shard with the nominal detector."""
     input:
-        shard=f"{OUTPUT_DIR}/sim/{{dataset}}/shard_{{index}}.h5",
+        shard=shard_path(),
         phil=config["index"]["phil"],
         **hits_table_input(),
     output:
         **stills_outputs("index"),
-    wildcard_constraints:
-        dataset=DATASET,
-        index=SHARD_INDEX,
     params:
         shots=lambda wildcards: SHARD_RANGES[int(wildcards.index)],
-        prefix=lambda wildcards: stills_prefix("index", wildcards.dataset, int(wildcards.index)),
+        prefix=lambda wildcards: shard_prefix("index", wildcards.dataset, wildcards.index),
         hits=hits_table_option,
     resources:
         mpi="mpirun",

@@ -2,11 +2,6 @@
 # job per dataset), the dials.scale + dials.merge cross-check, and both scored against the truth.
 
 
-def integrated_prefixes(wildcards):
-    """`--shard-prefix P` for every reindexed shard of the job's dataset."""
-    return repeated_option("--shard-prefix", stills_prefixes("reindex", wildcards.dataset))
-
-
 rule merge:
     """Filter, scale, post-refine and merge the lattices of one dataset into an MTZ with statistics."""
     input:
@@ -24,8 +19,6 @@ rule merge:
                           labels={"dataset": "{dataset}", "figure": "merging statistics"}),
         lattices=f"{OUTPUT_DIR}/merge/{{dataset}}/lattices.tsv",
         summary=f"{OUTPUT_DIR}/merge/{{dataset}}/summary.json",
-    wildcard_constraints:
-        dataset=DATASET,
     params:
         prefixes=integrated_prefixes,
     resources:
@@ -53,8 +46,6 @@ rule dials_merge:
     output:
         mtz=f"{OUTPUT_DIR}/merge/{{dataset}}/dials/merged.mtz",
         summary=f"{OUTPUT_DIR}/merge/{{dataset}}/dials/summary.txt",
-    wildcard_constraints:
-        dataset=DATASET,
     params:
         prefixes=integrated_prefixes,
         work_dir=lambda wildcards: f"{OUTPUT_DIR}/merge/{wildcards.dataset}/dials/work",
@@ -68,28 +59,19 @@ rule dials_merge:
         " --log-summary {output.summary:q} > {log:q} 2>&1"
 
 
-def dials_merged_mtz(wildcards):
-    """The cross-check's MTZ when it is enabled, else nothing."""
-    if not config["merge"]["dials_crosscheck"]["enabled"]:
-        return []
-    return rules.dials_merge.output.mtz.format(dataset=wildcards.dataset)
-
-
 rule score_merge:
     """Merged intensities (ours and DIALS's) against the simulation's true intensities."""
     input:
         mtz=rules.merge.output.mtz,
         dials_mtz=dials_merged_mtz,
         amplitudes=rules.structure_factors.output[0],
-        shards=lambda wildcards: [shard_path(wildcards.dataset, index) for index in range(len(SHARD_RANGES))],
+        shards=lambda wildcards: shard_files("sim", ".h5", wildcards.dataset),
     output:
         table=f"{OUTPUT_DIR}/score/merge_{{dataset}}.tsv",
         text=f"{OUTPUT_DIR}/score/merge_{{dataset}}.txt",
         plot=report(f"{OUTPUT_DIR}/score/merge_{{dataset}}.png", caption="../report/merge_score.rst",
                     category="4. Merging", subcategory="{dataset}",
                     labels={"dataset": "{dataset}", "figure": "merged intensities against the truth"}),
-    wildcard_constraints:
-        dataset=DATASET,
     params:
         dials_mtz=lambda wildcards, input: repeated_option("--dials-mtz", [input.dials_mtz] if input.dials_mtz else []),
         shards=lambda wildcards, input: repeated_option("--shard", input.shards),

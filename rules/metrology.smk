@@ -26,10 +26,8 @@ rule metrology:
                                caption="../report/metrology_residuals.rst", category="2. DIALS stages",
                                subcategory="{dataset}",
                                labels={"dataset": "{dataset}", "figure": "positional residuals, after"}),
-    wildcard_constraints:
-        dataset=DATASET,
     params:
-        prefixes=lambda wildcards: repeated_option("--shard-prefix", stills_prefixes("index", wildcards.dataset)),
+        prefixes=lambda wildcards: repeated_option("--shard-prefix", shard_prefixes("index", wildcards.dataset)),
         work_dir=lambda wildcards: f"{OUTPUT_DIR}/metrology/{wildcards.dataset}/work",
     log:
         f"{LOG_DIR}/metrology/{{dataset}}.log",

@@ -1,22 +1,10 @@
-# Reference data: the 1M2A model and the Fe f'/f'' tables, copied from reference.mirror_dir when one is
+# Reference data: the 1M2A model and the Fe f' and f'' tables, copied from reference.mirror_dir when one is
 # configured, otherwise downloaded; always checked against the sha256 recorded in xfel_spread.reference.
 
 import re
 
 # Runs on the submitting host: cluster compute nodes often cannot reach the internet.
 localrules: reference_data
-
-
-def mirror_copy(wildcards):
-    """The mirror's copy of the file as an input, so Snakemake notices when the mirror changes."""
-    mirror_dir = config["reference"]["mirror_dir"]
-    return [os.path.join(mirror_dir, wildcards.name)] if mirror_dir is not None else []
-
-
-def mirror_option(wildcards):
-    """`--mirror DIR` for spread-fetch-reference, or nothing to download instead."""
-    mirror_dir = config["reference"]["mirror_dir"]
-    return f"--mirror {shlex.quote(mirror_dir)}" if mirror_dir is not None else ""
 
 
 rule reference_data:

@@ -4,18 +4,15 @@
 rule reindex:
     """Index and integrate every shot of one shard with the refined detector."""
     input:
-        shard=f"{OUTPUT_DIR}/sim/{{dataset}}/shard_{{index}}.h5",
+        shard=shard_path(),
         phil=config["index"]["phil"],
         **hits_table_input(),
         refined_detector=rules.metrology.output.refined_detector,
     output:
         **stills_outputs("reindex"),
-    wildcard_constraints:
-        dataset=DATASET,
-        index=SHARD_INDEX,
     params:
         shots=lambda wildcards: SHARD_RANGES[int(wildcards.index)],
-        prefix=lambda wildcards: stills_prefix("reindex", wildcards.dataset, int(wildcards.index)),
+        prefix=lambda wildcards: shard_prefix("reindex", wildcards.dataset, wildcards.index),
         hits=hits_table_option,
     resources:
         mpi="mpirun",

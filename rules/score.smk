@@ -1,7 +1,5 @@
 # Scoring of stages 2-4 against the simulation's truth (simulated data only).
 
-TRUTH_FILES = [f"{OUTPUT_DIR}/sim/truth/shard_{index:05d}.json" for index in range(len(SHARD_RANGES))]
-
 
 rule score_dials:
     """Indexing rate, misorientation, cell and beam-centre errors of index and reindex, per dataset."""
@@ -12,18 +10,17 @@ rule score_dials:
         reindex_experiments=stills_output_of_all_shards("reindex", "integrated_experiments"),
         truth=TRUTH_FILES,
         metrology=rules.metrology.output.summary,
-        image_shard=f"{OUTPUT_DIR}/sim/{{dataset}}/shard_00000.h5",
+        image_shard=shard_path(index=0),
     output:
         table=f"{OUTPUT_DIR}/score/dials_{{dataset}}.tsv",
         text=f"{OUTPUT_DIR}/score/dials_{{dataset}}.txt",
         plot=report(f"{OUTPUT_DIR}/score/dials_{{dataset}}.png", caption="../report/dials_score.rst",
                     category="2. DIALS stages", subcategory="{dataset}",
                     labels={"dataset": "{dataset}", "figure": "index and reindex against the truth"}),
-    wildcard_constraints:
-        dataset=DATASET,
     params:
-        shards=lambda wildcards: repeated_option("--index-prefix", stills_prefixes("index", wildcards.dataset))
-        + " " + repeated_option("--reindex-prefix", stills_prefixes("reindex", wildcards.dataset)),
+        shards=lambda wildcards: " ".join((
+            repeated_option("--index-prefix", shard_prefixes("index", wildcards.dataset)),
+            repeated_option("--reindex-prefix", shard_prefixes("reindex", wildcards.dataset)))),
         truth=repeated_option("--truth", TRUTH_FILES),
     log:
         f"{LOG_DIR}/score/dials_{{dataset}}.log",

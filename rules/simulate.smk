@@ -2,8 +2,6 @@
 
 from xfel_spread.config import stage_settings as settings_of_stage, write_settings
 
-SHARD_INDEX = r"\d{5}"
-
 
 rule stage_settings:
     """The config sections one stage depends on; rewritten only when they change (params trigger)."""
@@ -43,11 +41,9 @@ rule simulate:
         settings=f"{OUTPUT_DIR}/settings/simulate.yaml",
         amplitudes=rules.structure_factors.output[0],
     output:
-        nopsf=f"{OUTPUT_DIR}/sim/nopsf/shard_{{index}}.h5",
-        psf=f"{OUTPUT_DIR}/sim/psf/shard_{{index}}.h5",
-        truth=f"{OUTPUT_DIR}/sim/truth/shard_{{index}}.json",
-    wildcard_constraints:
-        index=SHARD_INDEX,
+        nopsf=shard_path("nopsf"),
+        psf=shard_path("psf"),
+        truth=shard_file("sim", ".json", dataset="truth"),
     params:
         shots=lambda wildcards: SHARD_RANGES[int(wildcards.index)],
     threads: 2

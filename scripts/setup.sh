@@ -63,7 +63,8 @@ pip_install() {
   # the constraints; pip only adds what is missing.
   "$venv/bin/python" -m pip install --quiet -c "$repo_root/constraints.txt" \
     'snakemake>=9,<10' 'torch==2.13.0' pytest jsonschema pyyaml \
-    snakemake-executor-plugin-slurm-jobstep throttler
+    snakemake-executor-plugin-slurm-jobstep throttler \
+    ruff  # the Python linter of `make lint` (.ci/run)
   # The Slurm plugin without its declared dependencies, which include numpy 2 and pandas 2: see
   # constraints.txt for why it works with Debian's numpy 1.24 and pandas 1.5; the two it needs
   # besides are installed just above. `pip check` reports the declared conflict.

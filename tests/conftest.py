@@ -26,12 +26,21 @@ def shared_data_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def completed_run(tmp_path_factory):
-    """A working directory in which tests/test_pipeline.py's small config ran to completion, made once
+    """A working directory in which tests/pipeline_run.py's small config ran to completion, made once
     per session for the tests that inspect or extend it (test_pipeline, test_report); returns
     (workdir, configfile)."""
-    from test_pipeline import completed_pipeline_run
+    from pipeline_run import completed_pipeline_run
 
     return completed_pipeline_run(tmp_path_factory.mktemp("pipeline"))
+
+
+@pytest.fixture(scope="module")
+def amplitude_table():
+    """The LY99 per-channel amplitude table (tests/sim_fixtures.py's ly99_amplitudes, computed once per
+    process); tests must not modify its arrays."""
+    from sim_fixtures import ly99_amplitudes
+
+    return ly99_amplitudes()
 
 
 def mpirun_command(command, ranks: int) -> list:

@@ -1,8 +1,9 @@
-"""Shared helpers and fixtures for the simulator tests (import them from a test module).
+"""Shared helpers for the simulator tests (import them from a test module; fixtures live in conftest.py).
 
 The LY99 amplitude table (1M2A, 100 channels from 7070.5 eV, 1.7 A, k_sol 0.435, b_sol 46) takes
 about two seconds to compute; :func:`ly99_amplitudes` computes it once per test process and the
-module-scoped fixture :func:`amplitude_table` hands it to tests. Tests must not modify its arrays.
+module-scoped fixture ``amplitude_table`` (tests/conftest.py) hands it to tests. Tests must not modify
+its arrays.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import functools
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
 from xfel_spread.sim import crystal as xtal
@@ -45,11 +45,6 @@ def ly99_amplitudes() -> ChannelAmplitudes:
     """The LY99 per-channel amplitude table, computed once per process."""
     return compute_channel_amplitudes(str(PDB_PATH), str(OXIDIZED_TABLE), str(REDUCED_TABLE),
                                       LY99_ENERGIES_EV, D_MIN_A, K_SOL, B_SOL)
-
-
-@pytest.fixture(scope="module")
-def amplitude_table() -> ChannelAmplitudes:
-    return ly99_amplitudes()
 
 
 def channel_subset(table: ChannelAmplitudes, channels) -> ChannelAmplitudes:

@@ -6,12 +6,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from sim_fixtures import (  # noqa: F401  (amplitude_table is a fixture)
+from sim_fixtures import (
     DISTANCE_MM,
     DOMAINS_PER_CRYSTAL,
     LY99_ENERGIES_EV,
     all_pixels,
-    amplitude_table,
     channel_subset,
     crystal_state,
     lookup_for,

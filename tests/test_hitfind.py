@@ -117,6 +117,7 @@ def truth_blanks(root):
             for shot in json.loads((root / f"shard_{index}" / "truth.json").read_text())["shots"]]
 
 
+@pytest.mark.slow  # simulates 8 shots and runs every hitfind command (blank_run): about 30 s
 def test_blank_shots_are_drawn_from_the_seed_whatever_the_sharding(blank_run):
     assert truth_blanks(blank_run) == EXPECTED_BLANKS
     assert [is_blank_shot(SEED, shot, BLANK_FRACTION) for shot in range(8)] == EXPECTED_BLANKS
@@ -125,6 +126,7 @@ def test_blank_shots_are_drawn_from_the_seed_whatever_the_sharding(blank_run):
     assert 0.45 < np.mean([is_blank_shot(SEED, shot, 0.5) for shot in range(4000)]) < 0.55
 
 
+@pytest.mark.slow  # simulates 8 shots and runs every hitfind command (blank_run): about 30 s
 def test_a_crystal_shot_is_the_same_with_or_without_blanks_among_its_neighbours(blank_run, tmp_path):
     # Shot 4 holds a crystal in the blank run; simulated alone with blank_fraction 0, it is bit-identical.
     paths = simulate(blank_run_config(blank_fraction=0.0), (4, 5), tmp_path / "alone")
@@ -134,6 +136,7 @@ def test_a_crystal_shot_is_the_same_with_or_without_blanks_among_its_neighbours(
     assert json.loads((tmp_path / "alone" / "truth.json").read_text())["shots"][0]["blank"] is False
 
 
+@pytest.mark.slow  # simulates 8 shots and runs every hitfind command (blank_run): about 30 s
 @pytest.mark.parametrize("dataset", ["nopsf", "psf"])
 def test_blanks_are_misses_and_crystals_are_hits(blank_run, dataset):
     out = blank_run / dataset
@@ -154,6 +157,7 @@ def test_blanks_are_misses_and_crystals_are_hits(blank_run, dataset):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow  # simulates 8 shots and runs every hitfind command (blank_run): about 30 s
 def test_powder_is_the_sum_of_every_shot(blank_run):
     out = blank_run / "nopsf"
     powder = np.load(out / "powder.npy")
@@ -166,6 +170,7 @@ def test_powder_is_the_sum_of_every_shot(blank_run):
     np.testing.assert_allclose(powder, expected, rtol=1e-6)
 
 
+@pytest.mark.slow  # simulates 8 shots and runs every hitfind command (blank_run): about 30 s
 @pytest.mark.parametrize("dataset", ["nopsf", "psf"])
 def test_water_ring_and_profile_match_the_simulators_background_model(blank_run, dataset):
     out = blank_run / dataset
@@ -256,6 +261,7 @@ def test_hits_table_must_list_the_shards_shots(tmp_path):
         read_hits_table(table)
 
 
+@pytest.mark.slow  # simulates 8 shots and runs every hitfind command (blank_run): about 30 s
 def test_commands_report_bad_input_in_one_line(blank_run, tmp_path):
     settings = tmp_path / "settings.yaml"
     settings.write_text("hitfind: {}\n")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -195,6 +194,7 @@ def level_1(run_directory, shard):
     return run_metrology(run_directory, [shard], "level_1", hierarchy_level=1)
 
 
+@pytest.mark.slow  # dials.refine at hierarchy level 1 (the level_1 fixture): about a minute
 def test_level_1_recovers_every_panel_shift_and_rotation(level_1, true_detector):
     refined_shifts, refined_rotations = panel_misplacements(level_1.refined_detector, nominal_detector())
     errors_px = refined_shifts - TRUE_SHIFTS_PX
@@ -208,6 +208,7 @@ def test_level_1_recovers_every_panel_shift_and_rotation(level_1, true_detector)
     assert np.abs(residual_shifts).max() < 0.05
 
 
+@pytest.mark.slow  # dials.refine at hierarchy level 1 (the level_1 fixture): about a minute
 def test_level_1_residuals_fall_to_the_noise(level_1):
     names = [panel.get_name() for panel in level_1.refined_detector]
     before = residual_maps.residual_statistics(level_1.residuals_before, names)
@@ -225,6 +226,7 @@ def test_level_1_residuals_fall_to_the_noise(level_1):
     assert all(abs(row["mean_dx_px"]) < 0.02 and abs(row["mean_dy_px"]) < 0.02 for row in after)
 
 
+@pytest.mark.slow  # dials.refine at hierarchy level 1 (the level_1 fixture): about a minute
 def test_level_0_cannot_follow_independent_panels(run_directory, shard, level_1):
     level_0 = run_metrology(run_directory, [shard], "level_0", hierarchy_level=0)
     names = [panel.get_name() for panel in level_0.refined_detector]
@@ -244,6 +246,7 @@ def centre_distances_mm(detector) -> list[float]:
     return [float(np.linalg.norm(a - b)) for i, a in enumerate(centres) for b in centres[i + 1:]]
 
 
+@pytest.mark.slow  # dials.refine at hierarchy level 1 (the level_1 fixture): about a minute
 def test_saved_detector_applied_to_another_run_gives_the_same_geometry(run_directory, true_detector, level_1):
     saved = run_directory / "refined_detector.expt"
     write_detector(level_1.refined_detector, saved)
@@ -264,6 +267,7 @@ def test_saved_detector_applied_to_another_run_gives_the_same_geometry(run_direc
     assert statistics[-1]["rmsd_px"] < 1.5 * NOISE_PX * math.sqrt(2)
 
 
+@pytest.mark.slow  # dials.refine at hierarchy level 1 (the level_1 fixture): about a minute
 def test_stills_process_puts_the_saved_detector_on_every_image(run_directory, level_1):
     """The reindex stage's use of refined_detector.expt, done as stills_process does it."""
     from dials.command_line.stills_process import sync_geometry
@@ -280,6 +284,7 @@ def test_stills_process_puts_the_saved_detector_on_every_image(run_directory, le
         assert panel.get_fast_axis() == pytest.approx(refined_panel.get_fast_axis(), abs=1e-12)
 
 
+@pytest.mark.slow  # dials.refine at hierarchy level 1 (the level_1 fixture): about a minute
 def test_metrology_outputs_include_residual_maps_and_table(tmp_path, level_1):
     outputs = MetrologyOutputs(*(tmp_path / name for name in (
         "report.txt", "summary.json", "refined_detector.expt", "residuals.tsv", "residuals_before.png",

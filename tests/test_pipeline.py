@@ -10,8 +10,6 @@ indexes, and 4 shots in 2 shards, so a complete run, DIALS stages included, take
 import json
 import os
 import re
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -22,43 +20,16 @@ from xfel_spread.io.shard import read_shard_metadata
 from xfel_spread.reference import REFERENCE_NAMES
 
 from conftest import job_stats
+from pipeline_run import (ALL_TRIGGERS, DATASETS, N_SHARDS, REPO_ROOT, output_of, pipeline_config, snakemake,
+                          succeeded)
 from tiny_config import (INDEXABLE_N_PIXELS, INDEXABLE_PIXEL_SIZE_MM, N_PIXELS, N_SHOTS, SHARED_DATA_DIR,
                          SHOTS_PER_SHARD, indexable_config, tiny_config, write_config)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SNAKEFILE = REPO_ROOT / "Snakefile"
-LOCAL_PROFILE = REPO_ROOT / "profiles" / "local"
-DATASETS = ("nopsf", "psf")
-N_SHARDS = N_SHOTS // SHOTS_PER_SHARD
-ALL_TRIGGERS = ["--rerun-triggers", "mtime", "params", "input", "code", "software-env"]
+#: Slow tier (make test-fast leaves it out): the small config run to completion, then reruns on it.
+pytestmark = pytest.mark.slow
 
 
 # --- tiny config and helpers -------------------------------------------------------------------------
-
-
-#: A guard against a hung pipeline, not a timing goal: the whole tiny pipeline took 11.5 minutes on
-#: this 2-core machine while other work loaded it (load 8-12).
-PIPELINE_TIMEOUT_S = 1800
-
-
-def snakemake(workdir, configfile, *arguments):
-    """Run Snakemake on the repository's Snakefile in `workdir`; return the CompletedProcess.
-
-    The config file goes last as --configfile=FILE: the option takes several values and would
-    swallow targets or options after it.
-    """
-    command = [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE), "--directory", str(workdir),
-               "--profile", str(LOCAL_PROFILE), "--cores", "2", *arguments, f"--configfile={configfile}"]
-    return subprocess.run(command, capture_output=True, text=True, timeout=PIPELINE_TIMEOUT_S)
-
-
-def output_of(result):
-    return result.stdout + result.stderr
-
-
-def succeeded(result):
-    assert result.returncode == 0, output_of(result)[-5000:]
-    return output_of(result)
 
 
 JOB_HEADER = re.compile(r"^(?:local)?rule (\w+):$")
@@ -152,30 +123,6 @@ ALL_JOB = ("all", ())
 # --- a completed run, shared by the tests that inspect or extend it -----------------------------------
 
 
-def pipeline_config(workdir, **simulate_overrides):
-    """The indexable config, with its own copy of the index phil (tests edit it) in `workdir`.
-
-    A cell cluster needs min_samples lattices within eps of each other, and 4 shots give 4 lattices,
-    too few to observe any index twice.
-    """
-    config = indexable_config(workdir, **simulate_overrides)
-    config["index"] = {"phil": str(workdir / "index.phil")}
-    config["cells"] = {"min_samples": 3}
-    config["merge"] = {"minimum_multiplicity": 1}
-    config["stage1"] = {}
-    return config
-
-
-# `completed_run` (tests/conftest.py): the small config run to completion once per session, in a
-# working directory made by `completed_pipeline_run` below; tests/test_report.py reports on it too.
-
-
-def completed_pipeline_run(workdir):
-    """Run the small config to completion in `workdir`; returns (workdir, configfile)."""
-    (workdir / "index.phil").write_text((REPO_ROOT / "config" / "index.phil").read_text())
-    configfile = write_config(workdir / "small.yaml", pipeline_config(workdir))
-    succeeded(snakemake(workdir, configfile))
-    return workdir, configfile
 
 
 def test_end_to_end_outputs_logs_and_benchmarks(completed_run):
@@ -386,8 +333,6 @@ def csv_rows(path):
     with open(path, newline="") as stream:
         return list(csv.DictReader(stream, delimiter="\t"))
 
-    assert job_stats(succeeded(snakemake(workdir, configfile, "--dry-run"))) == Counter()
-
 
 def test_dry_run_on_a_fresh_directory_lists_every_stage(tmp_path):
     configfile = write_config(tmp_path / "small.yaml", indexable_config(tmp_path))
@@ -557,17 +502,22 @@ def test_more_shots_add_only_the_new_shard_and_keep_the_old_ones(completed_run, 
     # The new shard is simulated and measured (the old ones' measurements are kept); the run's hit
     # threshold is chosen again, so every shard is indexed again (and the detector refined again, so
     # every shard is reindexed).
-    assert dry_run(workdir, configfile) == {shard_job(2), ALL_JOB} | hitfind_jobs([2]) \
-        | index_and_after(range(N_SHARDS + 1), N_SHARDS + 1)
+    after_the_new_shard = {ALL_JOB} | hitfind_jobs([2]) | index_and_after(range(N_SHARDS + 1), N_SHARDS + 1)
+    assert dry_run(workdir, configfile) == {shard_job(2)} | after_the_new_shard
 
     old_shards = sorted((workdir / "results" / "sim").glob("*/shard_0000[01].*"))
     assert len(old_shards) == 6
     before = {path: (path.stat().st_mtime_ns, path.read_bytes()) for path in old_shards}
-    succeeded(snakemake(workdir, configfile))
+    # Only what the new shard needs: its simulation. What follows it is the same jobs as planned above,
+    # which the other tests run already; here they would redo the science of every shard.
+    new_shard = [workdir / "results" / "sim" / name
+                 for name in ("nopsf/shard_00002.h5", "psf/shard_00002.h5", "truth/shard_00002.json")]
+    succeeded(snakemake(workdir, configfile, *new_shard))
     assert {path: (path.stat().st_mtime_ns, path.read_bytes()) for path in old_shards} == before
     metadata = read_shard_metadata(workdir / "results" / "sim" / "psf" / "shard_00002.h5")
     assert metadata.shot_index.tolist() == [4, 5]
-    assert dry_run(workdir, configfile) == set()
+    # The new shard is done and nothing before it is redone: what remains is exactly what follows it.
+    assert dry_run(workdir, configfile) == after_the_new_shard
 
 
 # --- failures before any work, and a failing job ---------------------------------------------------------

@@ -16,8 +16,11 @@ import numpy as np
 import pytest
 
 from conftest import run_job
-from test_pipeline import DATASETS, snakemake, succeeded
+from pipeline_run import DATASETS, snakemake, succeeded
 from tiny_config import N_SHOTS, SHOTS_PER_SHARD
+
+#: Slow tier (make test-fast leaves it out): the completed run's report, rendered in Chromium.
+pytestmark = pytest.mark.slow
 
 #: Every figure the report must hold: (category, path under results/ with {dataset}, rule).
 FIGURES = [

@@ -19,6 +19,9 @@ import pytest
 from conftest import REPO_ROOT, run_job
 from tiny_config import tiny_config, write_config
 
+#: Slow tier (make test-fast leaves it out): a shard's simulation killed midway, rerun, and run again uninterrupted.
+pytestmark = pytest.mark.slow
+
 SHOTS = 4
 OUTPUTS = ("sim/nopsf/shard_00000.h5", "sim/psf/shard_00000.h5", "sim/truth/shard_00000.json")
 

@@ -16,7 +16,7 @@ import pytest
 
 from xfel_spread.io.shard import ShardFormatError, read_shard_image, read_shard_metadata, read_shard_spectrum
 
-from tiny_config import N_PIXELS, PIXEL_SIZE_MM, PSF_RADIUS_PX, SHARED_DATA_DIR, tiny_config, write_config
+from tiny_config import N_PIXELS, PSF_RADIUS_PX, SHARED_DATA_DIR, tiny_config, write_config
 
 BIN_DIR = Path(sys.executable).parent  # the environment's spread-* commands live beside its python
 ADC_OFFSET_ADU = 10.0  # the schema's default

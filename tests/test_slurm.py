@@ -1,9 +1,11 @@
-"""The Slurm profile on a real Slurm: a single-node cluster on this machine runs the whole pipeline.
+"""The Slurm profile on a real Slurm: a single-node cluster on this machine runs every MPI stage.
 
 ``scripts/slurm/single_node.sh up`` starts munged, slurmctld and slurmd (Debian's Slurm 22.05); then
-``snakemake --profile profiles/slurm`` runs the default target (every stage, simulation to the scores of
-both pixel refinements) on tests/test_pipeline.py's small config, submitting every job with sbatch and
-following it with squeue. The MPI stages (index, reindex, merge, stage1, exa) run 2 ranks each under the
+``snakemake --profile profiles/slurm`` runs SLURM_TARGETS (both pixel refinements of every shard, which
+take simulation, index, metrology, reindex, the cells, merge and the annulus, plus the DIALS cross-check
+and the exa score) on tests/pipeline_run.py's small config, submitting every job with sbatch and
+following it with squeue; the other scores and the report's figures, which no MPI stage needs, are left
+out. The MPI stages (index, reindex, merge, stage1, exa) run 2 ranks each under the
 profile's ``srun --mpi=pmix``; their logs show both ranks at work. ``single_node.sh down`` stops the
 daemons whatever happens, and the test checks they are gone. Needs root and the Slurm packages
 (scripts/setup.sh installs them); skipped otherwise. The checks of what the plugin makes of the
@@ -29,8 +31,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import run_job
-from test_pipeline import ALL_TRIGGERS, job_stats, pipeline_config, snakemake, succeeded
+from conftest import job_stats, run_job
+from pipeline_run import ALL_TRIGGERS, pipeline_config, snakemake, succeeded
 from tiny_config import N_SHOTS, SHOTS_PER_SHARD, write_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -46,11 +48,24 @@ RANKS = 2
 DATASETS = ("nopsf", "psf")
 N_SHARDS = N_SHOTS // SHOTS_PER_SHARD
 #: Jobs that Snakemake runs itself, not through sbatch: the rules marked local (copying reference files,
-#: writing a stage's settings) and the default target.
-LOCAL_RULES = {"reference_data", "stage_settings", "all"}
+#: writing a stage's settings).
+LOCAL_RULES = {"reference_data", "stage_settings"}
 #: The command each MPI rule launches.
 MPI_COMMANDS = {"index": "spread-stills-process", "reindex": "spread-stills-process", "merge": "spread-merge",
                 "stage1": "spread-stage1", "exa": "spread-exa"}
+
+
+def slurm_targets(workdir: Path) -> list[Path]:
+    """What the run through Slurm asks for: both pixel refinements of every shard and dataset (which need
+    every other MPI stage: index, reindex, merge), the DIALS cross-check and the exa score; not the default
+    target, whose other scores and figures no MPI stage needs."""
+    results = workdir / "results"
+    refined = [results / refinement / dataset / f"shard_{index:05d}{suffix}"
+               for refinement in ("stage1", "exa") for dataset in DATASETS for index in range(N_SHARDS)
+               for suffix in ("_refined.expt", "_shots.tsv")]
+    return refined + [path for dataset in DATASETS
+                      for path in (results / "merge" / dataset / "dials" / "merged.mtz",
+                                   results / "score" / f"exa_{dataset}.tsv")]
 
 
 def why_no_slurm_here() -> str | None:
@@ -194,14 +209,16 @@ class SlurmRun:
 
 @pytest.fixture(scope="module")
 def slurm_run(tmp_path_factory) -> SlurmRun:
-    """The whole pipeline on test_pipeline's small config, run through the Slurm profile on a single-node
-    Slurm that is brought up for it and always shut down after."""
+    """slurm_targets on pipeline_run's small config, run through the Slurm profile on a single-node Slurm
+    that is brought up for it and always shut down after."""
     workdir = tmp_path_factory.mktemp("slurm")
     (workdir / "index.phil").write_text((REPO_ROOT / "config" / "index.phil").read_text())
     configfile = write_config(workdir / "small.yaml", pipeline_config(workdir))
-    planned = job_stats(succeeded(snakemake(workdir, configfile, "--dry-run")))
+    targets = slurm_targets(workdir)
+    planned = job_stats(succeeded(snakemake(workdir, configfile, "--dry-run", *targets)))
     command = [sys.executable, "-m", "snakemake", "--snakefile", SNAKEFILE, "--directory", workdir,
-               "--profile", SLURM_PROFILE, *machine_overrides(profile_resources()), f"--configfile={configfile}"]
+               "--profile", SLURM_PROFILE, *targets, *machine_overrides(profile_resources()),
+               f"--configfile={configfile}"]
     started = time.monotonic()
     try:
         up = run_job([SINGLE_NODE, "up"], timeout=120)
@@ -220,6 +237,7 @@ def slurm_run(tmp_path_factory) -> SlurmRun:
     return SlurmRun(workdir, configfile, output, planned, daemons, running)
 
 
+@pytest.mark.slow
 @requires_slurm
 def test_every_job_goes_through_sbatch_and_the_run_completes(slurm_run):
     submitted = Counter(re.findall(r"submitted with SLURM jobid \d+ \(log: \S+/slurm_logs/rule_(\w+)/",
@@ -228,11 +246,13 @@ def test_every_job_goes_through_sbatch_and_the_run_completes(slurm_run):
     assert set(local) == LOCAL_RULES, local
     assert submitted + local == slurm_run.planned, slurm_run.output[-5000:]
     assert set(MPI_COMMANDS) | {"simulate", "metrology", "dials_merge", "score_exa"} <= set(submitted), submitted
-    # Every final output is there and up to date: a dry run with every rerun trigger plans nothing.
-    after = snakemake(slurm_run.workdir, slurm_run.configfile, "--dry-run", *ALL_TRIGGERS)
+    # Every output asked for is there and up to date: a dry run with every rerun trigger plans nothing.
+    after = snakemake(slurm_run.workdir, slurm_run.configfile, "--dry-run", *slurm_targets(slurm_run.workdir),
+                      *ALL_TRIGGERS)
     assert job_stats(succeeded(after)) == Counter()
 
 
+@pytest.mark.slow
 @requires_slurm
 def test_the_mpi_stages_ran_two_ranks_under_srun(slurm_run):
     from xfel_spread.dials.stills import read_shots_table
@@ -264,6 +284,7 @@ def test_the_mpi_stages_ran_two_ranks_under_srun(slurm_run):
                 assert re.search(rf"spread-{refinement}: \d+ lattices of \S+ on {RANKS} rank\(s\)", log), log[-3000:]
 
 
+@pytest.mark.slow
 @requires_slurm
 def test_the_daemons_are_down_after_the_run(slurm_run):
     assert {"slurmctld", "slurmd"} <= set(slurm_run.daemons), slurm_run.daemons

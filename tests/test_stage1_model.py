@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from sim_fixtures import LY99_ENERGIES_EV, amplitude_table, lookup_for  # noqa: F401  (amplitude_table is a fixture)
+from sim_fixtures import LY99_ENERGIES_EV, lookup_for
 
 from xfel_spread.config import ConfigError
 from xfel_spread.sim import crystal as xtal

@@ -4,7 +4,7 @@ its gradients, the per-shot and batched refinements with it, and what leaving it
 import numpy as np
 import pytest
 import torch
-from sim_fixtures import LY99_ENERGIES_EV, amplitude_table, lookup_for  # noqa: F401  (amplitude_table is a fixture)
+from sim_fixtures import LY99_ENERGIES_EV, lookup_for
 
 from test_stage1_batched import assert_same_fit
 
@@ -102,6 +102,7 @@ def test_gradient_with_the_psf_matches_central_differences(spread_shot, few_look
         assert gradient[position] == pytest.approx(central, rel=1e-6, abs=1e-7 * scale), name
 
 
+@pytest.mark.slow  # refinements to convergence with the modelled PSF: 15-20 s
 def test_modelling_the_psf_recovers_n_and_the_orientation(amplitude_table):
     """All 100 channels, 12 shoeboxes through the PSF, a start 0.05 degrees and 0.3 % off. With the
     PSF in the model, N and the orientation come back; without it, N shrinks to widen the spots, the
@@ -125,6 +126,7 @@ def test_modelling_the_psf_recovers_n_and_the_orientation(amplitude_table):
     assert with_psf.z_score_sigma_final < 0.5 * without.z_score_sigma_final
 
 
+@pytest.mark.slow  # refinements to convergence with the modelled PSF: 15-20 s
 def test_refine_batch_with_the_psf_gives_the_parameters_of_refine_shot(amplitude_table, spread_shot, few_lookup):
     other = simulate_shot_pixels(few_lookup, LY99_ENERGIES_EV[FEW_CHANNELS], amplitude_table.unit_cell, seed=5,
                                  n_rois=8, psf=LY99_PSF)

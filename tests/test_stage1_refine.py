@@ -5,7 +5,7 @@ import dataclasses
 
 import numpy as np
 import pytest
-from sim_fixtures import LY99_ENERGIES_EV, amplitude_table, lookup_for  # noqa: F401  (amplitude_table is a fixture)
+from sim_fixtures import LY99_ENERGIES_EV, lookup_for
 
 from xfel_spread.sim import crystal as xtal
 from xfel_spread.sim.forward import bragg_photons_dense

@@ -20,6 +20,9 @@ from xfel_spread.io.shard import read_shard_metadata, write_shard
 
 from tiny_config import indexable_config, write_config
 
+#: Slow tier (make test-fast leaves it out): dials.stills_process on simulated shards, under MPI.
+pytestmark = pytest.mark.slow
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 INDEX_PHIL = REPO_ROOT / "config" / "index.phil"
 BIN_DIR = Path(sys.executable).parent

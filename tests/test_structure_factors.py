@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from sim_fixtures import (  # noqa: F401  (amplitude_table is a fixture)
+from sim_fixtures import (
     B_SOL,
     D_MIN_A,
     K_SOL,
@@ -10,7 +10,6 @@ from sim_fixtures import (  # noqa: F401  (amplitude_table is a fixture)
     OXIDIZED_TABLE,
     PDB_PATH,
     REDUCED_TABLE,
-    amplitude_table,
 )
 
 from xfel_spread.sim.crystal import orthogonalization_matrix

@@ -1,0 +1,96 @@
+"""What the Snakefile checks while it parses, before it plans any job.
+
+rules/common.smk calls :func:`run_config` (validate the config, fill in defaults, find the phil files)
+and then :func:`check_run_settings` (the phil files, the metrology engine, a saved detector). Each
+refusal is a :class:`RunSettingsError` whose message is the one line the run stops with. Both run at
+every parse, so this module imports no torch and only what each check needs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+from xfel_spread.config import ConfigError, load_config
+
+#: Config sections whose ``phil`` file may be given relative to the workflow's directory.
+PHIL_SECTIONS = ("index", "metrology")
+
+
+class RunSettingsError(Exception):
+    """A run the pipeline refuses at parse time; the message is one line (``Config error: ...`` or
+    ``Phil error: ...``) naming the file."""
+
+
+def display_path(path: str) -> str:
+    """``path`` relative to the working directory when it lies inside it, else absolute."""
+    relative = os.path.relpath(path)
+    return relative if not relative.startswith("..") else os.path.abspath(path)
+
+
+def workflow_file(path: str, basedir: str) -> str:
+    """``path`` itself when it exists (absolute, or relative to the working directory), else the same
+    relative path inside the workflow's directory ``basedir``, where the shipped config/*.phil files live."""
+    if os.path.isabs(path) or os.path.exists(path):
+        return path
+    return display_path(os.path.join(basedir, path))
+
+
+def run_config(config: Mapping, source_name: str, basedir: str) -> dict:
+    """``config`` validated, with defaults filled in and its phil paths resolved by :func:`workflow_file`.
+
+    Raises RunSettingsError ``Config error: SOURCE: key.path: problem`` for a config the schema refuses.
+    """
+    try:
+        settled = load_config(config, source_name=source_name)
+    except ConfigError as error:
+        raise RunSettingsError(f"Config error: {error}") from None
+    for section in PHIL_SECTIONS:
+        settled[section]["phil"] = workflow_file(settled[section]["phil"], basedir)
+    return settled
+
+
+def check_run_settings(config: Mapping, source_name: str, output_dir: str) -> None:
+    """Raise RunSettingsError unless the run can start: its phil files are valid DIALS parameter files,
+    its metrology engine can run, and any saved detector exists and is not one this run writes.
+
+    ``config`` is what :func:`run_config` returned; ``source_name`` names the config files in messages.
+    """
+    check_phil_files(config)
+    check_metrology_engine(config, source_name)
+    check_saved_detector(config, source_name, output_dir)
+
+
+def check_phil_files(config: Mapping) -> None:
+    """Refuse a DIALS phil file with an unknown parameter or a bad value (``Phil error: PATH: problem``)."""
+    from xfel_spread.dials.phil import PhilFileError, check_phil_file
+
+    try:
+        check_phil_file(config["index"]["phil"], "stills_process")
+        check_phil_file(config["metrology"]["phil"], "refine")
+    except PhilFileError as error:
+        raise RunSettingsError(f"Phil error: {error}") from None
+
+
+def check_metrology_engine(config: Mapping, source_name: str) -> None:
+    """Refuse a refinement engine that cannot run here (missing, or too many lattices for it)."""
+    from xfel_spread.dials.metrology import MetrologyError, plan_refinement
+
+    try:
+        plan_refinement(config["metrology"]["engine"], config["metrology"]["max_lattices"])
+    except MetrologyError as error:
+        raise RunSettingsError(f"Config error: {source_name}: {error}") from None
+
+
+def check_saved_detector(config: Mapping, source_name: str, output_dir: str) -> None:
+    """Refuse a metrology.reference_geometry that is not there, or one this run's metrology writes under
+    ``output_dir`` (a job that would need its own output)."""
+    path = config["metrology"]["reference_geometry"]
+    if path is None:
+        return
+    if not os.path.isfile(path):
+        raise RunSettingsError(f"Config error: {source_name}: metrology.reference_geometry: {path}: no such file")
+    metrology_dir = os.path.abspath(f"{output_dir}/metrology")
+    if os.path.commonpath([os.path.abspath(path), metrology_dir]) == metrology_dir:
+        raise RunSettingsError(f"Config error: {source_name}: metrology.reference_geometry: {path} is written by "
+                               "this run's metrology; copy it elsewhere first")
