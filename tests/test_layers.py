@@ -24,7 +24,8 @@ RANKS = {
     "config": 2, "reference": 2, "io": 2,
     "sim": 3,
     "hitfind": 4, "dials": 5, "cells": 6, "merging": 7, "annulus": 8, "stage1": 9, "spread": 10,
-    "report": 11,
+    # workflow: the Snakefile's parse-time checks of a whole run (phil files, metrology engine), above the stages.
+    "report": 11, "workflow": 11,
     "cli": 12,
 }
 #: Top-level names no module of the package may import (the benchmarks, the tests and their helpers).

@@ -8,13 +8,14 @@ import math
 import numpy as np
 import pytest
 import torch
+from stage1_cases import assert_same_fit
 from sim_fixtures import LY99_ENERGIES_EV, lookup_for
 
 from xfel_spread.sim import crystal as xtal
 from xfel_spread.sim.forward import ARG_CUTOFF, GAUSS_WIDTH, Beam, CrystalState, bragg_photons_dense, pixel_factors
 from xfel_spread.sim.structure_factors import HC_EV_ANGSTROM
 from xfel_spread.stage1.batched import BatchedForwardModel, Lockstep, batched_bragg_photons, refine_batch
-from xfel_spread.stage1.model import PARAMETER_NAMES, Stage1Settings
+from xfel_spread.stage1.model import Stage1Settings
 from xfel_spread.stage1.refine import ShotProblem, dense_evaluator, refine_shot
 from xfel_spread.stage1.synthetic import LY99_DETECTOR, perturbed_matrix, simulate_shot_pixels, with_start
 
@@ -146,20 +147,6 @@ def test_lockstep_serves_every_waiting_task_in_one_batch():
     assert results[1] == (1.0, 0.0) and results[2] == (2.0, 0.0)
     assert isinstance(results[3], RuntimeError)
     assert batch_sizes == [3, 2, 2, 2, 2, 2, 1]
-
-
-def assert_same_fit(batched, single, tolerance_steps=1e-3):
-    """Same outcome, and parameters within ``tolerance_steps`` scaled units (a thousandth of the
-    step each parameter is scaled by, about its 1-sigma on an LY99 shot)."""
-    assert batched.converged == single.converged and batched.reason == single.reason
-    assert batched.n_rois == single.n_rois
-    start = np.array([single.start[name] for name in PARAMETER_NAMES])
-    assert np.allclose([batched.start[name] for name in PARAMETER_NAMES], start, rtol=1e-10)
-    step = np.array([0.03 * start[0], 1e-3, 1e-3, 1e-3, *(1e-4 * start[4:8]), *(0.02 * 72,) * 3, 0.002, 0.005])
-    difference = np.array([batched.final[name] - single.final[name] for name in PARAMETER_NAMES])
-    assert np.all(np.abs(difference) <= tolerance_steps * step), dict(zip(PARAMETER_NAMES, difference / step))
-    assert batched.rmsd_px == pytest.approx(single.rmsd_px, rel=1e-3, abs=1e-4)
-    assert np.allclose(batched.real_space_matrix, single.real_space_matrix, rtol=0, atol=1e-2 * tolerance_steps)
 
 
 def test_refine_batch_gives_the_parameters_of_refine_shot(three_shots, few_lookup):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import mpirun_command, run_job
-from test_stage1_rois import CELL, DISTANCE_MM, G_TRUE, NCELLS_TRUE, write_case, write_test_mtz
+from stage1_cases import CELL, DISTANCE_MM, G_TRUE, NCELLS_TRUE, write_case, write_test_mtz
 from xfel_spread.dials.scoring import misorientation_deg, point_group_rotations
 
 BIN = Path(sys.executable).parent

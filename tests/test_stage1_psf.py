@@ -6,7 +6,7 @@ import pytest
 import torch
 from sim_fixtures import LY99_ENERGIES_EV, lookup_for
 
-from test_stage1_batched import assert_same_fit
+from stage1_cases import assert_same_fit
 
 from xfel_spread.sim import crystal as xtal
 from xfel_spread.sim.detector_effects import apply_fiber_psf, fiber_psf_kernel

@@ -12,12 +12,13 @@ import os
 from collections.abc import Mapping
 
 from xfel_spread.config import ConfigError, load_config
+from xfel_spread.errors import UserInputError
 
 #: Config sections whose ``phil`` file may be given relative to the workflow's directory.
 PHIL_SECTIONS = ("index", "metrology")
 
 
-class RunSettingsError(Exception):
+class RunSettingsError(UserInputError):
     """A run the pipeline refuses at parse time; the message is one line (``Config error: ...`` or
     ``Phil error: ...``) naming the file."""
 

@@ -10,7 +10,6 @@ the schema's defaults, so the commands also run outside Snakemake.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from xfel_spread.cli.common import run_command

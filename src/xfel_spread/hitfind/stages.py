@@ -40,7 +40,7 @@ from xfel_spread.config import ConfigError
 from xfel_spread.errors import OptionError
 from xfel_spread.hitfind import tables
 from xfel_spread.hitfind.pixels import LitPixelSettings, PowderSum, measure_shot
-from xfel_spread.hitfind.threshold import HitThreshold, choose_hit_threshold
+from xfel_spread.hitfind.threshold import choose_hit_threshold
 from xfel_spread.io.tables import write_table
 from xfel_spread.progress import Progress
 

@@ -226,7 +226,7 @@ def _levenberg_marquardt(problem: ScalingProblem, initial: np.ndarray, max_itera
     done = broken.copy()
     damping = np.full(n_lattices, INITIAL_DAMPING)
     batch, batch_lattices = problem, np.arange(n_lattices)
-    for iteration in range(max_iterations):
+    for _ in range(max_iterations):
         if done.all():
             break
         if (~done).sum() < COMPACT_FRACTION * len(batch_lattices):

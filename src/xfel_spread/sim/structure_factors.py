@@ -122,7 +122,6 @@ def compute_channel_amplitudes(pdb_path: str, oxidized_table_path: str, reduced_
                                oxidized_atom: str = "FE1", reduced_atom: str = "FE2") -> ChannelAmplitudes:
     """Amplitudes for every channel: Fmodel with bulk solvent plus the energy-dependent Fe terms."""
     import mmtbx.f_model
-    from cctbx import miller
     from cctbx.array_family import flex
     from cctbx.eltbx import henke
 
