@@ -1,0 +1,6 @@
+"""The SPREAD stage's error for unusable input."""
+
+
+class SpreadInputError(ValueError):
+    """A user-input error of the SPREAD stage: a table, a site name, a setting or the stage-1
+    results that cannot be used. The message is one line naming the file or setting."""
