@@ -208,7 +208,7 @@ def fit(problem: SpreadProblem, fp_start: np.ndarray, fdp_start: np.ndarray, nui
         value = total_nll(mu, problem.data) + problem.restraints.value(fp, fdp)
         value.backward()
         history.append(float(value.detach()))
-        return float(value), theta.grad.numpy().copy()
+        return float(value.detach()), theta.grad.numpy().copy()
 
     result = minimize(evaluate, theta0, jac=True, method="L-BFGS-B",
                       options={"maxiter": max_iterations, "ftol": tolerance, "gtol": 1e-8, "maxcor": 20})
