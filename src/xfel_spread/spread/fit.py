@@ -108,7 +108,7 @@ def nuisance_direction(bragg: torch.Tensor, nuisance: Nuisance, data: SpreadData
     mu = expected_photons(bragg, nuisance.scale, nuisance.background, data)
     gradient, weight = nll_derivatives(mu, data, observed=True)
     R, S = data.n_shoeboxes, data.n_shots
-    box, shot_of_box, pixel_shot = data.shoebox, data.shot, data.pixel_shot()
+    box, shot_of_box, pixel_shot = data.shoebox, data.shot.long(), data.pixel_shot()
     design = (torch.ones_like(data.dx, dtype=bragg.dtype), data.dx.to(bragg.dtype), data.dy.to(bragg.dtype))
     h_bb = torch.empty(R, 3, 3, dtype=bragg.dtype)
     for i in range(3):
@@ -129,28 +129,38 @@ def nuisance_direction(bragg: torch.Tensor, nuisance: Nuisance, data: SpreadData
     return Nuisance(delta_g, delta_b)
 
 
-def nuisance_step(bragg: torch.Tensor, nuisance: Nuisance, data: SpreadData, halvings: int = 8) -> Nuisance:
+def nuisance_step(bragg: torch.Tensor, nuisance: Nuisance, data: SpreadData,
+                  halvings: int = 8) -> tuple[Nuisance, float]:
     """One Fisher-scoring step (:func:`nuisance_direction`), halved shot by shot until that shot's
-    NLL does not rise (after ``halvings`` halvings the shot keeps its old values)."""
+    NLL does not rise (after ``halvings`` halvings the shot keeps its old values). Returns the new
+    nuisance and the decrease of the total NLL."""
     direction = nuisance_direction(bragg, nuisance, data)
     before = shot_nll(bragg, nuisance, data)
+    slack = 1e-12 * torch.abs(before) + 1e-12
     fraction = torch.ones(data.n_shots, dtype=bragg.dtype)
+    shot = data.shot.long()
     for _ in range(halvings + 1):
         trial = Nuisance(nuisance.scale + fraction * direction.scale,
-                         nuisance.background + fraction[data.shot][:, None] * direction.background)
-        worse = shot_nll(bragg, trial, data) > before
+                         nuisance.background + fraction[shot][:, None] * direction.background)
+        after = shot_nll(bragg, trial, data)
+        worse = after > before + slack
         if not bool(worse.any()):
-            return trial
+            return trial, float((before - after).sum())
         fraction = torch.where(worse, 0.5 * fraction, fraction)
     fraction = torch.where(worse, torch.zeros_like(fraction), fraction)
-    return Nuisance(nuisance.scale + fraction * direction.scale,
-                    nuisance.background + fraction[data.shot][:, None] * direction.background)
+    trial = Nuisance(nuisance.scale + fraction * direction.scale,
+                     nuisance.background + fraction[shot][:, None] * direction.background)
+    return trial, float((before - torch.where(worse, before, after)).sum())
 
 
-def optimise_nuisance(bragg: torch.Tensor, nuisance: Nuisance, data: SpreadData, steps: int) -> Nuisance:
-    """``steps`` Fisher-scoring steps of :func:`nuisance_step`."""
+def optimise_nuisance(bragg: torch.Tensor, nuisance: Nuisance, data: SpreadData, steps: int,
+                      nll_tolerance: float = 1e-4) -> Nuisance:
+    """Up to ``steps`` steps of :func:`nuisance_step`, stopping once a step lowers the NLL by less
+    than ``nll_tolerance``."""
     for _ in range(steps):
-        nuisance = nuisance_step(bragg, nuisance, data)
+        nuisance, decrease = nuisance_step(bragg, nuisance, data)
+        if decrease < nll_tolerance:
+            break
     return nuisance
 
 

@@ -77,8 +77,12 @@ class SpreadData:
         return int(self.shot.numel())
 
     def pixel_shot(self) -> torch.Tensor:
-        """The shot of each pixel (P,)."""
-        return self.shot[self.shoebox]
+        """The shot of each pixel (P,), computed once and kept (int64)."""
+        cached = getattr(self, "_pixel_shot", None)
+        if cached is None or cached.numel() != self.shoebox.numel():
+            cached = self.shot.long()[self.shoebox.long()]
+            self._pixel_shot = cached
+        return cached
 
     def nbytes(self) -> int:
         """Bytes held by the arrays."""
@@ -113,5 +117,6 @@ def unit_bragg(intensity: torch.Tensor, data: SpreadData) -> torch.Tensor:
 def expected_photons(bragg: torch.Tensor, scale: torch.Tensor, background: torch.Tensor,
                      data: SpreadData) -> torch.Tensor:
     """mu = plane of the shoebox + G * bragg (P,); ``scale`` (n_shots,), ``background`` (R, 3)."""
-    plane = background[data.shoebox]
-    return plane[:, 0] + plane[:, 1] * data.dx + plane[:, 2] * data.dy + scale[data.pixel_shot()] * bragg
+    box = data.shoebox
+    return (background[:, 0][box] + background[:, 1][box] * data.dx + background[:, 2][box] * data.dy
+            + scale[data.pixel_shot()] * bragg)
