@@ -5,6 +5,7 @@ import pytest
 import torch
 from sim_fixtures import B_SOL, D_MIN_A, K_SOL, LY99_ENERGIES_EV, OXIDIZED_TABLE, PDB_PATH, REDUCED_TABLE
 
+from xfel_spread.sim.forward import AmplitudeLookup
 from xfel_spread.sim.structure_factors import (
     HC_EV_ANGSTROM,
     ChannelAmplitudes,
@@ -13,8 +14,8 @@ from xfel_spread.sim.structure_factors import (
     read_fp_fdp_table,
     site_decomposition,
 )
-from xfel_spread.sim.forward import AmplitudeLookup
 from xfel_spread.spread.coefficients import asu_lookup, bragg_coefficients, fold_point_spread
+from xfel_spread.spread.errors import SpreadInputError
 from xfel_spread.stage1.likelihood import bragg_photons, shot_tensors
 from xfel_spread.stage1.model import CrystalModel, c2_cell, shifted_detector
 from xfel_spread.stage1.psf import DetectorPsf
@@ -51,7 +52,7 @@ def shot_and_model():
     intensity = table.amplitudes.astype(np.float64) ** 2
     lookup_asu = asu_lookup(table.unit_cell, table.space_group, table.indices)
     return dict(stage1=stage1, state=state, detector=detector, tensors=tensors, intensity=intensity,
-                lookup=lookup_asu, G=float(values[0]), shot=synthetic.shot)
+                lookup=lookup_asu, G=float(values[0]), shot=synthetic.shot, cell=values[4:8].numpy())
 
 
 def test_coefficients_reproduce_stage1_bragg(shot_and_model):
@@ -90,3 +91,27 @@ def test_point_spread_folds_into_the_coefficients(shot_and_model):
     direct = torch.sparse.mm(spread, torch.as_tensor(s["stage1"])[:, None]).squeeze(1).numpy()
     ours = s["G"] * folded.bragg(s["intensity"], n)
     assert np.abs(ours - direct).max() / direct.max() < 1e-9
+
+
+def test_assembled_lattices_reproduce_stage1_model(shot_and_model):
+    """Two lattices through lattice_arrays and concatenate: SPREAD's model at the truth is stage 1's."""
+    import copy
+
+    from xfel_spread.spread.assemble import concatenate, lattice_arrays
+    from xfel_spread.spread.model import unit_bragg
+
+    s = shot_and_model
+    shot = s["shot"]
+    second = copy.copy(shot)
+    second.trusted = np.asarray(shot.trusted).copy()
+    second.trusted[::5] = False  # some untrusted pixels
+    values = np.array([80.0, 0.01, -0.02, 0.015, *s["cell"], 50.0, 57.0, 64.0, 0.03, 0.02])
+    lattices = [lattice_arrays(one, values, 4, s["lookup"], 3.0, relative_cutoff=0.0) for one in (shot, second)]
+    data, columns = concatenate(lattices)
+    assert data.n_shots == 2 and data.n_pixels == int(shot.trusted.sum() + second.trusted.sum())
+    intensity = torch.as_tensor(s["intensity"][:, columns])
+    ours = s["G"] * unit_bragg(intensity, data).numpy()
+    expected = np.concatenate([s["stage1"][np.asarray(one.trusted, dtype=bool)] for one in (shot, second)])
+    assert np.abs(ours - expected).max() / expected.max() < 1e-6
+    with pytest.raises(SpreadInputError, match="no converged lattices"):
+        concatenate([])
