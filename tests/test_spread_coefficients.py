@@ -3,7 +3,15 @@
 import numpy as np
 import pytest
 import torch
-from sim_fixtures import B_SOL, D_MIN_A, K_SOL, LY99_ENERGIES_EV, OXIDIZED_TABLE, PDB_PATH, REDUCED_TABLE
+from sim_fixtures import (
+    B_SOL,
+    D_MIN_A,
+    K_SOL,
+    LY99_ENERGIES_EV,
+    OXIDIZED_TABLE,
+    PDB_PATH,
+    REDUCED_TABLE,
+)
 
 from xfel_spread.sim.forward import AmplitudeLookup
 from xfel_spread.sim.structure_factors import (
@@ -14,7 +22,11 @@ from xfel_spread.sim.structure_factors import (
     read_fp_fdp_table,
     site_decomposition,
 )
-from xfel_spread.spread.coefficients import asu_lookup, bragg_coefficients, fold_point_spread
+from xfel_spread.spread.coefficients import (
+    asu_lookup,
+    bragg_coefficients,
+    fold_point_spread,
+)
 from xfel_spread.spread.errors import SpreadInputError
 from xfel_spread.stage1.likelihood import bragg_photons, shot_tensors
 from xfel_spread.stage1.model import CrystalModel, c2_cell, shifted_detector
@@ -51,8 +63,8 @@ def shot_and_model():
         state = model.crystal_state(values)
     intensity = table.amplitudes.astype(np.float64) ** 2
     lookup_asu = asu_lookup(table.unit_cell, table.space_group, table.indices)
-    return dict(stage1=stage1, state=state, detector=detector, tensors=tensors, intensity=intensity,
-                lookup=lookup_asu, G=float(values[0]), shot=synthetic.shot, cell=values[4:8].numpy())
+    return {"stage1": stage1, "state": state, "detector": detector, "tensors": tensors, "intensity": intensity,
+            "lookup": lookup_asu, "G": float(values[0]), "shot": synthetic.shot, "cell": values[4:8].numpy()}
 
 
 def test_coefficients_reproduce_stage1_bragg(shot_and_model):

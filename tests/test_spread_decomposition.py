@@ -2,7 +2,15 @@
 
 import numpy as np
 import pytest
-from sim_fixtures import B_SOL, D_MIN_A, K_SOL, LY99_ENERGIES_EV, OXIDIZED_TABLE, PDB_PATH, REDUCED_TABLE
+from sim_fixtures import (
+    B_SOL,
+    D_MIN_A,
+    K_SOL,
+    LY99_ENERGIES_EV,
+    OXIDIZED_TABLE,
+    PDB_PATH,
+    REDUCED_TABLE,
+)
 
 from xfel_spread.sim.structure_factors import (
     HC_EV_ANGSTROM,

@@ -21,11 +21,27 @@ from xfel_spread.spread.fit import (
     start_nuisance,
 )
 from xfel_spread.spread.likelihood import nll_derivatives, total_nll
-from xfel_spread.spread.model import Decomposition, SpreadData, expected_photons, unit_bragg
+from xfel_spread.spread.model import (
+    Decomposition,
+    SpreadData,
+    expected_photons,
+    unit_bragg,
+)
 from xfel_spread.spread.restraints import hilbert_matrix
 from xfel_spread.spread.synthetic import sase_spectra, simulate, synthetic_layout
-from xfel_spread.spread.tables import energy_grid, interpolation_matrix, read_table, table_on_grid, table_path
-from xfel_spread.spread.uncertainty import edge_estimates, fp_minimum_energy, grid_covariance, half_rise_energy
+from xfel_spread.spread.tables import (
+    energy_grid,
+    interpolation_matrix,
+    read_table,
+    table_on_grid,
+    table_path,
+)
+from xfel_spread.spread.uncertainty import (
+    edge_estimates,
+    fp_minimum_energy,
+    grid_covariance,
+    half_rise_energy,
+)
 
 ENERGIES_EV = 7070.5 + np.arange(100.0)
 GRID_EV = energy_grid(7070.0, 7170.0, 1.0)
@@ -192,7 +208,7 @@ def test_shuffled_channels_do_not_recover_the_sites_difference(synthetic, recove
     control = fit(SpreadProblem(shuffled, problem.decomposition, problem.interpolation, problem.restraints),
                   *synthetic["start"], max_iterations=300)
     result, _ = recovered
-    truth_fp, truth_fdp = synthetic["truth"]
+    _, truth_fdp = synthetic["truth"]
 
     def difference_error(fdp):
         return np.sqrt(np.mean(((fdp[0] - fdp[1]) - (truth_fdp[0] - truth_fdp[1]))[MIDDLE] ** 2))

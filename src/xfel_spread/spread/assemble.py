@@ -16,7 +16,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from xfel_spread.spread.coefficients import AsuLookup, bragg_coefficients, fold_point_spread
+from xfel_spread.spread.coefficients import (
+    AsuLookup,
+    bragg_coefficients,
+    fold_point_spread,
+)
 from xfel_spread.spread.errors import SpreadInputError
 from xfel_spread.spread.model import SpreadData
 from xfel_spread.stage1.likelihood import shot_tensors

@@ -23,9 +23,15 @@ import torch
 
 from xfel_spread.spread.errors import SpreadInputError
 from xfel_spread.spread.likelihood import nll_derivatives, total_nll
-from xfel_spread.stage1.likelihood import pixel_nll
-from xfel_spread.spread.model import Decomposition, SpreadData, expected_photons, intensities, unit_bragg
+from xfel_spread.spread.model import (
+    Decomposition,
+    SpreadData,
+    expected_photons,
+    intensities,
+    unit_bragg,
+)
 from xfel_spread.spread.restraints import kk_penalty, smoothness_penalty
+from xfel_spread.stage1.likelihood import pixel_nll
 
 
 @dataclass

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from xfel_spread.stage1.likelihood import pixel_nll, pixel_variance
 from xfel_spread.spread.model import SpreadData
+from xfel_spread.stage1.likelihood import pixel_nll, pixel_variance
 
 
 def total_nll(mu: torch.Tensor, data: SpreadData) -> torch.Tensor:

@@ -35,7 +35,7 @@ class Decomposition:
     site_im: torch.Tensor
 
     @classmethod
-    def from_complex(cls, f_rest: np.ndarray, site_sums: np.ndarray) -> "Decomposition":
+    def from_complex(cls, f_rest: np.ndarray, site_sums: np.ndarray) -> Decomposition:
         """From complex arrays, e.g. ``SiteDecomposition.f_rest[used]``, ``.site_sums[:, used]``."""
         def as_tensor(values):
             return torch.as_tensor(np.ascontiguousarray(values), dtype=torch.float64)

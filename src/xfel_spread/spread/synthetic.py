@@ -18,7 +18,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from xfel_spread.spread.model import Decomposition, SpreadData, expected_photons, intensities, unit_bragg
+from xfel_spread.spread.model import (
+    Decomposition,
+    SpreadData,
+    expected_photons,
+    intensities,
+    unit_bragg,
+)
 
 
 def sase_spectra(n_shots: int, energies_ev: np.ndarray, rng: np.random.Generator,
