@@ -7,7 +7,8 @@ component (404 global parameters), SASE-like spectra. The coefficients' sparsity
 real 100-channel LY99 shot's coefficients have at a relative cutoff of 1e-3 (measured on a stage-1
 synthetic shot with :mod:`xfel_spread.spread.coefficients`: 9.5 terms per shoebox pixel; 30 without a
 cutoff): ``channels_per_px`` 1.6 gives about that many. Arrays are held compact (float32 data and
-coefficients, int32 indices).
+coefficients, int32 term indices; shoebox numbers stay int64, as torch gathers
+with int64 indices 3x faster than with int32).
 
 Prints the set-up, the refinement's wall and CPU time, seconds per lattice, the peak resident memory
 (``resource.getrusage``) and the bytes the data hold per lattice.
@@ -43,7 +44,6 @@ def compact(data):
     data.data = data.data.float()
     data.dx, data.dy = data.dx.float(), data.dy.float()
     data.readout_var = data.readout_var.float()
-    data.shoebox = data.shoebox.int()
     data.shot = data.shot.int()
     data.term_pixel, data.term_pair = data.term_pixel.int(), data.term_pair.int()
     data.term_coeff = data.term_coeff.float()

@@ -98,20 +98,12 @@ def _sum_by(index: torch.Tensor, values: torch.Tensor, size: int) -> torch.Tenso
     return torch.zeros(size, dtype=values.dtype).index_add_(0, index, values)
 
 
-def shot_nll(bragg: torch.Tensor, nuisance: Nuisance, data: SpreadData) -> torch.Tensor:
-    """The NLL of each shot's pixels (n_shots,) for Bragg photons per unit G ``bragg``."""
-    mu = expected_photons(bragg, nuisance.scale, nuisance.background, data)
-    return _sum_by(data.pixel_shot(), pixel_nll(mu, data.data.to(mu.dtype), data.readout_var.to(mu.dtype)),
-                   data.n_shots)
-
-
-def nuisance_direction(bragg: torch.Tensor, nuisance: Nuisance, data: SpreadData,
-                       damping: float = 1e-9) -> Nuisance:
-    """The Fisher-scoring step of every shot's G and shoebox planes for fixed Bragg photons per unit G.
+def nuisance_direction(bragg: torch.Tensor, mu: torch.Tensor, data: SpreadData, damping: float = 1e-9) -> Nuisance:
+    """The Newton step of every shot's G and shoebox planes for fixed Bragg photons per unit G, at
+    expected photons ``mu``.
 
     The plane of each shoebox is eliminated first (3 x 3 Schur complement), then G of each shot.
     """
-    mu = expected_photons(bragg, nuisance.scale, nuisance.background, data)
     gradient, weight = nll_derivatives(mu, data, observed=True)
     R, S = data.n_shoeboxes, data.n_shots
     box, shot_of_box, pixel_shot = data.shoebox, data.shot.long(), data.pixel_shot()
@@ -135,37 +127,47 @@ def nuisance_direction(bragg: torch.Tensor, nuisance: Nuisance, data: SpreadData
     return Nuisance(delta_g, delta_b)
 
 
+def _shot_sums(mu: torch.Tensor, data: SpreadData) -> torch.Tensor:
+    return _sum_by(data.pixel_shot(), pixel_nll(mu, data.data.to(mu.dtype), data.readout_var.to(mu.dtype)),
+                   data.n_shots)
+
+
 def nuisance_step(bragg: torch.Tensor, nuisance: Nuisance, data: SpreadData,
-                  halvings: int = 8) -> tuple[Nuisance, float]:
-    """One Fisher-scoring step (:func:`nuisance_direction`), halved shot by shot until that shot's
-    NLL does not rise (after ``halvings`` halvings the shot keeps its old values). Returns the new
-    nuisance and the decrease of the total NLL."""
-    direction = nuisance_direction(bragg, nuisance, data)
-    before = shot_nll(bragg, nuisance, data)
+                  halvings: int = 3) -> tuple[Nuisance, float]:
+    """One Newton step (:func:`nuisance_direction`), halved shot by shot until that shot's NLL does
+    not rise (after ``halvings`` halvings the shot keeps its old values). Returns the new nuisance
+    and the decrease of the total NLL. mu is linear in the nuisance, so every trial is
+    ``mu0 + fraction * delta_mu``."""
+    mu0 = expected_photons(bragg, nuisance.scale, nuisance.background, data)
+    direction = nuisance_direction(bragg, mu0, data)
+    delta_mu = expected_photons(bragg, direction.scale, direction.background, data)
+    before = _shot_sums(mu0, data)
     slack = 1e-12 * torch.abs(before) + 1e-12
     fraction = torch.ones(data.n_shots, dtype=bragg.dtype)
-    shot = data.shot.long()
+    pixel_shot = data.pixel_shot()
     for _ in range(halvings + 1):
-        trial = Nuisance(nuisance.scale + fraction * direction.scale,
-                         nuisance.background + fraction[shot][:, None] * direction.background)
-        after = shot_nll(bragg, trial, data)
+        after = _shot_sums(mu0 + fraction[pixel_shot] * delta_mu, data)
         worse = after > before + slack
         if not bool(worse.any()):
-            return trial, float((before - after).sum())
+            break
         fraction = torch.where(worse, 0.5 * fraction, fraction)
-    fraction = torch.where(worse, torch.zeros_like(fraction), fraction)
-    trial = Nuisance(nuisance.scale + fraction * direction.scale,
-                     nuisance.background + fraction[shot][:, None] * direction.background)
-    return trial, float((before - torch.where(worse, before, after)).sum())
+    else:
+        fraction = torch.where(worse, torch.zeros_like(fraction), fraction)
+        after = torch.where(worse, before, after)
+    shot = data.shot.long()
+    return (Nuisance(nuisance.scale + fraction * direction.scale,
+                     nuisance.background + fraction[shot][:, None] * direction.background),
+            float((before - after).sum()))
 
 
 def optimise_nuisance(bragg: torch.Tensor, nuisance: Nuisance, data: SpreadData, steps: int,
                       nll_tolerance: float = 1e-4) -> Nuisance:
     """Up to ``steps`` steps of :func:`nuisance_step`, stopping once a step lowers the NLL by less
-    than ``nll_tolerance``."""
+    than ``nll_tolerance`` (absolute, or 1e-10 per pixel, whichever is larger)."""
+    tolerance = max(nll_tolerance, 1e-10 * data.n_pixels)
     for _ in range(steps):
         nuisance, decrease = nuisance_step(bragg, nuisance, data)
-        if decrease < nll_tolerance:
+        if decrease < tolerance:
             break
     return nuisance
 
@@ -193,7 +195,7 @@ class FitResult:
 
 
 def fit(problem: SpreadProblem, fp_start: np.ndarray, fdp_start: np.ndarray, nuisance: Nuisance | None = None,
-        max_iterations: int = 200, nuisance_steps: int = 5, start_nuisance_steps: int = 30,
+        max_iterations: int = 200, nuisance_steps: int = 3, start_nuisance_steps: int = 30,
         tolerance: float = 1e-10) -> FitResult:
     """Minimise the profile objective over the grids from ``fp_start``, ``fdp_start`` (n_sites, n_grid).
 
