@@ -76,3 +76,13 @@ def test_table_not_covering_the_grid_is_one_line(tmp_path):
     assert "\n" not in str(info.value)
     with pytest.raises(SpreadInputError, match="missing.dat"):
         read_table(str(tmp_path / "missing.dat"))
+
+
+def test_unreadable_shots_table_is_one_line(tmp_path):
+    from xfel_spread.spread.pipeline import converged_parameters
+
+    path = tmp_path / "shard_00000_shots.tsv"
+    path.write_text("shot\timage\n0\t0\n")
+    with pytest.raises(SpreadInputError, match="shard_00000_shots.tsv: shots table lacks column") as info:
+        converged_parameters(path)
+    assert "\n" not in str(info.value)
