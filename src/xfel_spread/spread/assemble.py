@@ -62,7 +62,7 @@ def lattice_arrays(shot: ShotPixels, values: np.ndarray, n_domains: int, lookup:
     n_pixels = int(tensors.fast.numel())
     if psf is not None:
         spread = psf.spread_matrix(shot.pixel_fast, shot.pixel_slow, shot.detector.pixel_size_mm, "cpu")
-        coefficients = fold_point_spread(coefficients, spread, n_pixels)
+        coefficients = fold_point_spread(coefficients, spread, n_pixels, relative_cutoff)
     trusted = np.asarray(shot.trusted, dtype=bool)
     local = np.full(n_pixels, -1, dtype=np.int64)
     local[trusted] = np.arange(int(trusted.sum()))

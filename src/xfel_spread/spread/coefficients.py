@@ -133,21 +133,28 @@ def bragg_coefficients(detector: Detector, beam: Beam, crystal: CrystalState, fa
     summed = np.bincount(inverse.reshape(-1), weights=values, minlength=len(unique))
     pixel, channel, column = unique.T if len(unique) else (np.zeros(0, np.int64),) * 3
     total = float(summed.sum())
-    if relative_cutoff > 0 and len(summed):
-        pixel_max = np.zeros(int(pixel.max()) + 1)
-        np.maximum.at(pixel_max, pixel, summed)
-        keep = summed >= relative_cutoff * pixel_max[pixel]
-    else:
-        keep = np.ones(len(summed), dtype=bool)
+    keep = apply_cutoff(pixel, summed, relative_cutoff)
     dropped = float(summed[~keep].sum()) / total if total > 0 else 0.0
     return ShotCoefficients(pixel[keep], channel[keep], column[keep], summed[keep], dropped)
 
 
-def fold_point_spread(coefficients: ShotCoefficients, spread_matrix: torch.Tensor, n_pixels: int) -> ShotCoefficients:
+def apply_cutoff(pixel: np.ndarray, value: np.ndarray, relative_cutoff: float) -> np.ndarray:
+    """Which terms to keep: ``value >= relative_cutoff * max value`` over the same pixel's terms."""
+    if relative_cutoff <= 0 or value.size == 0:
+        return np.ones(value.size, dtype=bool)
+    pixel_max = np.zeros(int(pixel.max()) + 1)
+    np.maximum.at(pixel_max, pixel, value)
+    return value >= relative_cutoff * pixel_max[pixel]
+
+
+def fold_point_spread(coefficients: ShotCoefficients, spread_matrix: torch.Tensor, n_pixels: int,
+                      relative_cutoff: float = 0.0) -> ShotCoefficients:
     """Coefficients of the spread Bragg photons: c'_{i,(k,m)} = sum_j S[i, j] c_{j,(k,m)}.
 
     ``spread_matrix`` is the sparse (n_pixels, n_pixels) map of :meth:`xfel_spread.stage1.psf.
-    DetectorPsf.spread_matrix` for the same pixels.
+    DetectorPsf.spread_matrix` for the same pixels. The spread terms are cut again at
+    ``relative_cutoff`` (the spread carries every term over the kernel); ``dropped_fraction`` adds
+    that share.
     """
     import scipy.sparse as sp
 
@@ -161,6 +168,8 @@ def fold_point_spread(coefficients: ShotCoefficients, spread_matrix: torch.Tenso
                       shape=(n_pixels, len(unique_pairs)))
     folded = (spread @ c).tocoo()
     order = np.lexsort((unique_pairs[folded.col], folded.row))
-    pairs = unique_pairs[folded.col[order]]
-    return ShotCoefficients(folded.row[order].astype(np.int64), pairs // n_columns, pairs % n_columns,
-                            folded.data[order], coefficients.dropped_fraction)
+    row, pairs, value = folded.row[order].astype(np.int64), unique_pairs[folded.col[order]], folded.data[order]
+    keep = apply_cutoff(row, value, relative_cutoff)
+    total = float(value.sum())
+    dropped = coefficients.dropped_fraction + (float(value[~keep].sum()) / total if total > 0 else 0.0)
+    return ShotCoefficients(row[keep], pairs[keep] // n_columns, pairs[keep] % n_columns, value[keep], dropped)
