@@ -194,43 +194,90 @@ class FitResult:
     history: list = field(default_factory=list)
 
 
+def chunk_bounds(data: SpreadData, pixels_per_chunk: int) -> list[tuple[int, ...]]:
+    """Whole-shot chunks of about ``pixels_per_chunk`` pixels: (p0, p1, b0, b1, s0, s1, t0, t1) ranges of
+    pixels, shoeboxes, shots and terms. Pixels must be ordered by shoebox, shoeboxes by shot and terms
+    by pixel (as :mod:`xfel_spread.spread.assemble` and :mod:`xfel_spread.spread.synthetic` make them)."""
+    if data.n_pixels and not (bool((torch.diff(data.shoebox) >= 0).all()) and bool((torch.diff(data.shot) >= 0).all())
+                              and bool((torch.diff(data.term_pixel) >= 0).all())):
+        raise ValueError("SPREAD data must be ordered by shot, shoebox and pixel")
+    pixel_shot = data.pixel_shot()
+    shots = torch.arange(data.n_shots + 1, dtype=pixel_shot.dtype)
+    shot_pixel_start = torch.searchsorted(pixel_shot, shots).tolist()
+    shot_box_start = torch.searchsorted(data.shot.long(), shots).tolist()
+    bounds, s0 = [], 0
+    while s0 < data.n_shots:
+        s1 = s0 + 1
+        while s1 < data.n_shots and shot_pixel_start[s1 + 1] - shot_pixel_start[s0] <= pixels_per_chunk:
+            s1 += 1
+        p0, p1 = shot_pixel_start[s0], shot_pixel_start[s1]
+        t0, t1 = torch.searchsorted(data.term_pixel, torch.tensor([p0, p1], dtype=data.term_pixel.dtype)).tolist()
+        bounds.append((p0, p1, shot_box_start[s0], shot_box_start[s1], s0, s1, t0, t1))
+        s0 = s1
+    return bounds
+
+
+def chunk_data(data: SpreadData, bounds: tuple[int, ...]) -> SpreadData:
+    """The chunk's data with local pixel, shoebox and shot numbers (index arrays copied, the rest views)."""
+    p0, p1, b0, b1, s0, s1, t0, t1 = bounds
+    return SpreadData(data.data[p0:p1], data.shoebox[p0:p1] - b0, data.dx[p0:p1], data.dy[p0:p1],
+                      data.readout_var[p0:p1], data.shot[b0:b1] - s0, data.term_pixel[t0:t1] - p0,
+                      data.term_pair[t0:t1], data.term_coeff[t0:t1], s1 - s0)
+
+
 def fit(problem: SpreadProblem, fp_start: np.ndarray, fdp_start: np.ndarray, nuisance: Nuisance | None = None,
         max_iterations: int = 200, nuisance_steps: int = 3, start_nuisance_steps: int = 30,
-        tolerance: float = 1e-10) -> FitResult:
+        tolerance: float = 1e-10, pixels_per_chunk: int = 1 << 20) -> FitResult:
     """Minimise the profile objective over the grids from ``fp_start``, ``fdp_start`` (n_sites, n_grid).
 
     Each evaluation runs ``nuisance_steps`` warm-started nuisance steps; the first runs
     ``start_nuisance_steps``. Stops after ``max_iterations`` L-BFGS iterations or when the relative
-    objective change falls below ``tolerance``.
+    objective change falls below ``tolerance``. The pixels are visited in whole-shot chunks of about
+    ``pixels_per_chunk`` (the objective is a sum over shots given the intensities): the chunk's
+    temporaries bound the memory, and d NLL / d I accumulates over chunks before the one backward
+    pass to the grids (an MPI rank would do the same over its lattices and sum the 2 x sites x grid
+    gradient across ranks).
     """
     from scipy.optimize import minimize
 
-    if problem.data.n_shots == 0 or problem.data.n_pixels == 0:
+    data = problem.data
+    if data.n_shots == 0 or data.n_pixels == 0:
         raise SpreadInputError("no converged lattices to refine: the stage-1 results hold no usable shot")
     theta0 = np.concatenate([np.ravel(fp_start), np.ravel(fdp_start)]).astype(np.float64)
-    state = {"nuisance": nuisance if nuisance is not None else start_nuisance(problem.data), "first": True,
+    nuisance = nuisance if nuisance is not None else start_nuisance(data)
+    state = {"scale": nuisance.scale.clone(), "background": nuisance.background.clone(), "first": True,
              "evaluations": 0}
+    bounds = chunk_bounds(data, pixels_per_chunk)
     history = []
 
     def evaluate(theta_np):
         theta = torch.tensor(theta_np, dtype=torch.float64, requires_grad=True)
         intensity = problem.intensity(theta)
-        bragg = unit_bragg(intensity, problem.data)
+        intensity_leaf = intensity.detach().requires_grad_(True)
         steps = start_nuisance_steps if state["first"] else nuisance_steps
-        state["nuisance"] = optimise_nuisance(bragg.detach(), state["nuisance"], problem.data, steps)
+        total = 0.0
+        for bound in bounds:
+            _, _, b0, b1, s0, s1, _, _ = bound
+            chunk = chunk_data(data, bound)
+            bragg = unit_bragg(intensity_leaf, chunk)
+            local = optimise_nuisance(bragg.detach(), Nuisance(state["scale"][s0:s1], state["background"][b0:b1]),
+                                      chunk, steps)
+            state["scale"][s0:s1], state["background"][b0:b1] = local.scale, local.background
+            nll = total_nll(expected_photons(bragg, local.scale, local.background, chunk), chunk)
+            nll.backward()
+            total += float(nll.detach())
+        fp, fdp = problem.split(theta)
+        restraint = problem.restraints.value(fp, fdp)
+        ((intensity * intensity_leaf.grad).sum() + restraint).backward()
         state["first"] = False
         state["evaluations"] += 1
-        nuis = state["nuisance"]
-        mu = expected_photons(bragg, nuis.scale, nuis.background, problem.data)
-        fp, fdp = problem.split(theta)
-        value = total_nll(mu, problem.data) + problem.restraints.value(fp, fdp)
-        value.backward()
-        history.append(float(value.detach()))
-        return float(value.detach()), theta.grad.numpy().copy()
+        value = total + float(restraint.detach())
+        history.append(value)
+        return value, theta.grad.numpy().copy()
 
     result = minimize(evaluate, theta0, jac=True, method="L-BFGS-B",
                       options={"maxiter": max_iterations, "ftol": tolerance, "gtol": 1e-8, "maxcor": 20})
     fp, fdp = problem.split(torch.as_tensor(result.x))
-    return FitResult(fp=fp.numpy().copy(), fdp=fdp.numpy().copy(), nuisance=state["nuisance"],
-                     objective=float(result.fun), evaluations=state["evaluations"], message=str(result.message),
-                     history=history)
+    return FitResult(fp=fp.numpy().copy(), fdp=fdp.numpy().copy(),
+                     nuisance=Nuisance(state["scale"], state["background"]), objective=float(result.fun),
+                     evaluations=state["evaluations"], message=str(result.message), history=history)
