@@ -58,6 +58,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=60, help="L-BFGS iterations at most")
     parser.add_argument("--channels-per-px", type=float, default=1.6)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--covariance", action="store_true", help="also time the covariance and edge sigmas")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
@@ -105,6 +106,19 @@ def main() -> None:
           f"({wall / result.evaluations:.2f} s each), {wall / args.lattices * 1e3:.1f} ms per lattice; "
           f"{result.message}")
     print(f"peak resident memory {peak_mb:.0f} MB; rms f'' error 7100-7150 eV {rms:.3f} e")
+    if args.covariance:
+        from xfel_spread.spread.uncertainty import edge_estimates, grid_covariance
+
+        wall0 = time.perf_counter()
+        theta = np.concatenate([result.fp.ravel(), result.fdp.ravel()])
+        covariance = grid_covariance(problem, theta, result.nuisance)
+        edges = edge_estimates(grid, result.fp, result.fdp, covariance)
+        wall = time.perf_counter() - wall0
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3
+        print(f"covariance and edges: {wall:.1f} s ({wall / args.lattices * 1e3:.1f} ms per lattice), peak "
+              f"{peak_mb:.0f} MB; median f'' sigma {np.median(np.sqrt(np.diag(covariance))[2 * grid.size:]):.3f} e; "
+              + "; ".join(f"site {s}: half-rise {e.half_rise_ev:.2f} +- {e.half_rise_sigma_ev:.2f} eV"
+                          for s, e in enumerate(edges)))
 
 
 if __name__ == "__main__":

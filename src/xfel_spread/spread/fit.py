@@ -106,22 +106,19 @@ def nuisance_direction(bragg: torch.Tensor, mu: torch.Tensor, data: SpreadData, 
     """
     gradient, weight = nll_derivatives(mu, data, observed=True)
     R, S = data.n_shoeboxes, data.n_shots
-    box, shot_of_box = data.shoebox, data.shot.long()
-    dx, dy = data.dx.to(bragg.dtype), data.dy.to(bragg.dtype)
-    wx, wy, wb = weight * dx, weight * dy, weight * bragg
-    # Every per-shoebox sum in one pass: plane block, plane-G block, gradients, and G's sums (by
-    # shoebox first, then by shot).
-    columns = torch.stack([weight, wx, wy, wx * dx, wx * dy, wy * dy, wb, wb * dx, wb * dy,
-                           gradient, gradient * dx, gradient * dy, wb * bragg, gradient * bragg], dim=1)
-    sums = torch.zeros(R, columns.shape[1], dtype=bragg.dtype).index_add_(0, box, columns)
-    del columns
-    h_bb = sums[:, [0, 1, 2, 1, 3, 4, 2, 4, 5]].reshape(R, 3, 3)
+    box, shot_of_box, pixel_shot = data.shoebox, data.shot.long(), data.pixel_shot()
+    design = (torch.ones_like(data.dx, dtype=bragg.dtype), data.dx.to(bragg.dtype), data.dy.to(bragg.dtype))
+    h_bb = torch.empty(R, 3, 3, dtype=bragg.dtype)
+    for i in range(3):
+        for j in range(i, 3):
+            h_bb[:, i, j] = h_bb[:, j, i] = _sum_by(box, weight * design[i] * design[j], R)
     diagonal = h_bb.diagonal(dim1=1, dim2=2).amax(1)
     h_bb = h_bb + damping * (1 + diagonal)[:, None, None] * torch.eye(3, dtype=bragg.dtype)
     # The derivative of mu in G is the Bragg photons per unit G.
-    h_bg, g_b = sums[:, 6:9], sums[:, 9:12]
-    h_gg = _sum_by(shot_of_box, sums[:, 12].contiguous(), S)
-    g_g = _sum_by(shot_of_box, sums[:, 13].contiguous(), S)
+    h_bg = torch.stack([_sum_by(box, weight * d * bragg, R) for d in design], dim=1)
+    g_b = torch.stack([_sum_by(box, gradient * d, R) for d in design], dim=1)
+    h_gg = _sum_by(pixel_shot, weight * bragg ** 2, S)
+    g_g = _sum_by(pixel_shot, gradient * bragg, S)
     solved = torch.linalg.solve(h_bb, torch.stack([h_bg, g_b], dim=2))  # (R, 3, 2)
     reduced_h = h_gg - _sum_by(shot_of_box, (h_bg * solved[:, :, 0]).sum(1), S)
     reduced_g = g_g - _sum_by(shot_of_box, (h_bg * solved[:, :, 1]).sum(1), S)
