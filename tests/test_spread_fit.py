@@ -270,3 +270,47 @@ def test_swapped_start_reaches_the_same_sites(synthetic, recovered):
             half_rise_energy(GRID_EV, result.fdp[site]), abs=0.2)
         assert fp_minimum_energy(GRID_EV, swapped.fp[site]) == pytest.approx(
             fp_minimum_energy(GRID_EV, result.fp[site]), abs=0.2)
+
+
+def test_refine_writes_grids_and_edges(synthetic, tmp_path):
+    """spread.run end to end on the synthetic set: settings, start tables, fit, errors, files."""
+    from xfel_spread.spread.run import SpreadSettings, refine, write_results
+
+    full, chosen = synthetic["full"], synthetic["chosen"]
+    settings = SpreadSettings.from_mapping({"sites": {"FE2": "metallic", "FE1": "metallic"}, "posterior_samples": 200})
+    result = refine(synthetic["problem"].data, ENERGIES_EV, ("FE1", "FE2"), full.f_rest[chosen],
+                    BOOST * full.site_sums[:, chosen], settings, str(SHARED_DATA_DIR))
+    assert result.site_names == ("FE2", "FE1") and np.array_equal(result.grid_ev, GRID_EV)
+    _, truth_fdp = synthetic["truth"]
+    assert abs(result.edges[0].half_rise_ev - half_rise_energy(GRID_EV, truth_fdp[1])) < 1.5
+    assert abs(result.edges[1].half_rise_ev - half_rise_energy(GRID_EV, truth_fdp[0])) < 1.5
+    write_results(result, tmp_path / "spread")
+    table = np.genfromtxt(tmp_path / "spread_fp_fdp.tsv", names=True, delimiter="\t")
+    assert len(table) == len(GRID_EV) and np.allclose(table["FE1_fdp"], result.fdp[1], atol=1e-6)
+    assert np.all(table["FE1_fdp_sigma"] > 0)
+    edges = (tmp_path / "spread_edges.tsv").read_text().splitlines()
+    assert edges[1].startswith("FE2\t") and len(edges) == 3
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"grid_spacing": 1.0}, "spread.grid_spacing: unknown setting"),
+    ({"grid_spacing_ev": 0}, "spread.grid_spacing_ev: expected a non-negative number above 0"),
+    ({"sites": ["FE1"]}, "spread.sites: expected a mapping"),
+    ({"max_iterations": 2.5}, "spread.max_iterations: expected a positive integer"),
+])
+def test_bad_settings_are_one_line(section, message):
+    from xfel_spread.spread.run import SpreadSettings
+
+    with pytest.raises(SpreadInputError, match=message) as info:
+        SpreadSettings.from_mapping(section, "config.yaml")
+    assert str(info.value).startswith("config.yaml: ") and "\n" not in str(info.value)
+
+
+def test_site_not_in_the_model_is_one_line(synthetic):
+    from xfel_spread.spread.run import SpreadSettings, refine
+
+    settings = SpreadSettings.from_mapping({"sites": {"FE1": "oxidized", "FE3": "reduced"}})
+    full, chosen = synthetic["full"], synthetic["chosen"]
+    with pytest.raises(SpreadInputError, match=r"spread.sites: FE3 not among the model's sites \(FE1, FE2\)"):
+        refine(synthetic["problem"].data, ENERGIES_EV, ("FE1", "FE2"), full.f_rest[chosen], full.site_sums[:, chosen],
+               settings, str(SHARED_DATA_DIR))
