@@ -123,7 +123,8 @@ def pixel_factors(detector: Detector, fast: torch.Tensor, slow: torch.Tensor,
     return directions, factor
 
 
-def _photon_prefactor(beam: Beam, crystal: CrystalState) -> torch.Tensor:
+def photon_prefactor(beam: Beam, crystal: CrystalState) -> torch.Tensor:
+    """r_e^2 * scale / (domains * beam area): turns sum over domains of |F|^2 |S|^2 * fluence into photons."""
     n_domains = crystal.domain_matrices.shape[0]
     return crystal.scale * R_E_SQUARED_M2 / n_domains / beam.size_m ** 2
 
@@ -167,7 +168,7 @@ def bragg_photons_dense(detector: Detector, beam: Beam, crystal: CrystalState,
     for start in range(0, directions.shape[0], chunk):
         h_per_u = torch.einsum("dij,pj->pdi", crystal.domain_matrices, directions[start:start + chunk] - beam_direction)
         totals.append(bragg_sum(h_per_u, u, ncells, photons_k, amplitudes))
-    return _photon_prefactor(beam, crystal) * factor * torch.cat(totals)
+    return photon_prefactor(beam, crystal) * factor * torch.cat(totals)
 
 
 def cutoff_radius(crystal: CrystalState) -> float:
@@ -355,4 +356,4 @@ def bragg_photons_sparse(detector: Detector, beam: Beam, crystal: CrystalState,
         contribution = torch.where(alive, f_sq * weight_k[term_channel] * lattice_peak_sq * torch.exp(-2 * arg),
                                    torch.zeros_like(arg)) * factor[pair]
         image.index_add_(0, pixel_flat[term_pair], contribution)
-    return (_photon_prefactor(beam, crystal) * image).reshape(detector.n_slow, detector.n_fast)
+    return (photon_prefactor(beam, crystal) * image).reshape(detector.n_slow, detector.n_fast)

@@ -120,50 +120,22 @@ def _site_sum(miller_set, xray_structure, selection):
 def compute_channel_amplitudes(pdb_path: str, oxidized_table_path: str, reduced_table_path: str,
                                energies_ev: np.ndarray, d_min_a: float, k_sol: float, b_sol: float,
                                oxidized_atom: str = "FE1", reduced_atom: str = "FE2") -> ChannelAmplitudes:
-    """Amplitudes for every channel: Fmodel with bulk solvent plus the energy-dependent Fe terms."""
-    import mmtbx.f_model
-    from cctbx.array_family import flex
-    from cctbx.eltbx import henke
+    """Amplitudes for every channel: Fmodel with bulk solvent plus the energy-dependent Fe terms.
 
-    xray_structure, atom_names = _read_xray_structure(pdb_path)
-    tables = {oxidized_atom: read_fp_fdp_table(oxidized_table_path),
-              reduced_atom: read_fp_fdp_table(reduced_table_path)}
-    sources = {oxidized_atom: oxidized_table_path, reduced_atom: reduced_table_path}
-    site_selections = {}
-    for name in (oxidized_atom, reduced_atom):
-        selection = flex.bool([atom_name == name for atom_name in atom_names])
-        if selection.count(True) == 0:
-            raise ModelFileError(f"{pdb_path}: no atom named {name} for the anomalous site")
-        site_selections[name] = selection
-
-    mean_wavelength = HC_EV_ANGSTROM / float(np.mean(energies_ev))
-    is_site_atom = site_selections[oxidized_atom] | site_selections[reduced_atom]
-    for scatterer, in_site in zip(xray_structure.scatterers(), is_site_atom):
-        if in_site:
-            scatterer.fp, scatterer.fdp = 0.0, 0.0
-        else:
-            henke_factors = henke.table(scatterer.element_symbol()).at_angstrom(mean_wavelength)
-            scatterer.fp, scatterer.fdp = henke_factors.fp(), henke_factors.fdp()
-
-    miller_set = xray_structure.build_miller_set(anomalous_flag=True, d_min=d_min_a)
-    placeholder_fobs = miller_set.array(data=flex.double(miller_set.size(), 1.0))
-    fmodel = mmtbx.f_model.manager(f_obs=placeholder_fobs, xray_structure=xray_structure,
-                                   k_sol=k_sol, b_sol=b_sol)
-    base = np.asarray(fmodel.f_model().data())
-
-    complex_f = np.repeat(base[None, :], len(energies_ev), axis=0)
-    for name, selection in site_selections.items():
-        fp, fdp = interpolate_fp_fdp(tables[name], energies_ev, sources[name])
-        site_sum = _site_sum(miller_set, xray_structure, selection)
-        complex_f += (fp + 1j * fdp)[:, None] * site_sum[None, :]
-
-    symmetry = xray_structure.crystal_symmetry()
+    The model's :func:`site_decomposition` (other atoms at the mean channel energy's Henke f', f'')
+    with each site's f', f'' interpolated from its table at every channel energy."""
+    tables = {oxidized_atom: oxidized_table_path, reduced_atom: reduced_table_path}
+    form_factors = [interpolate_fp_fdp(read_fp_fdp_table(path), energies_ev, path) for path in tables.values()]
+    decomposition = site_decomposition(pdb_path, d_min_a, k_sol, b_sol, tuple(tables),
+                                       HC_EV_ANGSTROM / float(np.mean(energies_ev)))
+    fp = np.stack([values[0] for values in form_factors])
+    fdp = np.stack([values[1] for values in form_factors])
     return ChannelAmplitudes(
         energies_ev=np.asarray(energies_ev, dtype=np.float64),
-        unit_cell=tuple(symmetry.unit_cell().parameters()),
-        space_group=symmetry.space_group_info().type().lookup_symbol(),
-        indices=np.asarray(miller_set.indices(), dtype=np.int32).reshape(-1, 3),
-        amplitudes=np.abs(complex_f).astype(np.float32),
+        unit_cell=decomposition.unit_cell,
+        space_group=decomposition.space_group,
+        indices=decomposition.indices,
+        amplitudes=decomposition.amplitudes(fp, fdp).astype(np.float32),
     )
 
 
@@ -247,3 +219,82 @@ def true_intensities(amplitudes: ChannelAmplitudes, mean_spectrum_weights) -> tu
         raise ValueError("true intensities: spectrum weights must be non-negative and not all zero")
     squared = np.square(amplitudes.amplitudes.astype(np.float64))
     return np.asarray(amplitudes.indices), (weights / weights.sum()) @ squared
+
+
+@dataclass(frozen=True)
+class SiteDecomposition:
+    """The complex pieces of the per-channel structure factors on the anomalous asymmetric unit.
+
+    ``F_k(h) = f_rest[m] + sum_s (f'_s(E_k) + i f''_s(E_k)) * site_sums[s, m]`` for ``h =
+    indices[m]`` (electrons): ``f_rest`` is Fmodel with bulk solvent and every site atom's f', f''
+    set to 0, the other atoms taking Henke f', f'' at the mean wavelength; ``site_sums[s]`` is the
+    structure factor of the atoms of site ``site_names[s]`` per unit of (f' + i f'').
+    """
+
+    unit_cell: tuple[float, float, float, float, float, float]
+    space_group: str
+    indices: np.ndarray
+    site_names: tuple[str, ...]
+    f_rest: np.ndarray
+    site_sums: np.ndarray
+
+    def amplitudes(self, fp: np.ndarray, fdp: np.ndarray) -> np.ndarray:
+        """|F| for channel form factors ``fp[s, k]``, ``fdp[s, k]`` (electrons): shape (channels, indices).
+
+        The sites are added one after the other, in order, to F_rest (the simulation's amplitude
+        table is made this way, so its bits do not depend on a library's summation order)."""
+        fp, fdp = np.asarray(fp, dtype=np.float64), np.asarray(fdp, dtype=np.float64)
+        complex_f = np.repeat(self.f_rest[None, :], fp.shape[1], axis=0)
+        for site in range(len(self.site_names)):
+            complex_f += (fp[site] + 1j * fdp[site])[:, None] * self.site_sums[site][None, :]
+        return np.abs(complex_f)
+
+
+def site_decomposition(pdb_path: str, d_min_a: float, k_sol: float, b_sol: float,
+                       site_atoms: tuple[str, ...] | list[str], mean_wavelength_a: float) -> SiteDecomposition:
+    """Complex F_rest and site sums G_s of the model, as :func:`compute_channel_amplitudes` builds them.
+
+    ``site_atoms`` are the atom names of the anomalous sites (e.g. ``("FE1", "FE2")``), each a site;
+    ``mean_wavelength_a`` (Angstrom) sets the Henke f', f'' of the other atoms (the simulation uses
+    hc over the mean channel energy). Combined with a site's f', f'' at channel energy E_k this
+    gives exactly the complex F_k(h) whose modulus :func:`compute_channel_amplitudes` stores.
+    """
+    import mmtbx.f_model
+    from cctbx.array_family import flex
+    from cctbx.eltbx import henke
+
+    xray_structure, atom_names = _read_xray_structure(pdb_path)
+    site_names = tuple(site_atoms)
+    if not site_names or len(set(site_names)) != len(site_names):
+        raise ModelFileError(f"{pdb_path}: site atom names must be distinct and at least one, got {site_names}")
+    selections = []
+    for name in site_names:
+        selection = flex.bool([atom_name == name for atom_name in atom_names])
+        if selection.count(True) == 0:
+            raise ModelFileError(f"{pdb_path}: no atom named {name} for the anomalous site")
+        selections.append(selection)
+    is_site_atom = selections[0]
+    for selection in selections[1:]:
+        is_site_atom = is_site_atom | selection
+    for scatterer, in_site in zip(xray_structure.scatterers(), is_site_atom):
+        if in_site:
+            scatterer.fp, scatterer.fdp = 0.0, 0.0
+        else:
+            henke_factors = henke.table(scatterer.element_symbol()).at_angstrom(mean_wavelength_a)
+            scatterer.fp, scatterer.fdp = henke_factors.fp(), henke_factors.fdp()
+
+    miller_set = xray_structure.build_miller_set(anomalous_flag=True, d_min=d_min_a)
+    placeholder_fobs = miller_set.array(data=flex.double(miller_set.size(), 1.0))
+    fmodel = mmtbx.f_model.manager(f_obs=placeholder_fobs, xray_structure=xray_structure,
+                                   k_sol=k_sol, b_sol=b_sol)
+    f_rest = np.asarray(fmodel.f_model().data())
+    site_sums = np.stack([_site_sum(miller_set, xray_structure, selection) for selection in selections])
+    symmetry = xray_structure.crystal_symmetry()
+    return SiteDecomposition(
+        unit_cell=tuple(symmetry.unit_cell().parameters()),
+        space_group=symmetry.space_group_info().type().lookup_symbol(),
+        indices=np.asarray(miller_set.indices(), dtype=np.int32).reshape(-1, 3),
+        site_names=site_names,
+        f_rest=f_rest.astype(np.complex128),
+        site_sums=site_sums.astype(np.complex128),
+    )

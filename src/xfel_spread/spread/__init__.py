@@ -1,0 +1,1 @@
+"""Stage 10, SPREAD: the energy dependence of each anomalous site's f', f'' refined across all shots."""

@@ -1,0 +1,283 @@
+"""The SPREAD minimiser: L-BFGS on the global f', f'' grids with the per-shot nuisance profiled out.
+
+Objective (dimensionless)::
+
+    NLL(pixels) + sum_sites [smooth(f') + smooth(f'') + KK(f', f''; reference)]
+
+Global parameters are the grids (n_sites x n_grid each of f' and f'', electrons); nuisance are each
+shot's scale G and each shoebox's background plane (b0, b1, b2). For every evaluation of the grids
+the nuisance is brought to its optimum by Fisher-scoring (Gauss-Newton) steps, warm-started from the
+previous evaluation: the model is linear in the nuisance for fixed Bragg photons, so a shot's block
+is solved exactly by eliminating the 3 x 3 plane of each shoebox (Schur complement) and solving for
+G. The gradient in the grids at the nuisance optimum is the profile likelihood's gradient (envelope
+theorem), which scipy's L-BFGS-B minimises. Bragg photons are computed once per evaluation (one
+sparse product), the nuisance steps reuse them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from xfel_spread.spread.errors import SpreadInputError
+from xfel_spread.spread.likelihood import nll_derivatives, total_nll
+from xfel_spread.spread.model import (
+    Decomposition,
+    SpreadData,
+    expected_photons,
+    intensities,
+    unit_bragg,
+)
+from xfel_spread.spread.restraints import kk_penalty, smoothness_penalty
+from xfel_spread.stage1.likelihood import pixel_nll
+
+
+@dataclass
+class Restraints:
+    """Restraint weights and the KK reference (grid values, n_sites x n_grid, electrons)."""
+
+    smoothness_weight: float
+    kk_weight: float
+    fp_reference: torch.Tensor
+    fdp_reference: torch.Tensor
+    hilbert: torch.Tensor
+
+    def value(self, fp_grid: torch.Tensor, fdp_grid: torch.Tensor) -> torch.Tensor:
+        """The restraints' total (dimensionless, added to the NLL)."""
+        return (smoothness_penalty(fp_grid, self.smoothness_weight)
+                + smoothness_penalty(fdp_grid, self.smoothness_weight)
+                + kk_penalty(fp_grid, fdp_grid, self.fp_reference, self.fdp_reference, self.hilbert,
+                             self.kk_weight))
+
+
+@dataclass
+class Nuisance:
+    """Per-shot scale G (n_shots,) and per-shoebox background planes (R, 3), float64."""
+
+    scale: torch.Tensor
+    background: torch.Tensor
+
+
+@dataclass
+class SpreadProblem:
+    """Everything the fit needs: data, structure-factor pieces, interpolation, restraints."""
+
+    data: SpreadData
+    decomposition: Decomposition
+    interpolation: torch.Tensor  #: (n_channels, n_grid)
+    restraints: Restraints
+
+    @property
+    def n_sites(self) -> int:
+        return int(self.decomposition.site_re.shape[0])
+
+    @property
+    def n_grid(self) -> int:
+        return int(self.interpolation.shape[1])
+
+    def split(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The grids (f', f'') of a flat parameter vector [f'.ravel(), f''.ravel()]."""
+        half = self.n_sites * self.n_grid
+        return theta[:half].reshape(self.n_sites, self.n_grid), theta[half:].reshape(self.n_sites, self.n_grid)
+
+    def intensity(self, theta: torch.Tensor) -> torch.Tensor:
+        fp, fdp = self.split(theta)
+        return intensities(fp, fdp, self.interpolation, self.decomposition)
+
+    def objective(self, theta: torch.Tensor, nuisance: Nuisance) -> torch.Tensor:
+        """NLL + restraints at the given grids and nuisance."""
+        fp, fdp = self.split(theta)
+        mu = expected_photons(unit_bragg(self.intensity(theta), self.data), nuisance.scale,
+                              nuisance.background, self.data)
+        return total_nll(mu, self.data) + self.restraints.value(fp, fdp)
+
+
+def _sum_by(index: torch.Tensor, values: torch.Tensor, size: int) -> torch.Tensor:
+    return torch.zeros(size, dtype=values.dtype).index_add_(0, index, values)
+
+
+def nuisance_direction(bragg: torch.Tensor, mu: torch.Tensor, data: SpreadData, damping: float = 1e-9) -> Nuisance:
+    """The Newton step of every shot's G and shoebox planes for fixed Bragg photons per unit G, at
+    expected photons ``mu``.
+
+    The plane of each shoebox is eliminated first (3 x 3 Schur complement), then G of each shot.
+    """
+    gradient, weight = nll_derivatives(mu, data, observed=True)
+    R, S = data.n_shoeboxes, data.n_shots
+    box, shot_of_box, pixel_shot = data.shoebox, data.shot.long(), data.pixel_shot()
+    design = (torch.ones_like(data.dx, dtype=bragg.dtype), data.dx.to(bragg.dtype), data.dy.to(bragg.dtype))
+    h_bb = torch.empty(R, 3, 3, dtype=bragg.dtype)
+    for i in range(3):
+        for j in range(i, 3):
+            h_bb[:, i, j] = h_bb[:, j, i] = _sum_by(box, weight * design[i] * design[j], R)
+    diagonal = h_bb.diagonal(dim1=1, dim2=2).amax(1)
+    h_bb = h_bb + damping * (1 + diagonal)[:, None, None] * torch.eye(3, dtype=bragg.dtype)
+    # The derivative of mu in G is the Bragg photons per unit G.
+    h_bg = torch.stack([_sum_by(box, weight * d * bragg, R) for d in design], dim=1)
+    g_b = torch.stack([_sum_by(box, gradient * d, R) for d in design], dim=1)
+    h_gg = _sum_by(pixel_shot, weight * bragg ** 2, S)
+    g_g = _sum_by(pixel_shot, gradient * bragg, S)
+    solved = torch.linalg.solve(h_bb, torch.stack([h_bg, g_b], dim=2))  # (R, 3, 2)
+    reduced_h = h_gg - _sum_by(shot_of_box, (h_bg * solved[:, :, 0]).sum(1), S)
+    reduced_g = g_g - _sum_by(shot_of_box, (h_bg * solved[:, :, 1]).sum(1), S)
+    delta_g = -reduced_g / torch.clamp(reduced_h, min=1e-300)
+    delta_b = -(solved[:, :, 1] + solved[:, :, 0] * delta_g[shot_of_box][:, None])
+    return Nuisance(delta_g, delta_b)
+
+
+def _shot_sums(mu: torch.Tensor, data: SpreadData) -> torch.Tensor:
+    return _sum_by(data.pixel_shot(), pixel_nll(mu, data.data.to(mu.dtype), data.readout_var.to(mu.dtype)),
+                   data.n_shots)
+
+
+def nuisance_step(bragg: torch.Tensor, nuisance: Nuisance, data: SpreadData,
+                  halvings: int = 3) -> tuple[Nuisance, float]:
+    """One Newton step (:func:`nuisance_direction`), halved shot by shot until that shot's NLL does
+    not rise (after ``halvings`` halvings the shot keeps its old values). Returns the new nuisance
+    and the decrease of the total NLL. mu is linear in the nuisance, so every trial is
+    ``mu0 + fraction * delta_mu``."""
+    mu0 = expected_photons(bragg, nuisance.scale, nuisance.background, data)
+    direction = nuisance_direction(bragg, mu0, data)
+    delta_mu = expected_photons(bragg, direction.scale, direction.background, data)
+    before = _shot_sums(mu0, data)
+    slack = 1e-12 * torch.abs(before) + 1e-12
+    fraction = torch.ones(data.n_shots, dtype=bragg.dtype)
+    pixel_shot = data.pixel_shot()
+    for _ in range(halvings + 1):
+        after = _shot_sums(mu0 + fraction[pixel_shot] * delta_mu, data)
+        worse = after > before + slack
+        if not bool(worse.any()):
+            break
+        fraction = torch.where(worse, 0.5 * fraction, fraction)
+    else:
+        fraction = torch.where(worse, torch.zeros_like(fraction), fraction)
+        after = torch.where(worse, before, after)
+    shot = data.shot.long()
+    return (Nuisance(nuisance.scale + fraction * direction.scale,
+                     nuisance.background + fraction[shot][:, None] * direction.background),
+            float((before - after).sum()))
+
+
+def optimise_nuisance(bragg: torch.Tensor, nuisance: Nuisance, data: SpreadData, steps: int,
+                      nll_tolerance: float = 1e-4) -> Nuisance:
+    """Up to ``steps`` steps of :func:`nuisance_step`, stopping once a step lowers the NLL by less
+    than ``nll_tolerance`` (absolute, or 1e-10 per pixel, whichever is larger)."""
+    tolerance = max(nll_tolerance, 1e-10 * data.n_pixels)
+    for _ in range(steps):
+        nuisance, decrease = nuisance_step(bragg, nuisance, data)
+        if decrease < tolerance:
+            break
+    return nuisance
+
+
+def start_nuisance(data: SpreadData, dtype=torch.float64) -> Nuisance:
+    """G = 1 for every shot and each shoebox's plane flat at its mean pixel value."""
+    counts = _sum_by(data.shoebox, torch.ones(data.n_pixels, dtype=dtype), data.n_shoeboxes)
+    mean = _sum_by(data.shoebox, data.data.to(dtype), data.n_shoeboxes) / torch.clamp(counts, min=1)
+    background = torch.zeros(data.n_shoeboxes, 3, dtype=dtype)
+    background[:, 0] = mean
+    return Nuisance(torch.ones(data.n_shots, dtype=dtype), background)
+
+
+@dataclass
+class FitResult:
+    """The refined grids (n_sites, n_grid, electrons), nuisance, objective and the optimiser's record."""
+
+    fp: np.ndarray
+    fdp: np.ndarray
+    nuisance: Nuisance
+    objective: float
+    evaluations: int
+    message: str
+    history: list = field(default_factory=list)
+
+
+def chunk_bounds(data: SpreadData, pixels_per_chunk: int) -> list[tuple[int, ...]]:
+    """Whole-shot chunks of about ``pixels_per_chunk`` pixels: (p0, p1, b0, b1, s0, s1, t0, t1) ranges of
+    pixels, shoeboxes, shots and terms. Pixels must be ordered by shoebox, shoeboxes by shot and terms
+    by pixel (as :mod:`xfel_spread.spread.assemble` and :mod:`xfel_spread.spread.synthetic` make them)."""
+    if data.n_pixels and not (bool((torch.diff(data.shoebox) >= 0).all()) and bool((torch.diff(data.shot) >= 0).all())
+                              and bool((torch.diff(data.term_pixel) >= 0).all())):
+        raise ValueError("SPREAD data must be ordered by shot, shoebox and pixel")
+    pixel_shot = data.pixel_shot()
+    shots = torch.arange(data.n_shots + 1, dtype=pixel_shot.dtype)
+    shot_pixel_start = torch.searchsorted(pixel_shot, shots).tolist()
+    shot_box_start = torch.searchsorted(data.shot.long(), shots).tolist()
+    bounds, s0 = [], 0
+    while s0 < data.n_shots:
+        s1 = s0 + 1
+        while s1 < data.n_shots and shot_pixel_start[s1 + 1] - shot_pixel_start[s0] <= pixels_per_chunk:
+            s1 += 1
+        p0, p1 = shot_pixel_start[s0], shot_pixel_start[s1]
+        t0, t1 = torch.searchsorted(data.term_pixel, torch.tensor([p0, p1], dtype=data.term_pixel.dtype)).tolist()
+        bounds.append((p0, p1, shot_box_start[s0], shot_box_start[s1], s0, s1, t0, t1))
+        s0 = s1
+    return bounds
+
+
+def chunk_data(data: SpreadData, bounds: tuple[int, ...]) -> SpreadData:
+    """The chunk's data with local pixel, shoebox and shot numbers (index arrays copied, the rest views)."""
+    p0, p1, b0, b1, s0, s1, t0, t1 = bounds
+    return SpreadData(data.data[p0:p1], data.shoebox[p0:p1] - b0, data.dx[p0:p1], data.dy[p0:p1],
+                      data.readout_var[p0:p1], data.shot[b0:b1] - s0, data.term_pixel[t0:t1] - p0,
+                      data.term_pair[t0:t1], data.term_coeff[t0:t1], s1 - s0)
+
+
+def fit(problem: SpreadProblem, fp_start: np.ndarray, fdp_start: np.ndarray, nuisance: Nuisance | None = None,
+        max_iterations: int = 200, nuisance_steps: int = 3, start_nuisance_steps: int = 30,
+        tolerance: float = 1e-10, pixels_per_chunk: int = 1 << 20) -> FitResult:
+    """Minimise the profile objective over the grids from ``fp_start``, ``fdp_start`` (n_sites, n_grid).
+
+    Each evaluation runs ``nuisance_steps`` warm-started nuisance steps; the first runs
+    ``start_nuisance_steps``. Stops after ``max_iterations`` L-BFGS iterations or when the relative
+    objective change falls below ``tolerance``. The pixels are visited in whole-shot chunks of about
+    ``pixels_per_chunk`` (the objective is a sum over shots given the intensities): the chunk's
+    temporaries bound the memory, and d NLL / d I accumulates over chunks before the one backward
+    pass to the grids (an MPI rank would do the same over its lattices and sum the 2 x sites x grid
+    gradient across ranks).
+    """
+    from scipy.optimize import minimize
+
+    data = problem.data
+    if data.n_shots == 0 or data.n_pixels == 0:
+        raise SpreadInputError("no converged lattices to refine: the stage-1 results hold no usable shot")
+    theta0 = np.concatenate([np.ravel(fp_start), np.ravel(fdp_start)]).astype(np.float64)
+    nuisance = nuisance if nuisance is not None else start_nuisance(data)
+    state = {"scale": nuisance.scale.clone(), "background": nuisance.background.clone(), "first": True,
+             "evaluations": 0}
+    bounds = chunk_bounds(data, pixels_per_chunk)
+    history = []
+
+    def evaluate(theta_np):
+        theta = torch.tensor(theta_np, dtype=torch.float64, requires_grad=True)
+        intensity = problem.intensity(theta)
+        intensity_leaf = intensity.detach().requires_grad_(True)
+        steps = start_nuisance_steps if state["first"] else nuisance_steps
+        total = 0.0
+        for bound in bounds:
+            _, _, b0, b1, s0, s1, _, _ = bound
+            chunk = chunk_data(data, bound)
+            bragg = unit_bragg(intensity_leaf, chunk)
+            local = optimise_nuisance(bragg.detach(), Nuisance(state["scale"][s0:s1], state["background"][b0:b1]),
+                                      chunk, steps)
+            state["scale"][s0:s1], state["background"][b0:b1] = local.scale, local.background
+            nll = total_nll(expected_photons(bragg, local.scale, local.background, chunk), chunk)
+            nll.backward()
+            total += float(nll.detach())
+        fp, fdp = problem.split(theta)
+        restraint = problem.restraints.value(fp, fdp)
+        ((intensity * intensity_leaf.grad).sum() + restraint).backward()
+        state["first"] = False
+        state["evaluations"] += 1
+        value = total + float(restraint.detach())
+        history.append(value)
+        return value, theta.grad.numpy().copy()
+
+    result = minimize(evaluate, theta0, jac=True, method="L-BFGS-B",
+                      options={"maxiter": max_iterations, "ftol": tolerance, "gtol": 1e-8, "maxcor": 20})
+    fp, fdp = problem.split(torch.as_tensor(result.x))
+    return FitResult(fp=fp.numpy().copy(), fdp=fdp.numpy().copy(),
+                     nuisance=Nuisance(state["scale"], state["background"]), objective=float(result.fun),
+                     evaluations=state["evaluations"], message=str(result.message), history=history)

@@ -1,0 +1,185 @@
+"""Standard errors of the refined grids and of each site's edge positions.
+
+Covariance of the grids
+    The Fisher information of the pixels (expected Hessian of the NLL: ``J^T diag(w) J`` with
+    ``w = 1/v + 1/(2 v^2)`` per pixel and J the derivatives of the expected photons) at the
+    minimum, over grids and nuisance (each shot's G, each shoebox's plane). The nuisance is
+    profiled out exactly by the Schur complement, shoebox planes first (3 x 3 blocks), then each
+    shot's G; the restraints' Hessian (they are quadratic) is added; the covariance is the inverse.
+
+Edge positions, per site
+    ``half_rise_ev``: the energy at which f'' first reaches half-way from its pre-edge level (mean
+    over the grid's first ``pre_edge_ev`` eV) to its maximum, linear between grid points.
+    ``fp_minimum_ev``: the energy of the f' minimum, by a parabola through the lowest grid point
+    and its neighbours. On the shipped tables (1 eV grid from 7070 eV): oxidized 7119.9 / 7123.0 eV,
+    reduced 7118.0 / 7116.1 eV, metallic 7112.5 / 7111.2 eV. Their standard errors come from
+    sampling grids from the posterior normal N(grids, covariance).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from xfel_spread.spread.fit import Nuisance, SpreadProblem
+from xfel_spread.spread.likelihood import nll_derivatives
+from xfel_spread.spread.model import expected_photons, unit_bragg
+
+
+def _sum_rows(index: torch.Tensor, values: torch.Tensor, size: int) -> torch.Tensor:
+    return torch.zeros((size,) + tuple(values.shape[1:]), dtype=values.dtype).index_add_(0, index, values)
+
+
+def intensity_derivatives(problem: SpreadProblem, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """dI/df' and dI/df'' at every channel (n_sites, n_channels, n_reflections): 2 Re(F* G_s), 2 Re(F* i G_s)."""
+    d = problem.decomposition
+    fp, fdp = problem.split(theta)
+    fp_c, fdp_c = fp @ problem.interpolation.T, fdp @ problem.interpolation.T
+    real = d.rest_re[None, :] + fp_c.T @ d.site_re - fdp_c.T @ d.site_im
+    imag = d.rest_im[None, :] + fp_c.T @ d.site_im + fdp_c.T @ d.site_re
+    d_fp = 2 * (real[None] * d.site_re[:, None, :] + imag[None] * d.site_im[:, None, :])
+    d_fdp = 2 * (real[None] * d.site_im[:, None, :] - imag[None] * d.site_re[:, None, :])
+    return d_fp, d_fdp
+
+
+def pixel_jacobian(problem: SpreadProblem, theta: torch.Tensor, nuisance: Nuisance, pixel_lo: int,
+                   pixel_hi: int, derivatives) -> torch.Tensor:
+    """d mu / d grids (pixels pixel_lo..pixel_hi-1, 2 n_sites n_grid), dense."""
+    data = problem.data
+    n_sites, n_grid = problem.n_sites, problem.n_grid
+    n_theta = 2 * n_sites * n_grid
+    n_ref = problem.decomposition.n_reflections
+    terms = torch.nonzero((data.term_pixel >= pixel_lo) & (data.term_pixel < pixel_hi)).squeeze(1)
+    pixel = data.term_pixel[terms] - pixel_lo
+    pair = data.term_pair[terms]
+    channel, reflection = pair // n_ref, pair % n_ref
+    weight_c = data.term_coeff[terms].to(torch.float64) * nuisance.scale[data.shot[data.shoebox[data.term_pixel[terms]]]]
+    interp = problem.interpolation
+    jacobian = torch.zeros((pixel_hi - pixel_lo) * n_theta, dtype=torch.float64)
+    columns = torch.nonzero(interp[channel] != 0)  # (n, 2): term row, grid column
+    term_row, grid_col = columns[:, 0], columns[:, 1]
+    w = interp[channel[term_row], grid_col]
+    d_fp, d_fdp = derivatives
+    for site in range(n_sites):
+        for part, values in ((0, d_fp), (1, d_fdp)):
+            column = part * n_sites * n_grid + site * n_grid + grid_col
+            contribution = weight_c[term_row] * w * values[site, channel[term_row], reflection[term_row]]
+            jacobian.index_add_(0, pixel[term_row] * n_theta + column, contribution)
+    return jacobian.reshape(pixel_hi - pixel_lo, n_theta)
+
+
+def profile_fisher(problem: SpreadProblem, theta: np.ndarray, nuisance: Nuisance,
+                   pixels_per_chunk: int = 10000) -> np.ndarray:
+    """Fisher information of the grids with every shot's G and shoebox planes profiled out.
+
+    Chunks hold whole shots (pixels are ordered by shoebox, shoeboxes by shot).
+    """
+    data = problem.data
+    theta_t = torch.as_tensor(theta, dtype=torch.float64)
+    with torch.no_grad():
+        bragg = unit_bragg(problem.intensity(theta_t), data)
+        mu = expected_photons(bragg, nuisance.scale, nuisance.background, data)
+        _, weight = nll_derivatives(mu, data)
+        derivatives = intensity_derivatives(problem, theta_t)
+    n_theta = theta_t.numel()
+    fisher = torch.zeros(n_theta, n_theta, dtype=torch.float64)
+    pixel_shot = data.pixel_shot()
+    shot_end = torch.searchsorted(pixel_shot, torch.arange(data.n_shots) + 1).tolist()
+    start = 0
+    while start < data.n_pixels:
+        first_shot = int(pixel_shot[start])
+        last_shot = first_shot
+        while last_shot + 1 < data.n_shots and shot_end[last_shot + 1] - start <= pixels_per_chunk:
+            last_shot += 1
+        end = shot_end[last_shot]
+        jac = pixel_jacobian(problem, theta_t, nuisance, start, end, derivatives)
+        w = weight[start:end]
+        box = data.shoebox[start:end]
+        box0 = int(box.min())
+        box_local = box - box0
+        n_box = int(box.max()) - box0 + 1
+        shots_local = pixel_shot[start:end] - first_shot
+        n_shots_local = last_shot - first_shot + 1
+        design = torch.stack([torch.ones_like(w), data.dx[start:end].to(w.dtype), data.dy[start:end].to(w.dtype)], 1)
+        u = bragg[start:end]
+        fisher += jac.T @ (w[:, None] * jac)
+        # Nuisance blocks: planes (3 x 3 per shoebox), G (per shot: d mu / d G = bragg per unit G).
+        h_bb = _sum_rows(box_local, w[:, None, None] * design[:, :, None] * design[:, None, :], n_box)
+        h_bg = _sum_rows(box_local, (w * u)[:, None] * design, n_box)
+        h_gg = _sum_rows(shots_local, w * u * u, n_shots_local)
+        c_tb = _sum_rows(box_local, (w[:, None, None] * jac[:, :, None] * design[:, None, :]), n_box)  # (b, n_theta, 3)
+        c_tg = _sum_rows(shots_local, (w * u)[:, None] * jac, n_shots_local)  # (s, n_theta)
+        inv_bb = torch.linalg.inv(h_bb)
+        fisher -= torch.einsum("bti,bij,buj->tu", c_tb, inv_bb, c_tb)
+        box_shot = data.shot[box0:box0 + n_box] - first_shot
+        reduced_tg = c_tg - _sum_rows(box_shot, torch.einsum("bti,bij,bj->bt", c_tb, inv_bb, h_bg), n_shots_local)
+        reduced_gg = h_gg - _sum_rows(box_shot, torch.einsum("bi,bij,bj->b", h_bg, inv_bb, h_bg), n_shots_local)
+        fisher -= (reduced_tg / reduced_gg[:, None]).T @ reduced_tg
+        start = end
+    return fisher.numpy()
+
+
+def restraint_hessian(problem: SpreadProblem, theta: np.ndarray) -> np.ndarray:
+    """Hessian of the (quadratic) restraints in the grids."""
+    def restraint(values):
+        fp, fdp = problem.split(values)
+        return problem.restraints.value(fp, fdp)
+
+    return torch.autograd.functional.hessian(restraint, torch.as_tensor(theta, dtype=torch.float64)).numpy()
+
+
+def grid_covariance(problem: SpreadProblem, theta: np.ndarray, nuisance: Nuisance) -> np.ndarray:
+    """Covariance of the flat grid vector [f'.ravel(), f''.ravel()] (electrons^2)."""
+    information = profile_fisher(problem, theta, nuisance) + restraint_hessian(problem, theta)
+    return np.linalg.inv(0.5 * (information + information.T))
+
+
+def half_rise_energy(grid_ev: np.ndarray, fdp: np.ndarray, pre_edge_ev: float = 20.0) -> float:
+    """Energy (eV) where f'' first reaches half-way from its pre-edge mean to its maximum."""
+    pre = float(np.mean(fdp[grid_ev < grid_ev[0] + pre_edge_ev]))
+    half = 0.5 * (pre + float(np.max(fdp)))
+    above = np.flatnonzero(fdp >= half)
+    i = int(above[0]) if above.size else len(fdp) - 1
+    if i == 0:
+        return float(grid_ev[0])
+    return float(grid_ev[i - 1] + (half - fdp[i - 1]) / (fdp[i] - fdp[i - 1]) * (grid_ev[i] - grid_ev[i - 1]))
+
+
+def fp_minimum_energy(grid_ev: np.ndarray, fp: np.ndarray) -> float:
+    """Energy (eV) of the f' minimum (parabola through the lowest grid point and its neighbours)."""
+    j = int(np.argmin(fp))
+    if j == 0 or j == len(fp) - 1:
+        return float(grid_ev[j])
+    a, b, c = fp[j - 1], fp[j], fp[j + 1]
+    curvature = a - 2 * b + c
+    offset = 0.5 * (a - c) / curvature if curvature > 0 else 0.0
+    return float(grid_ev[j] + offset * (grid_ev[j + 1] - grid_ev[j]))
+
+
+@dataclass(frozen=True)
+class EdgeEstimate:
+    """A site's edge positions (eV) with standard errors from posterior samples."""
+
+    half_rise_ev: float
+    half_rise_sigma_ev: float
+    fp_minimum_ev: float
+    fp_minimum_sigma_ev: float
+
+
+def edge_estimates(grid_ev: np.ndarray, fp: np.ndarray, fdp: np.ndarray, covariance: np.ndarray,
+                   n_samples: int = 500, seed: int = 0) -> list[EdgeEstimate]:
+    """Edge positions of every site (fp, fdp: n_sites x n_grid) with sigmas from ``n_samples`` draws."""
+    n_sites, n_grid = fp.shape
+    theta = np.concatenate([fp.ravel(), fdp.ravel()])
+    samples = np.random.default_rng(seed).multivariate_normal(theta, covariance, size=n_samples, method="cholesky")
+    estimates = []
+    for site in range(n_sites):
+        fp_rows = samples[:, site * n_grid:(site + 1) * n_grid]
+        fdp_rows = samples[:, (n_sites + site) * n_grid:(n_sites + site + 1) * n_grid]
+        rise = [half_rise_energy(grid_ev, row) for row in fdp_rows]
+        minimum = [fp_minimum_energy(grid_ev, row) for row in fp_rows]
+        estimates.append(EdgeEstimate(half_rise_energy(grid_ev, fdp[site]), float(np.std(rise)),
+                                      fp_minimum_energy(grid_ev, fp[site]), float(np.std(minimum))))
+    return estimates

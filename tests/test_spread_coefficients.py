@@ -1,0 +1,129 @@
+"""SPREAD's per-pixel coefficients reproduce stage 1's Bragg model for the same parameters."""
+
+import numpy as np
+import pytest
+import torch
+from sim_fixtures import (
+    B_SOL,
+    D_MIN_A,
+    K_SOL,
+    LY99_ENERGIES_EV,
+    OXIDIZED_TABLE,
+    PDB_PATH,
+    REDUCED_TABLE,
+)
+
+from xfel_spread.sim.forward import AmplitudeLookup
+from xfel_spread.sim.structure_factors import (
+    HC_EV_ANGSTROM,
+    ChannelAmplitudes,
+    expand_to_p1_grid,
+    interpolate_fp_fdp,
+    read_fp_fdp_table,
+    site_decomposition,
+)
+from xfel_spread.spread.coefficients import (
+    asu_lookup,
+    bragg_coefficients,
+    fold_point_spread,
+)
+from xfel_spread.spread.errors import SpreadInputError
+from xfel_spread.stage1.likelihood import bragg_photons, shot_tensors
+from xfel_spread.stage1.model import CrystalModel, c2_cell, shifted_detector
+from xfel_spread.stage1.psf import DetectorPsf
+from xfel_spread.stage1.synthetic import simulate_shot_pixels
+
+#: Channels across the edge (7100.5 to 7140.5 eV).
+CHANNELS = [30, 45, 50, 54, 58, 70]
+
+
+@pytest.fixture(scope="module")
+def shot_and_model():
+    energies = LY99_ENERGIES_EV[CHANNELS]
+    decomposition = site_decomposition(str(PDB_PATH), D_MIN_A, K_SOL, B_SOL, ("FE1", "FE2"),
+                                       HC_EV_ANGSTROM / LY99_ENERGIES_EV.mean())
+    fp1, fdp1 = interpolate_fp_fdp(read_fp_fdp_table(str(OXIDIZED_TABLE)), energies, "ox")
+    fp2, fdp2 = interpolate_fp_fdp(read_fp_fdp_table(str(REDUCED_TABLE)), energies, "red")
+    amplitudes = decomposition.amplitudes(np.stack([fp1, fp2]), np.stack([fdp1, fdp2]))
+    table = ChannelAmplitudes(energies, decomposition.unit_cell, decomposition.space_group, decomposition.indices,
+                              amplitudes.astype(np.float32))
+    lookup = AmplitudeLookup(expand_to_p1_grid(table), "cpu")
+    synthetic = simulate_shot_pixels(lookup, energies, decomposition.unit_cell, seed=11, n_rois=6,
+                                     spread_deg=0.05, n_domains=5)
+    model = CrystalModel(synthetic.true_matrix, 4)
+    a, b, c, beta = c2_cell(synthetic.true_matrix)
+    # A generic stage-1 result: rotated, cell and N changed, mosaic spread, detector shifted.
+    values = torch.tensor([80.0, 0.01, -0.02, 0.015, a * 1.0003, b, c * 0.9998, beta + 0.01,
+                           50.0, 57.0, 64.0, 0.03, 0.02], dtype=torch.float64)
+    tensors = shot_tensors(synthetic.shot, 3.0, "cpu")
+    detector = shifted_detector(synthetic.shot.detector, values[-1])
+    every_pixel = torch.arange(tensors.fast.numel())
+    with torch.no_grad():
+        stage1 = bragg_photons(detector, model, values, tensors, lookup, every_pixel).numpy()
+        state = model.crystal_state(values)
+    intensity = table.amplitudes.astype(np.float64) ** 2
+    lookup_asu = asu_lookup(table.unit_cell, table.space_group, table.indices)
+    return {"stage1": stage1, "state": state, "detector": detector, "tensors": tensors, "intensity": intensity,
+            "lookup": lookup_asu, "G": float(values[0]), "shot": synthetic.shot, "cell": values[4:8].numpy()}
+
+
+def test_coefficients_reproduce_stage1_bragg(shot_and_model):
+    s = shot_and_model
+    t = s["tensors"]
+    coefficients = bragg_coefficients(s["detector"], t.beam, s["state"], t.fast, t.slow, s["lookup"])
+    ours = s["G"] * coefficients.bragg(s["intensity"], t.fast.numel())
+    assert s["stage1"].max() > 10  # spots are there
+    error = np.abs(ours - s["stage1"]).max() / s["stage1"].max()
+    assert error < 1e-6, error
+    # Several channels per pixel, and the shoebox's reflection (one column per shoebox) dominates.
+    assert coefficients.dropped_fraction == 0.0
+    assert len(np.unique(coefficients.channel)) == len(CHANNELS)
+
+
+def test_relative_cutoff_costs_little(shot_and_model):
+    s = shot_and_model
+    t = s["tensors"]
+    full = bragg_coefficients(s["detector"], t.beam, s["state"], t.fast, t.slow, s["lookup"])
+    sparse = bragg_coefficients(s["detector"], t.beam, s["state"], t.fast, t.slow, s["lookup"], relative_cutoff=1e-3)
+    n = t.fast.numel()
+    exact, approx = full.bragg(s["intensity"], n), sparse.bragg(s["intensity"], n)
+    assert len(sparse.value) < len(full.value)
+    # Measured at 1e-3: see the report; the bound is the cutoff itself times the terms per pixel.
+    assert np.abs(approx - exact).max() / exact.max() < 1e-3
+    assert 0 <= sparse.dropped_fraction < 1e-3
+
+
+def test_point_spread_folds_into_the_coefficients(shot_and_model):
+    s = shot_and_model
+    t = s["tensors"]
+    n = t.fast.numel()
+    coefficients = bragg_coefficients(s["detector"], t.beam, s["state"], t.fast, t.slow, s["lookup"])
+    spread = DetectorPsf(0.1, 3).spread_matrix(t.fast.numpy(), t.slow.numpy(), s["shot"].detector.pixel_size_mm, "cpu")
+    folded = fold_point_spread(coefficients, spread, n)
+    direct = torch.sparse.mm(spread, torch.as_tensor(s["stage1"])[:, None]).squeeze(1).numpy()
+    ours = s["G"] * folded.bragg(s["intensity"], n)
+    assert np.abs(ours - direct).max() / direct.max() < 1e-9
+
+
+def test_assembled_lattices_reproduce_stage1_model(shot_and_model):
+    """Two lattices through lattice_arrays and concatenate: SPREAD's model at the truth is stage 1's."""
+    import copy
+
+    from xfel_spread.spread.assemble import concatenate, lattice_arrays
+    from xfel_spread.spread.model import unit_bragg
+
+    s = shot_and_model
+    shot = s["shot"]
+    second = copy.copy(shot)
+    second.trusted = np.asarray(shot.trusted).copy()
+    second.trusted[::5] = False  # some untrusted pixels
+    values = np.array([80.0, 0.01, -0.02, 0.015, *s["cell"], 50.0, 57.0, 64.0, 0.03, 0.02])
+    lattices = [lattice_arrays(one, values, 4, s["lookup"], 3.0, relative_cutoff=0.0) for one in (shot, second)]
+    data, columns = concatenate(lattices)
+    assert data.n_shots == 2 and data.n_pixels == int(shot.trusted.sum() + second.trusted.sum())
+    intensity = torch.as_tensor(s["intensity"][:, columns])
+    ours = s["G"] * unit_bragg(intensity, data).numpy()
+    expected = np.concatenate([s["stage1"][np.asarray(one.trusted, dtype=bool)] for one in (shot, second)])
+    assert np.abs(ours - expected).max() / expected.max() < 1e-6
+    with pytest.raises(SpreadInputError, match="no converged lattices"):
+        concatenate([])
