@@ -1,7 +1,7 @@
 """Merged MTZ files: reading the intensities of ours or dials.merge's, Friedel mates separate and merged.
 
 A merged MTZ needs the columns IMEAN, SIGIMEAN, I(+), SIGI(+), I(-), SIGI(-): our merge writes them
-(:func:`xfel_spread.merging.output.write_mtz`), and so does ``dials.merge`` (in its dataset, beside
+(:func:`write_merged_mtz`), and so does ``dials.merge`` (in its dataset, beside
 N(+), N(-), F, DANO, ...). Indices are mapped to the asymmetric unit whatever convention the writer used.
 """
 
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from xfel_spread.atomic import atomic_path
 from xfel_spread.errors import UserInputError
 
 #: Columns a merged MTZ must have: the Friedel-merged mean and the two Friedel mates.
@@ -132,3 +133,53 @@ def read_merged_mtz(path: str | os.PathLike) -> MergedIntensities:
         mean_intensities=mean_array.data().as_numpy_array(),
         mean_sigmas=mean_array.sigmas().as_numpy_array(),
     )
+
+
+#: Columns :func:`write_merged_mtz` writes, in file order after H, K, L.
+MTZ_LABELS = ("IMEAN", "SIGIMEAN", "I(+)", "SIGI(+)", "I(-)", "SIGI(-)", "NIMEAN", "N(+)", "N(-)")
+
+
+@dataclass(frozen=True)
+class MergedColumns:
+    """One kind of merged group as plain arrays: (n, 3) Miller indices, intensity, sigma, multiplicity.
+
+    Friedel pairs carry their asymmetric-unit index; anomalous groups carry cctbx's anomalous convention
+    (the I(-) member of pair h stored as -h)."""
+
+    indices: np.ndarray
+    intensity: np.ndarray
+    sigma: np.ndarray
+    multiplicity: np.ndarray
+
+
+def flex_miller_index(hkl: np.ndarray):
+    """cctbx ``flex.miller_index`` of an (n, 3) integer array."""
+    from cctbx.array_family import flex
+
+    hkl = np.asarray(hkl, dtype=np.int32).reshape(-1, 3)
+    return flex.miller_index(*(flex.int(np.ascontiguousarray(hkl[:, axis])) for axis in range(3)))
+
+
+def write_merged_mtz(path, pairs: MergedColumns, anomalous: MergedColumns, cell, space_group_symbol: str,
+                     wavelength: float) -> None:
+    """IMEAN/SIGIMEAN, I(+)/SIGI(+)/I(-)/SIGI(-) and the multiplicities NIMEAN, N(+), N(-), atomically."""
+    from cctbx import crystal, miller
+    from cctbx.array_family import flex
+
+
+    symmetry = crystal.symmetry(unit_cell=tuple(cell), space_group_symbol=space_group_symbol)
+    pair_set = miller.set(symmetry, flex_miller_index(pairs.indices), anomalous_flag=False)
+    anomalous_set = miller.set(symmetry, flex_miller_index(anomalous.indices), anomalous_flag=True)
+    imean = miller.array(pair_set, flex.double(pairs.intensity), flex.double(pairs.sigma))
+    ianom = miller.array(anomalous_set, flex.double(anomalous.intensity), flex.double(anomalous.sigma))
+    dataset = imean.set_observation_type_xray_intensity().as_mtz_dataset(
+        column_root_label="IMEAN", wavelength=wavelength)
+    dataset.add_miller_array(ianom.set_observation_type_xray_intensity(), column_root_label="I")
+    dataset.add_miller_array(miller.array(pair_set, flex.int(pairs.multiplicity.astype(np.int32))),
+                             column_root_label="NIMEAN")
+    dataset.add_miller_array(miller.array(anomalous_set, flex.int(anomalous.multiplicity.astype(np.int32))),
+                             column_root_label="N")
+    mtz = dataset.mtz_object()
+    mtz.set_title("spread-merge: merged intensities, Friedel mates separate")
+    with atomic_path(path) as temporary:
+        mtz.write(str(temporary))

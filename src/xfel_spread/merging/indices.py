@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from xfel_spread.io.mtz import flex_miller_index as as_flex_miller_index
+
 #: Bits per index component in a key; components must lie in [-_OFFSET, _OFFSET).
 _BITS = 16
 _OFFSET = 1 << (_BITS - 1)
@@ -38,14 +40,6 @@ def unpack_keys(keys: np.ndarray) -> np.ndarray:
     mask = (1 << _BITS) - 1
     return np.stack([(keys >> (2 * _BITS)) & mask, (keys >> _BITS) & mask, keys & mask], axis=1).astype(
         np.int32) - _OFFSET
-
-
-def as_flex_miller_index(hkl: np.ndarray):
-    """cctbx ``flex.miller_index`` of an (n, 3) integer array."""
-    from cctbx.array_family import flex
-
-    hkl = np.asarray(hkl, dtype=np.int32).reshape(-1, 3)
-    return flex.miller_index(*(flex.int(np.ascontiguousarray(hkl[:, axis])) for axis in range(3)))
 
 
 def from_flex_miller_index(indices) -> np.ndarray:
