@@ -12,7 +12,7 @@ from xfel_spread.config import ConfigError
 from xfel_spread.errors import USER_PATH_ERRORS, OptionError, UserInputError, error_line, is_user_error
 from xfel_spread.hitfind.tables import HitfindFileError
 from xfel_spread.io.shard import ShardFormatError
-from xfel_spread.merging.parallel import AgreedError
+from xfel_spread.mpi import AgreedError
 from xfel_spread.stage1.refine import NonFiniteError
 
 

@@ -485,8 +485,8 @@ def test_unreadable_model(tmp_path):
 # --- MPI helpers on one rank --------------------------------------------------------------------
 
 def test_one_rank_helpers_without_mpi():
-    from xfel_spread.merging.parallel import AgreedError, SerialComm, exchange, first_error, gather, owner_splits, \
-        owners
+    from xfel_spread.merging.parallel import exchange, gather, owner_splits, owners
+    from xfel_spread.mpi import AgreedError, SerialComm, first_error
 
     comm = SerialComm()
     columns = {"key": np.array([3, 1, 2]), "flag": np.array([True, False, True]), "pair": np.arange(6.0).reshape(3, 2)}

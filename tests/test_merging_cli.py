@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from xfel_spread.merging.indices import d_star_sq, map_to_asu
-from xfel_spread.merging.parallel import SerialComm
+from xfel_spread.mpi import SerialComm
 from xfel_spread.merging.pipeline import MergeOutputs, MergeSettings, run_merge
 from xfel_spread.merging.reference import model_reference
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from stage1_cases import write_case
-from xfel_spread.merging.parallel import AgreedError, SerialComm
+from xfel_spread.mpi import AgreedError, SerialComm
 from xfel_spread.stage1.model import Stage1Settings
 from xfel_spread.stage1.pipeline import (Stage1Inputs, batch_results, prepared_lattices, refine_batch_or_singly,
                                          refine_in_batches, run_stage1)

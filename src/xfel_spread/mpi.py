@@ -1,10 +1,18 @@
-"""MPI helpers shared by the MPI stages (stills_process shards, merging, pixel refinement)."""
+"""MPI helpers shared by the MPI stages (stills_process shards, merging, pixel refinement, SPREAD).
+
+Errors: an input error found by one rank (an unreadable shard) is agreed on by all ranks with
+:func:`first_error`, so every rank raises the same error and none waits for the others forever; any
+other exception on one rank aborts the whole job (:func:`abort_on_error`,
+:func:`abort_on_unexpected_error`). :class:`SerialComm` stands in for a communicator in one process.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import sys
 import traceback
+
+from xfel_spread.errors import UserInputError
 
 
 @contextlib.contextmanager
@@ -26,3 +34,46 @@ def abort_on_error(comm, passthrough: tuple[type[BaseException], ...] = ()):
         traceback.print_exc(file=sys.__stderr__)
         sys.__stderr__.flush()
         comm.Abort(1)
+
+
+class SerialComm:
+    """A one-rank stand-in for an mpi4py communicator: the merge in one process without MPI.
+
+    Initialising MPI in a process leaves variables in its environment that make any ``mpirun`` it
+    starts later fail, so library users (and the tests) that run other MPI jobs use this instead.
+    """
+
+    def Get_rank(self) -> int:  # noqa: N802 (mpi4py's names)
+        return 0
+
+    def Get_size(self) -> int:  # noqa: N802
+        return 1
+
+    def bcast(self, value, root: int = 0):
+        return value
+
+    def allreduce(self, value):
+        return value
+
+    def gather(self, value, root: int = 0):
+        return [value]
+
+    def allgather(self, value):
+        return [value]
+
+
+class AgreedError(UserInputError, ValueError):
+    """An input error one rank found, raised by every rank after they agreed on it."""
+
+
+def first_error(comm, error: Exception | None) -> None:
+    """Collective: raise AgreedError with the first error in rank order, if any rank had one."""
+    messages = comm.allgather(None if error is None else str(error))
+    for message in messages:
+        if message is not None:
+            raise AgreedError(message)
+
+
+def abort_on_unexpected_error(comm):
+    """Abort the MPI job on an exception other than an agreed one (which every rank raises)."""
+    return abort_on_error(comm, passthrough=(AgreedError,))

@@ -5,9 +5,8 @@ concatenated in rank order, are already in key order: rank 0 gathers them in a c
 does not depend on the number of ranks. Numeric columns travel as raw bytes (``Alltoallv`` and
 ``Gatherv``), not pickles.
 
-Errors: an input error found by one rank (an unreadable shard) is agreed on by all ranks with
-:func:`first_error`, so every rank raises the same error and none waits for the others forever; any
-other exception on one rank aborts the whole job (:func:`abort_on_unexpected_error`).
+Errors are agreed on or abort the job through :mod:`xfel_spread.mpi` (``first_error``,
+``abort_on_unexpected_error``); ``SerialComm`` runs the merge in one process without MPI.
 """
 
 from __future__ import annotations
@@ -16,34 +15,6 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from xfel_spread.errors import UserInputError
-from xfel_spread.mpi import abort_on_error
-
-
-class SerialComm:
-    """A one-rank stand-in for an mpi4py communicator: the merge in one process without MPI.
-
-    Initialising MPI in a process leaves variables in its environment that make any ``mpirun`` it
-    starts later fail, so library users (and the tests) that run other MPI jobs use this instead.
-    """
-
-    def Get_rank(self) -> int:  # noqa: N802 (mpi4py's names)
-        return 0
-
-    def Get_size(self) -> int:  # noqa: N802
-        return 1
-
-    def bcast(self, value, root: int = 0):
-        return value
-
-    def allreduce(self, value):
-        return value
-
-    def gather(self, value, root: int = 0):
-        return [value]
-
-    def allgather(self, value):
-        return [value]
 
 
 def owner_splits(reference_keys: np.ndarray, n_ranks: int) -> np.ndarray:
@@ -117,20 +88,3 @@ def _int32(values: np.ndarray) -> np.ndarray:
     if values.size and values.max() > np.iinfo(np.int32).max:
         raise OverflowError("an MPI message would exceed 2 GiB; run with more ranks")
     return values.astype(np.int32)
-
-
-class AgreedError(UserInputError, ValueError):
-    """An input error one rank found, raised by every rank after they agreed on it."""
-
-
-def first_error(comm, error: Exception | None) -> None:
-    """Collective: raise AgreedError with the first error in rank order, if any rank had one."""
-    messages = comm.allgather(None if error is None else str(error))
-    for message in messages:
-        if message is not None:
-            raise AgreedError(message)
-
-
-def abort_on_unexpected_error(comm):
-    """Abort the MPI job on an exception other than an agreed one (which every rank raises)."""
-    return abort_on_error(comm, passthrough=(AgreedError,))

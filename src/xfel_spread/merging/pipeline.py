@@ -35,10 +35,10 @@ from xfel_spread.merging.loading import Lattices, Observations, ShardFileError, 
 from xfel_spread.merging.merge import MergedIntensities, canonical_order, group_numbers, lattice_half, \
     merge_observations
 from xfel_spread.merging.polarization import polarization_factor
-from xfel_spread.merging.parallel import AgreedError, abort_on_unexpected_error, exchange, first_error, gather, \
-    owner_splits, owners
+from xfel_spread.merging.parallel import exchange, gather, owner_splits, owners
 from xfel_spread.merging.reference import ModelError, Reference, check_model_matches_data, format_cell, \
     model_reference
+from xfel_spread.mpi import AgreedError, abort_on_unexpected_error, first_error
 
 log = logging.getLogger(__name__)
 

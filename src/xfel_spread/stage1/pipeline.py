@@ -2,7 +2,7 @@
 
 :func:`run_stage1` refines every lattice of one annulus shard against its shoebox pixels and writes
 ``P_refined.expt`` and ``P_shots.tsv``. It is collective over an MPI communicator (``comm``; a
-:class:`~xfel_spread.merging.parallel.SerialComm` runs it in-process, without mpirun). Ranks take
+:class:`~xfel_spread.mpi.SerialComm` runs it in-process, without mpirun). Ranks take
 lattices round-robin by their position in the annulus experiment list (rank r: r, r + N, ...); rank
 0 gathers the results in lattice order and writes both outputs, so the files are the same for any
 number of ranks (torch runs ``threads`` threads per rank: reductions split over a different number
@@ -228,10 +228,9 @@ def run_stage1(inputs: Stage1Inputs, program: str, refine: Refine, comm=None) ->
 
     ``comm`` defaults to ``MPI.COMM_WORLD``. Returns the LatticeResult list in lattice order on rank 0
     (None on the others). A user error found by any rank is raised on every rank as
-    :class:`~xfel_spread.merging.parallel.AgreedError`; a bug on one rank of several aborts the job.
+    :class:`~xfel_spread.mpi.AgreedError`; a bug on one rank of several aborts the job.
     """
-    from xfel_spread.merging.parallel import abort_on_unexpected_error, first_error
-    from xfel_spread.mpi import abort_on_error
+    from xfel_spread.mpi import abort_on_error, abort_on_unexpected_error, first_error
     from xfel_spread.stage1.io import output_paths, write_refined_experiments, write_shots_table
 
     if comm is None:
