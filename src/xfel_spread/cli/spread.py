@@ -54,5 +54,45 @@ def spread_main(argv: list[str] | None = None) -> int:
     return run_command("spread-spread", action)
 
 
+def _site_table(text: str) -> tuple[str, str]:
+    site, separator, path = text.partition("=")
+    if not separator or not site or not path:
+        raise argparse.ArgumentTypeError(f"expected SITE=TABLE, got {text!r}")
+    return site, path
+
+
+def score_spread_main(argv: list[str] | None = None) -> int:
+    """``spread-score-spread``: score one dataset's SPREAD outputs against the simulated tables."""
+    parser = argparse.ArgumentParser(prog="spread-score-spread", description=(
+        "Score one dataset's SPREAD fit and its negative controls against the f', f'' tables the simulation used."))
+    parser.add_argument("--dataset", required=True, help="dataset name, for the titles")
+    parser.add_argument("--prefix", required=True, help="the stage's output prefix P (P_fp_fdp.tsv, P_controls.tsv, "
+                                                        "P_summary.json)")
+    parser.add_argument("--truth", action="append", type=_site_table, required=True,
+                        help="SITE=TABLE: the table the simulation gave a site (repeat per site)")
+    parser.add_argument("--table", required=True, help="scores to write (TSV)")
+    parser.add_argument("--text", required=True, help="summary to write (text)")
+    parser.add_argument("--plot", required=True, help="figure to write (PNG)")
+    arguments = parser.parse_args(argv)
+
+    def action():
+        import json
+
+        from xfel_spread.spread.errors import SpreadInputError
+        from xfel_spread.spread.scoring import score_spread
+
+        summary_path = f"{arguments.prefix}_summary.json"
+        try:
+            with open(summary_path) as stream:
+                lattices = json.load(stream)["lattices"]
+        except (OSError, ValueError, KeyError) as error:
+            raise SpreadInputError(f"{summary_path}: cannot read the lattice count ({error})") from None
+        text = score_spread(arguments.dataset, arguments.prefix, dict(arguments.truth), arguments.table,
+                            arguments.text, arguments.plot, lattices)
+        print(text, end="")
+
+    return run_command("spread-score-spread", action)
+
+
 if __name__ == "__main__":
     sys.exit(spread_main())

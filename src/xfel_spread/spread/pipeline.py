@@ -352,7 +352,8 @@ def run_spread(inputs: SpreadInputs, comm=None, log=None) -> dict | None:
                                     30.0, items="evaluations")
             nll = DistributedNLL(comm, problems, settings, fit_progress)
             result = fit(template, fp_start, fdp_start, max_iterations=settings.max_iterations, nll=nll)
-            fit_progress.finish(detail=f" ({result.message})")
+            if rank == 0:
+                log(f"{label} fit: {result.evaluations} evaluations, objective {result.objective:.9g} ({result.message})")
             return result, nll
 
         result, nll = fit_shards(shards, "spread")
