@@ -217,3 +217,16 @@ def test_score_of_known_tables(tmp_path):
     sigmas = {site: (np.full(len(grid), 0.2), np.full(len(grid), 0.3)) for site in ("FE1", "FE2")}
     plot_spread(str(tmp_path / "spread.png"), "psf", grid, ("FE1", "FE2"), fits, sigmas, truth, 8)
     assert (tmp_path / "spread.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("shards, threads, message", [
+    ((("a",), ("s1", "s2"), ("p",)), 1, "give one --annulus-prefix, --shard and --stage1-prefix per shard"),
+    ((("a",), ("s",), ("p",)), 0, "--threads must be at least 1"),
+])
+def test_options_are_checked_before_any_work(tmp_path, shards, threads, message):
+    from xfel_spread.merging.parallel import AgreedError
+
+    inputs = SpreadInputs(str(tmp_path / "missing.yaml"), "psf", *shards, "m.pdb", str(tmp_path),
+                          str(tmp_path / "out"), threads)
+    with pytest.raises(AgreedError, match=message):
+        run_spread(inputs, SerialComm())
