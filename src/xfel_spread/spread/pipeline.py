@@ -348,8 +348,10 @@ def run_spread(inputs: SpreadInputs, comm=None, log=None) -> dict | None:
                                  torch.zeros(len(energies), len(grid), dtype=torch.float64), restraints)
 
         def fit_shards(problems, label):
+            # Evaluations, counted against the iteration limit (a line search may take more); the last
+            # line is the fit's own.
             fit_progress = Progress(settings.max_iterations, f"{label} fit", log if rank == 0 else (lambda _: None),
-                                    30.0, items="evaluations")
+                                    30.0, items="evaluations", report_end=False)
             nll = DistributedNLL(comm, problems, settings, fit_progress)
             result = fit(template, fp_start, fdp_start, max_iterations=settings.max_iterations, nll=nll)
             if rank == 0:
