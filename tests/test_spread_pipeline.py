@@ -2,8 +2,8 @@
 
 The driver runs in-process on the tiny stage-1 case of tests/stage1_cases.py (one shard, 2 lattices, 10
 channels) refined by stage 1's driver; the shard is given twice, as shards 0 and 1, so that one rank
-holds both or two ranks (threads sharing an in-process communicator) hold one each: the outputs must be
-the same bytes. The command's user errors are one line. The score is checked on known tables.
+holds both, two ranks (threads sharing an in-process communicator) hold one each, or three ranks leave
+one without a shard: the outputs must be the same bytes. The command's user errors are one line. The score is checked on known tables.
 """
 
 from __future__ import annotations
@@ -116,12 +116,15 @@ def output_bytes(prefix):
             if key != "summary"}
 
 
-def test_one_rank_and_two_ranks_write_the_same_bytes(case, tmp_path):
+def test_one_two_and_three_ranks_write_the_same_bytes(case, tmp_path):
     config = spread_config(tmp_path / "spread.yaml")
     summary = run_spread(inputs_for(case, config, tmp_path / "one"), SerialComm())
     two = run_on_threads(2, lambda comm: run_spread(inputs_for(case, config, tmp_path / "two"), comm))
     assert two[1] is None and two[0]["ranks"] == 2
     assert output_bytes(tmp_path / "one") == output_bytes(tmp_path / "two")
+    # More ranks than shards: the third holds none.
+    run_on_threads(3, lambda comm: run_spread(inputs_for(case, config, tmp_path / "three"), comm))
+    assert output_bytes(tmp_path / "one") == output_bytes(tmp_path / "three")
     one_summary, two_summary = (json.loads(open(f"{tmp_path / name}_summary.json").read()) for name in ("one", "two"))
     for drop in ("seconds", "ranks"):
         one_summary.pop(drop), two_summary.pop(drop)
