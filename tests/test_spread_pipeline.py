@@ -1,9 +1,10 @@
 """The SPREAD stage's driver (xfel_spread.spread.pipeline.run_spread), its command and its scoring.
 
 The driver runs in-process on the tiny stage-1 case of tests/stage1_cases.py (one shard, 2 lattices, 10
-channels) refined by stage 1's driver; the shard is given twice, as shards 0 and 1, so that one rank
-holds both, two ranks (threads sharing an in-process communicator) hold one each, or three ranks leave
-one without a shard: the outputs must be the same bytes. The command's user errors are one line. The score is checked on known tables.
+channels) refined by stage 1's driver; it is given three times, as shards with both lattices, only the
+first and only the second converged, so that one rank holds all three, two ranks (threads sharing an
+in-process communicator) hold shards 0 and 2 and shard 1, or four ranks leave one without a shard: the
+outputs must be the same bytes (a sum in rank order instead of shard order would differ). The command's user errors are one line. The score is checked on known tables.
 """
 
 from __future__ import annotations
@@ -104,11 +105,25 @@ def spread_config(path, **spread):
     return str(path)
 
 
-def inputs_for(case, config, prefix, stage1_prefix=None, shards=2):
+def inputs_for(case, config, prefix, stage1_prefixes=None):
     case, default_prefix = case
-    stage1_prefix = stage1_prefix or default_prefix
+    stage1_prefixes = stage1_prefixes or [default_prefix]
+    shards = len(stage1_prefixes)
     return SpreadInputs(config, "psf", (str(case.annulus_prefix),) * shards, (str(case.shard),) * shards,
-                        (str(stage1_prefix),) * shards, str(PDB_PATH), str(SHARED_DATA_DIR), str(prefix))
+                        tuple(map(str, stage1_prefixes)), str(PDB_PATH), str(SHARED_DATA_DIR), str(prefix))
+
+
+def with_converged(stage1_prefix, prefix, converged):
+    """A copy of the stage-1 shots table at ``prefix`` with only the lattices ``converged`` converged."""
+    with open(f"{stage1_prefix}_shots.tsv") as stream:
+        lines = stream.read().splitlines()
+    column = lines[0].split("\t").index("converged")
+    rows = [line.split("\t") for line in lines[1:]]
+    for lattice, row in enumerate(rows):
+        row[column] = "1" if lattice in converged else "0"
+    with open(f"{prefix}_shots.tsv", "w") as stream:
+        stream.write("\n".join([lines[0]] + ["\t".join(row) for row in rows]) + "\n")
+    return prefix
 
 
 def output_bytes(prefix):
@@ -116,22 +131,25 @@ def output_bytes(prefix):
             if key != "summary"}
 
 
-def test_one_two_and_three_ranks_write_the_same_bytes(case, tmp_path):
+def test_one_two_and_four_ranks_write_the_same_bytes(case, tmp_path):
     config = spread_config(tmp_path / "spread.yaml")
-    summary = run_spread(inputs_for(case, config, tmp_path / "one"), SerialComm())
-    two = run_on_threads(2, lambda comm: run_spread(inputs_for(case, config, tmp_path / "two"), comm))
+    _, stage1_prefix = case
+    prefixes = [stage1_prefix, with_converged(stage1_prefix, tmp_path / "first", {0}),
+                with_converged(stage1_prefix, tmp_path / "second", {1})]
+    summary = run_spread(inputs_for(case, config, tmp_path / "one", prefixes), SerialComm())
+    two = run_on_threads(2, lambda comm: run_spread(inputs_for(case, config, tmp_path / "two", prefixes), comm))
     assert two[1] is None and two[0]["ranks"] == 2
     assert output_bytes(tmp_path / "one") == output_bytes(tmp_path / "two")
-    # More ranks than shards: the third holds none.
-    run_on_threads(3, lambda comm: run_spread(inputs_for(case, config, tmp_path / "three"), comm))
-    assert output_bytes(tmp_path / "one") == output_bytes(tmp_path / "three")
+    # More ranks than shards: the fourth holds none.
+    run_on_threads(4, lambda comm: run_spread(inputs_for(case, config, tmp_path / "four", prefixes), comm))
+    assert output_bytes(tmp_path / "one") == output_bytes(tmp_path / "four")
     one_summary, two_summary = (json.loads(open(f"{tmp_path / name}_summary.json").read()) for name in ("one", "two"))
     for drop in ("seconds", "ranks"):
         one_summary.pop(drop), two_summary.pop(drop)
     assert one_summary == two_summary
 
-    # What the outputs hold: both shards' 2 lattices, finite values with positive sigmas, both controls.
-    assert summary["lattices"] == 4 and [shard["lattices"] for shard in summary["shards"]] == [2, 2]
+    # What the outputs hold: the shards' lattices, finite values with positive sigmas, both controls.
+    assert summary["lattices"] == 4 and [shard["lattices"] for shard in summary["shards"]] == [2, 1, 1]
     assert summary["controls_run"] == ["miller_l_plus_1", "shuffled_channels"]
     with open(f"{tmp_path / 'one'}_fp_fdp.tsv", newline="") as stream:
         rows = list(csv.DictReader(stream, delimiter="\t"))
@@ -142,9 +160,8 @@ def test_one_two_and_three_ranks_write_the_same_bytes(case, tmp_path):
                        for row in rows)
     with open(f"{tmp_path / 'one'}_scales.tsv", newline="") as stream:
         scales = list(csv.DictReader(stream, delimiter="\t"))
-    assert [(row["shard"], row["lattice"]) for row in scales] == [("0", "0"), ("0", "1"), ("1", "0"), ("1", "1")]
-    # The same shard twice: the same scales.
-    assert [row["scale"] for row in scales[:2]] == [row["scale"] for row in scales[2:]]
+    assert [(row["shard"], row["lattice"]) for row in scales] == [("0", "0"), ("0", "1"), ("1", "0"), ("2", "1")]
+    assert all(float(row["scale"]) > 0 for row in scales)
 
     # Its score and figure.
     truth = [f"--truth=FE1={SHARED_DATA_DIR / 'pf-rd-ox_fftkk.out'}", f"--truth=FE2={SHARED_DATA_DIR / 'pf-rd-red_fftkk.out'}"]
@@ -158,7 +175,7 @@ def test_one_two_and_three_ranks_write_the_same_bytes(case, tmp_path):
 
 
 def command_error(case, tmp_path, capsys, config, stage1_prefix=None, extra=()):
-    inputs = inputs_for(case, config, tmp_path / "out", stage1_prefix, shards=1)
+    inputs = inputs_for(case, config, tmp_path / "out", [stage1_prefix] if stage1_prefix else None)
     argv = ["--config", inputs.config, "--dataset", "psf", "--annulus-prefix", inputs.annulus_prefixes[0],
             "--shard", inputs.shards[0], "--stage1-prefix", inputs.stage1_prefixes[0], "--pdb", inputs.pdb,
             "--tables-dir", inputs.tables_dir, "--output-prefix", inputs.output_prefix, *extra]
@@ -172,13 +189,8 @@ def command_error(case, tmp_path, capsys, config, stage1_prefix=None, extra=()):
 def test_user_errors_are_one_line(case, tmp_path, capsys):
     _, stage1_prefix = case
     # No converged lattice in the stage-1 results.
-    with open(f"{stage1_prefix}_shots.tsv") as stream:
-        lines = stream.read().splitlines()
-    column = lines[0].split("\t").index("converged")
-    failed = [lines[0]] + ["\t".join("0" if i == column else cell for i, cell in enumerate(line.split("\t")))
-                           for line in lines[1:]]
-    (tmp_path / "failed_shots.tsv").write_text("\n".join(failed) + "\n")
-    error = command_error(case, tmp_path, capsys, spread_config(tmp_path / "a.yaml"), str(tmp_path / "failed"))
+    failed = with_converged(stage1_prefix, tmp_path / "failed", set())
+    error = command_error(case, tmp_path, capsys, spread_config(tmp_path / "a.yaml"), str(failed))
     assert "failed_shots.tsv: no converged lattices" in error
     # A site the model lacks.
     error = command_error(case, tmp_path, capsys, spread_config(tmp_path / "b.yaml", sites={"FE9": "metallic"}))
