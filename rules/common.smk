@@ -113,16 +113,18 @@ def report_plot(figure, dataset="{dataset}"):
 def final_targets():
     """Everything the default target `all` asks for: the reference files, every shard of both datasets, the score
     tables of the DIALS chain, merging and both pixel refinements (which pull in index, metrology,
-    reindex, the cell analysis, the merge and the annulus), the annulus summaries and the report's figures."""
+    reindex, the cell analysis, the merge and the annulus), the annulus summaries, the report's figures and
+    SPREAD's score tables (which pull in the SPREAD stage)."""
     references = [reference_path(name) for name in REFERENCE_NAMES]
     shards = [shard_path(dataset, index) for dataset in DATASETS for index in range(len(SHARD_RANGES))]
     scores = [f"{OUTPUT_DIR}/score/{stage}_{dataset}.tsv"
               for stage in ("dials", "merge", "stage1", "exa") for dataset in DATASETS]
     annulus = [f"{OUTPUT_DIR}/annulus/{dataset}/summary.json" for dataset in DATASETS]
     figures = [report_plot(figure, dataset) for figure in REPORT_FIGURES for dataset in DATASETS]
+    spread = [f"{OUTPUT_DIR}/score/spread_{dataset}.tsv" for dataset in DATASETS]
     hitfind = [f"{OUTPUT_DIR}/{path}" for dataset in DATASETS
                for path in (f"score/hitfind_{dataset}.tsv", f"hitfind/{dataset}/powder.json")] if HITFIND else []
-    return references + shards + scores + annulus + figures + hitfind
+    return references + shards + scores + annulus + figures + spread + hitfind
 
 
 def repeated_option(option, values):
@@ -224,3 +226,51 @@ def detector_psf_option(wildcards):
     """`--psf-fwhm-mm F --psf-radius-px R` where the dataset's spread is modelled (config.modelled_psf)."""
     psf = modelled_psf(wildcards.dataset, config)
     return "" if psf is None else f"--psf-fwhm-mm {psf[0]} --psf-radius-px {psf[1]}"
+
+
+# --- SPREAD (rules/spread.smk) -------------------------------------------------------------------------
+
+#: The pixel refinement whose converged lattices SPREAD reads (spread.refinement: stage1 or exa).
+SPREAD_REFINEMENT = config["spread"]["refinement"]
+
+#: The start tables that `spread.sites` may name, kept among the reference files.
+SPREAD_NAMED_TABLES = {"oxidized": "pf-rd-ox_fftkk.out", "reduced": "pf-rd-red_fftkk.out", "metallic": "Fe_fake.dat"}
+
+
+def spread_prefix(dataset="{dataset}"):
+    """Output prefix of the SPREAD stage for `dataset`: OUTPUT_DIR/spread/dataset/spread."""
+    return f"{OUTPUT_DIR}/spread/{dataset}/spread"
+
+
+def spread_outputs():
+    """The SPREAD rule's outputs, by name, with a {dataset} wildcard (spread.pipeline.OUTPUT_SUFFIXES)."""
+    from xfel_spread.spread.pipeline import OUTPUT_SUFFIXES
+
+    return {name: f"{spread_prefix()}{suffix}" for name, suffix in OUTPUT_SUFFIXES.items()}
+
+
+def spread_start_tables(wildcards):
+    """Every start table `spread.sites` uses, as inputs: the reference copies of the named ones, and paths."""
+    tables = {SPREAD_NAMED_TABLES.get(choice, choice) for choice in config["spread"]["sites"].values()}
+    return {f"start_table_{i}": reference_path(name) if name in SPREAD_NAMED_TABLES.values() else name
+            for i, name in enumerate(sorted(tables))}
+
+
+def spread_shard_options(wildcards):
+    """`--annulus-prefix A --shard S --stage1-prefix P` of every shard of the job's dataset, in shard order."""
+    dataset = wildcards.dataset
+    return " ".join((repeated_option("--annulus-prefix", shard_prefixes("annulus", dataset)),
+                     repeated_option("--shard", [shard_path(dataset, index) for index in range(len(SHARD_RANGES))]),
+                     repeated_option("--stage1-prefix", shard_prefixes(SPREAD_REFINEMENT, dataset))))
+
+
+def spread_truth_tables(wildcards):
+    """The tables the simulation gave its two sites (structure_factors.fe_oxidized_atom, fe_reduced_atom)."""
+    return {"oxidized": reference_path("pf-rd-ox_fftkk.out"), "reduced": reference_path("pf-rd-red_fftkk.out")}
+
+
+def spread_truth_option(wildcards, input):
+    """`--truth SITE=TABLE` for both simulated sites."""
+    atoms = config["structure_factors"]
+    pairs = ((atoms["fe_oxidized_atom"], input.oxidized), (atoms["fe_reduced_atom"], input.reduced))
+    return " ".join(f"--truth {shlex.quote(f'{site}={table}')}" for site, table in pairs)

@@ -81,15 +81,17 @@ MERGE_STAGES = ("tdata", "covariance", "merge", "dials_merge", "score_merge", "a
 #: The per-shard pixel refinements and their per-dataset scores, which follow the annulus.
 PIXEL_REFINEMENTS = ("stage1", "exa")
 PIXEL_SCORES = ("score_stage1", "score_exa")
+#: SPREAD (per dataset), which follows the pixel refinement spread.refinement chose, and its score.
+SPREAD_STAGES = ("spread", "score_spread")
 #: The report's own figures (rules/report.smk), which read shard 0 of index and reindex.
 REPORT_FIGURES = ("plot_shot", "plot_detector_refinement")
 
 
 def pixel_refinement_jobs(n_shards=N_SHARDS):
-    """Jobs that follow a new annulus selection: both pixel refinements of every shard, their scores."""
+    """Jobs that follow a new annulus selection: both pixel refinements of every shard, their scores, SPREAD."""
     shard_jobs = {(rule, (("dataset", dataset), ("index", f"{index:05d}")))
                   for rule in PIXEL_REFINEMENTS for dataset in DATASETS for index in range(n_shards)}
-    return shard_jobs | per_dataset_jobs(*PIXEL_SCORES)
+    return shard_jobs | per_dataset_jobs(*PIXEL_SCORES, *SPREAD_STAGES)
 
 
 def metrology_and_after(n_shards=N_SHARDS):
@@ -327,6 +329,37 @@ def test_pixel_refinements_cover_every_annulus_lattice(completed_run):
             assert (results / "score" / f"{refinement}_{dataset}.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_spread_fits_every_dataset_with_its_controls(completed_run):
+    workdir, _ = completed_run
+    results, logs = workdir / "results", workdir / "logs"
+    for dataset in DATASETS:
+        prefix = results / "spread" / dataset / "spread"
+        summary = json.loads(Path(f"{prefix}_summary.json").read_text())
+        converged = sum(row["converged"] == "1" for index in range(N_SHARDS)
+                        for row in csv_rows(results / "exa" / dataset / f"shard_{index:05d}_shots.tsv"))
+        assert summary["settings"]["refinement"] == "exa" and 0 < summary["lattices"] <= converged
+        assert summary["controls_run"] == ["miller_l_plus_1", "shuffled_channels"]
+        table = csv_rows(f"{prefix}_fp_fdp.tsv")
+        assert len(table) == summary["grid_ev"][2]
+        for site in ("FE1", "FE2"):
+            for part in ("fp", "fdp"):
+                values = [float(row[f"{site}_{part}"]) for row in table]
+                sigmas = [float(row[f"{site}_{part}_sigma"]) for row in table]
+                assert np.isfinite(values).all() and (np.asarray(sigmas) > 0).all()
+        edges = csv_rows(f"{prefix}_edges.tsv")
+        assert [row["site"] for row in edges] == ["FE1", "FE2"]
+        assert all(7070 <= float(row["half_rise_ev"]) <= 7170 and float(row["half_rise_sigma_ev"]) > 0
+                   for row in edges)
+        scales = csv_rows(f"{prefix}_scales.tsv")
+        assert len(scales) == summary["lattices"] and all(np.isfinite(float(row["scale"])) for row in scales)
+        scores = csv_rows(results / "score" / f"spread_{dataset}.tsv")
+        assert {row["fit"] for row in scores} == {"start", "spread", "miller_l_plus_1", "shuffled_channels"}
+        assert all(np.isfinite(float(row["fdp_rms_error_e"])) for row in scores)
+        assert (results / "score" / f"spread_{dataset}.png").read_bytes()[:4] == b"\x89PNG"
+        assert "the sites' difference" in (results / "score" / f"spread_{dataset}.txt").read_text()
+        assert (logs / "benchmarks" / "spread" / f"{dataset}.tsv").is_file()
+
+
 def csv_rows(path):
     import csv
 
@@ -339,14 +372,16 @@ def test_dry_run_on_a_fresh_directory_lists_every_stage(tmp_path):
     jobs = planned_jobs(succeeded(snakemake(tmp_path, configfile, "--dry-run")))
 
     assert Counter(rule for rule, _ in jobs) == {
-        "reference_data": len(REFERENCE_NAMES), "stage_settings": 10, "structure_factors": 1,
+        "reference_data": len(REFERENCE_NAMES), "stage_settings": 11, "structure_factors": 1,
         "hitfind_shard": 2 * N_SHARDS, "hitfind": 2, "powder": 2, "score_hitfind": 2,
         "simulate": N_SHARDS, "index": 2 * N_SHARDS, "metrology": 2, "reindex": 2 * N_SHARDS,
         "score_dials": 2, **{rule: 2 for rule in MERGE_STAGES}, **{rule: 2 * N_SHARDS for rule in PIXEL_REFINEMENTS},
-        **{rule: 2 for rule in PIXEL_SCORES}, **{rule: 2 for rule in REPORT_FIGURES}, "all": 1}
+        **{rule: 2 for rule in PIXEL_SCORES}, **{rule: 2 for rule in REPORT_FIGURES},
+        **{rule: 2 for rule in SPREAD_STAGES}, "all": 1}
     assert {wildcards for rule, wildcards in jobs if rule == "stage_settings"} == {
         (("stage", stage),) for stage in ("structure_factors", "simulate", "metrology", "cells", "merge",
-                                          "dials_merge", "annulus", "stage1", "hitfind_shard", "hitfind")}
+                                          "dials_merge", "annulus", "stage1", "spread", "hitfind_shard",
+                                          "hitfind")}
     assert {wildcards for rule, wildcards in jobs if rule == "reference_data"} == {
         (("name", name),) for name in REFERENCE_NAMES}
     # A dry run plans; it writes no results.
@@ -377,7 +412,7 @@ def test_structure_factor_setting_reruns_structure_factors_and_simulation(comple
     config["structure_factors"] = {"k_sol": 0.35}
     configfile = write_config(tmp_path / "changed.yaml", config)
     assert dry_run(workdir, configfile) == {
-        settings_job("structure_factors"), settings_job("simulate"), ("structure_factors", ()),
+        settings_job("structure_factors"), settings_job("simulate"), settings_job("spread"), ("structure_factors", ()),
         shard_job(0), shard_job(1), ALL_JOB} | index_and_after(range(N_SHARDS)) | hitfind_jobs(range(N_SHARDS))
 
 
@@ -466,7 +501,16 @@ def test_stage1_setting_reruns_the_pixel_refinements_only(completed_run, tmp_pat
     config = pipeline_config(workdir)
     config["stage1"]["readout_sigma_adu"] = 2.0
     configfile = write_config(tmp_path / "changed.yaml", config)
-    assert dry_run(workdir, configfile) == {settings_job("stage1"), ALL_JOB} | pixel_refinement_jobs()
+    assert dry_run(workdir, configfile) == {settings_job("stage1"), settings_job("spread"), ALL_JOB} | \
+        pixel_refinement_jobs()
+
+
+def test_spread_setting_reruns_spread_and_its_score_only(completed_run, tmp_path):
+    workdir, _ = completed_run
+    config = pipeline_config(workdir)
+    config["spread"] = {"kk_weight": 5.0}
+    configfile = write_config(tmp_path / "changed.yaml", config)
+    assert dry_run(workdir, configfile) == {settings_job("spread"), ALL_JOB} | per_dataset_jobs(*SPREAD_STAGES)
 
 
 def test_hit_threshold_setting_reruns_the_threshold_and_indexing_not_the_measurements(completed_run, tmp_path):

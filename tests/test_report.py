@@ -37,6 +37,7 @@ FIGURES = [
     ("4. Merging", "score/merge_{dataset}.png", "score_merge"),
     ("5. Pixel refinement", "score/stage1_{dataset}.png", "score_stage1"),
     ("5. Pixel refinement", "score/exa_{dataset}.png", "score_exa"),
+    ("6. SPREAD", "score/spread_{dataset}.png", "score_spread"),
 ]
 WINDOW = (1400, 1000)
 

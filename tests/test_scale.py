@@ -22,7 +22,7 @@ PER_SHARD_AND_DATASET = ("hitfind_shard", "index", "reindex", "stage1", "exa")
 #: One job per dataset, whatever the number of shots.
 PER_DATASET = ("metrology", "score_dials", "tdata", "covariance", "merge", "dials_merge", "score_merge", "annulus",
                "score_stage1", "score_exa", "plot_shot", "plot_detector_refinement", "hitfind", "powder",
-               "score_hitfind")
+               "score_hitfind", "spread", "score_spread")
 
 
 def expected_jobs(n_shards: int) -> Counter:

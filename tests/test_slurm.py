@@ -5,7 +5,7 @@
 take simulation, index, metrology, reindex, the cells, merge and the annulus, plus the DIALS cross-check
 and the exa score) on tests/pipeline_run.py's small config, submitting every job with sbatch and
 following it with squeue; the other scores and the report's figures, which no MPI stage needs, are left
-out. The MPI stages (index, reindex, merge, stage1, exa) run 2 ranks each under the
+out. The MPI stages (index, reindex, merge, stage1, exa, spread) run 2 ranks each under the
 profile's ``srun --mpi=pmix``; their logs show both ranks at work. ``single_node.sh down`` stops the
 daemons whatever happens, and the test checks they are gone. Needs root and the Slurm packages
 (scripts/setup.sh installs them); skipped otherwise. The checks of what the plugin makes of the
@@ -52,20 +52,21 @@ N_SHARDS = N_SHOTS // SHOTS_PER_SHARD
 LOCAL_RULES = {"reference_data", "stage_settings"}
 #: The command each MPI rule launches.
 MPI_COMMANDS = {"index": "spread-stills-process", "reindex": "spread-stills-process", "merge": "spread-merge",
-                "stage1": "spread-stage1", "exa": "spread-exa"}
+                "stage1": "spread-stage1", "exa": "spread-exa", "spread": "spread-spread"}
 
 
 def slurm_targets(workdir: Path) -> list[Path]:
     """What the run through Slurm asks for: both pixel refinements of every shard and dataset (which need
-    every other MPI stage: index, reindex, merge), the DIALS cross-check and the exa score; not the default
-    target, whose other scores and figures no MPI stage needs."""
+    every other MPI stage: index, reindex, merge), SPREAD of each dataset, the DIALS cross-check and the exa
+    score; not the default target, whose other scores and figures no MPI stage needs."""
     results = workdir / "results"
     refined = [results / refinement / dataset / f"shard_{index:05d}{suffix}"
                for refinement in ("stage1", "exa") for dataset in DATASETS for index in range(N_SHARDS)
                for suffix in ("_refined.expt", "_shots.tsv")]
     return refined + [path for dataset in DATASETS
                       for path in (results / "merge" / dataset / "dials" / "merged.mtz",
-                                   results / "score" / f"exa_{dataset}.tsv")]
+                                   results / "score" / f"exa_{dataset}.tsv",
+                                   results / "spread" / dataset / "spread_summary.json")]
 
 
 def why_no_slurm_here() -> str | None:
@@ -111,7 +112,7 @@ def sbatch_options(resources: dict) -> str:
 def test_the_plugin_turns_the_profiles_ranks_and_gpus_into_sbatch_options():
     resources = profile_resources()
     mpi_rules = sorted(rule for rule, values in resources.items() if "mpi" in values)
-    assert mpi_rules == ["exa", "index", "merge", "reindex", "stage1"]
+    assert mpi_rules == ["exa", "index", "merge", "reindex", "spread", "stage1"]
     for rule in mpi_rules:
         values = resources[rule]
         assert values["mpi"] == "srun --mpi=pmix"
@@ -282,6 +283,10 @@ def test_the_mpi_stages_ran_two_ranks_under_srun(slurm_run):
             for index in range(N_SHARDS):
                 log = (logs / refinement / dataset / f"shard_{index:05d}.log").read_text()
                 assert re.search(rf"spread-{refinement}: \d+ lattices of \S+ on {RANKS} rank\(s\)", log), log[-3000:]
+        # SPREAD shares the dataset's shards among its ranks.
+        log = (logs / "spread" / f"{dataset}.log").read_text()
+        assert re.search(rf"spread {dataset}: \d+ lattices, \d+ pixels in \d+ shard\(s\) on {RANKS} rank\(s\)", log), \
+            log[-3000:]
 
 
 @pytest.mark.slow

@@ -176,6 +176,8 @@ STAGE_SECTIONS = {
     "dials_merge": {"merge": None},
     "annulus": {"annulus": None},
     "stage1": {"stage1": None},
+    # SPREAD rebuilds stage 1's shoeboxes and forward model and the simulation's site decomposition.
+    "spread": {"spread": None, "stage1": None, "structure_factors": None},
     # Measuring shards (lit pixels, radial profiles, powder) and choosing the threshold read separate keys,
     # so a new threshold reuses the measurements; `enabled` only wires the stage into the workflow.
     "hitfind_shard": {"hitfind": ("enabled", "lit_pixel_floor", "min_separation_decades", "min_lit_pixels")},

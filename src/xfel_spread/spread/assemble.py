@@ -45,6 +45,8 @@ class LatticeArrays:
     term_column: np.ndarray
     term_coeff: np.ndarray
     dropped_fraction: float
+    #: The lattice's position in its annulus experiment list (-1: not given).
+    lattice: int = -1
 
 
 def lattice_arrays(shot: ShotPixels, values: np.ndarray, n_domains: int, lookup: AsuLookup,

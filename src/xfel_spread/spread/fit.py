@@ -16,6 +16,7 @@ sparse product), the nuisance steps reuse them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -187,7 +188,7 @@ class FitResult:
 
     fp: np.ndarray
     fdp: np.ndarray
-    nuisance: Nuisance
+    nuisance: Nuisance | None
     objective: float
     evaluations: int
     message: str
@@ -225,59 +226,88 @@ def chunk_data(data: SpreadData, bounds: tuple[int, ...]) -> SpreadData:
                       data.term_pair[t0:t1], data.term_coeff[t0:t1], s1 - s0)
 
 
-def fit(problem: SpreadProblem, fp_start: np.ndarray, fdp_start: np.ndarray, nuisance: Nuisance | None = None,
-        max_iterations: int = 200, nuisance_steps: int = 3, start_nuisance_steps: int = 30,
-        tolerance: float = 1e-10, pixels_per_chunk: int = 1 << 20) -> FitResult:
-    """Minimise the profile objective over the grids from ``fp_start``, ``fdp_start`` (n_sites, n_grid).
+class ProfiledNLL:
+    """The NLL of one problem's pixels with its nuisance profiled out, as a function of the flat grids.
 
-    Each evaluation runs ``nuisance_steps`` warm-started nuisance steps; the first runs
-    ``start_nuisance_steps``. Stops after ``max_iterations`` L-BFGS iterations or when the relative
-    objective change falls below ``tolerance``. The pixels are visited in whole-shot chunks of about
-    ``pixels_per_chunk`` (the objective is a sum over shots given the intensities): the chunk's
-    temporaries bound the memory, and d NLL / d I accumulates over chunks before the one backward
-    pass to the grids (an MPI rank would do the same over its lattices and sum the 2 x sites x grid
-    gradient across ranks).
+    ``nll(theta)`` returns the NLL at the nuisance optimum (warm-started from the previous call, which
+    it keeps in ``nuisance``) and its gradient in the grids (profile likelihood, envelope theorem).
+    The first call runs ``start_nuisance_steps`` nuisance steps, later ones ``nuisance_steps``. The
+    pixels are visited in whole-shot chunks of about ``pixels_per_chunk`` (the objective is a sum over
+    shots given the intensities): the chunk's temporaries bound the memory, and d NLL / d I
+    accumulates over chunks before the one backward pass to the grids. An MPI rank runs one per shard
+    it holds; :func:`fit` takes their sum through its ``nll`` argument.
     """
-    from scipy.optimize import minimize
 
-    data = problem.data
-    if data.n_shots == 0 or data.n_pixels == 0:
-        raise SpreadInputError("no converged lattices to refine: the stage-1 results hold no usable shot")
-    theta0 = np.concatenate([np.ravel(fp_start), np.ravel(fdp_start)]).astype(np.float64)
-    nuisance = nuisance if nuisance is not None else start_nuisance(data)
-    state = {"scale": nuisance.scale.clone(), "background": nuisance.background.clone(), "first": True,
-             "evaluations": 0}
-    bounds = chunk_bounds(data, pixels_per_chunk)
-    history = []
+    def __init__(self, problem: SpreadProblem, nuisance: Nuisance | None = None, nuisance_steps: int = 3,
+                 start_nuisance_steps: int = 30, pixels_per_chunk: int = 1 << 20):
+        self.problem = problem
+        start = nuisance if nuisance is not None else start_nuisance(problem.data)
+        self.nuisance = Nuisance(start.scale.clone(), start.background.clone())
+        self.nuisance_steps, self.start_nuisance_steps = nuisance_steps, start_nuisance_steps
+        self.bounds = chunk_bounds(problem.data, pixels_per_chunk)
+        self.first = True
 
-    def evaluate(theta_np):
+    def __call__(self, theta_np: np.ndarray) -> tuple[float, np.ndarray]:
+        problem, state = self.problem, self.nuisance
         theta = torch.tensor(theta_np, dtype=torch.float64, requires_grad=True)
         intensity = problem.intensity(theta)
         intensity_leaf = intensity.detach().requires_grad_(True)
-        steps = start_nuisance_steps if state["first"] else nuisance_steps
+        steps = self.start_nuisance_steps if self.first else self.nuisance_steps
         total = 0.0
-        for bound in bounds:
+        for bound in self.bounds:
             _, _, b0, b1, s0, s1, _, _ = bound
-            chunk = chunk_data(data, bound)
+            chunk = chunk_data(problem.data, bound)
             bragg = unit_bragg(intensity_leaf, chunk)
-            local = optimise_nuisance(bragg.detach(), Nuisance(state["scale"][s0:s1], state["background"][b0:b1]),
+            local = optimise_nuisance(bragg.detach(), Nuisance(state.scale[s0:s1], state.background[b0:b1]),
                                       chunk, steps)
-            state["scale"][s0:s1], state["background"][b0:b1] = local.scale, local.background
+            state.scale[s0:s1], state.background[b0:b1] = local.scale, local.background
             nll = total_nll(expected_photons(bragg, local.scale, local.background, chunk), chunk)
             nll.backward()
             total += float(nll.detach())
+        self.first = False
+        if intensity_leaf.grad is None:  # no pixels
+            return total, np.zeros_like(np.asarray(theta_np, dtype=np.float64))
+        (intensity * intensity_leaf.grad).sum().backward()
+        return total, theta.grad.numpy().copy()
+
+
+def fit(problem: SpreadProblem, fp_start: np.ndarray, fdp_start: np.ndarray, nuisance: Nuisance | None = None,
+        max_iterations: int = 200, nuisance_steps: int = 3, start_nuisance_steps: int = 30,
+        tolerance: float = 1e-10, pixels_per_chunk: int = 1 << 20,
+        nll: Callable[[np.ndarray], tuple[float, np.ndarray]] | None = None) -> FitResult:
+    """Minimise the profile objective over the grids from ``fp_start``, ``fdp_start`` (n_sites, n_grid).
+
+    The NLL part is ``nll(theta) -> (value, gradient)``, by default :class:`ProfiledNLL` of the
+    problem's pixels (with ``nuisance``, ``nuisance_steps``, ``start_nuisance_steps`` and
+    ``pixels_per_chunk``); the driver of the stage passes the sum of its shards' NLLs over the MPI
+    ranks instead (then ``problem`` only gives the grids' shape and the restraints). Stops after
+    ``max_iterations`` L-BFGS iterations or when the relative objective change falls below
+    ``tolerance``. The result's nuisance is the default NLL's (None with a given ``nll``).
+    """
+    from scipy.optimize import minimize
+
+    if nll is None:
+        data = problem.data
+        if data.n_shots == 0 or data.n_pixels == 0:
+            raise SpreadInputError("no converged lattices to refine: the stage-1 results hold no usable shot")
+        nll = ProfiledNLL(problem, nuisance, nuisance_steps, start_nuisance_steps, pixels_per_chunk)
+    theta0 = np.concatenate([np.ravel(fp_start), np.ravel(fdp_start)]).astype(np.float64)
+    history = []
+
+    def evaluate(theta_np):
+        value, gradient = nll(theta_np)
+        theta = torch.tensor(theta_np, dtype=torch.float64, requires_grad=True)
         fp, fdp = problem.split(theta)
         restraint = problem.restraints.value(fp, fdp)
-        ((intensity * intensity_leaf.grad).sum() + restraint).backward()
-        state["first"] = False
-        state["evaluations"] += 1
-        value = total + float(restraint.detach())
+        restraint.backward()
+        value = value + float(restraint.detach())
         history.append(value)
-        return value, theta.grad.numpy().copy()
+        return value, gradient + theta.grad.numpy()
 
     result = minimize(evaluate, theta0, jac=True, method="L-BFGS-B",
                       options={"maxiter": max_iterations, "ftol": tolerance, "gtol": 1e-8, "maxcor": 20})
     fp, fdp = problem.split(torch.as_tensor(result.x))
     return FitResult(fp=fp.numpy().copy(), fdp=fdp.numpy().copy(),
-                     nuisance=Nuisance(state["scale"], state["background"]), objective=float(result.fun),
-                     evaluations=state["evaluations"], message=str(result.message), history=history)
+                     nuisance=getattr(nll, "nuisance", None) if isinstance(nll, ProfiledNLL) else None,
+                     objective=float(result.fun), evaluations=len(history), message=str(result.message),
+                     history=history)

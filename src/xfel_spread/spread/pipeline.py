@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from xfel_spread.spread.assemble import LatticeArrays, lattice_arrays
 from xfel_spread.spread.coefficients import AsuLookup
 from xfel_spread.spread.errors import SpreadInputError
+from xfel_spread.spread.fit import SpreadProblem
 from xfel_spread.stage1.io import read_shots_table
 from xfel_spread.stage1.model import PARAMETER_NAMES, Stage1Settings
 from xfel_spread.stage1.psf import DetectorPsf
@@ -59,6 +62,370 @@ def shard_lattices(annulus_prefix: str, shard_path: str, stage1_prefix: str, loo
         keep = lookup.columns(shot.miller_index) >= 0
         if not keep.any():
             continue
-        lattices.append(lattice_arrays(select_rois(shot, keep), parameters[lattice], settings.n_domains, lookup,
-                                       settings.readout_sigma_adu, relative_cutoff, psf))
+        arrays = lattice_arrays(select_rois(shot, keep), parameters[lattice], settings.n_domains, lookup,
+                                settings.readout_sigma_adu, relative_cutoff, psf)
+        arrays.lattice = lattice
+        lattices.append(arrays)
     return lattices
+
+
+# --- the stage's driver: what ``spread-spread`` runs ---------------------------------------------------
+
+#: Names of the negative controls (:func:`control_problem`), in the order they are fitted.
+CONTROLS = ("miller_l_plus_1", "shuffled_channels")
+
+
+@dataclass(frozen=True)
+class SpreadInputs:
+    """The files and options of one run of the stage (the command line of ``spread-spread``).
+
+    ``annulus_prefixes``, ``shards`` and ``stage1_prefixes`` hold one entry per shard, in shard order;
+    ``tables_dir`` holds the named start tables (``Fe_fake.dat``, ``pf-rd-ox_fftkk.out``,
+    ``pf-rd-red_fftkk.out``)."""
+
+    config: str
+    dataset: str
+    annulus_prefixes: tuple[str, ...]
+    shards: tuple[str, ...]
+    stage1_prefixes: tuple[str, ...]
+    pdb: str
+    tables_dir: str
+    output_prefix: str
+    threads: int = 1
+    psf_fwhm_mm: float | None = None
+    psf_radius_px: int | None = None
+
+
+#: The suffixes of the stage's outputs after its prefix.
+OUTPUT_SUFFIXES = {"fp_fdp": "_fp_fdp.tsv", "edges": "_edges.tsv", "scales": "_scales.tsv",
+                   "controls": "_controls.tsv", "summary": "_summary.json"}
+
+
+@dataclass
+class ShardProblem:
+    """One shard's SPREAD data: its problem (structure-factor pieces of the columns it uses), the
+    columns, and the lattice (annulus position) and pixel count of every shot."""
+
+    shard: int
+    problem: SpreadProblem
+    columns: np.ndarray
+    lattices: list[int]
+    pixels_per_shot: list[int]
+
+
+def _sum_in_shard_order(parts: list[list[tuple]]) -> tuple[float, np.ndarray | None]:
+    """Sum ``(shard, value, array)`` triples gathered from every rank, in shard order (the same bytes on
+    every rank and for every rank count)."""
+    value, total = 0.0, None
+    for _, part_value, array in sorted((item for part in parts for item in part), key=lambda item: item[0]):
+        value += part_value
+        total = array.copy() if total is None else total + array
+    return value, total
+
+
+class DistributedNLL:
+    """The profiled NLL of every shard, summed in shard order over the ranks: ``fit``'s ``nll``.
+
+    Each rank evaluates its own shards (their nuisance stays on the rank); the ranks allgather the
+    per-shard values and gradients and each sums them in shard order."""
+
+    def __init__(self, comm, shards: list[ShardProblem], settings, progress=None):
+        from xfel_spread.spread.fit import ProfiledNLL
+
+        self.comm = comm
+        self.shards = shards
+        self.local = [ProfiledNLL(shard.problem, pixels_per_chunk=settings.pixels_per_chunk) for shard in shards]
+        self.evaluations = 0
+        self.progress = progress
+
+    def __call__(self, theta: np.ndarray) -> tuple[float, np.ndarray]:
+        mine = []
+        for shard, nll in zip(self.shards, self.local):
+            value, gradient = nll(theta)
+            mine.append((shard.shard, value, gradient))
+        value, gradient = _sum_in_shard_order(self.comm.allgather(mine))
+        self.evaluations += 1
+        if self.progress is not None:
+            self.progress.advance(detail=f" (objective NLL {value:.6g})")
+        return value, (gradient if gradient is not None else np.zeros_like(theta))
+
+
+def _lookup_of(decomposition):
+    from xfel_spread.spread.coefficients import asu_lookup
+
+    return asu_lookup(decomposition.unit_cell, decomposition.space_group, decomposition.indices)
+
+
+def control_problem(name: str, shard: ShardProblem, decomposition, lookup, rows: list[int], seed: int) -> SpreadProblem:
+    """The shard's problem spoiled for negative control ``name``.
+
+    ``miller_l_plus_1``: the site sums of (h, k, l+1) in place of h's (0 where l+1 has none), F_rest
+    kept, so the sites' signal lands on the wrong reflections. ``shuffled_channels``: each shot's
+    channels permuted in the coefficients (seeded by ``seed`` and the shard number), so the spectrum
+    no longer says which energy lit which pixel."""
+    from xfel_spread.spread.model import Decomposition, SpreadData
+
+    problem = shard.problem
+    if name == "miller_l_plus_1":
+        shifted = lookup.columns(decomposition.indices[shard.columns] + np.array([0, 0, 1]))
+        sums = np.where(shifted >= 0, decomposition.site_sums[rows][:, np.maximum(shifted, 0)], 0)
+        spoiled = Decomposition.from_complex(decomposition.f_rest[shard.columns], sums)
+        return SpreadProblem(problem.data, spoiled, problem.interpolation, problem.restraints)
+    if name == "shuffled_channels":
+        data = problem.data
+        n_channels = int(problem.interpolation.shape[0])
+        n_used = problem.decomposition.n_reflections
+        rng = np.random.default_rng([seed, shard.shard])
+        permutation = torch.as_tensor(np.stack([rng.permutation(n_channels) for _ in range(data.n_shots)]))
+        term_shot = data.shot[data.shoebox[data.term_pixel]]
+        channel, column = data.term_pair // n_used, data.term_pair % n_used
+        shuffled = SpreadData(data.data, data.shoebox, data.dx, data.dy, data.readout_var, data.shot,
+                              data.term_pixel, permutation[term_shot, channel] * n_used + column, data.term_coeff,
+                              data.n_shots)
+        return SpreadProblem(shuffled, problem.decomposition, problem.interpolation, problem.restraints)
+    raise ValueError(f"unknown control {name}")
+
+
+def _prepare_spread(inputs: SpreadInputs):
+    """Settings (spread, stage 1, structure factors) and point spread of a run; user errors raised."""
+    from xfel_spread.config import load_config
+    from xfel_spread.errors import OptionError
+    from xfel_spread.spread.run import SpreadSettings
+    from xfel_spread.stage1.pipeline import detector_psf
+
+    if inputs.threads < 1:
+        raise OptionError(f"--threads must be at least 1, got {inputs.threads}")
+    counts = {len(inputs.annulus_prefixes), len(inputs.shards), len(inputs.stage1_prefixes)}
+    if len(counts) != 1 or not inputs.shards:
+        raise OptionError(f"give one --annulus-prefix, --shard and --stage1-prefix per shard (got "
+                          f"{len(inputs.annulus_prefixes)}, {len(inputs.shards)}, {len(inputs.stage1_prefixes)})")
+    torch.set_num_threads(inputs.threads)
+    psf = detector_psf(inputs.psf_fwhm_mm, inputs.psf_radius_px)
+    config = load_config(inputs.config)
+    settings = SpreadSettings.from_mapping(config.get("spread"), inputs.config)
+    stage1 = Stage1Settings.from_config(config.get("stage1"), inputs.config)
+    structure = config["structure_factors"]
+    prefix_dir = os.path.dirname(os.path.abspath(inputs.output_prefix))
+    if not os.path.isdir(prefix_dir):
+        raise SpreadInputError(f"{prefix_dir}: output directory does not exist")
+    return settings, stage1, structure, psf
+
+
+def _site_decomposition(inputs: SpreadInputs, settings, structure):
+    """The model's decomposition for the settings' sites, at the simulation's mean channel energy."""
+    from xfel_spread.sim.structure_factors import HC_EV_ANGSTROM, site_decomposition
+
+    energies = structure["channel_start_ev"] + structure["channel_step_ev"] * np.arange(structure["n_channels"])
+    names = tuple(name for name, _ in settings.sites)
+    return site_decomposition(inputs.pdb, structure["d_min_a"], structure["k_sol"], structure["b_sol"], names,
+                              HC_EV_ANGSTROM / float(np.mean(energies)))
+
+
+def _shard_problems(inputs, numbers, settings, stage1, psf, decomposition, lookup, grid, restraints, progress):
+    """The ShardProblem of every shard in ``numbers`` with converged lattices (the others are left out)."""
+    from xfel_spread.spread.assemble import concatenate
+    from xfel_spread.spread.model import Decomposition
+    from xfel_spread.spread.tables import interpolation_matrix
+
+    problems = []
+    for number in numbers:
+        lattices = shard_lattices(inputs.annulus_prefixes[number], inputs.shards[number],
+                                  inputs.stage1_prefixes[number], lookup, stage1, settings.relative_cutoff, psf)
+        progress.advance()
+        if not lattices:
+            continue
+        data, columns = concatenate(lattices, f"{inputs.stage1_prefixes[number]}_shots.tsv")
+        interpolation = torch.tensor(interpolation_matrix(grid, lattices[0].energies_ev))
+        problem = SpreadProblem(data, Decomposition.from_complex(decomposition.f_rest[columns],
+                                                                 decomposition.site_sums[:, columns]),
+                                interpolation, restraints)
+        problems.append(ShardProblem(number, problem, columns, [lattice.lattice for lattice in lattices],
+                                     [len(lattice.data) for lattice in lattices]))
+    return problems
+
+
+def _edges_of(grid, fp, fdp) -> list[dict]:
+    from xfel_spread.spread.uncertainty import fp_minimum_energy, half_rise_energy
+
+    return [{"half_rise_ev": half_rise_energy(grid, fdp[s]), "fp_minimum_ev": fp_minimum_energy(grid, fp[s])}
+            for s in range(len(fp))]
+
+
+def run_spread(inputs: SpreadInputs, comm=None, log=None) -> dict | None:
+    """Fit the sites' f', f'' grids to every converged lattice of a dataset; collective over ``comm``.
+
+    ``comm`` defaults to ``MPI.COMM_WORLD`` (a :class:`~xfel_spread.merging.parallel.SerialComm` runs
+    it in-process). Rank r assembles shards r, r + N, ...; the objective, its gradient and the Fisher
+    information are summed per shard in shard order on every rank, so the outputs are the same bytes
+    for any rank count. With ``spread.controls`` the two negative controls (:data:`CONTROLS`) are
+    fitted from the same start. Rank 0 writes the outputs (:data:`OUTPUT_SUFFIXES`) and returns the
+    summary (None on the other ranks).
+    """
+    import json
+    import logging
+    import time
+
+    from xfel_spread.atomic import atomic_output
+    from xfel_spread.errors import USER_ERRORS
+    from xfel_spread.merging.parallel import abort_on_unexpected_error, first_error
+    from xfel_spread.mpi import abort_on_error
+    from xfel_spread.progress import Progress
+    from xfel_spread.spread.fit import Restraints, fit
+    from xfel_spread.spread.model import Decomposition, SpreadData
+    from xfel_spread.spread.restraints import hilbert_matrix
+    from xfel_spread.spread.run import SpreadResult, write_results
+    from xfel_spread.spread.tables import energy_grid, read_table, table_on_grid, table_path
+    from xfel_spread.spread.uncertainty import edge_estimates, profile_fisher, restraint_hessian
+
+    logger = logging.getLogger("xfel_spread.spread")
+    log = log or logger.info
+    if comm is None:
+        from mpi4py import MPI
+
+        comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    started = time.perf_counter()
+    error, decomposition = None, None
+    with abort_on_error(comm):
+        try:
+            settings, stage1, structure, psf = _prepare_spread(inputs)
+            if rank == 0:
+                decomposition = _site_decomposition(inputs, settings, structure)
+        except USER_ERRORS as caught:
+            error = caught
+    first_error(comm, error)
+    with abort_on_unexpected_error(comm):
+        decomposition = comm.bcast(decomposition, root=0)
+        lookup = _lookup_of(decomposition)
+        names = tuple(name for name, _ in settings.sites)
+        energies = structure["channel_start_ev"] + structure["channel_step_ev"] * np.arange(structure["n_channels"])
+        error = None
+        try:
+            grid = energy_grid(float(np.floor(energies.min())), float(energies.max()), settings.grid_spacing_ev)
+            starts = []
+            for _, choice in settings.sites:
+                path = table_path(choice, inputs.tables_dir)
+                starts.append(table_on_grid(read_table(path), grid, path))
+        except USER_ERRORS as caught:
+            error = caught
+    first_error(comm, error)
+    with abort_on_unexpected_error(comm):
+        fp_start = np.stack([start[0] for start in starts])
+        fdp_start = np.stack([start[1] for start in starts])
+        restraints = Restraints(settings.smoothness_weight, settings.kk_weight, torch.tensor(fp_start),
+                                torch.tensor(fdp_start), torch.tensor(hilbert_matrix(grid)))
+        numbers = list(range(rank, len(inputs.shards), size))
+        progress = Progress(len(numbers), f"rank {rank}: assembling", log, 30.0, items="shards")
+        error, shards = None, []
+        try:
+            shards = _shard_problems(inputs, numbers, settings, stage1, psf, decomposition, lookup, grid,
+                                     restraints, progress)
+            for shard in shards:
+                lattice_energies = shard.problem.interpolation @ torch.tensor(grid)
+                if not np.allclose(lattice_energies.numpy(), energies, rtol=0, atol=1e-6):
+                    raise SpreadInputError(f"{inputs.shards[shard.shard]}: channel energies differ from the "
+                                           f"structure_factors section's of {inputs.config}")
+        except USER_ERRORS as caught:
+            error = caught
+    first_error(comm, error)
+    with abort_on_unexpected_error(comm):
+        counts = comm.allgather([(shard.shard, len(shard.lattices), shard.problem.data.n_pixels) for shard in shards])
+        per_shard = sorted(item for part in counts for item in part)
+        n_lattices = sum(item[1] for item in per_shard)
+        n_pixels = sum(item[2] for item in per_shard)
+    if n_lattices == 0:
+        raise SpreadInputError(f"{', '.join(f'{prefix}_shots.tsv' for prefix in inputs.stage1_prefixes)}: "
+                               "no converged lattices to refine")
+    with abort_on_unexpected_error(comm):
+        if rank == 0:
+            log(f"spread {inputs.dataset}: {n_lattices} lattices, {n_pixels} pixels in {len(per_shard)} shard(s) "
+                f"on {size} rank(s); sites {', '.join(f'{n} from {t}' for n, t in settings.sites)}")
+        empty = SpreadData(*(torch.zeros(0, dtype=torch.float64) for _ in range(5)), torch.zeros(0, dtype=torch.int64),
+                           torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64),
+                           torch.zeros(0, dtype=torch.float64), 0)
+        template = SpreadProblem(empty, Decomposition.from_complex(np.zeros(0, complex),
+                                                                   np.zeros((len(names), 0), complex)),
+                                 torch.zeros(len(energies), len(grid), dtype=torch.float64), restraints)
+
+        def fit_shards(problems, label):
+            # Evaluations, counted against the iteration limit (a line search may take more); the last
+            # line is the fit's own.
+            fit_progress = Progress(settings.max_iterations, f"{label} fit", log if rank == 0 else (lambda _: None),
+                                    30.0, items="evaluations", report_end=False)
+            nll = DistributedNLL(comm, problems, settings, fit_progress)
+            result = fit(template, fp_start, fdp_start, max_iterations=settings.max_iterations, nll=nll)
+            if rank == 0:
+                log(f"{label} fit: {result.evaluations} evaluations, objective {result.objective:.9g} ({result.message})")
+            return result, nll
+
+        result, nll = fit_shards(shards, "spread")
+        theta = np.concatenate([result.fp.ravel(), result.fdp.ravel()])
+        fishers = comm.allgather([(shard.shard, 0.0, profile_fisher(shard.problem, theta, local.nuisance))
+                                  for shard, local in zip(shards, nll.local)])
+        information = _sum_in_shard_order(fishers)[1] + restraint_hessian(template, theta)
+        covariance = np.linalg.inv(0.5 * (information + information.T))
+        sigma = np.sqrt(np.clip(np.diag(covariance), 0, None)).reshape(2, len(names), len(grid))
+        edges = edge_estimates(grid, result.fp, result.fdp, covariance, n_samples=settings.posterior_samples,
+                               seed=settings.seed)
+        scales = comm.allgather([(shard.shard, lattice, float(scale), pixels)
+                                 for shard, local in zip(shards, nll.local)
+                                 for lattice, scale, pixels in zip(shard.lattices, local.nuisance.scale.tolist(),
+                                                                   shard.pixels_per_shot)])
+        controls = {}
+        if settings.controls:
+            rows = list(range(len(names)))
+            for name in CONTROLS:
+                spoiled = [ShardProblem(shard.shard, control_problem(name, shard, decomposition, lookup, rows,
+                                                                     settings.seed),
+                                        shard.columns, shard.lattices, shard.pixels_per_shot) for shard in shards]
+                controls[name] = fit_shards(spoiled, f"control {name}")[0]
+        if rank != 0:
+            return None
+        spread_result = SpreadResult(names, grid, result.fp, result.fdp, sigma[0], sigma[1], fp_start, fdp_start,
+                                     edges, result)
+        paths = {key: inputs.output_prefix + suffix for key, suffix in OUTPUT_SUFFIXES.items()}
+        write_results(spread_result, inputs.output_prefix)
+        with atomic_output(paths["scales"], "w") as stream:
+            stream.write("shard\tlattice\tscale\tn_pixels\n")
+            for shard, lattice, scale, pixels in sorted(item for part in scales for item in part):
+                stream.write(f"{shard}\t{lattice}\t{scale:.6g}\t{pixels}\n")
+        header = ["energy_ev"] + [f"{control}_{site}_{part}" for control in controls for site in names
+                                  for part in ("fp", "fdp")]
+        columns = [grid] + [values[s] for control in controls.values() for s in range(len(names))
+                            for values in (control.fp, control.fdp)]
+        with atomic_output(paths["controls"], "w") as stream:
+            np.savetxt(stream, np.stack(columns, axis=1), delimiter="\t", header="\t".join(header), comments="",
+                       fmt="%.6f")
+
+        def fit_summary(fitted, with_sigma):
+            summary = {"objective": fitted.objective, "evaluations": fitted.evaluations, "message": fitted.message,
+                       "edges": {}}
+            for s, (site, edge) in enumerate(zip(names, _edges_of(grid, fitted.fp, fitted.fdp))):
+                summary["edges"][site] = edge
+                if with_sigma:
+                    edge.update(half_rise_sigma_ev=edges[s].half_rise_sigma_ev,
+                                fp_minimum_sigma_ev=edges[s].fp_minimum_sigma_ev)
+            return summary
+
+        summary = {
+            "dataset": inputs.dataset,
+            "settings": {"sites": dict(settings.sites), "refinement": settings.refinement,
+                         "grid_spacing_ev": settings.grid_spacing_ev, "smoothness_weight": settings.smoothness_weight,
+                         "kk_weight": settings.kk_weight, "relative_cutoff": settings.relative_cutoff,
+                         "max_iterations": settings.max_iterations, "posterior_samples": settings.posterior_samples,
+                         "seed": settings.seed, "point_spread_modelled": psf is not None},
+            "grid_ev": [float(grid[0]), float(grid[-1]), len(grid)],
+            "shards": [{"shard": shard, "lattices": n, "pixels": p} for shard, n, p in per_shard],
+            "lattices": n_lattices, "pixels": n_pixels, "ranks": size,
+            "fit": fit_summary(result, True),
+            "controls_run": list(controls),
+            "controls": {name: fit_summary(control, False) for name, control in controls.items()},
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+        with atomic_output(paths["summary"], "w") as stream:
+            json.dump(summary, stream, indent=2)
+            stream.write("\n")
+        log(f"spread {inputs.dataset}: objective {result.objective:.6g} after {result.evaluations} evaluations "
+            f"({result.message}); " + "; ".join(f"{site} half-rise {edge.half_rise_ev:.1f} +- "
+                                                f"{edge.half_rise_sigma_ev:.1f} eV" for site, edge in zip(names, edges)))
+    return summary

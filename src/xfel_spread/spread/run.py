@@ -15,6 +15,10 @@ Settings (a proposed ``spread`` config section; absent keys take these defaults)
     Coefficient terms below this fraction of the pixel's largest are dropped.
 ``max_iterations`` (200), ``pixels_per_chunk`` (1048576), ``posterior_samples`` (500)
     L-BFGS iterations, pixels per evaluation chunk, draws for the edge positions' sigmas.
+``refinement`` (exa), ``controls`` (true), ``seed`` (0)
+    Whose lattices the stage reads (the rule's inputs), whether the stage also fits the two negative
+    controls (:mod:`xfel_spread.spread.pipeline`), and the seed of the shuffled-channel control and of
+    the edges' posterior draws.
 
 Outputs for prefix P: ``P_fp_fdp.tsv`` (energy and, per site, f', its sigma, f'', its sigma, and
 the start table's f', f'') and ``P_edges.tsv`` (per site: half-rise and f'-minimum energies with
@@ -52,7 +56,7 @@ from xfel_spread.spread.uncertainty import (
 
 DEFAULTS = {"sites": {"FE1": "metallic", "FE2": "metallic"}, "grid_spacing_ev": 1.0, "smoothness_weight": 1.0,
             "kk_weight": 10.0, "relative_cutoff": 1e-3, "max_iterations": 200, "pixels_per_chunk": 1 << 20,
-            "posterior_samples": 500}
+            "posterior_samples": 500, "refinement": "exa", "controls": True, "seed": 0}
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,9 @@ class SpreadSettings:
     max_iterations: int
     pixels_per_chunk: int
     posterior_samples: int
+    refinement: str = "exa"
+    controls: bool = True
+    seed: int = 0
 
     @classmethod
     def from_mapping(cls, section: Mapping | None, source: str = "<spread settings>") -> SpreadSettings:
@@ -91,9 +98,16 @@ class SpreadSettings:
         for key in ("max_iterations", "pixels_per_chunk", "posterior_samples"):
             if isinstance(values[key], bool) or not isinstance(values[key], int) or values[key] < 1:
                 raise SpreadInputError(f"{source}: spread.{key}: expected a positive integer, got {values[key]!r}")
+        if values["refinement"] not in ("exa", "stage1"):
+            raise SpreadInputError(f"{source}: spread.refinement: expected exa or stage1, got {values['refinement']!r}")
+        if not isinstance(values["controls"], bool):
+            raise SpreadInputError(f"{source}: spread.controls: expected true or false, got {values['controls']!r}")
+        if isinstance(values["seed"], bool) or not isinstance(values["seed"], int) or values["seed"] < 0:
+            raise SpreadInputError(f"{source}: spread.seed: expected a non-negative integer, got {values['seed']!r}")
         return cls(tuple(sites.items()), float(values["grid_spacing_ev"]), float(values["smoothness_weight"]),
                    float(values["kk_weight"]), float(values["relative_cutoff"]), values["max_iterations"],
-                   values["pixels_per_chunk"], values["posterior_samples"])
+                   values["pixels_per_chunk"], values["posterior_samples"], values["refinement"],
+                   values["controls"], values["seed"])
 
 
 @dataclass

@@ -1,0 +1,247 @@
+"""The SPREAD stage's driver (xfel_spread.spread.pipeline.run_spread), its command and its scoring.
+
+The driver runs in-process on the tiny stage-1 case of tests/stage1_cases.py (one shard, 2 lattices, 10
+channels) refined by stage 1's driver; it is given three times, as shards with both lattices, only the
+first and only the second converged, so that one rank holds all three, two ranks (threads sharing an
+in-process communicator) hold shards 0 and 2 and shard 1, or four ranks leave one without a shard: the
+outputs must be the same bytes (a sum in rank order instead of shard order would differ). The command's user errors are one line. The score is checked on known tables.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import threading
+
+import numpy as np
+import pytest
+
+from sim_fixtures import B_SOL, D_MIN_A, K_SOL, PDB_PATH, SHARED_DATA_DIR
+from stage1_cases import write_case
+from xfel_spread.cli.spread import score_spread_main, spread_main
+from xfel_spread.merging.parallel import SerialComm
+from xfel_spread.spread.pipeline import OUTPUT_SUFFIXES, SpreadInputs, run_spread
+from xfel_spread.spread.scoring import plot_spread, score_fits, truth_on_grid
+from xfel_spread.spread.tables import energy_grid, read_table, table_on_grid, table_path
+
+
+class ThreadComm:
+    """An in-process communicator of ``size`` ranks, one thread each (allgather, bcast through a barrier)."""
+
+    def __init__(self, rank: int, shared: dict):
+        self.rank, self.shared = rank, shared
+
+    def Get_rank(self):  # noqa: N802 (mpi4py's names)
+        return self.rank
+
+    def Get_size(self):  # noqa: N802
+        return self.shared["size"]
+
+    def allgather(self, value):
+        shared = self.shared
+        shared["slots"][self.rank] = value
+        shared["barrier"].wait()
+        values = list(shared["slots"])
+        shared["barrier"].wait()
+        return values
+
+    def bcast(self, value, root=0):
+        return self.allgather(value)[root]
+
+    def gather(self, value, root=0):
+        values = self.allgather(value)
+        return values if self.rank == root else None
+
+    def Abort(self, code=1):  # noqa: N802
+        raise RuntimeError(f"abort {code}")
+
+
+def run_on_threads(size, function):
+    shared = {"size": size, "slots": [None] * size, "barrier": threading.Barrier(size)}
+    results, errors = [None] * size, []
+
+    def target(rank):
+        try:
+            results[rank] = function(ThreadComm(rank, shared))
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+            shared["barrier"].abort()
+
+    threads = [threading.Thread(target=target, args=(rank,)) for rank in range(size)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory):
+    """The tiny case, refined by stage 1 (spread-exa's driver): its shots table and refined experiments."""
+    from xfel_spread.stage1.pipeline import Stage1Inputs, refine_in_batches, run_stage1
+
+    directory = tmp_path_factory.mktemp("spread_case")
+    case = write_case(directory)
+    config = directory / "stage1.yaml"
+    config.write_text("stage1:\n  structure_factors: model\n  device: cpu\n")
+    (directory / "exa").mkdir()
+    stage1_prefix = directory / "exa" / "shard_00000"
+    results = run_stage1(Stage1Inputs(str(config), str(case.annulus_prefix), str(case.shard), str(stage1_prefix),
+                                      amplitudes=str(case.amplitudes)), "spread-exa", refine_in_batches, SerialComm())
+    assert all(result.row["converged"] == 1 for result in results)
+    return case, stage1_prefix
+
+
+def spread_config(path, **spread):
+    """The stage's settings: the case's channels and structure factors, a coarse grid, few iterations."""
+    settings = {"grid_spacing_ev": 5.0, "max_iterations": 15, "posterior_samples": 50, **spread}
+    lines = ["structure_factors:", f"  d_min_a: {D_MIN_A}", f"  k_sol: {K_SOL}", f"  b_sol: {B_SOL}",
+             "  channel_start_ev: 7075.5", "  channel_step_ev: 10.0", "  n_channels: 10",
+             "stage1:", "  structure_factors: model", "  device: cpu", "spread:"]
+    lines += [f"  {key}: {json.dumps(value)}" for key, value in settings.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def inputs_for(case, config, prefix, stage1_prefixes=None):
+    case, default_prefix = case
+    stage1_prefixes = stage1_prefixes or [default_prefix]
+    shards = len(stage1_prefixes)
+    return SpreadInputs(config, "psf", (str(case.annulus_prefix),) * shards, (str(case.shard),) * shards,
+                        tuple(map(str, stage1_prefixes)), str(PDB_PATH), str(SHARED_DATA_DIR), str(prefix))
+
+
+def with_converged(stage1_prefix, prefix, converged):
+    """A copy of the stage-1 shots table at ``prefix`` with only the lattices ``converged`` converged."""
+    with open(f"{stage1_prefix}_shots.tsv") as stream:
+        lines = stream.read().splitlines()
+    column = lines[0].split("\t").index("converged")
+    rows = [line.split("\t") for line in lines[1:]]
+    for lattice, row in enumerate(rows):
+        row[column] = "1" if lattice in converged else "0"
+    with open(f"{prefix}_shots.tsv", "w") as stream:
+        stream.write("\n".join([lines[0]] + ["\t".join(row) for row in rows]) + "\n")
+    return prefix
+
+
+def output_bytes(prefix):
+    return {key: open(f"{prefix}{suffix}", "rb").read() for key, suffix in OUTPUT_SUFFIXES.items()
+            if key != "summary"}
+
+
+def test_one_two_and_four_ranks_write_the_same_bytes(case, tmp_path):
+    config = spread_config(tmp_path / "spread.yaml")
+    _, stage1_prefix = case
+    prefixes = [stage1_prefix, with_converged(stage1_prefix, tmp_path / "first", {0}),
+                with_converged(stage1_prefix, tmp_path / "second", {1})]
+    summary = run_spread(inputs_for(case, config, tmp_path / "one", prefixes), SerialComm())
+    two = run_on_threads(2, lambda comm: run_spread(inputs_for(case, config, tmp_path / "two", prefixes), comm))
+    assert two[1] is None and two[0]["ranks"] == 2
+    assert output_bytes(tmp_path / "one") == output_bytes(tmp_path / "two")
+    # More ranks than shards: the fourth holds none.
+    run_on_threads(4, lambda comm: run_spread(inputs_for(case, config, tmp_path / "four", prefixes), comm))
+    assert output_bytes(tmp_path / "one") == output_bytes(tmp_path / "four")
+    one_summary, two_summary = (json.loads(open(f"{tmp_path / name}_summary.json").read()) for name in ("one", "two"))
+    for drop in ("seconds", "ranks"):
+        one_summary.pop(drop), two_summary.pop(drop)
+    assert one_summary == two_summary
+
+    # What the outputs hold: the shards' lattices, finite values with positive sigmas, both controls.
+    assert summary["lattices"] == 4 and [shard["lattices"] for shard in summary["shards"]] == [2, 1, 1]
+    assert summary["controls_run"] == ["miller_l_plus_1", "shuffled_channels"]
+    with open(f"{tmp_path / 'one'}_fp_fdp.tsv", newline="") as stream:
+        rows = list(csv.DictReader(stream, delimiter="\t"))
+    assert len(rows) == summary["grid_ev"][2] == len(energy_grid(7075.0, 7165.5, 5.0))
+    for site in ("FE1", "FE2"):
+        for part in ("fp", "fdp"):
+            assert all(np.isfinite(float(row[f"{site}_{part}"])) and float(row[f"{site}_{part}_sigma"]) > 0
+                       for row in rows)
+    with open(f"{tmp_path / 'one'}_scales.tsv", newline="") as stream:
+        scales = list(csv.DictReader(stream, delimiter="\t"))
+    assert [(row["shard"], row["lattice"]) for row in scales] == [("0", "0"), ("0", "1"), ("1", "0"), ("2", "1")]
+    assert all(float(row["scale"]) > 0 for row in scales)
+
+    # Its score and figure.
+    truth = [f"--truth=FE1={SHARED_DATA_DIR / 'pf-rd-ox_fftkk.out'}", f"--truth=FE2={SHARED_DATA_DIR / 'pf-rd-red_fftkk.out'}"]
+    assert score_spread_main(["--dataset", "psf", "--prefix", str(tmp_path / "one"), *truth,
+                              "--table", str(tmp_path / "score.tsv"), "--text", str(tmp_path / "score.txt"),
+                              "--plot", str(tmp_path / "score.png")]) == 0
+    assert (tmp_path / "score.png").read_bytes()[:4] == b"\x89PNG"
+    with open(tmp_path / "score.tsv", newline="") as stream:
+        fits = {row["fit"] for row in csv.DictReader(stream, delimiter="\t")}
+    assert fits == {"start", "spread", "miller_l_plus_1", "shuffled_channels"}
+
+
+def command_error(case, tmp_path, capsys, config, stage1_prefix=None, extra=()):
+    inputs = inputs_for(case, config, tmp_path / "out", [stage1_prefix] if stage1_prefix else None)
+    argv = ["--config", inputs.config, "--dataset", "psf", "--annulus-prefix", inputs.annulus_prefixes[0],
+            "--shard", inputs.shards[0], "--stage1-prefix", inputs.stage1_prefixes[0], "--pdb", inputs.pdb,
+            "--tables-dir", inputs.tables_dir, "--output-prefix", inputs.output_prefix, *extra]
+    capsys.readouterr()
+    assert spread_main(argv) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("spread-spread: error: ")
+    return error
+
+
+def test_user_errors_are_one_line(case, tmp_path, capsys):
+    _, stage1_prefix = case
+    # No converged lattice in the stage-1 results.
+    failed = with_converged(stage1_prefix, tmp_path / "failed", set())
+    error = command_error(case, tmp_path, capsys, spread_config(tmp_path / "a.yaml"), str(failed))
+    assert "failed_shots.tsv: no converged lattices" in error
+    # A site the model lacks.
+    error = command_error(case, tmp_path, capsys, spread_config(tmp_path / "b.yaml", sites={"FE9": "metallic"}))
+    assert "1m2a.pdb" in error and "FE9" in error
+    # A start table that does not cover the channels.
+    narrow = tmp_path / "narrow.dat"
+    narrow.write_text("".join(f"{energy} -1.0 3.0\n" for energy in range(7100, 7131)))
+    error = command_error(case, tmp_path, capsys, spread_config(tmp_path / "c.yaml", sites={"FE1": str(narrow)}))
+    assert "narrow.dat: table covers 7100-7130 eV" in error
+    # A setting out of range.
+    error = command_error(case, tmp_path, capsys, spread_config(tmp_path / "d.yaml", refinement="dials"))
+    assert "d.yaml" in error and "refinement" in error
+
+
+def tables_on(grid, *names):
+    values = [table_on_grid(read_table(table_path(name, str(SHARED_DATA_DIR))), grid, name) for name in names]
+    return np.stack([v[0] for v in values]), np.stack([v[1] for v in values])
+
+
+def test_score_of_known_tables(tmp_path):
+    grid = energy_grid(7070.0, 7170.0, 1.0)
+    truth_tables = {"FE1": str(SHARED_DATA_DIR / "pf-rd-ox_fftkk.out"), "FE2": str(SHARED_DATA_DIR / "pf-rd-red_fftkk.out")}
+    truth = truth_on_grid(grid, ("FE1", "FE2"), truth_tables)
+    fits = {"start": tables_on(grid, "metallic", "metallic"), "spread": truth,
+            "swapped": tables_on(grid, "reduced", "oxidized")}
+    rows = {(row["fit"], row["site"]): row for row in score_fits(grid, ("FE1", "FE2"), fits, truth)}
+    exact = rows[("spread", "FE1")]
+    assert exact["fp_rms_error_e"] == 0 and exact["fdp_rms_error_e"] == 0 and exact["half_rise_error_ev"] == 0
+    assert exact["half_rise_true_ev"] == pytest.approx(7119.9, abs=0.05)
+    assert rows[("spread", "FE2")]["fp_minimum_true_ev"] == pytest.approx(7116.1, abs=0.05)
+    assert rows[("spread", "FE1-FE2")]["recovers_difference"] == 1 and rows[("spread", "FE1-FE2")]["order_correct"] == 1
+    # Both sites from one table: no difference; the two tables swapped: the wrong order.
+    assert rows[("start", "FE1-FE2")]["recovers_difference"] == 0
+    assert rows[("swapped", "FE1-FE2")]["order_correct"] == 0 and rows[("swapped", "FE1-FE2")]["recovers_difference"] == 0
+    assert rows[("start", "FE1")]["half_rise_ev"] == pytest.approx(7112.5, abs=0.05)
+    with pytest.raises(ValueError, match="no true table for site"):
+        truth_on_grid(grid, ("FE1", "FE3"), truth_tables)
+
+    sigmas = {site: (np.full(len(grid), 0.2), np.full(len(grid), 0.3)) for site in ("FE1", "FE2")}
+    plot_spread(str(tmp_path / "spread.png"), "psf", grid, ("FE1", "FE2"), fits, sigmas, truth, 8)
+    assert (tmp_path / "spread.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("shards, threads, message", [
+    ((("a",), ("s1", "s2"), ("p",)), 1, "give one --annulus-prefix, --shard and --stage1-prefix per shard"),
+    ((("a",), ("s",), ("p",)), 0, "--threads must be at least 1"),
+])
+def test_options_are_checked_before_any_work(tmp_path, shards, threads, message):
+    from xfel_spread.merging.parallel import AgreedError
+
+    inputs = SpreadInputs(str(tmp_path / "missing.yaml"), "psf", *shards, "m.pdb", str(tmp_path),
+                          str(tmp_path / "out"), threads)
+    with pytest.raises(AgreedError, match=message):
+        run_spread(inputs, SerialComm())
