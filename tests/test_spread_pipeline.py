@@ -19,7 +19,7 @@ import pytest
 from sim_fixtures import B_SOL, D_MIN_A, K_SOL, PDB_PATH, SHARED_DATA_DIR
 from stage1_cases import write_case
 from xfel_spread.cli.spread import score_spread_main, spread_main
-from xfel_spread.merging.parallel import SerialComm
+from xfel_spread.mpi import SerialComm
 from xfel_spread.spread.pipeline import OUTPUT_SUFFIXES, SpreadInputs, run_spread
 from xfel_spread.spread.scoring import plot_spread, score_fits, truth_on_grid
 from xfel_spread.spread.tables import energy_grid, read_table, table_on_grid, table_path
@@ -239,7 +239,7 @@ def test_score_of_known_tables(tmp_path):
     ((("a",), ("s",), ("p",)), 0, "--threads must be at least 1"),
 ])
 def test_options_are_checked_before_any_work(tmp_path, shards, threads, message):
-    from xfel_spread.merging.parallel import AgreedError
+    from xfel_spread.mpi import AgreedError
 
     inputs = SpreadInputs(str(tmp_path / "missing.yaml"), "psf", *shards, "m.pdb", str(tmp_path),
                           str(tmp_path / "out"), threads)

@@ -254,7 +254,7 @@ def _edges_of(grid, fp, fdp) -> list[dict]:
 def run_spread(inputs: SpreadInputs, comm=None, log=None) -> dict | None:
     """Fit the sites' f', f'' grids to every converged lattice of a dataset; collective over ``comm``.
 
-    ``comm`` defaults to ``MPI.COMM_WORLD`` (a :class:`~xfel_spread.merging.parallel.SerialComm` runs
+    ``comm`` defaults to ``MPI.COMM_WORLD`` (a :class:`~xfel_spread.mpi.SerialComm` runs
     it in-process). Rank r assembles shards r, r + N, ...; the objective, its gradient and the Fisher
     information are summed per shard in shard order on every rank, so the outputs are the same bytes
     for any rank count. With ``spread.controls`` the two negative controls (:data:`CONTROLS`) are
@@ -267,8 +267,7 @@ def run_spread(inputs: SpreadInputs, comm=None, log=None) -> dict | None:
 
     from xfel_spread.atomic import atomic_output
     from xfel_spread.errors import USER_ERRORS
-    from xfel_spread.merging.parallel import abort_on_unexpected_error, first_error
-    from xfel_spread.mpi import abort_on_error
+    from xfel_spread.mpi import abort_on_error, abort_on_unexpected_error, first_error
     from xfel_spread.progress import Progress
     from xfel_spread.spread.fit import Restraints, fit
     from xfel_spread.spread.model import Decomposition, SpreadData
