@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from xfel_spread.io.shard import read_shard_image, read_shard_metadata
+from xfel_spread.io import refined_shots
 from xfel_spread.stage1 import io as stage1_io
 from xfel_spread.stage1 import rois
 
@@ -337,8 +338,8 @@ def test_shots_table_round_trip(tmp_path):
     path = tmp_path / "x_shots.tsv"
     stage1_io.write_shots_table(rows, path)
     lines = path.read_text().splitlines()
-    assert lines[0].split("\t") == list(stage1_io.SHOT_COLUMNS)
-    read = stage1_io.read_shots_table(path)
+    assert lines[0].split("\t") == list(refined_shots.SHOT_COLUMNS)
+    read = refined_shots.read_refined_shots(path)
     assert read[0]["reason"] == "no shoebox to refine (detail)" and read[0]["converged"] == 0
     assert read[0]["n_rois_no_f"] == 3 and read[0]["G"] is None
     assert read[1]["G"] == 93.75 and read[1]["rmsd_radial_after_px"] is None and read[1]["seconds"] == 1.5

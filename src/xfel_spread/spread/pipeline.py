@@ -22,7 +22,7 @@ from xfel_spread.spread.assemble import LatticeArrays, lattice_arrays
 from xfel_spread.spread.coefficients import AsuLookup
 from xfel_spread.spread.errors import SpreadInputError
 from xfel_spread.spread.fit import SpreadProblem
-from xfel_spread.stage1.io import read_shots_table
+from xfel_spread.io.refined_shots import read_refined_shots
 from xfel_spread.stage1.model import PARAMETER_NAMES, Stage1Settings
 from xfel_spread.stage1.psf import DetectorPsf
 from xfel_spread.stage1.rois import open_annulus_shard, read_lattices, select_rois
@@ -31,8 +31,8 @@ from xfel_spread.stage1.rois import open_annulus_shard, read_lattices, select_ro
 def converged_parameters(shots_path: str | os.PathLike) -> dict[int, np.ndarray]:
     """{lattice: its 13 refined stage-1 parameters} for the converged rows of a shots table."""
     try:
-        rows = read_shots_table(shots_path)
-    except ValueError as error:  # Stage1FileError: one line naming the file
+        rows = read_refined_shots(shots_path)
+    except ValueError as error:  # RefinedShotsError: one line naming the file
         raise SpreadInputError(str(error)) from None
     parameters = {}
     for lattice, row in enumerate(rows):

@@ -17,7 +17,8 @@ Outputs of one annulus shard, for output prefix P:
     refined, its detector moved to the refined distance. A lattice that did not converge keeps its
     start crystal and detector (the shots table says why).
 ``P_shots.tsv``
-    One row per lattice, in the experiment list's order (:data:`SHOT_COLUMNS`): global shot number,
+    One row per lattice, in the experiment list's order (columns: ``io.refined_shots.SHOT_COLUMNS``,
+    written and read by that module): global shot number,
     image in the shard, experiment identifier; ``converged`` (1/0) and, when 0, the reason; ROIs
     refined, ROIs dropped for want of a structure factor, shoebox pixels and trusted ones; the final
     parameters (start values for those not refined; G, rotations in degrees about the laboratory x,
@@ -32,8 +33,6 @@ Outputs of one annulus shard, for output prefix P:
 
 from __future__ import annotations
 
-import csv
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -41,8 +40,9 @@ from pathlib import Path
 
 import numpy as np
 
-from xfel_spread.atomic import atomic_output, atomic_path
+from xfel_spread.atomic import atomic_path
 from xfel_spread.errors import UserInputError
+from xfel_spread.io.refined_shots import PARAMETER_COLUMNS, write_refined_shots
 from xfel_spread.sim.structure_factors import (AmplitudeGrid, ChannelAmplitudes, expand_to_p1_grid,
                                                load_channel_amplitudes)
 
@@ -50,24 +50,6 @@ from xfel_spread.sim.structure_factors import (AmplitudeGrid, ChannelAmplitudes,
 OUTPUT_SUFFIXES = {"experiments": "_refined.expt", "shots": "_shots.tsv"}
 #: Energies of the model's channels must match the shard's to this tolerance (eV).
 ENERGY_TOLERANCE_EV = 1e-6
-
-#: Columns of the shots table, in order.
-SHOT_COLUMNS = (
-    "shot", "image", "identifier", "converged", "reason", "n_rois", "n_rois_strong", "n_rois_no_f", "n_pixels",
-    "n_trusted",
-    "G", "rot_x_deg", "rot_y_deg", "rot_z_deg", "a", "b", "c", "beta_deg", "Na", "Nb", "Nc", "eta_deg",
-    "detz_shift_mm", "nll_before", "nll_after", "iterations",
-    "rmsd_radial_before_px", "rmsd_radial_after_px", "rmsd_overall_before_px", "rmsd_overall_after_px",
-    "rmsd_radial_strong_before_px", "rmsd_radial_strong_after_px", "rmsd_overall_strong_before_px",
-    "rmsd_overall_strong_after_px", "rmsd_radial_strong_dials_px", "zscore_sigma_before", "zscore_sigma", "seconds",
-)
-#: Refined parameters, as the shots table names them (those of ``stage1.model.PARAMETER_NAMES``).
-PARAMETER_COLUMNS = ("G", "rot_x_deg", "rot_y_deg", "rot_z_deg", "a", "b", "c", "beta_deg", "Na", "Nb", "Nc",
-                     "eta_deg", "detz_shift_mm")
-INTEGER_COLUMNS = ("shot", "image", "converged", "n_rois", "n_rois_strong", "n_rois_no_f", "n_pixels", "n_trusted",
-                   "iterations")
-TEXT_COLUMNS = ("identifier", "reason")
-
 
 class Stage1FileError(UserInputError, ValueError):
     """A structure-factor source or a stage-1 output that cannot be used; one line naming the file."""
@@ -140,7 +122,7 @@ class LatticeResult:
     """What stage 1 made of one lattice: its table row and, when it converged, the refined models."""
 
     lattice: int  #: position in the annulus experiment list
-    row: dict = field(default_factory=dict)  #: values of :data:`SHOT_COLUMNS` (missing ones blank)
+    row: dict = field(default_factory=dict)  #: values of ``io.refined_shots.SHOT_COLUMNS`` (missing ones blank)
     refined_matrix: np.ndarray | None = None  #: (3, 3) rows a, b, c, when converged
     detz_shift_mm: float | None = None  #: refined distance shift, when converged and refined
 
@@ -223,48 +205,6 @@ def write_refined_experiments(experiments, results: Sequence[LatticeResult], pat
         refined.as_json(str(temporary))
 
 
-def format_value(column: str, value) -> str:
-    """One table cell: integers as such, floats to 10 significant digits, None and NaN blank."""
-    if value is None:
-        return ""
-    if column in TEXT_COLUMNS:
-        return " ".join(str(value).split())  # one line, no tabs
-    if column in INTEGER_COLUMNS:
-        return str(int(value))
-    value = float(value)
-    return "" if math.isnan(value) else f"{value:.10g}"
-
-
 def write_shots_table(results: Sequence[LatticeResult], path: str | os.PathLike) -> None:
-    """The shots table (TSV with a header, one row per result in the given order), atomically."""
-    with atomic_output(path, "w", newline="") as stream:
-        stream.write("\t".join(SHOT_COLUMNS) + "\n")
-        for result in results:
-            stream.write("\t".join(format_value(column, result.row.get(column)) for column in SHOT_COLUMNS) + "\n")
-
-
-def read_shots_table(path: str | os.PathLike) -> list[dict]:
-    """Rows of a shots table; numbers parsed, blank cells None."""
-    try:
-        with open(path, newline="") as stream:
-            reader = csv.DictReader(stream, delimiter="\t")
-            missing = [name for name in SHOT_COLUMNS if name not in (reader.fieldnames or [])]
-            if missing:
-                raise Stage1FileError(f"{path}: shots table lacks column(s) {', '.join(missing)}")
-            rows = []
-            for line_number, raw in enumerate(reader, start=2):
-                try:
-                    rows.append({name: _parse(name, raw[name]) for name in SHOT_COLUMNS})
-                except (TypeError, ValueError):
-                    raise Stage1FileError(f"{path}:{line_number}: not a shots-table row") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise Stage1FileError(f"{path}: cannot read shots table ({error})") from None
-    return rows
-
-
-def _parse(column: str, text: str):
-    if column in TEXT_COLUMNS:
-        return text
-    if text == "":
-        return None
-    return int(text) if column in INTEGER_COLUMNS else float(text)
+    """The shots table of ``results``, in the given order (:func:`xfel_spread.io.refined_shots.write_refined_shots`)."""
+    write_refined_shots([result.row for result in results], path)

@@ -37,8 +37,9 @@ from pathlib import Path
 import numpy as np
 
 from xfel_spread.dials.scoring import misorientation_deg, point_group_rotations
+from xfel_spread.io.refined_shots import read_refined_shots
 from xfel_spread.io.tables import format_cell, write_table
-from xfel_spread.stage1.io import Stage1FileError, output_paths, read_shots_table
+from xfel_spread.stage1.io import Stage1FileError, output_paths
 
 #: Goals of the issue: median radial RMSD after refinement, fraction of lattices improved.
 RADIAL_RMSD_GOAL_PX = 0.5
@@ -101,7 +102,7 @@ def score_shard(stage1_prefix, dials_prefix, truth_path, rotations) -> list[dict
     from xfel_spread.io.stills import output_paths as dials_output_paths
 
     paths = output_paths(stage1_prefix)
-    rows = read_shots_table(paths["shots"])
+    rows = read_refined_shots(paths["shots"])
     refined = crystals_by_identifier(paths["experiments"])
     dials = crystals_by_identifier(dials_output_paths(dials_prefix)["integrated_experiments"])
     try:
