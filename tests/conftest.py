@@ -4,6 +4,7 @@ how the command-line tests run MPI jobs, and the job counts of a Snakemake dry r
 import os
 import signal
 import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -12,6 +13,14 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # The project's shared, checksummed copies of the reference data; always present beside the repository.
 SHARED_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def mpi_stays_uninitialised(request):
+    """Fail the test that initialises MPI in the pytest process (importing ``mpi4py.MPI`` does): every mpirun
+    a later test starts would then exit 1 with no output. Run MPI entry points in a child process instead."""
+    yield
+    assert "mpi4py.MPI" not in sys.modules, f"{request.node.nodeid} initialised MPI in the pytest process"
 
 
 @pytest.fixture

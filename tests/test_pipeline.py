@@ -537,7 +537,7 @@ def test_hitfind_disabled_plans_no_hitfind_job(tmp_path):
     jobs = planned_jobs(succeeded(snakemake(tmp_path, write_config(tmp_path / "small.yaml", config), "--dry-run")))
     rules = Counter(rule for rule, _ in jobs)
     assert not {"hitfind_shard", "hitfind", "powder", "score_hitfind"} & set(rules)
-    assert rules["index"] == 2 * N_SHARDS and rules["stage_settings"] == 8
+    assert rules["index"] == 2 * N_SHARDS and rules["stage_settings"] == 9
 
 
 def test_more_shots_add_only_the_new_shard_and_keep_the_old_ones(completed_run, tmp_path):

@@ -33,7 +33,7 @@ import yaml
 
 from conftest import job_stats, run_job
 from pipeline_run import ALL_TRIGGERS, pipeline_config, snakemake, succeeded
-from tiny_config import N_SHOTS, SHOTS_PER_SHARD, write_config
+from tiny_config import N_SHOTS, write_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SNAKEFILE = REPO_ROOT / "Snakefile"
@@ -46,7 +46,11 @@ STATE_DIR = Path(os.environ.get("SPREAD_SLURM_STATE_DIR", "/var/tmp/spread-slurm
 #: MPI ranks per MPI job here: all the cores of a 2-core machine.
 RANKS = 2
 DATASETS = ("nopsf", "psf")
-N_SHARDS = N_SHOTS // SHOTS_PER_SHARD
+#: The small config's shots, all in one shard: every MPI rule still runs its 2 ranks, with half the
+#: sbatch jobs of the pipeline test's 2 shards (the Slurm plugin's status polling backs off by 10 s a
+#: check, so each job costs far more than its own run time).
+SHOTS_PER_SHARD = N_SHOTS
+N_SHARDS = 1
 #: Jobs that Snakemake runs itself, not through sbatch: the rules marked local (copying reference files,
 #: writing a stage's settings).
 LOCAL_RULES = {"reference_data", "stage_settings"}
@@ -210,11 +214,11 @@ class SlurmRun:
 
 @pytest.fixture(scope="module")
 def slurm_run(tmp_path_factory) -> SlurmRun:
-    """slurm_targets on pipeline_run's small config, run through the Slurm profile on a single-node Slurm
-    that is brought up for it and always shut down after."""
+    """slurm_targets on pipeline_run's small config (its shots in one shard), run through the Slurm profile
+    on a single-node Slurm that is brought up for it and always shut down after."""
     workdir = tmp_path_factory.mktemp("slurm")
     (workdir / "index.phil").write_text((REPO_ROOT / "config" / "index.phil").read_text())
-    configfile = write_config(workdir / "small.yaml", pipeline_config(workdir))
+    configfile = write_config(workdir / "small.yaml", pipeline_config(workdir, shots_per_shard=SHOTS_PER_SHARD))
     targets = slurm_targets(workdir)
     planned = job_stats(succeeded(snakemake(workdir, configfile, "--dry-run", *targets)))
     command = [sys.executable, "-m", "snakemake", "--snakefile", SNAKEFILE, "--directory", workdir,
@@ -269,7 +273,7 @@ def test_the_mpi_stages_ran_two_ranks_under_srun(slurm_run):
                 shots = read_shots_table(results / stage / dataset / f"shard_{index:05d}_shots.tsv")
                 assert [row["shot"] for row in shots] == list(range(index * SHOTS_PER_SHARD,
                                                                      (index + 1) * SHOTS_PER_SHARD))
-                # Each of the 2 ranks took a shot and left its own DIALS log, copied into the job's log.
+                # Each of the 2 ranks took shots and left its own DIALS log, copied into the job's log.
                 log = (logs / stage / dataset / f"shard_{index:05d}.log").read_text()
                 for rank in range(RANKS):
                     assert f"----- info_rank{rank:04d}.out -----" in log, (stage, log[-3000:])

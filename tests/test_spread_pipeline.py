@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -18,7 +20,7 @@ import pytest
 
 from sim_fixtures import B_SOL, D_MIN_A, K_SOL, PDB_PATH, SHARED_DATA_DIR
 from stage1_cases import write_case
-from xfel_spread.cli.spread import score_spread_main, spread_main
+from xfel_spread.cli.spread import score_spread_main
 from xfel_spread.mpi import SerialComm
 from xfel_spread.spread.pipeline import OUTPUT_SUFFIXES, SpreadInputs, run_spread
 from xfel_spread.spread.scoring import plot_spread, score_fits, truth_on_grid
@@ -174,34 +176,37 @@ def test_one_two_and_four_ranks_write_the_same_bytes(case, tmp_path):
     assert fits == {"start", "spread", "miller_l_plus_1", "shuffled_channels"}
 
 
-def command_error(case, tmp_path, capsys, config, stage1_prefix=None, extra=()):
+def command_error(case, tmp_path, config, stage1_prefix=None, extra=()):
     inputs = inputs_for(case, config, tmp_path / "out", [stage1_prefix] if stage1_prefix else None)
     argv = ["--config", inputs.config, "--dataset", "psf", "--annulus-prefix", inputs.annulus_prefixes[0],
             "--shard", inputs.shards[0], "--stage1-prefix", inputs.stage1_prefixes[0], "--pdb", inputs.pdb,
             "--tables-dir", inputs.tables_dir, "--output-prefix", inputs.output_prefix, *extra]
-    capsys.readouterr()
-    assert spread_main(argv) == 1
-    error = capsys.readouterr().err.strip().splitlines()[-1]
+    # In a child process: mpi4py initialises MPI on import, and an MPI-initialised pytest process breaks
+    # every mpirun that later tests start (they exit 1 with no output).
+    result = subprocess.run([sys.executable, "-m", "xfel_spread.cli.spread", *argv], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 1, result.stderr[-3000:]
+    error = result.stderr.strip().splitlines()[-1]
     assert error.startswith("spread-spread: error: ")
     return error
 
 
-def test_user_errors_are_one_line(case, tmp_path, capsys):
+def test_user_errors_are_one_line(case, tmp_path):
     _, stage1_prefix = case
     # No converged lattice in the stage-1 results.
     failed = with_converged(stage1_prefix, tmp_path / "failed", set())
-    error = command_error(case, tmp_path, capsys, spread_config(tmp_path / "a.yaml"), str(failed))
+    error = command_error(case, tmp_path, spread_config(tmp_path / "a.yaml"), str(failed))
     assert "failed_shots.tsv: no converged lattices" in error
     # A site the model lacks.
-    error = command_error(case, tmp_path, capsys, spread_config(tmp_path / "b.yaml", sites={"FE9": "metallic"}))
+    error = command_error(case, tmp_path, spread_config(tmp_path / "b.yaml", sites={"FE9": "metallic"}))
     assert "1m2a.pdb" in error and "FE9" in error
     # A start table that does not cover the channels.
     narrow = tmp_path / "narrow.dat"
     narrow.write_text("".join(f"{energy} -1.0 3.0\n" for energy in range(7100, 7131)))
-    error = command_error(case, tmp_path, capsys, spread_config(tmp_path / "c.yaml", sites={"FE1": str(narrow)}))
+    error = command_error(case, tmp_path, spread_config(tmp_path / "c.yaml", sites={"FE1": str(narrow)}))
     assert "narrow.dat: table covers 7100-7130 eV" in error
     # A setting out of range.
-    error = command_error(case, tmp_path, capsys, spread_config(tmp_path / "d.yaml", refinement="dials"))
+    error = command_error(case, tmp_path, spread_config(tmp_path / "d.yaml", refinement="dials"))
     assert "d.yaml" in error and "refinement" in error
 
 
