@@ -32,6 +32,7 @@ def expected_jobs(n_shards: int) -> Counter:
                     **{rule: 2 for rule in PER_DATASET}, "all": 1})
 
 
+@pytest.mark.slow  # two production-scale dry runs, 10-12 s each
 @pytest.mark.parametrize("shots_per_shard, n_shards", [(None, 200), (333, 301)], ids=["production", "shards_of_333"])
 def test_production_dag_has_jobs_per_shard_not_per_shot(tmp_path, shots_per_shard, n_shards):
     production = yaml.safe_load(PRODUCTION.read_text())["simulate"]

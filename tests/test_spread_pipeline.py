@@ -191,6 +191,7 @@ def command_error(case, tmp_path, config, stage1_prefix=None, extra=()):
     return error
 
 
+@pytest.mark.slow  # four command processes (MPI, torch and cctbx imported each time), about 13 s
 def test_user_errors_are_one_line(case, tmp_path):
     _, stage1_prefix = case
     # No converged lattice in the stage-1 results.

@@ -177,6 +177,7 @@ def test_detector_distance_is_written_when_refined(case, tmp_path):
         assert experiment.detector[0].get_distance() == pytest.approx(expected, abs=1e-9)
 
 
+@pytest.mark.slow  # one command process per case (MPI, torch and DIALS imported each time), about 11 s
 def test_input_errors_are_one_line(case, tmp_path):
     config = write_config(tmp_path / "stage1.yaml", source="merged")
     line = one_error_line(run_job(stage1_command(case, config, tmp_path / "x"), TIMEOUT_S), "spread-stage1")
