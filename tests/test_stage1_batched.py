@@ -162,11 +162,17 @@ def test_refine_batch_gives_the_parameters_of_refine_shot(three_shots, few_looku
 
 def test_refine_batch_with_eta_and_distance_gives_the_parameters_of_refine_shot(three_shots, few_lookup):
     """Rotation, cell and distance are correlated: rounding moves the end point along that valley a
-    little more, so a hundredth of a step is asked."""
+    little more, so three hundredths of a step are asked. These shots have no mosaic spread: eta ends
+    at (or a step from) its bound 0, where the NLL goes as eta^2 and is flat, and either path may stop
+    a step away (with the broad-spot pass, 0 against 0.0013 deg on the second shot), so one step is
+    asked of eta."""
     settings = Stage1Settings.from_config({"refine": ALL_GROUPS, "mosaic_domains": 4})
     shots = three_shots[:2]
     for batched_fit, shot in zip(refine_batch(shots, few_lookup, settings, "cpu"), shots):
-        assert_same_fit(batched_fit, refine_shot(shot, few_lookup, settings), tolerance_steps=1e-2)
+        single = refine_shot(shot, few_lookup, settings)
+        assert single.converged, single.reason
+        assert single.final["eta_deg"] < 0.002
+        assert_same_fit(batched_fit, single, tolerance_steps=3e-2, loose={"eta_deg": 1.0})
 
 
 def test_failed_shots_do_not_stop_the_batch(three_shots, few_lookup):

@@ -16,12 +16,14 @@ from xfel_spread.sim.structure_factors import AmplitudeGrid
 from xfel_spread.stage1.likelihood import closed_form_scale, pixel_nll, same_for_every_channel, z_scores
 from xfel_spread.stage1.model import (
     INDEX,
+    NCELLS,
     PARAMETER_NAMES,
     CrystalModel,
     Stage1Settings,
     StartModelError,
     c2_cell,
     mosaic_domain_set,
+    enter_pass,
     parameter_space,
     refinement_passes,
     rotation_xyz,
@@ -171,6 +173,23 @@ def test_parameter_space_scaling_bounds_restraints_and_passes():
     assert second is space
     only_shapes = space.with_refined(np.isin(np.array(PARAMETER_NAMES), ("Na", "Nb", "Nc")))
     assert refinement_passes(only_shapes) == [only_shapes]
+    assert refinement_passes(only_shapes, 20.0) == [only_shapes]
+
+    # Broad spots first: the positions with N at 20 and G scaled to keep G Na Nb Nc.
+    broad, positions, everything = refinement_passes(space, 20.0)
+    assert positions.refined.tolist() == first.refined.tolist() and everything is space
+    assert broad.refined.tolist() == first.refined.tolist()
+    assert broad.start[NCELLS].tolist() == [20.0, 20.0, 20.0]
+    assert broad.start[INDEX["G"]] == pytest.approx(50.0 * (72 / 20) ** 3)
+    assert broad.step[INDEX["G"]] / broad.start[INDEX["G"]] == pytest.approx(space.step[0] / space.start[0])
+    entered = enter_pass(space.start, broad)
+    assert entered.tolist() == pytest.approx(broad.start.tolist())
+    moved = entered.copy()
+    moved[INDEX["G"]] *= 2
+    moved[INDEX["a"]] += 0.01
+    back = enter_pass(moved, positions)
+    assert back[NCELLS].tolist() == [72, 72, 72] and back[INDEX["a"]] == moved[INDEX["a"]]
+    assert back[INDEX["G"]] == pytest.approx(100.0)
 
 
 def test_likelihood_formulas():

@@ -129,14 +129,48 @@ def test_parameters_stop_at_their_bounds(quick_shot, few_lookup):
     assert np.max(np.abs(refined_cell / start_cell - 1)) == pytest.approx(0.0005, rel=1e-9)
 
 
+def test_a_start_whose_spots_are_4_px_off_keeps_them(quick_shot, few_lookup):
+    """From this start (0.05 degrees and 0.3 % off) the spots lie about 4 px from their data. Without
+    the broad-spot pass the start's least-squares G is in the millions, the first line search
+    sends G to 0 and the shot is lost; with it (the default) the shot converges on the truth."""
+    start = with_start(quick_shot.shot, perturbed_matrix(quick_shot.true_matrix, seed=2, rotation_deg=0.05,
+                                                         cell_fraction=0.003))
+    lost = refine_shot(start, few_lookup, Stage1Settings.from_config({"broad_start_ncells": None}))
+    assert 3.5 < lost.rmsd_px_start < 5
+    assert not lost.converged and lost.final["G"] == 0
+    assert lost.reason == "the refined model predicts no Bragg photons in the shoeboxes"
+
+    settings = Stage1Settings.from_config({})
+    assert settings.broad_start_ncells == 20
+    fit = refine_shot(start, few_lookup, settings)
+    assert fit.converged, fit.reason
+    assert fit.rmsd_px_start == pytest.approx(lost.rmsd_px_start) and fit.rmsd_px < 0.05
+    assert xtal.misorientation_deg(fit.real_space_matrix, quick_shot.true_matrix) < 0.002
+    assert fit.final["G"] == pytest.approx(quick_shot.true_G, rel=0.02)
+    for name in ("Na", "Nb", "Nc"):
+        assert abs(fit.final[name] - 57) < 2
+    assert_inside_bounds(fit, settings)
+
+
 def test_a_start_too_far_off_is_reported_not_converged(quick_shot, few_lookup):
-    """Cell 0.3 % off puts this shot's ten-channel spots about 6 px away, out of their shoeboxes:
-    G runs to 0, where every other gradient vanishes and L-BFGS-B stops "converged"."""
-    start = perturbed_matrix(quick_shot.true_matrix, seed=4, rotation_deg=0.02, cell_fraction=0.003)
+    """A start 1 degree off: every spot is out of its shoebox even with broad spots, G runs to 0,
+    where every other gradient vanishes and L-BFGS-B stops "converged"."""
+    start = perturbed_matrix(quick_shot.true_matrix, seed=4, rotation_deg=1.0, cell_fraction=0.0)
     fit = refine_shot(with_start(quick_shot.shot, start), few_lookup, Stage1Settings.from_config({}))
     assert fit.rmsd_px_start > 5
     assert not fit.converged
     assert fit.reason == "the refined model predicts no Bragg photons in the shoeboxes"
+
+
+def test_g_at_its_upper_bound_is_reported_not_converged(quick_shot, few_lookup):
+    """Without the broad-spot pass, this start's spots (0.4 % off, about 6.6 px) leave the
+    shoeboxes and the least-squares G runs to its upper bound, where L-BFGS-B stops."""
+    start = perturbed_matrix(quick_shot.true_matrix, seed=4, rotation_deg=0.02, cell_fraction=0.004)
+    fit = refine_shot(with_start(quick_shot.shot, start), few_lookup,
+                      Stage1Settings.from_config({"broad_start_ncells": None}))
+    assert fit.final["G"] > 0.999e12
+    assert not fit.converged
+    assert fit.reason.startswith("G ended at its bound (1e+12)")
 
 
 def test_restraints_pull_towards_the_start(quick_shot, few_lookup):
@@ -187,7 +221,7 @@ def test_failures_are_reported_not_raised(quick_shot, few_lookup, change, settin
     assert fit.shot_index == shot.shot_index and fit.identifier == shot.identifier
     assert fit.final.keys() == fit.start.keys() == set(PARAMETER_NAMES)
     if settings_section:
-        assert fit.n_iterations == 2  # one per refinement pass
+        assert fit.n_iterations == 3  # one per refinement pass (broad spots, positions, everything)
         assert np.all(np.isfinite(final_values(fit)))
         assert_inside_bounds(fit, settings)
 

@@ -103,6 +103,7 @@ class Stage1Settings:
     restraint_cell_a: float | None
     restraint_ncells: float | None
     mosaic_domains: int
+    broad_start_ncells: float | None
     max_iterations: int
     device: str
     batch_shots: int
@@ -137,6 +138,8 @@ class Stage1Settings:
             restraint_cell_a=restraints["cell_a"],
             restraint_ncells=restraints["ncells"],
             mosaic_domains=filled["mosaic_domains"],
+            broad_start_ncells=(None if filled["broad_start_ncells"] is None
+                                else float(filled["broad_start_ncells"])),
             max_iterations=filled["max_iterations"],
             device=filled["device"],
             batch_shots=filled["batch_shots"],
@@ -182,6 +185,13 @@ class Stage1Settings:
         """Names of the refined parameters, in :data:`PARAMETER_NAMES` order."""
         switched_on = {name for group in self.refine for name in GROUPS[group]}
         return tuple(name for name in PARAMETER_NAMES if name in switched_on)
+
+    @property
+    def broad_ncells(self) -> float | None:
+        """N of the broad-spot pass (``broad_start_ncells`` inside ``bounds.ncells``), or None."""
+        if self.broad_start_ncells is None:
+            return None
+        return float(np.clip(self.broad_start_ncells, *self.bounds_ncells))
 
     @property
     def n_domains(self) -> int:
@@ -288,20 +298,50 @@ def parameter_space(settings: Stage1Settings, start_cell: tuple[float, float, fl
     return ParameterSpace(start, lower, upper, step, refined, sigma)
 
 
-def refinement_passes(space: ParameterSpace) -> list[ParameterSpace]:
-    """The spaces refined one after the other: spot positions first, then everything.
+def refinement_passes(space: ParameterSpace, broad_ncells: float | None = None) -> list[ParameterSpace]:
+    """The spaces refined one after the other: optionally broad spots, then spot positions, then everything.
 
     When spot shapes (N, eta) are refined together with what places the spots (G, rotation, cell,
-    distance), a first pass holds the shapes at their starts. From a start a couple of pixels off,
+    distance), a pass holds the shapes at their starts first. From a start a couple of pixels off,
     the likelihood otherwise falls fastest by broadening the spots: one N runs to its lower bound,
     turning the spots into streaks that cover the misplaced data, a minimum the refinement does not
-    leave. The second pass refines every parameter from where the first stopped.
+    leave. The last pass refines every parameter from where the previous stopped.
+
+    With ``broad_ncells`` (:attr:`Stage1Settings.broad_ncells`) a broad-spot pass comes first: the same
+    positions, with N held at ``broad_ncells`` in place of its start, so that spots several pixels
+    from their data still overlap it and the likelihood leads them there instead of sending G to 0
+    (or to its upper bound) with the spots out of their shoeboxes. Its space starts G at the value
+    that keeps each spot's integrated photons (G N_a N_b N_c constant, :func:`enter_pass`).
     """
     shape = np.isin(np.array(PARAMETER_NAMES), SHAPE_PARAMETERS)
     positions = space.refined & ~shape
+    passes = [space]
     if positions.any() and (space.refined & shape).any():
-        return [space.with_refined(positions), space]
-    return [space]
+        passes = [space.with_refined(positions), space]
+    if broad_ncells is not None and positions.any():
+        broad = space.with_refined(positions)
+        start, step = broad.start.copy(), broad.step.copy()
+        start[NCELLS] = broad_ncells
+        ratio = np.prod(space.start[NCELLS]) / np.prod(start[NCELLS])
+        start[INDEX["G"]] *= ratio
+        step[INDEX["G"]] *= ratio
+        passes.insert(0, dataclasses.replace(broad, start=start, step=step))
+    return passes
+
+
+def enter_pass(values: np.ndarray, space: ParameterSpace) -> np.ndarray:
+    """Where a pass over ``space`` starts after a pass that ended at ``values`` (physical).
+
+    Parameters the pass does not refine sit at its start (as :meth:`ParameterSpace.physical` has
+    them); when that changes N, G is multiplied by the old N_a N_b N_c over the new one, which keeps
+    every spot's integrated photons (the lattice transform's peak goes as (N_a N_b N_c)^2 and its
+    volume as 1 / (N_a N_b N_c)).
+    """
+    entered = np.asarray(values, dtype=np.float64).copy()
+    fixed = ~space.refined
+    entered[fixed] = space.start[fixed]
+    entered[INDEX["G"]] *= np.prod(values[NCELLS]) / np.prod(entered[NCELLS])
+    return np.clip(entered, space.lower, space.upper)
 
 
 # ---------------------------------------------------------------------------------------------

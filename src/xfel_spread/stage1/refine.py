@@ -54,10 +54,12 @@ from xfel_spread.stage1.likelihood import (
 )
 from xfel_spread.stage1.model import (
     INDEX,
+    NCELLS,
     PARAMETER_NAMES,
     CrystalModel,
     ParameterSpace,
     Stage1Settings,
+    enter_pass,
     parameter_space,
     refinement_passes,
     shifted_detector,
@@ -151,8 +153,23 @@ class ShotProblem:
         return torch.as_tensor(parameter_space(self.settings, self.crystal.start_cell, 1.0).start,
                                dtype=torch.float64, device=self.device)
 
+    def unit_scale_values(self) -> torch.Tensor:
+        """The values whose unit-G model fixes the start G: the start's, with N at
+        ``broad_start_ncells`` when the refinement begins with broad spots (:meth:`set_start`)."""
+        values = self.unit_start_values()
+        if self.settings.broad_ncells is not None:
+            values[NCELLS] = self.settings.broad_ncells
+        return values
+
     def set_start(self, unit_bragg_trusted: torch.Tensor) -> None:
-        """Fix the start G (``initial.G`` or the closed form) and build the parameter space."""
+        """Fix the start G (``initial.G`` or the closed form) and build the parameter space.
+
+        ``unit_bragg_trusted`` are the trusted pixels' Bragg photons at G = 1 of
+        :meth:`unit_scale_values`. With broad start spots the closed form is taken with them, where
+        spots a few pixels from their data still overlap it, and carried to the start N by keeping
+        G N_a N_b N_c (the spots' integrated photons); with the start's sharp spots a least-squares G
+        over shoeboxes the spots have left runs to millions.
+        """
         settings, tensors = self.settings, self.tensors
         if settings.initial_G is not None:
             scale = settings.initial_G
@@ -163,16 +180,21 @@ class ShotProblem:
                                       tensors.background[tensors.trusted], tensors.roi[tensors.trusted])
             if not (np.isfinite(scale) and scale > 0):
                 raise ShotDataError(f"no Bragg signal in the shoeboxes: the least-squares start G is {scale:.3g}")
+            if settings.broad_ncells is not None:
+                scale *= settings.broad_ncells ** 3 / float(np.prod(settings.initial_ncells))
             scale = float(np.clip(scale, *settings.bounds_G))
         self.space = parameter_space(settings, self.crystal.start_cell, scale)
         self.start_values = self.space.start.copy()
 
     def set_start_from_model(self, amplitudes: AmplitudeLookup) -> torch.Tensor:
-        """Evaluate the start model at unit G on every shoebox pixel, fix the start G from it
-        (:meth:`set_start`) and return those unit-G Bragg photons."""
+        """Fix the start G from the unit-G model of :meth:`unit_scale_values` (:meth:`set_start`) and
+        return the start model's Bragg photons at G = 1 on every shoebox pixel."""
+        pixels = all_pixels(self)
         with torch.no_grad():
-            unit_bragg = self.bragg(self.unit_start_values(), amplitudes, all_pixels(self))
-        self.set_start(unit_bragg[self.tensors.trusted])
+            unit_bragg = self.bragg(self.unit_start_values(), amplitudes, pixels)
+            scale_bragg = (unit_bragg if self.settings.broad_ncells is None
+                           else self.bragg(self.unit_scale_values(), amplitudes, pixels))
+        self.set_start(scale_bragg[self.tensors.trusted])
         return unit_bragg
 
     def detector_at(self, values: torch.Tensor) -> Detector:
@@ -303,7 +325,8 @@ def minimize_shot(problem: ShotProblem, evaluate: Evaluator) -> Minimization:
     values = problem.start_values.copy()
     n_iterations = n_evaluations = 0
     converged, reason = False, "no refinement pass ran"
-    for space in refinement_passes(problem.space):
+    for space in refinement_passes(problem.space, problem.settings.broad_ncells):
+        values = enter_pass(values, space)
         last = [space.scaled(values)]
 
         def fun(scaled: np.ndarray, space=space, last=last) -> tuple[float, np.ndarray]:
@@ -382,11 +405,17 @@ def finished_fit(problem: ShotProblem, start: ModelSummary, final: ModelSummary,
 
     A refinement that ends with no Bragg photons in the shoeboxes (G at 0, or every spot moved out)
     has lost the shot even where L-BFGS-B reports convergence: there every gradient but G's vanishes.
+    So has one whose refined G ends at a bound, or within 0.1 % of the upper one (from sharp spots out of their shoeboxes the least
+    squares scale runs to the upper bound, and every other gradient vanishes there too).
     """
     shot = problem.shot
     converged, reason = minimization.converged, minimization.reason
+    G = minimization.values[INDEX["G"]]
     if not np.any(np.isfinite(final.centroids)):
         converged, reason = False, "the refined model predicts no Bragg photons in the shoeboxes"
+    elif problem.space.refined[INDEX["G"]] and not (problem.space.lower[INDEX["G"]] < G
+                                                    < (1 - 1e-3) * problem.space.upper[INDEX["G"]]):
+        converged, reason = False, f"G ended at its bound ({G:.3g}): the spots are not where the model puts them"
     return ShotFit(
         shot_index=shot.shot_index, identifier=shot.identifier, shard=shot.shard, image_index=shot.image_index,
         converged=converged, reason=reason, refined=problem.settings.refined_names,
