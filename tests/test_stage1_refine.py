@@ -130,9 +130,10 @@ def test_parameters_stop_at_their_bounds(quick_shot, few_lookup):
 
 
 def test_a_start_whose_spots_are_4_px_off_keeps_them(quick_shot, few_lookup):
-    """From this start (0.05 degrees and 0.3 % off) the spots lie about 4 px from their data. Without
-    the broad-spot pass the start's least-squares G is in the millions, the first line search
-    sends G to 0 and the shot is lost; with it (the default) the shot converges on the truth."""
+    """From this start (0.05 degrees and 0.3 % off) the spots lie about 4 px from their data: the
+    start's least-squares G is in the millions and the first line search sends G to 0. Without the
+    broad-spot restart the shot is lost; with it (the default) the refinement starts again with broad
+    spots and converges on the truth."""
     start = with_start(quick_shot.shot, perturbed_matrix(quick_shot.true_matrix, seed=2, rotation_deg=0.05,
                                                          cell_fraction=0.003))
     lost = refine_shot(start, few_lookup, Stage1Settings.from_config({"broad_start_ncells": None}))
@@ -144,6 +145,7 @@ def test_a_start_whose_spots_are_4_px_off_keeps_them(quick_shot, few_lookup):
     assert settings.broad_start_ncells == 20
     fit = refine_shot(start, few_lookup, settings)
     assert fit.converged, fit.reason
+    assert fit.start == lost.start and fit.n_evaluations > lost.n_evaluations
     assert fit.rmsd_px_start == pytest.approx(lost.rmsd_px_start) and fit.rmsd_px < 0.05
     assert xtal.misorientation_deg(fit.real_space_matrix, quick_shot.true_matrix) < 0.002
     assert fit.final["G"] == pytest.approx(quick_shot.true_G, rel=0.02)
@@ -153,8 +155,9 @@ def test_a_start_whose_spots_are_4_px_off_keeps_them(quick_shot, few_lookup):
 
 
 def test_a_start_too_far_off_is_reported_not_converged(quick_shot, few_lookup):
-    """A start 1 degree off: every spot is out of its shoebox even with broad spots, G runs to 0,
-    where every other gradient vanishes and L-BFGS-B stops "converged"."""
+    """A start 1 degree off: every spot is out of its shoebox even with broad spots, G runs to 0
+    (from the start and again from the restart), where every other gradient vanishes and L-BFGS-B
+    stops "converged"."""
     start = perturbed_matrix(quick_shot.true_matrix, seed=4, rotation_deg=1.0, cell_fraction=0.0)
     fit = refine_shot(with_start(quick_shot.shot, start), few_lookup, Stage1Settings.from_config({}))
     assert fit.rmsd_px_start > 5
@@ -163,7 +166,7 @@ def test_a_start_too_far_off_is_reported_not_converged(quick_shot, few_lookup):
 
 
 def test_g_at_its_upper_bound_is_reported_not_converged(quick_shot, few_lookup):
-    """Without the broad-spot pass, this start's spots (0.4 % off, about 6.6 px) leave the
+    """Without the broad-spot restart, this start's spots (0.4 % off, about 6.6 px) leave the
     shoeboxes and the least-squares G runs to its upper bound, where L-BFGS-B stops."""
     start = perturbed_matrix(quick_shot.true_matrix, seed=4, rotation_deg=0.02, cell_fraction=0.004)
     fit = refine_shot(with_start(quick_shot.shot, start), few_lookup,
@@ -221,7 +224,7 @@ def test_failures_are_reported_not_raised(quick_shot, few_lookup, change, settin
     assert fit.shot_index == shot.shot_index and fit.identifier == shot.identifier
     assert fit.final.keys() == fit.start.keys() == set(PARAMETER_NAMES)
     if settings_section:
-        assert fit.n_iterations == 3  # one per refinement pass (broad spots, positions, everything)
+        assert fit.n_iterations == 2  # one per refinement pass
         assert np.all(np.isfinite(final_values(fit)))
         assert_inside_bounds(fit, settings)
 

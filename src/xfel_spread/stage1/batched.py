@@ -371,23 +371,25 @@ def refine_batch(shots: Sequence[ShotPixels], amplitudes: BatchedForwardModel | 
 def _start_summaries(model: BatchedForwardModel, problems: dict[int, ShotProblem], order: list[int],
                      reasons: dict[int, str]) -> dict:
     """Start G (closed form when not given) and start summary of every loaded shot, in one evaluation
-    (two with broad start spots: the closed form is taken with them)."""
+    (two with the broad-spot restart on: its start G is the closed form with broad spots)."""
     summaries = {}
     if not order:
         return summaries
     try:
         unit_values = torch.stack([problems[index].unit_start_values() for index in order])
         unit_bragg = model.bragg_all_pixels(range(len(order)), unit_values)
-        scale_values = torch.stack([problems[index].unit_scale_values() for index in order])
-        scale_bragg = (unit_bragg if torch.equal(scale_values, unit_values)
-                       else model.bragg_all_pixels(range(len(order)), scale_values))
+        broad_bragg = [None] * len(order)
+        if any(problems[index].settings.broad_ncells is not None for index in order):
+            broad_values = torch.stack([problems[index].broad_start_values() for index in order])
+            broad_bragg = model.bragg_all_pixels(range(len(order)), broad_values)
     except Exception as exc:  # noqa: BLE001 - a failed batch fails its shots, not the stage
         reasons.update({index: describe_exception(exc) for index in order})
         return summaries
-    for index, bragg, for_scale in zip(order, unit_bragg, scale_bragg):
+    for index, bragg, broad in zip(order, unit_bragg, broad_bragg):
         problem = problems[index]
         try:
-            problem.set_start(for_scale[problem.tensors.trusted])
+            problem.set_start(bragg[problem.tensors.trusted],
+                              None if broad is None else broad[problem.tensors.trusted])
             start_values = torch.as_tensor(problem.start_values, device=model.device)
             summaries[index] = summarize_model(problem, start_values, bragg * start_values[INDEX["G"]])
         except Exception as exc:  # noqa: BLE001 - reported per shot

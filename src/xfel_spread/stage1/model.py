@@ -299,7 +299,8 @@ def parameter_space(settings: Stage1Settings, start_cell: tuple[float, float, fl
 
 
 def refinement_passes(space: ParameterSpace, broad_ncells: float | None = None) -> list[ParameterSpace]:
-    """The spaces refined one after the other: optionally broad spots, then spot positions, then everything.
+    """The spaces refined one after the other: spot positions, then everything (broad spots first
+    when ``broad_ncells`` is given).
 
     When spot shapes (N, eta) are refined together with what places the spots (G, rotation, cell,
     distance), a pass holds the shapes at their starts first. From a start a couple of pixels off,
@@ -307,11 +308,12 @@ def refinement_passes(space: ParameterSpace, broad_ncells: float | None = None) 
     turning the spots into streaks that cover the misplaced data, a minimum the refinement does not
     leave. The last pass refines every parameter from where the previous stopped.
 
-    With ``broad_ncells`` (:attr:`Stage1Settings.broad_ncells`) a broad-spot pass comes first: the same
-    positions, with N held at ``broad_ncells`` in place of its start, so that spots several pixels
-    from their data still overlap it and the likelihood leads them there instead of sending G to 0
-    (or to its upper bound) with the spots out of their shoeboxes. Its space starts G at the value
-    that keeps each spot's integrated photons (G N_a N_b N_c constant, :func:`enter_pass`).
+    With ``broad_ncells`` (:attr:`Stage1Settings.broad_ncells`, the restart of a lost shot) a
+    broad-spot pass comes first: the same positions, with N held at ``broad_ncells`` in place of its
+    start, so that spots several pixels from their data still overlap it and the likelihood leads
+    them there instead of sending G to 0 (or to its upper bound) with the spots out of their
+    shoeboxes. Its space starts G at the value that keeps each spot's integrated photons
+    (G N_a N_b N_c constant, :func:`enter_pass`).
     """
     shape = np.isin(np.array(PARAMETER_NAMES), SHAPE_PARAMETERS)
     positions = space.refined & ~shape

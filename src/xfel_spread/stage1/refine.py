@@ -153,48 +153,64 @@ class ShotProblem:
         return torch.as_tensor(parameter_space(self.settings, self.crystal.start_cell, 1.0).start,
                                dtype=torch.float64, device=self.device)
 
-    def unit_scale_values(self) -> torch.Tensor:
-        """The values whose unit-G model fixes the start G: the start's, with N at
-        ``broad_start_ncells`` when the refinement begins with broad spots (:meth:`set_start`)."""
+    def broad_start_values(self) -> torch.Tensor:
+        """Start values with G = 1 and N at ``broad_start_ncells``: the broad-spot restart's unit model."""
         values = self.unit_start_values()
-        if self.settings.broad_ncells is not None:
-            values[NCELLS] = self.settings.broad_ncells
+        values[NCELLS] = self.settings.broad_ncells
         return values
 
-    def set_start(self, unit_bragg_trusted: torch.Tensor) -> None:
+    def closed_form_G(self, unit_bragg_trusted: torch.Tensor) -> float:
+        """Least-squares G of the shoebox sums given the trusted pixels' unit-G Bragg photons."""
+        tensors = self.tensors
+        if not float(unit_bragg_trusted.sum()) > 0:
+            raise ShotDataError("the start model predicts no Bragg photons in the trusted pixels")
+        scale = closed_form_scale(unit_bragg_trusted, tensors.data[tensors.trusted],
+                                  tensors.background[tensors.trusted], tensors.roi[tensors.trusted])
+        if not (np.isfinite(scale) and scale > 0):
+            raise ShotDataError(f"no Bragg signal in the shoeboxes: the least-squares start G is {scale:.3g}")
+        return scale
+
+    def set_start(self, unit_bragg_trusted: torch.Tensor, broad_bragg_trusted: torch.Tensor | None = None) -> None:
         """Fix the start G (``initial.G`` or the closed form) and build the parameter space.
 
-        ``unit_bragg_trusted`` are the trusted pixels' Bragg photons at G = 1 of
-        :meth:`unit_scale_values`. With broad start spots the closed form is taken with them, where
-        spots a few pixels from their data still overlap it, and carried to the start N by keeping
-        G N_a N_b N_c (the spots' integrated photons); with the start's sharp spots a least-squares G
-        over shoeboxes the spots have left runs to millions.
+        ``unit_bragg_trusted`` are the trusted pixels' Bragg photons at G = 1 of the start;
+        ``broad_bragg_trusted`` those of :meth:`broad_start_values`, given when the broad-spot restart
+        is on: its start G is the closed form with those spots, where spots a few pixels from their
+        data still overlap it, carried to the start N by keeping G N_a N_b N_c (the spots'
+        integrated photons). With the start's sharp spots, a least-squares G over shoeboxes the
+        spots have left runs to millions.
         """
-        settings, tensors = self.settings, self.tensors
+        settings = self.settings
         if settings.initial_G is not None:
-            scale = settings.initial_G
+            scale = broad = settings.initial_G
         else:
-            if not float(unit_bragg_trusted.sum()) > 0:
-                raise ShotDataError("the start model predicts no Bragg photons in the trusted pixels")
-            scale = closed_form_scale(unit_bragg_trusted, tensors.data[tensors.trusted],
-                                      tensors.background[tensors.trusted], tensors.roi[tensors.trusted])
-            if not (np.isfinite(scale) and scale > 0):
-                raise ShotDataError(f"no Bragg signal in the shoeboxes: the least-squares start G is {scale:.3g}")
-            if settings.broad_ncells is not None:
-                scale *= settings.broad_ncells ** 3 / float(np.prod(settings.initial_ncells))
-            scale = float(np.clip(scale, *settings.bounds_G))
+            scale = float(np.clip(self.closed_form_G(unit_bragg_trusted), *settings.bounds_G))
+            broad = None
+            if broad_bragg_trusted is not None:
+                try:
+                    broad = self.closed_form_G(broad_bragg_trusted) * (
+                        settings.broad_ncells ** 3 / float(np.prod(settings.initial_ncells)))
+                except ShotDataError:  # no restart then; the sharp start still runs
+                    broad = None
+                else:
+                    broad = float(np.clip(broad, *settings.bounds_G))
         self.space = parameter_space(settings, self.crystal.start_cell, scale)
         self.start_values = self.space.start.copy()
+        #: The parameter space of the broad-spot restart (G from the broad spots), or None when it is off.
+        self.broad_space = None
+        if settings.broad_ncells is not None and broad is not None:
+            self.broad_space = parameter_space(settings, self.crystal.start_cell, broad)
 
     def set_start_from_model(self, amplitudes: AmplitudeLookup) -> torch.Tensor:
-        """Fix the start G from the unit-G model of :meth:`unit_scale_values` (:meth:`set_start`) and
-        return the start model's Bragg photons at G = 1 on every shoebox pixel."""
+        """Fix the start G from the start model (:meth:`set_start`, with the broad spots' model when
+        the restart is on) and return the start model's Bragg photons at G = 1 on every shoebox pixel."""
         pixels = all_pixels(self)
+        trusted = self.tensors.trusted
         with torch.no_grad():
             unit_bragg = self.bragg(self.unit_start_values(), amplitudes, pixels)
-            scale_bragg = (unit_bragg if self.settings.broad_ncells is None
-                           else self.bragg(self.unit_scale_values(), amplitudes, pixels))
-        self.set_start(scale_bragg[self.tensors.trusted])
+            broad = (None if self.settings.broad_ncells is None
+                     else self.bragg(self.broad_start_values(), amplitudes, pixels)[trusted])
+        self.set_start(unit_bragg[trusted], broad)
         return unit_bragg
 
     def detector_at(self, values: torch.Tensor) -> Detector:
@@ -315,27 +331,53 @@ def outcome(result: scipy.optimize.OptimizeResult) -> tuple[bool, str]:
     return False, f"L-BFGS-B did not converge: {message}"
 
 
-def minimize_shot(problem: ShotProblem, evaluate: Evaluator) -> Minimization:
-    """L-BFGS-B over each refinement pass in turn (:func:`~xfel_spread.stage1.model.refinement_passes`).
+def g_at_bound(space: ParameterSpace, values: np.ndarray) -> bool:
+    """True when the refined G sits at its lower bound or within 0.1 % of its upper one: the sign of
+    a lost shot (spots out of their shoeboxes, where every gradient but G's vanishes)."""
+    G = values[INDEX["G"]]
+    return bool(space.refined[INDEX["G"]]
+                and not space.lower[INDEX["G"]] < G < (1 - 1e-3) * space.upper[INDEX["G"]])
 
-    Each pass starts where the previous stopped, within the shot's bounds, for at most
-    ``max_iterations`` iterations; the last pass decides convergence. A non-finite NLL or gradient
-    ends the minimisation at the last point evaluated.
+
+def minimize_shot(problem: ShotProblem, evaluate: Evaluator) -> Minimization:
+    """L-BFGS-B over each refinement pass in turn (:func:`~xfel_spread.stage1.model.refinement_passes`),
+    and the broad-spot restart when that loses the shot.
+
+    Each pass starts where the previous stopped (:func:`~xfel_spread.stage1.model.enter_pass`),
+    within the shot's bounds, for at most ``max_iterations`` iterations; the last pass decides
+    convergence. When the passes end with G at a bound (:func:`g_at_bound`: the spots left their
+    shoeboxes) and the shot has a broad-spot start (``stage1.broad_start_ncells``), the refinement
+    starts again from the start crystal with a broad-spot pass first and its result is the shot's;
+    iterations and evaluations count both. A non-finite NLL or gradient ends the minimisation at the
+    last point evaluated.
     """
-    values = problem.start_values.copy()
-    n_iterations = n_evaluations = 0
+    counts = [0, 0]
+    result = _run_passes(problem, evaluate, problem.start_values, refinement_passes(problem.space), counts)
+    if (problem.broad_space is not None and g_at_bound(problem.space, result.values)
+            and not result.reason.startswith("non-finite")):
+        logger.debug("shot %d: G ended at its bound from the start; restarting with broad spots",
+                     problem.shot.shot_index)
+        result = _run_passes(problem, evaluate, problem.broad_space.start,
+                             refinement_passes(problem.broad_space, problem.settings.broad_ncells), counts)
+    return result
+
+
+def _run_passes(problem: ShotProblem, evaluate: Evaluator, start: np.ndarray, passes: list[ParameterSpace],
+                counts: list[int]) -> Minimization:
+    """L-BFGS-B over ``passes`` from ``start`` (physical values); ``counts`` (iterations,
+    evaluations) accumulate over calls."""
+    values = np.asarray(start, dtype=np.float64).copy()
     converged, reason = False, "no refinement pass ran"
-    for space in refinement_passes(problem.space, problem.settings.broad_ncells):
+    for space in passes:
         values = enter_pass(values, space)
         last = [space.scaled(values)]
 
         def fun(scaled: np.ndarray, space=space, last=last) -> tuple[float, np.ndarray]:
-            nonlocal n_evaluations
-            n_evaluations += 1
+            counts[1] += 1
             last[0] = np.array(scaled, dtype=np.float64)
             value, gradient = evaluate(space, last[0])
             if not (np.isfinite(value) and np.all(np.isfinite(gradient))):
-                raise NonFiniteError(f"non-finite NLL or gradient at evaluation {n_evaluations}")
+                raise NonFiniteError(f"non-finite NLL or gradient at evaluation {counts[1]}")
             return value, gradient
 
         try:
@@ -344,11 +386,11 @@ def minimize_shot(problem: ShotProblem, evaluate: Evaluator) -> Minimization:
                                              options={"maxiter": problem.settings.max_iterations,
                                                       "ftol": FTOL, "gtol": GTOL})
         except NonFiniteError as exc:
-            return Minimization(space.values(last[0]), n_iterations, n_evaluations, False, str(exc))
+            return Minimization(space.values(last[0]), counts[0], counts[1], False, str(exc))
         values = space.values(result.x)
-        n_iterations += int(result.nit)
+        counts[0] += int(result.nit)
         converged, reason = outcome(result)
-    return Minimization(values, n_iterations, n_evaluations, converged, reason)
+    return Minimization(values, counts[0], counts[1], converged, reason)
 
 
 def dense_evaluator(problem: ShotProblem, amplitudes: AmplitudeLookup) -> Evaluator:
@@ -410,12 +452,11 @@ def finished_fit(problem: ShotProblem, start: ModelSummary, final: ModelSummary,
     """
     shot = problem.shot
     converged, reason = minimization.converged, minimization.reason
-    G = minimization.values[INDEX["G"]]
     if not np.any(np.isfinite(final.centroids)):
         converged, reason = False, "the refined model predicts no Bragg photons in the shoeboxes"
-    elif problem.space.refined[INDEX["G"]] and not (problem.space.lower[INDEX["G"]] < G
-                                                    < (1 - 1e-3) * problem.space.upper[INDEX["G"]]):
-        converged, reason = False, f"G ended at its bound ({G:.3g}): the spots are not where the model puts them"
+    elif g_at_bound(problem.space, minimization.values):
+        converged, reason = False, (f"G ended at its bound ({minimization.values[INDEX['G']]:.3g}): "
+                                    "the spots are not where the model puts them")
     return ShotFit(
         shot_index=shot.shot_index, identifier=shot.identifier, shard=shot.shard, image_index=shot.image_index,
         converged=converged, reason=reason, refined=problem.settings.refined_names,
