@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 import pytest
+import scipy.stats
 import torch
 from sim_fixtures import (
     DISTANCE_MM,
@@ -408,3 +409,75 @@ def test_spot_positions_agree_with_dials_predictions(simulated_shots):
     assert len(nominal_residual) == len(true_residual)
     assert np.allclose(nominal_residual.mean(axis=0) - true_residual.mean(axis=0), 0.5, atol=0.05)
     assert np.median(np.abs(np.concatenate(tangential["nominal"]))) > 0.25
+
+
+def rotation_angles_and_axes(rotations):
+    """Angles (radians, >= 0) and unit axes of rotation matrices (D, 3, 3)."""
+    angles = np.arccos(np.clip((np.trace(rotations, axis1=1, axis2=2) - 1) / 2, -1.0, 1.0))
+    skew = np.stack((rotations[:, 2, 1] - rotations[:, 1, 2], rotations[:, 0, 2] - rotations[:, 2, 0],
+                     rotations[:, 1, 0] - rotations[:, 0, 1]), axis=1)
+    return angles, skew / np.linalg.norm(skew, axis=1, keepdims=True)
+
+
+def test_nanobragg_mosaic_draw_has_nanobraggs_angle_distribution():
+    """nanoBragg's draw: angle spread * (1 - r^2)^(1/3), r uniform on [-1, 1], so its CDF is
+    1 - sqrt(1 - t^3) of t = angle / spread, never above the spread; axes uniform on the sphere;
+    domain 0 the identity."""
+    spread_deg, n = 0.5, 20000
+    rotations = xtal.mosaic_rotations(n, spread_deg, np.random.default_rng(11), "nanobragg")
+    assert np.array_equal(rotations[0], np.eye(3))
+    assert np.allclose(np.einsum("dij,dkj->dik", rotations, rotations), np.eye(3), atol=1e-12)
+    angles, axes = rotation_angles_and_axes(rotations[1:])
+    fraction = angles / np.radians(spread_deg)
+    assert fraction.max() <= 1 + 1e-9
+    result = scipy.stats.kstest(fraction, lambda t: 1 - np.sqrt(1 - np.clip(t, 0, 1) ** 3))
+    assert result.pvalue > 0.01, result
+    # Clustered near the spread: half the angles above (3/4)^(1/3) = 0.909 of it, the median.
+    assert np.median(fraction) == pytest.approx(0.75 ** (1 / 3), abs=0.01)
+    assert np.sqrt(np.mean(fraction ** 2)) == pytest.approx(xtal.NANOBRAGG_RMS_FRACTION, abs=0.005)
+    assert xtal.NANOBRAGG_RMS_FRACTION == pytest.approx(0.8598, abs=1e-4)
+    # Axes uniform on the sphere: each component uniform on [-1, 1] (Archimedes), mean 0, mean square 1/3.
+    assert np.abs(axes.mean(axis=0)).max() < 0.02
+    assert np.allclose((axes ** 2).mean(axis=0), 1 / 3, atol=0.01)
+    assert scipy.stats.kstest(axes[:, 2], "uniform", args=(-1, 2)).pvalue > 0.01
+
+
+def test_gaussian_mosaic_draw_is_the_default_and_unchanged():
+    """The default draw is the LY99 one: normal angles of standard deviation spread, axes uniform."""
+    default = xtal.mosaic_rotations(5000, 0.5, np.random.default_rng(12))
+    gaussian = xtal.mosaic_rotations(5000, 0.5, np.random.default_rng(12), "gaussian")
+    assert np.array_equal(default, gaussian)
+    rng = np.random.default_rng(12)
+    axis = rng.standard_normal(3)
+    first = xtal.axis_angle_rotation(axis / np.linalg.norm(axis), rng.normal(0.0, np.radians(0.5)))
+    assert np.array_equal(default[0], first)
+    angles, _ = rotation_angles_and_axes(default)
+    # |N(0, s)| is the half-normal: its CDF erf(x / (s sqrt 2)).
+    result = scipy.stats.kstest(angles / np.radians(0.5), "halfnorm")
+    assert result.pvalue > 0.01, result
+    with pytest.raises(ValueError, match="unknown mosaic model 'uniform'"):
+        xtal.mosaic_rotations(2, 0.5, np.random.default_rng(0), "uniform")
+
+
+def test_the_simulators_mosaic_model_comes_from_the_config(amplitude_table, tmp_path):
+    from tiny_config import tiny_config
+
+    from xfel_spread.config import ConfigError, load_config
+    from xfel_spread.sim.shard import draw_crystal, setup_from_config
+    from xfel_spread.sim.structure_factors import save_channel_amplitudes
+
+    save_channel_amplitudes(amplitude_table, tmp_path / "amplitudes.h5")
+    spread = {"n_mosaic_domains": 50, "mosaic_spread_deg": 0.2}
+    setups = {model: setup_from_config(load_config(tiny_config(crystal={**spread, "mosaic_model": model})),
+                                       str(tmp_path / "amplitudes.h5"))
+              for model in ("gaussian", "nanobragg")}
+    default = setup_from_config(load_config(tiny_config(crystal=spread)), str(tmp_path / "amplitudes.h5"))
+    assert default.mosaic_model == "gaussian" and setups["nanobragg"].mosaic_model == "nanobragg"
+    assert np.array_equal(draw_crystal(default, 3).mosaic_rotations, draw_crystal(setups["gaussian"], 3).mosaic_rotations)
+    nanobragg = draw_crystal(setups["nanobragg"], 3)
+    assert np.array_equal(nanobragg.real_space_matrix, draw_crystal(default, 3).real_space_matrix)
+    assert np.array_equal(nanobragg.mosaic_rotations[0], np.eye(3))
+    angles, _ = rotation_angles_and_axes(nanobragg.mosaic_rotations[1:])
+    assert angles.max() <= np.radians(0.2) * (1 + 1e-9)
+    with pytest.raises(ConfigError, match="mosaic_model"):
+        load_config(tiny_config(crystal={"mosaic_model": "uniform"}))

@@ -8,6 +8,8 @@ in the laboratory frame (Angstrom), so fractional Miller indices of a scattering
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 
@@ -54,13 +56,23 @@ def axis_angle_rotation(axis: np.ndarray, angle_rad: float) -> np.ndarray:
     return np.eye(3) + np.sin(angle_rad) * cross + (1 - np.cos(angle_rad)) * cross @ cross
 
 
-def mosaic_rotations(n_domains: int, spread_deg: float, rng: np.random.Generator) -> np.ndarray:
-    """Rotations of the mosaic domains, as the LY99 simulation drew them.
+#: How the simulator draws the mosaic domains' rotation angles (``simulate.crystal.mosaic_model``).
+MOSAIC_MODELS = ("gaussian", "nanobragg")
 
-    Each domain turns about an axis uniform on the sphere by an angle drawn from a normal
-    distribution of standard deviation ``spread_deg`` (a sigma, not a FWHM). With a spread of 0
-    every domain is the identity.
+
+def mosaic_rotations(n_domains: int, spread_deg: float, rng: np.random.Generator,
+                     model: str = "gaussian") -> np.ndarray:
+    """Rotations of the mosaic domains, drawn as ``model`` says.
+
+    ``gaussian`` (as the LY99 simulation drew them): each domain turns about an axis uniform on the
+    sphere by an angle drawn from a normal distribution of standard deviation ``spread_deg`` (a
+    sigma, not a FWHM). ``nanobragg``: :func:`nanobragg_mosaic_rotations`. With a spread of 0 every
+    domain is the identity.
     """
+    if model == "nanobragg":
+        return nanobragg_mosaic_rotations(n_domains, spread_deg, rng)
+    if model != "gaussian":
+        raise ValueError(f"unknown mosaic model {model!r}; expected one of {', '.join(MOSAIC_MODELS)}")
     rotations = np.empty((n_domains, 3, 3))
     for domain in range(n_domains):
         axis = rng.standard_normal(3)
@@ -68,6 +80,32 @@ def mosaic_rotations(n_domains: int, spread_deg: float, rng: np.random.Generator
         angle = rng.normal(0.0, np.radians(spread_deg))
         rotations[domain] = axis_angle_rotation(axis, angle)
     return rotations
+
+
+def nanobragg_mosaic_rotations(n_domains: int, spread_deg: float, rng: np.random.Generator) -> np.ndarray:
+    """Mosaic domains as nanoBragg draws them (``init_mosaicity`` and ``mosaic_rotation_umat`` of
+    cctbx's simtbx/nanoBragg), with this generator's uniform deviates in place of its ``ran1``.
+
+    Per domain three deviates r1, r2, r3 uniform on [-1, 1]: the axis is (sqrt(1 - r2^2) sin(pi r1),
+    sqrt(1 - r2^2) cos(pi r1), r2), uniform on the sphere, and the angle is
+    ``spread * (1 - r3^2)^(1/3)``: never above the spread and clustered near it (its cumulative
+    distribution is 1 - sqrt(1 - (angle / spread)^3), its root-mean-square
+    :data:`NANOBRAGG_RMS_FRACTION` of the spread). Domain 0 is the identity, as nanoBragg forces it
+    after taking its three deviates.
+    """
+    rotations = np.empty((n_domains, 3, 3))
+    for domain in range(n_domains):
+        r1, r2, r3 = rng.uniform(-1.0, 1.0, 3)
+        xy = np.sqrt(1.0 - r2 * r2)
+        axis = np.array([xy * np.sin(np.pi * r1), xy * np.cos(np.pi * r1), r2])
+        angle = np.radians(spread_deg) * (1.0 - r3 * r3) ** (1.0 / 3.0)
+        rotations[domain] = np.eye(3) if domain == 0 else axis_angle_rotation(axis, angle)
+    return rotations
+
+
+#: Root-mean-square angle of nanoBragg's draw over its spread: sqrt(E[(1 - u^2)^(2/3)]) for u uniform
+#: on [-1, 1], i.e. sqrt(B(1/2, 5/3) / 2) = 0.8598.
+NANOBRAGG_RMS_FRACTION = float(np.sqrt(0.5 * np.exp(math.lgamma(0.5) + math.lgamma(5 / 3) - math.lgamma(13 / 6))))
 
 
 def domain_matrices(real_space_matrix: np.ndarray, rotations: np.ndarray) -> np.ndarray:

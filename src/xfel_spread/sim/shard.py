@@ -98,6 +98,7 @@ class SimulationSetup:
     device: torch.device
     blank_fraction: float = 0.0
     sase: SaseModel | None = None
+    mosaic_model: str = "gaussian"
     recorded_spectra: np.ndarray | None = None
     calibration: torch.Tensor = field(init=False)
 
@@ -154,6 +155,7 @@ def setup_from_config(config: dict, amplitude_table_path: str) -> SimulationSetu
         scale=domains_per_crystal(crystal["size_um"], crystal["illuminated_diameter_um"], crystal["domain_size_a"]),
         n_domains=crystal["n_mosaic_domains"],
         mosaic_spread_deg=crystal["mosaic_spread_deg"],
+        mosaic_model=crystal["mosaic_model"],
         beam_size_m=beam["beam_size_um"] * 1e-6,
         polarization_fraction=beam["polarization_fraction"],
         readout=effects.ReadoutModel(det["gain_adu_per_photon"], det["adc_offset_adu"], det["readout_noise_adu"],
@@ -215,7 +217,8 @@ def draw_crystal(setup: SimulationSetup, shot_index: int) -> ShotTruth:
     rng = shot_rng(setup.seed, shot_index, STREAM_CRYSTAL)
     rotation = xtal.random_rotation(rng)
     real_space = (rotation @ xtal.orthogonalization_matrix(setup.unit_cell).T).T
-    return ShotTruth(shot_index, real_space, xtal.mosaic_rotations(setup.n_domains, setup.mosaic_spread_deg, rng),
+    rotations = xtal.mosaic_rotations(setup.n_domains, setup.mosaic_spread_deg, rng, setup.mosaic_model)
+    return ShotTruth(shot_index, real_space, rotations,
                      is_blank_shot(setup.seed, shot_index, setup.blank_fraction))
 
 

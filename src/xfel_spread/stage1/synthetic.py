@@ -92,14 +92,16 @@ def rms_rotation_deg(rotations: np.ndarray) -> float:
 def simulate_shot_pixels(lookup: AmplitudeLookup, energies_ev: np.ndarray, unit_cell, seed: int, *,
                          n_rois: int = 20, shoebox: int = 12, ncells: float = LY99_NCELLS, spread_deg: float = 0.0,
                          n_domains: int = 1, total_photons: float = 1e12, background_photons: float = 5.0,
-                         detector: Detector = LY99_DETECTOR, psf: DetectorPsf | None = None) -> SyntheticShot:
-    """One shot simulated with the project's simulator; its start crystal is the truth."""
+                         detector: Detector = LY99_DETECTOR, psf: DetectorPsf | None = None,
+                         mosaic_model: str = "gaussian") -> SyntheticShot:
+    """One shot simulated with the project's simulator; its start crystal is the truth. Its mosaic
+    domains are drawn by ``mosaic_model`` (:func:`xfel_spread.sim.crystal.mosaic_rotations`)."""
     rng = np.random.default_rng(seed)
     true_matrix = (xtal.random_rotation(rng) @ xtal.orthogonalization_matrix(unit_cell).T).T
     photons = sase_spectrum(SaseModel(total_photons=total_photons), np.asarray(energies_ev), rng)
     beam = Beam(torch.as_tensor(energies_ev, dtype=torch.float64), torch.as_tensor(photons),
                 REFERENCE_BEAM_SIZE_M, 1.0)
-    rotations = xtal.mosaic_rotations(n_domains, spread_deg, rng)
+    rotations = xtal.mosaic_rotations(n_domains, spread_deg, rng, mosaic_model)
 
     def crystal(matrices):
         return CrystalState(torch.as_tensor(matrices), torch.full((3,), float(ncells), dtype=torch.float64),
