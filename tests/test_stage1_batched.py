@@ -89,6 +89,32 @@ def test_batched_kernel_equals_the_dense_model_per_shot(three_shots, few_lookup)
         assert torch.allclose(batched[mine], reference, rtol=rtol, atol=1e-20 * float(reference.max()))
 
 
+def test_batched_kernel_with_an_analytic_mosaic_spread_equals_the_dense_model(three_shots, few_lookup):
+    """Each shot's one domain averaged over its own mosaic spreads (two nodes, as the Gaussian draw's)."""
+    energies = LY99_ENERGIES_EV[FEW_CHANNELS]
+    rng = np.random.default_rng(6)
+    fast = torch.as_tensor(np.concatenate([shot.pixel_fast for shot in three_shots]))
+    slow = torch.as_tensor(np.concatenate([shot.pixel_slow for shot in three_shots]))
+    shot_of_pixel = torch.as_tensor(np.repeat([0, 1, 2], [shot.n_pixels for shot in three_shots]))
+    crystals = [CrystalState(torch.as_tensor(shot.real_space_matrix)[None], torch.as_tensor(rng.uniform(30, 80, 3)),
+                             torch.tensor(rng.uniform(10, 100)),
+                             torch.as_tensor(np.radians(rng.uniform(0.01, 0.1, 2)) ** 2 / 3))
+                for shot in three_shots]
+    spectra = [torch.as_tensor(shot.photons * rng.uniform(0.5, 2.0, FEW_CHANNELS.size)) for shot in three_shots]
+    directions, factor = pixel_factors(LY99_DETECTOR, fast, slow, 1.0)
+    batched = batched_bragg_photons(
+        directions, factor, shot_of_pixel, torch.stack([c.domain_matrices for c in crystals]),
+        torch.stack([c.ncells for c in crystals]), torch.stack([c.scale for c in crystals]), torch.stack(spectra),
+        torch.as_tensor(energies / HC_EV_ANGSTROM), few_lookup, 3e-6,
+        torch.stack([c.mosaic_variance for c in crystals]))
+    for shot in range(3):
+        mine = shot_of_pixel == shot
+        beam = Beam(torch.as_tensor(energies), spectra[shot], 3e-6, 1.0)
+        reference = bragg_photons_dense(LY99_DETECTOR, beam, crystals[shot], few_lookup, fast[mine], slow[mine])
+        assert reference.max() > 100
+        assert torch.allclose(batched[mine], reference, rtol=1e-10, atol=1e-20 * float(reference.max()))
+
+
 def test_batched_nll_and_gradients_equal_the_dense_ones(three_shots, few_lookup):
     """Every parameter refined (eta with 4 domains, detector shift), at generic points of each shot."""
     settings = Stage1Settings.from_config({"refine": ALL_GROUPS, "mosaic_domains": 4, "restraints": {"ncells": 20.0}})

@@ -87,6 +87,10 @@ class CrystalState:
     domain_matrices: torch.Tensor
     ncells: torch.Tensor
     scale: torch.Tensor
+    #: Variance (radians^2) of each component of the crystal's small random rotation vectors, averaged
+    #: over analytically (:func:`bragg_sum_mosaic`) instead of sampled by domains: a scalar, or (J,)
+    #: whose J averages are averaged with equal weights; None: no averaging.
+    mosaic_variance: torch.Tensor | None = None
 
 
 class AmplitudeLookup:
@@ -154,6 +158,74 @@ def bragg_sum(h_per_u: torch.Tensor, inverse_wavelengths: torch.Tensor, ncells: 
     return (f_sq * lattice_sq * weights).sum(dim=(1, 2))
 
 
+def bragg_sum_mosaic(h_per_u: torch.Tensor, w_squared: torch.Tensor, metric: torch.Tensor,
+                     inverse_wavelengths: torch.Tensor, ncells: torch.Tensor, photons: torch.Tensor,
+                     amplitudes: AmplitudeLookup, mosaic_variance: torch.Tensor) -> torch.Tensor:
+    """:func:`bragg_sum` of one domain averaged over small random rotations of the crystal, in closed form.
+
+    A rotation by the small vector w turns the crystal's reciprocal lattice point at s by w x s; with
+    the components of w independent, of zero mean and variance ``var`` (radians^2; an axis uniform on
+    the sphere and an RMS angle eta give eta^2 / 3), the displacement of the fractional index h = A s
+    has covariance ``C_m = var u^2 (|w|^2 A A^T - g g^T)`` with g = A w, w = dir - i (``h_per_u``
+    (P, 3) is g, ``w_squared`` (P,) is |w|^2, ``metric`` (3, 3) or (P, 3, 3) is A A^T). The Gaussian
+    lattice transform ``(Na Nb Nc)^2 exp(-2 sum N_i^2 dh_i^2 / 0.63)`` is a normal density of
+    covariance ``C_N = diag(0.63 / (4 N^2))`` times its peak; averaged over a normal displacement it
+    becomes the normal of covariance ``C = C_N + C_m`` times ``peak sqrt(det C_N / det C)``, which
+    keeps every spot's integrated photons. With ``var`` 0 this is :func:`bragg_sum` (up to rounding).
+    The blur's u^2 is the channels' mean (see the code). The displacement is taken Gaussian: one
+    average matches the second moment of a mosaic draw, not
+    its shape; ``mosaic_variance`` (J,) or (P, J) gives J variances whose averages are averaged with
+    equal weights (the indexing, |F|^2 lookup and geometry are shared among them). ``ncells`` (3,) or
+    (P, 3), ``photons`` (K,) or (P, K).
+    """
+    per_pixel = ncells.dim() == 2
+    h = inverse_wavelengths[None, :, None] * h_per_u[:, None, :]  # (P, K, 3)
+    nearest = torch.ceil(h - 0.5)
+    x = h - nearest
+    x0, x1, x2 = x[..., 0], x[..., 1], x[..., 2]
+    squares = (x0 * x0, x1 * x1, x2 * x2, 2 * x0 * x1, 2 * x0 * x2, 2 * x1 * x2)
+    n = ncells[:, None, :] if per_pixel else ncells[None, None, :]
+    lattice_variance = GAUSS_WIDTH / (4 * n ** 2)  # (P or 1, 1, 3)
+    lattice_determinant = torch.prod(lattice_variance, dim=-1)  # (P or 1, 1)
+    if metric.dim() == 2:
+        metric = metric.expand(h_per_u.shape[0], 3, 3)
+    spread = w_squared[:, None, None] * metric - h_per_u[:, :, None] * h_per_u[:, None, :]  # (P, 3, 3)
+    # The blur's u^2 is the channels' mean: across a band of a few percent (LY99: 1.4 %) the spread's
+    # width changes by that fraction, and C is then one matrix per pixel instead of per pixel and channel.
+    u_squared = (inverse_wavelengths ** 2).mean()
+    variances = mosaic_variance.to(h.dtype)
+    variances = variances[None, :] if variances.dim() == 1 else variances  # (P or 1, J)
+    peak_sq = torch.prod(ncells, dim=-1)[:, None] ** 2 if per_pixel else torch.prod(ncells) ** 2
+    lattice_variance = lattice_variance[:, 0, :]  # (P or 1, 3)
+    lattice_determinant = lattice_determinant[:, 0]  # (P or 1,)
+    lattice_sq = torch.zeros_like(x0)
+    for node in range(variances.shape[1]):
+        t = variances[:, node] * u_squared  # (P or 1,)
+
+        def entry(i, j, t=t):
+            value = t * spread[:, i, j]
+            return value + lattice_variance[:, i] if i == j else value
+
+        c00, c11, c22 = entry(0, 0), entry(1, 1), entry(2, 2)
+        c01, c02, c12 = entry(0, 1), entry(0, 2), entry(1, 2)
+        a00, a11, a22 = c11 * c22 - c12 * c12, c00 * c22 - c02 * c02, c00 * c11 - c01 * c01
+        a01, a02, a12 = c02 * c12 - c01 * c22, c01 * c12 - c02 * c11, c01 * c02 - c00 * c12
+        determinant = c00 * a00 + c01 * a01 + c02 * a02  # (P,)
+        inverse = [(a / determinant)[:, None] for a in (a00, a11, a22, a01, a02, a12)]
+        quadratic = (inverse[0] * squares[0] + inverse[1] * squares[1] + inverse[2] * squares[2]
+                     + inverse[3] * squares[3] + inverse[4] * squares[4] + inverse[5] * squares[5])
+        lattice_sq = lattice_sq + torch.where(
+            quadratic < 4 * ARG_CUTOFF,
+            torch.sqrt(lattice_determinant / determinant)[:, None] * torch.exp(-0.5 * quadratic),
+            torch.zeros_like(quadratic))
+    lattice_sq = lattice_sq * (peak_sq / variances.shape[1])
+    flat, inside = amplitudes.cell_index(nearest)
+    channel = torch.arange(inverse_wavelengths.numel(), device=inverse_wavelengths.device)[None, :].expand_as(flat)
+    f_sq = torch.where(inside, amplitudes.intensity[channel, flat], torch.zeros_like(x0))
+    weights = photons if per_pixel else photons[None, :]
+    return (f_sq * lattice_sq * weights).sum(dim=1)
+
+
 def bragg_photons_dense(detector: Detector, beam: Beam, crystal: CrystalState,
                         amplitudes: AmplitudeLookup, fast: torch.Tensor, slow: torch.Tensor) -> torch.Tensor:
     """Bragg photons at the given pixels, visiting every channel and domain (reference)."""
@@ -165,6 +237,17 @@ def bragg_photons_dense(detector: Detector, beam: Beam, crystal: CrystalState,
     n_terms = u.numel() * crystal.domain_matrices.shape[0]
     chunk = max(1, CHUNK_TERMS // n_terms)
     totals = []
+    if crystal.mosaic_variance is not None:
+        if crystal.domain_matrices.shape[0] != 1:
+            raise ValueError("an analytic mosaic spread needs a single domain matrix")
+        matrix = crystal.domain_matrices[0]
+        metric = matrix @ matrix.T
+        variances = crystal.mosaic_variance.reshape(-1)
+        for start in range(0, directions.shape[0], chunk):
+            w = directions[start:start + chunk] - beam_direction
+            totals.append(bragg_sum_mosaic(w @ matrix.T, (w ** 2).sum(dim=-1), metric, u, ncells, photons_k,
+                                           amplitudes, variances))
+        return photon_prefactor(beam, crystal) * factor * torch.cat(totals)
     for start in range(0, directions.shape[0], chunk):
         h_per_u = torch.einsum("dij,pj->pdi", crystal.domain_matrices, directions[start:start + chunk] - beam_direction)
         totals.append(bragg_sum(h_per_u, u, ncells, photons_k, amplitudes))

@@ -204,6 +204,9 @@ def _prepare_spread(inputs: SpreadInputs):
     config = load_config(inputs.config)
     settings = SpreadSettings.from_mapping(config.get("spread"), inputs.config)
     stage1 = Stage1Settings.from_config(config.get("stage1"), inputs.config)
+    if stage1.analytic_mosaic:
+        raise SpreadInputError(f"{inputs.config}: stage1.eta_model: analytic (with eta refined) is not modelled by "
+                               "SPREAD's coefficients yet; refine eta with stage1.eta_model: domains")
     structure = config["structure_factors"]
     prefix_dir = os.path.dirname(os.path.abspath(inputs.output_prefix))
     if not os.path.isdir(prefix_dir):

@@ -33,6 +33,7 @@ from xfel_spread.sim.forward import (
     R_E_SQUARED_M2,
     AmplitudeLookup,
     bragg_sum,
+    bragg_sum_mosaic,
     pixel_factors,
 )
 from xfel_spread.sim.geometry import BEAM_DIRECTION
@@ -62,19 +63,32 @@ from xfel_spread.stage1.shot import ShotPixels
 def batched_bragg_photons(directions: torch.Tensor, factor: torch.Tensor, pixel_shot: torch.Tensor,
                           domain_matrices: torch.Tensor, ncells: torch.Tensor, scale: torch.Tensor,
                           photons: torch.Tensor, inverse_wavelengths: torch.Tensor,
-                          amplitudes: AmplitudeLookup, beam_size_m: float) -> torch.Tensor:
+                          amplitudes: AmplitudeLookup, beam_size_m: float,
+                          mosaic_variance: torch.Tensor | None = None) -> torch.Tensor:
     """Bragg photons of pixels belonging to different shots, in one evaluation.
 
     Per pixel: unit diffracted direction ``directions`` (P, 3), polar * omega * capture ``factor``
     (P,) and its shot ``pixel_shot`` (P,). Per shot: ``domain_matrices`` (S, D, 3, 3), ``ncells``
     (S, 3), ``scale`` (S,) and ``photons`` (S, K) per channel of ``inverse_wavelengths`` (K,). Each
     pixel gets ``bragg_photons_dense`` of its own shot: the same kernel (:func:`bragg_sum`) on the
-    pixel's gathered crystal and spectrum.
+    pixel's gathered crystal and spectrum. With ``mosaic_variance`` (S, J), each shot's one domain is
+    averaged over its J analytic mosaic spreads instead (:func:`bragg_sum_mosaic`).
     """
     n_domains = domain_matrices.shape[1]
     beam_direction = torch.as_tensor(BEAM_DIRECTION, dtype=directions.dtype, device=directions.device)
     chunk = pixels_per_call(directions.device, inverse_wavelengths.numel() * n_domains)
     totals = []
+    if mosaic_variance is not None:
+        matrices = domain_matrices[:, 0]
+        metrics = matrices @ matrices.transpose(1, 2)
+        for start in range(0, directions.shape[0], chunk):
+            shot = pixel_shot[start:start + chunk]
+            w = directions[start:start + chunk] - beam_direction
+            g, w_squared = torch.einsum("pij,pj->pi", matrices[shot], w), (w ** 2).sum(dim=-1)
+            totals.append(bragg_sum_mosaic(g, w_squared, metrics[shot], inverse_wavelengths, ncells[shot],
+                                           photons[shot], amplitudes, mosaic_variance[shot]))
+        prefactor = scale * R_E_SQUARED_M2 / beam_size_m ** 2
+        return prefactor[pixel_shot] * factor * torch.cat(totals)
     for start in range(0, directions.shape[0], chunk):
         shot = pixel_shot[start:start + chunk]
         h_per_u = torch.einsum("pdij,pj->pdi", domain_matrices[shot], directions[start:start + chunk] - beam_direction)
@@ -214,12 +228,16 @@ class BatchedForwardModel:
                         rows: torch.Tensor) -> torch.Tensor:
         """G * Bragg photons at ``pixels`` (of the shots in ``rows``) before any point spread."""
         directions, factor = self._geometry(shots, values, pixels)
-        domain_matrices = torch.stack([self.problems[shot].crystal.domain_matrices(values[row])
-                                       for row, shot in enumerate(shots)])
+        states = [self.problems[shot].crystal.crystal_state(values[row]) for row, shot in enumerate(shots)]
+        domain_matrices = torch.stack([state.domain_matrices for state in states])
+        variances = [state.mosaic_variance for state in states]
+        if any(variance is None for variance in variances) and any(variance is not None for variance in variances):
+            raise ValueError("a batch must model an analytic mosaic spread for all of its shots or for none")
+        mosaic_variance = None if variances[0] is None else torch.stack([v.reshape(-1) for v in variances])
         photons = self.photons[torch.as_tensor(list(shots), device=self.device)]
         return batched_bragg_photons(directions, factor, rows, domain_matrices, values[:, NCELLS],
                                      values[:, INDEX["G"]], photons, self.inverse_wavelengths, self.amplitudes,
-                                     REFERENCE_BEAM_SIZE_M)
+                                     REFERENCE_BEAM_SIZE_M, mosaic_variance)
 
     def nll_and_gradients(self, requests: dict[int, tuple[ParameterSpace, np.ndarray]]
                           ) -> dict[int, tuple[float, np.ndarray]]:

@@ -136,7 +136,8 @@ class ShotProblem:
         self.settings = settings
         self.device = torch.device(device)
         self.tensors: ShotTensors = shot_tensors(shot, settings.readout_sigma_adu, self.device)
-        self.crystal = CrystalModel(shot.real_space_matrix, settings.n_domains, self.device)
+        self.crystal = CrystalModel(shot.real_space_matrix, settings.n_domains, self.device,
+                                    settings.mosaic_model if settings.analytic_mosaic else None)
         self.moves_detector = "detz_shift" in settings.refine
         #: The sparse map of the detector's point spread among the shoebox pixels, or None.
         self.spread = (None if psf is None else
