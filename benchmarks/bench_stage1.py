@@ -15,6 +15,7 @@ refined N, G (93.75 is the truth) and eta.
      differences from ``refine_shot``.
 
 Usage: .venv/bin/python benchmarks/bench_stage1.py [--shots 3] [--rois 50] [--shoebox 12] [--eta]
+       [--eta-model analytic|domains] [--draw gaussian|nanobragg] [--threads 1]
        [--device cpu|cuda] [--amplitudes results/structure_factors/amplitudes.h5]
 The amplitude table defaults to the demo run's; without it, it is computed from ../shared/data.
 """
@@ -55,18 +56,21 @@ def amplitude_table(path: Path, reference: Path):
                                       settings["k_sol"], settings["b_sol"])
 
 
-def report(label: str, fits, truths, seconds: list[float]) -> None:
+def report(label: str, fits, truths, seconds: list[float], cpu_seconds: list[float]) -> None:
     misorientation = [(xtal.misorientation_deg(fit.start_real_space_matrix, truth.true_matrix),
                        xtal.misorientation_deg(fit.real_space_matrix, truth.true_matrix))
                       for fit, truth in zip(fits, truths)]
-    print(f"{label}: {statistics.median(seconds):6.2f} s/shot (median of {len(seconds)}: "
-          + ", ".join(f"{s:.2f}" for s in seconds) + ")")
-    for fit, (before, after) in zip(fits, misorientation):
+    print(f"{label}: {statistics.median(seconds):6.2f} s/lattice wall (median of {len(seconds)}: "
+          + ", ".join(f"{s:.2f}" for s in seconds) + f"), {statistics.median(cpu_seconds):6.2f} s/lattice CPU")
+    for fit, truth, (before, after) in zip(fits, truths, misorientation):
+        n = [fit.final[name] for name in ("Na", "Nb", "Nc")]
         print(f"    shot {fit.shot_index}: converged {fit.converged} {fit.reason} iterations {fit.n_iterations}, "
               f"evaluations {fit.n_evaluations}; RMSD {fit.rmsd_px_start:.3f} -> {fit.rmsd_px:.3f} px "
               f"(radial {fit.radial_rmsd_px_start:.3f} -> {fit.radial_rmsd_px:.3f}); misorientation "
-              f"{before:.4f} -> {after:.4f} deg; N {fit.final['Na']:.1f} {fit.final['Nb']:.1f} {fit.final['Nc']:.1f}; "
-              f"G {fit.final['G']:.2f}; eta {fit.final['eta_deg']:.4f} deg")
+              f"{before:.4f} -> {after:.4f} deg; N {n[0]:.1f} {n[1]:.1f} {n[2]:.1f} "
+              f"(median {100 * (statistics.median(n) / truth.true_ncells - 1):+.1f} % of {truth.true_ncells:g}); "
+              f"G {fit.final['G']:.2f}; eta {fit.final['eta_deg']:.4f} deg (drawn RMS {truth.true_spread_deg:.4f}); "
+              f"Z-score sigma {fit.z_score_sigma_final:.2f}")
 
 
 def main() -> None:
@@ -74,25 +78,35 @@ def main() -> None:
     parser.add_argument("--shots", type=int, default=3)
     parser.add_argument("--rois", type=int, default=50)
     parser.add_argument("--shoebox", type=int, default=12)
-    parser.add_argument("--eta", action="store_true", help="time the refinement with eta (25 domains) instead")
+    parser.add_argument("--eta", action="store_true", help="refine eta too, on shots drawn with 25 domains of RMS 0.05 deg")
+    parser.add_argument("--eta-model", default="analytic", choices=["analytic", "domains"])
+    parser.add_argument("--draw", default="gaussian", choices=["gaussian", "nanobragg"],
+                        help="the simulator's mosaic draw, and the refinement's stage1.mosaic_model")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--amplitudes", default=str(REPO / "results" / "structure_factors" / "amplitudes.h5"))
     parser.add_argument("--reference-dir", default=str(REPO.parent / "shared" / "data"))
     arguments = parser.parse_args()
 
+    torch.set_num_threads(arguments.threads)
     table = amplitude_table(Path(arguments.amplitudes), Path(arguments.reference_dir))
     lookup = AmplitudeLookup(expand_to_p1_grid(table), "cpu")
     print(f"torch threads {torch.get_num_threads()}, {len(table.energies_ev)} channels, {arguments.rois} shoeboxes "
           f"of {arguments.shoebox} x {arguments.shoebox} px per shot")
 
     if arguments.eta:
-        label, spread, domains = "G, rotation, cell, N, eta (25 domains)", 0.05, 25
-        settings = Stage1Settings.from_config({"refine": ["G", "rotation", "cell", "ncells", "eta"]})
+        spread = 0.05 if arguments.draw == "gaussian" else 0.05 / xtal.NANOBRAGG_RMS_FRACTION
+        domains = 25
+        label = (f"G, rotation, cell, N, eta ({arguments.eta_model}, {arguments.draw} draw of 25 domains, "
+                 f"RMS 0.05 deg)")
+        settings = Stage1Settings.from_config({"refine": ["G", "rotation", "cell", "ncells", "eta"],
+                                               "eta_model": arguments.eta_model, "mosaic_model": arguments.draw})
     else:
         label, spread, domains = "G, rotation, cell, N", 0.0, 1
         settings = Stage1Settings.from_config({})
     truths = [simulate_shot_pixels(lookup, table.energies_ev, table.unit_cell, seed, n_rois=arguments.rois,
-                                   shoebox=arguments.shoebox, spread_deg=spread, n_domains=domains)
+                                   shoebox=arguments.shoebox, spread_deg=spread, n_domains=domains,
+                                   mosaic_model=arguments.draw)
               for seed in range(1, arguments.shots + 1)]
     shots = [with_start(truth.shot, perturbed_matrix(truth.true_matrix, truth.shot.shot_index)) for truth in truths]
     singles, cpu_seconds = [], []
@@ -100,21 +114,21 @@ def main() -> None:
         started = time.process_time()
         singles.append(refine_shot(shot, lookup, settings))
         cpu_seconds.append(time.process_time() - started)
-    report(f"refine_shot, cpu, {label}", singles, truths, [fit.seconds for fit in singles])
-    print(f"    CPU time {statistics.median(cpu_seconds):.2f} s/shot (median; wall time on an idle machine lies "
-          f"between this and this / {torch.get_num_threads()} threads)")
+    report(f"refine_shot, cpu, {label}", singles, truths, [fit.seconds for fit in singles], cpu_seconds)
 
     device = torch.device(arguments.device)
     model = BatchedForwardModel(lookup, table.energies_ev, device)
     if device.type == "cuda":
         refine_batch(shots[:1], model, settings)  # warm-up: CUDA context and kernels
         torch.cuda.synchronize()
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     fits = refine_batch(shots, model, settings)
     if device.type == "cuda":
         torch.cuda.synchronize()
     per_shot = (time.perf_counter() - started) / len(shots)
-    report(f"refine_batch, {device}, {label}, {len(shots)} shots per batch", fits, truths, [per_shot])
+    cpu_per_shot = (time.process_time() - cpu_started) / len(shots)
+    report(f"refine_batch, {device}, {label}, {len(shots)} shots per batch", fits, truths, [per_shot],
+           [cpu_per_shot])
     worst = {name: max(abs(a.final[name] - b.final[name]) for a, b in zip(fits, singles)) for name in fits[0].final}
     print("    largest difference refine_batch - refine_shot: "
           + ", ".join(f"{name} {value:.1e}" for name, value in worst.items()))

@@ -79,6 +79,11 @@ def test_batched_kernel_equals_the_dense_model_per_shot(three_shots, few_lookup)
         directions, factor, shot_of_pixel, torch.stack([c.domain_matrices for c in crystals]),
         torch.stack([c.ncells for c in crystals]), torch.stack([c.scale for c in crystals]), torch.stack(spectra),
         torch.as_tensor(energies / HC_EV_ANGSTROM), few_lookup, 3e-6)
+    # Every call mixing shots, each pixel's inputs gathered (the GPU's way; a CPU's is one shot a time).
+    gathered = batched_bragg_photons(
+        directions, factor, shot_of_pixel, torch.stack([c.domain_matrices for c in crystals]),
+        torch.stack([c.ncells for c in crystals]), torch.stack([c.scale for c in crystals]), torch.stack(spectra),
+        torch.as_tensor(energies / HC_EV_ANGSTROM), few_lookup, 3e-6, per_shot=False)
     for shot in range(3):
         mine = shot_of_pixel == shot
         beam = Beam(torch.as_tensor(energies), spectra[shot], 3e-6, 1.0)
@@ -86,7 +91,8 @@ def test_batched_kernel_equals_the_dense_model_per_shot(three_shots, few_lookup)
         assert reference.max() > 100
         # A term at the cut-off (arg = 35) is exp(-70) ~ 4e-31 of its peak; rounding decides its side.
         rtol = kernel_rtol(float(crystals[shot].ncells.max()), FEW_CHANNELS.size * 3)
-        assert torch.allclose(batched[mine], reference, rtol=rtol, atol=1e-20 * float(reference.max()))
+        for photons in (batched, gathered):
+            assert torch.allclose(photons[mine], reference, rtol=rtol, atol=1e-20 * float(reference.max()))
 
 
 def test_batched_kernel_with_an_analytic_mosaic_spread_equals_the_dense_model(three_shots, few_lookup):
@@ -107,12 +113,18 @@ def test_batched_kernel_with_an_analytic_mosaic_spread_equals_the_dense_model(th
         torch.stack([c.ncells for c in crystals]), torch.stack([c.scale for c in crystals]), torch.stack(spectra),
         torch.as_tensor(energies / HC_EV_ANGSTROM), few_lookup, 3e-6,
         torch.stack([c.mosaic_variance for c in crystals]))
+    gathered = batched_bragg_photons(
+        directions, factor, shot_of_pixel, torch.stack([c.domain_matrices for c in crystals]),
+        torch.stack([c.ncells for c in crystals]), torch.stack([c.scale for c in crystals]), torch.stack(spectra),
+        torch.as_tensor(energies / HC_EV_ANGSTROM), few_lookup, 3e-6,
+        torch.stack([c.mosaic_variance for c in crystals]), per_shot=False)
     for shot in range(3):
         mine = shot_of_pixel == shot
         beam = Beam(torch.as_tensor(energies), spectra[shot], 3e-6, 1.0)
         reference = bragg_photons_dense(LY99_DETECTOR, beam, crystals[shot], few_lookup, fast[mine], slow[mine])
         assert reference.max() > 100
-        assert torch.allclose(batched[mine], reference, rtol=1e-10, atol=1e-20 * float(reference.max()))
+        for photons in (batched, gathered):
+            assert torch.allclose(photons[mine], reference, rtol=1e-10, atol=1e-20 * float(reference.max()))
 
 
 def test_batched_nll_and_gradients_equal_the_dense_ones(three_shots, few_lookup):

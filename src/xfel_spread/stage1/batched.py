@@ -64,36 +64,56 @@ def batched_bragg_photons(directions: torch.Tensor, factor: torch.Tensor, pixel_
                           domain_matrices: torch.Tensor, ncells: torch.Tensor, scale: torch.Tensor,
                           photons: torch.Tensor, inverse_wavelengths: torch.Tensor,
                           amplitudes: AmplitudeLookup, beam_size_m: float,
-                          mosaic_variance: torch.Tensor | None = None) -> torch.Tensor:
+                          mosaic_variance: torch.Tensor | None = None, per_shot: bool | None = None) -> torch.Tensor:
     """Bragg photons of pixels belonging to different shots, in one evaluation.
 
     Per pixel: unit diffracted direction ``directions`` (P, 3), polar * omega * capture ``factor``
     (P,) and its shot ``pixel_shot`` (P,). Per shot: ``domain_matrices`` (S, D, 3, 3), ``ncells``
     (S, 3), ``scale`` (S,) and ``photons`` (S, K) per channel of ``inverse_wavelengths`` (K,). Each
     pixel gets ``bragg_photons_dense`` of its own shot: the same kernel (:func:`bragg_sum`) on the
-    pixel's gathered crystal and spectrum. With ``mosaic_variance`` (S, J), each shot's one domain is
-    averaged over its J analytic mosaic spreads instead (:func:`bragg_sum_mosaic`).
+    pixel's crystal and spectrum. With ``mosaic_variance`` (S, J), each shot's one domain is averaged
+    over its J analytic mosaic spreads instead (:func:`bragg_sum_mosaic`).
+
+    ``per_shot`` (default: on a CPU) feeds the kernel one shot's run of consecutive pixels at a time
+    with that shot's crystal and spectrum shared, as ``bragg_photons_dense`` does; otherwise every
+    call mixes shots, with each pixel's crystal and spectrum gathered (what a GPU takes best: few
+    large calls). On a CPU the gathered inputs made an evaluation (forward and backward) 22 % slower
+    per shot than the dense model's (3 shots of 50 shoeboxes, 100 channels, one thread: 88.6 against
+    72.7 ms), and there are no kernel launches to save.
     """
     n_domains = domain_matrices.shape[1]
     beam_direction = torch.as_tensor(BEAM_DIRECTION, dtype=directions.dtype, device=directions.device)
     chunk = pixels_per_call(directions.device, inverse_wavelengths.numel() * n_domains)
-    totals = []
+    if per_shot is None:
+        per_shot = directions.device.type == "cpu"
     if mosaic_variance is not None:
         matrices = domain_matrices[:, 0]
         metrics = matrices @ matrices.transpose(1, 2)
-        for start in range(0, directions.shape[0], chunk):
-            shot = pixel_shot[start:start + chunk]
-            w = directions[start:start + chunk] - beam_direction
-            g, w_squared = torch.einsum("pij,pj->pi", matrices[shot], w), (w ** 2).sum(dim=-1)
-            totals.append(bragg_sum_mosaic(g, w_squared, metrics[shot], inverse_wavelengths, ncells[shot],
-                                           photons[shot], amplitudes, mosaic_variance[shot]))
-        prefactor = scale * R_E_SQUARED_M2 / beam_size_m ** 2
-        return prefactor[pixel_shot] * factor * torch.cat(totals)
-    for start in range(0, directions.shape[0], chunk):
-        shot = pixel_shot[start:start + chunk]
-        h_per_u = torch.einsum("pdij,pj->pdi", domain_matrices[shot], directions[start:start + chunk] - beam_direction)
-        totals.append(bragg_sum(h_per_u, inverse_wavelengths, ncells[shot], photons[shot], amplitudes))
-    prefactor = scale * R_E_SQUARED_M2 / n_domains / beam_size_m ** 2
+
+    def kernel(start: int, stop: int, shot: int | None) -> torch.Tensor:
+        """The kernel on pixels start:stop, all of ``shot`` (its inputs shared) or of any shots (gathered)."""
+        which = pixel_shot[start:stop] if shot is None else shot
+        w = directions[start:stop] - beam_direction
+        if mosaic_variance is not None:
+            g = (torch.einsum("pij,pj->pi", matrices[which], w) if shot is None else w @ matrices[shot].T)
+            return bragg_sum_mosaic(g, (w ** 2).sum(dim=-1), metrics[which], inverse_wavelengths, ncells[which],
+                                    photons[which], amplitudes, mosaic_variance[which])
+        equation = "pdij,pj->pdi" if shot is None else "dij,pj->pdi"
+        return bragg_sum(torch.einsum(equation, domain_matrices[which], w), inverse_wavelengths, ncells[which],
+                         photons[which], amplitudes)
+
+    totals = []
+    if per_shot:
+        shots, counts = torch.unique_consecutive(pixel_shot, return_counts=True)
+        first = 0
+        for shot, count in zip(shots.tolist(), counts.tolist()):
+            totals.extend(kernel(start, min(start + chunk, first + count), shot)
+                          for start in range(first, first + count, chunk))
+            first += count
+    else:
+        totals = [kernel(start, start + chunk, None) for start in range(0, directions.shape[0], chunk)]
+    per_domain = 1 if mosaic_variance is not None else n_domains
+    prefactor = scale * R_E_SQUARED_M2 / per_domain / beam_size_m ** 2
     return prefactor[pixel_shot] * factor * torch.cat(totals)
 
 
