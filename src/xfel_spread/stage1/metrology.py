@@ -1,0 +1,169 @@
+"""The detector from the pixels: a joint refinement of the level-0 detector with many lattices.
+
+:func:`refine_detector` moves the whole panel (the beam centre along fast and slow, in pixels, and the
+distance, in mm) together with every lattice's own stage-1 parameters, against the shoebox pixels of
+all the lattices at once. A single lattice cannot tell a shifted panel from a turned crystal; many
+lattices in different orientations share one panel, which pins it down.
+
+It runs in two steps:
+
+1. every lattice is refined alone on the starting detector (:func:`~xfel_spread.stage1.refine.refine_shot`);
+   those that do not converge are left out;
+2. one L-BFGS-B over the three detector parameters and every kept lattice's refined parameters (its
+   last pass's space, from where step 1 ended; ``detz_shift`` is the panel's here, so it is not a
+   per-lattice parameter), minimising the sum of the lattices' NLLs, with gradients from torch
+   autograd. The detector parameters are scaled by :data:`DETECTOR_STEPS`.
+
+This is the function the issue's ``pixel_metrology`` rule will call; the rule, its refined detector
+experiment list and report are not written yet.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.optimize
+import torch
+
+from xfel_spread.sim.forward import AmplitudeLookup
+from xfel_spread.sim.geometry import Detector
+from xfel_spread.stage1.likelihood import bragg_photons
+from xfel_spread.stage1.model import PARAMETER_NAMES, Stage1Settings, refinement_passes
+from xfel_spread.stage1.psf import DetectorPsf, spread
+from xfel_spread.stage1.refine import FTOL, GTOL, ShotFit, ShotProblem, all_pixels, refine_shot
+from xfel_spread.stage1.shot import ShotPixels
+
+#: One scaled unit of the detector parameters: beam-centre shifts along fast and slow (pixels) and
+#: the distance shift (mm).
+DETECTOR_STEPS = np.array([0.01, 0.01, 0.005])
+#: Bounds of the detector parameters (pixels, pixels, mm).
+DETECTOR_BOUNDS = ((-5.0, 5.0), (-5.0, 5.0), (-1.5, 1.5))
+
+
+@dataclass(frozen=True)
+class MovedDetector(Detector):
+    """A Detector whose ``beam_center_mm`` (two torch scalars) and ``distance_mm`` (a torch scalar)
+    carry gradients: the forward model reads positions through ``origin_mm`` and the solid angle
+    through ``distance_mm``."""
+
+    @property
+    def origin_mm(self) -> torch.Tensor:
+        beam_x, beam_y = self.beam_center_mm
+        return torch.stack((-beam_x, beam_y, -self.distance_mm))
+
+
+def moved_detector(detector: Detector, shift: torch.Tensor) -> Detector:
+    """``detector`` with its beam centre moved by ``shift[0:2]`` pixels (fast, slow) and its panel
+    moved away from the sample by ``shift[2]`` mm, differentiable in ``shift``."""
+    pixel = detector.pixel_size_mm
+    beam_x, beam_y = detector.beam_center_mm
+    return MovedDetector(detector.n_fast, detector.n_slow, pixel, detector.distance_mm + shift[2],
+                         (beam_x + shift[0] * pixel, beam_y + shift[1] * pixel),
+                         detector.thickness_mm, detector.attenuation_length_mm)
+
+
+@dataclass
+class DetectorFit:
+    """The outcome of :func:`refine_detector`."""
+
+    #: Beam-centre shift (fast, slow; pixels) and distance shift (mm) of the refined panel.
+    shift: np.ndarray
+    converged: bool
+    reason: str
+    n_iterations: int
+    n_evaluations: int
+    nll_start: float  #: the kept lattices' summed NLL after step 1, on the starting detector
+    nll_final: float
+    #: Step 1's fit of every lattice (also those left out of step 2).
+    single_fits: list[ShotFit]
+    #: The lattices of step 2 (their positions in ``shots``) and their refined parameter values.
+    kept: list[int] = field(default_factory=list)
+    values: list[np.ndarray] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _lattice_nll(problem: ShotProblem, values: torch.Tensor, detector: Detector,
+                 amplitudes: AmplitudeLookup) -> torch.Tensor:
+    """One lattice's NLL (plus restraints) on ``detector``."""
+    tensors = problem.tensors
+    if problem.spread is None:
+        bragg = bragg_photons(detector, problem.crystal, values, tensors, amplitudes)
+    else:
+        every = bragg_photons(detector, problem.crystal, values, tensors, amplitudes, all_pixels(problem))
+        bragg = spread(problem.spread, every)[tensors.trusted]
+    return problem.nll(values, bragg)
+
+
+def refine_detector(shots: list[ShotPixels], amplitudes: AmplitudeLookup, settings: Stage1Settings,
+                    psf: DetectorPsf | None = None, refine_distance: bool = True,
+                    max_iterations: int = 2000) -> DetectorFit:
+    """The level-0 detector refined jointly with the lattices of ``shots`` (see the module docstring).
+
+    Every shot must share the starting detector. ``settings`` are stage 1's; its ``detz_shift`` group,
+    if any, is dropped (the distance is the panel's here, refined when ``refine_distance``).
+    """
+    started = time.perf_counter()
+    detectors = {shot.detector for shot in shots}
+    if len(detectors) != 1:
+        raise ValueError("the lattices of a detector refinement must share one starting detector")
+    start_detector = detectors.pop()
+    settings = _without_distance(settings)
+    singles = [refine_shot(shot, amplitudes, settings, psf) for shot in shots]
+    kept = [index for index, fit in enumerate(singles) if fit.converged]
+    if not kept:
+        return DetectorFit(np.zeros(3), False, "no lattice converged on the starting detector", 0, 0,
+                           float("nan"), float("nan"), singles, seconds=time.perf_counter() - started)
+    device = amplitudes.intensity.device
+    problems, spaces, starts = [], [], []
+    for index in kept:
+        problem = ShotProblem(shots[index], settings, device, psf)
+        problem.set_start_from_model(amplitudes)
+        space = refinement_passes(problem.space)[-1]
+        problems.append(problem)
+        spaces.append(space)
+        starts.append(space.scaled(np.array([singles[index].final[name] for name in PARAMETER_NAMES])))
+    n_detector = 3 if refine_distance else 2
+    sizes = [space.n_refined for space in spaces]
+    offsets = np.concatenate(([n_detector], n_detector + np.cumsum(sizes)))
+    x0 = np.concatenate([np.zeros(n_detector), *starts])
+    bounds = ([(low / step, high / step) for (low, high), step in zip(DETECTOR_BOUNDS, DETECTOR_STEPS)][:n_detector]
+              + [bound for space in spaces for bound in space.scaled_bounds()])
+    steps = torch.as_tensor(DETECTOR_STEPS[:n_detector], dtype=torch.float64, device=device)
+    counts = [0]
+
+    def total(x: np.ndarray) -> tuple[float, np.ndarray]:
+        counts[0] += 1
+        leaf = torch.tensor(x, dtype=torch.float64, device=device, requires_grad=True)
+        shift = leaf[:n_detector] * steps
+        if not refine_distance:
+            shift = torch.cat((shift, torch.zeros(1, dtype=torch.float64, device=device)))
+        detector = moved_detector(start_detector, shift)
+        value = 0.0
+        for problem, space, first, last in zip(problems, spaces, offsets[:-1], offsets[1:]):
+            nll = _lattice_nll(problem, space.physical(leaf[first:last]), detector, amplitudes)
+            nll.backward(retain_graph=True)
+            value += float(nll.detach())
+        gradient = leaf.grad.detach().cpu().numpy()
+        if not (np.isfinite(value) and np.all(np.isfinite(gradient))):
+            raise ArithmeticError(f"non-finite NLL or gradient at evaluation {counts[0]}")
+        return value, gradient
+
+    nll_start = total(x0)[0]
+    result = scipy.optimize.minimize(total, x0, jac=True, method="L-BFGS-B", bounds=bounds,
+                                     options={"maxiter": max_iterations, "ftol": FTOL, "gtol": GTOL})
+    shift = np.zeros(3)
+    shift[:n_detector] = result.x[:n_detector] * DETECTOR_STEPS[:n_detector]
+    values = [space.values(result.x[first:last]) for space, first, last in zip(spaces, offsets[:-1], offsets[1:])]
+    message = result.message.decode() if isinstance(result.message, bytes) else str(result.message)
+    return DetectorFit(shift, bool(result.success), "" if result.success else f"L-BFGS-B did not converge: {message}",
+                       int(result.nit), counts[0], nll_start, float(result.fun), singles, kept, values,
+                       time.perf_counter() - started)
+
+
+def _without_distance(settings: Stage1Settings) -> Stage1Settings:
+    return dataclasses.replace(settings, refine=tuple(group for group in settings.refine if group != "detz_shift"))
+
+

@@ -1,0 +1,50 @@
+"""The level-0 detector refined jointly with many lattices from their shoebox pixels
+(stage1.metrology.refine_detector), on shots simulated with the project's simulator."""
+
+import numpy as np
+import pytest
+import torch
+from sim_fixtures import LY99_ENERGIES_EV, lookup_for
+
+from xfel_spread.stage1.metrology import moved_detector, refine_detector
+from xfel_spread.stage1.model import Stage1Settings
+from xfel_spread.stage1.synthetic import LY99_DETECTOR, simulate_shot_pixels, with_start
+
+FEW_CHANNELS = np.arange(20, 80, 6)
+
+
+def test_moved_detector_is_the_offset_detector_and_carries_gradients():
+    shift = torch.tensor([0.5, -0.25, 0.3], dtype=torch.float64, requires_grad=True)
+    moved = moved_detector(LY99_DETECTOR, shift)
+    offset = LY99_DETECTOR.with_beam_center_offset_px((0.5, -0.25))
+    fast, slow = torch.tensor([0, 100, 1500]), torch.tensor([7, 900, 1200])
+    expected = offset.pixel_centres_mm(fast, slow)
+    expected[:, 2] -= 0.3
+    positions = moved.pixel_centres_mm(fast, slow)
+    assert torch.allclose(positions, expected, rtol=0, atol=1e-12)
+    positions.sum().backward()
+    # Moving the beam centre along fast moves the pixels along -x, along slow along +y (the origin
+    # is (-beam_x, beam_y, -distance)); the panel moves along -z: per pixel -p, +p, -1.
+    pixel = LY99_DETECTOR.pixel_size_mm
+    assert shift.grad.tolist() == pytest.approx([-3 * pixel, 3 * pixel, -3])
+
+
+@pytest.mark.slow  # two joint refinements of six lattices: about a minute each on one busy core
+@pytest.mark.parametrize("offset_px", [0.5, 0.0])
+def test_a_half_pixel_beam_centre_offset_is_recovered_and_none_is_not_invented(amplitude_table, offset_px):
+    """Six lattices imaged with the beam centre ``offset_px`` off the nominal one along fast and
+    slow, refined on the nominal detector: the joint refinement finds the offset (and no distance
+    shift), and finds none on the control."""
+    lookup = lookup_for(amplitude_table, FEW_CHANNELS)
+    true_detector = LY99_DETECTOR.with_beam_center_offset_px((offset_px, offset_px))
+    shots = []
+    for seed in range(1, 7):
+        synthetic = simulate_shot_pixels(lookup, LY99_ENERGIES_EV[FEW_CHANNELS], amplitude_table.unit_cell, seed=seed,
+                                         n_rois=10, detector=true_detector)
+        shots.append(with_start(synthetic.shot, synthetic.true_matrix, LY99_DETECTOR))
+    fit = refine_detector(shots, lookup, Stage1Settings.from_config({}))
+    assert fit.converged, fit.reason
+    assert fit.kept == list(range(6))
+    assert fit.shift[:2] == pytest.approx([offset_px, offset_px], abs=0.02)
+    assert abs(fit.shift[2]) < 0.02
+    assert fit.nll_final <= fit.nll_start
