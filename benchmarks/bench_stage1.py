@@ -18,6 +18,25 @@ Usage: .venv/bin/python benchmarks/bench_stage1.py [--shots 3] [--rois 50] [--sh
        [--eta-model analytic|domains] [--draw gaussian|nanobragg] [--threads 1]
        [--device cpu|cuda] [--amplitudes results/structure_factors/amplitudes.h5]
 The amplitude table defaults to the demo run's; without it, it is computed from ../shared/data.
+
+Measured on the 2-core AMD EPYC VM, one torch thread, 2026-12-05, with other jobs running (load 4-6
+on 2 cores, so wall time is 2-4x CPU time; CPU time is the figure to compare):
+
+| run | refine_shot CPU s/lattice | refine_batch CPU s/lattice (3 per batch) |
+| --- | --- | --- |
+| default (G, rotation, cell, N), 50 shoeboxes | 13.25 | 15.59 (540 evaluations against 505) |
+| default, 20 shoeboxes | 4.64 | 4.76 |
+| ``--eta --rois 20`` (analytic, gaussian draw) | 8.39 | 9.00 |
+| ``--eta --rois 20 --draw nanobragg`` | 8.07 | 8.06 |
+
+With ``--eta`` the refined N (median per lattice) was -2.6, +5.5, +1.3 % of 57 (gaussian draw) and
++1.8, +0.1, -1.3 % (nanoBragg's), eta 0.0526, 0.0633, 0.0686 deg against the drawn domains' RMS
+0.0507, 0.0459, 0.0602 (gaussian) and 0.0533, 0.0509, 0.0429 against 0.0520, 0.0480, 0.0490
+(nanoBragg's). One evaluation (forward and backward, 20 shoeboxes, 100 channels) cost 33 ms CPU
+without eta, 42 ms with one analytic average, 52 ms with two, 976 ms with 25 sampled domains.
+``BatchedForwardModel.nll_and_gradients`` over 3 shots of 50 shoeboxes cost 72-76 ms CPU per shot
+with the kernel fed one shot at a time (the CPU default), 79-83 with gathered per-pixel inputs, the
+dense per-shot evaluation 73-76 (two alternating runs in one process).
 """
 
 from __future__ import annotations
