@@ -20,8 +20,10 @@ Parameters, in the order of :data:`PARAMETER_NAMES`, in physical units:
     Unit cells per mosaic domain along a, b and c (the Gaussian lattice transform's N).
 ``eta_deg``
     Mosaic spread: the root-mean-square rotation angle of the mosaic domains (degrees), the sigma of
-    the simulator's normally distributed domain angles. Only when eta is refined is the crystal
-    split into ``mosaic_domains`` domains; otherwise it is one domain and eta is 0.
+    the simulator's normally distributed domain angles (0.86 of nanoBragg's spread). When eta is
+    refined the crystal is either averaged in closed form over rotations of that RMS angle
+    (``eta_model: analytic``, :func:`mosaic_nodes`) or split into ``mosaic_domains`` domains
+    (``eta_model: domains``); otherwise it is one domain and eta is 0.
 ``detz_shift_mm``
     Detector distance shift (mm); positive moves the panel away from the sample.
 
