@@ -15,8 +15,8 @@ inside one tile), and refined with ``refine_shot`` (G, rotation, cell, N) from t
      with dxtbx (0.11 mm pixels, its own distance), when the file is there.
 
 Printed per detector: seconds per lattice (median wall and CPU time; other jobs inflate wall time),
-the ratio to the single panel, microseconds per trusted pixel and evaluation (the pixels and the
-iterations differ between detectors, this does not depend on them), iterations, misorientation before and after, RMSD after, and the
+the ratio to the first detector, CPU microseconds per trusted pixel and evaluation (the pixels and the
+iterations differ between detectors, this does not depend on them), the ROIs' median signal, iterations, misorientation before and after, RMSD after, and the
 seconds of one whole-detector sparse image. ``--batched`` also times ``refine_batch`` (all shots in
 one batch).
 
@@ -31,6 +31,7 @@ import statistics
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from bench_stage1 import amplitude_table
 
@@ -82,6 +83,8 @@ def main() -> None:
     parser.add_argument("--shoebox", type=int, default=12)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batched", action="store_true")
+    parser.add_argument("--detectors", nargs="+", default=["single", "ly99-64-tiles", "cspad-like", "real-cspad"],
+                        help="which detectors to time (the first is the reference)")
     parser.add_argument("--amplitudes", default=str(REPO / "results" / "structure_factors" / "amplitudes.h5"))
     parser.add_argument("--reference-dir", default=str(REPO.parent / "shared" / "data"))
     arguments = parser.parse_args()
@@ -93,7 +96,12 @@ def main() -> None:
     print(f"torch threads {torch.get_num_threads()}, {len(table.energies_ev)} channels, up to {arguments.rois} "
           f"shoeboxes of {arguments.shoebox} x {arguments.shoebox} px per lattice, {arguments.shots} lattices")
     reference = None
-    for name, detector in detectors().items():
+    available = detectors()
+    for name in arguments.detectors:
+        if name not in available:
+            print(f"{name}: not available")
+            continue
+        detector = available[name]
         truths = [simulate_shot_pixels(lookup, table.energies_ev, table.unit_cell, seed, n_rois=arguments.rois,
                                        shoebox=arguments.shoebox, detector=detector)
                   for seed in range(1, arguments.shots + 1)]
@@ -105,19 +113,20 @@ def main() -> None:
             cpu.append(time.process_time() - started)
         wall = statistics.median(fit.seconds for fit in fits)
         cpu_median = statistics.median(cpu)
-        per_pixel = [fit.seconds / max(1, fit.n_trusted_pixels * fit.n_evaluations) * 1e6 for fit in fits]
+        per_pixel = [seconds / max(1, fit.n_trusted_pixels * fit.n_evaluations) * 1e6 for fit, seconds in zip(fits, cpu)]
         if reference is None:
             reference = (wall, cpu_median, statistics.median(per_pixel))
         panels = 1 if not isinstance(detector, MultiPanelDetector) else len(detector)
         print(f"{name} ({panels} panel{'s' if panels > 1 else ''}): refine_shot {wall:.2f} s/lattice wall, "
               f"{cpu_median:.2f} s CPU (medians of " + ", ".join(f"{fit.seconds:.2f}" for fit in fits)
               + f"); ratio to single panel {wall / reference[0]:.3f} wall, {cpu_median / reference[1]:.3f} CPU; "
-              f"{statistics.median(per_pixel):.2f} us per trusted pixel and evaluation "
+              f"{statistics.median(per_pixel):.2f} us CPU per trusted pixel and evaluation "
               f"(ratio {statistics.median(per_pixel) / reference[2]:.3f})")
         for fit, truth in zip(fits, truths):
             panels_used = (len(set(truth.shot.roi_panel.tolist())) if truth.shot.roi_panel is not None else 1)
+            signal = np.bincount(truth.shot.pixel_roi, truth.shot.data_photons - truth.shot.background_photons)
             print(f"    lattice {fit.shot_index}: {fit.n_rois} ROIs on {panels_used} panel(s), "
-                  f"{fit.n_trusted_pixels} px, converged {fit.converged} {fit.reason}, iterations {fit.n_iterations}, "
+                  f"{fit.n_trusted_pixels} px, median ROI signal {np.median(signal):.0f} photons, converged {fit.converged} {fit.reason}, iterations {fit.n_iterations}, "
                   f"evaluations {fit.n_evaluations}; misorientation "
                   f"{xtal.misorientation_deg(fit.start_real_space_matrix, truth.true_matrix):.4f} -> "
                   f"{xtal.misorientation_deg(fit.real_space_matrix, truth.true_matrix):.5f} deg; RMSD "
