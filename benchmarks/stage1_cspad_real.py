@@ -132,6 +132,7 @@ def main() -> None:
     parser.add_argument("--readout-sigma-adu", type=float, default=25.0)
     parser.add_argument("--refine", nargs="+", default=["G", "rotation", "cell", "ncells"])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--strong-only", action="store_true", help="shoeboxes round the strong spots only")
     arguments = parser.parse_args()
     torch.set_num_threads(arguments.threads)
 
@@ -144,12 +145,16 @@ def main() -> None:
     grid = orthohexagonal_grid(symmetry, asu, intensities)
     lookup = AmplitudeLookup(grid, "cpu")
     print(f"{len(experiments)} stills, {len(intensities)} merged unique reflections (P 61 2 2), "
-          f"shoebox {arguments.shoebox} px, gain {arguments.gain} ADU/photon, refining {arguments.refine}")
+          f"shoebox {arguments.shoebox} px, gain {arguments.gain} ADU/photon, refining {arguments.refine}, "
+          f"N from {arguments.ncells}, readout {arguments.readout_sigma_adu} ADU"
+          + (", strong spots only" if arguments.strong_only else ""))
     settings = Stage1Settings.from_config({"refine": arguments.refine, "readout_sigma_adu": arguments.readout_sigma_adu,
                                            "initial": {"ncells": [arguments.ncells] * 3}})
     for lattice, experiment in enumerate(experiments):
         table = reflections.select((reflections["id"] == lattice)
                                    & reflections.get_flags(reflections.flags.integrated_sum))
+        if arguments.strong_only:
+            table = table.select(table.get_flags(table.flags.strong))
         started = time.perf_counter()
         shot = still_pixels(experiment, table, grid, arguments.shoebox, arguments.gain)
         setup = time.perf_counter() - started
