@@ -133,6 +133,8 @@ def main() -> None:
     parser.add_argument("--refine", nargs="+", default=["G", "rotation", "cell", "ncells"])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--strong-only", action="store_true", help="shoeboxes round the strong spots only")
+    parser.add_argument("--mosaic-domains", type=int, default=None, help="domains of the model (with eta refined)")
+    parser.add_argument("--eta-deg", type=float, default=None, help="start eta (degrees)")
     arguments = parser.parse_args()
     torch.set_num_threads(arguments.threads)
 
@@ -147,9 +149,15 @@ def main() -> None:
     print(f"{len(experiments)} stills, {len(intensities)} merged unique reflections (P 61 2 2), "
           f"shoebox {arguments.shoebox} px, gain {arguments.gain} ADU/photon, refining {arguments.refine}, "
           f"N from {arguments.ncells}, readout {arguments.readout_sigma_adu} ADU"
-          + (", strong spots only" if arguments.strong_only else ""))
-    settings = Stage1Settings.from_config({"refine": arguments.refine, "readout_sigma_adu": arguments.readout_sigma_adu,
-                                           "initial": {"ncells": [arguments.ncells] * 3}})
+          + (", strong spots only" if arguments.strong_only else "")
+          + (f", {arguments.mosaic_domains} domains" if arguments.mosaic_domains else ""))
+    section = {"refine": arguments.refine, "readout_sigma_adu": arguments.readout_sigma_adu,
+               "initial": {"ncells": [arguments.ncells] * 3}}
+    if arguments.mosaic_domains is not None:
+        section["mosaic_domains"] = arguments.mosaic_domains
+    if arguments.eta_deg is not None:
+        section["initial"]["eta_deg"] = arguments.eta_deg
+    settings = Stage1Settings.from_config(section)
     for lattice, experiment in enumerate(experiments):
         table = reflections.select((reflections["id"] == lattice)
                                    & reflections.get_flags(reflections.flags.integrated_sum))
@@ -173,7 +181,7 @@ def main() -> None:
               f"{fit.strong_rmsd_px:.3f} / {fit.strong_radial_rmsd_px:.3f}")
         print(f"    N {fit.final['Na']:.1f} {fit.final['Nb']:.1f} {fit.final['Nc']:.1f}, G {fit.final['G']:.3g}, cell "
               f"a {fit.final['a']:.3f} b/sqrt3 {fit.final['b'] / np.sqrt(3):.3f} c {fit.final['c']:.3f} "
-              f"beta {fit.final['beta_deg']:.3f}; Z sigma {fit.z_score_sigma_start:.2f} -> {fit.z_score_sigma_final:.2f}")
+              f"beta {fit.final['beta_deg']:.3f}, eta {fit.final['eta_deg']:.4f} deg; Z sigma {fit.z_score_sigma_start:.2f} -> {fit.z_score_sigma_final:.2f}")
 
 
 if __name__ == "__main__":
