@@ -60,6 +60,28 @@ def check_run_settings(config: Mapping, source_name: str, output_dir: str) -> No
     check_phil_files(config)
     check_metrology_engine(config, source_name)
     check_saved_detector(config, source_name, output_dir)
+    check_tiles(config, source_name)
+
+
+def check_tiles(config: Mapping, source_name: str) -> None:
+    """Refuse a tiled detector (simulate.detector.tiles) with hit finding on: hit finding reads
+    single-panel images; and tiles of unequal shapes (the shard stores them as one array)."""
+    tiles = config["simulate"]["detector"]["tiles"]
+    if tiles["fast"] == 1 and tiles["slow"] == 1:
+        return
+    if config["hitfind"]["enabled"]:
+        raise RunSettingsError(f"Config error: {source_name}: simulate.detector.tiles: {tiles['fast']} x {tiles['slow']} "
+                               "tiles need hitfind.enabled false (hit finding reads single-panel images)")
+    from xfel_spread.sim.geometry import Detector
+    from xfel_spread.sim.shard import detector_tiles
+
+    detector = config["simulate"]["detector"]
+    panel = Detector(detector["n_fast"], detector["n_slow"], detector["pixel_size_mm"], detector["distance_mm"],
+                     (0.0, 0.0))
+    try:
+        detector_tiles(tiles, panel, panel)
+    except ValueError as error:
+        raise RunSettingsError(f"Config error: {source_name}: {error}") from None
 
 
 def check_phil_files(config: Mapping) -> None:

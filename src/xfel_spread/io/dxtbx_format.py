@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 
 import h5py
+import numpy as np
 from dxtbx.format.FormatHDF5 import FormatHDF5
 from dxtbx.format.FormatStill import FormatStill
 from dxtbx.model import Beam, Detector, SimplePxMmStrategy, Spectrum
@@ -71,8 +72,11 @@ class FormatSPREADShard(FormatHDF5, FormatStill):
         self._beam_instance = self._beams[0]
 
     def _detector(self) -> Detector:
-        """One flat panel at the nominal beam centre, as the simulator's metadata describes it."""
+        """One flat panel at the nominal beam centre, as the simulator's metadata describes it; or,
+        for a multi-panel shard, its panels as children of the detector's root (hierarchy level 1)."""
         detector = self._metadata.detector
+        if "n_panels" in detector:
+            return self._multipanel_detector(detector)
         pixel_size_mm = detector["pixel_size_mm"]
         beam_x_mm, beam_y_mm = detector["beam_center_mm"]
         # The corner of pixel (0, 0) sits so that the direct beam meets the panel at the beam centre.
@@ -103,6 +107,30 @@ class FormatSPREADShard(FormatHDF5, FormatStill):
             pedestal=detector["adc_offset_adu"],
         )
 
+    def _multipanel_detector(self, detector: dict) -> Detector:
+        """The panels of a multi-panel shard, each with the frame the file gives and the sensor of
+        the single panel (same trusted range, gain, pedestal, no parallax correction)."""
+        multipanel = Detector()
+        root = multipanel.hierarchy()
+        minimum_adu, maximum_adu = detector["trusted_range"]
+        pixel_size_mm = detector["pixel_size_mm"]
+        for index in range(int(detector["n_panels"])):
+            panel = root.add_panel()
+            panel.set_name(f"panel_{index}")
+            panel.set_type("SENSOR_PAD")
+            panel.set_frame(tuple(detector["panel_fast_axis"][index]), tuple(detector["panel_slow_axis"][index]),
+                            tuple(detector["panel_origin_mm"][index]))
+            panel.set_pixel_size((pixel_size_mm, pixel_size_mm))
+            panel.set_image_size((int(detector["n_fast"]), int(detector["n_slow"])))
+            panel.set_trusted_range((minimum_adu - 0.5, maximum_adu + 0.5))
+            panel.set_px_mm_strategy(SimplePxMmStrategy())
+            panel.set_thickness(detector["thickness_mm"])
+            panel.set_material(detector["material"])
+            panel.set_mu(1.0 / detector["attenuation_length_mm"])
+            panel.set_gain(detector["gain_adu_per_photon"])
+            panel.set_pedestal(detector["adc_offset_adu"])
+        return multipanel
+
     def _beam(self, index: int = 0) -> Beam:
         """The beam of shot ``index``: wavelength from that shot's photon-weighted mean energy."""
         beam = self._metadata.beam
@@ -128,6 +156,10 @@ class FormatSPREADShard(FormatHDF5, FormatStill):
         return Spectrum(flex.double(self._metadata.energy_ev), flex.double(photons))
 
     def get_raw_data(self, index=None):
-        """Image ``index`` in ADU as flex.int with shape (n_slow, n_fast)."""
+        """Image ``index`` in ADU as flex.int with shape (n_slow, n_fast); a tuple of one per panel
+        for a multi-panel shard."""
         with _shard_errors_as_sorry():
-            return flex.int(read_shard_image(self._image_file, 0 if index is None else index))
+            image = read_shard_image(self._image_file, 0 if index is None else index)
+        if image.ndim == 3:
+            return tuple(flex.int(np.ascontiguousarray(panel)) for panel in image)
+        return flex.int(image)

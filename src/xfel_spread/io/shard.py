@@ -7,6 +7,10 @@ The layout is the one in docs/design.md, section "Shard file (HDF5)":
 - ``/shot_index``, ``/spectrum/energy_ev``, ``/spectrum/photons``;
 - ``/detector`` and ``/beam``: groups whose attributes describe the geometry and the sensor.
 
+A multi-panel shard adds the ``/detector`` attributes of :data:`PANEL_ATTRS` (the panels' count and
+laboratory frames; every panel ``n_fast`` x ``n_slow`` pixels) and stores ``/data`` as
+``(n_shots, n_panels, n_slow, n_fast)``; a file without them is the single panel, as before.
+
 Writing is atomic (a temporary file in the same directory, renamed when complete) and streams
 one image at a time, so a shard never has to fit in memory. Every read validates the file and
 turns any problem into a one-line :class:`ShardFormatError` naming the file.
@@ -48,6 +52,9 @@ DETECTOR_ATTRS = (
     "attenuation_length_mm",
     "material",
 )
+#: Optional /detector attributes of a multi-panel shard: panel count, and per panel (n_panels, 3) the
+#: laboratory position of pixel corner (0, 0) and the unit fast and slow axes.
+PANEL_ATTRS = ("n_panels", "panel_origin_mm", "panel_fast_axis", "panel_slow_axis")
 BEAM_ATTRS = ("polarization_fraction", "polarization_normal")
 REQUIRED_DATASETS = ("data", "shot_index", "spectrum/energy_ev", "spectrum/photons")
 
@@ -104,7 +111,7 @@ class ShardWriter:
         self.n_written = 0
 
     def append(self, image_adu: np.ndarray) -> None:
-        """Write the next image (int32, shape ``(n_slow, n_fast)``)."""
+        """Write the next image (int32, shape ``(n_slow, n_fast)``, or ``(n_panels, n_slow, n_fast)``)."""
         if self.n_written == self.n_shots:
             raise ValueError(f"shard already holds its {self.n_shots} images")
         # Values are never clipped, so a silent cast could wrap them: insist on the contract dtype.
@@ -136,7 +143,7 @@ def open_shard_writer(
     energy_ev = np.asarray(energy_ev, dtype=np.float64)
     photons_per_channel = np.asarray(photons_per_channel, dtype=np.float64)
     n_shots = _check_metadata(shot_index, energy_ev, photons_per_channel, detector, beam)
-    image_shape = (int(detector["n_slow"]), int(detector["n_fast"]))
+    image_shape = shard_image_shape(detector)
 
     with atomic_path(path) as temporary, h5py.File(temporary, "w") as h5:
         h5.attrs["format"] = SHARD_FORMAT
@@ -178,13 +185,25 @@ def write_shard(
             writer.append(image_adu)
 
 
+def shard_image_shape(detector) -> tuple[int, ...]:
+    """Shape of one image: ``(n_slow, n_fast)``, or ``(n_panels, n_slow, n_fast)`` for a multi-panel
+    shard (``detector``: the /detector attributes, a dict or h5py's attribute manager)."""
+    shape = (int(detector["n_slow"]), int(detector["n_fast"]))
+    return (int(detector["n_panels"]), *shape) if "n_panels" in detector else shape
+
+
 def _check_metadata(shot_index, energy_ev, photons_per_channel, detector, beam) -> int:
     """Check the metadata is complete and consistent; return the number of shots."""
-    for group, given, expected in (("detector", detector, DETECTOR_ATTRS), ("beam", beam, BEAM_ATTRS)):
+    panel_attrs = PANEL_ATTRS if any(name in detector for name in PANEL_ATTRS) else ()
+    for group, given, expected in (("detector", detector, DETECTOR_ATTRS + panel_attrs), ("beam", beam, BEAM_ATTRS)):
         if set(given) != set(expected):
             missing = sorted(set(expected) - set(given))
             unknown = sorted(set(given) - set(expected))
             raise ValueError(f"{group} attributes: missing {missing}, unknown {unknown}")
+    for name in PANEL_ATTRS[1:] if panel_attrs else ():
+        if np.shape(detector[name]) != (int(detector["n_panels"]), 3):
+            raise ValueError(f"detector attribute {name} has shape {np.shape(detector[name])}, "
+                             f"expected (n_panels, 3) = {(int(detector['n_panels']), 3)}")
     if shot_index.ndim != 1 or energy_ev.ndim != 1:
         raise ValueError("shot_index and energy_ev must be 1-D")
     if photons_per_channel.shape != (len(shot_index), len(energy_ev)):
@@ -236,7 +255,7 @@ def _check_layout(path, h5: h5py.File) -> None:
             raise ShardFormatError(path, f"missing /{group} attributes {missing}")
     n_shots = int(h5.attrs["n_shots"])
     shapes = {
-        "data": (n_shots, int(h5["detector"].attrs["n_slow"]), int(h5["detector"].attrs["n_fast"])),
+        "data": (n_shots, *shard_image_shape(h5["detector"].attrs)),
         "shot_index": (n_shots,),
         "spectrum/photons": (n_shots, h5["spectrum/energy_ev"].shape[0]),
     }
@@ -278,7 +297,8 @@ def read_shard_metadata(path: str | os.PathLike) -> ShardMetadata:
 
 
 def read_shard_image(path: str | os.PathLike, i: int) -> np.ndarray:
-    """Image ``i`` (zero-based position in the shard) as int32 ``(n_slow, n_fast)`` ADU."""
+    """Image ``i`` (zero-based position in the shard) as int32 ``(n_slow, n_fast)`` ADU
+    (``(n_panels, n_slow, n_fast)`` for a multi-panel shard)."""
     with _open_validated(path) as h5:
         _check_shot(path, h5, i)
         return h5["data"][i]

@@ -18,7 +18,7 @@ import torch
 from scipy.interpolate import PchipInterpolator
 
 from xfel_spread.sim.forward import R_E_SQUARED_M2, Beam, pixel_factors
-from xfel_spread.sim.geometry import Detector
+from xfel_spread.sim.geometry import Detector, MultiPanelDetector
 
 AVOGADRO = 6.02214076e23
 
@@ -78,17 +78,30 @@ class PanelBackground:
     and the beam's polarization, so a simulation job builds this once and reuses it for each shot.
     """
 
-    def __init__(self, detector: Detector, polarization_fraction: float, materials: list[AmorphousMaterial],
-                 device="cpu", grid_points: int = 4096):
-        slow, fast = torch.meshgrid(torch.arange(detector.n_slow, device=device),
-                                    torch.arange(detector.n_fast, device=device), indexing="ij")
-        directions, self.factor = pixel_factors(detector, fast.reshape(-1), slow.reshape(-1), polarization_fraction)
+    def __init__(self, detector: Detector | MultiPanelDetector, polarization_fraction: float,
+                 materials: list[AmorphousMaterial], device="cpu", grid_points: int = 4096):
+        if isinstance(detector, MultiPanelDetector):
+            # Panels of one shape: the background is (n_panels, n_slow, n_fast).
+            n_slow, n_fast = int(detector.n_slow_per_panel[0]), int(detector.n_fast_per_panel[0])
+            if np.any(detector.n_slow_per_panel != n_slow) or np.any(detector.n_fast_per_panel != n_fast):
+                raise ValueError("the background of a multi-panel detector needs panels of one shape")
+            panel, slow, fast = torch.meshgrid(torch.arange(len(detector), device=device),
+                                               torch.arange(n_slow, device=device),
+                                               torch.arange(n_fast, device=device), indexing="ij")
+            directions, self.factor = pixel_factors(detector, fast.reshape(-1), slow.reshape(-1),
+                                                    polarization_fraction, panel.reshape(-1))
+            shape = (len(detector), n_slow, n_fast)
+        else:
+            slow, fast = torch.meshgrid(torch.arange(detector.n_slow, device=device),
+                                        torch.arange(detector.n_fast, device=device), indexing="ij")
+            directions, self.factor = pixel_factors(detector, fast.reshape(-1), slow.reshape(-1), polarization_fraction)
+            shape = (detector.n_slow, detector.n_fast)
         two_theta = torch.arccos(torch.clamp(-directions[:, 2], -1.0, 1.0))
         self.grid = np.linspace(0.0, float(two_theta.max()) * 1.0001 + 1e-9, grid_points)
         position = two_theta / self.grid[-1] * (grid_points - 1)
         self.lower = torch.clamp(position.floor().long(), max=grid_points - 2)
         self.weight = position - self.lower
-        self.shape = (detector.n_slow, detector.n_fast)
+        self.shape = shape
         self.materials = materials
         self.polarization_fraction = polarization_fraction
 

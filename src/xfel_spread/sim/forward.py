@@ -42,7 +42,10 @@ import torch
 from xfel_spread.sim.geometry import (
     BEAM_DIRECTION,
     Detector,
+    MultiPanelDetector,
     capture_fraction,
+    multipanel_capture_fraction,
+    multipanel_solid_angle_sr,
     polarization_factor,
     solid_angle_sr,
 )
@@ -117,9 +120,26 @@ class AmplitudeLookup:
         return torch.stack((flat // (n_k * n_l), (flat // n_l) % n_k, flat % n_l), dim=1) + self.hkl_min
 
 
-def pixel_factors(detector: Detector, fast: torch.Tensor, slow: torch.Tensor,
-                  polarization_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unit diffracted directions (P, 3) and the per-pixel factor polar * omega * capture (P,)."""
+def pixel_factors(detector: Detector | MultiPanelDetector, fast: torch.Tensor, slow: torch.Tensor,
+                  polarization_fraction: float, panel: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit diffracted directions (P, 3) and the per-pixel factor polar * omega * capture (P,).
+
+    On a :class:`MultiPanelDetector` ``panel`` (P,) names each pixel's panel and ``fast``, ``slow``
+    are in that panel's frame; a single-panel :class:`Detector` takes no ``panel``.
+    """
+    if isinstance(detector, MultiPanelDetector):
+        if panel is None:
+            raise ValueError("a multi-panel detector needs each pixel's panel")
+        panel = torch.as_tensor(panel, device=fast.device).long()
+        tables = detector.tables(fast.device)
+        positions = detector.pixel_centres_mm(fast, slow, panel)
+        directions = positions / torch.linalg.norm(positions, dim=-1, keepdim=True)
+        normal = tables["normal"][panel]
+        factor = (polarization_factor(directions, polarization_fraction)
+                  * multipanel_solid_angle_sr(positions, normal, tables["pixel"][panel])
+                  * multipanel_capture_fraction(directions, normal, tables["thickness"][panel],
+                                                tables["attenuation"][panel]))
+        return directions, factor
     positions = detector.pixel_centres_mm(fast, slow)
     directions = positions / torch.linalg.norm(positions, dim=-1, keepdim=True)
     factor = (polarization_factor(directions, polarization_fraction)
@@ -226,10 +246,14 @@ def bragg_sum_mosaic(h_per_u: torch.Tensor, w_squared: torch.Tensor, metric: tor
     return (f_sq * lattice_sq * weights).sum(dim=1)
 
 
-def bragg_photons_dense(detector: Detector, beam: Beam, crystal: CrystalState,
-                        amplitudes: AmplitudeLookup, fast: torch.Tensor, slow: torch.Tensor) -> torch.Tensor:
-    """Bragg photons at the given pixels, visiting every channel and domain (reference)."""
-    directions, factor = pixel_factors(detector, fast, slow, beam.polarization_fraction)
+def bragg_photons_dense(detector: Detector | MultiPanelDetector, beam: Beam, crystal: CrystalState,
+                        amplitudes: AmplitudeLookup, fast: torch.Tensor, slow: torch.Tensor,
+                        panel: torch.Tensor | None = None) -> torch.Tensor:
+    """Bragg photons at the given pixels, visiting every channel and domain (reference).
+
+    On a :class:`MultiPanelDetector` ``panel`` names each pixel's panel (see :func:`pixel_factors`).
+    """
+    directions, factor = pixel_factors(detector, fast, slow, beam.polarization_fraction, panel)
     beam_direction = torch.as_tensor(BEAM_DIRECTION, dtype=directions.dtype, device=directions.device)
     u = beam.inverse_wavelengths.to(directions.dtype)
     photons_k = beam.photons.to(directions.dtype)
@@ -287,7 +311,9 @@ class Streaks:
 
     Across the excited channels [u_low, u_high] the spot centre runs along the straight segment
     from ``start_px`` to ``end_px`` (fast, slow pixel coordinates); every channel's light lies
-    within ``footprint_px`` of that segment.
+    within ``footprint_px`` of that segment. On a multi-panel detector a pair has one entry per
+    panel its light can reach, ``panel`` naming it, with the segment and footprint in that panel's
+    frame; on a single panel ``panel`` is None.
     """
 
     reflection: torch.Tensor
@@ -297,19 +323,26 @@ class Streaks:
     start_px: torch.Tensor
     end_px: torch.Tensor
     footprint_px: torch.Tensor
+    panel: torch.Tensor | None = None
 
-    def boxes(self, detector: Detector):
+    def boxes(self, detector: Detector | MultiPanelDetector):
         """Inclusive pixel-index bounds (fast_lo, fast_hi, slow_lo, slow_hi), clipped to the panel."""
         low = torch.minimum(self.start_px, self.end_px) - self.footprint_px[:, None] - 0.5
         high = torch.maximum(self.start_px, self.end_px) + self.footprint_px[:, None] - 0.5
         fast_lo = torch.clamp(torch.floor(low[:, 0]), min=0).long()
         slow_lo = torch.clamp(torch.floor(low[:, 1]), min=0).long()
+        if self.panel is not None:
+            tables = detector.tables(self.panel.device)
+            fast_hi = torch.minimum(torch.ceil(high[:, 0]).long(), tables["n_fast"][self.panel] - 1)
+            slow_hi = torch.minimum(torch.ceil(high[:, 1]).long(), tables["n_slow"][self.panel] - 1)
+            return fast_lo, fast_hi, slow_lo, slow_hi
         fast_hi = torch.clamp(torch.ceil(high[:, 0]), max=detector.n_fast - 1).long()
         slow_hi = torch.clamp(torch.ceil(high[:, 1]), max=detector.n_slow - 1).long()
         return fast_lo, fast_hi, slow_lo, slow_hi
 
     def select(self, index: torch.Tensor) -> "Streaks":
-        return Streaks(*(getattr(self, name)[index] for name in self.__dataclass_fields__))
+        return Streaks(*(None if getattr(self, name) is None else getattr(self, name)[index]
+                         for name in self.__dataclass_fields__))
 
 
 def excited_streaks(detector: Detector, crystal: CrystalState, hkl: torch.Tensor,
@@ -330,6 +363,8 @@ def excited_streaks(detector: Detector, crystal: CrystalState, hkl: torch.Tensor
         reflection, domain = torch.nonzero(excited, as_tuple=True)
         q = q[reflection, domain]
         u_low, u_high = u_low[reflection, domain], u_high[reflection, domain]
+        if isinstance(detector, MultiPanelDetector):
+            return _streaks_on_panels(detector, reflection, domain, q, u_low, u_high, radius)
 
         ends_px, cos_normal = [], []
         towards = torch.ones_like(u_low, dtype=torch.bool)
@@ -355,7 +390,43 @@ def excited_streaks(detector: Detector, crystal: CrystalState, hkl: torch.Tensor
         return streaks.select(torch.nonzero((fast_lo <= fast_hi) & (slow_lo <= slow_hi)).squeeze(1))
 
 
-def _pixels_near_segments(streaks: Streaks, detector: Detector):
+def _streaks_on_panels(detector: MultiPanelDetector, reflection, domain, q, u_low, u_high, radius: float) -> Streaks:
+    """The excited pairs' streaks on every panel they can reach (see :func:`excited_streaks`).
+
+    Each panel's plane gets the single panel's construction: the two ends of the streak projected
+    into the panel's frame, and the footprint ``D (tan(theta + alpha) - tan(theta)) / pixel + 1``,
+    with D the plane's distance from the sample and theta the larger angle of the two end rays to the
+    plane's normal. Both ends must travel towards the plane (then every ray between does, as the
+    rays' component along the normal is linear in u). Entries whose box misses their panel are dropped.
+    """
+    tables = detector.tables(q.device, q.dtype)
+    ends_fast, ends_slow, cos_normal = [], [], []
+    towards = None
+    for u_end in (u_low, u_high):
+        ray = q.clone()
+        ray[:, 2] -= u_end
+        ray = ray / torch.linalg.norm(ray, dim=-1, keepdim=True)
+        fast_px, slow_px, forward, cosine, plane = detector.project_directions_px(ray)
+        ends_fast.append(fast_px)
+        ends_slow.append(slow_px)
+        cos_normal.append(cosine)
+        towards = forward if towards is None else towards & forward
+    alpha = torch.asin(torch.clamp(radius / torch.clamp(u_low - radius, min=1e-12), max=1.0))[None, :]
+    theta = torch.acos(torch.clamp(torch.minimum(*cos_normal), -1.0, 1.0))
+    reach = theta + alpha
+    towards &= reach < (math.pi / 2 - 1e-3)
+    reach = torch.clamp(reach, max=math.pi / 2 - 1e-3)
+    footprint_px = plane[:, None] * (torch.tan(reach) - torch.tan(theta)) / tables["pixel"][:, None] + 1.0
+    panel, pair = torch.nonzero(towards, as_tuple=True)
+    streaks = Streaks(reflection[pair], domain[pair], u_low[pair], u_high[pair],
+                      torch.stack((ends_fast[0][panel, pair], ends_slow[0][panel, pair]), dim=-1),
+                      torch.stack((ends_fast[1][panel, pair], ends_slow[1][panel, pair]), dim=-1),
+                      footprint_px[panel, pair], panel)
+    fast_lo, fast_hi, slow_lo, slow_hi = streaks.boxes(detector)
+    return streaks.select(torch.nonzero((fast_lo <= fast_hi) & (slow_lo <= slow_hi)).squeeze(1))
+
+
+def _pixels_near_segments(streaks: Streaks, detector: Detector | MultiPanelDetector):
     """(streak, fast, slow) for every pixel whose centre lies within the footprint of a streak."""
     fast_lo, fast_hi, slow_lo, slow_hi = streaks.boxes(detector)
     width = fast_hi - fast_lo + 1
@@ -375,9 +446,14 @@ def _pixels_near_segments(streaks: Streaks, detector: Detector):
     return streak[near], fast[near], slow[near]
 
 
-def bragg_photons_sparse(detector: Detector, beam: Beam, crystal: CrystalState,
-                         amplitudes: AmplitudeLookup, hkl: torch.Tensor | None = None) -> torch.Tensor:
-    """Bragg photons on the whole panel (n_slow, n_fast), visiting only what the cut-off reaches."""
+def bragg_photons_sparse(detector: Detector | MultiPanelDetector, beam: Beam, crystal: CrystalState,
+                         amplitudes: AmplitudeLookup, hkl: torch.Tensor | None = None):
+    """Bragg photons on the whole panel (n_slow, n_fast), visiting only what the cut-off reaches.
+
+    On a :class:`MultiPanelDetector`: a tuple of one (n_slow, n_fast) image per panel, each pixel
+    evaluated in its own panel's frame and each streak's box found and clipped on every panel.
+    """
+    multipanel = isinstance(detector, MultiPanelDetector)
     dtype = crystal.domain_matrices.dtype
     device = crystal.domain_matrices.device
     if hkl is None:
@@ -388,7 +464,8 @@ def bragg_photons_sparse(detector: Detector, beam: Beam, crystal: CrystalState,
     radius = cutoff_radius(crystal)
     ncells = crystal.ncells.to(dtype)
     needs_rounding_check = bool(torch.any(ncells.detach() <= 2 * math.sqrt(ARG_CUTOFF * GAUSS_WIDTH)))
-    image = torch.zeros(detector.n_slow * detector.n_fast, dtype=dtype, device=device)
+    image = torch.zeros(detector.n_pixels if multipanel else detector.n_slow * detector.n_fast,
+                        dtype=dtype, device=device)
     beam_direction = torch.as_tensor(BEAM_DIRECTION, dtype=dtype, device=device)
     weight_k = beam.photons.to(dtype)
     lattice_peak_sq = torch.prod(ncells) ** 2
@@ -404,10 +481,11 @@ def bragg_photons_sparse(detector: Detector, beam: Beam, crystal: CrystalState,
         streak, fast, slow = _pixels_near_segments(streaks.select(torch.arange(start, stop, device=device)), detector)
         streak = streak + start
         start = stop
+        panel = streaks.panel[streak] if multipanel else None
         pair_hkl = hkl[streaks.reflection[streak]].to(dtype)
         pair_domain = streaks.domain[streak]
         flat_cell, inside = amplitudes.cell_index(pair_hkl)
-        directions, factor = pixel_factors(detector, fast, slow, beam.polarization_fraction)
+        directions, factor = pixel_factors(detector, fast, slow, beam.polarization_fraction, panel)
         h_per_u = torch.einsum("pij,pj->pi", crystal.domain_matrices[pair_domain], directions - beam_direction)
         # arg(u) = |N (u h1 - hkl)|^2 / 0.63 = curvature (u - u_centre)^2 + floor
         scaled_h1 = h_per_u * ncells
@@ -424,7 +502,11 @@ def bragg_photons_sparse(detector: Detector, beam: Beam, crystal: CrystalState,
         if live_index.numel() == 0:
             continue
         k_first, n_k = k_first[live_index], (k_last - k_first)[live_index]
-        pixel_flat = (slow * detector.n_fast + fast)[live_index]
+        if multipanel:
+            tables = detector.tables(device)
+            pixel_flat = (tables["offset"][panel] + slow * tables["n_fast"][panel] + fast)[live_index]
+        else:
+            pixel_flat = (slow * detector.n_fast + fast)[live_index]
         term_pair = torch.repeat_interleave(torch.arange(live_index.numel(), device=device), n_k)
         term_channel = k_first[term_pair] + (torch.arange(term_pair.numel(), device=device)
                                              - (torch.cumsum(n_k, 0) - n_k)[term_pair])
@@ -439,4 +521,9 @@ def bragg_photons_sparse(detector: Detector, beam: Beam, crystal: CrystalState,
         contribution = torch.where(alive, f_sq * weight_k[term_channel] * lattice_peak_sq * torch.exp(-2 * arg),
                                    torch.zeros_like(arg)) * factor[pair]
         image.index_add_(0, pixel_flat[term_pair], contribution)
-    return (photon_prefactor(beam, crystal) * image).reshape(detector.n_slow, detector.n_fast)
+    image = photon_prefactor(beam, crystal) * image
+    if multipanel:
+        return tuple(image[int(detector.pixel_offsets[p]):int(detector.pixel_offsets[p + 1])]
+                     .reshape(int(detector.n_slow_per_panel[p]), int(detector.n_fast_per_panel[p]))
+                     for p in range(len(detector)))
+    return image.reshape(detector.n_slow, detector.n_fast)

@@ -9,6 +9,13 @@ A fraction ``blank_fraction`` of the shots are blanks: the crystal misses the be
 the amorphous background and the detector noise only. Whether a shot is blank is drawn from its own
 stream, so it does not depend on sharding, and no other draw changes (with fraction 0 the images are
 bit-identical to a run without blanks). The truth file flags each shot ``blank``.
+
+With ``simulate.detector.tiles`` beyond 1 x 1 the panel is cut into tiles (a
+:class:`~xfel_spread.sim.geometry.MultiPanelDetector`): the diffraction and background are rendered
+on the true tiles (the true beam centre, plus each tile's seeded in-plane move), the noise drawn
+for every tile's pixels, the point spread applied within each tile, and the shard records the
+nominal tiles (``/detector`` panel attributes, images ``(n_panels, n_slow, n_fast)``), which
+``FormatSPREADShard`` gives dxtbx as a multi-panel detector.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from xfel_spread.sim import background as bg
 from xfel_spread.sim import crystal as xtal
 from xfel_spread.sim import detector_effects as effects
 from xfel_spread.sim.forward import AmplitudeLookup, Beam, CrystalState, bragg_photons_sparse
-from xfel_spread.sim.geometry import Detector
+from xfel_spread.sim.geometry import Detector, MultiPanelDetector
 from xfel_spread.sim.spectrum import SaseModel, SpectrumFileError, read_recorded_spectra, sase_spectrum
 from xfel_spread.sim.structure_factors import expand_to_p1_grid, load_channel_amplitudes
 
@@ -100,10 +107,16 @@ class SimulationSetup:
     sase: SaseModel | None = None
     mosaic_model: str = "gaussian"
     recorded_spectra: np.ndarray | None = None
+    #: The tiles of a multi-panel run (``simulate.detector.tiles``), nominal and true; None: one panel.
+    nominal_tiles: MultiPanelDetector | None = None
+    true_tiles: MultiPanelDetector | None = None
     calibration: torch.Tensor = field(init=False)
 
     def __post_init__(self):
         shape = (self.nominal_detector.n_slow, self.nominal_detector.n_fast)
+        if self.nominal_tiles is not None:
+            tile = self.nominal_tiles.panels[0]
+            shape = (len(self.nominal_tiles), tile.n_slow, tile.n_fast)
         self.calibration = effects.calibration_pattern(
             shape, self.readout.calibration_noise_fraction,
             shot_torch_seed(self.seed, 0, CALIBRATION_STREAM), self.device)
@@ -111,7 +124,8 @@ class SimulationSetup:
     @cached_property
     def background(self) -> bg.PanelBackground:
         """Per-pixel background geometry of the true detector, built on first use."""
-        return bg.PanelBackground(self.true_detector, self.polarization_fraction, self.materials, self.device)
+        detector = self.true_detector if self.true_tiles is None else self.true_tiles
+        return bg.PanelBackground(detector, self.polarization_fraction, self.materials, self.device)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -144,9 +158,13 @@ def setup_from_config(config: dict, amplitude_table_path: str) -> SimulationSetu
     else:
         sase = SaseModel(spectrum["envelope_center_ev"], spectrum["envelope_fwhm_ev"], spectrum["center_jitter_ev"],
                          spectrum["n_modes"], spectrum["mode_fwhm_ev"], beam["total_photons"])
+    true_detector = nominal.with_beam_center_offset_px(tuple(det["beam_center_offset_px"]))
+    nominal_tiles, true_tiles = detector_tiles(det["tiles"], nominal, true_detector)
     return SimulationSetup(
         nominal_detector=nominal,
-        true_detector=nominal.with_beam_center_offset_px(tuple(det["beam_center_offset_px"])),
+        true_detector=true_detector,
+        nominal_tiles=nominal_tiles,
+        true_tiles=true_tiles,
         energies_ev=table.energies_ev,
         amplitudes=amplitudes,
         hkl=amplitudes.nonzero_indices(),
@@ -169,6 +187,24 @@ def setup_from_config(config: dict, amplitude_table_path: str) -> SimulationSetu
         sase=sase,
         recorded_spectra=recorded,
     )
+
+
+def detector_tiles(tiles: dict, nominal: Detector, true_detector: Detector):
+    """(nominal, true) tiles of ``simulate.detector.tiles``, or (None, None) for the single panel.
+
+    The true tiles are the true panel's (true beam centre) cut the same way, each moved in its plane
+    by up to ``shift_px``. Tiles must share one shape (the shard stores them as one array).
+    """
+    if tiles["fast"] == 1 and tiles["slow"] == 1:
+        return None, None
+    nominal_tiles = MultiPanelDetector.split(nominal, tiles["fast"], tiles["slow"], tiles["gap_px"])
+    true_tiles = MultiPanelDetector.split(true_detector, tiles["fast"], tiles["slow"], tiles["gap_px"],
+                                          tiles["shift_px"], tiles["seed"])
+    shapes = {(tile.n_fast, tile.n_slow) for tile in nominal_tiles.panels}
+    if len(shapes) != 1 or min(min(shape) for shape in shapes) < 1:
+        raise ValueError(f"simulate.detector.tiles: {tiles['fast']} x {tiles['slow']} tiles with a {tiles['gap_px']} px "
+                         f"gap give tiles of shapes {sorted(shapes)}; they must share one shape")
+    return nominal_tiles, true_tiles
 
 
 def shot_spectrum(setup: SimulationSetup, shot_index: int) -> np.ndarray:
@@ -203,6 +239,8 @@ class ShotTruth:
             "ncells_abc": setup.ncells.tolist(),
             "domains_per_crystal": setup.scale,
             "mosaic_rotations": self.mosaic_rotations.tolist(),
+            **({} if setup.true_tiles is None else
+               {"true_tile_origin_mm": [list(tile.origin_mm) for tile in setup.true_tiles.panels]}),
             "true_beam_center_mm": list(true_det.beam_center_mm),
             "nominal_beam_center_mm": list(nominal.beam_center_mm),
             "true_beam_center_offset_px": [
@@ -231,14 +269,17 @@ def expected_photons(setup: SimulationSetup, truth: ShotTruth, photons: np.ndarr
                 torch.as_tensor(photons, dtype=dtype, device=setup.device),
                 setup.beam_size_m, setup.polarization_fraction)
     if truth.blank:
-        shape = (setup.true_detector.n_slow, setup.true_detector.n_fast)
+        shape = tuple(setup.calibration.shape)
         blank = torch.zeros(shape, dtype=dtype, device=setup.device)
         return blank + setup.background.photons(beam) if include_background and setup.materials else blank
     crystal = CrystalState(
         torch.as_tensor(xtal.domain_matrices(truth.real_space_matrix, truth.mosaic_rotations), dtype=dtype, device=setup.device),
         torch.as_tensor(setup.ncells, dtype=dtype, device=setup.device),
         torch.tensor(setup.scale, dtype=dtype, device=setup.device))
-    image = bragg_photons_sparse(setup.true_detector, beam, crystal, setup.amplitudes, setup.hkl)
+    if setup.true_tiles is None:
+        image = bragg_photons_sparse(setup.true_detector, beam, crystal, setup.amplitudes, setup.hkl)
+    else:
+        image = torch.stack(bragg_photons_sparse(setup.true_tiles, beam, crystal, setup.amplitudes, setup.hkl))
     if include_background and setup.materials:
         image = image + setup.background.photons(beam)
     return image
@@ -248,7 +289,11 @@ def detector_images(setup: SimulationSetup, expected: torch.Tensor, shot_index: 
     """ADU images of one shot for both datasets, sharing every random draw."""
     noisy = effects.draw_noise(expected, setup.calibration, setup.readout,
                                shot_torch_seed(setup.seed, shot_index, STREAM_NOISE))
-    spread = effects.apply_fiber_psf(noisy.photons, setup.psf_fwhm_px, setup.psf_radius_px)
+    if noisy.photons.dim() == 3:  # tiles: the light spreads within a tile
+        spread = torch.stack([effects.apply_fiber_psf(tile, setup.psf_fwhm_px, setup.psf_radius_px)
+                              for tile in noisy.photons])
+    else:
+        spread = effects.apply_fiber_psf(noisy.photons, setup.psf_fwhm_px, setup.psf_radius_px)
     return {"nopsf": effects.to_adu(noisy.photons, noisy.readout_adu, setup.readout).cpu().numpy(),
             "psf": effects.to_adu(spread, noisy.readout_adu, setup.readout).cpu().numpy()}
 
@@ -266,6 +311,13 @@ def shard_metadata(setup: SimulationSetup) -> tuple[dict, dict]:
         "thickness_mm": det.thickness_mm, "attenuation_length_mm": det.attenuation_length_mm,
         "material": "Gd2O2S",
     }
+    if setup.nominal_tiles is not None:
+        tiles = setup.nominal_tiles
+        detector.update({
+            "n_fast": int(tiles.panels[0].n_fast), "n_slow": int(tiles.panels[0].n_slow), "n_panels": len(tiles),
+            "panel_origin_mm": np.array([tile.origin_mm for tile in tiles.panels], dtype=np.float64),
+            "panel_fast_axis": np.array([tile.fast_axis for tile in tiles.panels], dtype=np.float64),
+            "panel_slow_axis": np.array([tile.slow_axis for tile in tiles.panels], dtype=np.float64)})
     beam = {"polarization_fraction": setup.polarization_fraction,
             "polarization_normal": np.array([0.0, 1.0, 0.0])}
     return detector, beam

@@ -60,10 +60,11 @@ def lattice_arrays(shot: ShotPixels, values: np.ndarray, n_domains: int, lookup:
         detector = shifted_detector(shot.detector, values_t[INDEX["detz_shift_mm"]])
         state = model.crystal_state(values_t)
     coefficients = bragg_coefficients(detector, tensors.beam, state, tensors.fast, tensors.slow, lookup,
-                                      relative_cutoff)
+                                      relative_cutoff, panel=tensors.panel)
     n_pixels = int(tensors.fast.numel())
     if psf is not None:
-        spread = psf.spread_matrix(shot.pixel_fast, shot.pixel_slow, shot.detector.pixel_size_mm, "cpu")
+        spread = psf.spread_matrix(shot.pixel_fast, shot.pixel_slow, shot.detector.pixel_size_mm, "cpu",
+                                   shot.pixel_panel)
         coefficients = fold_point_spread(coefficients, spread, n_pixels, relative_cutoff)
     trusted = np.asarray(shot.trusted, dtype=bool)
     local = np.full(n_pixels, -1, dtype=np.int64)

@@ -99,10 +99,12 @@ class ShotCoefficients:
 
 
 def bragg_coefficients(detector: Detector, beam: Beam, crystal: CrystalState, fast: torch.Tensor,
-                       slow: torch.Tensor, lookup: AsuLookup, relative_cutoff: float = 0.0) -> ShotCoefficients:
-    """Coefficients of the pixels (fast, slow) for stage 1's model with G = 1 and |F|^2 = 1 (float64)."""
+                       slow: torch.Tensor, lookup: AsuLookup, relative_cutoff: float = 0.0,
+                       panel: torch.Tensor | None = None) -> ShotCoefficients:
+    """Coefficients of the pixels (fast, slow) for stage 1's model with G = 1 and |F|^2 = 1 (float64);
+    ``panel`` names each pixel's panel on a multi-panel detector."""
     with torch.no_grad():
-        directions, factor = pixel_factors(detector, fast, slow, beam.polarization_fraction)
+        directions, factor = pixel_factors(detector, fast, slow, beam.polarization_fraction, panel)
         unit = CrystalState(crystal.domain_matrices, crystal.ncells, torch.ones((), dtype=torch.float64))
         prefactor = float(photon_prefactor(beam, unit))
         beam_direction = torch.as_tensor(BEAM_DIRECTION, dtype=directions.dtype)

@@ -191,7 +191,7 @@ class BatchedForwardModel:
         directions, factor = [], []
         for problem in self.problems:
             shot_directions, shot_factor = pixel_factors(problem.detector, problem.tensors.fast, problem.tensors.slow,
-                                                         problem.shot.polarization_fraction)
+                                                         problem.shot.polarization_fraction, problem.tensors.panel)
             directions.append(shot_directions)
             factor.append(shot_factor)
         self.directions = self._buffer("directions", int(self.first_pixel[-1]), torch.float64, (3,))
@@ -218,8 +218,10 @@ class BatchedForwardModel:
         for row, shot in enumerate(shots):
             problem = self.problems[shot]
             mine = pixels[self.pixel_shot[pixels] == shot]
+            panel = (None if problem.tensors.panel is None
+                     else problem.tensors.panel[mine - int(self.first_pixel[shot])])
             shot_directions, shot_factor = pixel_factors(problem.detector_at(values[row]), self.fast[mine],
-                                                         self.slow[mine], problem.shot.polarization_fraction)
+                                                         self.slow[mine], problem.shot.polarization_fraction, panel)
             directions.append(shot_directions)
             factor.append(shot_factor)
         return torch.cat(directions), torch.cat(factor)

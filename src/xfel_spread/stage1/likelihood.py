@@ -67,6 +67,7 @@ class ShotTensors:
     trusted: torch.Tensor
     beam: Beam
     readout_variance: float
+    panel: torch.Tensor | None = None  #: each pixel's panel on a multi-panel detector, else None
 
 
 def check_shot(shot: ShotPixels) -> None:
@@ -132,6 +133,7 @@ def shot_tensors(shot: ShotPixels, readout_sigma_adu: float, device) -> ShotTens
         trusted=as_long(np.flatnonzero(np.asarray(shot.trusted, dtype=bool))),
         beam=shot_beam(shot, device),
         readout_variance=readout_variance(readout_sigma_adu, shot.gain_adu_per_photon),
+        panel=None if shot.pixel_panel is None else as_long(shot.pixel_panel),
     )
 
 
@@ -146,8 +148,13 @@ def bragg_photons(detector: Detector, crystal: CrystalModel, values: torch.Tenso
     fast, slow = tensors.fast[pixels], tensors.slow[pixels]
     state = crystal.crystal_state(values)
     step = pixels_per_call(fast.device, tensors.beam.energies_ev.numel() * crystal.n_domains)
+    if tensors.panel is None:
+        return torch.cat([bragg_photons_dense(detector, tensors.beam, state, amplitudes, fast[start:start + step],
+                                              slow[start:start + step]) for start in range(0, fast.numel(), step)])
+    panel = tensors.panel[pixels]
     return torch.cat([bragg_photons_dense(detector, tensors.beam, state, amplitudes, fast[start:start + step],
-                                          slow[start:start + step]) for start in range(0, fast.numel(), step)])
+                                          slow[start:start + step], panel[start:start + step])
+                      for start in range(0, fast.numel(), step)])
 
 
 def pixels_per_call(device: torch.device, terms_per_pixel: int) -> int:

@@ -110,6 +110,8 @@ def refine_detector(shots: list[ShotPixels], amplitudes: AmplitudeLookup, settin
     if len(detectors) != 1:
         raise ValueError("the lattices of a detector refinement must share one starting detector")
     start_detector = detectors.pop()
+    if type(start_detector) is not Detector:
+        raise ValueError("the detector refinement moves a single-panel Detector only")
     settings = _without_distance(settings)
     singles = [refine_shot(shot, amplitudes, settings, psf) for shot in shots]
     kept = [index for index, fit in enumerate(singles) if fit.converged]

@@ -47,7 +47,7 @@ import torch
 from xfel_spread.config import ConfigError, fill_defaults, first_problem, load_schema
 from xfel_spread.sim import crystal as xtal
 from xfel_spread.sim.forward import CrystalState
-from xfel_spread.sim.geometry import Detector
+from xfel_spread.sim.geometry import Detector, MultiPanelDetector
 
 #: Side of the square beam the forward model is evaluated with; G is defined relative to it.
 REFERENCE_BEAM_SIZE_M = 3e-6
@@ -534,6 +534,8 @@ class TensorDistanceDetector(Detector):
 
 def shifted_detector(detector: Detector, shift_mm: torch.Tensor) -> Detector:
     """The detector moved along the beam by ``shift_mm`` (differentiable in the shift)."""
+    if isinstance(detector, MultiPanelDetector):
+        return detector.shifted(shift_mm)
     return TensorDistanceDetector(detector.n_fast, detector.n_slow, detector.pixel_size_mm,
                                   detector.distance_mm + shift_mm, tuple(detector.beam_center_mm),
                                   detector.thickness_mm, detector.attenuation_length_mm)

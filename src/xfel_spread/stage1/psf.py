@@ -38,10 +38,12 @@ class DetectorPsf:
         if self.radius_px < 0:
             raise ValueError(f"point-spread kernel radius must be at least 0, got {self.radius_px} px")
 
-    def spread_matrix(self, fast: np.ndarray, slow: np.ndarray, pixel_size_mm: float, device) -> torch.Tensor:
+    def spread_matrix(self, fast: np.ndarray, slow: np.ndarray, pixel_size_mm: float, device,
+                      panel: np.ndarray | None = None) -> torch.Tensor:
         """The sparse (P, P) map from Bragg photons at the pixels ``(fast, slow)`` to the spread ones.
 
-        Pixels must be distinct. Entry (i, j) is the kernel's share of pixel j's light that lands in
+        With ``panel`` (P,) the pixels lie on several panels of a tiled detector: light spreads only
+        among pixels of the same panel (a tile's sensor ends at its edge). Pixels must be distinct. Entry (i, j) is the kernel's share of pixel j's light that lands in
         pixel i; float64, on ``device``.
         """
         fast = np.asarray(fast, dtype=np.int64)
@@ -49,6 +51,10 @@ class DetectorPsf:
         if fast.size == 0:
             raise ValueError("no shoebox pixels to spread")
         radius = self.radius_px
+        if panel is not None:
+            # Stack the panels along slow, a kernel's reach apart, so no offset crosses a panel.
+            panel = np.asarray(panel, dtype=np.int64)
+            slow = slow + panel * (int(slow.max()) + 2 * radius + 1)
         kernel = fiber_psf_kernel(self.fwhm_mm / pixel_size_mm, radius).numpy()
         # One integer key per pixel, with room for every kernel offset without wrapping a row.
         width = int(fast.max()) + 2 * radius + 1

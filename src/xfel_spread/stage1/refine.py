@@ -141,7 +141,8 @@ class ShotProblem:
         self.moves_detector = "detz_shift" in settings.refine
         #: The sparse map of the detector's point spread among the shoebox pixels, or None.
         self.spread = (None if psf is None else
-                       psf.spread_matrix(shot.pixel_fast, shot.pixel_slow, shot.detector.pixel_size_mm, self.device))
+                       psf.spread_matrix(shot.pixel_fast, shot.pixel_slow, shot.detector.pixel_size_mm, self.device,
+                                         shot.pixel_panel))
         self.space: ParameterSpace | None = None
         self.start_values: np.ndarray | None = None
 
@@ -241,9 +242,19 @@ class ShotProblem:
 def dials_strong_radial_rmsd(shot: ShotPixels) -> float:
     """Radial RMSD of DIALS's predicted centroids against the observed ones, over the strong spots."""
     strong = np.asarray(shot.strong, dtype=bool)
-    beam_centre_px = np.asarray(shot.detector.beam_center_mm) / shot.detector.pixel_size_mm
+    beam_centre_px = roi_beam_centres_px(shot)
+    if beam_centre_px.ndim == 2:
+        beam_centre_px = beam_centre_px[strong]
     return centroid_rmsd(np.asarray(shot.dials_predicted_px, dtype=np.float64)[strong],
                          np.asarray(shot.observed_centroid_px, dtype=np.float64)[strong], beam_centre_px)[1]
+
+
+def roi_beam_centres_px(shot: ShotPixels) -> np.ndarray:
+    """Where the direct beam meets the detector, in pixels: (2,) on one panel; on a multi-panel
+    detector (n_roi, 2), each ROI's in its own panel's frame (radial is away from it)."""
+    if shot.roi_panel is None:
+        return np.asarray(shot.detector.beam_center_mm) / shot.detector.pixel_size_mm
+    return shot.detector.beam_centre_px()[np.asarray(shot.roi_panel, dtype=np.int64)]
 
 
 def all_pixels(problem: ShotProblem) -> torch.Tensor:
@@ -263,12 +274,16 @@ def model_centroids(bragg: np.ndarray, fast: np.ndarray, slow: np.ndarray, roi: 
 
 
 def centroid_rmsd(predicted: np.ndarray, observed: np.ndarray, beam_centre_px: np.ndarray) -> tuple[float, float]:
-    """(overall, radial) RMSD in pixels over the ROIs with finite predicted and observed centroids."""
+    """(overall, radial) RMSD in pixels over the ROIs with finite predicted and observed centroids.
+
+    ``beam_centre_px`` is (2,), or (n, 2) with each ROI's own (ROIs on different panels).
+    """
     usable = np.all(np.isfinite(predicted), axis=1) & np.all(np.isfinite(observed), axis=1)
     if not usable.any():
         return float("nan"), float("nan")
     delta = predicted[usable] - observed[usable]
-    outward = observed[usable] - beam_centre_px
+    beam_centre_px = np.asarray(beam_centre_px)
+    outward = observed[usable] - (beam_centre_px[usable] if beam_centre_px.ndim == 2 else beam_centre_px)
     length = np.linalg.norm(outward, axis=1, keepdims=True)
     radial = np.sum(delta * np.divide(outward, length, out=np.zeros_like(outward), where=length > 0), axis=1)
     return float(np.sqrt(np.mean(np.sum(delta ** 2, axis=1)))), float(np.sqrt(np.mean(radial ** 2)))
@@ -300,11 +315,12 @@ def summarize_model(problem: ShotProblem, values: torch.Tensor, bragg_all: torch
         matrix = problem.crystal.real_space_matrix(values).cpu().numpy()
     centroids = model_centroids(bragg_all.detach().cpu().numpy(), np.asarray(shot.pixel_fast),
                                 np.asarray(shot.pixel_slow), np.asarray(shot.pixel_roi), shot.n_rois)
-    beam_centre_px = np.asarray(shot.detector.beam_center_mm) / shot.detector.pixel_size_mm
+    beam_centre_px = roi_beam_centres_px(shot)
     observed = np.asarray(shot.observed_centroid_px, dtype=np.float64)
     rmsd, radial = centroid_rmsd(centroids, observed, beam_centre_px)
     strong = np.asarray(shot.strong, dtype=bool)
-    strong_rmsd, strong_radial = centroid_rmsd(centroids[strong], observed[strong], beam_centre_px)
+    strong_rmsd, strong_radial = centroid_rmsd(centroids[strong], observed[strong],
+                                               beam_centre_px[strong] if beam_centre_px.ndim == 2 else beam_centre_px)
     distance = shot.detector.distance_mm + float(values[INDEX["detz_shift_mm"]])
     return ModelSummary(nll, sigma, centroids, rmsd, radial, strong_rmsd, strong_radial, matrix, distance)
 

@@ -30,6 +30,13 @@ The shot's spectrum is read through dxtbx (the experiment's image set asks ``For
 and must equal the shard's own record (:func:`xfel_spread.io.shard.read_shard_spectrum`). The DIALS
 panel becomes the simulator's :class:`~xfel_spread.sim.geometry.Detector`, which requires an
 axis-aligned panel (the metrology stage keeps the axes fixed).
+
+**Multi-panel detectors.** A DIALS detector of several panels becomes a
+:class:`~xfel_spread.sim.geometry.MultiPanelDetector` (any panel orientation). Each reflection's box
+lives on the panel of its reflection (the reflection table's ``panel``), in that panel's pixel frame,
+and is clipped at that panel's edges: a box that crosses a tile edge keeps only its own panel's
+pixels, and pixels of two boxes compete only within one panel. The trusted range is each panel's
+(dxtbx's ``get_trusted_range``, which the Format class sets), and a per-panel mask may remove pixels.
 """
 
 from __future__ import annotations
@@ -43,7 +50,7 @@ import numpy as np
 
 from xfel_spread.errors import UserInputError
 from xfel_spread.io.shard import ShardMetadata, read_shard_image, read_shard_metadata, read_shard_spectrum
-from xfel_spread.sim.geometry import FAST_AXIS, SLOW_AXIS, Detector
+from xfel_spread.sim.geometry import FAST_AXIS, SLOW_AXIS, Detector, MultiPanelDetector
 from xfel_spread.sim.structure_factors import AmplitudeGrid
 from xfel_spread.stage1.shot import ShotPixels
 
@@ -65,8 +72,10 @@ class RoiInputError(UserInputError, ValueError):
 # Geometry of the boxes
 
 
-def shoebox_bounds(centroids_px: np.ndarray, size: int, n_fast: int, n_slow: int) -> np.ndarray:
+def shoebox_bounds(centroids_px: np.ndarray, size: int, n_fast, n_slow) -> np.ndarray:
     """Square boxes of ``size`` pixels centred on the centroids, clipped at the panel edges.
+
+    ``n_fast``, ``n_slow`` are the panel's shape, or (n,) arrays: each box's own panel's.
 
     ``centroids_px`` is (n, 2) fast, slow in pixel coordinates (pixel i spans [i, i + 1)). Returns
     (n, 4) int ``x0, x1, y0, y1`` with the box covering ``x0 <= x < x1``, ``y0 <= y < y1``; a box
@@ -75,7 +84,8 @@ def shoebox_bounds(centroids_px: np.ndarray, size: int, n_fast: int, n_slow: int
     centroids_px = np.asarray(centroids_px, dtype=np.float64).reshape(-1, 2)
     start = np.floor(centroids_px - size / 2.0 + 0.5).astype(np.int64)
     stop = start + size
-    limits = np.array([n_fast, n_slow])
+    limits = np.stack(np.broadcast_arrays(np.asarray(n_fast, dtype=np.int64), np.asarray(n_slow, dtype=np.int64)),
+                      axis=-1)
     start_clipped = np.clip(start, 0, limits)
     stop_clipped = np.clip(stop, 0, limits)
     return np.stack((start_clipped[:, 0], stop_clipped[:, 0], start_clipped[:, 1], stop_clipped[:, 1]), axis=1)
@@ -90,10 +100,16 @@ class BoxPixels:
     roi: np.ndarray  #: (n_pix,) int, the box owning the pixel
     in_other_spot: np.ndarray  #: (n_pix,) bool, within the strong-spot radius of another box's centroid
     on_border: np.ndarray  #: (n_pix,) bool, on the outermost rows or columns of its (clipped) box
+    panel: np.ndarray | None = None  #: (n_pix,) int, the pixel's panel (multi-panel detectors), or None
 
 
-def assign_box_pixels(bounds: np.ndarray, centroids_px: np.ndarray, spot_radius_px: float) -> BoxPixels:
+def assign_box_pixels(bounds: np.ndarray, centroids_px: np.ndarray, spot_radius_px: float,
+                      box_panel: np.ndarray | None = None) -> BoxPixels:
     """Every pixel of the boxes, given to the box whose centroid is nearest to the pixel centre.
+
+    ``box_panel`` (n,) puts each box on a panel of a multi-panel detector (bounds and centroids in
+    that panel's frame): pixels are then (panel, fast, slow), and boxes compete only for pixels of
+    their own panel.
 
     Ties go to the box listed first. Pixels come out grouped by box, in box order, and inside a box in
     image order (slow, then fast). ``in_other_spot`` marks pixels closer than ``spot_radius_px`` to
@@ -112,13 +128,17 @@ def assign_box_pixels(bounds: np.ndarray, centroids_px: np.ndarray, spot_radius_
         border.append(((box_fast == x0) | (box_fast == x1 - 1) | (box_slow == y0) | (box_slow == y1 - 1)).ravel())
     if not fast:
         empty = np.zeros(0, dtype=np.int64)
-        return BoxPixels(empty, empty.copy(), empty.copy(), np.zeros(0, bool), np.zeros(0, bool))
+        return BoxPixels(empty, empty.copy(), empty.copy(), np.zeros(0, bool), np.zeros(0, bool),
+                         None if box_panel is None else empty.copy())
     fast, slow, roi, border = (np.concatenate(parts) for parts in (fast, slow, roi, border))
+    panel = None if box_panel is None else np.asarray(box_panel, dtype=np.int64)[roi]
 
     centre_fast, centre_slow = fast + 0.5, slow + 0.5
     distance_sq = (centre_fast - centroids_px[roi, 0]) ** 2 + (centre_slow - centroids_px[roi, 1]) ** 2
     # Group the candidates by pixel, nearest first (then lowest box): the first of each group owns it.
     pixel_key = slow * (int(fast.max()) + 1) + fast
+    if panel is not None:
+        pixel_key = (panel * (int(slow.max()) + 1) + slow) * (int(fast.max()) + 1) + fast
     order = np.lexsort((roi, distance_sq, pixel_key))
     sorted_key = pixel_key[order]
     group_start = np.ones(len(order), dtype=bool)
@@ -135,7 +155,8 @@ def assign_box_pixels(bounds: np.ndarray, centroids_px: np.ndarray, spot_radius_
     in_other_spot[owners] = group_near_other
     keep = np.zeros(len(fast), dtype=bool)
     keep[owners] = True
-    return BoxPixels(fast[keep], slow[keep], roi[keep], in_other_spot[keep], border[keep])
+    return BoxPixels(fast[keep], slow[keep], roi[keep], in_other_spot[keep], border[keep],
+                     None if panel is None else panel[keep])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,8 +219,15 @@ def detector_from_dials(dials_detector, shard_detector: dict, source: str | os.P
     """The simulator's :class:`Detector` for a one-panel DIALS detector with axes (1,0,0), (0,-1,0).
 
     Distance is ``-origin_z`` and the beam centre ``(-origin_x, origin_y)`` mm; sensor thickness and
-    attenuation length come from the shard's metadata (``shard_detector``).
+    attenuation length come from the shard's metadata (``shard_detector``). A detector of several
+    panels becomes a :class:`MultiPanelDetector` (every panel's own frame, the same sensor).
     """
+    if len(dials_detector) > 1:
+        try:
+            return MultiPanelDetector.from_dxtbx(dials_detector, float(shard_detector["thickness_mm"]),
+                                                 float(shard_detector["attenuation_length_mm"]))
+        except ValueError as error:
+            raise RoiInputError(f"{source}: {error}") from None
     if len(dials_detector) != 1:
         raise RoiInputError(f"{source}: detector has {len(dials_detector)} panels; stage 1 needs one")
     panel = dials_detector[0]
@@ -332,13 +360,21 @@ def shot_pixels(annulus: AnnulusShard, lattice: int, image_adu: np.ndarray,
                 shoebox_size_px: int) -> tuple[ShotPixels, RoiCounts]:
     """The shoeboxes of lattice ``lattice`` (its position in the experiment list) on its image.
 
-    ``image_adu`` is the lattice's image (n_slow, n_fast) as stored in the shard.
+    ``image_adu`` is the lattice's image (n_slow, n_fast) as stored in the shard; on a multi-panel
+    detector one (n_slow, n_fast) image per panel (a sequence, or an array (n_panels, n_slow, n_fast)).
     """
     experiment = annulus.experiments[lattice]
     image_index = annulus.image_index(lattice)
     metadata = annulus.metadata
     detector = detector_from_dials(experiment.detector, metadata.detector, annulus.experiments_path)
-    if image_adu.shape != (detector.n_slow, detector.n_fast):
+    multipanel = isinstance(detector, MultiPanelDetector)
+    if multipanel:
+        shapes = [tuple(np.shape(image)) for image in image_adu]
+        expected = [(int(p.n_slow), int(p.n_fast)) for p in detector.panels]
+        if shapes != expected:
+            raise RoiInputError(f"{annulus.shard_path}: image {image_index} has panel shapes {shapes[:3]}... "
+                                f"({len(shapes)} panels), the detector {expected[:3]}... ({len(expected)} panels)")
+    elif image_adu.shape != (detector.n_slow, detector.n_fast):
         raise RoiInputError(f"{annulus.shard_path}: image {image_index} has shape {image_adu.shape}, "
                             f"the detector {(detector.n_slow, detector.n_fast)}")
     beam = experiment.beam
@@ -353,10 +389,18 @@ def shot_pixels(annulus: AnnulusShard, lattice: int, image_adu: np.ndarray,
     dials_predicted = np.array(table["xyzcal.px"], dtype=np.float64).reshape(-1, 3)[:, :2]
     counts = RoiCounts(reflections=len(selection))
 
-    bounds = shoebox_bounds(centroids, shoebox_size_px, detector.n_fast, detector.n_slow)
-    pixels = assign_box_pixels(bounds, centroids, shoebox_size_px / 4.0)
-    adu = image_adu[pixels.slow, pixels.fast].astype(np.float64)
-    minimum_adu, maximum_adu = metadata.detector["trusted_range"]
+    roi_panel = None
+    if multipanel:
+        roi_panel = table["panel"].as_numpy_array().astype(np.int64)
+        bounds, pixels = panel_box_pixels(detector, roi_panel, centroids, shoebox_size_px)
+        adu = panel_values(image_adu, pixels.panel, pixels.slow, pixels.fast)
+        ranges = np.array([panel.get_trusted_range() for panel in experiment.detector], dtype=np.float64)
+        minimum_adu, maximum_adu = ranges[pixels.panel, 0], ranges[pixels.panel, 1]
+    else:
+        bounds = shoebox_bounds(centroids, shoebox_size_px, detector.n_fast, detector.n_slow)
+        pixels = assign_box_pixels(bounds, centroids, shoebox_size_px / 4.0)
+        adu = image_adu[pixels.slow, pixels.fast].astype(np.float64)
+        minimum_adu, maximum_adu = metadata.detector["trusted_range"]
     trusted = (adu >= minimum_adu) & (adu <= maximum_adu) & ~pixels.in_other_spot
     photons_px = (adu - metadata.detector["adc_offset_adu"]) / metadata.detector["gain_adu_per_photon"]
     background, has_background = plane_backgrounds(pixels, photons_px, trusted, len(miller_index), centroids)
@@ -385,8 +429,31 @@ def shot_pixels(annulus: AnnulusShard, lattice: int, image_adu: np.ndarray,
         data_photons=photons_px,
         background_photons=background,
         trusted=trusted,
+        pixel_panel=pixels.panel,
+        roi_panel=roi_panel,
     )
     return select_rois(shot, has_background), counts
+
+
+def panel_box_pixels(detector: MultiPanelDetector, roi_panel: np.ndarray, centroids_px: np.ndarray,
+                     shoebox_size_px: int) -> tuple[np.ndarray, BoxPixels]:
+    """Boxes (bounds) and their pixels on a multi-panel detector: each box on its reflection's panel,
+    clipped at that panel's edges, pixels shared only within a panel (:func:`assign_box_pixels`)."""
+    roi_panel = np.asarray(roi_panel, dtype=np.int64)
+    bounds = shoebox_bounds(centroids_px, shoebox_size_px, detector.n_fast_per_panel[roi_panel],
+                            detector.n_slow_per_panel[roi_panel])
+    return bounds, assign_box_pixels(bounds, centroids_px, shoebox_size_px / 4.0, roi_panel)
+
+
+def panel_values(images, panel: np.ndarray, slow: np.ndarray, fast: np.ndarray) -> np.ndarray:
+    """Values (float64) of pixels (panel, slow, fast) of per-panel images (a sequence or a 3-D array)."""
+    if isinstance(images, np.ndarray) and images.ndim == 3:
+        return images[panel, slow, fast].astype(np.float64)
+    values = np.empty(len(panel), dtype=np.float64)
+    for index in np.unique(panel):
+        mine = panel == index
+        values[mine] = np.asarray(images[int(index)])[slow[mine], fast[mine]]
+    return values
 
 
 def _flex_size_t(indices: np.ndarray):
@@ -413,6 +480,8 @@ def select_rois(shot: ShotPixels, keep: np.ndarray) -> ShotPixels:
         data_photons=shot.data_photons[pixel_keep],
         background_photons=shot.background_photons[pixel_keep],
         trusted=shot.trusted[pixel_keep],
+        pixel_panel=None if shot.pixel_panel is None else shot.pixel_panel[pixel_keep],
+        roi_panel=None if shot.roi_panel is None else shot.roi_panel[keep],
     )
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from xfel_spread.sim.geometry import Detector
+from xfel_spread.sim.geometry import Detector, MultiPanelDetector
 
 
 @dataclass
@@ -24,7 +24,7 @@ class ShotPixels:
     shot_index: int  #: global shot number
     image_index: int  #: index of the image inside the shard
     identifier: str  #: DIALS experiment identifier of the lattice
-    detector: Detector  #: the (refined) detector of the lattice's experiment
+    detector: Detector | MultiPanelDetector  #: the (refined) detector of the lattice's experiment
     energies_ev: np.ndarray  #: (n_channels,) channel energies
     photons: np.ndarray  #: (n_channels,) photons per channel of this shot
     polarization_fraction: float
@@ -45,6 +45,10 @@ class ShotPixels:
     data_photons: np.ndarray  #: (n_pix,) float, measured photons
     background_photons: np.ndarray  #: (n_pix,) float, the ROI's tilted-plane background at the pixel
     trusted: np.ndarray  #: (n_pix,) bool, inside the trusted range and not shared with another ROI
+    #: On a :class:`MultiPanelDetector`: (n_pix,) int, each pixel's panel (``pixel_fast``,
+    #: ``pixel_slow``, ``roi_bounds`` and the centroids are in that panel's frame); None on one panel.
+    pixel_panel: np.ndarray | None = None
+    roi_panel: np.ndarray | None = None  #: (n_roi,) int, the panel of each ROI's reflection, or None
 
     @property
     def n_rois(self) -> int:

@@ -14,6 +14,11 @@ shoebox plus a margin of the kernel radius and spread by the simulator's own fib
 (``sim.detector_effects.apply_fiber_psf``, so light from just outside a shoebox reaches it), before
 the noise; the simulator spreads after the noise, which a test of the refinement's model does not
 need.
+
+On a :class:`~xfel_spread.sim.geometry.MultiPanelDetector` the strongest spots are taken over every
+panel, each box lies inside one panel (pixels named by panel, fast, slow in that panel's frame), the
+background plane is a function of the pixels' laboratory positions, and the point spread acts within
+a panel (pixels of the margin beyond the panel's edge do not exist and give no light).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from scipy import ndimage
 from xfel_spread.sim import crystal as xtal
 from xfel_spread.sim import detector_effects as effects
 from xfel_spread.sim.forward import AmplitudeLookup, Beam, CrystalState, bragg_photons_dense, bragg_photons_sparse
-from xfel_spread.sim.geometry import Detector
+from xfel_spread.sim.geometry import Detector, MultiPanelDetector
 from xfel_spread.sim.spectrum import SaseModel, sase_spectrum
 from xfel_spread.stage1.model import REFERENCE_BEAM_SIZE_M, c2_cell, c2_orthogonalization, start_orientation
 from xfel_spread.stage1.psf import DetectorPsf
@@ -92,8 +97,8 @@ def rms_rotation_deg(rotations: np.ndarray) -> float:
 def simulate_shot_pixels(lookup: AmplitudeLookup, energies_ev: np.ndarray, unit_cell, seed: int, *,
                          n_rois: int = 20, shoebox: int = 12, ncells: float = LY99_NCELLS, spread_deg: float = 0.0,
                          n_domains: int = 1, total_photons: float = 1e12, background_photons: float = 5.0,
-                         detector: Detector = LY99_DETECTOR, psf: DetectorPsf | None = None,
-                         mosaic_model: str = "gaussian") -> SyntheticShot:
+                         detector: Detector | MultiPanelDetector = LY99_DETECTOR,
+                         psf: DetectorPsf | None = None, mosaic_model: str = "gaussian") -> SyntheticShot:
     """One shot simulated with the project's simulator; its start crystal is the truth. Its mosaic
     domains are drawn by ``mosaic_model`` (:func:`xfel_spread.sim.crystal.mosaic_rotations`)."""
     rng = np.random.default_rng(seed)
@@ -107,6 +112,9 @@ def simulate_shot_pixels(lookup: AmplitudeLookup, energies_ev: np.ndarray, unit_
         return CrystalState(torch.as_tensor(matrices), torch.full((3,), float(ncells), dtype=torch.float64),
                             torch.tensor(LY99_DOMAINS_PER_CRYSTAL, dtype=torch.float64))
 
+    if isinstance(detector, MultiPanelDetector):
+        return _simulate_multipanel(detector, lookup, beam, photons, crystal, true_matrix, rotations, seed, n_rois,
+                                    shoebox, ncells, background_photons, energies_ev, psf)
     corners = strongest_boxes(bragg_photons_sparse(detector, beam, crystal(true_matrix[None]), lookup).numpy(),
                               n_rois, shoebox)
     grids = [np.mgrid[y0:y0 + shoebox, x0:x0 + shoebox] for x0, y0 in corners]
@@ -147,6 +155,101 @@ def simulate_shot_pixels(lookup: AmplitudeLookup, energies_ev: np.ndarray, unit_
         data_photons=data, background_photons=plane, trusted=np.ones(fast.size, dtype=bool))
     return SyntheticShot(shot, true_matrix, float(ncells), LY99_DOMAINS_PER_CRYSTAL, rms_rotation_deg(rotations),
                          detector.distance_mm)
+
+
+def strongest_panel_boxes(images, n_rois: int, size: int, threshold: float = 0.5) -> list[tuple[int, int, int]]:
+    """(panel, x0, y0) of up to ``n_rois`` non-overlapping boxes, each inside one panel, on the
+    strongest spots of all the panels' images."""
+    spots = []
+    for panel, image in enumerate(images):
+        labels, n_labels = ndimage.label(image > threshold)
+        if n_labels == 0:
+            continue
+        ids = np.arange(1, n_labels + 1)
+        totals = np.asarray(ndimage.sum(image, labels, ids))
+        centres = np.asarray(ndimage.center_of_mass(image, labels, ids)).reshape(-1, 2)
+        spots += [(float(total), panel, centre) for total, centre in zip(totals, centres)]
+    occupied = [np.zeros(image.shape, dtype=bool) for image in images]
+    boxes = []
+    for _, panel, centre in sorted(spots, key=lambda spot: -spot[0]):
+        n_slow, n_fast = images[panel].shape
+        centre_slow, centre_fast = centre + 0.5
+        x0, y0 = int(round(centre_fast)) - size // 2, int(round(centre_slow)) - size // 2
+        if (x0 < 0 or y0 < 0 or x0 + size > n_fast or y0 + size > n_slow
+                or occupied[panel][y0:y0 + size, x0:x0 + size].any()):
+            continue
+        occupied[panel][y0:y0 + size, x0:x0 + size] = True
+        boxes.append((panel, x0, y0))
+        if len(boxes) == n_rois:
+            break
+    return boxes
+
+
+def _simulate_multipanel(detector: MultiPanelDetector, lookup, beam, photons, crystal, true_matrix, rotations, seed,
+                         n_rois, shoebox, ncells, background_photons, energies_ev, psf) -> SyntheticShot:
+    """:func:`simulate_shot_pixels` on a multi-panel detector (see the module's docstring)."""
+    images = [image.numpy() for image in bragg_photons_sparse(detector, beam, crystal(true_matrix[None]), lookup)]
+    boxes = strongest_panel_boxes(images, n_rois, shoebox)
+    grids = [np.mgrid[y0:y0 + shoebox, x0:x0 + shoebox] for _, x0, y0 in boxes]
+    slow = np.concatenate([grid[0].ravel() for grid in grids])
+    fast = np.concatenate([grid[1].ravel() for grid in grids])
+    roi = np.repeat(np.arange(len(boxes)), shoebox * shoebox)
+    roi_panel = np.array([panel for panel, _, _ in boxes], dtype=np.int64)
+    panel = roi_panel[roi]
+
+    position = detector.pixel_centres_mm(torch.as_tensor(fast), torch.as_tensor(slow), torch.as_tensor(panel)).numpy()
+    reach = np.abs([tile.origin_mm[:2] for tile in detector.panels]).max()
+    background = background_photons * (1 + 0.2 * position[:, 0] / reach - 0.1 * position[:, 1] / reach)
+    domains = crystal(xtal.domain_matrices(true_matrix, rotations))
+    if psf is None:
+        bragg = bragg_photons_dense(detector, beam, domains, lookup, torch.as_tensor(fast), torch.as_tensor(slow),
+                                    torch.as_tensor(panel))
+    else:
+        bragg = torch.cat([spread_panel_box(detector, beam, domains, lookup, p, x0, y0, shoebox, psf)
+                           for p, x0, y0 in boxes])
+    expected = bragg + torch.as_tensor(background)
+    noisy = effects.draw_noise(expected, torch.ones_like(expected), READOUT, seed)
+    adu = effects.to_adu(noisy.photons, noisy.readout_adu, READOUT).numpy()
+    data = (adu - READOUT.adc_offset_adu) / READOUT.gain_adu_per_photon
+
+    plane = np.empty_like(data)
+    observed = np.empty((len(boxes), 2))
+    for index, (_, x0, y0) in enumerate(boxes):
+        mine = roi == index
+        border = np.isin(fast[mine], (x0, x0 + shoebox - 1)) | np.isin(slow[mine], (y0, y0 + shoebox - 1))
+        plane[mine] = fit_tilted_plane(fast[mine], slow[mine], data[mine], border)
+        signal = np.clip(data[mine] - plane[mine], 0, None)
+        observed[index] = (signal @ (fast[mine] + 0.5), signal @ (slow[mine] + 0.5))
+        observed[index] /= signal.sum()
+
+    shot = ShotPixels(
+        shard="synthetic", shot_index=seed, image_index=0, identifier=f"synthetic-{seed}", detector=detector,
+        energies_ev=np.asarray(energies_ev, dtype=np.float64), photons=photons, polarization_fraction=1.0,
+        gain_adu_per_photon=READOUT.gain_adu_per_photon, real_space_matrix=true_matrix, space_group="C 1 2 1",
+        miller_index=np.zeros((len(boxes), 3), dtype=int),
+        roi_bounds=np.array([(x0, x0 + shoebox, y0, y0 + shoebox) for _, x0, y0 in boxes]),
+        observed_centroid_px=observed, strong=np.ones(len(boxes), dtype=bool),
+        dials_predicted_px=observed, pixel_fast=fast, pixel_slow=slow, pixel_roi=roi,
+        data_photons=data, background_photons=plane, trusted=np.ones(fast.size, dtype=bool),
+        pixel_panel=panel, roi_panel=roi_panel)
+    return SyntheticShot(shot, true_matrix, float(ncells), LY99_DOMAINS_PER_CRYSTAL, rms_rotation_deg(rotations),
+                         detector.distance_mm)
+
+
+def spread_panel_box(detector: MultiPanelDetector, beam: Beam, crystal: CrystalState, lookup: AmplitudeLookup,
+                     panel: int, x0: int, y0: int, size: int, psf: DetectorPsf) -> torch.Tensor:
+    """:func:`spread_box` on one panel of a multi-panel detector: margin pixels beyond the panel's
+    edge do not exist and carry no light."""
+    margin = psf.radius_px
+    slow, fast = np.mgrid[y0 - margin:y0 + size + margin, x0 - margin:x0 + size + margin]
+    tile = detector.panels[panel]
+    inside = (fast >= 0) & (fast < tile.n_fast) & (slow >= 0) & (slow < tile.n_slow)
+    patch = torch.zeros(fast.shape, dtype=torch.float64)
+    patch[torch.as_tensor(inside)] = bragg_photons_dense(
+        detector, beam, crystal, lookup, torch.as_tensor(fast[inside]), torch.as_tensor(slow[inside]),
+        torch.full((int(inside.sum()),), panel))
+    spread = effects.apply_fiber_psf(patch, psf.fwhm_mm / tile.pixel_size_mm, psf.radius_px)
+    return spread[margin:margin + size, margin:margin + size].reshape(-1)
 
 
 def spread_box(detector: Detector, beam: Beam, crystal: CrystalState, lookup: AmplitudeLookup, x0: int, y0: int,

@@ -1,0 +1,101 @@
+"""The simulator on a tiled detector (simulate.detector.tiles): the tiles' images are the single
+panel's pixels, the shard records the nominal tiles, and dxtbx (FormatSPREADShard) returns them as
+a multi-panel detector with one image per panel."""
+
+import numpy as np
+import pytest
+from sim_fixtures import ly99_amplitudes
+from tiny_config import tiny_config
+
+from xfel_spread.config import load_config
+from xfel_spread.io.shard import read_shard_image, read_shard_metadata
+from xfel_spread.sim.geometry import MultiPanelDetector
+from xfel_spread.workflow import RunSettingsError, check_tiles
+
+TILES = {"fast": 2, "slow": 2, "gap_px": 2, "shift_px": 1.0, "seed": 5}
+
+
+def tiled_config(**tiles):
+    config = tiny_config(seed=3, n_shots=2, shots_per_shard=2,
+                         background={"water_thickness_mm": 0.002, "air_path_mm": 0.2})
+    config["simulate"]["detector"]["tiles"] = tiles
+    return load_config(config)
+
+
+@pytest.fixture(scope="module")
+def amplitudes(tmp_path_factory):
+    from xfel_spread.sim.structure_factors import save_channel_amplitudes
+
+    path = tmp_path_factory.mktemp("amplitudes") / "amplitudes.h5"
+    save_channel_amplitudes(ly99_amplitudes(), path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiled_shard(tmp_path_factory, amplitudes):
+    from xfel_spread.sim.shard import setup_from_config, simulate_shard
+
+    directory = tmp_path_factory.mktemp("tiled")
+    setup = setup_from_config(tiled_config(**TILES), amplitudes)
+    paths = {dataset: str(directory / f"{dataset}.h5") for dataset in ("nopsf", "psf")}
+    simulate_shard(setup, 0, 2, paths, str(directory / "truth.json"))
+    return setup, paths
+
+
+def test_tiles_without_moves_render_the_single_panels_pixels(amplitudes):
+    from xfel_spread.sim.shard import draw_crystal, expected_photons, setup_from_config, shot_spectrum
+
+    single = setup_from_config(tiled_config(), amplitudes)
+    tiled = setup_from_config(tiled_config(fast=2, slow=2, gap_px=2), amplitudes)
+    assert single.true_tiles is None and len(tiled.true_tiles) == 4
+    photons = shot_spectrum(single, 1)
+    truth = draw_crystal(single, 1)
+    panel = expected_photons(single, truth, photons).numpy()
+    tiles = expected_photons(tiled, truth, photons).numpy()
+    assert tiles.shape == (4, 127, 127)
+    # Tile (j, i) holds pixels [129 i, 129 i + 127) x [129 j, ...) of the panel (2 px gap at 127, 128).
+    for index, (j, i) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):
+        block = panel[129 * j:129 * j + 127, 129 * i:129 * i + 127]
+        # Measured: 1e-13 relative (rounding of the positions).
+        assert np.abs(tiles[index] - block).max() <= 1e-9 * panel.max()
+    assert panel.max() > 100  # Bragg spots above the background
+
+
+def test_shard_records_the_nominal_tiles_and_dxtbx_returns_them(tiled_shard):
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    setup, paths = tiled_shard
+    metadata = read_shard_metadata(paths["nopsf"])
+    assert metadata.detector["n_panels"] == 4 and metadata.detector["n_fast"] == 127
+    assert read_shard_image(paths["psf"], 1).shape == (4, 127, 127)
+    experiments = ExperimentListFactory.from_filenames([paths["nopsf"]])
+    assert len(experiments) == 2
+    dxtbx_detector = experiments[0].detector
+    assert len(dxtbx_detector) == 4
+    # Every panel hangs from the root (metrology's hierarchy level 1 moves them one by one).
+    assert len(dxtbx_detector.hierarchy()) == 4
+    read_back = MultiPanelDetector.from_dxtbx(dxtbx_detector)
+    for ours, theirs in zip(setup.nominal_tiles.panels, read_back.panels):
+        assert np.allclose(ours.origin_mm, theirs.origin_mm, atol=1e-12)
+        assert np.allclose(ours.fast_axis, theirs.fast_axis) and np.allclose(ours.slow_axis, theirs.slow_axis)
+        assert (ours.n_fast, ours.n_slow, ours.pixel_size_mm) == (theirs.n_fast, theirs.n_slow, theirs.pixel_size_mm)
+        assert theirs.thickness_mm == pytest.approx(ours.thickness_mm)
+        assert theirs.attenuation_length_mm == pytest.approx(ours.attenuation_length_mm)
+    raw = experiments[1].imageset.get_raw_data(0)
+    assert len(raw) == 4 and raw[2].all() == (127, 127)
+    assert np.array_equal(raw[2].as_numpy_array(), read_shard_image(paths["nopsf"], 1)[2])
+    # The true tiles differ from the nominal ones by the beam-centre offset and each tile's own move.
+    moves = np.array([np.subtract(true.origin_mm, nominal.origin_mm)
+                      for true, nominal in zip(setup.true_tiles.panels, setup.nominal_tiles.panels)])
+    assert np.ptp(moves[:, 0]) > 0.05 and np.all(np.abs(moves[:, 2]) < 1e-12)
+
+
+def test_tiles_with_hit_finding_are_refused():
+    config = tiled_config(**TILES)
+    config["hitfind"]["enabled"] = True
+    with pytest.raises(RunSettingsError, match="hitfind.enabled false"):
+        check_tiles(config, "config.yaml")
+    config = tiled_config(fast=3, slow=1, gap_px=0)  # 85, 86 and 85 px wide
+    config["hitfind"]["enabled"] = False
+    with pytest.raises(RunSettingsError, match="share one shape"):
+        check_tiles(config, "config.yaml")
