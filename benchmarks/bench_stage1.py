@@ -24,7 +24,7 @@ on 2 cores, so wall time is 2-4x CPU time; CPU time is the figure to compare):
 
 | run | refine_shot CPU s/lattice | refine_batch CPU s/lattice (3 per batch) |
 | --- | --- | --- |
-| default (G, rotation, cell, N), 50 shoeboxes | 13.25 | 15.59 (540 evaluations against 505) |
+| default (G, rotation, cell, N), 50 shoeboxes | 13.25; 12.27 (a second run) | 15.59; 13.65 (540 evaluations against 505: about 76 against 73 ms each) |
 | default, 20 shoeboxes | 4.64 | 4.76 |
 | ``--eta --rois 20`` (analytic, gaussian draw) | 8.39 | 9.00 |
 | ``--eta --rois 20 --draw nanobragg`` | 8.07 | 8.06 |
