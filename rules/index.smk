@@ -8,12 +8,14 @@ rule index:
         shard=shard_path(),
         phil=config["index"]["phil"],
         **hits_table_input(),
+        **starting_geometry_input(),
     output:
         **stills_outputs("index"),
     params:
         shots=lambda wildcards: SHARD_RANGES[int(wildcards.index)],
         prefix=lambda wildcards: shard_prefix("index", wildcards.dataset, wildcards.index),
         hits=hits_table_option,
+        geometry=starting_geometry_option,
     resources:
         mpi="mpirun",
         tasks=1,
@@ -24,4 +26,4 @@ rule index:
     shell:
         "{resources.mpi} -n {resources.tasks} {ENV_BIN}/spread-stills-process --shard {input.shard:q}"
         " --shots {params.shots[0]} {params.shots[1]} --phil {input.phil:q} --output-prefix {params.prefix:q}"
-        " {params.hits} > {log:q} 2>&1"
+        " {params.hits} {params.geometry} > {log:q} 2>&1"

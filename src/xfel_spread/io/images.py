@@ -409,3 +409,147 @@ def _read_hdf5_mask(path: str) -> list[np.ndarray]:
     trusted = array != 0 if trusted_when else array == 0
     return [panel for panel in trusted]
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Image-list shards: a shard of images from elsewhere, as a list of (file, frame) with spectra
+
+#: Root attribute ``format`` of an image-list shard (``FormatSPREADShard`` reads both kinds of shard).
+IMAGE_LIST_FORMAT = "xfel_spread.image_list"
+IMAGE_LIST_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ImageListShard:
+    """A shard of images the pipeline did not write: where each shot's pixels are, its spectrum, the mask.
+
+    ``energy_ev`` and ``weights`` are ``(n_shots, n_channels)``: each shot has its own channels (a shot
+    with fewer channels is padded with zero weights at its last energy). ``unreadable`` holds, per shot,
+    the reason dxtbx could not read its file, or "" when it can."""
+
+    path: str
+    shots: list[Shot]
+    shot_index: np.ndarray
+    energy_ev: np.ndarray
+    weights: np.ndarray
+    unreadable: list[str]
+    mask: str | None
+    spectra: str
+
+    @property
+    def n_shots(self) -> int:
+        return len(self.shots)
+
+    def spectrum(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """(energies_ev, weights) of shot ``i`` without its padding."""
+        keep = self.weights[i] > 0
+        return self.energy_ev[i][keep], self.weights[i][keep]
+
+
+def is_image_list_shard(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is an HDF5 file whose root attribute ``format`` names an image-list shard."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as h5:
+            return h5.attrs.get("format") == IMAGE_LIST_FORMAT
+    except OSError:
+        return False
+
+
+def write_image_list_shard(path: str | os.PathLike, shots: Sequence[Shot], first_shot: int,
+                           spectra: Sequence[tuple[np.ndarray, np.ndarray] | None], unreadable: Sequence[str],
+                           mask: str | None, spectra_source: str) -> None:
+    """Write an image-list shard atomically (no pixels: the files' paths, frames, spectra and the mask's path)."""
+    import h5py
+
+    from xfel_spread.atomic import atomic_path
+
+    n_channels = max([len(spectrum[0]) for spectrum in spectra if spectrum is not None] or [1])
+    energy = np.zeros((len(shots), n_channels))
+    weights = np.zeros((len(shots), n_channels))
+    for i, spectrum in enumerate(spectra):
+        if spectrum is None:
+            continue
+        energies, shot_weights = spectrum
+        energy[i, :len(energies)], weights[i, :len(energies)] = energies, shot_weights
+        energy[i, len(energies):] = energies[-1]
+    files = list(dict.fromkeys(os.path.abspath(shot.path) for shot in shots))
+    file_number = {path: number for number, path in enumerate(files)}
+    strings = h5py.string_dtype()
+    with atomic_path(path) as temporary, h5py.File(temporary, "w") as h5:
+        h5.attrs.update({"format": IMAGE_LIST_FORMAT, "format_version": IMAGE_LIST_FORMAT_VERSION,
+                         "n_shots": len(shots), "spectra": spectra_source, "mask": mask or ""})
+        h5.create_dataset("files", data=np.array(files, dtype=object), dtype=strings)
+        h5.create_dataset("file_number", data=np.array([file_number[os.path.abspath(s.path)] for s in shots],
+                                                       dtype=np.int64))
+        h5.create_dataset("frame", data=np.array([shot.frame for shot in shots], dtype=np.int64))
+        h5.create_dataset("shot_index", data=np.arange(first_shot, first_shot + len(shots), dtype=np.int64))
+        h5.create_dataset("unreadable", data=np.array(list(unreadable), dtype=object), dtype=strings)
+        h5.create_dataset("spectrum/energy_ev", data=energy)
+        h5.create_dataset("spectrum/weights", data=weights)
+
+
+def read_image_list_shard(path: str | os.PathLike) -> ImageListShard:
+    """Read an image-list shard; ImageInputError ``PATH: problem`` when it is not one."""
+    import h5py
+
+    path = os.fspath(path)
+    try:
+        with h5py.File(path, "r") as h5:
+            if h5.attrs.get("format") != IMAGE_LIST_FORMAT:
+                raise ImageInputError(f"{path}: not an image-list shard (format={h5.attrs.get('format')!r})")
+            files = [name.decode() if isinstance(name, bytes) else str(name) for name in h5["files"][()]]
+            shots = [Shot(files[number], int(frame)) for number, frame in zip(h5["file_number"][()], h5["frame"][()])]
+            unreadable = [text.decode() if isinstance(text, bytes) else str(text) for text in h5["unreadable"][()]]
+            return ImageListShard(path=path, shots=shots, shot_index=h5["shot_index"][()],
+                                  energy_ev=h5["spectrum/energy_ev"][()], weights=h5["spectrum/weights"][()],
+                                  unreadable=unreadable, mask=str(h5.attrs["mask"]) or None,
+                                  spectra=str(h5.attrs["spectra"]))
+    except (OSError, KeyError) as error:
+        raise ImageInputError(f"{path}: not a readable image-list shard ({' '.join(str(error).split())})") from None
+
+
+def make_image_list_shard(path: str | os.PathLike, shots: Sequence[Shot], first_shot: int, spectra_source: str,
+                          spectra_table: str | None = None, energy_offset_ev: float = 0.0, mask: str | None = None,
+                          max_unreadable_fraction: float = 0.0) -> ImageListShard:
+    """Check one shard's shots with dxtbx, find their spectra and check the mask, then write the shard.
+
+    Unreadable files are recorded (with dxtbx's reason) and get no spectrum, unless more than
+    ``max_unreadable_fraction`` of the shard's files are unreadable (then the first one's one-line
+    ImageInputError). The mask must fit the first readable image's detector."""
+    files = list(dict.fromkeys(shot.path for shot in shots))
+    check = check_images(files, max_unreadable_fraction)
+    readable = [shot for shot in shots if shot.path in check.formats]
+    found = iter(shot_spectra(readable, spectra_source, spectra_table, energy_offset_ev))
+    spectra = [next(found) if shot.path in check.formats else None for shot in shots]
+    if mask is not None:
+        first = readable[0].path
+        read_mask(mask, detector_shapes(format_class_for(first).get_instance(first).get_detector()))
+        mask = os.path.abspath(mask)
+    unreadable = [check.unreadable.get(shot.path, "") for shot in shots]
+    write_image_list_shard(path, shots, first_shot, spectra, unreadable, mask, spectra_source)
+    return read_image_list_shard(path)
+
+
+def read_list_table(path: str | os.PathLike) -> list[Shot]:
+    """The shots of an image list written by :func:`write_list_table` (columns ``shot file frame``)."""
+    path = os.fspath(path)
+    shots = []
+    with open(path) as handle:
+        header = handle.readline().split("\t")
+        if [name.strip() for name in header] != ["shot", "file", "frame"]:
+            raise ImageInputError(f"{path}: not an image list (header must be shot, file, frame)")
+        for line in handle:
+            _, file, frame = line.rstrip("\n").split("\t")
+            shots.append(Shot(file, int(frame)))
+    return shots
+
+
+def write_list_table(path: str | os.PathLike, shots: Sequence[Shot]) -> None:
+    """Write the run's image list atomically: one row per shot, ``shot file frame`` (tab-separated)."""
+    from xfel_spread.atomic import atomic_output
+
+    with atomic_output(path, "w") as handle:
+        handle.write("shot\tfile\tframe\n")
+        handle.writelines(f"{number}\t{os.path.abspath(shot.path)}\t{shot.frame}\n" for number, shot in enumerate(shots))

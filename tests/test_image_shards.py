@@ -1,0 +1,86 @@
+"""Image-list shards (xfel_spread.io.images): a shard of images from elsewhere holds their files, frames
+and spectra, not their pixels, and dxtbx reads it through FormatSPREADShard as one multi-image still file
+with the listed files' own pixels and detector, each shot's spectrum and the mask."""
+
+import json
+
+import numpy as np
+import pytest
+from conftest import SHARED_DATA_DIR
+
+from xfel_spread.io.images import (
+    HC_EV_A,
+    ImageInputError,
+    format_class_for,
+    list_images,
+    make_image_list_shard,
+    read_image_list_shard,
+)
+
+NANOBRAGG = SHARED_DATA_DIR / "external" / "nanobragg"
+CSPAD = SHARED_DATA_DIR / "real" / "thermolysin_cspad"
+RAYONIX = SHARED_DATA_DIR / "real" / "rayonix_mfx"
+
+
+def experiments_of(path):
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    return ExperimentListFactory.from_filenames([str(path)])
+
+
+def test_nanobragg_shard_gives_dxtbx_the_files_pixels_and_the_tables_spectra(tmp_path):
+    shots = list_images([str(NANOBRAGG / "image_00[2-4].img.gz")])
+    shard = make_image_list_shard(tmp_path / "shard_00000.h5", shots, 2, "table", str(NANOBRAGG / "spectra.tsv"), 1.5)
+    assert shard.n_shots == 3 and list(shard.shot_index) == [2, 3, 4] and shard.unreadable == ["", "", ""]
+    assert (tmp_path / "shard_00000.h5").stat().st_size < 100_000  # no pixels
+    experiments = experiments_of(tmp_path / "shard_00000.h5")
+    assert len(experiments) == 3
+    truth = json.loads((NANOBRAGG / "truth.json").read_text())["images"]
+    for i, (experiment, shot) in enumerate(zip(experiments, shots)):
+        imageset = experiment.imageset
+        assert imageset.get_format_class().__name__ == "FormatSPREADShard" and imageset.indices()[0] == i
+        original = format_class_for(shot.path).get_instance(shot.path)
+        assert np.array_equal(imageset.get_raw_data(0)[0].as_numpy_array(), original.get_raw_data().as_numpy_array())
+        assert experiment.detector[0].get_origin() == pytest.approx(original.get_detector()[0].get_origin())
+        spectrum = imageset.get_spectrum(0)
+        energies = np.array(truth[i + 2]["energies_ev"]) + 1.5
+        assert np.array(spectrum.get_energies_eV()) == pytest.approx(energies, abs=1e-3)
+        assert experiment.beam.get_wavelength() == pytest.approx(HC_EV_A / energies.mean(), rel=1e-7)
+
+
+def test_the_rayonix_mask_becomes_the_images_static_mask(tmp_path):
+    shots = list_images([str(RAYONIX / "*.cbf")])
+    mask = str(RAYONIX / "mask_rayonix340mx_4x4.pickle")
+    make_image_list_shard(tmp_path / "shard.h5", shots, 0, "monochromatic", mask=mask)
+    experiment = experiments_of(tmp_path / "shard.h5")[0]
+    assert experiment.imageset.get_format_class().__name__ == "FormatSPREADShard"
+    trusted = experiment.imageset.get_mask(0)[0].as_numpy_array()
+    import pickle
+
+    with open(mask, "rb") as handle:
+        expected = pickle.load(handle)[0].as_numpy_array()
+    assert not trusted[~expected].any()  # every pixel the mask rejects is untrusted
+    assert experiment.beam.get_wavelength() == pytest.approx(1.3038, abs=1e-4)
+
+
+def test_a_cspad_shard_keeps_the_64_panels_and_a_bad_mask_shape_is_one_line(tmp_path):
+    shots = list_images([str(CSPAD / "*.cbf")])
+    make_image_list_shard(tmp_path / "shard.h5", shots, 0, "monochromatic")
+    experiments = experiments_of(tmp_path / "shard.h5")
+    assert len(experiments) == 3 and len(experiments[0].detector) == 64
+    assert len(experiments[1].imageset.get_raw_data(0)) == 64
+    with pytest.raises(ImageInputError, match="mask_rayonix340mx_4x4.pickle: mask of 1 panel"):
+        make_image_list_shard(tmp_path / "bad.h5", shots, 0, "monochromatic",
+                              mask=str(RAYONIX / "mask_rayonix340mx_4x4.pickle"))
+
+
+def test_an_unreadable_file_is_recorded_in_the_shard_and_the_others_kept(tmp_path):
+    junk = tmp_path / "image_999.img.gz"
+    junk.write_bytes(b"\x1f\x8b not really gzip")
+    shots = list_images([str(NANOBRAGG / "image_00[0-3].img.gz"), str(junk)])
+    shard = make_image_list_shard(tmp_path / "shard.h5", shots, 0, "monochromatic", max_unreadable_fraction=0.25)
+    assert [bool(reason) for reason in shard.unreadable] == [False] * 4 + [True]
+    assert shard.unreadable[4].startswith(f"{junk}: dxtbx cannot read it")
+    assert read_image_list_shard(tmp_path / "shard.h5").unreadable == shard.unreadable
+    with pytest.raises(ImageInputError, match="image_999.img.gz: dxtbx cannot read it"):
+        make_image_list_shard(tmp_path / "shard2.h5", shots, 0, "monochromatic", max_unreadable_fraction=0.1)
