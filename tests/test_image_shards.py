@@ -43,8 +43,11 @@ def test_nanobragg_shard_gives_dxtbx_the_files_pixels_and_the_tables_spectra(tmp
         assert np.array_equal(imageset.get_raw_data(0)[0].as_numpy_array(), original.get_raw_data().as_numpy_array())
         assert experiment.detector[0].get_origin() == pytest.approx(original.get_detector()[0].get_origin())
         spectrum = imageset.get_spectrum(0)
+        # One grid per shard (every shot's channels); each shot weighs only its own 20.
+        assert np.array(spectrum.get_energies_eV()) == pytest.approx(shard.energy_ev) and len(shard.energy_ev) == 60
+        weights = np.array(spectrum.get_weights())
         energies = np.array(truth[i + 2]["energies_ev"]) + 1.5
-        assert np.array(spectrum.get_energies_eV()) == pytest.approx(energies, abs=1e-3)
+        assert np.array(spectrum.get_energies_eV())[weights > 0] == pytest.approx(energies, abs=1e-3)
         assert experiment.beam.get_wavelength() == pytest.approx(HC_EV_A / energies.mean(), rel=1e-7)
 
 
@@ -84,3 +87,25 @@ def test_an_unreadable_file_is_recorded_in_the_shard_and_the_others_kept(tmp_pat
     assert read_image_list_shard(tmp_path / "shard.h5").unreadable == shard.unreadable
     with pytest.raises(ImageInputError, match="image_999.img.gz: dxtbx cannot read it"):
         make_image_list_shard(tmp_path / "shard2.h5", shots, 0, "monochromatic", max_unreadable_fraction=0.1)
+
+
+def test_the_shard_readers_serve_an_image_list_like_a_simulated_shard(tmp_path):
+    from xfel_spread.io.shard import ShardFormatError, read_shard_image, read_shard_metadata, read_shard_spectrum
+
+    shots = list_images([str(NANOBRAGG / "image_00[0-1].img.gz")])
+    shard = make_image_list_shard(tmp_path / "shard.h5", shots, 10, "table", str(NANOBRAGG / "spectra.tsv"))
+    metadata = read_shard_metadata(tmp_path / "shard.h5")
+    assert metadata.n_shots == 2 and list(metadata.shot_index) == [10, 11]
+    assert metadata.detector["n_fast"] == metadata.detector["n_slow"] == 1920
+    assert metadata.detector["pixel_size_mm"] == pytest.approx(0.176)
+    assert metadata.detector["distance_mm"] == pytest.approx(141.7)
+    assert metadata.detector["beam_center_mm"] == pytest.approx((169.224, 169.048))
+    image = read_shard_image(tmp_path / "shard.h5", 1)
+    original = format_class_for(shots[1].path).get_instance(shots[1].path).get_raw_data().as_numpy_array()
+    assert image.dtype == np.int32 and np.array_equal(image, original)
+    energies, weights = read_shard_spectrum(tmp_path / "shard.h5", 0)
+    assert np.array_equal(energies, shard.energy_ev) and weights.sum() == pytest.approx(1.0)
+    cspad = list_images([str(CSPAD / "*.cbf")])
+    make_image_list_shard(tmp_path / "cspad.h5", cspad, 0, "monochromatic")
+    with pytest.raises(ShardFormatError, match=r"cspad.h5: its images' detector has 64 panels"):
+        read_shard_metadata(tmp_path / "cspad.h5")

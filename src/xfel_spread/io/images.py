@@ -423,9 +423,10 @@ IMAGE_LIST_FORMAT_VERSION = 1
 class ImageListShard:
     """A shard of images the pipeline did not write: where each shot's pixels are, its spectrum, the mask.
 
-    ``energy_ev`` and ``weights`` are ``(n_shots, n_channels)``: each shot has its own channels (a shot
-    with fewer channels is padded with zero weights at its last energy). ``unreadable`` holds, per shot,
-    the reason dxtbx could not read its file, or "" when it can."""
+    Spectra share one grid, as in a simulated shard: ``energy_ev`` ``(n_channels,)`` holds every energy
+    any shot of the shard has (sorted, to 1e-6 eV), ``weights`` ``(n_shots, n_channels)`` each shot's
+    weight there (0 where the shot has no channel). ``unreadable`` holds, per shot, the reason dxtbx
+    could not read its file, or "" when it can."""
 
     path: str
     shots: list[Shot]
@@ -441,9 +442,8 @@ class ImageListShard:
         return len(self.shots)
 
     def spectrum(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """(energies_ev, weights) of shot ``i`` without its padding."""
-        keep = self.weights[i] > 0
-        return self.energy_ev[i][keep], self.weights[i][keep]
+        """(energies_ev, weights) of shot ``i`` on the shard's grid."""
+        return self.energy_ev, self.weights[i]
 
 
 def is_image_list_shard(path: str | os.PathLike) -> bool:
@@ -460,20 +460,19 @@ def is_image_list_shard(path: str | os.PathLike) -> bool:
 def write_image_list_shard(path: str | os.PathLike, shots: Sequence[Shot], first_shot: int,
                            spectra: Sequence[tuple[np.ndarray, np.ndarray] | None], unreadable: Sequence[str],
                            mask: str | None, spectra_source: str) -> None:
-    """Write an image-list shard atomically (no pixels: the files' paths, frames, spectra and the mask's path)."""
+    """Write an image-list shard atomically (no pixels: the files' paths, frames, spectra on one grid, the
+    mask's path); ``spectra[i]`` is None for an unreadable shot."""
     import h5py
 
     from xfel_spread.atomic import atomic_path
 
-    n_channels = max([len(spectrum[0]) for spectrum in spectra if spectrum is not None] or [1])
-    energy = np.zeros((len(shots), n_channels))
-    weights = np.zeros((len(shots), n_channels))
+    known = [np.round(np.asarray(spectrum[0], dtype=float), 6) for spectrum in spectra if spectrum is not None]
+    energy = np.unique(np.concatenate(known)) if known else np.zeros(0)
+    weights = np.zeros((len(shots), len(energy)))
     for i, spectrum in enumerate(spectra):
-        if spectrum is None:
-            continue
-        energies, shot_weights = spectrum
-        energy[i, :len(energies)], weights[i, :len(energies)] = energies, shot_weights
-        energy[i, len(energies):] = energies[-1]
+        if spectrum is not None:
+            np.add.at(weights[i], np.searchsorted(energy, np.round(np.asarray(spectrum[0], dtype=float), 6)),
+                      spectrum[1])
     files = list(dict.fromkeys(os.path.abspath(shot.path) for shot in shots))
     file_number = {path: number for number, path in enumerate(files)}
     strings = h5py.string_dtype()
@@ -553,3 +552,73 @@ def write_list_table(path: str | os.PathLike, shots: Sequence[Shot]) -> None:
     with atomic_output(path, "w") as handle:
         handle.write("shot\tfile\tframe\n")
         handle.writelines(f"{number}\t{os.path.abspath(shot.path)}\t{shot.frame}\n" for number, shot in enumerate(shots))
+
+
+# ---------------------------------------------------------------------------------------------
+# An image-list shard seen as a shard (xfel_spread.io.shard's readers dispatch here)
+
+
+def _first_readable(listing: ImageListShard) -> int:
+    for i, reason in enumerate(listing.unreadable):
+        if not reason:
+            return i
+    raise ImageInputError(f"{listing.path}: no shot of the image list is readable")
+
+
+def _source(shot: Shot):
+    """(dxtbx Format instance of ``shot``'s file, frame to pass it or None for a one-image file)."""
+    from dxtbx.format.FormatMultiImage import FormatMultiImage
+
+    instance = format_class_for(shot.path).get_instance(shot.path)
+    return instance, (shot.frame if isinstance(instance, FormatMultiImage) else None)
+
+
+def image_list_metadata(path: str | os.PathLike):
+    """:class:`xfel_spread.io.shard.ShardMetadata` of an image-list shard, for the stages that read one-panel
+    shards (stage 1): detector attributes from the first readable image's dxtbx detector (origin to beam
+    centre and distance in the project's frame; gain, pedestal as ADC offset, trusted range, sensor
+    thickness and 1/mu), beam polarization, the spectra on the shard's grid."""
+    from xfel_spread.io.shard import ShardMetadata
+
+    listing = read_image_list_shard(path)
+    instance, frame = _source(listing.shots[_first_readable(listing)])
+    detector = instance.get_detector(frame) if frame is not None else instance.get_detector()
+    beam = instance.get_beam(frame) if frame is not None else instance.get_beam()
+    if len(detector) != 1:
+        raise ImageInputError(f"{listing.path}: its images' detector has {len(detector)} panels; this stage reads "
+                              "one-panel images")
+    panel = detector[0]
+    origin_x, origin_y, origin_z = panel.get_origin()
+    n_fast, n_slow = panel.get_image_size()
+    mu = panel.get_mu()
+    detector_attrs = {
+        "pixel_size_mm": float(panel.get_pixel_size()[0]), "distance_mm": float(-origin_z),
+        "n_fast": int(n_fast), "n_slow": int(n_slow), "beam_center_mm": (float(-origin_x), float(origin_y)),
+        "gain_adu_per_photon": float(panel.get_gain()), "adc_offset_adu": float(panel.get_pedestal()),
+        "trusted_range": tuple(float(value) for value in panel.get_trusted_range()),
+        "thickness_mm": float(panel.get_thickness()), "attenuation_length_mm": 1.0 / mu if mu > 0 else 1.0,
+        "material": str(panel.get_material() or ""),
+    }
+    beam_attrs = {"polarization_fraction": float(beam.get_polarization_fraction()),
+                  "polarization_normal": tuple(float(value) for value in beam.get_polarization_normal())}
+    return ShardMetadata(dataset="images", n_shots=listing.n_shots, shot_index=listing.shot_index,
+                         energy_ev=listing.energy_ev, photons_per_channel=listing.weights, detector=detector_attrs,
+                         beam=beam_attrs)
+
+
+def read_image_list_image(path: str | os.PathLike, i: int) -> np.ndarray:
+    """Image ``i`` of an image-list shard, read from its file through dxtbx: (n_slow, n_fast), int32 for
+    integer data; a multi-panel image or an unreadable shot is an ImageInputError."""
+    listing = read_image_list_shard(path)
+    if not 0 <= i < listing.n_shots:
+        raise IndexError(f"{os.fspath(path)}: shot {i} out of range (n_shots={listing.n_shots})")
+    if listing.unreadable[i]:
+        raise ImageInputError(listing.unreadable[i])
+    instance, frame = _source(listing.shots[i])
+    data = instance.get_raw_data(frame) if frame is not None else instance.get_raw_data()
+    if isinstance(data, tuple):
+        if len(data) != 1:
+            raise ImageInputError(f"{listing.shots[i].path}: {len(data)} panels; this stage reads one-panel images")
+        data = data[0]
+    array = data.as_numpy_array()
+    return array.astype(np.int32) if np.issubdtype(array.dtype, np.integer) else array
