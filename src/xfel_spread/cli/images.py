@@ -2,9 +2,10 @@
 
 ``python -m xfel_spread.cli.images list``: the run's image list (``shot file frame``), from the files and globs.
 ``python -m xfel_spread.cli.images shard``: one image-list shard (files, frames, spectra, mask; no pixels).
+``python -m xfel_spread.cli.images nxmx``: one of the project's shards exported as NeXus/NXmx with its spectra.
 
 The rules run them as modules (``{ENV_BIN}/python -m``); ``pyproject.toml`` also installs them as
-``spread-list-images`` and ``spread-image-shard``.
+``spread-list-images``, ``spread-image-shard`` and ``spread-export-nxmx``.
 """
 
 from __future__ import annotations
@@ -65,12 +66,29 @@ def image_shard_main(argv: list[str] | None = None) -> int:
     return run_command("spread-image-shard", action)
 
 
+def export_nxmx_main(argv: list[str] | None = None) -> int:
+    """``spread-export-nxmx``: write a simulated shard as a NeXus/NXmx file with its spectra; exit status."""
+    parser = argparse.ArgumentParser(prog="spread-export-nxmx",
+                                     description="Write one of the project's shards as NeXus/NXmx, spectra included.")
+    parser.add_argument("--shard", required=True, help="a shard (HDF5, e.g. results/sim/nopsf/shard_00000.h5)")
+    parser.add_argument("--output", required=True, help="the NXmx file to write")
+    arguments = parser.parse_args(argv)
+
+    def action():
+        from xfel_spread.io.nexus import write_nxmx
+
+        write_nxmx(arguments.shard, arguments.output)
+        print(f"{arguments.output}: written from {arguments.shard}", file=sys.stderr)
+
+    return run_command("spread-export-nxmx", action)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m xfel_spread.cli.images {list,shard} ...``."""
+    """``python -m xfel_spread.cli.images {list,shard,nxmx} ...``."""
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"list": list_images_main, "shard": image_shard_main}
+    commands = {"list": list_images_main, "shard": image_shard_main, "nxmx": export_nxmx_main}
     if not argv or argv[0] not in commands:
-        print("usage: python -m xfel_spread.cli.images {list,shard} ...", file=sys.stderr)
+        print("usage: python -m xfel_spread.cli.images {list,shard,nxmx} ...", file=sys.stderr)
         return 2
     return commands[argv[0]](argv[1:])
 

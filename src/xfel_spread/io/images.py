@@ -309,8 +309,21 @@ def _format_spectrum(instance, shot: Shot, source: str) -> tuple[np.ndarray, np.
         try:
             spectrum = instance.get_spectrum(index) if index is not None else instance.get_spectrum()
         except Exception as error:  # formats raise anything from a missing dataset
-            raise ImageInputError(f"{shot.path}: frame {shot.frame} has no spectrum (spectra: imageset): "
-                                  f"{' '.join(str(error).split())}") from None
+            spectrum, problem = None, " ".join(str(error).split())
+        else:
+            problem = ""
+        if spectrum is None and may_hold_several_images(shot.path):
+            # NeXus: dxtbx 3.12's FormatNXmx has no spectra; read the NXbeam's own (io.nexus).
+            from xfel_spread.io.nexus import read_nexus_spectrum
+
+            try:
+                found = read_nexus_spectrum(shot.path, shot.frame)
+            except (OSError, KeyError, IndexError, ValueError):
+                found = None
+            if found is not None:
+                return found
+        if spectrum is None and problem:
+            raise ImageInputError(f"{shot.path}: frame {shot.frame} has no spectrum (spectra: imageset): {problem}")
         if spectrum is None:
             raise ImageInputError(f"{shot.path}: frame {shot.frame} has no spectrum (spectra: imageset); "
                                   "use spectra: table or monochromatic")
