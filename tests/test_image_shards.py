@@ -109,3 +109,18 @@ def test_the_shard_readers_serve_an_image_list_like_a_simulated_shard(tmp_path):
     make_image_list_shard(tmp_path / "cspad.h5", cspad, 0, "monochromatic")
     with pytest.raises(ShardFormatError, match=r"cspad.h5: its images' detector has 64 panels"):
         read_shard_metadata(tmp_path / "cspad.h5")
+
+
+def test_the_mask_of_an_image_list_reaches_the_shard_readers(tmp_path):
+    import pickle
+
+    from xfel_spread.io.shard import read_shard_mask
+
+    mask = RAYONIX / "mask_rayonix340mx_4x4.pickle"
+    make_image_list_shard(tmp_path / "masked.h5", list_images([str(RAYONIX / "*.cbf")]), 0, "monochromatic",
+                          mask=str(mask))
+    with open(mask, "rb") as handle:
+        expected = pickle.load(handle)[0].as_numpy_array()
+    assert np.array_equal(read_shard_mask(tmp_path / "masked.h5"), expected)
+    make_image_list_shard(tmp_path / "plain.h5", list_images([str(RAYONIX / "*.cbf")]), 0, "monochromatic")
+    assert read_shard_mask(tmp_path / "plain.h5") is None

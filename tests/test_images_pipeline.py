@@ -148,3 +148,29 @@ def test_cspad_thermolysin_stills_index_in_p6122_through_the_index_stage(tmp_pat
         assert experiment.crystal.get_space_group() == patterson
         cell = np.array(experiment.crystal.get_unit_cell().parameters())
         assert cell == pytest.approx([93.4, 93.4, 131.2, 90, 90, 120], rel=0.01)
+
+
+def test_the_rayonix_mfx_still_runs_through_hit_finding_and_index_with_its_mask(tmp_path):
+    phil = tmp_path / "rayonix.phil"
+    phil.write_text((REPO_ROOT / "config/examples/rayonix_mfx.phil").read_text())
+    mask = SHARED_DATA_DIR / "real/rayonix_mfx/mask_rayonix340mx_4x4.pickle"
+    config = {"input": {"source": "images", "images": [str(SHARED_DATA_DIR / "real/rayonix_mfx/*.cbf")],
+                        "spectra": "monochromatic", "mask": str(mask)},
+              "index": {"phil": str(phil)}}
+    configfile = tmp_path / "rayonix.yaml"
+    configfile.write_text(yaml.safe_dump(config))
+    succeeded(snakemake(tmp_path, configfile, "results/index/images/shard_00000_shots.tsv",
+                        "results/hitfind/images/powder.json"))
+
+    lit = (tmp_path / "results/hitfind/images/shard_00000_lit.tsv").read_text().splitlines()
+    row = dict(zip(lit[0].split("\t"), lit[1].split("\t")))
+    import pickle
+
+    with open(mask, "rb") as handle:
+        n_masked = int((~pickle.load(handle)[0].as_numpy_array()).sum())
+    # Hit finding reads the image through dxtbx and trusts at most the pixels the mask leaves.
+    assert 0 < int(row["trusted_pixels"]) <= 1920 * 1920 - n_masked and int(row["lit_pixels"]) > 0
+    assert float(row["wavelength_a"]) == pytest.approx(1.3038, abs=1e-4)
+    (shot,) = shots_of(tmp_path, "index", 1)
+    # One still, one outcome: it is a hit, spot finding keeps its spots, indexing fails (config/examples/rayonix_mfx.phil).
+    assert shot["status"] == "indexing_failed" and shot["n_spots"] > 50, shot

@@ -52,6 +52,14 @@ def test_images_plan_per_shard_jobs_and_no_truth_or_score(tmp_path):
     assert not {rule for rule in jobs if rule.startswith("score") or rule in ("simulate", "structure_factors")}
 
 
+def test_hit_finding_on_images_plans_per_shard_measurements_and_no_score(tmp_path):
+    result, _ = dry_run(tmp_path, {**nanobragg_input(), "hitfind": {"enabled": True}})
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    # Measured once per shard; the threshold and the powder once per run; two more settings files.
+    expected = expected_jobs(2) | {"hitfind_shard": 2, "hitfind": 1, "powder": 1, "stage_settings": 9}
+    assert job_stats(result.stdout + result.stderr) == expected
+
+
 def test_a_glob_matching_nothing_stops_the_run_with_one_line(tmp_path):
     result, _ = dry_run(tmp_path, nanobragg_input(images=[str(tmp_path / "nothing_*.cbf")]))
     assert result.returncode != 0
@@ -69,9 +77,6 @@ def test_parse_time_refusals_name_the_key():
     assert refusal(images=[]) == "Input error: run.yaml: input.images: source: images needs at least one file or glob"
     assert refusal(spectra_table=None) == "Input error: run.yaml: input.spectra_table: spectra: table needs the table's path"
     assert refusal(mask="/nowhere/mask.pickle") == "Input error: run.yaml: input.mask: /nowhere/mask.pickle: no such file"
-    config = load_config({**nanobragg_input(), "hitfind": {"enabled": True}})
-    with pytest.raises(RunSettingsError, match="hitfind.enabled: hit finding reads simulated shards only"):
-        plan_image_shots(config, "run.yaml")
     assert len(plan_image_shots(load_config(nanobragg_input()), "run.yaml")) == 8
 
 

@@ -117,9 +117,6 @@ def plan_image_shots(config: Mapping, source_name: str) -> list:
     for key in ("spectra_table", "mask", "reference_geometry", "model"):
         if settings[key] is not None and not os.path.isfile(settings[key]):
             raise refuse(key, f"{settings[key]}: no such file")
-    if config["hitfind"]["enabled"]:
-        raise RunSettingsError(f"Config error: {source_name}: hitfind.enabled: hit finding reads simulated shards "
-                               "only; set hitfind.enabled: false with input.source: images")
     try:
         return list_images(settings["images"])
     except ImageInputError as error:

@@ -143,7 +143,8 @@ def shot_outcomes(shard_path, first_shot: int, n_images: int, work_dir: Path) ->
 
     shots = []
     for image in range(n_images):
-        tag = image_tag(shard_path, image)
+        # stills_process tags the image of a one-image file by the file's bare name.
+        tag = image_tag(shard_path, image) if n_images > 1 else Path(shard_path).stem
         shot = ShotOutcome(shot=first_shot + image, image=image)
         if tag in outcomes:
             shot.status, count = outcomes[tag]

@@ -635,3 +635,16 @@ def read_image_list_image(path: str | os.PathLike, i: int) -> np.ndarray:
         data = data[0]
     array = data.as_numpy_array()
     return array.astype(np.int32) if np.issubdtype(array.dtype, np.integer) else array
+
+
+def image_list_mask(path: str | os.PathLike) -> np.ndarray | None:
+    """The one-panel mask (True = trusted) an image-list shard names, checked against its detector; None without."""
+    listing = read_image_list_shard(path)
+    if listing.mask is None:
+        return None
+    instance, frame = _source(listing.shots[_first_readable(listing)])
+    detector = instance.get_detector(frame) if frame is not None else instance.get_detector()
+    panels = read_mask(listing.mask, detector_shapes(detector))
+    if len(panels) != 1:
+        raise ImageInputError(f"{listing.path}: its mask has {len(panels)} panels; this stage reads one-panel images")
+    return panels[0]

@@ -313,6 +313,17 @@ def read_shard_image(path: str | os.PathLike, i: int) -> np.ndarray:
         return h5["data"][i]
 
 
+def read_shard_mask(path: str | os.PathLike) -> np.ndarray | None:
+    """The trusted-pixel mask (bool ``(n_slow, n_fast)``, True = trusted) an image-list shard names
+    (``input.mask``, one panel); None for a simulated shard or an image list without a mask."""
+    if not _image_list(path):
+        return None
+    from xfel_spread.io.images import image_list_mask
+
+    with _image_list_errors(path):
+        return image_list_mask(path)
+
+
 def read_shard_spectrum(path: str | os.PathLike, i: int) -> tuple[np.ndarray, np.ndarray]:
     """Spectrum of shot ``i``: (channel energies in eV, photons per channel; an image list's weights)."""
     if _image_list(path):
