@@ -44,6 +44,8 @@ SLOW_AXIS = (0.0, -1.0, 0.0)
 # dxtbx stores the beam's ``direction`` from the sample towards the source, so s0 = -direction/lambda
 # = (0, 0, -1/lambda): the beam travelling along -z.
 SAMPLE_TO_SOURCE = (0.0, 0.0, 1.0)
+#: How many of an image list's files a reader keeps open (dxtbx Format instances), oldest dropped first.
+_OPEN_SOURCES = 4
 
 
 class ShardFormatSorry(ShardFormatError, Sorry):
@@ -159,6 +161,8 @@ class FormatSPREADShard(FormatHDF5, FormatStill):
         """(dxtbx Format instance of shot ``index``'s file, the frame to pass it or None for a one-image file)."""
         shot = self._image_list.shots[index]
         if shot.path not in self._sources:
+            if len(self._sources) >= _OPEN_SOURCES:  # a shard of 500 one-image files: keep a few open
+                self._sources.pop(next(iter(self._sources)))
             try:
                 self._sources[shot.path] = format_class_for(shot.path).get_instance(shot.path)
             except ImageInputError as error:
@@ -169,16 +173,25 @@ class FormatSPREADShard(FormatHDF5, FormatStill):
         return instance, (shot.frame if isinstance(instance, FormatMultiImage) else None)
 
     def get_static_mask(self):
-        """The image list's mask (True = trusted), one flex.bool per panel; None without one."""
-        if self._image_list is None or self._image_list.mask is None:
+        """An image list's static mask (True = trusted), one flex.bool per panel: input.mask, combined with
+        the first readable image's own format's static mask; None when neither has one."""
+        if self._image_list is None:
             return None
+        readable = [i for i, reason in enumerate(self._image_list.unreadable) if not reason]
+        first, _ = self._source(readable[0])
+        own = first.get_static_mask()
+        if self._image_list.mask is None:
+            return own
         try:
             from xfel_spread.io.images import detector_shapes
 
             panels = read_mask(self._image_list.mask, detector_shapes(self._detector_instance))
         except ImageInputError as error:
             raise Sorry(str(error)) from None
-        return tuple(flex.bool(panel) for panel in panels)
+        masks = [flex.bool(panel) for panel in panels]
+        if own is not None:
+            masks = [mask & other for mask, other in zip(masks, own)]
+        return tuple(masks)
 
     def get_num_images(self) -> int:
         if self._image_list is not None:
