@@ -174,3 +174,28 @@ def test_the_rayonix_mfx_still_runs_through_hit_finding_and_index_with_its_mask(
     (shot,) = shots_of(tmp_path, "index", 1)
     # One still, one outcome: it is a hit, spot finding keeps its spots, indexing fails (config/examples/rayonix_mfx.phil).
     assert shot["status"] == "indexing_failed" and shot["n_spots"] > 50, shot
+
+
+def test_an_unreadable_image_is_recorded_by_the_index_stage_and_the_others_processed(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import mpirun_command
+
+    from xfel_spread.dials.stills import UNREADABLE_IMAGE
+    from xfel_spread.io.images import list_images, make_image_list_shard
+
+    junk = tmp_path / "image_999.img.gz"
+    junk.write_bytes(b"\x1f\x8b not an image")
+    shots = list_images([str(NANOBRAGG / "image_00[0-1].img.gz"), str(junk)])
+    make_image_list_shard(tmp_path / "shard_00000.h5", shots, 0, "table", str(NANOBRAGG / "spectra.tsv"),
+                          max_unreadable_fraction=0.5)
+    script = Path(sys.executable).parent / "spread-stills-process"
+    result = subprocess.run(list(map(str, mpirun_command(
+        [script, "--shard", tmp_path / "shard_00000.h5", "--shots", "0", "3", "--phil", REPO_ROOT / "config/index.phil",
+         "--output-prefix", tmp_path / "index"], 1))), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_shots_table(tmp_path / "index_shots.tsv")
+    assert [row["status"] for row in rows] == [INTEGRATED, INTEGRATED, UNREADABLE_IMAGE]
+    assert rows[2]["reason"].startswith(f"{junk}: dxtbx cannot read it")

@@ -333,7 +333,8 @@ def process_shard(shard_path, shots: tuple[int, int], phil_paths: Sequence, pref
     if not selected:
         if rank != 0:
             return None
-        print(f"{shard_path}: no readable hits; stills_process not run", file=log_stream, flush=True)
+        what = "no readable hits" if unreadable_images else "no hits"
+        print(f"{shard_path}: {what}; stills_process not run", file=log_stream, flush=True)
         return _finish([excluded(image) for image in range(n_images)], paths, work_dir)
 
     install_mono_sim_stand_in()
