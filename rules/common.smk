@@ -7,7 +7,8 @@ import sys
 
 from xfel_spread.config import DATASETS, IMAGE_DATASET, modelled_psf, shard_ranges
 from xfel_spread.reference import REFERENCE_NAMES
-from xfel_spread.workflow import RunSettingsError, check_run_settings, display_path, run_config, shots_digest
+from xfel_spread.io.images import shots_digest
+from xfel_spread.workflow import RunSettingsError, check_run_settings, display_path, run_config
 
 
 def config_source_name():

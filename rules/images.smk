@@ -4,7 +4,7 @@
 
 
 rule list_images:
-    """Every (file, frame) of input.images, in order: the run's image list."""
+    """Every (file, frame) of input.images, in order: the run's image list (a record; no rule reads it)."""
     output:
         IMAGE_LIST,
     params:
@@ -22,17 +22,19 @@ rule image_shard:
     """One image-list shard: its images' files and frames, each shot's spectrum, the mask; checked by dxtbx."""
     input:
         settings=f"{OUTPUT_DIR}/settings/images.yaml",
-        # Ancient: a longer list reruns only the shards whose shots changed (params.digest).
-        image_list=ancient(IMAGE_LIST),
         **{key: config["input"][key] for key in ("spectra_table", "mask") if config["input"][key]},
     output:
         # shard_path() with images from elsewhere; spelt out so a simulated run has no second rule for its shards.
         shard_file("images", ".h5"),
     params:
+        images=lambda wildcards: repeated_option("--image", config["input"]["images"]),
         shots=lambda wildcards: SHARD_RANGES[int(wildcards.index)],
+        # The shard's own shots: more files rerun only the shards whose shots changed (params trigger), and
+        # the job checks that the files it lists are still these. Not the list file as an input: Snakemake
+        # would then rerun the list and stop before the new shards.
         digest=lambda wildcards: shots_digest(IMAGE_SHOTS[slice(*SHARD_RANGES[int(wildcards.index)])]),
     log:
         f"{LOG_DIR}/images/{{dataset}}/shard_{{index}}.log",
     shell:
-        "{ENV_BIN}/python -m xfel_spread.cli.images shard --config {input.settings:q} --list {input.image_list:q}"
-        " --shots {params.shots[0]} {params.shots[1]} --output {output:q} > {log:q} 2>&1"
+        "{ENV_BIN}/python -m xfel_spread.cli.images shard --config {input.settings:q} {params.images}"
+        " --shots {params.shots[0]} {params.shots[1]} --digest {params.digest} --output {output:q} > {log:q} 2>&1"

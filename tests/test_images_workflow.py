@@ -97,3 +97,38 @@ def test_a_list_of_100000_files_plans_in_seconds_with_jobs_per_shard(tmp_path):
     config["input"]["shots_per_shard"] = 250
     result, _ = dry_run(tmp_path, config)
     assert job_stats(result.stdout + result.stderr) == expected_jobs(400)
+
+
+@pytest.mark.slow  # makes two image-list shards with dxtbx, then plans again (about a minute)
+def test_more_files_add_only_their_shards_and_a_spectra_setting_remakes_every_shard(tmp_path):
+    from pipeline_run import snakemake, succeeded
+
+    images = tmp_path / "images"
+    images.mkdir()
+
+    def arrive(numbers):  # new files in the directory the glob names (links to the shared images)
+        for number in numbers:
+            (images / f"image_{number:03d}.img.gz").symlink_to(NANOBRAGG / f"image_{number:03d}.img.gz")
+
+    def config(**overrides):
+        return {**nanobragg_input(images=[str(images / "image_*.img.gz")], shots_per_shard=2, **overrides),
+                "reference": {"mirror_dir": str(SHARED_DATA_DIR)}}
+
+    configfile = tmp_path / "images.yaml"
+    configfile.write_text(yaml.safe_dump(config()))
+    targets = ["results/images/list.tsv"] + [f"results/images/images/shard_{index:05d}.h5" for index in range(3)]
+    arrive(range(4))
+    succeeded(snakemake(tmp_path, configfile, *targets[:3]))
+    before = [(tmp_path / shard).stat().st_mtime_ns for shard in targets[1:3]]
+
+    arrive(range(4, 6))
+    plan = succeeded(snakemake(tmp_path, configfile, "--dry-run", *targets))
+    assert job_stats(plan) == {"list_images": 1, "image_shard": 1}
+    assert "wildcards: dataset=images, index=00002" in plan
+    succeeded(snakemake(tmp_path, configfile, *targets))
+    assert len((tmp_path / "results/images/list.tsv").read_text().splitlines()) == 7
+    assert [(tmp_path / shard).stat().st_mtime_ns for shard in targets[1:3]] == before
+
+    configfile.write_text(yaml.safe_dump(config(energy_offset_ev=1.0)))
+    plan = succeeded(snakemake(tmp_path, configfile, "--dry-run", *targets))
+    assert job_stats(plan) == {"stage_settings": 1, "image_shard": 3}

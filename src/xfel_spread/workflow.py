@@ -122,12 +122,3 @@ def plan_image_shots(config: Mapping, source_name: str) -> list:
     except ImageInputError as error:
         raise refuse("images", str(error)) from None
 
-
-def shots_digest(shots) -> str:
-    """A short digest of a list of shots (file, frame), so a rule's params change when its shots do."""
-    import hashlib
-
-    digest = hashlib.sha1()
-    for shot in shots:
-        digest.update(f"{os.path.abspath(shot.path)}\t{shot.frame}\n".encode())
-    return digest.hexdigest()

@@ -36,24 +36,29 @@ def list_images_main(argv: list[str] | None = None) -> int:
 
 
 def image_shard_main(argv: list[str] | None = None) -> int:
-    """``spread-image-shard``: write one image-list shard from shots START..STOP-1 of the image list; exit status."""
+    """``spread-image-shard``: write one image-list shard from shots START..STOP-1 of the images; exit status."""
     parser = argparse.ArgumentParser(prog="spread-image-shard",
                                      description="Write one image-list shard: files, frames, spectra, mask.")
     parser.add_argument("--config", required=True, help="settings of the images stage (YAML, section input)")
-    parser.add_argument("--list", required=True, help="the run's image list (spread-list-images)")
+    parser.add_argument("--image", action="append", required=True, help="a file or glob (repeatable, in order)")
     parser.add_argument("--shots", required=True, type=int, nargs=2, metavar=("START", "STOP"),
-                        help="this shard's shots START..STOP-1 of the list")
+                        help="this shard's shots START..STOP-1 of the images' list")
+    parser.add_argument("--digest", default=None,
+                        help="the shard's shots as planned (xfel_spread.io.images.shots_digest): stop if they differ")
     parser.add_argument("--output", required=True, help="the image-list shard to write (HDF5)")
     arguments = parser.parse_args(argv)
 
     def action():
-        from xfel_spread.io.images import ImageInputError, make_image_list_shard, read_list_table
+        from xfel_spread.io.images import ImageInputError, list_images, make_image_list_shard, shots_digest
 
         settings = load_config(arguments.config)["input"]
-        shots = read_list_table(arguments.list)
+        shots = list_images(arguments.image)
         start, stop = arguments.shots
         if not 0 <= start < stop <= len(shots):
-            raise ImageInputError(f"{arguments.list}: holds {len(shots)} images, the shard needs {start}..{stop - 1}")
+            raise ImageInputError(f"{arguments.image[0]}: lists {len(shots)} images, the shard needs {start}..{stop - 1}")
+        if arguments.digest is not None and shots_digest(shots[start:stop]) != arguments.digest:
+            raise ImageInputError(f"{arguments.image[0]}: images {start}..{stop - 1} are not those the run planned "
+                                  "(files added or removed since); plan the run again")
         listing = make_image_list_shard(arguments.output, shots[start:stop], start, settings["spectra"],
                                         settings["spectra_table"], settings["energy_offset_ev"], settings["mask"],
                                         settings["max_unreadable_fraction"])

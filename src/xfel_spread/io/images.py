@@ -151,6 +151,17 @@ def list_images(patterns: Sequence[str], base_dir: str | os.PathLike | None = No
     return plan_frames(expand_images(patterns, base_dir))
 
 
+def shots_digest(shots: Iterable[Shot]) -> str:
+    """A short digest of shots (absolute path, frame): an image shard's params, so that it reruns when its
+    shots change, and its check that the files it lists are the ones the run planned."""
+    import hashlib
+
+    digest = hashlib.sha1()
+    for shot in shots:
+        digest.update(f"{os.path.abspath(shot.path)}\t{shot.frame}\n".encode())
+    return digest.hexdigest()
+
+
 def shard_shots(shots: Sequence[Shot], shots_per_shard: int) -> list[list[Shot]]:
     """``shots`` split, in order, into shards of ``shots_per_shard`` (the last may be shorter)."""
     if shots_per_shard < 1:
