@@ -60,6 +60,27 @@ def test_hit_finding_on_images_plans_per_shard_measurements_and_no_score(tmp_pat
     assert job_stats(result.stdout + result.stderr) == expected
 
 
+def test_starting_geometry_and_model_reach_the_index_and_merge_commands(tmp_path):
+    geometry = SHARED_DATA_DIR / "real/rayonix_mfx/experiments_000.json"
+    model = SHARED_DATA_DIR / "1m2a.pdb"
+    configfile = tmp_path / "images.yaml"
+    configfile.write_text(yaml.safe_dump(nanobragg_input(reference_geometry=str(geometry), model=str(model))))
+    (tmp_path / "work").mkdir()
+    command = [sys.executable, "-m", "snakemake", "--dry-run", "--printshellcmds", "--snakefile",
+               str(REPO_ROOT / "Snakefile"), "--directory", str(tmp_path / "work"), f"--configfile={configfile}"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    lines = result.stdout.splitlines()
+    index = [line for line in lines if "spread-stills-process" in line and "results/index/" in line]
+    reindex = [line for line in lines if "spread-stills-process" in line and "results/reindex/" in line]
+    merge = [line for line in lines if "spread-merge " in line]
+    assert len(index) == 2 and all(f"--reference-geometry {geometry}" in line for line in index)
+    assert reindex and all(str(geometry) not in line for line in reindex)  # reindex takes metrology's detector
+    assert len(merge) == 1 and f"--model {model}" in merge[0]
+    # The model given is the merge's, so no reference copy of 1m2a.pdb is made for it; SPREAD's start table is.
+    assert "resources/reference/1m2a.pdb" not in result.stdout
+
+
 def test_a_glob_matching_nothing_stops_the_run_with_one_line(tmp_path):
     result, _ = dry_run(tmp_path, nanobragg_input(images=[str(tmp_path / "nothing_*.cbf")]))
     assert result.returncode != 0
