@@ -555,20 +555,6 @@ def make_image_list_shard(path: str | os.PathLike, shots: Sequence[Shot], first_
     return read_image_list_shard(path)
 
 
-def read_list_table(path: str | os.PathLike) -> list[Shot]:
-    """The shots of an image list written by :func:`write_list_table` (columns ``shot file frame``)."""
-    path = os.fspath(path)
-    shots = []
-    with open(path) as handle:
-        header = handle.readline().split("\t")
-        if [name.strip() for name in header] != ["shot", "file", "frame"]:
-            raise ImageInputError(f"{path}: not an image list (header must be shot, file, frame)")
-        for line in handle:
-            _, file, frame = line.rstrip("\n").split("\t")
-            shots.append(Shot(file, int(frame)))
-    return shots
-
-
 def write_list_table(path: str | os.PathLike, shots: Sequence[Shot]) -> None:
     """Write the run's image list atomically: one row per shot, ``shot file frame`` (tab-separated)."""
     from xfel_spread.atomic import atomic_output
