@@ -120,3 +120,14 @@ def test_the_export_command_writes_the_file_and_names_a_bad_shard_in_one_line(tm
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith(f"spread-export-nxmx: error: {tmp_path / 'bad.h5'}: ")
+
+
+def test_the_projects_own_shard_is_an_image_source_with_its_spectra(tmp_path):
+    shard = tmp_path / "shard_00000.h5"
+    write(shard)
+    shots = list_images([str(tmp_path / "shard_*.h5")])
+    assert [shot.frame for shot in shots] == [0, 1, 2]
+    listing = make_image_list_shard(tmp_path / "list.h5", shots, 0, "imageset")
+    assert listing.energy_ev == pytest.approx(ENERGY_EV) and listing.weights == pytest.approx(PHOTONS)
+    for frame, image in enumerate(images()):
+        assert np.array_equal(read_shard_image(tmp_path / "list.h5", frame), image)
