@@ -14,8 +14,10 @@ rule index:
     params:
         shots=lambda wildcards: SHARD_RANGES[int(wildcards.index)],
         prefix=lambda wildcards: shard_prefix("index", wildcards.dataset, wildcards.index),
-        hits=hits_table_option,
-        geometry=starting_geometry_option,
+        # The hits table and, with images from elsewhere, input.reference_geometry, in one placeholder: a new
+        # one would change the shell text, which the code trigger compares, and rerun every finished index job.
+        hits=lambda wildcards, input: " ".join(option for option in (
+            hits_table_option(wildcards, input), starting_geometry_option(wildcards, input)) if option),
     resources:
         mpi="mpirun",
         tasks=1,
@@ -26,4 +28,4 @@ rule index:
     shell:
         "{resources.mpi} -n {resources.tasks} {ENV_BIN}/spread-stills-process --shard {input.shard:q}"
         " --shots {params.shots[0]} {params.shots[1]} --phil {input.phil:q} --output-prefix {params.prefix:q}"
-        " {params.hits} {params.geometry} > {log:q} 2>&1"
+        " {params.hits} > {log:q} 2>&1"
