@@ -66,7 +66,7 @@ def nanobragg_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("nanobragg")
     configfile = workdir / "nanobragg.yaml"
     configfile.write_text(yaml.safe_dump(nanobragg_config(workdir)))
-    targets = [f"results/stage1/images/shard_{index:05d}_shots.tsv" for index in range(2)]
+    targets = ["results/images/list.tsv"] + [f"results/stage1/images/shard_{index:05d}_shots.tsv" for index in range(2)]
     succeeded(snakemake(workdir, configfile, *targets))
     return workdir
 
