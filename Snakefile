@@ -17,6 +17,7 @@ include: "rules/common.smk"
 # order they depend on is a rule's `rules.NAME.output` of a rule in a file above it.
 include: "rules/reference.smk"
 include: "rules/simulate.smk"
+include: "rules/images.smk"
 include: "rules/index.smk"
 include: "rules/hitfind.smk"
 include: "rules/metrology.smk"

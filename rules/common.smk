@@ -5,8 +5,9 @@ import os
 import shlex
 import sys
 
-from xfel_spread.config import DATASETS, modelled_psf, shard_ranges
+from xfel_spread.config import DATASETS, IMAGE_DATASET, modelled_psf, shard_ranges
 from xfel_spread.reference import REFERENCE_NAMES
+from xfel_spread.io.images import shots_digest
 from xfel_spread.workflow import RunSettingsError, check_run_settings, display_path, run_config
 
 
@@ -30,8 +31,24 @@ except RunSettingsError as error:
 OUTPUT_DIR = os.path.normpath(config["output_dir"])
 LOG_DIR = os.path.normpath(config["log_dir"])
 REFERENCE_DIR = os.path.normpath(config["reference"]["dir"])
-# (start, stop) shot indices of each shard; shard i holds shots start..stop-1.
-SHARD_RANGES = shard_ranges(config["simulate"]["n_shots"], config["simulate"]["shots_per_shard"])
+#: Whether the shots are simulated (input.source: simulate) or images from elsewhere (input.source: images).
+SIMULATED = config["input"]["source"] == "simulate"
+
+if SIMULATED:
+    RUN_DATASETS = DATASETS
+    # (start, stop) shot indices of each shard; shard i holds shots start..stop-1.
+    SHARD_RANGES = shard_ranges(config["simulate"]["n_shots"], config["simulate"]["shots_per_shard"])
+    IMAGE_SHOTS = []
+else:
+    from xfel_spread.workflow import plan_image_shots
+
+    try:
+        # Every (file, frame) of input.images, globs expanded; no image file is opened except containers.
+        IMAGE_SHOTS = plan_image_shots(config, config_source_name())
+    except RunSettingsError as error:
+        sys.exit(str(error))
+    RUN_DATASETS = (IMAGE_DATASET,)
+    SHARD_RANGES = shard_ranges(len(IMAGE_SHOTS), config["input"]["shots_per_shard"])
 
 try:
     # Phil files, metrology engine, saved detector: stop here rather than in every job.
@@ -48,7 +65,7 @@ except RunSettingsError as error:
 ENV_BIN = shlex.quote(os.path.dirname(sys.executable))
 
 #: The {dataset} wildcard's values and the {index} wildcard's form (a five-digit shard number).
-DATASET = "|".join(DATASETS)
+DATASET = "|".join(RUN_DATASETS)
 SHARD_INDEX = r"\d{5}"
 
 #: Whether the hitfind stage runs and index/reindex take only its hits.
@@ -96,9 +113,22 @@ def shard_files(stage, suffix, dataset="{dataset}"):
     return [prefix + suffix for prefix in shard_prefixes(stage, dataset)]
 
 
-def shard_path(dataset="{dataset}", index="{index}"):
+def simulated_shard_path(dataset="{dataset}", index="{index}"):
     """Simulated shard `index` of `dataset` (nopsf or psf)."""
     return shard_file("sim", ".h5", dataset, index)
+
+
+def shard_path(dataset="{dataset}", index="{index}"):
+    """The shard every per-shard stage reads: the simulated shard, or with images from elsewhere the
+    image-list shard (OUTPUT_DIR/images/images/shard_NNNNN.h5: files, frames, spectra, no pixels)."""
+    return simulated_shard_path(dataset, index) if SIMULATED else shard_file("images", ".h5", dataset, index)
+
+
+#: The run's image list (shot, file, frame) with images from elsewhere.
+IMAGE_LIST = f"{OUTPUT_DIR}/images/list.tsv"
+
+#: The PDB model of the merging reference and SPREAD's fixed part: input.model, or the LY99 reference copy.
+MODEL_FILE = config["input"]["model"] or reference_path("1m2a.pdb")
 
 
 #: The simulation's truth, one file per shard (shared by both datasets).
@@ -114,7 +144,10 @@ def final_targets():
     """Everything the default target `all` asks for: the reference files, every shard of both datasets, the score
     tables of the DIALS chain, merging and both pixel refinements (which pull in index, metrology,
     reindex, the cell analysis, the merge and the annulus), the annulus summaries, the report's figures and
-    SPREAD's score tables (which pull in the SPREAD stage)."""
+    SPREAD's score tables (which pull in the SPREAD stage). With images from elsewhere (no truth), the
+    stages' own outputs instead of the scores: image_targets()."""
+    if not SIMULATED:
+        return image_targets()
     references = [reference_path(name) for name in REFERENCE_NAMES]
     shards = [shard_path(dataset, index) for dataset in DATASETS for index in range(len(SHARD_RANGES))]
     scores = [f"{OUTPUT_DIR}/score/{stage}_{dataset}.tsv"
@@ -125,6 +158,22 @@ def final_targets():
     hitfind = [f"{OUTPUT_DIR}/{path}" for dataset in DATASETS
                for path in (f"score/hitfind_{dataset}.tsv", f"hitfind/{dataset}/powder.json")] if HITFIND else []
     return references + shards + scores + annulus + figures + spread + hitfind
+
+
+def image_targets():
+    """The default target with images from elsewhere: the image list, every image-list shard, both DIALS
+    passes' shots tables, metrology's report, the cell clusters, the merge's statistics, the annulus, both
+    pixel refinements' shots tables, hit finding's summary and powder when it is on; no score, no truth.
+    Not SPREAD: it needs the spectra on the structure_factors channels, which images from elsewhere do not
+    have (ask for results/spread/images/spread_summary.json to run it)."""
+    dataset = IMAGE_DATASET
+    shards = [shard_path(dataset, index) for index in range(len(SHARD_RANGES))]
+    shots = [path for stage in ("index", "reindex") + PIXEL_REFINEMENTS for path in shard_files(stage, "_shots.tsv", dataset)]
+    per_dataset = [f"{OUTPUT_DIR}/{path}" for path in (
+        f"metrology/{dataset}/report.txt", f"cells/{dataset}_clusters.txt", f"merge/{dataset}/statistics.tsv",
+        f"annulus/{dataset}/summary.json")]
+    hitfind = [f"{OUTPUT_DIR}/hitfind/{dataset}/{name}" for name in ("summary.json", "powder.json")] if HITFIND else []
+    return [IMAGE_LIST] + shards + shots + per_dataset + hitfind
 
 
 def repeated_option(option, values):
@@ -158,6 +207,17 @@ def hitfind_files(suffix):
 def hits_table_input():
     """index/reindex input `hits`: the shard's hits table when hitfind is enabled, else nothing."""
     return {"hits": shard_file("hitfind", "_hits.tsv")} if HITFIND else {}
+
+
+def starting_geometry_input():
+    """index input `reference_geometry`: input.reference_geometry when given, else nothing."""
+    path = config["input"]["reference_geometry"]
+    return {"reference_geometry": path} if path else {}
+
+
+def starting_geometry_option(wildcards, input):
+    """`--reference-geometry EXPT` for the index pass when input.reference_geometry is given."""
+    return f"--reference-geometry {shlex.quote(input.reference_geometry)}" if "reference_geometry" in input.keys() else ""
 
 
 def hits_table_option(wildcards, input):

@@ -8,12 +8,16 @@ rule index:
         shard=shard_path(),
         phil=config["index"]["phil"],
         **hits_table_input(),
+        **starting_geometry_input(),
     output:
         **stills_outputs("index"),
     params:
         shots=lambda wildcards: SHARD_RANGES[int(wildcards.index)],
         prefix=lambda wildcards: shard_prefix("index", wildcards.dataset, wildcards.index),
-        hits=hits_table_option,
+        # The hits table and, with images from elsewhere, input.reference_geometry, in one placeholder: a new
+        # one would change the shell text, which the code trigger compares, and rerun every finished index job.
+        hits=lambda wildcards, input: " ".join(option for option in (
+            hits_table_option(wildcards, input), starting_geometry_option(wildcards, input)) if option),
     resources:
         mpi="mpirun",
         tasks=1,

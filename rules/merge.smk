@@ -7,7 +7,7 @@ rule merge:
     input:
         settings=f"{OUTPUT_DIR}/settings/merge.yaml",
         covariance=rules.covariance.output.pickle,
-        model=reference_path("1m2a.pdb"),
+        model=MODEL_FILE,
         experiments=stills_output_of_all_shards("reindex", "integrated_experiments"),
         reflections=stills_output_of_all_shards("reindex", "integrated_reflections"),
     output:

@@ -41,8 +41,8 @@ rule simulate:
         settings=f"{OUTPUT_DIR}/settings/simulate.yaml",
         amplitudes=rules.structure_factors.output[0],
     output:
-        nopsf=shard_path("nopsf"),
-        psf=shard_path("psf"),
+        nopsf=simulated_shard_path("nopsf"),
+        psf=simulated_shard_path("psf"),
         truth=shard_file("sim", ".json", dataset="truth"),
     params:
         shots=lambda wildcards: SHARD_RANGES[int(wildcards.index)],

@@ -12,13 +12,14 @@ rule spread:
         reflections=lambda wildcards: shard_files("annulus", "_annulus.refl", wildcards.dataset),
         shards=lambda wildcards: [shard_path(wildcards.dataset, index) for index in range(len(SHARD_RANGES))],
         shots=lambda wildcards: shard_files(SPREAD_REFINEMENT, "_shots.tsv", wildcards.dataset),
-        pdb=reference_path("1m2a.pdb"),
+        pdb=MODEL_FILE,
     output:
         **spread_outputs(),
     params:
         shards=spread_shard_options,
         # The named start tables are reference files, next to the PDB.
-        tables_dir=lambda wildcards, input: os.path.dirname(input.pdb),
+        # The named start tables are reference copies, beside the LY99 model whatever input.model says.
+        tables_dir=lambda wildcards: os.path.dirname(reference_path("1m2a.pdb")),
         prefix=lambda wildcards: spread_prefix(wildcards.dataset),
         psf=detector_psf_option,
     resources:

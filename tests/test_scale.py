@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from conftest import REPO_ROOT, job_stats
-from xfel_spread.config import STAGE_SECTIONS
+from xfel_spread.config import IMAGE_ONLY_STAGES, STAGE_SECTIONS
 from xfel_spread.reference import REFERENCE_NAMES
 
 PRODUCTION = REPO_ROOT / "config" / "production.yaml"
@@ -26,7 +26,7 @@ PER_DATASET = ("metrology", "score_dials", "tdata", "covariance", "merge", "dial
 
 
 def expected_jobs(n_shards: int) -> Counter:
-    return Counter({"reference_data": len(REFERENCE_NAMES), "stage_settings": len(STAGE_SECTIONS),
+    return Counter({"reference_data": len(REFERENCE_NAMES), "stage_settings": len(STAGE_SECTIONS) - len(IMAGE_ONLY_STAGES),
                     "structure_factors": 1,
                     "simulate": n_shards, **{rule: 2 * n_shards for rule in PER_SHARD_AND_DATASET},
                     **{rule: 2 for rule in PER_DATASET}, "all": 1})

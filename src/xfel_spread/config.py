@@ -25,6 +25,12 @@ from xfel_spread.errors import UserInputError
 #: function. Fixed by the pipeline's purpose, so deliberately not a config key.
 DATASETS = ("nopsf", "psf")
 
+#: The one dataset of a run on images from elsewhere (input.source: images).
+IMAGE_DATASET = "images"
+
+#: Stages (STAGE_SECTIONS keys) whose settings only a run on images from elsewhere uses.
+IMAGE_ONLY_STAGES = ("images",)
+
 #: Stands in for the key path when a problem concerns the whole document.
 TOP_LEVEL = "<top level>"
 
@@ -180,6 +186,9 @@ STAGE_SECTIONS = {
     "spread": {"spread": None, "stage1": None, "structure_factors": None},
     # Measuring shards (lit pixels, radial profiles, powder) and choosing the threshold read separate keys,
     # so a new threshold reuses the measurements; `enabled` only wires the stage into the workflow.
+    # Image-list shards: how spectra and the mask are found; the file list and its sharding are shard
+    # bookkeeping (the rule's params), like simulate's n_shots and shots_per_shard.
+    "images": {"input": ("images", "shots_per_shard", "reference_geometry", "model", "source")},
     "hitfind_shard": {"hitfind": ("enabled", "lit_pixel_floor", "min_separation_decades", "min_lit_pixels")},
     "hitfind": {"hitfind": ("enabled", "lit_pixel_sigma", "lit_pixel_min_photons", "radial_bin_px",
                             "ring_q_range_inv_a")},

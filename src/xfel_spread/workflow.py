@@ -117,3 +117,30 @@ def check_saved_detector(config: Mapping, source_name: str, output_dir: str) -> 
     if os.path.commonpath([os.path.abspath(path), metrology_dir]) == metrology_dir:
         raise RunSettingsError(f"Config error: {source_name}: metrology.reference_geometry: {path} is written by "
                                "this run's metrology; copy it elsewhere first")
+
+
+def plan_image_shots(config: Mapping, source_name: str) -> list:
+    """Every shot (:class:`xfel_spread.io.images.Shot`) of ``input.images``, for a run on images from
+    elsewhere, after checking the files the ``input`` section names. Globs are expanded and sorted; only
+    multi-image containers are opened (to count frames), so 100,000 single-image files plan in a second.
+
+    Raises RunSettingsError ``Input error: SOURCE: input.KEY: problem`` (one line)."""
+    from xfel_spread.io.images import ImageInputError, list_images
+
+    settings = config["input"]
+
+    def refuse(key: str, problem: str):
+        return RunSettingsError(f"Input error: {source_name}: input.{key}: {problem}")
+
+    if not settings["images"]:
+        raise refuse("images", "source: images needs at least one file or glob")
+    if settings["spectra"] == "table" and settings["spectra_table"] is None:
+        raise refuse("spectra_table", "spectra: table needs the table's path")
+    for key in ("spectra_table", "mask", "reference_geometry", "model"):
+        if settings[key] is not None and not os.path.isfile(settings[key]):
+            raise refuse(key, f"{settings[key]}: no such file")
+    try:
+        return list_images(settings["images"])
+    except ImageInputError as error:
+        raise refuse("images", str(error)) from None
+

@@ -59,6 +59,8 @@ INTEGRATED = "integrate_ok"
 _COUNTS_INDEXED = ("refine_failed", "integrate_failed")
 NOT_PROCESSED = "not_processed"
 UNREADABLE_SHARD = "unreadable_shard"
+#: A shot of an image-list shard whose file dxtbx could not read (recorded when the list was made).
+UNREADABLE_IMAGE = "unreadable_image"
 NOT_A_HIT = "not_a_hit"
 
 # stills_process prints one line per failed shot: "<what failed> <tag> <reason>", where the reason may
@@ -141,7 +143,8 @@ def shot_outcomes(shard_path, first_shot: int, n_images: int, work_dir: Path) ->
 
     shots = []
     for image in range(n_images):
-        tag = image_tag(shard_path, image)
+        # stills_process tags the image of a one-image file by the file's bare name.
+        tag = image_tag(shard_path, image) if n_images > 1 else Path(shard_path).stem
         shot = ShotOutcome(shot=first_shot + image, image=image)
         if tag in outcomes:
             shot.status, count = outcomes[tag]
@@ -283,6 +286,7 @@ def process_shard(shard_path, shots: tuple[int, int], phil_paths: Sequence, pref
     are recorded as ``not_a_hit``. Collective over the MPI world. Returns the shot outcomes on rank 0
     (which writes the outputs) and None on the other ranks.
     """
+    from xfel_spread.io.images import ImageInputError, is_image_list_shard, read_image_list_shard
     from xfel_spread.io.shard import ShardFormatError, read_shard_metadata
 
     comm = _mpi_world()
@@ -293,17 +297,22 @@ def process_shard(shard_path, shots: tuple[int, int], phil_paths: Sequence, pref
 
     first_shot, n_images = shots[0], shots[1] - shots[0]
 
-    unreadable = None
+    unreadable, unreadable_images = None, {}
     if rank == 0:
         try:
-            n_in_file = read_shard_metadata(shard_path).n_shots
+            if is_image_list_shard(shard_path):
+                listing = read_image_list_shard(shard_path)
+                n_in_file = listing.n_shots
+                unreadable_images = {image: reason for image, reason in enumerate(listing.unreadable) if reason}
+            else:
+                n_in_file = read_shard_metadata(shard_path).n_shots
             if n_in_file != n_images:
                 unreadable = f"{shard_path}: holds {n_in_file} shots, the pipeline expects {n_images}"
-        except ShardFormatError as error:
+        except (ShardFormatError, ImageInputError) as error:
             unreadable = str(error)
         shutil.rmtree(work_dir, ignore_errors=True)
         work_dir.mkdir(parents=True)
-    unreadable = comm.bcast(unreadable, root=0)
+    unreadable, unreadable_images = comm.bcast((unreadable, unreadable_images), root=0)
 
     if unreadable is not None:
         if rank != 0:
@@ -314,12 +323,19 @@ def process_shard(shard_path, shots: tuple[int, int], phil_paths: Sequence, pref
         return _finish(outcomes, paths, work_dir)
 
     selected = sorted(set(hit_images)) if hit_images is not None else list(range(n_images))
+    selected = [image for image in selected if image not in unreadable_images]
+
+    def excluded(image: int) -> ShotOutcome:
+        if image in unreadable_images:
+            return ShotOutcome(first_shot + image, image, UNREADABLE_IMAGE, reason=unreadable_images[image])
+        return ShotOutcome(first_shot + image, image, NOT_A_HIT)
+
     if not selected:
         if rank != 0:
             return None
-        print(f"{shard_path}: no hits; stills_process not run", file=log_stream, flush=True)
-        return _finish([ShotOutcome(first_shot + image, image, NOT_A_HIT) for image in range(n_images)],
-                       paths, work_dir)
+        what = "no readable hits" if unreadable_images else "no hits"
+        print(f"{shard_path}: {what}; stills_process not run", file=log_stream, flush=True)
+        return _finish([excluded(image) for image in range(n_images)], paths, work_dir)
 
     install_mono_sim_stand_in()
     from dials.command_line.stills_process import Script
@@ -339,9 +355,7 @@ def process_shard(shard_path, shots: tuple[int, int], phil_paths: Sequence, pref
 
     _append_rank_logs(work_dir, log_stream)
     outcomes = shot_outcomes(shard_path, first_shot, n_images, work_dir)
-    for outcome in outcomes:
-        if outcome.image not in selected:
-            outcome.status = NOT_A_HIT
+    outcomes = [outcome if outcome.image in selected else excluded(outcome.image) for outcome in outcomes]
     return _finish(outcomes, paths, work_dir)
 
 

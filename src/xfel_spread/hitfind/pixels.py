@@ -75,10 +75,13 @@ class ShotMeasurement:
 
 
 def measure_shot(image_adu: np.ndarray, detector: dict, geometry: RadialGeometry, settings: LitPixelSettings,
-                 wavelength_a: float) -> tuple[ShotMeasurement, np.ndarray, np.ndarray]:
-    """Measure one image; also return its photons and trusted mask (flat) for the powder sum."""
+                 wavelength_a: float, mask: np.ndarray | None = None) -> tuple[ShotMeasurement, np.ndarray, np.ndarray]:
+    """Measure one image; also return its photons and trusted mask (flat) for the powder sum. ``mask``
+    (bool, image-shaped, True = trusted), when given, leaves out the pixels it rejects."""
     photons = photons_from_adu(image_adu, detector).reshape(-1)
     trusted = trusted_mask(image_adu, detector).reshape(-1)
+    if mask is not None:
+        trusted &= np.asarray(mask, dtype=bool).reshape(-1)
     factor, root_factor = geometry.relative_factor, geometry.root_relative_factor
     mean, noise = clipped_radial_statistics(photons / factor, trusted, geometry, noise_weight=root_factor)
     excess = photons - mean[geometry.bin_index] * factor

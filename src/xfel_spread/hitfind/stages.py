@@ -58,9 +58,10 @@ def geometry_of(detector: dict, beam: dict, bin_width_px: float):
 def measure_shard(shard_path, first_shot: int, settings: LitPixelSettings, bin_width_px: float,
                   lit_path, radial_path, powder_path) -> list:
     """Measure every shot of a shard and write its three files; return the measurements."""
-    from xfel_spread.io.shard import read_shard_image, read_shard_metadata
+    from xfel_spread.io.shard import read_shard_image, read_shard_mask, read_shard_metadata
 
     metadata = read_shard_metadata(shard_path)
+    mask = read_shard_mask(shard_path)
     if metadata.n_shots and int(metadata.shot_index[0]) != first_shot:
         raise tables.HitfindFileError(shard_path, f"starts at shot {int(metadata.shot_index[0])}, "
                                                   f"the pipeline expects {first_shot}")
@@ -71,7 +72,7 @@ def measure_shard(shard_path, first_shot: int, settings: LitPixelSettings, bin_w
     measurements = []
     for image in range(metadata.n_shots):
         measurement, photons, trusted = measure_shot(read_shard_image(shard_path, image), metadata.detector,
-                                                     geometry, settings, wavelengths[image])
+                                                     geometry, settings, wavelengths[image], mask)
         powder.add(photons, trusted)
         measurements.append(measurement)
         progress.advance()

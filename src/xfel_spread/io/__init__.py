@@ -1,7 +1,7 @@
 """File formats, each reader next to its writer: the HDF5 shard layout (``shard``) and its dxtbx reader
 (``dxtbx_format``); DIALS experiment lists and their reflections (``expt``); one shard's stills_process
 outputs and shots table (``stills``); the merge's lattice table (``lattices``); merged MTZs (``mtz``);
-and the one TSV writer (``tables``).
+images from elsewhere, their spectra and masks (``images``); and the one TSV writer (``tables``).
 
 ``dxtbx_format`` needs dxtbx, so it is not imported here; dxtbx loads it through the entry point.
 """

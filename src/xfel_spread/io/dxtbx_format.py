@@ -6,6 +6,13 @@ asks it about every file that ``FormatHDF5`` accepts. A shard is a multi-image f
 its own beam, because each shot has its own SASE spectrum.
 
 All file access goes through :mod:`xfel_spread.io.shard`, which owns the layout and validation.
+
+The same class reads image-list shards (:mod:`xfel_spread.io.images`): a shard of images from elsewhere
+that holds no pixels, only each shot's file and frame, its spectrum and the run's mask. It opens each
+listed file through the dxtbx format class that reads it, hands on its pixels and detector (every
+panel, as that format builds them), gives each shot its own beam at its spectrum's weighted wavelength
+and the mask as the static mask. dxtbx finds format classes through entry points, so one class
+serving both kinds keeps the project at one entry point.
 """
 
 from __future__ import annotations
@@ -22,6 +29,13 @@ from dxtbx.model.detector import DetectorFactory
 from libtbx.utils import Sorry
 from scitbx.array_family import flex
 
+from xfel_spread.io.images import (
+    IMAGE_LIST_FORMAT,
+    ImageInputError,
+    format_class_for,
+    read_image_list_shard,
+    read_mask,
+)
 from xfel_spread.io.shard import SHARD_FORMAT, ShardFormatError, read_shard_image, read_shard_metadata
 
 # The laboratory frame of docs/design.md: the beam travels along -z, the panel's fast axis is +x,
@@ -31,6 +45,8 @@ SLOW_AXIS = (0.0, -1.0, 0.0)
 # dxtbx stores the beam's ``direction`` from the sample towards the source, so s0 = -direction/lambda
 # = (0, 0, -1/lambda): the beam travelling along -z.
 SAMPLE_TO_SOURCE = (0.0, 0.0, 1.0)
+#: How many of an image list's files a reader keeps open (dxtbx Format instances), oldest dropped first.
+_OPEN_SOURCES = 4
 
 
 class ShardFormatSorry(ShardFormatError, Sorry):
@@ -51,18 +67,25 @@ def _shard_errors_as_sorry():
 
 
 class FormatSPREADShard(FormatHDF5, FormatStill):
-    """Multi-shot still HDF5 shards written by :func:`xfel_spread.io.shard.write_shard`."""
+    """Multi-shot still HDF5 shards written by :func:`xfel_spread.io.shard.write_shard`, and image-list
+    shards written by :func:`xfel_spread.io.images.write_image_list_shard`."""
 
     @staticmethod
     def understand(image_file):
-        """True for HDF5 files whose root attribute ``format`` names the shard format."""
+        """True for HDF5 files whose root attribute ``format`` names the shard or image-list format."""
         try:
             with h5py.File(image_file, "r") as h5:
-                return h5.attrs.get("format") == SHARD_FORMAT
+                return h5.attrs.get("format") in (SHARD_FORMAT, IMAGE_LIST_FORMAT)
         except OSError:
             return False
 
     def setup(self):
+        self._image_list = None
+        with h5py.File(self._image_file, "r") as h5:
+            is_image_list = h5.attrs.get("format") == IMAGE_LIST_FORMAT
+        if is_image_list:
+            self._setup_image_list()
+            return
         # Replaces FormatStill.setup, which swallows errors while building the models: a shard
         # with bad metadata should say what is wrong (ShardFormatError), not load without a beam.
         with _shard_errors_as_sorry():
@@ -141,7 +164,66 @@ class FormatSPREADShard(FormatHDF5, FormatStill):
             polarization_fraction=beam["polarization_fraction"],
         )
 
+    def _setup_image_list(self):
+        """Models of an image-list shard: the first readable image's detector and beam, per-shot wavelengths."""
+        try:
+            self._image_list = read_image_list_shard(self._image_file)
+        except ImageInputError as error:
+            raise Sorry(str(error)) from None
+        readable = [i for i, reason in enumerate(self._image_list.unreadable) if not reason]
+        if not readable:
+            raise Sorry(f"{self._image_file}: no shot of the image list is readable")
+        self._sources = {}
+        first, frame = self._source(readable[0])
+        self._detector_instance = first.get_detector(frame) if frame is not None else first.get_detector()
+        template = first.get_beam(frame) if frame is not None else first.get_beam()
+        self._beams = []
+        for i in range(self._image_list.n_shots):
+            beam = Beam(template)
+            if not self._image_list.unreadable[i]:
+                beam.set_wavelength(self.get_spectrum(i).get_weighted_wavelength())
+            self._beams.append(beam)
+        self._beam_instance = self._beams[0]
+
+    def _source(self, index: int):
+        """(dxtbx Format instance of shot ``index``'s file, the frame to pass it or None for a one-image file)."""
+        shot = self._image_list.shots[index]
+        if shot.path not in self._sources:
+            if len(self._sources) >= _OPEN_SOURCES:  # a shard of 500 one-image files: keep a few open
+                self._sources.pop(next(iter(self._sources)))
+            try:
+                self._sources[shot.path] = format_class_for(shot.path).get_instance(shot.path)
+            except ImageInputError as error:
+                raise Sorry(str(error)) from None
+        instance = self._sources[shot.path]
+        from dxtbx.format.FormatMultiImage import FormatMultiImage
+
+        return instance, (shot.frame if isinstance(instance, FormatMultiImage) else None)
+
+    def get_static_mask(self):
+        """An image list's static mask (True = trusted), one flex.bool per panel: input.mask, combined with
+        the first readable image's own format's static mask; None when neither has one."""
+        if self._image_list is None:
+            return None
+        readable = [i for i, reason in enumerate(self._image_list.unreadable) if not reason]
+        first, _ = self._source(readable[0])
+        own = first.get_static_mask()
+        if self._image_list.mask is None:
+            return own
+        try:
+            from xfel_spread.io.images import detector_shapes
+
+            panels = read_mask(self._image_list.mask, detector_shapes(self._detector_instance))
+        except ImageInputError as error:
+            raise Sorry(str(error)) from None
+        masks = [flex.bool(panel) for panel in panels]
+        if own is not None:
+            masks = [mask & other for mask, other in zip(masks, own)]
+        return tuple(masks)
+
     def get_num_images(self) -> int:
+        if self._image_list is not None:
+            return self._image_list.n_shots
         return self._metadata.n_shots
 
     def get_beam(self, index=None) -> Beam:
@@ -150,6 +232,11 @@ class FormatSPREADShard(FormatHDF5, FormatStill):
     def get_spectrum(self, index=None) -> Spectrum:
         """Spectrum of shot ``index`` (position in the file; ``ImageSet.get_spectrum`` passes it)."""
         index = 0 if index is None else index
+        if self._image_list is not None:
+            energies, weights = self._image_list.spectrum(index)
+            if weights.sum() <= 0:
+                raise Sorry(f"{self._image_file}: shot {index} has no spectrum")
+            return Spectrum(flex.double(energies), flex.double(weights))
         photons = self._metadata.photons_per_channel[index]
         if photons.sum() <= 0:
             raise ShardFormatSorry(self._image_file, f"shot {index} has no photons in its spectrum")
@@ -157,7 +244,11 @@ class FormatSPREADShard(FormatHDF5, FormatStill):
 
     def get_raw_data(self, index=None):
         """Image ``index`` in ADU as flex.int with shape (n_slow, n_fast); a tuple of one per panel
-        for a multi-panel shard."""
+        for a multi-panel shard; an image list's images as their own format gives them (a tuple of
+        panels for a multi-panel detector)."""
+        if self._image_list is not None:
+            instance, frame = self._source(0 if index is None else index)
+            return instance.get_raw_data(frame) if frame is not None else instance.get_raw_data()
         with _shard_errors_as_sorry():
             image = read_shard_image(self._image_file, 0 if index is None else index)
         if image.ndim == 3:

@@ -282,8 +282,31 @@ def _attrs_as_python(attrs: h5py.AttributeManager) -> dict:
     return values
 
 
+def _image_list(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is an image-list shard (images from elsewhere, :mod:`xfel_spread.io.images`), which
+    the readers below serve through dxtbx."""
+    from xfel_spread.io.images import is_image_list_shard
+
+    return is_image_list_shard(path)
+
+
+@contextlib.contextmanager
+def _image_list_errors(path) -> Iterator[None]:
+    from xfel_spread.io.images import ImageInputError
+
+    try:
+        yield
+    except ImageInputError as error:
+        raise ShardFormatError(path, str(error).removeprefix(f"{os.fspath(path)}: ")) from None
+
+
 def read_shard_metadata(path: str | os.PathLike) -> ShardMetadata:
-    """Read and validate everything except the images."""
+    """Read and validate everything except the images (of an image-list shard: ``image_list_metadata``)."""
+    if _image_list(path):
+        from xfel_spread.io.images import image_list_metadata
+
+        with _image_list_errors(path):
+            return image_list_metadata(path)
     with _open_validated(path) as h5:
         return ShardMetadata(
             dataset=str(h5.attrs["dataset"]),
@@ -298,14 +321,36 @@ def read_shard_metadata(path: str | os.PathLike) -> ShardMetadata:
 
 def read_shard_image(path: str | os.PathLike, i: int) -> np.ndarray:
     """Image ``i`` (zero-based position in the shard) as int32 ``(n_slow, n_fast)`` ADU
-    (``(n_panels, n_slow, n_fast)`` for a multi-panel shard)."""
+    (``(n_panels, n_slow, n_fast)`` for a multi-panel shard; of an image-list shard: read from its file
+    through dxtbx)."""
+    if _image_list(path):
+        from xfel_spread.io.images import read_image_list_image
+
+        with _image_list_errors(path):
+            return read_image_list_image(path, i)
     with _open_validated(path) as h5:
         _check_shot(path, h5, i)
         return h5["data"][i]
 
 
+def read_shard_mask(path: str | os.PathLike) -> np.ndarray | None:
+    """The trusted-pixel mask (bool ``(n_slow, n_fast)``, True = trusted) an image-list shard names
+    (``input.mask``, one panel); None for a simulated shard or an image list without a mask."""
+    if not _image_list(path):
+        return None
+    from xfel_spread.io.images import image_list_mask
+
+    with _image_list_errors(path):
+        return image_list_mask(path)
+
+
 def read_shard_spectrum(path: str | os.PathLike, i: int) -> tuple[np.ndarray, np.ndarray]:
-    """Spectrum of shot ``i``: (channel energies in eV, photons per channel)."""
+    """Spectrum of shot ``i``: (channel energies in eV, photons per channel; an image list's weights)."""
+    if _image_list(path):
+        from xfel_spread.io.images import read_image_list_shard
+
+        with _image_list_errors(path):
+            return read_image_list_shard(path).spectrum(i)
     with _open_validated(path) as h5:
         _check_shot(path, h5, i)
         return h5["spectrum/energy_ev"][()], h5["spectrum/photons"][i]

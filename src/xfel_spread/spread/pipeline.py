@@ -324,9 +324,12 @@ def run_spread(inputs: SpreadInputs, comm=None, log=None) -> dict | None:
                                      restraints, progress)
             for shard in shards:
                 lattice_energies = shard.problem.interpolation @ torch.tensor(grid)
-                if not np.allclose(lattice_energies.numpy(), energies, rtol=0, atol=1e-6):
-                    raise SpreadInputError(f"{inputs.shards[shard.shard]}: channel energies differ from the "
-                                           f"structure_factors section's of {inputs.config}")
+                # Images from elsewhere bring their own channels (io.images), of another count too.
+                if (lattice_energies.shape != energies.shape
+                        or not np.allclose(lattice_energies.numpy(), energies, rtol=0, atol=1e-6)):
+                    raise SpreadInputError(f"{inputs.shards[shard.shard]}: channel energies ({lattice_energies.shape[0]}) "
+                                           f"differ from the structure_factors section's ({energies.shape[0]}) of "
+                                           f"{inputs.config}")
         except USER_ERRORS as caught:
             error = caught
     first_error(comm, error)

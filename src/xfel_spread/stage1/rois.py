@@ -11,7 +11,8 @@ reflection:
   pixel's centre (ties to the reflection listed first), and only to it: every pixel is modelled once.
   A box therefore loses the pixels a nearer neighbour claims.
 - **Trusted pixels.** A pixel is trusted when its value lies inside the detector's trusted range
-  (inclusive, ADU, from the shard metadata) and it is outside the *strong spot* of every other
+  (inclusive, ADU, from the shard metadata), the mask of an image-list shard (``input.mask``) trusts it,
+  and it is outside the *strong spot* of every other
   reflection: closer than ``shoebox_size_px / 4`` to another reflection's centroid. (The shoebox is
   sized to hold the spot in its inner half plus a border; a pixel that close to another centroid
   carries that reflection's light even when it is nearer to its own centroid, as happens for two
@@ -49,7 +50,13 @@ from pathlib import Path
 import numpy as np
 
 from xfel_spread.errors import UserInputError
-from xfel_spread.io.shard import ShardMetadata, read_shard_image, read_shard_metadata, read_shard_spectrum
+from xfel_spread.io.shard import (
+    ShardMetadata,
+    read_shard_image,
+    read_shard_mask,
+    read_shard_metadata,
+    read_shard_spectrum,
+)
 from xfel_spread.sim.geometry import FAST_AXIS, SLOW_AXIS, Detector, MultiPanelDetector
 from xfel_spread.sim.structure_factors import AmplitudeGrid
 from xfel_spread.stage1.shot import ShotPixels
@@ -289,6 +296,8 @@ class AnnulusShard:
     experiments: object  #: dxtbx ExperimentList, image sets with their Format class
     reflections: object  #: DIALS reflection table
     metadata: ShardMetadata
+    #: The image-list shard's trusted-pixel mask (input.mask; True = trusted), or None.
+    mask: np.ndarray | None = None
 
     @property
     def n_lattices(self) -> int:
@@ -332,7 +341,8 @@ def open_annulus_shard(prefix: str | os.PathLike, shard_path: str | os.PathLike)
         # Geometry the forward model cannot describe is the whole shard's problem, not one shot's.
         detector_from_dials(experiment.detector, metadata.detector, experiments_path)
         check_polarization(experiment.beam, experiments_path)
-    return AnnulusShard(experiments_path, reflections_path, Path(shard_path), experiments, reflections, metadata)
+    return AnnulusShard(experiments_path, reflections_path, Path(shard_path), experiments, reflections, metadata,
+                        read_shard_mask(shard_path))
 
 
 def _same_file(a, b) -> bool:
@@ -402,6 +412,11 @@ def shot_pixels(annulus: AnnulusShard, lattice: int, image_adu: np.ndarray,
         adu = image_adu[pixels.slow, pixels.fast].astype(np.float64)
         minimum_adu, maximum_adu = metadata.detector["trusted_range"]
     trusted = (adu >= minimum_adu) & (adu <= maximum_adu) & ~pixels.in_other_spot
+    if annulus.mask is not None:
+        if annulus.mask.ndim == 3:  # one mask per panel
+            trusted &= annulus.mask[pixels.panel, pixels.slow, pixels.fast]
+        else:
+            trusted &= annulus.mask[pixels.slow, pixels.fast]
     photons_px = (adu - metadata.detector["adc_offset_adu"]) / metadata.detector["gain_adu_per_photon"]
     background, has_background = plane_backgrounds(pixels, photons_px, trusted, len(miller_index), centroids)
     counts.no_background = int((~has_background).sum())

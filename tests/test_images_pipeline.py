@@ -1,0 +1,201 @@
+"""The pipeline on images it did not write (input.source: images), run by Snakemake from configs made here:
+
+- the eight nanoBragg stills (../shared/data/external/nanobragg, spectra from its spectra.tsv) through
+  index, metrology, reindex, cells, merge, annulus and stage 1, scored against its truth.json as the
+  simulated data are scored (misorientation against the true real-space matrix, over the C2 point group).
+  Stage 1 beating DIALS on most lattices is expected to fail (xfail, strict) with the figures measured;
+- the three real CSPAD thermolysin stills (monochromatic, no spectra) through the index stage with
+  config/examples/thermolysin_cspad.phil, which the pipeline checks and hands to stills_process as it does
+  config/index.phil: every still indexes in P 61 2 2 with the known cell.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+from conftest import REPO_ROOT, SHARED_DATA_DIR
+from pipeline_run import snakemake, succeeded
+
+from xfel_spread.dials.scoring import misorientation_deg, point_group_rotations
+from xfel_spread.dials.stills import INTEGRATED, read_shots_table
+from xfel_spread.io.refined_shots import read_refined_shots
+
+#: Slow tier: Snakemake runs dials.stills_process (and, for nanoBragg, metrology, merging and stage 1).
+pytestmark = pytest.mark.slow
+
+NANOBRAGG = SHARED_DATA_DIR / "external" / "nanobragg"
+CSPAD = SHARED_DATA_DIR / "real" / "thermolysin_cspad"
+
+
+def nanobragg_config(workdir) -> dict:
+    """Eight nanoBragg stills in two shards of four, spectra from the table, the LY99 model and index phil."""
+    return {
+        "input": {"source": "images", "images": [str(NANOBRAGG / "image_*.img.gz")], "shots_per_shard": 4,
+                  "spectra": "table", "spectra_table": str(NANOBRAGG / "spectra.tsv")},
+        "hitfind": {"enabled": False},
+        "reference": {"mirror_dir": str(SHARED_DATA_DIR), "dir": str(workdir / "reference")},
+        # Eight lattices: a cell cluster of 3, and indices observed once still merge.
+        "cells": {"min_samples": 3},
+        "merge": {"minimum_multiplicity": 1},
+        # The default 2.1-2.5 A annulus lies at the panel's edge here (1.74 A, 141.7 mm): 80 shoeboxes in all
+        # and 2 of 8 lattices unconverged; 2.0-4.0 A gives 259 and every lattice converges.
+        "annulus": {"d_max": 4.0, "d_min": 2.0},
+    }
+
+
+def shots_of(workdir, stage, n_shards):
+    return [row for index in range(n_shards)
+            for row in read_shots_table(workdir / f"results/{stage}/images/shard_{index:05d}_shots.tsv")]
+
+
+def crystals(path):
+    from dxtbx.model.experiment_list import ExperimentList
+
+    experiments = ExperimentList.from_file(str(path), check_format=False)
+    return {experiment.identifier: experiment for experiment in experiments}
+
+
+def matrix(crystal) -> np.ndarray:
+    return np.array([list(vector) for vector in crystal.get_real_space_vectors()])
+
+
+@pytest.fixture(scope="module")
+def nanobragg_run(tmp_path_factory):
+    """The nanoBragg config run by Snakemake to stage 1 (both shards) in a scratch directory; returns it."""
+    workdir = tmp_path_factory.mktemp("nanobragg")
+    configfile = workdir / "nanobragg.yaml"
+    configfile.write_text(yaml.safe_dump(nanobragg_config(workdir)))
+    targets = ["results/images/list.tsv"] + [f"results/stage1/images/shard_{index:05d}_shots.tsv" for index in range(2)]
+    succeeded(snakemake(workdir, configfile, *targets))
+    return workdir
+
+
+def misorientations(workdir) -> dict:
+    """Per image that reached stage 1: (index, reindex, stage 1) misorientation against truth.json (deg, C2)."""
+    truth = json.loads((NANOBRAGG / "truth.json").read_text())["images"]
+    rotations = point_group_rotations("C 1 2 1")
+    angles = {}
+    for index in range(2):
+        passes = [crystals(workdir / f"results/{stage}/images/shard_{index:05d}_integrated.expt")
+                  for stage in ("index", "reindex")]
+        refined = crystals(workdir / f"results/stage1/images/shard_{index:05d}_refined.expt")
+        by_image = {experiment.imageset.indices()[0]: experiment for experiment in passes[0].values()}
+        for identifier, experiment in refined.items():
+            image = experiment.imageset.indices()[0]
+            true_matrix = np.array(truth[index * 4 + image]["real_space_a_b_c_dials_frame"])
+            angles[index * 4 + image] = tuple(
+                misorientation_deg(matrix(crystal), true_matrix, rotations)
+                for crystal in (by_image[image].crystal, passes[1][identifier].crystal, experiment.crystal))
+    print("misorientation (deg) index, reindex, stage 1:",
+          {image: tuple(round(angle, 4) for angle in values) for image, values in sorted(angles.items())})
+    return angles
+
+
+def test_nanobragg_stills_are_listed_indexed_in_both_passes_and_the_detector_refined(nanobragg_run):
+    truth = json.loads((NANOBRAGG / "truth.json").read_text())["images"]
+    listed = (nanobragg_run / "results/images/list.tsv").read_text().splitlines()[1:]
+    assert [line.split("\t")[1] for line in listed] == [str(NANOBRAGG / image["file"]) for image in truth]
+    for stage in ("index", "reindex"):
+        assert [row["status"] for row in shots_of(nanobragg_run, stage, 2)] == [INTEGRATED] * 8, stage
+    # Metrology moves the detector to where nanoBragg drew the pattern: dxtbx's header origin is half a
+    # pixel off in both directions (../shared/data/external/nanobragg/README.md).
+    summary = json.loads((nanobragg_run / "results/metrology/images/summary.json").read_text())
+    before, after = summary["before"]["panels"][0], summary["after"]["panels"][0]
+    true_origin = np.array(truth[0]["true_detector_origin_dials_mm"])
+    assert np.array(before["origin_mm"]) == pytest.approx(truth[0]["dxtbx_detector_origin_mm"])
+    assert np.abs(np.array(after["origin_mm"][:2]) - true_origin[:2]).max() < 0.1 * 0.176  # within 0.1 px
+
+
+def test_nanobragg_lattices_score_against_truth_json_and_stage1_converges(nanobragg_run):
+    angles = misorientations(nanobragg_run)
+    assert len(angles) == 8
+    index, reindex, stage1 = (np.array([values[k] for values in angles.values()]) for k in range(3))
+    assert np.all(index < 0.15) and np.all(reindex < 0.05)
+    assert np.median(reindex) < np.median(index)  # the refined detector helps
+    rows = [row for index in range(2) for row in read_refined_shots(
+        nanobragg_run / f"results/stage1/images/shard_{index:05d}_shots.tsv")]
+    assert len(rows) == 8 and all(row["converged"] for row in rows)
+    assert np.all(stage1 < 0.1)
+
+
+@pytest.mark.xfail(strict=True, reason="measured: stage 1 beats DIALS's reindex pass on 1 lattice of 8 (0.015-0.049 "
+                                       "deg against 0.012-0.036); truth.json gives the nominal matrix, not the mean "
+                                       "of nanoBragg's 10 mosaic domains of 0.05 deg, so both sit near that floor")
+def test_nanobragg_stage1_misorientation_is_below_dials_for_most_lattices(nanobragg_run):
+    angles = misorientations(nanobragg_run)
+    reindex, stage1 = (np.array([values[k] for values in angles.values()]) for k in (1, 2))
+    assert (stage1 < reindex).sum() > len(angles) / 2
+
+
+def test_cspad_thermolysin_stills_index_in_p6122_through_the_index_stage(tmp_path):
+    phil = tmp_path / "thermolysin.phil"
+    phil.write_text((REPO_ROOT / "config/examples/thermolysin_cspad.phil").read_text())
+    config = {"input": {"source": "images", "images": [str(CSPAD / "*.cbf")], "spectra": "monochromatic"},
+              "hitfind": {"enabled": False}, "index": {"phil": str(phil)}}
+    configfile = tmp_path / "thermolysin.yaml"
+    configfile.write_text(yaml.safe_dump(config))
+    succeeded(snakemake(tmp_path, configfile, "results/index/images/shard_00000_shots.tsv"))
+
+    assert [row["status"] for row in shots_of(tmp_path, "index", 1)] == [INTEGRATED] * 3
+    from cctbx import sgtbx
+
+    patterson = sgtbx.space_group_info("P 61 2 2").group().build_derived_patterson_group()
+    experiments = crystals(tmp_path / "results/index/images/shard_00000_integrated.expt").values()
+    assert len(experiments) == 3
+    for experiment in experiments:
+        # stills_process gives crystals the Patterson group of the known symmetry.
+        assert experiment.crystal.get_space_group() == patterson
+        cell = np.array(experiment.crystal.get_unit_cell().parameters())
+        assert cell == pytest.approx([93.4, 93.4, 131.2, 90, 90, 120], rel=0.01)
+
+
+def test_the_rayonix_mfx_still_runs_through_hit_finding_and_index_with_its_mask(tmp_path):
+    phil = tmp_path / "rayonix.phil"
+    phil.write_text((REPO_ROOT / "config/examples/rayonix_mfx.phil").read_text())
+    mask = SHARED_DATA_DIR / "real/rayonix_mfx/mask_rayonix340mx_4x4.pickle"
+    config = {"input": {"source": "images", "images": [str(SHARED_DATA_DIR / "real/rayonix_mfx/*.cbf")],
+                        "spectra": "monochromatic", "mask": str(mask)},
+              "index": {"phil": str(phil)}}
+    configfile = tmp_path / "rayonix.yaml"
+    configfile.write_text(yaml.safe_dump(config))
+    succeeded(snakemake(tmp_path, configfile, "results/index/images/shard_00000_shots.tsv",
+                        "results/hitfind/images/powder.json"))
+
+    lit = (tmp_path / "results/hitfind/images/shard_00000_lit.tsv").read_text().splitlines()
+    row = dict(zip(lit[0].split("\t"), lit[1].split("\t")))
+    import pickle
+
+    with open(mask, "rb") as handle:
+        n_masked = int((~pickle.load(handle)[0].as_numpy_array()).sum())
+    # Hit finding reads the image through dxtbx and trusts at most the pixels the mask leaves.
+    assert 0 < int(row["trusted_pixels"]) <= 1920 * 1920 - n_masked and int(row["lit_pixels"]) > 0
+    assert float(row["wavelength_a"]) == pytest.approx(1.3038, abs=1e-4)
+    (shot,) = shots_of(tmp_path, "index", 1)
+    # One still, one outcome: it is a hit, spot finding keeps its spots, indexing fails (config/examples/rayonix_mfx.phil).
+    assert shot["status"] == "indexing_failed" and shot["n_spots"] > 50, shot
+
+
+def test_an_unreadable_image_is_recorded_by_the_index_stage_and_the_others_processed(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import mpirun_command
+
+    from xfel_spread.dials.stills import UNREADABLE_IMAGE
+    from xfel_spread.io.images import list_images, make_image_list_shard
+
+    junk = tmp_path / "image_999.img.gz"
+    junk.write_bytes(b"\x1f\x8b not an image")
+    shots = list_images([str(NANOBRAGG / "image_00[0-1].img.gz"), str(junk)])
+    make_image_list_shard(tmp_path / "shard_00000.h5", shots, 0, "table", str(NANOBRAGG / "spectra.tsv"),
+                          max_unreadable_fraction=0.5)
+    script = Path(sys.executable).parent / "spread-stills-process"
+    result = subprocess.run(list(map(str, mpirun_command(
+        [script, "--shard", tmp_path / "shard_00000.h5", "--shots", "0", "3", "--phil", REPO_ROOT / "config/index.phil",
+         "--output-prefix", tmp_path / "index"], 1))), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_shots_table(tmp_path / "index_shots.tsv")
+    assert [row["status"] for row in rows] == [INTEGRATED, INTEGRATED, UNREADABLE_IMAGE]
+    assert rows[2]["reason"].startswith(f"{junk}: dxtbx cannot read it")

@@ -1,0 +1,155 @@
+"""The workflow on images from elsewhere (input.source: images): what a dry run plans, how fast a list of
+100,000 files plans, and the one-line refusals at parse time. Dry runs in scratch directories; the image
+files of the 100,000-file case are empty (planning never opens a single-image file)."""
+
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+from conftest import REPO_ROOT, SHARED_DATA_DIR, job_stats
+
+from xfel_spread.config import load_config
+from xfel_spread.workflow import RunSettingsError, plan_image_shots
+
+NANOBRAGG = SHARED_DATA_DIR / "external" / "nanobragg"
+#: One job per shard of the single dataset `images`.
+PER_SHARD = ("image_shard", "index", "reindex", "stage1", "exa")
+#: One job per run.
+PER_RUN = ("list_images", "metrology", "tdata", "covariance", "merge", "annulus", "all")
+
+
+def nanobragg_input(**overrides) -> dict:
+    return {"input": {"source": "images", "images": [str(NANOBRAGG / "image_*.img.gz")], "shots_per_shard": 4,
+                      "spectra": "table", "spectra_table": str(NANOBRAGG / "spectra.tsv"), **overrides},
+            "hitfind": {"enabled": False}}
+
+
+def dry_run(tmp_path, config: dict):
+    configfile = tmp_path / "images.yaml"
+    configfile.write_text(yaml.safe_dump(config))
+    workdir = tmp_path / "work"
+    workdir.mkdir(exist_ok=True)
+    command = [sys.executable, "-m", "snakemake", "--dry-run", "--quiet", "rules", "--snakefile",
+               str(REPO_ROOT / "Snakefile"), "--directory", str(workdir), f"--configfile={configfile}"]
+    start = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    return result, time.perf_counter() - start
+
+
+def expected_jobs(n_shards: int) -> dict:
+    # Reference copy: the model (1m2a.pdb); settings of 6 stages (images, metrology, cells, merge, annulus, stage1).
+    return {"reference_data": 1, "stage_settings": 6, **{rule: n_shards for rule in PER_SHARD},
+            **{rule: 1 for rule in PER_RUN}}
+
+
+def test_images_plan_per_shard_jobs_and_no_truth_or_score(tmp_path):
+    result, _ = dry_run(tmp_path, nanobragg_input())
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    jobs = job_stats(result.stdout + result.stderr)
+    assert jobs == expected_jobs(2)
+    assert not {rule for rule in jobs if rule.startswith("score") or rule in ("simulate", "structure_factors")}
+
+
+def test_hit_finding_on_images_plans_per_shard_measurements_and_no_score(tmp_path):
+    result, _ = dry_run(tmp_path, {**nanobragg_input(), "hitfind": {"enabled": True}})
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    # Measured once per shard; the threshold and the powder once per run; two more settings files.
+    expected = expected_jobs(2) | {"hitfind_shard": 2, "hitfind": 1, "powder": 1, "stage_settings": 8}
+    assert job_stats(result.stdout + result.stderr) == expected
+
+
+def test_starting_geometry_and_model_reach_the_index_and_merge_commands(tmp_path):
+    geometry = SHARED_DATA_DIR / "real/rayonix_mfx/experiments_000.json"
+    model = SHARED_DATA_DIR / "1m2a.pdb"
+    configfile = tmp_path / "images.yaml"
+    configfile.write_text(yaml.safe_dump(nanobragg_input(reference_geometry=str(geometry), model=str(model))))
+    (tmp_path / "work").mkdir()
+    command = [sys.executable, "-m", "snakemake", "--dry-run", "--printshellcmds", "--snakefile",
+               str(REPO_ROOT / "Snakefile"), "--directory", str(tmp_path / "work"), f"--configfile={configfile}"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    lines = result.stdout.splitlines()
+    index = [line for line in lines if "spread-stills-process" in line and "results/index/" in line]
+    reindex = [line for line in lines if "spread-stills-process" in line and "results/reindex/" in line]
+    merge = [line for line in lines if "spread-merge " in line]
+    assert len(index) == 2 and all(f"--reference-geometry {geometry}" in line for line in index)
+    assert reindex and all(str(geometry) not in line for line in reindex)  # reindex takes metrology's detector
+    assert len(merge) == 1 and f"--model {model}" in merge[0]
+    # The model given is the merge's, so no reference copy of 1m2a.pdb is made.
+    assert "resources/reference/1m2a.pdb" not in result.stdout and "rule reference_data" not in result.stdout
+
+
+def test_a_glob_matching_nothing_stops_the_run_with_one_line(tmp_path):
+    result, _ = dry_run(tmp_path, nanobragg_input(images=[str(tmp_path / "nothing_*.cbf")]))
+    assert result.returncode != 0
+    assert (f"Input error: {tmp_path / 'images.yaml'}: input.images: {tmp_path / 'nothing_*.cbf'}: matches no file"
+            in result.stderr.splitlines())
+
+
+def test_parse_time_refusals_name_the_key():
+    def refusal(**overrides):
+        config = load_config(nanobragg_input(**overrides))
+        with pytest.raises(RunSettingsError) as error:
+            plan_image_shots(config, "run.yaml")
+        return str(error.value)
+
+    assert refusal(images=[]) == "Input error: run.yaml: input.images: source: images needs at least one file or glob"
+    assert refusal(spectra_table=None) == "Input error: run.yaml: input.spectra_table: spectra: table needs the table's path"
+    assert refusal(mask="/nowhere/mask.pickle") == "Input error: run.yaml: input.mask: /nowhere/mask.pickle: no such file"
+    assert len(plan_image_shots(load_config(nanobragg_input()), "run.yaml")) == 8
+
+
+@pytest.mark.slow  # makes 100,000 empty files and plans 200 and 400 shards (about 10 s each)
+def test_a_list_of_100000_files_plans_in_seconds_with_jobs_per_shard(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for run in range(100):
+        for shot in range(1000):
+            (images / f"r{run:04d}_{shot:04d}.cbf").touch()
+    config = nanobragg_input(images=[str(images / "r*.cbf")], shots_per_shard=500, spectra="monochromatic",
+                             spectra_table=None)
+    result, seconds = dry_run(tmp_path, config)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert job_stats(result.stdout + result.stderr) == expected_jobs(200)
+    print(f"100,000 files in 200 shards: dry run {seconds:.1f} s")
+    assert seconds < 30  # a guard against planning per file; the figure is in README ("Running on your own images")
+    config["input"]["shots_per_shard"] = 250
+    result, _ = dry_run(tmp_path, config)
+    assert job_stats(result.stdout + result.stderr) == expected_jobs(400)
+
+
+@pytest.mark.slow  # makes two image-list shards with dxtbx, then plans again (about a minute)
+def test_more_files_add_only_their_shards_and_a_spectra_setting_remakes_every_shard(tmp_path):
+    from pipeline_run import snakemake, succeeded
+
+    images = tmp_path / "images"
+    images.mkdir()
+
+    def arrive(numbers):  # new files in the directory the glob names (links to the shared images)
+        for number in numbers:
+            (images / f"image_{number:03d}.img.gz").symlink_to(NANOBRAGG / f"image_{number:03d}.img.gz")
+
+    def config(**overrides):
+        return {**nanobragg_input(images=[str(images / "image_*.img.gz")], shots_per_shard=2, **overrides),
+                "reference": {"mirror_dir": str(SHARED_DATA_DIR)}}
+
+    configfile = tmp_path / "images.yaml"
+    configfile.write_text(yaml.safe_dump(config()))
+    targets = ["results/images/list.tsv"] + [f"results/images/images/shard_{index:05d}.h5" for index in range(3)]
+    arrive(range(4))
+    succeeded(snakemake(tmp_path, configfile, *targets[:3]))
+    before = [(tmp_path / shard).stat().st_mtime_ns for shard in targets[1:3]]
+
+    arrive(range(4, 6))
+    plan = succeeded(snakemake(tmp_path, configfile, "--dry-run", *targets))
+    assert job_stats(plan) == {"list_images": 1, "image_shard": 1}
+    assert "wildcards: dataset=images, index=00002" in plan
+    succeeded(snakemake(tmp_path, configfile, *targets))
+    assert len((tmp_path / "results/images/list.tsv").read_text().splitlines()) == 7
+    assert [(tmp_path / shard).stat().st_mtime_ns for shard in targets[1:3]] == before
+
+    configfile.write_text(yaml.safe_dump(config(energy_offset_ev=1.0)))
+    plan = succeeded(snakemake(tmp_path, configfile, "--dry-run", *targets))
+    assert job_stats(plan) == {"stage_settings": 1, "image_shard": 3}
