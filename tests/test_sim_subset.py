@@ -95,7 +95,8 @@ def test_bragg_terms_are_spreads_coefficients(simulator):
     flat, _ = setup.amplitudes.cell_index(torch.as_tensor(sub.terms.hkl))
     f_sq = setup.amplitudes.intensity[torch.as_tensor(sub.terms.channel), flat].numpy()
     from_terms = sub.scale * np.bincount(sub.terms.pixel, weights=sub.terms.value * f_sq, minlength=len(bragg))
-    np.testing.assert_allclose(from_terms, bragg, rtol=1e-10, atol=1e-12 * bragg.max())
+    # The terms leave out lattice transforms below 1e-12 of their peak (term_floor); the photons do not.
+    np.testing.assert_allclose(from_terms, bragg, rtol=1e-10, atol=1e-10 * bragg.max())
 
     dense = bragg_coefficients(setup.true_detector, beam, simulator.crystal(sub.truth), fast, slow, lookup)
     columns = lookup.columns(sub.terms.hkl)

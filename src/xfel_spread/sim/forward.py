@@ -296,19 +296,18 @@ def _pixels_near_segments(streaks: Streaks, detector: Detector):
 class CandidateTerms:
     """The (pixel, channel, reflection, domain) terms of some streaks' candidate pixels.
 
-    One entry per term: the pixel (``fast``, ``slow``) and its ``factor`` (polar * omega * capture),
-    the ``channel``, the Miller index ``hkl`` (float), the ``streak`` (into the streaks' list), the
-    lattice-transform argument ``arg`` and whether the term is ``alive`` (arg below the cut-off, and
-    the index nearest to the pixel's fractional index when N is small enough to need the check).
-    A term's photons are ``prefactor * factor * photons_k * |F_k(hkl)|^2 * (Na Nb Nc)^2 exp(-2 arg)``.
+    Per candidate (in the order passed): the
+    Miller index ``hkl`` (float) and the pixel's ``factor`` (polar * omega * capture). Per term: its
+    ``candidate``, ``channel``, the lattice-transform argument ``arg`` and whether the term is
+    ``alive`` (arg below the cut-off, and the index nearest to the pixel's fractional index when N is
+    small enough to need the check). A term's photons are
+    ``prefactor * factor * photons_k * |F_k(hkl)|^2 * (Na Nb Nc)^2 exp(-2 arg)``.
     """
 
-    fast: torch.Tensor
-    slow: torch.Tensor
-    factor: torch.Tensor
-    channel: torch.Tensor
     hkl: torch.Tensor
-    streak: torch.Tensor
+    factor: torch.Tensor
+    candidate: torch.Tensor
+    channel: torch.Tensor
     arg: torch.Tensor
     alive: torch.Tensor
 
@@ -358,7 +357,7 @@ def candidate_terms(detector: Detector, beam: Beam, crystal: CrystalState, hkl: 
     if needs_rounding_check:
         h = u_channels[term_channel, None] * h_per_u[pair]
         alive &= (torch.ceil(h - 0.5) == pair_hkl[pair]).all(dim=-1)
-    return CandidateTerms(fast[pair], slow[pair], factor[pair], term_channel, pair_hkl[pair], streak[pair], arg, alive)
+    return CandidateTerms(pair_hkl, factor, pair, term_channel, arg, alive)
 
 
 def bragg_photons_sparse(detector: Detector, beam: Beam, crystal: CrystalState,
@@ -393,8 +392,9 @@ def bragg_photons_sparse(detector: Detector, beam: Beam, crystal: CrystalState,
         if terms is None:
             continue
         flat_cell, inside = amplitudes.cell_index(terms.hkl)
-        f_sq = torch.where(inside, amplitudes.intensity[terms.channel, flat_cell], torch.zeros_like(terms.arg))
+        pair = terms.candidate
+        f_sq = torch.where(inside[pair], amplitudes.intensity[terms.channel, flat_cell[pair]], torch.zeros_like(terms.arg))
         contribution = torch.where(terms.alive, f_sq * weight_k[terms.channel] * lattice_peak_sq
-                                   * torch.exp(-2 * terms.arg), torch.zeros_like(terms.arg)) * terms.factor
-        image.index_add_(0, (terms.slow * detector.n_fast + terms.fast), contribution)
+                                   * torch.exp(-2 * terms.arg), torch.zeros_like(terms.arg)) * terms.factor[pair]
+        image.index_add_(0, (slow * detector.n_fast + fast)[pair], contribution)
     return (photon_prefactor(beam, crystal) * image).reshape(detector.n_slow, detector.n_fast)

@@ -57,7 +57,6 @@ from xfel_spread.sim.forward import (
     GAUSS_WIDTH,
     Beam,
     CrystalState,
-    _pixels_near_segments,
     candidate_terms,
     cutoff_radius,
     excited_streaks,
@@ -193,14 +192,37 @@ class BraggTerms:
     value: np.ndarray
 
 
+def _reachable(detector: Detector, beam: Beam, crystal: CrystalState, hkl: torch.Tensor, fast: torch.Tensor,
+               slow: torch.Tensor, radius: float) -> torch.Tensor:
+    """The Miller indices whose light can reach the pixels at some channel.
+
+    A pixel at scattering angle 2 theta sees, at inverse wavelength u, scattering vectors of length
+    2 u sin(theta); a reflection lights it only if some domain's q lies within the cut-off radius of
+    that vector, so only if | |q| - 2 u sin(theta) | <= radius. Mosaic domains are rotations of one
+    cell, so |q| is the same for all of them (the bound is widened by 1 % for rounding).
+    """
+    with torch.no_grad():
+        directions, _ = pixel_factors(detector, fast, slow, beam.polarization_fraction)
+        sin_theta = torch.sqrt(torch.clamp((1 + directions[:, 2]) / 2, min=0.0))
+        u = beam.inverse_wavelengths.to(directions.dtype)
+        s_low = 2 * float(u.min()) * float(sin_theta.min()) - 1.01 * radius
+        s_high = 2 * float(u.max()) * float(sin_theta.max()) + 1.01 * radius
+        inverse = torch.linalg.inv(crystal.domain_matrices[0].detach())
+        length = torch.linalg.norm(hkl.to(inverse.dtype) @ inverse.T, dim=1)
+        return hkl[(length >= s_low) & (length <= s_high)]
+
+
 def subset_bragg(detector: Detector, beam: Beam, crystal: CrystalState, amplitudes, hkl: torch.Tensor,
-                 fast: torch.Tensor, slow: torch.Tensor, with_terms: bool = False):
+                 fast: torch.Tensor, slow: torch.Tensor, with_terms: bool = False, term_floor: float = 1e-12):
     """Bragg photons (float64) at the pixels (fast, slow), distinct, and optionally their terms.
 
     The streaks of the full simulator's sparse evaluation (:func:`~xfel_spread.sim.forward.
     excited_streaks`) whose boxes meet the pixels' bounding rectangles are visited; their candidate
     pixels (within the footprint of the segment) are kept when they are in the set, and evaluated
-    by the same kernel as :func:`~xfel_spread.sim.forward.bragg_photons_sparse`.
+    by the same kernel as :func:`~xfel_spread.sim.forward.bragg_photons_sparse`. The terms leave out
+    those whose lattice transform is below ``term_floor`` of its peak (exp(-2 arg) < term_floor; the
+    photons include them): at 1e-12 that is light of 1e-12 of a spot's brightest pixel, far below
+    what SPREAD's coefficient cut-off (1e-3 of the pixel's largest term) keeps.
     """
     dtype = crystal.domain_matrices.dtype
     device = crystal.domain_matrices.device
@@ -216,59 +238,72 @@ def subset_bragg(detector: Detector, beam: Beam, crystal: CrystalState, amplitud
     needs_rounding_check = bool(torch.any(ncells.detach() <= 2 * math.sqrt(ARG_CUTOFF * GAUSS_WIDTH)))
     weight_k = beam.photons.to(dtype)
     lattice_peak_sq = torch.prod(ncells) ** 2
+    term_arg_limit = -0.5 * math.log(term_floor) if term_floor > 0 else math.inf
     radius = cutoff_radius(crystal)
-    streaks = excited_streaks(detector, crystal, hkl.to(device), float(u_channels[0]), float(u_channels[-1]), radius)
-    # Streaks whose box meets the set's pixels: test against the set's 64 x 64 tiles that hold any.
-    key = slow.long() * detector.n_fast + fast.long()
-    order = torch.argsort(key)
-    sorted_key = key[order]
-    tile = 64
+    hkl = _reachable(detector, beam, crystal, hkl.to(device), fast, slow, radius)
+    streaks = excited_streaks(detector, crystal, hkl, float(u_channels[0]), float(u_channels[-1]), radius)
+    # The set's pixels grouped by 16 x 16 tile of the panel; each streak visits only the set's pixels
+    # in the tiles its box meets, inside the box and within its footprint of the segment (the
+    # candidates bragg_photons_sparse would visit there).
+    tile = 16
     tiles_fast = (detector.n_fast + tile - 1) // tile
-    occupied = torch.unique((slow.long() // tile) * tiles_fast + fast.long() // tile)
-    tile_f0 = (occupied % tiles_fast) * tile
-    tile_s0 = (occupied // tiles_fast) * tile
+    pixel_tile = (slow.long() // tile) * tiles_fast + fast.long() // tile
+    by_tile = torch.argsort(pixel_tile)
+    occupied, tile_count = torch.unique(pixel_tile[by_tile], return_counts=True)
+    tile_first = torch.cumsum(tile_count, 0) - tile_count
     fast_lo, fast_hi, slow_lo, slow_hi = streaks.boxes(detector)
-    meets = torch.zeros(fast_lo.numel(), dtype=torch.bool, device=device)
-    for first in range(0, occupied.numel(), 64):
-        f0, s0 = tile_f0[first:first + 64], tile_s0[first:first + 64]
-        meets |= ((fast_lo[:, None] < f0 + tile) & (fast_hi[:, None] >= f0)
-                  & (slow_lo[:, None] < s0 + tile) & (slow_hi[:, None] >= s0)).any(dim=1)
-    streaks = streaks.select(torch.nonzero(meets).squeeze(1))
-    fast_lo, fast_hi, slow_lo, slow_hi = streaks.boxes(detector)
-    box_end = torch.cumsum((fast_hi - fast_lo + 1) * (slow_hi - slow_lo + 1), 0)
+    tf0, tf1 = fast_lo // tile, fast_hi // tile
+    ts0, ts1 = slow_lo // tile, slow_hi // tile
+    n_tiles = (tf1 - tf0 + 1) * (ts1 - ts0 + 1)
+    pair_streak = torch.repeat_interleave(torch.arange(n_tiles.numel(), device=device), n_tiles)
+    local = torch.arange(pair_streak.numel(), device=device) - (torch.cumsum(n_tiles, 0) - n_tiles)[pair_streak]
+    width = (tf1 - tf0 + 1)[pair_streak]
+    pair_tile = (ts0[pair_streak] + local // width) * tiles_fast + tf0[pair_streak] + local % width
+    position = torch.clamp(torch.searchsorted(occupied, pair_tile), max=max(occupied.numel() - 1, 0))
+    hit = occupied[position] == pair_tile
+    pair_streak, position = pair_streak[hit], position[hit]
+    counts = tile_count[position]
     term_parts = []
+    pair_end = torch.cumsum(counts, 0)
     start = 0
-    while start < box_end.numel():
-        budget = (int(box_end[start - 1]) if start else 0) + CANDIDATES_PER_CHUNK
-        stop = max(start + 1, int(torch.searchsorted(box_end, torch.tensor(budget, device=device), right=True)))
-        streak, c_fast, c_slow = _pixels_near_segments(streaks.select(torch.arange(start, stop, device=device)),
-                                                       detector)
-        streak = streak + start
+    while start < counts.numel():
+        budget = (int(pair_end[start - 1]) if start else 0) + CANDIDATES_PER_CHUNK
+        stop = max(start + 1, int(torch.searchsorted(pair_end, torch.tensor(budget, device=device), right=True)))
+        c_counts = counts[start:stop]
+        streak = torch.repeat_interleave(pair_streak[start:stop], c_counts)
+        first = torch.repeat_interleave(tile_first[position[start:stop]], c_counts)
+        offset = torch.arange(streak.numel(), device=device) - torch.repeat_interleave(
+            torch.cumsum(c_counts, 0) - c_counts, c_counts)
+        pixel = by_tile[first + offset]
         start = stop
-        c_key = c_slow * detector.n_fast + c_fast
-        position = torch.clamp(torch.searchsorted(sorted_key, c_key), max=n_pixels - 1)
-        inside_set = sorted_key[position] == c_key
-        if not bool(inside_set.any()):
+        c_fast, c_slow = fast[pixel].long(), slow[pixel].long()
+        near = ((c_fast >= fast_lo[streak]) & (c_fast <= fast_hi[streak]) & (c_slow >= slow_lo[streak])
+                & (c_slow <= slow_hi[streak]))
+        centre = torch.stack((c_fast, c_slow), dim=-1).to(streaks.start_px.dtype) + 0.5
+        seg_start, along = streaks.start_px[streak], streaks.end_px[streak] - streaks.start_px[streak]
+        length_sq = (along ** 2).sum(-1)
+        t = torch.clamp(((centre - seg_start) * along).sum(-1) / torch.clamp(length_sq, min=1e-12), 0.0, 1.0)
+        distance = torch.linalg.norm(centre - (seg_start + t[:, None] * along), dim=-1)
+        chosen = torch.nonzero(near & (distance <= streaks.footprint_px[streak])).squeeze(1)
+        if chosen.numel() == 0:
             continue
-        chosen = torch.nonzero(inside_set).squeeze(1)
         terms = candidate_terms(detector, beam, crystal, hkl, streaks, streak[chosen], c_fast[chosen], c_slow[chosen],
                                 needs_rounding_check)
         if terms is None:
             continue
-        # Back from the terms' pixels to positions in the set.
-        t_key = terms.slow * detector.n_fast + terms.fast
-        t_pixel = order[torch.searchsorted(sorted_key, t_key)]
+        pair = terms.candidate
+        t_pixel = pixel[chosen][pair]
         flat_cell, inside = amplitudes.cell_index(terms.hkl)
-        f_sq = torch.where(inside, amplitudes.intensity[terms.channel, flat_cell], torch.zeros_like(terms.arg))
-        lattice = torch.where(terms.alive, weight_k[terms.channel] * lattice_peak_sq * torch.exp(-2 * terms.arg),
-                              torch.zeros_like(terms.arg))
+        f_sq = torch.where(inside[pair], amplitudes.intensity[terms.channel, flat_cell[pair]],
+                           torch.zeros_like(terms.arg))
         contribution = torch.where(terms.alive, f_sq * weight_k[terms.channel] * lattice_peak_sq
-                                   * torch.exp(-2 * terms.arg), torch.zeros_like(terms.arg)) * terms.factor
+                                   * torch.exp(-2 * terms.arg), torch.zeros_like(terms.arg)) * terms.factor[pair]
         out.index_add_(0, t_pixel, contribution)
         if with_terms:
-            alive = torch.nonzero(terms.alive & (lattice > 0)).squeeze(1)
-            term_parts.append((t_pixel[alive], terms.channel[alive], terms.hkl[alive].round().long(),
-                               (lattice * terms.factor)[alive].detach()))
+            alive = torch.nonzero(terms.alive & (terms.arg < term_arg_limit)).squeeze(1)
+            lattice = weight_k[terms.channel[alive]] * lattice_peak_sq * torch.exp(-2 * terms.arg[alive])
+            term_parts.append((t_pixel[alive], terms.channel[alive], terms.hkl[pair[alive]].round().long(),
+                               (lattice * terms.factor[pair[alive]]).detach()))
     prefactor = photon_prefactor(beam, crystal)
     out = prefactor * out
     if not with_terms:
@@ -278,11 +313,19 @@ def subset_bragg(detector: Detector, beam: Beam, crystal: CrystalState, amplitud
     unit = float(photon_prefactor(beam, CrystalState(crystal.domain_matrices, crystal.ncells,
                                                      torch.ones((), dtype=dtype))))
     pixel, channel, miller, value = (torch.cat([part[i] for part in term_parts]) for i in range(4))
-    # Sum the domains of each (pixel, channel, hkl).
-    keys = torch.stack((pixel, channel, miller[:, 0], miller[:, 1], miller[:, 2]), dim=1).cpu().numpy()
-    unique, inverse = np.unique(keys, axis=0, return_inverse=True)
-    summed = np.bincount(inverse.reshape(-1), weights=value.cpu().numpy(), minlength=len(unique)) * unit
-    return out, BraggTerms(unique[:, 0], unique[:, 1], unique[:, 2:], summed)
+    # Sum the domains of each (pixel, channel, hkl): one int64 key per term.
+    low = miller.min(dim=0).values
+    span = miller.max(dim=0).values - low + 1
+    packed = ((miller[:, 0] - low[0]) * span[1] + (miller[:, 1] - low[1])) * span[2] + (miller[:, 2] - low[2])
+    n_packed = int(span.prod())
+    key = (pixel * beam.photons.numel() + channel) * n_packed + packed
+    unique, inverse = torch.unique(key, return_inverse=True)
+    summed = torch.zeros(unique.numel(), dtype=value.dtype, device=device).index_add_(0, inverse, value) * unit
+    packed, rest = unique % n_packed, unique // n_packed
+    n_channels = beam.photons.numel()
+    miller = torch.stack((packed // (span[1] * span[2]), (packed // span[2]) % span[1], packed % span[2]), dim=1) + low
+    return out, BraggTerms((rest // n_channels).cpu().numpy(), (rest % n_channels).cpu().numpy(),
+                           miller.cpu().numpy(), summed.cpu().numpy())
 
 
 @dataclass
