@@ -217,9 +217,9 @@ def subset_bragg(detector: Detector, beam: Beam, crystal: CrystalState, amplitud
     """Bragg photons (float64) at the pixels (fast, slow), distinct, and optionally their terms.
 
     The streaks of the full simulator's sparse evaluation (:func:`~xfel_spread.sim.forward.
-    excited_streaks`) whose boxes meet the pixels' bounding rectangles are visited; their candidate
-    pixels (within the footprint of the segment) are kept when they are in the set, and evaluated
-    by the same kernel as :func:`~xfel_spread.sim.forward.bragg_photons_sparse`. The terms leave out
+    excited_streaks`, of the reflections :func:`_reachable` keeps) visit the set's pixels in the
+    16 x 16 tiles of the panel their boxes meet; those inside the box and within the footprint of the
+    segment (the candidates the whole-panel evaluation has there) are evaluated by the same kernel as :func:`~xfel_spread.sim.forward.bragg_photons_sparse`. The terms leave out
     those whose lattice transform is below ``term_floor`` of its peak (exp(-2 arg) < term_floor; the
     photons include them): at 1e-12 that is light of 1e-12 of a spot's brightest pixel, far below
     what SPREAD's coefficient cut-off (1e-3 of the pixel's largest term) keeps.
