@@ -11,7 +11,10 @@ asymmetric-unit column and cut at ``spread.relative_cutoff`` (1e-3), the point s
 stage 1 models it (:mod:`xfel_spread.stage1.psf`) for the psf dataset. With ``--perturbed-max M``
 the first M lattices are also fitted with coefficients at a geometry perturbed as DIALS leaves it
 (each lattice rotated by ``--perturb-deg`` about a random axis and its a, b, c lengths moved by
-N(0, ``--perturb-a``)), *not* refined by stage 1.
+N(0, ``--perturb-a``)), *not* refined; with ``--refined-max R`` (R <= M) the first R also
+refined by stage 1 (:func:`xfel_spread.stage1.refine.refine_shot`, the demo's settings: |F| of the
+model, 25 domains, CPU) on the same pixels from that start, with border-plane backgrounds as stage 1
+builds them, and SPREAD's coefficients computed at stage 1's parameters as the stage computes them.
 
 For each N of ``--lattices`` (the first N shots), SPREAD's fit (:func:`xfel_spread.spread.fit.fit`,
 the stage's restraints and defaults) runs from the metallic start (both sites ``Fe_fake.dat``) and
@@ -27,7 +30,7 @@ Goals (issue 16): each site's half-rise within 0.5 eV and rms f'' error <= 0.25 
 the controls do not recover the sites' difference (:func:`xfel_spread.spread.scoring.score_fits`).
 
 Usage: .venv/bin/python benchmarks/bench_spread_recovery.py [--lattices 1000 3000 10000] [--threads 1]
-       [--dataset nopsf|psf] [--perturbed-max 1000]
+       [--dataset nopsf|psf] [--perturbed-max 1000] [--refined-max 50]
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ from xfel_spread.spread.restraints import hilbert_matrix
 from xfel_spread.spread.run import SpreadSettings
 from xfel_spread.spread.scoring import score_fits
 from xfel_spread.spread.tables import energy_grid, interpolation_matrix, read_table, table_on_grid, table_path
+from xfel_spread.stage1.model import Stage1Settings
 from xfel_spread.stage1.psf import DetectorPsf
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -123,6 +127,47 @@ def lattice_from_terms(shot, terms, lookup, cutoff: float, dataset: str, psf: De
         term_coeff=coefficients.value[keep], dropped_fraction=coefficients.dropped_fraction, lattice=shot.shot_index)
 
 
+def misorientation_deg(reference: np.ndarray, matrix: np.ndarray) -> float:
+    """Angle (degrees) of the rotation nearest to taking ``reference``'s rows to ``matrix``'s."""
+    u, _, vt = np.linalg.svd(np.linalg.solve(reference, matrix))
+    rotation = u @ vt
+    return float(np.degrees(np.arccos(np.clip((np.trace(rotation) - 1) / 2, -1.0, 1.0))))
+
+
+def stage1_lattice(shot, start_matrix, setup, dataset, stage1_settings, lookup, cutoff, psf):
+    """Stage 1's refinement of one subset shot from ``start_matrix`` on the same pixels, then SPREAD's
+    arrays at its refined parameters (:func:`xfel_spread.spread.assemble.lattice_arrays`, as the stage
+    computes them). Returns (arrays or None, the ShotFit)."""
+    from xfel_spread.sim.shoeboxes import assign_box_pixels
+    from xfel_spread.spread.assemble import lattice_arrays
+    from xfel_spread.stage1.model import PARAMETER_NAMES
+    from xfel_spread.stage1.refine import refine_shot
+    from xfel_spread.stage1.rois import plane_backgrounds, select_rois
+    from xfel_spread.stage1.shot import ShotPixels
+
+    pixels = assign_box_pixels(shot.roi_bounds, shot.centroid_px, stage1_settings.shoebox_size_px / 4.0)
+    values = shot.data_photons[dataset]
+    trusted = np.asarray(shot.trusted, dtype=bool)
+    background, has_background = plane_backgrounds(pixels, values, trusted, shot.n_rois, shot.centroid_px)
+    pixel_shot = ShotPixels(
+        shard="subset", shot_index=shot.shot_index, image_index=shot.shot_index, identifier=str(shot.shot_index),
+        detector=setup.true_detector, energies_ev=np.asarray(setup.energies_ev), photons=shot.photons,
+        polarization_fraction=setup.polarization_fraction, gain_adu_per_photon=setup.readout.gain_adu_per_photon,
+        real_space_matrix=start_matrix, space_group="C 1 2 1", miller_index=shot.miller_index,
+        roi_bounds=shot.roi_bounds, observed_centroid_px=shot.centroid_px, strong=np.ones(shot.n_rois, bool),
+        dials_predicted_px=shot.centroid_px, pixel_fast=shot.pixel_fast, pixel_slow=shot.pixel_slow,
+        pixel_roi=shot.pixel_roi, data_photons=values, background_photons=background, trusted=trusted)
+    pixel_shot = select_rois(pixel_shot, has_background)
+    fitted = refine_shot(pixel_shot, setup.amplitudes, stage1_settings, psf)
+    if not fitted.converged:
+        return None, fitted
+    parameters = np.array([fitted.final[name] for name in PARAMETER_NAMES])
+    arrays = lattice_arrays(pixel_shot, parameters, stage1_settings.n_domains, lookup,
+                            stage1_settings.readout_sigma_adu, cutoff, psf)
+    arrays.lattice = shot.shot_index
+    return arrays, fitted
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lattices", type=int, nargs="+", default=[1000, 3000, 10000])
@@ -130,6 +175,8 @@ def main() -> None:
     parser.add_argument("--dataset", choices=("nopsf", "psf"), default="nopsf")
     parser.add_argument("--perturbed-max", type=int, default=1000,
                         help="also fit N <= this with the perturbed, unrefined geometry (0: never)")
+    parser.add_argument("--refined-max", type=int, default=0,
+                        help="also fit N <= this with the perturbed geometry refined by stage 1 on the same pixels")
     parser.add_argument("--perturb-deg", type=float, default=0.02)
     parser.add_argument("--perturb-a", type=float, default=0.02)
     parser.add_argument("--readout-sigma-adu", type=float, default=3.0,
@@ -168,8 +215,9 @@ def main() -> None:
           f"N = {sizes}; perturbed geometry for N <= {args.perturbed_max}")
 
     rng = np.random.default_rng(12345)
-    true_lattices, perturbed_lattices = [], []
-    sim_s = coeff_s = perturbed_s = 0.0
+    true_lattices, perturbed_lattices, refined_lattices = [], [], []
+    sim_s = coeff_s = perturbed_s = refine_s = 0.0
+    stage1_settings = Stage1Settings.from_config({"structure_factors": "model", "device": "cpu"})
     n_pixels_all = 0
     for shot_index in range(n_max):
         t = time.perf_counter()
@@ -194,6 +242,16 @@ def main() -> None:
                                            setup.true_detector.pixel_size_mm, readout_var, energies)
             perturbed_s += time.perf_counter() - t
             perturbed_lattices.append(perturbed if perturbed is not None else arrays)
+            if len(true_lattices) <= args.refined_max:
+                t = time.perf_counter()
+                refined, fitted = stage1_lattice(shot, matrix, setup, args.dataset, stage1_settings, lookup,
+                                                 settings.relative_cutoff, psf)
+                refine_s += time.perf_counter() - t
+                refined_lattices.append(refined)
+                print(f"  stage 1, shot {shot_index}: {fitted.reason or 'converged'}, {fitted.n_evaluations} "
+                      f"evaluations, {fitted.seconds:.1f} s; misorientation {misorientation_deg(shot.truth.real_space_matrix, matrix):.4f}"
+                      f" -> {misorientation_deg(shot.truth.real_space_matrix, fitted.real_space_matrix):.4f} deg",
+                      flush=True)
         if (shot_index + 1) % 100 == 0:
             print(f"  simulated {shot_index + 1}/{n_max}: {sim_s / (shot_index + 1):.2f} s/shot simulation, "
                   f"{coeff_s / (shot_index + 1):.3f} s/shot coefficients; peak {peak_mb():.0f} MB", flush=True)
@@ -254,6 +312,13 @@ def main() -> None:
             for start_name, start in STARTS.items():
                 problem, _, fp_start, fdp_start = problem_for(perturbed_lattices[:n], start)
                 run_fit(f"perturbed geometry, {start_name}", n, problem, fp_start, fdp_start)
+        if n <= args.refined_max and len(refined_lattices) >= len(lattices):
+            converged = [lattice for lattice in refined_lattices[:n] if lattice is not None]
+            print(f"stage 1 refined {len(converged)} of {n} lattices from the perturbed start "
+                  f"({refine_s / max(len(refined_lattices), 1):.1f} s per lattice)", flush=True)
+            for start_name, start in STARTS.items():
+                problem, _, fp_start, fdp_start = problem_for(converged, start)
+                run_fit(f"stage-1 refined, {start_name}", n, problem, fp_start, fdp_start)
         if n == n_max and not args.no_controls:
             problem, columns, fp_start, fdp_start = problem_for(lattices, STARTS["metallic"])
             shard = ShardProblem(0, problem, columns, list(range(len(lattices))),
