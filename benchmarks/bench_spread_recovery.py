@@ -30,7 +30,7 @@ Goals (issue 16): each site's half-rise within 0.5 eV and rms f'' error <= 0.25 
 the controls do not recover the sites' difference (:func:`xfel_spread.spread.scoring.score_fits`).
 
 Usage: .venv/bin/python benchmarks/bench_spread_recovery.py [--lattices 1000 3000 10000] [--threads 1]
-       [--dataset nopsf|psf] [--perturbed-max 1000] [--refined-max 50]
+       [--dataset nopsf|psf] [--perturbed-max 1000] [--refined-max 50] [--output curves.npz]
 """
 
 from __future__ import annotations
@@ -183,6 +183,8 @@ def main() -> None:
                         help="the readout sigma the likelihood assumes (stage 1's default, as the stage passes it)")
     parser.add_argument("--iterations", type=int, default=None, help="L-BFGS iterations (default: spread's 200)")
     parser.add_argument("--no-controls", action="store_true")
+    parser.add_argument("--output", default=None,
+                        help="write the grid, the true tables and every fit's f', f'' to this .npz file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     sizes = sorted(set(args.lattices))
@@ -269,6 +271,7 @@ def main() -> None:
         return table_on_grid(read_table(path), grid, path)
 
     truth = tuple(np.stack([on_grid(name)[i] for name in TRUTH]) for i in (0, 1))
+    curves = {}
 
     def problem_for(lattices, start):
         data, columns = concatenate(lattices)
@@ -297,6 +300,7 @@ def main() -> None:
             print(f"         {row['site']}: half-rise {row['half_rise_ev']:.2f} eV (error {row['half_rise_error_ev']:+.2f}), "
                   f"f' minimum {row['fp_minimum_ev']:.2f} eV (error {row['fp_minimum_error_ev']:+.2f}), "
                   f"rms f' {row['fp_rms_error_e']:.3f} e, rms f'' {row['fdp_rms_error_e']:.3f} e", flush=True)
+        curves[f"N{n} {label}"] = (result.fp, result.fdp)
         return result, difference
 
     for n in sizes:
@@ -329,6 +333,15 @@ def main() -> None:
                 print(f"         control {name}: {'RECOVERS' if difference['recovers_difference'] else 'does not recover'}"
                       f" the sites' difference", flush=True)
         print(f"peak resident memory {peak_mb():.0f} MB", flush=True)
+        if args.output:
+            from xfel_spread.atomic import atomic_path
+
+            arrays = {"grid_ev": grid, "true_fp": truth[0], "true_fdp": truth[1], "sites": np.array(SITES),
+                      "fits": np.array(list(curves))}
+            for i, (fp, fdp) in enumerate(curves.values()):
+                arrays[f"fp_{i}"], arrays[f"fdp_{i}"] = fp, fdp
+            with atomic_path(args.output) as tmp, open(tmp, "wb") as stream:
+                np.savez(stream, **arrays)
 
 
 if __name__ == "__main__":
