@@ -446,6 +446,75 @@ def _pixels_near_segments(streaks: Streaks, detector: Detector | MultiPanelDetec
     return streak[near], fast[near], slow[near]
 
 
+@dataclass
+class CandidateTerms:
+    """The (pixel, channel, reflection, domain) terms of some streaks' candidate pixels.
+
+    Per candidate (in the order passed): the
+    Miller index ``hkl`` (float) and the pixel's ``factor`` (polar * omega * capture). Per term: its
+    ``candidate``, ``channel``, the lattice-transform argument ``arg`` and whether the term is
+    ``alive`` (arg below the cut-off, and the index nearest to the pixel's fractional index when N is
+    small enough to need the check). A term's photons are
+    ``prefactor * factor * photons_k * |F_k(hkl)|^2 * (Na Nb Nc)^2 exp(-2 arg)``.
+    """
+
+    hkl: torch.Tensor
+    factor: torch.Tensor
+    candidate: torch.Tensor
+    channel: torch.Tensor
+    arg: torch.Tensor
+    alive: torch.Tensor
+
+
+def candidate_terms(detector: Detector | MultiPanelDetector, beam: Beam, crystal: CrystalState, hkl: torch.Tensor,
+                    streaks: Streaks, streak: torch.Tensor, fast: torch.Tensor, slow: torch.Tensor,
+                    needs_rounding_check: bool, panel: torch.Tensor | None = None) -> CandidateTerms | None:
+    """The channels each candidate (streak, pixel) can receive light from, as terms (None if none).
+
+    ``streak``, ``fast``, ``slow`` list candidate pixels of streaks (e.g. every pixel near a streak's
+    segment, or only those of some shoeboxes); on a :class:`MultiPanelDetector` ``panel`` names each
+    candidate's panel (``fast``, ``slow`` in its frame). For each candidate, ``arg(u)`` is a quadratic in u whose
+    sub-cut-off interval gives exactly the channels to evaluate (see the module docstring). This is
+    the sparse evaluation's kernel, shared by :func:`bragg_photons_sparse` (whole panel) and the
+    pixel-subset simulation (:mod:`xfel_spread.sim.subset`).
+    """
+    dtype = crystal.domain_matrices.dtype
+    device = crystal.domain_matrices.device
+    u_channels = beam.inverse_wavelengths.to(dtype)
+    ncells = crystal.ncells.to(dtype)
+    beam_direction = torch.as_tensor(BEAM_DIRECTION, dtype=dtype, device=device)
+    pair_hkl = hkl[streaks.reflection[streak]].to(dtype)
+    pair_domain = streaks.domain[streak]
+    directions, factor = pixel_factors(detector, fast, slow, beam.polarization_fraction, panel)
+    h_per_u = torch.einsum("pij,pj->pi", crystal.domain_matrices[pair_domain], directions - beam_direction)
+    # arg(u) = |N (u h1 - hkl)|^2 / 0.63 = curvature (u - u_centre)^2 + floor
+    scaled_h1 = h_per_u * ncells
+    scaled_hkl = pair_hkl * ncells
+    curvature = (scaled_h1 ** 2).sum(-1) / GAUSS_WIDTH
+    u_centre = (scaled_h1 * scaled_hkl).sum(-1) / (scaled_h1 ** 2).sum(-1)
+    floor = ((scaled_hkl ** 2).sum(-1) - (scaled_h1 * scaled_hkl).sum(-1) ** 2 / (scaled_h1 ** 2).sum(-1)) / GAUSS_WIDTH
+    with torch.no_grad():
+        half_width = torch.sqrt(torch.clamp((ARG_CUTOFF - floor) / curvature, min=0))
+        k_first = torch.searchsorted(u_channels.contiguous(), (u_centre - half_width).contiguous())
+        k_last = torch.searchsorted(u_channels.contiguous(), (u_centre + half_width).contiguous(), right=True)
+        live = (floor < ARG_CUTOFF) & (k_last > k_first)
+        live_index = torch.nonzero(live).squeeze(1)
+    if live_index.numel() == 0:
+        return None
+    k_first, n_k = k_first[live_index], (k_last - k_first)[live_index]
+    term_pair = torch.repeat_interleave(torch.arange(live_index.numel(), device=device), n_k)
+    term_channel = k_first[term_pair] + (torch.arange(term_pair.numel(), device=device)
+                                         - (torch.cumsum(n_k, 0) - n_k)[term_pair])
+    pair = live_index[term_pair]
+    du = u_channels[term_channel] - u_centre[pair]
+    arg = curvature[pair] * du ** 2 + floor[pair]
+    alive = arg < ARG_CUTOFF
+    if needs_rounding_check:
+        h = u_channels[term_channel, None] * h_per_u[pair]
+        alive &= (torch.ceil(h - 0.5) == pair_hkl[pair]).all(dim=-1)
+    return CandidateTerms(pair_hkl, factor, pair, term_channel, arg, alive)
+
+
 def bragg_photons_sparse(detector: Detector | MultiPanelDetector, beam: Beam, crystal: CrystalState,
                          amplitudes: AmplitudeLookup, hkl: torch.Tensor | None = None):
     """Bragg photons on the whole panel (n_slow, n_fast), visiting only what the cut-off reaches.
@@ -466,7 +535,6 @@ def bragg_photons_sparse(detector: Detector | MultiPanelDetector, beam: Beam, cr
     needs_rounding_check = bool(torch.any(ncells.detach() <= 2 * math.sqrt(ARG_CUTOFF * GAUSS_WIDTH)))
     image = torch.zeros(detector.n_pixels if multipanel else detector.n_slow * detector.n_fast,
                         dtype=dtype, device=device)
-    beam_direction = torch.as_tensor(BEAM_DIRECTION, dtype=dtype, device=device)
     weight_k = beam.photons.to(dtype)
     lattice_peak_sq = torch.prod(ncells) ** 2
 
@@ -482,45 +550,20 @@ def bragg_photons_sparse(detector: Detector | MultiPanelDetector, beam: Beam, cr
         streak = streak + start
         start = stop
         panel = streaks.panel[streak] if multipanel else None
-        pair_hkl = hkl[streaks.reflection[streak]].to(dtype)
-        pair_domain = streaks.domain[streak]
-        flat_cell, inside = amplitudes.cell_index(pair_hkl)
-        directions, factor = pixel_factors(detector, fast, slow, beam.polarization_fraction, panel)
-        h_per_u = torch.einsum("pij,pj->pi", crystal.domain_matrices[pair_domain], directions - beam_direction)
-        # arg(u) = |N (u h1 - hkl)|^2 / 0.63 = curvature (u - u_centre)^2 + floor
-        scaled_h1 = h_per_u * ncells
-        scaled_hkl = pair_hkl * ncells
-        curvature = (scaled_h1 ** 2).sum(-1) / GAUSS_WIDTH
-        u_centre = (scaled_h1 * scaled_hkl).sum(-1) / (scaled_h1 ** 2).sum(-1)
-        floor = ((scaled_hkl ** 2).sum(-1) - (scaled_h1 * scaled_hkl).sum(-1) ** 2 / (scaled_h1 ** 2).sum(-1)) / GAUSS_WIDTH
-        with torch.no_grad():
-            half_width = torch.sqrt(torch.clamp((ARG_CUTOFF - floor) / curvature, min=0))
-            k_first = torch.searchsorted(u_channels.contiguous(), (u_centre - half_width).contiguous())
-            k_last = torch.searchsorted(u_channels.contiguous(), (u_centre + half_width).contiguous(), right=True)
-            live = (floor < ARG_CUTOFF) & (k_last > k_first)
-            live_index = torch.nonzero(live).squeeze(1)
-        if live_index.numel() == 0:
+        terms = candidate_terms(detector, beam, crystal, hkl, streaks, streak, fast, slow, needs_rounding_check, panel)
+        if terms is None:
             continue
-        k_first, n_k = k_first[live_index], (k_last - k_first)[live_index]
+        flat_cell, inside = amplitudes.cell_index(terms.hkl)
+        pair = terms.candidate
         if multipanel:
             tables = detector.tables(device)
-            pixel_flat = (tables["offset"][panel] + slow * tables["n_fast"][panel] + fast)[live_index]
+            pixel_flat = tables["offset"][panel] + slow * tables["n_fast"][panel] + fast
         else:
-            pixel_flat = (slow * detector.n_fast + fast)[live_index]
-        term_pair = torch.repeat_interleave(torch.arange(live_index.numel(), device=device), n_k)
-        term_channel = k_first[term_pair] + (torch.arange(term_pair.numel(), device=device)
-                                             - (torch.cumsum(n_k, 0) - n_k)[term_pair])
-        pair = live_index[term_pair]
-        du = u_channels[term_channel] - u_centre[pair]
-        arg = curvature[pair] * du ** 2 + floor[pair]
-        alive = arg < ARG_CUTOFF
-        if needs_rounding_check:
-            h = u_channels[term_channel, None] * h_per_u[pair]
-            alive &= (torch.ceil(h - 0.5) == pair_hkl[pair]).all(dim=-1)
-        f_sq = torch.where(inside[pair], amplitudes.intensity[term_channel, flat_cell[pair]], torch.zeros_like(arg))
-        contribution = torch.where(alive, f_sq * weight_k[term_channel] * lattice_peak_sq * torch.exp(-2 * arg),
-                                   torch.zeros_like(arg)) * factor[pair]
-        image.index_add_(0, pixel_flat[term_pair], contribution)
+            pixel_flat = slow * detector.n_fast + fast
+        f_sq = torch.where(inside[pair], amplitudes.intensity[terms.channel, flat_cell[pair]], torch.zeros_like(terms.arg))
+        contribution = torch.where(terms.alive, f_sq * weight_k[terms.channel] * lattice_peak_sq
+                                   * torch.exp(-2 * terms.arg), torch.zeros_like(terms.arg)) * terms.factor[pair]
+        image.index_add_(0, pixel_flat[pair], contribution)
     image = photon_prefactor(beam, crystal) * image
     if multipanel:
         return tuple(image[int(detector.pixel_offsets[p]):int(detector.pixel_offsets[p + 1])]
