@@ -41,6 +41,9 @@ def nanobragg_config(workdir) -> dict:
         # The default 2.1-2.5 A annulus lies at the panel's edge here (1.74 A, 141.7 mm): 80 shoeboxes in all
         # and 2 of 8 lattices unconverged; 2.0-4.0 A gives 259 and every lattice converges.
         "annulus": {"d_max": 4.0, "d_min": 2.0},
+        # The table's weights sum to 1 per shot (no photon count), so G carries the fluence: about 1e13 here,
+        # past the LY99 bound of 1e12, where every lattice would end "G at its bound" (not converged).
+        "stage1": {"bounds": {"G": [0.0, 1.0e+20]}},
     }
 
 
@@ -119,13 +122,12 @@ def test_nanobragg_lattices_score_against_truth_json_and_stage1_converges(nanobr
     assert np.all(stage1 < 0.1)
 
 
-@pytest.mark.xfail(strict=True, reason="measured: stage 1 beats DIALS's reindex pass on 1 lattice of 8 (0.015-0.049 "
-                                       "deg against 0.012-0.036); truth.json gives the nominal matrix, not the mean "
-                                       "of nanoBragg's 10 mosaic domains of 0.05 deg, so both sit near that floor")
 def test_nanobragg_stage1_misorientation_is_below_dials_for_most_lattices(nanobragg_run):
     angles = misorientations(nanobragg_run)
     reindex, stage1 = (np.array([values[k] for values in angles.values()]) for k in (1, 2))
+    # Measured: stage 1 closer than DIALS's reindex pass on 7 of 8 lattices (median 0.017 against 0.019 deg).
     assert (stage1 < reindex).sum() > len(angles) / 2
+    assert np.median(stage1) < np.median(reindex)
 
 
 def test_cspad_thermolysin_stills_index_in_p6122_through_the_index_stage(tmp_path):
