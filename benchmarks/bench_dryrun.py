@@ -9,7 +9,11 @@ shards, not with the shots. Wall time depends on what else the machine runs, so 
 Snakemake process (user + system) is printed beside it. Last, what profiles/slurm asks for each rule's
 jobs (tasks, CPUs, GPUs, time limit), and at most at once under its `jobs` limit.
 
-Usage: .venv/bin/python benchmarks/bench_dryrun.py [--repeats 3]
+With ``--images N``: the same timing for a run on images from elsewhere (``input.source: images``), a
+glob over N empty ``.cbf`` files in shards of 500 (the listing reads no pixels; goal: as fast as the
+simulated production config).
+
+Usage: .venv/bin/python benchmarks/bench_dryrun.py [--repeats 3] [--images 100000]
 """
 
 from __future__ import annotations
@@ -85,10 +89,34 @@ def print_slurm_requests(counts: Counter) -> None:
               f"  {at_once} jobs: {at_once * cpus} CPUs, {at_once * gpus} GPUs")
 
 
+def time_image_run(n_files: int, repeats: int) -> None:
+    """Time dry runs of ``input.source: images`` over ``n_files`` empty .cbf files in shards of 500."""
+    import yaml
+
+    with tempfile.TemporaryDirectory() as scratch:
+        images = Path(scratch) / "images"
+        images.mkdir()
+        for number in range(n_files):
+            (images / f"r{number // 1000:04d}_{number % 1000:04d}.cbf").touch()
+        configfile = Path(scratch) / "images.yaml"
+        configfile.write_text(yaml.safe_dump({"input": {
+            "source": "images", "images": [str(images / "r*.cbf")], "shots_per_shard": 500,
+            "spectra": "monochromatic"}}))
+        runs = [timed_dry_run([configfile]) for _ in range(repeats)]
+    walls, cpus, counts = [run[0] for run in runs], [run[1] for run in runs], runs[0][2]
+    print(f"input.source images, {n_files} files in shards of 500: {statistics.median(walls):.1f} s wall "
+          f"(runs: {', '.join(f'{wall:.1f}' for wall in walls)}), {statistics.median(cpus):.1f} s CPU; "
+          f"{sum(counts.values())} jobs; load average {os.getloadavg()[0]:.1f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3, help="timed dry runs of the production config")
+    parser.add_argument("--images", type=int, default=0,
+                        help="also time a dry run on this many image files from elsewhere (0: skip)")
     arguments = parser.parse_args()
+    if arguments.images:
+        time_image_run(arguments.images, arguments.repeats)
 
     runs = [timed_dry_run([PRODUCTION]) for _ in range(arguments.repeats)]
     walls, cpus, counts = [run[0] for run in runs], [run[1] for run in runs], runs[0][2]
