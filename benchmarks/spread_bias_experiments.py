@@ -3,7 +3,8 @@
 
 Variants (``--fits``, each ``name:key=value,...``): ``data`` noisy|expected (the noise-free expected
 photons as data), ``smooth`` and ``kk`` (restraint weights), ``readout`` (the likelihood's readout
-sigma, ADU), ``cutoff`` (1e-3 or 1e-6: the coefficient cut-off; both are built per shot). The shots'
+sigma, ADU), ``cutoff`` (1e-3 or 1e-6: the coefficient cut-off; both are built per shot), ``seed`` (a fresh noise
+draw, Poisson + 1 ADU readout, on the expected photons), ``sigma`` (1: standard errors of the edges). The shots'
 arrays are cached (``--cache``, a pickle) so that variants can be rerun without simulating again.
 Also printed: the half-rise of the true tables on the grid and the restraints' gradient at the truth.
 
@@ -45,7 +46,7 @@ from xfel_spread.spread.restraints import hilbert_matrix, kk_residual  # noqa: E
 from xfel_spread.spread.run import SpreadSettings  # noqa: E402
 from xfel_spread.spread.scoring import score_fits  # noqa: E402
 from xfel_spread.spread.tables import energy_grid, interpolation_matrix, read_table, table_on_grid, table_path  # noqa: E402
-from xfel_spread.spread.uncertainty import half_rise_energy  # noqa: E402
+from xfel_spread.spread.uncertainty import edge_estimates, grid_covariance, half_rise_energy  # noqa: E402
 
 
 def build(n: int, cache: str | None):
@@ -131,6 +132,11 @@ def main() -> None:
         if options.get("cutoff") == "1e-6":
             kind = "noisy_fine"
         chosen = lattices[kind]
+        if "seed" in options:  # a fresh noise draw: Poisson of the expected photons + readout N(0, 1 ADU)
+            rng = np.random.default_rng(int(options["seed"]))
+            chosen = [dataclasses.replace(lattice, data=rng.poisson(lattice.data).astype(np.float64)
+                                          + rng.normal(0.0, 1.0 / gain, len(lattice.data)))
+                      for lattice in lattices["expected"]]
         readout_var = (float(options.get("readout", 3.0)) / gain) ** 2
         chosen = [dataclasses.replace(lattice, readout_var=readout_var) for lattice in chosen]
         data, columns = concatenate(chosen)
@@ -146,7 +152,15 @@ def main() -> None:
         rows = [row for row in score_fits(grid, SITES, {name: (result.fp, result.fdp)}, truth) if "-" not in row["site"]]
         print(f"{name} ({spec}): {len(chosen)} lattices, {result.evaluations} evaluations, "
               f"{time.perf_counter() - t:.1f} s", flush=True)
+        edges = None
+        if options.get("sigma"):
+            theta = np.concatenate([result.fp.ravel(), result.fdp.ravel()])
+            edges = edge_estimates(grid, result.fp, result.fdp, grid_covariance(problem, theta, result.nuisance),
+                                   n_samples=settings.posterior_samples, seed=settings.seed)
         for s, row in enumerate(rows):
+            if edges is not None:
+                print(f"   {row['site']} sigmas: half-rise {edges[s].half_rise_sigma_ev:.2f} eV, post-edge half-rise "
+                      f"{edges[s].half_rise_post_sigma_ev:.2f} eV, f' minimum {edges[s].fp_minimum_sigma_ev:.2f} eV")
             near = (grid >= 7116) & (grid <= 7124)
             print(f"   {row['site']}: half-rise error {row['half_rise_error_ev']:+.2f} eV (post-edge half-rise "
                   f"{row['half_rise_post_error_ev']:+.2f}), f' min error "
