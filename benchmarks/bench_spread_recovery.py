@@ -62,6 +62,7 @@ from xfel_spread.spread.pipeline import CONTROLS, ShardProblem, control_problem
 from xfel_spread.spread.restraints import hilbert_matrix
 from xfel_spread.spread.run import SpreadSettings
 from xfel_spread.spread.scoring import score_fits
+from xfel_spread.spread.uncertainty import edge_estimates, grid_covariance
 from xfel_spread.spread.tables import energy_grid, interpolation_matrix, read_table, table_on_grid, table_path
 from xfel_spread.stage1.model import Stage1Settings
 from xfel_spread.stage1.psf import DetectorPsf
@@ -183,13 +184,20 @@ def main() -> None:
                         help="the readout sigma the likelihood assumes (stage 1's default, as the stage passes it)")
     parser.add_argument("--iterations", type=int, default=None, help="L-BFGS iterations (default: spread's 200)")
     parser.add_argument("--no-controls", action="store_true")
+    parser.add_argument("--sigma-max", type=int, default=1000,
+                        help="standard errors (spread.uncertainty: Fisher with the nuisance profiled out, plus the "
+                             "restraints; edges from posterior draws) for fits of N <= this (0: never)")
+    parser.add_argument("--smoothness", type=float, default=None, help="smoothness weight (default: spread's)")
+    parser.add_argument("--kk", type=float, default=None, help="KK weight (default: spread's)")
     parser.add_argument("--output", default=None,
                         help="write the grid, the true tables and every fit's f', f'' to this .npz file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     sizes = sorted(set(args.lattices))
     n_max = sizes[-1]
-    settings = SpreadSettings.from_mapping(None)
+    overrides = {key: value for key, value in (("smoothness_weight", args.smoothness), ("kk_weight", args.kk))
+                 if value is not None}
+    settings = SpreadSettings.from_mapping(overrides or None)
     iterations = args.iterations or settings.max_iterations
 
     t0 = time.perf_counter()
@@ -297,9 +305,29 @@ def main() -> None:
               f"goals {'met' if goal else 'not met'}; FE1-FE2 f'' rms error {difference['fdp_rms_error_e']:.2f} e",
               flush=True)
         for row in site_rows:
-            print(f"         {row['site']}: half-rise {row['half_rise_ev']:.2f} eV (error {row['half_rise_error_ev']:+.2f}), "
+            print(f"         {row['site']}: half-rise {row['half_rise_ev']:.2f} eV (error {row['half_rise_error_ev']:+.2f}; "
+                  f"post-edge half-rise error {row['half_rise_post_error_ev']:+.2f}), "
                   f"f' minimum {row['fp_minimum_ev']:.2f} eV (error {row['fp_minimum_error_ev']:+.2f}), "
                   f"rms f' {row['fp_rms_error_e']:.3f} e, rms f'' {row['fdp_rms_error_e']:.3f} e", flush=True)
+        if n <= args.sigma_max and not label.startswith("control"):
+            t = time.perf_counter()
+            theta = np.concatenate([result.fp.ravel(), result.fdp.ravel()])
+            covariance = grid_covariance(problem, theta, result.nuisance)
+            sigma = np.sqrt(np.clip(np.diag(covariance), 0, None)).reshape(2, len(SITES), len(grid))
+            edges = edge_estimates(grid, result.fp, result.fdp, covariance, n_samples=settings.posterior_samples,
+                                   seed=settings.seed)
+            middle = (grid >= 7100) & (grid <= 7150)
+            for s, (site, edge) in enumerate(zip(SITES, edges)):
+                row = site_rows[s]
+                print(f"         {site} sigmas: half-rise {edge.half_rise_sigma_ev:.2f} eV (error/sigma "
+                      f"{row['half_rise_error_ev'] / max(edge.half_rise_sigma_ev, 1e-9):+.1f}), post-edge half-rise "
+                      f"{edge.half_rise_post_sigma_ev:.2f} eV (error/sigma "
+                      f"{row['half_rise_post_error_ev'] / max(edge.half_rise_post_sigma_ev, 1e-9):+.1f}), f' minimum "
+                      f"{edge.fp_minimum_sigma_ev:.2f} eV (error/sigma "
+                      f"{row['fp_minimum_error_ev'] / max(edge.fp_minimum_sigma_ev, 1e-9):+.1f}); f'' rms sigma "
+                      f"{np.sqrt(np.mean(sigma[1, s][middle] ** 2)):.3f} e, f' {np.sqrt(np.mean(sigma[0, s][middle] ** 2)):.3f} e",
+                      flush=True)
+            print(f"         standard errors {time.perf_counter() - t:.1f} s", flush=True)
         curves[f"N{n} {label}"] = (result.fp, result.fdp)
         return result, difference
 

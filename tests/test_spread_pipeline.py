@@ -232,6 +232,10 @@ def test_score_of_known_tables(tmp_path):
     assert rows[("start", "FE1-FE2")]["recovers_difference"] == 0
     assert rows[("swapped", "FE1-FE2")]["order_correct"] == 0 and rows[("swapped", "FE1-FE2")]["recovers_difference"] == 0
     assert rows[("start", "FE1")]["half_rise_ev"] == pytest.approx(7112.5, abs=0.05)
+    # The post-edge half-rise (level half-way to the last 20 eV's mean) falls on the steep part of the
+    # oxidized rise, below its shoulder, and is exact for the exact fit.
+    assert exact["half_rise_post_true_ev"] == pytest.approx(7119.25, abs=0.05) and exact["half_rise_post_error_ev"] == 0
+    assert rows[("spread", "FE2")]["half_rise_post_true_ev"] == pytest.approx(7117.56, abs=0.05)
     with pytest.raises(ValueError, match="no true table for site"):
         truth_on_grid(grid, ("FE1", "FE3"), truth_tables)
 

@@ -248,9 +248,10 @@ def _shard_problems(inputs, numbers, settings, stage1, psf, decomposition, looku
 
 
 def _edges_of(grid, fp, fdp) -> list[dict]:
-    from xfel_spread.spread.uncertainty import fp_minimum_energy, half_rise_energy
+    from xfel_spread.spread.uncertainty import fp_minimum_energy, half_rise_energy, half_rise_post_edge_energy
 
-    return [{"half_rise_ev": half_rise_energy(grid, fdp[s]), "fp_minimum_ev": fp_minimum_energy(grid, fp[s])}
+    return [{"half_rise_ev": half_rise_energy(grid, fdp[s]), "fp_minimum_ev": fp_minimum_energy(grid, fp[s]),
+             "half_rise_post_ev": half_rise_post_edge_energy(grid, fdp[s])}
             for s in range(len(fp))]
 
 
@@ -409,7 +410,8 @@ def run_spread(inputs: SpreadInputs, comm=None, log=None) -> dict | None:
                 summary["edges"][site] = edge
                 if with_sigma:
                     edge.update(half_rise_sigma_ev=edges[s].half_rise_sigma_ev,
-                                fp_minimum_sigma_ev=edges[s].fp_minimum_sigma_ev)
+                                fp_minimum_sigma_ev=edges[s].fp_minimum_sigma_ev,
+                                half_rise_post_sigma_ev=edges[s].half_rise_post_sigma_ev)
             return summary
 
         summary = {

@@ -22,7 +22,7 @@ Settings (a proposed ``spread`` config section; absent keys take these defaults)
 
 Outputs for prefix P: ``P_fp_fdp.tsv`` (energy and, per site, f', its sigma, f'', its sigma, and
 the start table's f', f'') and ``P_edges.tsv`` (per site: half-rise and f'-minimum energies with
-sigmas, and the same of the start table).
+sigmas, the same of the start table, and the post-edge half-rise with its sigma).
 """
 
 from __future__ import annotations
@@ -173,10 +173,11 @@ def write_results(result: SpreadResult, prefix: str | os.PathLike) -> None:
     with atomic_path(f"{prefix}_fp_fdp.tsv") as tmp:
         np.savetxt(tmp, np.stack(columns, axis=1), delimiter="\t", header="\t".join(header), comments="", fmt="%.6f")
     lines = [("site\thalf_rise_ev\thalf_rise_sigma_ev\tfp_minimum_ev\tfp_minimum_sigma_ev\tstart_half_rise_ev"
-              "\tstart_fp_minimum_ev")]
+              "\tstart_fp_minimum_ev\thalf_rise_post_ev\thalf_rise_post_sigma_ev")]
     for s, (name, edge) in enumerate(zip(result.site_names, result.edges)):
         lines.append(f"{name}\t{edge.half_rise_ev:.3f}\t{edge.half_rise_sigma_ev:.3f}\t{edge.fp_minimum_ev:.3f}\t"
                      f"{edge.fp_minimum_sigma_ev:.3f}\t{half_rise_energy(result.grid_ev, result.fdp_start[s]):.3f}\t"
-                     f"{fp_minimum_energy(result.grid_ev, result.fp_start[s]):.3f}")
+                     f"{fp_minimum_energy(result.grid_ev, result.fp_start[s]):.3f}\t{edge.half_rise_post_ev:.3f}\t"
+                     f"{edge.half_rise_post_sigma_ev:.3f}")
     with atomic_path(f"{prefix}_edges.tsv") as tmp, open(tmp, "w") as stream:
         stream.write("\n".join(lines) + "\n")

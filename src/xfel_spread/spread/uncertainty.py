@@ -11,7 +11,9 @@ Edge positions, per site
     ``half_rise_ev``: the energy at which f'' first reaches half-way from its pre-edge level (mean
     over the grid's first ``pre_edge_ev`` eV) to its maximum, linear between grid points.
     ``fp_minimum_ev``: the energy of the f' minimum, by a parabola through the lowest grid point
-    and its neighbours. On the shipped tables (1 eV grid from 7070 eV): oxidized 7119.9 / 7123.0 eV,
+    and its neighbours. ``half_rise_post_ev``: the half-rise with the top level the mean of the grid's
+    last 20 eV instead of the maximum (robust where f'' has a shoulder near the half level, as the
+    oxidized table has; see :func:`half_rise_post_edge_energy`). On the shipped tables (1 eV grid from 7070 eV): oxidized 7119.9 / 7123.0 eV,
     reduced 7118.0 / 7116.1 eV, metallic 7112.5 / 7111.2 eV. Their standard errors come from
     sampling grids from the posterior normal N(grids, covariance).
 """
@@ -136,15 +138,28 @@ def grid_covariance(problem: SpreadProblem, theta: np.ndarray, nuisance: Nuisanc
     return np.linalg.inv(0.5 * (information + information.T))
 
 
-def half_rise_energy(grid_ev: np.ndarray, fdp: np.ndarray, pre_edge_ev: float = 20.0) -> float:
-    """Energy (eV) where f'' first reaches half-way from its pre-edge mean to its maximum."""
+def half_rise_energy(grid_ev: np.ndarray, fdp: np.ndarray, pre_edge_ev: float = 20.0,
+                     post_edge_ev: float | None = None) -> float:
+    """Energy (eV) where f'' first reaches half-way from its pre-edge mean to its maximum.
+
+    With ``post_edge_ev`` the top level is the mean over the grid's last ``post_edge_ev`` eV instead of
+    the maximum (:func:`half_rise_post_edge_energy`)."""
     pre = float(np.mean(fdp[grid_ev < grid_ev[0] + pre_edge_ev]))
-    half = 0.5 * (pre + float(np.max(fdp)))
+    top = float(np.max(fdp)) if post_edge_ev is None else float(np.mean(fdp[grid_ev > grid_ev[-1] - post_edge_ev]))
+    half = 0.5 * (pre + top)
     above = np.flatnonzero(fdp >= half)
     i = int(above[0]) if above.size else len(fdp) - 1
     if i == 0:
         return float(grid_ev[0])
     return float(grid_ev[i - 1] + (half - fdp[i - 1]) / (fdp[i] - fdp[i - 1]) * (grid_ev[i] - grid_ev[i - 1]))
+
+
+def half_rise_post_edge_energy(grid_ev: np.ndarray, fdp: np.ndarray, pre_edge_ev: float = 20.0,
+                               post_edge_ev: float = 20.0) -> float:
+    """The half-rise with the level half-way between the means of the grid's first ``pre_edge_ev`` and
+    last ``post_edge_ev`` eV of f'' (both linear in the grid, so noise does not bias the level, as it
+    biases the maximum of a noisy curve upwards)."""
+    return half_rise_energy(grid_ev, fdp, pre_edge_ev, post_edge_ev)
 
 
 def fp_minimum_energy(grid_ev: np.ndarray, fp: np.ndarray) -> float:
@@ -166,6 +181,9 @@ class EdgeEstimate:
     half_rise_sigma_ev: float
     fp_minimum_ev: float
     fp_minimum_sigma_ev: float
+    #: :func:`half_rise_post_edge_energy` and its standard error.
+    half_rise_post_ev: float = float("nan")
+    half_rise_post_sigma_ev: float = float("nan")
 
 
 def edge_estimates(grid_ev: np.ndarray, fp: np.ndarray, fdp: np.ndarray, covariance: np.ndarray,
@@ -180,6 +198,8 @@ def edge_estimates(grid_ev: np.ndarray, fp: np.ndarray, fdp: np.ndarray, covaria
         fdp_rows = samples[:, (n_sites + site) * n_grid:(n_sites + site + 1) * n_grid]
         rise = [half_rise_energy(grid_ev, row) for row in fdp_rows]
         minimum = [fp_minimum_energy(grid_ev, row) for row in fp_rows]
+        post = [half_rise_post_edge_energy(grid_ev, row) for row in fdp_rows]
         estimates.append(EdgeEstimate(half_rise_energy(grid_ev, fdp[site]), float(np.std(rise)),
-                                      fp_minimum_energy(grid_ev, fp[site]), float(np.std(minimum))))
+                                      fp_minimum_energy(grid_ev, fp[site]), float(np.std(minimum)),
+                                      half_rise_post_edge_energy(grid_ev, fdp[site]), float(np.std(post))))
     return estimates
