@@ -212,8 +212,9 @@ def control_problem(name: str, shard: ShardProblem, decomposition, lookup, rows:
 
 
 def _prepare_spread(inputs: SpreadInputs):
-    """Settings (spread, stage 1, structure factors) and point spread of a run; user errors raised."""
-    from xfel_spread.config import load_config
+    """Settings (spread, stage 1, structure factors), point spread and data source (`images` for the dataset of
+    images from elsewhere, else `simulate`) of a run; user errors raised."""
+    from xfel_spread.config import IMAGE_DATASET, load_config
     from xfel_spread.errors import OptionError
     from xfel_spread.spread.run import SpreadSettings
     from xfel_spread.stage1.pipeline import detector_psf
@@ -236,7 +237,9 @@ def _prepare_spread(inputs: SpreadInputs):
     prefix_dir = os.path.dirname(os.path.abspath(inputs.output_prefix))
     if not os.path.isdir(prefix_dir):
         raise SpreadInputError(f"{prefix_dir}: output directory does not exist")
-    return settings, stage1, structure, psf, config["input"]["source"]
+    # The stage's settings file holds no input section: the dataset says where the data came from.
+    source = "images" if inputs.dataset == IMAGE_DATASET else "simulate"
+    return settings, stage1, structure, psf, source
 
 
 def _site_decomposition(inputs: SpreadInputs, settings, structure):
