@@ -163,9 +163,9 @@ def final_targets():
 def image_targets():
     """The default target with images from elsewhere: the image list, every image-list shard, both DIALS
     passes' shots tables, metrology's report, the cell clusters, the merge's statistics, the annulus, both
-    pixel refinements' shots tables, hit finding's summary and powder when it is on; no score, no truth.
-    Not SPREAD: it needs the spectra on the structure_factors channels, which images from elsewhere do not
-    have (ask for results/spread/images/spread_summary.json to run it)."""
+    pixel refinements' shots tables, hit finding's summary and powder when it is on, and SPREAD's table and
+    summary (each shot's spectrum rebinned onto the structure_factors channels; its fixed part from
+    MODEL_FILE, input.model or LY99's); no score, no truth."""
     dataset = IMAGE_DATASET
     shards = [shard_path(dataset, index) for index in range(len(SHARD_RANGES))]
     shots = [path for stage in ("index", "reindex") + PIXEL_REFINEMENTS for path in shard_files(stage, "_shots.tsv", dataset)]
@@ -173,7 +173,8 @@ def image_targets():
         f"metrology/{dataset}/report.txt", f"cells/{dataset}_clusters.txt", f"merge/{dataset}/statistics.tsv",
         f"annulus/{dataset}/summary.json")]
     hitfind = [f"{OUTPUT_DIR}/hitfind/{dataset}/{name}" for name in ("summary.json", "powder.json")] if HITFIND else []
-    return [IMAGE_LIST] + shards + shots + per_dataset + hitfind
+    spread = [path.replace("{dataset}", dataset) for key, path in spread_outputs().items() if key in ("fp_fdp", "summary")]
+    return [IMAGE_LIST] + shards + shots + per_dataset + hitfind + spread
 
 
 def repeated_option(option, values):

@@ -17,7 +17,7 @@ NANOBRAGG = SHARED_DATA_DIR / "external" / "nanobragg"
 #: One job per shard of the single dataset `images`.
 PER_SHARD = ("image_shard", "index", "reindex", "stage1", "exa")
 #: One job per run.
-PER_RUN = ("list_images", "metrology", "tdata", "covariance", "merge", "annulus", "all")
+PER_RUN = ("list_images", "metrology", "tdata", "covariance", "merge", "annulus", "spread", "all")
 
 
 def nanobragg_input(**overrides) -> dict:
@@ -39,8 +39,9 @@ def dry_run(tmp_path, config: dict):
 
 
 def expected_jobs(n_shards: int) -> dict:
-    # Reference copy: the model (1m2a.pdb); settings of 6 stages (images, metrology, cells, merge, annulus, stage1).
-    return {"reference_data": 1, "stage_settings": 6, **{rule: n_shards for rule in PER_SHARD},
+    # Reference copies: the model (1m2a.pdb) and SPREAD's start table (Fe_fake.dat, spread.sites' default); settings
+    # of 7 stages (images, metrology, cells, merge, annulus, stage1, spread).
+    return {"reference_data": 2, "stage_settings": 7, **{rule: n_shards for rule in PER_SHARD},
             **{rule: 1 for rule in PER_RUN}}
 
 
@@ -56,7 +57,7 @@ def test_hit_finding_on_images_plans_per_shard_measurements_and_no_score(tmp_pat
     result, _ = dry_run(tmp_path, {**nanobragg_input(), "hitfind": {"enabled": True}})
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     # Measured once per shard; the threshold and the powder once per run; two more settings files.
-    expected = expected_jobs(2) | {"hitfind_shard": 2, "hitfind": 1, "powder": 1, "stage_settings": 8}
+    expected = expected_jobs(2) | {"hitfind_shard": 2, "hitfind": 1, "powder": 1, "stage_settings": 9}
     assert job_stats(result.stdout + result.stderr) == expected
 
 
@@ -74,11 +75,14 @@ def test_starting_geometry_and_model_reach_the_index_and_merge_commands(tmp_path
     index = [line for line in lines if "spread-stills-process" in line and "results/index/" in line]
     reindex = [line for line in lines if "spread-stills-process" in line and "results/reindex/" in line]
     merge = [line for line in lines if "spread-merge " in line]
+    spread = [line for line in lines if "spread-spread " in line]
     assert len(index) == 2 and all(f"--reference-geometry {geometry}" in line for line in index)
     assert reindex and all(str(geometry) not in line for line in reindex)  # reindex takes metrology's detector
     assert len(merge) == 1 and f"--model {model}" in merge[0]
-    # The model given is the merge's, so no reference copy of 1m2a.pdb is made.
-    assert "resources/reference/1m2a.pdb" not in result.stdout and "rule reference_data" not in result.stdout
+    assert len(spread) == 1 and f"--pdb {model}" in spread[0]
+    # The model given is the merge's and SPREAD's, so no reference copy of 1m2a.pdb is made (only SPREAD's start table).
+    assert "resources/reference/1m2a.pdb" not in result.stdout
+    assert job_stats(result.stdout + result.stderr)["reference_data"] == 1
 
 
 def test_a_glob_matching_nothing_stops_the_run_with_one_line(tmp_path):

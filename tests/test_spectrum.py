@@ -1,4 +1,5 @@
-"""SASE spectra (sim.spectrum): normalisation, statistics, determinism; recorded-spectrum reader."""
+"""SASE spectra (sim.spectrum): normalisation, statistics, determinism; recorded-spectrum reader; rebinning a
+spectrum at its own energies onto the structure_factors channel grid."""
 
 import math
 
@@ -6,7 +7,16 @@ import numpy as np
 import pytest
 from sim_fixtures import LY99_ENERGIES_EV
 
-from xfel_spread.sim.spectrum import FWHM_TO_SIGMA, SaseModel, SpectrumFileError, read_recorded_spectra, sase_spectrum
+from xfel_spread.sim.structure_factors import channel_energies
+from xfel_spread.sim.spectrum import (
+    FWHM_TO_SIGMA,
+    SaseModel,
+    SpectrumFileError,
+    SpectrumGridError,
+    read_recorded_spectra,
+    rebin_spectrum,
+    sase_spectrum,
+)
 
 N_SHOTS = 1000
 
@@ -108,3 +118,60 @@ def test_read_recorded_spectra_rejects_bad_files(tmp_path):
         message = str(raised.value)
         assert "\n" not in message, message
         assert message.startswith(f"{path}: "), message
+
+
+#: The structure_factors section's default channels: 100 of 1 eV from 7070.5 eV.
+DEFAULT_GRID = channel_energies(7070.5, 1.0, 100)
+
+#: One nanoBragg still's spectrum as ../shared/data/external/nanobragg/spectra.tsv gives it: 20 channels of
+#: 1 eV from 7106.989 eV, here with uneven weights.
+NANOBRAGG_ENERGIES = 7106.989 + np.arange(20.0)
+NANOBRAGG_WEIGHTS = np.exp(-0.5 * ((NANOBRAGG_ENERGIES - 7114.0) / 4.0) ** 2)
+
+
+def test_a_spectrum_on_the_grid_is_returned_as_given():
+    weights = sase_spectrum(SaseModel(), LY99_ENERGIES_EV, np.random.default_rng(3))
+    energies, rebinned = rebin_spectrum(LY99_ENERGIES_EV, weights, DEFAULT_GRID, "shard_00000.h5: image 0")
+    # The same arrays, so simulated shots do not change by a bit.
+    assert energies is LY99_ENERGIES_EV and rebinned is weights
+
+
+def test_rebinning_keeps_the_total_weight_and_the_mean_energy():
+    energies, rebinned = rebin_spectrum(NANOBRAGG_ENERGIES, NANOBRAGG_WEIGHTS, DEFAULT_GRID)
+    assert np.array_equal(energies, DEFAULT_GRID) and rebinned.shape == (100,)
+    assert rebinned.min() >= 0
+    assert rebinned.sum() == pytest.approx(NANOBRAGG_WEIGHTS.sum(), rel=1e-12)
+    mean_in = np.average(NANOBRAGG_ENERGIES, weights=NANOBRAGG_WEIGHTS)
+    mean_out = np.average(energies, weights=rebinned)
+    # The linear share keeps the first moment exactly, well within half a channel.
+    assert abs(mean_out - mean_in) < 1e-9
+    # Every input channel lands on the two grid channels around it: 7106.5 ... 7126.5 eV.
+    lit = energies[rebinned > 0]
+    assert lit.min() == 7106.5 and lit.max() == 7126.5
+
+
+def test_a_spectrum_on_grid_energies_of_another_count_is_moved_exactly():
+    """Channels at grid energies (a subset of the grid) keep their weights in those channels."""
+    subset = DEFAULT_GRID[30:50]
+    weights = np.linspace(1.0, 2.0, 20)
+    energies, rebinned = rebin_spectrum(subset, weights, DEFAULT_GRID)
+    assert np.allclose(rebinned[30:50], weights, rtol=1e-12, atol=0)
+    assert np.all(rebinned[:30] == 0) and np.all(rebinned[50:] == 0)
+
+
+def test_rebinning_onto_a_coarser_grid_conserves_weight_and_mean():
+    grid = channel_energies(7075.5, 10.0, 10)
+    energies, rebinned = rebin_spectrum(NANOBRAGG_ENERGIES, NANOBRAGG_WEIGHTS, grid)
+    assert rebinned.sum() == pytest.approx(NANOBRAGG_WEIGHTS.sum(), rel=1e-12)
+    mean_in = np.average(NANOBRAGG_ENERGIES, weights=NANOBRAGG_WEIGHTS)
+    assert abs(np.average(energies, weights=rebinned) - mean_in) < 0.5 * 10.0
+
+
+def test_a_spectrum_outside_the_grid_is_refused_in_one_line_naming_the_shot():
+    with pytest.raises(SpectrumGridError, match=r"^images/shard_00001\.h5: image 2: spectrum at 7106\.989-7125\.989 eV "
+                                                r"lies outside the channel grid 7000\.500-7099\.500 eV") as error:
+        rebin_spectrum(NANOBRAGG_ENERGIES, NANOBRAGG_WEIGHTS, channel_energies(7000.5, 1.0, 100),
+                       "images/shard_00001.h5: image 2")
+    assert "\n" not in str(error.value)
+    with pytest.raises(SpectrumGridError, match="weights"):
+        rebin_spectrum(NANOBRAGG_ENERGIES, NANOBRAGG_WEIGHTS[:5], DEFAULT_GRID, "s")

@@ -153,6 +153,9 @@ def test_one_two_and_four_ranks_write_the_same_bytes(case, tmp_path):
     # What the outputs hold: the shards' lattices, finite values with positive sigmas, both controls.
     assert summary["lattices"] == 4 and [shard["lattices"] for shard in summary["shards"]] == [2, 1, 1]
     assert summary["controls_run"] == ["miller_l_plus_1", "shuffled_channels"]
+    # Simulated shots: spectra on the structure_factors channels already, and a truth to score against.
+    assert summary["spectra_rebinned"] == 0 and summary["input_source"] == "simulate"
+    assert summary["truth"].startswith("the simulation's tables")
     with open(f"{tmp_path / 'one'}_fp_fdp.tsv", newline="") as stream:
         rows = list(csv.DictReader(stream, delimiter="\t"))
     assert len(rows) == summary["grid_ev"][2] == len(energy_grid(7075.0, 7165.5, 5.0))
@@ -271,3 +274,41 @@ def test_an_analytic_eta_from_stage1_is_refused_in_one_line(tmp_path):
     assert "\n" not in str(error.value)
     config.write_text("stage1:\n  refine: [G, rotation, cell, ncells, eta]\n  eta_model: domains\n")
     assert _prepare_spread(inputs)[1].n_domains == 25
+
+
+def test_spectra_on_the_channel_grid_are_used_as_they_are_and_others_are_rebinned(case, tmp_path):
+    """shard_lattices puts every shot's spectrum on the structure_factors channels: the simulated case's
+    spectra (10 channels of 10 eV from 7075.5 eV) give the same bytes; a finer grid gets them rebinned; a
+    grid that does not reach them is refused in one line naming the shard and image."""
+    from xfel_spread.sim.structure_factors import channel_energies
+    from xfel_spread.spread.errors import SpreadInputError
+    from xfel_spread.spread.pipeline import _lookup_of, _prepare_spread, _site_decomposition, shard_lattices
+
+    written, stage1_prefix = case
+    inputs = inputs_for(case, spread_config(tmp_path / "spread.yaml"), tmp_path / "out")
+    settings, stage1, structure, psf, source = _prepare_spread(inputs)
+    assert source == "simulate"
+    lookup = _lookup_of(_site_decomposition(inputs, settings, structure))
+
+    def lattices(grid=None):
+        return shard_lattices(str(written.annulus_prefix), str(written.shard), str(stage1_prefix), lookup, stage1,
+                              settings.relative_cutoff, psf, max_lattices=1, channel_grid_ev=grid)
+
+    (plain,), (on_grid,) = lattices(), lattices(channel_energies(7075.5, 10.0, 10))
+    assert not on_grid.spectrum_rebinned
+    for field in ("energies_ev", "data", "shoebox", "dx", "dy", "term_pixel", "term_channel", "term_column",
+                  "term_coeff"):
+        assert np.array_equal(getattr(plain, field), getattr(on_grid, field)), field
+    assert plain.readout_var == on_grid.readout_var
+
+    finer = channel_energies(7070.5, 1.0, 100)
+    (rebinned,) = lattices(finer)
+    assert rebinned.spectrum_rebinned and np.array_equal(rebinned.energies_ev, finer)
+    assert np.array_equal(rebinned.data, plain.data) and np.all(np.isfinite(rebinned.term_coeff))
+    # Only the grid channels the case's channels landed on carry terms.
+    assert set(np.unique(rebinned.term_channel)) <= set(np.searchsorted(finer, plain.energies_ev))
+
+    with pytest.raises(SpreadInputError, match=rf"^{written.shard}: image \d+ \(lattice 0\): spectrum at "
+                                                r"7075\.500-7165\.500 eV lies outside the channel grid") as error:
+        lattices(channel_energies(7000.5, 1.0, 50))
+    assert "\n" not in str(error.value)

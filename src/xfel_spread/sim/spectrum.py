@@ -72,3 +72,47 @@ def read_recorded_spectra(path: str, n_channels: int) -> np.ndarray:
     if not np.all(np.isfinite(spectra)) or np.any(spectra < 0) or np.any(spectra.sum(axis=1) <= 0):
         raise SpectrumFileError(f"{path}: spectra must be finite, non-negative and not all zero")
     return spectra
+
+
+class SpectrumGridError(UserInputError, ValueError):
+    """A spectrum that cannot be put on a channel grid (it lies outside it), with the shot named."""
+
+
+def rebin_spectrum(energies_ev: np.ndarray, weights: np.ndarray, grid_ev: np.ndarray,
+                   source: str = "spectrum") -> tuple[np.ndarray, np.ndarray]:
+    """A spectrum (channel energies, weights) on the channels of a grid, total weight conserved.
+
+    ``grid_ev``: increasing channel energies, e.g. the ``structure_factors`` section's
+    (:func:`xfel_spread.sim.structure_factors.channel_energies`).
+
+    Each input channel's weight is shared linearly between the two grid channels around its energy
+    (weight ``1 - f`` to the lower, ``f`` to the upper, ``f`` the fractional position between them), so
+    the total weight and the weighted mean energy are both kept exactly (up to rounding); the spectrum
+    is only blurred by up to one grid step. A spectrum already on the grid (same number of channels at
+    the same energies, within 1e-6 eV) is returned as given, the same arrays, so data made on the grid do
+    not change by a bit. Returns ``(grid_ev, weights on the grid)`` otherwise.
+
+    A channel outside the grid's energy range (beyond 1e-6 eV) is refused with one line
+    (:class:`SpectrumGridError`) that starts with ``source`` (say the shard and image) and gives both
+    ranges.
+    """
+    energies = np.asarray(energies_ev, dtype=np.float64)
+    values = np.asarray(weights, dtype=np.float64)
+    grid = np.asarray(grid_ev, dtype=np.float64)
+    if energies.shape != values.shape or energies.ndim != 1:
+        raise SpectrumGridError(f"{source}: {energies.shape} channel energies but {values.shape} weights")
+    if grid.shape == energies.shape and np.allclose(energies, grid, rtol=0, atol=1e-6):
+        return energies_ev, weights
+    if len(grid) < 2:
+        raise SpectrumGridError(f"{source}: a grid of {len(grid)} channel(s) cannot take a spectrum at other energies")
+    tolerance = 1e-6
+    if energies.size and (energies.min() < grid[0] - tolerance or energies.max() > grid[-1] + tolerance):
+        raise SpectrumGridError(f"{source}: spectrum at {energies.min():.3f}-{energies.max():.3f} eV lies outside the "
+                                f"channel grid {grid[0]:.3f}-{grid[-1]:.3f} eV (structure_factors.channel_start_ev, "
+                                "channel_step_ev, n_channels)")
+    lower = np.clip(np.searchsorted(grid, energies, side="right") - 1, 0, len(grid) - 2)
+    fraction = np.clip((energies - grid[lower]) / (grid[lower + 1] - grid[lower]), 0.0, 1.0)
+    rebinned = np.zeros(len(grid), dtype=np.float64)
+    np.add.at(rebinned, lower, values * (1.0 - fraction))
+    np.add.at(rebinned, lower + 1, values * fraction)
+    return grid.copy(), rebinned

@@ -47,6 +47,8 @@ class LatticeArrays:
     dropped_fraction: float
     #: The lattice's position in its annulus experiment list (-1: not given).
     lattice: int = -1
+    #: Whether the shot's spectrum was rebinned onto the structure_factors channels (spread.pipeline).
+    spectrum_rebinned: bool = False
 
 
 def lattice_arrays(shot: ShotPixels, values: np.ndarray, n_domains: int, lookup: AsuLookup,

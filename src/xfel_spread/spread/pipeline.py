@@ -7,10 +7,17 @@ shoeboxes are rebuilt as stage 1 built them (:func:`xfel_spread.stage1.rois.read
 ``{annulus_prefix}_annulus.expt/.refl`` and the shard's image and spectrum), ROIs whose Miller index
 has no structure factor dropped as stage 1 drops them; then each converged lattice's coefficients
 are computed at its stage-1 parameters (:func:`xfel_spread.spread.assemble.lattice_arrays`).
+
+SPREAD needs every shot's spectrum on one channel grid, the ``structure_factors`` section's: images from
+elsewhere bring spectra at their own energies (the nanoBragg stills: 20 channels of 1 eV at other
+energies per image), so each shot's spectrum is rebinned onto the grid first, total weight and mean
+energy kept (:func:`xfel_spread.sim.spectrum.rebin_spectrum`); a spectrum already on the grid (the
+simulated shards') is used as it is.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +30,8 @@ from xfel_spread.spread.coefficients import AsuLookup
 from xfel_spread.spread.errors import SpreadInputError
 from xfel_spread.spread.fit import SpreadProblem
 from xfel_spread.io.refined_shots import read_refined_shots
+from xfel_spread.sim.spectrum import SpectrumGridError, rebin_spectrum
+from xfel_spread.sim.structure_factors import channel_energies
 from xfel_spread.stage1.model import PARAMETER_NAMES, Stage1Settings
 from xfel_spread.stage1.psf import DetectorPsf
 from xfel_spread.stage1.rois import open_annulus_shard, read_lattices, select_rois
@@ -47,8 +56,12 @@ def converged_parameters(shots_path: str | os.PathLike) -> dict[int, np.ndarray]
 def shard_lattices(annulus_prefix: str, shard_path: str, stage1_prefix: str, lookup: AsuLookup,
                    settings: Stage1Settings, relative_cutoff: float, psf: DetectorPsf | None = None,
                    on_error: Callable[[int, Exception], None] | None = None,
-                   max_lattices: int | None = None) -> list[LatticeArrays]:
-    """Coefficients and pixels of every converged lattice of one shard (or the first ``max_lattices``)."""
+                   max_lattices: int | None = None, channel_grid_ev: np.ndarray | None = None) -> list[LatticeArrays]:
+    """Coefficients and pixels of every converged lattice of one shard (or the first ``max_lattices``).
+
+    With ``channel_grid_ev`` each shot's spectrum is first put on those channels
+    (:func:`xfel_spread.sim.spectrum.rebin_spectrum`; unchanged when already on them); a spectrum outside
+    the grid is refused with one line naming the shard and image."""
     shots_path = f"{stage1_prefix}_shots.tsv"
     parameters = converged_parameters(shots_path)
     annulus = open_annulus_shard(annulus_prefix, shard_path)
@@ -62,9 +75,19 @@ def shard_lattices(annulus_prefix: str, shard_path: str, stage1_prefix: str, loo
         keep = lookup.columns(shot.miller_index) >= 0
         if not keep.any():
             continue
+        rebinned = False
+        if channel_grid_ev is not None:
+            try:
+                energies, photons = rebin_spectrum(shot.energies_ev, shot.photons, channel_grid_ev,
+                                                   f"{shard_path}: image {shot.image_index} (lattice {lattice})")
+            except SpectrumGridError as error:
+                raise SpreadInputError(str(error)) from None
+            rebinned = energies is not shot.energies_ev
+            shot = dataclasses.replace(shot, energies_ev=energies, photons=photons)
         arrays = lattice_arrays(select_rois(shot, keep), parameters[lattice], settings.n_domains, lookup,
                                 settings.readout_sigma_adu, relative_cutoff, psf)
         arrays.lattice = lattice
+        arrays.spectrum_rebinned = rebinned
         lattices.append(arrays)
     return lattices
 
@@ -111,6 +134,8 @@ class ShardProblem:
     columns: np.ndarray
     lattices: list[int]
     pixels_per_shot: list[int]
+    #: How many of its shots' spectra were rebinned onto the structure_factors channels.
+    spectra_rebinned: int = 0
 
 
 def _sum_in_shard_order(parts: list[list[tuple]]) -> tuple[float, np.ndarray | None]:
@@ -187,8 +212,9 @@ def control_problem(name: str, shard: ShardProblem, decomposition, lookup, rows:
 
 
 def _prepare_spread(inputs: SpreadInputs):
-    """Settings (spread, stage 1, structure factors) and point spread of a run; user errors raised."""
-    from xfel_spread.config import load_config
+    """Settings (spread, stage 1, structure factors), point spread and data source (`images` for the dataset of
+    images from elsewhere, else `simulate`) of a run; user errors raised."""
+    from xfel_spread.config import IMAGE_DATASET, load_config
     from xfel_spread.errors import OptionError
     from xfel_spread.spread.run import SpreadSettings
     from xfel_spread.stage1.pipeline import detector_psf
@@ -211,21 +237,25 @@ def _prepare_spread(inputs: SpreadInputs):
     prefix_dir = os.path.dirname(os.path.abspath(inputs.output_prefix))
     if not os.path.isdir(prefix_dir):
         raise SpreadInputError(f"{prefix_dir}: output directory does not exist")
-    return settings, stage1, structure, psf
+    # The stage's settings file holds no input section: the dataset says where the data came from.
+    source = "images" if inputs.dataset == IMAGE_DATASET else "simulate"
+    return settings, stage1, structure, psf, source
 
 
 def _site_decomposition(inputs: SpreadInputs, settings, structure):
     """The model's decomposition for the settings' sites, at the simulation's mean channel energy."""
     from xfel_spread.sim.structure_factors import HC_EV_ANGSTROM, site_decomposition
 
-    energies = structure["channel_start_ev"] + structure["channel_step_ev"] * np.arange(structure["n_channels"])
+    energies = channel_energies(structure["channel_start_ev"], structure["channel_step_ev"], structure["n_channels"])
     names = tuple(name for name, _ in settings.sites)
     return site_decomposition(inputs.pdb, structure["d_min_a"], structure["k_sol"], structure["b_sol"], names,
                               HC_EV_ANGSTROM / float(np.mean(energies)))
 
 
-def _shard_problems(inputs, numbers, settings, stage1, psf, decomposition, lookup, grid, restraints, progress):
-    """The ShardProblem of every shard in ``numbers`` with converged lattices (the others are left out)."""
+def _shard_problems(inputs, numbers, settings, stage1, psf, decomposition, lookup, grid, restraints, progress,
+                    channel_grid_ev=None):
+    """The ShardProblem of every shard in ``numbers`` with converged lattices (the others are left out);
+    every shot's spectrum on ``channel_grid_ev`` (:func:`shard_lattices`)."""
     from xfel_spread.spread.assemble import concatenate
     from xfel_spread.spread.model import Decomposition
     from xfel_spread.spread.tables import interpolation_matrix
@@ -233,7 +263,8 @@ def _shard_problems(inputs, numbers, settings, stage1, psf, decomposition, looku
     problems = []
     for number in numbers:
         lattices = shard_lattices(inputs.annulus_prefixes[number], inputs.shards[number],
-                                  inputs.stage1_prefixes[number], lookup, stage1, settings.relative_cutoff, psf)
+                                  inputs.stage1_prefixes[number], lookup, stage1, settings.relative_cutoff, psf,
+                                  channel_grid_ev=channel_grid_ev)
         progress.advance()
         if not lattices:
             continue
@@ -243,7 +274,8 @@ def _shard_problems(inputs, numbers, settings, stage1, psf, decomposition, looku
                                                                  decomposition.site_sums[:, columns]),
                                 interpolation, restraints)
         problems.append(ShardProblem(number, problem, columns, [lattice.lattice for lattice in lattices],
-                                     [len(lattice.data) for lattice in lattices]))
+                                     [len(lattice.data) for lattice in lattices],
+                                     sum(lattice.spectrum_rebinned for lattice in lattices)))
     return problems
 
 
@@ -291,7 +323,7 @@ def run_spread(inputs: SpreadInputs, comm=None, log=None) -> dict | None:
     error, decomposition = None, None
     with abort_on_error(comm):
         try:
-            settings, stage1, structure, psf = _prepare_spread(inputs)
+            settings, stage1, structure, psf, source = _prepare_spread(inputs)
             if rank == 0:
                 decomposition = _site_decomposition(inputs, settings, structure)
         except USER_ERRORS as caught:
@@ -301,7 +333,7 @@ def run_spread(inputs: SpreadInputs, comm=None, log=None) -> dict | None:
         decomposition = comm.bcast(decomposition, root=0)
         lookup = _lookup_of(decomposition)
         names = tuple(name for name, _ in settings.sites)
-        energies = structure["channel_start_ev"] + structure["channel_step_ev"] * np.arange(structure["n_channels"])
+        energies = channel_energies(structure["channel_start_ev"], structure["channel_step_ev"], structure["n_channels"])
         error = None
         try:
             grid = energy_grid(float(np.floor(energies.min())), float(energies.max()), settings.grid_spacing_ev)
@@ -322,10 +354,10 @@ def run_spread(inputs: SpreadInputs, comm=None, log=None) -> dict | None:
         error, shards = None, []
         try:
             shards = _shard_problems(inputs, numbers, settings, stage1, psf, decomposition, lookup, grid,
-                                     restraints, progress)
+                                     restraints, progress, channel_grid_ev=energies)
             for shard in shards:
+                # Every spectrum was put on the structure_factors channels (shard_lattices): a check.
                 lattice_energies = shard.problem.interpolation @ torch.tensor(grid)
-                # Images from elsewhere bring their own channels (io.images), of another count too.
                 if (lattice_energies.shape != energies.shape
                         or not np.allclose(lattice_energies.numpy(), energies, rtol=0, atol=1e-6)):
                     raise SpreadInputError(f"{inputs.shards[shard.shard]}: channel energies ({lattice_energies.shape[0]}) "
@@ -335,8 +367,10 @@ def run_spread(inputs: SpreadInputs, comm=None, log=None) -> dict | None:
             error = caught
     first_error(comm, error)
     with abort_on_unexpected_error(comm):
-        counts = comm.allgather([(shard.shard, len(shard.lattices), shard.problem.data.n_pixels) for shard in shards])
+        counts = comm.allgather([(shard.shard, len(shard.lattices), shard.problem.data.n_pixels, shard.spectra_rebinned)
+                                 for shard in shards])
         per_shard = sorted(item for part in counts for item in part)
+        n_rebinned = sum(item[3] for item in per_shard)
         n_lattices = sum(item[1] for item in per_shard)
         n_pixels = sum(item[2] for item in per_shard)
     if n_lattices == 0:
@@ -422,8 +456,13 @@ def run_spread(inputs: SpreadInputs, comm=None, log=None) -> dict | None:
                          "max_iterations": settings.max_iterations, "posterior_samples": settings.posterior_samples,
                          "seed": settings.seed, "point_spread_modelled": psf is not None},
             "grid_ev": [float(grid[0]), float(grid[-1]), len(grid)],
-            "shards": [{"shard": shard, "lattices": n, "pixels": p} for shard, n, p in per_shard],
+            "shards": [{"shard": shard, "lattices": n, "pixels": p} for shard, n, p, _ in per_shard],
             "lattices": n_lattices, "pixels": n_pixels, "ranks": size,
+            # Images from elsewhere bring spectra at their own energies (rebinned onto the channels) and no truth.
+            "spectra_rebinned": n_rebinned,
+            "input_source": source,
+            "truth": ("the simulation's tables (rule score_spread)" if source == "simulate" else
+                      "none: images from elsewhere (input.source: images); the fit is not scored"),
             "fit": fit_summary(result, True),
             "controls_run": list(controls),
             "controls": {name: fit_summary(control, False) for name, control in controls.items()},
