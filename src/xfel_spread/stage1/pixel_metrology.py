@@ -256,10 +256,15 @@ def run_pixel_metrology(inputs: PixelMetrologyInputs) -> dict:
         "left_out": [{"shard": lattice.shard, "lattice": lattice.lattice, "identifier": lattice.identifier,
                       "reason": fit.single_fits[position].reason}
                      for position, lattice in enumerate(lattices) if position not in kept],
-        "nll_start": fit.nll_start, "nll_final": fit.nll_final, "iterations": fit.n_iterations,
+        # NaN when no lattice converged on the starting detector: null, as JSON has no NaN.
+        "nll_start": _finite_or_none(fit.nll_start), "nll_final": _finite_or_none(fit.nll_final), "iterations": fit.n_iterations,
         "evaluations": fit.n_evaluations, "seconds": fit.seconds,
     }
     with atomic_output(inputs.summary, "w") as stream:
         json.dump(summary, stream, indent=1)
     plot_refinement(inputs.plot, inputs.dataset, shift, len(kept), fit.converged)
     return summary
+
+
+def _finite_or_none(value: float) -> float | None:
+    return float(value) if np.isfinite(value) else None
