@@ -27,6 +27,7 @@ include: "rules/cells.smk"
 include: "rules/merge.smk"
 include: "rules/annulus.smk"
 include: "rules/stage1.smk"
+include: "rules/pixel_metrology.smk"
 include: "rules/spread.smk"
 include: "rules/report.smk"
 

@@ -157,7 +157,7 @@ def final_targets():
     spread = [f"{OUTPUT_DIR}/score/spread_{dataset}.tsv" for dataset in DATASETS]
     hitfind = [f"{OUTPUT_DIR}/{path}" for dataset in DATASETS
                for path in (f"score/hitfind_{dataset}.tsv", f"hitfind/{dataset}/powder.json")] if HITFIND else []
-    return references + shards + scores + annulus + figures + spread + hitfind
+    return references + shards + scores + annulus + figures + spread + hitfind + pixel_metrology_targets()
 
 
 def image_targets():
@@ -174,7 +174,15 @@ def image_targets():
         f"annulus/{dataset}/summary.json")]
     hitfind = [f"{OUTPUT_DIR}/hitfind/{dataset}/{name}" for name in ("summary.json", "powder.json")] if HITFIND else []
     spread = [path.replace("{dataset}", dataset) for key, path in spread_outputs().items() if key in ("fp_fdp", "summary")]
-    return [IMAGE_LIST] + shards + shots + per_dataset + hitfind + spread
+    return [IMAGE_LIST] + shards + shots + per_dataset + hitfind + spread + pixel_metrology_targets()
+
+
+def pixel_metrology_targets():
+    """The refined detector and report figure of every dataset when pixel_metrology.enabled, else none."""
+    if not config["pixel_metrology"]["enabled"]:
+        return []
+    return [f"{OUTPUT_DIR}/pixel_metrology/{dataset}/{name}" for dataset in RUN_DATASETS
+            for name in ("refined_detector.expt", "refinement.png")]
 
 
 def repeated_option(option, values):

@@ -87,8 +87,11 @@ def miller_indices_at(matrix: np.ndarray, centroids_px: np.ndarray, energies_ev)
     return np.rint(fractional[best, spots]).astype(np.int64), distance[best, spots]
 
 
-def write_case(directory: Path, seeds=ORIENTATION_SEEDS, noise_seed: int = 7) -> Case:
-    """Write the tiny stage-1 input described in the module docstring into ``directory``."""
+def write_case(directory: Path, seeds=ORIENTATION_SEEDS, noise_seed: int = 7, beam_offset_px: float = 0.0) -> Case:
+    """Write the tiny stage-1 input described in the module docstring into ``directory``.
+
+    ``beam_offset_px``: the images are simulated with the beam centre this far (pixels, along fast
+    and slow) off the one the shard's metadata and the experiments give (the detector metrology finds)."""
     from cctbx import crystal, miller
     from cctbx.array_family import flex as cctbx_flex
     from dials.array_family import flex
@@ -106,9 +109,10 @@ def write_case(directory: Path, seeds=ORIENTATION_SEEDS, noise_seed: int = 7) ->
 
     images, true_matrices, start_matrices, spots = [], [], [], []
     fast, slow = all_pixels(detector)
+    imaged = detector.with_beam_center_offset_px((beam_offset_px, beam_offset_px)) if beam_offset_px else detector
     for shot, seed in enumerate(seeds):
         matrix = random_orientation(CELL, seed)
-        bragg = bragg_photons_dense(detector, make_beam(table.energies_ev, spectra[shot]),
+        bragg = bragg_photons_dense(imaged, make_beam(table.energies_ev, spectra[shot]),
                                     crystal_state(matrix, [NCELLS_TRUE] * 3, scale=G_TRUE), lookup, fast, slow)
         bragg = bragg.reshape(N_PIXELS, N_PIXELS).numpy()
         slow_grid, fast_grid = np.mgrid[0:N_PIXELS, 0:N_PIXELS]

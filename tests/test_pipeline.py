@@ -388,6 +388,21 @@ def test_dry_run_on_a_fresh_directory_lists_every_stage(tmp_path):
     assert not (tmp_path / "results").exists()
 
 
+def test_pixel_metrology_is_planned_per_dataset_only_when_enabled(tmp_path):
+    """Off by default (the test above plans no pixel_metrology job); enabled, one job per dataset after stage 1
+    of every shard, with its own settings file, and nothing else changes."""
+    default = Counter(rule for rule, _ in planned_jobs(succeeded(snakemake(
+        tmp_path, write_config(tmp_path / "default.yaml", indexable_config(tmp_path)), "--dry-run"))))
+    config = indexable_config(tmp_path)
+    config["pixel_metrology"] = {"enabled": True, "max_lattices": 50}
+    jobs = planned_jobs(succeeded(snakemake(tmp_path, write_config(tmp_path / "on.yaml", config), "--dry-run")))
+    assert "pixel_metrology" not in default
+    assert Counter(rule for rule, _ in jobs) - default == {"pixel_metrology": 2, "stage_settings": 1}
+    assert {wildcards for rule, wildcards in jobs if rule == "pixel_metrology"} == {
+        (("dataset", dataset),) for dataset in DATASETS}
+    assert (("stage", "pixel_metrology"),) in {wildcards for rule, wildcards in jobs if rule == "stage_settings"}
+
+
 # --- rerun semantics (dry runs against the completed run) ----------------------------------------------
 
 

@@ -182,6 +182,8 @@ STAGE_SECTIONS = {
     "dials_merge": {"merge": None},
     "annulus": {"annulus": None},
     "stage1": {"stage1": None},
+    # The pixel metrology refines stage 1's lattices again with its settings; `enabled` only wires the rule in.
+    "pixel_metrology": {"pixel_metrology": ("enabled",), "stage1": None},
     # SPREAD rebuilds stage 1's shoeboxes and forward model and the simulation's site decomposition.
     "spread": {"spread": None, "stage1": None, "structure_factors": None},
     # Measuring shards (lit pixels, radial profiles, powder) and choosing the threshold read separate keys,
