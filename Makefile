@@ -23,17 +23,22 @@ lint: setup
 	$(VENV)/bin/python scripts/lint_workflow.py
 
 # Everything, the slow tier (pipeline, Slurm, resume, report: pytest -m slow) included; what CI runs.
-# The real-Slurm test spends most of its minutes waiting on the Slurm plugin's status polling, so it runs
-# in a pytest process of its own beside the rest of the suite (its output follows the suite's); the
-# target fails if either fails.
+# Three pytest processes side by side, each with its own scratch directory and log: the real-Slurm test
+# (mostly waiting on the plugin's status polling), the Snakemake-driven pipeline runs (demo end to end,
+# resume, images from elsewhere), and the rest of the suite; their logs follow in that order and the target
+# fails if any fails.
+PIPELINE_TESTS := tests/test_pipeline.py tests/test_resume.py tests/test_images_pipeline.py
 test: setup
-	@slurm_dir=$$(mktemp -d); \
-	$(VENV)/bin/python -m pytest -q -p no:cacheprovider --basetemp="$$slurm_dir/tmp" tests/test_slurm.py > "$$slurm_dir/log" 2>&1 & \
+	@scratch=$$(mktemp -d); \
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider --basetemp="$$scratch/slurm" tests/test_slurm.py > "$$scratch/slurm.log" 2>&1 & \
 	slurm_pid=$$!; \
-	$(VENV)/bin/python -m pytest -q --ignore=tests/test_slurm.py tests; suite=$$?; \
-	wait $$slurm_pid; slurm=$$?; \
-	echo "== tests/test_slurm.py (run beside the suite)"; cat "$$slurm_dir/log"; rm -rf "$$slurm_dir"; \
-	exit $$(( suite != 0 || slurm != 0 ))
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider --basetemp="$$scratch/pipeline" $(PIPELINE_TESTS) > "$$scratch/pipeline.log" 2>&1 & \
+	pipeline_pid=$$!; \
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider --basetemp="$$scratch/rest" --ignore=tests/test_slurm.py $(addprefix --ignore=,$(PIPELINE_TESTS)) tests; rest=$$?; \
+	wait $$pipeline_pid; pipeline=$$?; wait $$slurm_pid; slurm=$$?; \
+	echo "== $(PIPELINE_TESTS) (run beside the rest)"; cat "$$scratch/pipeline.log"; \
+	echo "== tests/test_slurm.py (run beside the rest)"; cat "$$scratch/slurm.log"; rm -rf "$$scratch"; \
+	exit $$(( rest != 0 || pipeline != 0 || slurm != 0 ))
 
 # The fast tier: every test not marked slow.
 test-fast: setup
