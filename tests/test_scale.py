@@ -25,8 +25,13 @@ PER_DATASET = ("metrology", "score_dials", "tdata", "covariance", "merge", "dial
                "score_hitfind", "spread", "score_spread")
 
 
+#: Stages whose settings job is planned only when the stage is switched on (off in the production config).
+OPT_IN_STAGES = ("pixel_metrology",)
+
+
 def expected_jobs(n_shards: int) -> Counter:
-    return Counter({"reference_data": len(REFERENCE_NAMES), "stage_settings": len(STAGE_SECTIONS) - len(IMAGE_ONLY_STAGES),
+    settings_jobs = len(STAGE_SECTIONS) - len(IMAGE_ONLY_STAGES) - len(OPT_IN_STAGES)
+    return Counter({"reference_data": len(REFERENCE_NAMES), "stage_settings": settings_jobs,
                     "structure_factors": 1,
                     "simulate": n_shards, **{rule: 2 * n_shards for rule in PER_SHARD_AND_DATASET},
                     **{rule: 2 for rule in PER_DATASET}, "all": 1})
