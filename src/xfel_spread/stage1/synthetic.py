@@ -117,10 +117,7 @@ def simulate_shot_pixels(lookup: AmplitudeLookup, energies_ev: np.ndarray, unit_
                                     shoebox, ncells, background_photons, energies_ev, psf)
     corners = strongest_boxes(bragg_photons_sparse(detector, beam, crystal(true_matrix[None]), lookup).numpy(),
                               n_rois, shoebox)
-    grids = [np.mgrid[y0:y0 + shoebox, x0:x0 + shoebox] for x0, y0 in corners]
-    slow = np.concatenate([grid[0].ravel() for grid in grids])
-    fast = np.concatenate([grid[1].ravel() for grid in grids])
-    roi = np.repeat(np.arange(len(corners)), shoebox * shoebox)
+    fast, slow, roi = _box_pixels(corners, shoebox)
 
     centre = np.array([detector.n_fast, detector.n_slow]) / 2
     background = background_photons * (1 + 0.2 * (fast - centre[0]) / centre[0] - 0.1 * (slow - centre[1]) / centre[1])
@@ -129,7 +126,23 @@ def simulate_shot_pixels(lookup: AmplitudeLookup, energies_ev: np.ndarray, unit_
         bragg = bragg_photons_dense(detector, beam, domains, lookup, torch.as_tensor(fast), torch.as_tensor(slow))
     else:
         bragg = torch.cat([spread_box(detector, beam, domains, lookup, x0, y0, shoebox, psf) for x0, y0 in corners])
-    expected = bragg + torch.as_tensor(background)
+    return _observed_shot(detector, bragg + torch.as_tensor(background), corners, fast, slow, roi, shoebox, seed,
+                          energies_ev, photons, true_matrix, rotations, ncells)
+
+
+def _box_pixels(corners, shoebox: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(fast, slow, box index) of every pixel of the size x size boxes at ``corners`` (x0, y0), box by box."""
+    grids = [np.mgrid[y0:y0 + shoebox, x0:x0 + shoebox] for x0, y0 in corners]
+    slow = np.concatenate([grid[0].ravel() for grid in grids])
+    fast = np.concatenate([grid[1].ravel() for grid in grids])
+    return fast, slow, np.repeat(np.arange(len(corners)), shoebox * shoebox)
+
+
+def _observed_shot(detector, expected: torch.Tensor, corners, fast, slow, roi, shoebox, seed, energies_ev, photons,
+                   true_matrix, rotations, ncells, **panels) -> SyntheticShot:
+    """The shot as stage 1 sees it: ``expected`` photons drawn with noise, each box's background the
+    tilted plane of its border, its observed centroid that of the photons above the plane; ``panels``
+    (pixel_panel, roi_panel) name the boxes' panels on a multi-panel detector."""
     noisy = effects.draw_noise(expected, torch.ones_like(expected), READOUT, seed)
     adu = effects.to_adu(noisy.photons, noisy.readout_adu, READOUT).numpy()
     data = (adu - READOUT.adc_offset_adu) / READOUT.gain_adu_per_photon
@@ -152,7 +165,7 @@ def simulate_shot_pixels(lookup: AmplitudeLookup, energies_ev: np.ndarray, unit_
         roi_bounds=np.array([(x0, x0 + shoebox, y0, y0 + shoebox) for x0, y0 in corners]),
         observed_centroid_px=observed, strong=np.ones(len(corners), dtype=bool),
         dials_predicted_px=observed, pixel_fast=fast, pixel_slow=slow, pixel_roi=roi,
-        data_photons=data, background_photons=plane, trusted=np.ones(fast.size, dtype=bool))
+        data_photons=data, background_photons=plane, trusted=np.ones(fast.size, dtype=bool), **panels)
     return SyntheticShot(shot, true_matrix, float(ncells), LY99_DOMAINS_PER_CRYSTAL, rms_rotation_deg(rotations),
                          detector.distance_mm)
 
@@ -190,10 +203,7 @@ def _simulate_multipanel(detector: MultiPanelDetector, lookup, beam, photons, cr
     """:func:`simulate_shot_pixels` on a multi-panel detector (see the module's docstring)."""
     images = [image.numpy() for image in bragg_photons_sparse(detector, beam, crystal(true_matrix[None]), lookup)]
     boxes = strongest_panel_boxes(images, n_rois, shoebox)
-    grids = [np.mgrid[y0:y0 + shoebox, x0:x0 + shoebox] for _, x0, y0 in boxes]
-    slow = np.concatenate([grid[0].ravel() for grid in grids])
-    fast = np.concatenate([grid[1].ravel() for grid in grids])
-    roi = np.repeat(np.arange(len(boxes)), shoebox * shoebox)
+    fast, slow, roi = _box_pixels([(x0, y0) for _, x0, y0 in boxes], shoebox)
     roi_panel = np.array([panel for panel, _, _ in boxes], dtype=np.int64)
     panel = roi_panel[roi]
 
@@ -207,33 +217,9 @@ def _simulate_multipanel(detector: MultiPanelDetector, lookup, beam, photons, cr
     else:
         bragg = torch.cat([spread_panel_box(detector, beam, domains, lookup, p, x0, y0, shoebox, psf)
                            for p, x0, y0 in boxes])
-    expected = bragg + torch.as_tensor(background)
-    noisy = effects.draw_noise(expected, torch.ones_like(expected), READOUT, seed)
-    adu = effects.to_adu(noisy.photons, noisy.readout_adu, READOUT).numpy()
-    data = (adu - READOUT.adc_offset_adu) / READOUT.gain_adu_per_photon
-
-    plane = np.empty_like(data)
-    observed = np.empty((len(boxes), 2))
-    for index, (_, x0, y0) in enumerate(boxes):
-        mine = roi == index
-        border = np.isin(fast[mine], (x0, x0 + shoebox - 1)) | np.isin(slow[mine], (y0, y0 + shoebox - 1))
-        plane[mine] = fit_tilted_plane(fast[mine], slow[mine], data[mine], border)
-        signal = np.clip(data[mine] - plane[mine], 0, None)
-        observed[index] = (signal @ (fast[mine] + 0.5), signal @ (slow[mine] + 0.5))
-        observed[index] /= signal.sum()
-
-    shot = ShotPixels(
-        shard="synthetic", shot_index=seed, image_index=0, identifier=f"synthetic-{seed}", detector=detector,
-        energies_ev=np.asarray(energies_ev, dtype=np.float64), photons=photons, polarization_fraction=1.0,
-        gain_adu_per_photon=READOUT.gain_adu_per_photon, real_space_matrix=true_matrix, space_group="C 1 2 1",
-        miller_index=np.zeros((len(boxes), 3), dtype=int),
-        roi_bounds=np.array([(x0, x0 + shoebox, y0, y0 + shoebox) for _, x0, y0 in boxes]),
-        observed_centroid_px=observed, strong=np.ones(len(boxes), dtype=bool),
-        dials_predicted_px=observed, pixel_fast=fast, pixel_slow=slow, pixel_roi=roi,
-        data_photons=data, background_photons=plane, trusted=np.ones(fast.size, dtype=bool),
-        pixel_panel=panel, roi_panel=roi_panel)
-    return SyntheticShot(shot, true_matrix, float(ncells), LY99_DOMAINS_PER_CRYSTAL, rms_rotation_deg(rotations),
-                         detector.distance_mm)
+    return _observed_shot(detector, bragg + torch.as_tensor(background), [(x0, y0) for _, x0, y0 in boxes], fast,
+                          slow, roi, shoebox, seed, energies_ev, photons, true_matrix, rotations, ncells,
+                          pixel_panel=panel, roi_panel=roi_panel)
 
 
 def spread_panel_box(detector: MultiPanelDetector, beam: Beam, crystal: CrystalState, lookup: AmplitudeLookup,
