@@ -35,14 +35,12 @@ from xfel_spread.dials.stills import (
     NOT_PROCESSED,
     ShotOutcome,
     image_tag,
-    output_paths,
     parse_debug_logs,
     parse_failure_reasons,
-    read_shots_table,
     shot_outcomes,
     stills_process_arguments,
-    write_shots_table,
 )
+from xfel_spread.io.stills import output_paths, read_shots_table, write_shots_table
 from xfel_spread.io.tables import parse_float
 from xfel_spread.sim.crystal import orthogonalization_matrix
 

@@ -20,7 +20,8 @@ from conftest import REPO_ROOT, SHARED_DATA_DIR
 from pipeline_run import snakemake, succeeded
 
 from xfel_spread.dials.scoring import misorientation_deg, point_group_rotations
-from xfel_spread.dials.stills import INTEGRATED, read_shots_table
+from xfel_spread.dials.stills import INTEGRATED
+from xfel_spread.io.stills import read_shots_table
 from xfel_spread.io.refined_shots import read_refined_shots
 
 #: Slow tier: Snakemake runs dials.stills_process (and, for nanoBragg, metrology, merging and stage 1).

@@ -28,7 +28,8 @@ from xfel_spread.dials.metrology import (
     write_detector,
     write_metrology_outputs,
 )
-from xfel_spread.dials.stills import ShotOutcome, output_paths, write_shots_table
+from xfel_spread.dials.stills import ShotOutcome
+from xfel_spread.io.stills import output_paths, write_shots_table
 
 PIXEL_MM, PANEL_PX, GAP_MM, DISTANCE_MM, WAVELENGTH_A = 0.1, 256, 2.0, 80.0, 1.0
 #: Panel misplacements of the true detector: (fast, slow) shift in px and in-plane rotation in deg.

@@ -171,7 +171,7 @@ def test_end_to_end_outputs_logs_and_benchmarks(completed_run):
 def test_dials_stages_index_refine_the_detector_and_reindex_with_it(completed_run):
     from dxtbx.model.experiment_list import ExperimentList
 
-    from xfel_spread.dials.stills import OUTPUT_SUFFIXES, read_shots_table
+    from xfel_spread.io.stills import OUTPUT_SUFFIXES, read_shots_table
 
     workdir, _ = completed_run
     results, logs = workdir / "results", workdir / "logs"

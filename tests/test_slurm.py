@@ -260,7 +260,7 @@ def test_every_job_goes_through_sbatch_and_the_run_completes(slurm_run):
 @pytest.mark.slow
 @requires_slurm
 def test_the_mpi_stages_ran_two_ranks_under_srun(slurm_run):
-    from xfel_spread.dials.stills import read_shots_table
+    from xfel_spread.io.stills import read_shots_table
 
     results, logs = slurm_run.workdir / "results", slurm_run.workdir / "logs"
     # The profile's launcher ran each MPI job's command, inside the job sbatch submitted.

@@ -15,7 +15,8 @@ import h5py
 import numpy as np
 import pytest
 
-from xfel_spread.dials.stills import INTEGRATED, NOT_A_HIT, UNREADABLE_SHARD, output_paths, read_shots_table
+from xfel_spread.dials.stills import INTEGRATED, NOT_A_HIT, UNREADABLE_SHARD
+from xfel_spread.io.stills import output_paths, read_shots_table
 from xfel_spread.io.shard import read_shard_metadata, write_shard
 
 from tiny_config import indexable_config, write_config

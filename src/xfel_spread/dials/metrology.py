@@ -34,7 +34,7 @@ from pathlib import Path
 
 from xfel_spread.atomic import atomic_output
 from xfel_spread.dials import residual_maps
-from xfel_spread.dials.stills import read_shots_table
+from xfel_spread.io.stills import read_shots_table
 from xfel_spread.errors import UserInputError
 
 #: Shot outcomes whose lattice was indexed and refined (so it is in the shard's _refined.expt).

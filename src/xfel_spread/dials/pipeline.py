@@ -43,7 +43,7 @@ def run_metrology(settings: dict, dataset: str, phil: str, shard_prefixes: Seque
     The DIALS programs' output goes to ``log_stream``."""
     from xfel_spread.dials.metrology import plan_refinement, refine_detector, shard_lattices, write_metrology_outputs
     from xfel_spread.dials.phil import check_phil_file
-    from xfel_spread.dials.stills import output_paths
+    from xfel_spread.io.stills import output_paths
 
     plan = plan_refinement(settings["engine"], settings["max_lattices"])
     check_phil_file(phil, "refine")

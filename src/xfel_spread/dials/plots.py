@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from xfel_spread.atomic import atomic_path
-from xfel_spread.dials.stills import INTEGRATED, output_paths, read_shots_table
+from xfel_spread.dials.stills import INTEGRATED
+from xfel_spread.io.stills import output_paths, read_shots_table
 
 
 def predicted_and_observed_px(integrated_experiments: Path, integrated_reflections: Path, image: int):

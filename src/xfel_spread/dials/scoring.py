@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from xfel_spread.dials.metrology import INDEXED_OUTCOMES
-from xfel_spread.dials.stills import INTEGRATED, output_paths, read_shots_table
+from xfel_spread.dials.stills import INTEGRATED
+from xfel_spread.io.stills import output_paths, read_shots_table
 from xfel_spread.errors import UserInputError
 from xfel_spread.io.tables import format_cell, write_table
 

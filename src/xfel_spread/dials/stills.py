@@ -35,13 +35,7 @@ from pathlib import Path
 
 from xfel_spread.atomic import atomic_path
 from xfel_spread.dials.compat import install_mono_sim_stand_in
-from xfel_spread.io.stills import (  # noqa: F401 (the shard's file names and table, used here and by importers)
-    OUTPUT_SUFFIXES,
-    SHOTS_TABLE_COLUMNS,
-    output_paths,
-    read_shots_table,
-    write_shots_table,
-)
+from xfel_spread.io.stills import output_paths, write_shots_table
 from xfel_spread.mpi import abort_on_error
 from xfel_spread.progress import progress_line
 

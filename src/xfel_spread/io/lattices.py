@@ -7,12 +7,11 @@ Tab-separated with a header; numbers written by :func:`xfel_spread.io.tables.for
 
 from __future__ import annotations
 
-import csv
 import os
 from collections.abc import Mapping, Sequence
 
 from xfel_spread.errors import UserInputError
-from xfel_spread.io.tables import format_cell, write_table
+from xfel_spread.io.tables import format_cell, read_table, write_table
 
 #: Columns of the lattice table, in file order.
 LATTICE_COLUMNS = ("global_id", "shard_prefix", "identifier", "accepted", "reason", "G", "B", "RS",
@@ -34,19 +33,10 @@ def write_lattice_table(rows: Mapping[str, Sequence], path) -> None:
 
 def read_accepted_identifiers(path: str | os.PathLike) -> list[str]:
     """DIALS experiment identifiers of the lattices the merge accepted (``accepted`` = 1), in table order."""
-    try:
-        with open(path, newline="") as stream:
-            reader = csv.DictReader(stream, delimiter="\t")
-            missing = [name for name in REQUIRED_COLUMNS if name not in (reader.fieldnames or [])]
-            if missing:
-                raise LatticeTableError(f"{path}: lattice table lacks column(s) {', '.join(missing)}")
-            accepted = []
-            for line_number, row in enumerate(reader, start=2):
-                if row["accepted"] not in ("0", "1"):
-                    raise LatticeTableError(f"{path}:{line_number}: accepted must be 1 or 0, "
-                                            f"got {row['accepted']!r}")
-                if row["accepted"] == "1":
-                    accepted.append(row["identifier"])
-    except UnicodeDecodeError:
-        raise LatticeTableError(f"{path}: lattice table is not text") from None
+    accepted = []
+    for line_number, row in read_table(path, REQUIRED_COLUMNS, LatticeTableError, "lattice table"):
+        if row["accepted"] not in ("0", "1"):
+            raise LatticeTableError(f"{path}:{line_number}: accepted must be 1 or 0, got {row['accepted']!r}")
+        if row["accepted"] == "1":
+            accepted.append(row["identifier"])
     return accepted

@@ -7,13 +7,13 @@ digits, None and NaN blank; text cells on one line without tabs.
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 from collections.abc import Mapping, Sequence
 
 from xfel_spread.atomic import atomic_output
 from xfel_spread.errors import UserInputError
+from xfel_spread.io.tables import read_table
 
 #: Columns of the shots table, in order.
 SHOT_COLUMNS = (
@@ -59,20 +59,12 @@ def write_refined_shots(rows: Sequence[Mapping], path: str | os.PathLike) -> Non
 
 def read_refined_shots(path: str | os.PathLike) -> list[dict]:
     """Rows of a shots table; numbers parsed, blank cells None."""
-    try:
-        with open(path, newline="") as stream:
-            reader = csv.DictReader(stream, delimiter="\t")
-            missing = [name for name in SHOT_COLUMNS if name not in (reader.fieldnames or [])]
-            if missing:
-                raise RefinedShotsError(f"{path}: shots table lacks column(s) {', '.join(missing)}")
-            rows = []
-            for line_number, raw in enumerate(reader, start=2):
-                try:
-                    rows.append({name: _parse(name, raw[name]) for name in SHOT_COLUMNS})
-                except (TypeError, ValueError):
-                    raise RefinedShotsError(f"{path}:{line_number}: not a shots-table row") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise RefinedShotsError(f"{path}: cannot read shots table ({error})") from None
+    rows = []
+    for line_number, raw in read_table(path, SHOT_COLUMNS, RefinedShotsError, "shots table"):
+        try:
+            rows.append({name: _parse(name, raw[name]) for name in SHOT_COLUMNS})
+        except (TypeError, ValueError):
+            raise RefinedShotsError(f"{path}:{line_number}: not a shots-table row") from None
     return rows
 
 

@@ -9,12 +9,12 @@ their spots) and ``P_shots.tsv``, one row per shot with its outcome, counts and 
 
 from __future__ import annotations
 
-import csv
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from xfel_spread.io.tables import write_table
+from xfel_spread.errors import UserInputError
+from xfel_spread.io.tables import read_table, write_table
 
 #: The outputs of one shard, as suffixes of its prefix.
 OUTPUT_SUFFIXES = {
@@ -38,10 +38,13 @@ def write_shots_table(shots: Sequence, path) -> None:
     write_table(path, SHOTS_TABLE_COLUMNS, (shot.as_row() for shot in shots))
 
 
+class ShotsTableError(UserInputError, ValueError):
+    """A shots table that cannot be read; the message names it in one line."""
+
+
 def read_shots_table(path) -> list[dict]:
     """Rows of a ``_shots.tsv`` table as dicts (counts as int or None)."""
-    with open(path, newline="") as stream:
-        rows = list(csv.DictReader(stream, delimiter="\t"))
+    rows = [row for _, row in read_table(path, SHOTS_TABLE_COLUMNS, ShotsTableError, "shots table")]
     for row in rows:
         for key in ("shot", "image"):
             row[key] = int(row[key])

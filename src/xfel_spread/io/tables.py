@@ -3,14 +3,14 @@
 A table is a header line of column names, then one line per row, cells separated by tabs, lines
 ended by ``\\n`` (csv's minimal quoting, so a cell holding a tab or quote is quoted). A missing
 number (None or NaN) is an empty cell, :data:`NAN_TEXT`; :func:`parse_float` reads it back as NaN.
-Each file is written atomically.
+Each file is written atomically; :func:`read_table` reads one back, checking its header.
 """
 
 from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -41,3 +41,23 @@ def write_table(path, columns: Sequence[str], rows: Iterable[Sequence]) -> None:
         writer = csv.writer(stream, delimiter="\t", lineterminator="\n")
         writer.writerow(columns)
         writer.writerows(rows)
+
+
+def read_table(path, required: Sequence[str], error: Callable[[str], Exception],
+               what: str = "table") -> list[tuple[int, dict]]:
+    """(line number, row as a dict of text cells) of every row of a table written by :func:`write_table`.
+
+    A header without all the ``required`` columns, or a file that cannot be opened or is not text,
+    raises ``error(message)``, the message naming ``path`` and ``what`` it should be in one line.
+    """
+    try:
+        with open(path, newline="") as stream:
+            reader = csv.DictReader(stream, delimiter="\t")
+            missing = [name for name in required if name not in (reader.fieldnames or [])]
+            if missing:
+                raise error(f"{path}: {what} lacks column(s) {', '.join(missing)}")
+            return list(enumerate(reader, start=2))
+    except UnicodeDecodeError:
+        raise error(f"{path}: {what} is not text") from None
+    except OSError as problem:
+        raise error(f"{path}: cannot read {what} ({problem})") from None
