@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from xfel_spread.cli.common import run_command
+from xfel_spread.cli.common import add_dataset_shards, add_structure_factor_source, add_threads_and_psf, run_command
 
 
 def pixel_metrology_main(argv: list[str] | None = None) -> int:
@@ -23,23 +23,13 @@ def pixel_metrology_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True,
                         help="pipeline settings of the stage (YAML, sections pixel_metrology and stage1)")
     parser.add_argument("--dataset", default="", help="dataset name, for the figure's title")
-    parser.add_argument("--annulus-prefix", action="append", required=True,
-                        help="annulus shard prefix A (A_annulus.expt, A_annulus.refl); repeat for every shard, in order")
-    parser.add_argument("--shard", action="append", required=True,
-                        help="the shard (HDF5) the same annulus shard's images are in (repeat, same order)")
-    parser.add_argument("--stage1-prefix", action="append", required=True,
-                        help="stage 1's output prefix P of the same shard (P_refined.expt, P_shots.tsv; repeat)")
-    sources = parser.add_mutually_exclusive_group(required=True)
-    sources.add_argument("--mtz", help="merged intensities (MTZ; stage1.structure_factors: merged)")
-    sources.add_argument("--amplitudes", help="per-channel amplitude table (HDF5; stage1.structure_factors: model)")
+    add_dataset_shards(parser)
+    add_structure_factor_source(parser)
     parser.add_argument("--refined-detector", required=True, help="the refined detector to write (DIALS .expt)")
     parser.add_argument("--table", required=True, help="the detector before and after (TSV) to write")
     parser.add_argument("--summary", required=True, help="the refinement's summary (JSON) to write")
     parser.add_argument("--plot", required=True, help="the figure (PNG) to write")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    parser.add_argument("--psf-fwhm-mm", type=float,
-                        help="model the detector's fiber point spread of this FWHM (mm); with --psf-radius-px")
-    parser.add_argument("--psf-radius-px", type=int, help="radius of the point-spread kernel (pixels)")
+    add_threads_and_psf(parser)
     arguments = parser.parse_args(argv)
 
     def action():
@@ -47,9 +37,9 @@ def pixel_metrology_main(argv: list[str] | None = None) -> int:
 
         summary = run_pixel_metrology(PixelMetrologyInputs(
             arguments.config, arguments.annulus_prefix, arguments.shard, arguments.stage1_prefix,
-            arguments.refined_detector, arguments.table, arguments.summary, arguments.plot, arguments.mtz,
-            arguments.amplitudes, arguments.threads, arguments.psf_fwhm_mm, arguments.psf_radius_px,
-            arguments.dataset))
+            arguments.refined_detector, arguments.table, arguments.summary, arguments.plot, arguments.dataset,
+            mtz=arguments.mtz, amplitudes=arguments.amplitudes, threads=arguments.threads,
+            psf_fwhm_mm=arguments.psf_fwhm_mm, psf_radius_px=arguments.psf_radius_px))
         print(f"spread-pixel-metrology: beam centre moved ({summary['shift_fast_px']:+.4f}, "
               f"{summary['shift_slow_px']:+.4f}) px, distance {summary['shift_distance_mm']:+.4f} mm, from "
               f"{summary['n_kept']} of {summary['n_lattices']} lattices"

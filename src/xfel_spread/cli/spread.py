@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from xfel_spread.cli.common import rank_zero_reports, run_command
+from xfel_spread.cli.common import add_dataset_shards, add_threads_and_psf, rank_zero_reports, run_command
 
 
 def spread_main(argv: list[str] | None = None) -> int:
@@ -22,21 +22,13 @@ def spread_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="pipeline settings of the stage (YAML: sections spread, "
                                                         "stage1, structure_factors)")
     parser.add_argument("--dataset", required=True, help="dataset name, for the summary")
-    parser.add_argument("--annulus-prefix", action="append", required=True,
-                        help="annulus prefix A of one shard (A_annulus.expt/.refl); repeat per shard, in order")
-    parser.add_argument("--shard", action="append", required=True,
-                        help="the same shard's simulated images (HDF5); repeat, same order")
-    parser.add_argument("--stage1-prefix", action="append", required=True,
-                        help="the same shard's pixel-refinement prefix P (P_shots.tsv); repeat, same order")
+    add_dataset_shards(parser)
     parser.add_argument("--pdb", required=True, help="the model (PDB) whose site atoms are refined")
     parser.add_argument("--tables-dir", required=True,
                         help="directory of the named start tables (Fe_fake.dat, pf-rd-ox_fftkk.out, pf-rd-red_fftkk.out)")
     parser.add_argument("--output-prefix", required=True,
                         help="write P_fp_fdp.tsv, P_edges.tsv, P_scales.tsv, P_controls.tsv and P_summary.json")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per rank (default 1)")
-    parser.add_argument("--psf-fwhm-mm", type=float,
-                        help="fold the detector's fiber point spread of this FWHM (mm); with --psf-radius-px")
-    parser.add_argument("--psf-radius-px", type=int, help="radius of the point-spread kernel (pixels)")
+    add_threads_and_psf(parser)
     arguments = parser.parse_args(argv)
 
     def action():

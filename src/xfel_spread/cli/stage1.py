@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from xfel_spread.cli.common import rank_zero_reports, run_command
+from xfel_spread.cli.common import add_structure_factor_source, add_threads_and_psf, rank_zero_reports, run_command
 
 
 def _stage1_parser(program: str, description: str) -> argparse.ArgumentParser:
@@ -23,14 +23,9 @@ def _stage1_parser(program: str, description: str) -> argparse.ArgumentParser:
     parser.add_argument("--annulus-prefix", required=True,
                         help="annulus shard prefix A: reads A_annulus.expt and A_annulus.refl")
     parser.add_argument("--shard", required=True, help="the simulated shard (HDF5) the experiments' images are in")
-    sources = parser.add_mutually_exclusive_group(required=True)
-    sources.add_argument("--mtz", help="merged intensities (MTZ; stage1.structure_factors: merged)")
-    sources.add_argument("--amplitudes", help="per-channel amplitude table (HDF5; stage1.structure_factors: model)")
+    add_structure_factor_source(parser)
     parser.add_argument("--output-prefix", required=True, help="write P_refined.expt and P_shots.tsv")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per rank (default 1)")
-    parser.add_argument("--psf-fwhm-mm", type=float,
-                        help="model the detector's fiber point spread of this FWHM (mm); with --psf-radius-px")
-    parser.add_argument("--psf-radius-px", type=int, help="radius of the point-spread kernel (pixels)")
+    add_threads_and_psf(parser)
     return parser
 
 
@@ -45,8 +40,8 @@ def _run_stage1_command(program: str, description: str, batched: bool, argv: lis
         from xfel_spread.stage1.pipeline import Stage1Inputs, refine_in_batches, refine_one_by_one, run_stage1
 
         inputs = Stage1Inputs(arguments.config, arguments.annulus_prefix, arguments.shard, arguments.output_prefix,
-                              arguments.mtz, arguments.amplitudes, arguments.threads, arguments.psf_fwhm_mm,
-                              arguments.psf_radius_px)
+                              mtz=arguments.mtz, amplitudes=arguments.amplitudes, threads=arguments.threads,
+                              psf_fwhm_mm=arguments.psf_fwhm_mm, psf_radius_px=arguments.psf_radius_px)
         with rank_zero_reports(MPI.COMM_WORLD):
             results = run_stage1(inputs, program, refine_in_batches if batched else refine_one_by_one)
         if results is not None:

@@ -185,19 +185,27 @@ def batch_results(batch: Sequence[tuple], fits: Sequence) -> list:
     return results
 
 
+@dataclass(frozen=True, kw_only=True)
+class PixelModelOptions:
+    """What a stage that evaluates the pixel model takes beside its files, given by keyword: the
+    source of |F| (``mtz`` merged intensities or the model's ``amplitudes`` table), torch threads,
+    and the detector point spread (FWHM and kernel radius; None without one)."""
+
+    mtz: str | None = None
+    amplitudes: str | None = None
+    threads: int = 1
+    psf_fwhm_mm: float | None = None
+    psf_radius_px: int | None = None
+
+
 @dataclass(frozen=True)
-class Stage1Inputs:
+class Stage1Inputs(PixelModelOptions):
     """The files and options of one run of the stage (the command line of ``spread-stage1``/``spread-exa``)."""
 
     config: str
     annulus_prefix: str
     shard: str
     output_prefix: str
-    mtz: str | None = None
-    amplitudes: str | None = None
-    threads: int = 1
-    psf_fwhm_mm: float | None = None
-    psf_radius_px: int | None = None
 
 
 def _prepare(inputs: Stage1Inputs, comm):

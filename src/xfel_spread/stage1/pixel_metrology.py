@@ -34,6 +34,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from xfel_spread.errors import OptionError, UserInputError
+from xfel_spread.stage1.pipeline import PixelModelOptions
 
 logger = logging.getLogger("xfel_spread.stage1")
 
@@ -58,7 +59,7 @@ class PixelMetrologySettings:
 
 
 @dataclass(frozen=True)
-class PixelMetrologyInputs:
+class PixelMetrologyInputs(PixelModelOptions):
     """The files and options of one run (the command line of ``spread-pixel-metrology``)."""
 
     config: str
@@ -69,11 +70,6 @@ class PixelMetrologyInputs:
     table: str
     summary: str
     plot: str
-    mtz: str | None = None
-    amplitudes: str | None = None
-    threads: int = 1
-    psf_fwhm_mm: float | None = None
-    psf_radius_px: int | None = None
     dataset: str = ""
 
 
