@@ -33,12 +33,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bench_stage1 import amplitude_table
+from bench_stage1 import add_shot_arguments, model_lookup
 
 from xfel_spread.sim import crystal as xtal
-from xfel_spread.sim.forward import AmplitudeLookup, Beam, CrystalState, bragg_photons_sparse
+from xfel_spread.sim.forward import Beam, CrystalState, bragg_photons_sparse
 from xfel_spread.sim.geometry import MultiPanelDetector, cspad_like_layout
-from xfel_spread.sim.structure_factors import expand_to_p1_grid
 from xfel_spread.stage1.batched import BatchedForwardModel, refine_batch
 from xfel_spread.stage1.model import REFERENCE_BEAM_SIZE_M, Stage1Settings
 from xfel_spread.stage1.refine import refine_shot
@@ -78,20 +77,12 @@ def sparse_seconds(detector, table, lookup, truth) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shots", type=int, default=3)
-    parser.add_argument("--rois", type=int, default=50)
-    parser.add_argument("--shoebox", type=int, default=12)
-    parser.add_argument("--threads", type=int, default=1)
+    add_shot_arguments(parser)
     parser.add_argument("--batched", action="store_true")
     parser.add_argument("--detectors", nargs="+", default=["single", "ly99-64-tiles", "cspad-like", "real-cspad"],
                         help="which detectors to time (the first is the reference)")
-    parser.add_argument("--amplitudes", default=str(REPO / "results" / "structure_factors" / "amplitudes.h5"))
-    parser.add_argument("--reference-dir", default=str(REPO.parent / "shared" / "data"))
     arguments = parser.parse_args()
-    torch.set_num_threads(arguments.threads)
-
-    table = amplitude_table(Path(arguments.amplitudes), Path(arguments.reference_dir))
-    lookup = AmplitudeLookup(expand_to_p1_grid(table), "cpu")
+    table, lookup = model_lookup(arguments)
     settings = Stage1Settings.from_config({})
     print(f"torch threads {torch.get_num_threads()}, {len(table.energies_ev)} channels, up to {arguments.rois} "
           f"shoeboxes of {arguments.shoebox} x {arguments.shoebox} px per lattice, {arguments.shots} lattices")

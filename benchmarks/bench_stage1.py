@@ -65,6 +65,24 @@ from xfel_spread.stage1.synthetic import perturbed_matrix, simulate_shot_pixels,
 REPO = Path(__file__).resolve().parents[1]
 
 
+def add_shot_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every stage-1 timing benchmark takes: lattices, shoeboxes, threads, and where the
+    amplitude table (or the shared data it is computed from) is."""
+    parser.add_argument("--shots", type=int, default=3)
+    parser.add_argument("--rois", type=int, default=50)
+    parser.add_argument("--shoebox", type=int, default=12)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--amplitudes", default=str(REPO / "results" / "structure_factors" / "amplitudes.h5"))
+    parser.add_argument("--reference-dir", default=str(REPO.parent / "shared" / "data"))
+
+
+def model_lookup(arguments: argparse.Namespace):
+    """torch's threads set from ``arguments``; the LY99 amplitude table and its CPU lookup."""
+    torch.set_num_threads(arguments.threads)
+    table = amplitude_table(Path(arguments.amplitudes), Path(arguments.reference_dir))
+    return table, AmplitudeLookup(expand_to_p1_grid(table), "cpu")
+
+
 def amplitude_table(path: Path, reference: Path):
     if path.exists():
         return load_channel_amplitudes(str(path))
@@ -94,22 +112,14 @@ def report(label: str, fits, truths, seconds: list[float], cpu_seconds: list[flo
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shots", type=int, default=3)
-    parser.add_argument("--rois", type=int, default=50)
-    parser.add_argument("--shoebox", type=int, default=12)
+    add_shot_arguments(parser)
     parser.add_argument("--eta", action="store_true", help="refine eta too, on shots drawn with 25 domains of RMS 0.05 deg")
     parser.add_argument("--eta-model", default="analytic", choices=["analytic", "domains"])
     parser.add_argument("--draw", default="gaussian", choices=["gaussian", "nanobragg"],
                         help="the simulator's mosaic draw, and the refinement's stage1.mosaic_model")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--amplitudes", default=str(REPO / "results" / "structure_factors" / "amplitudes.h5"))
-    parser.add_argument("--reference-dir", default=str(REPO.parent / "shared" / "data"))
     arguments = parser.parse_args()
-
-    torch.set_num_threads(arguments.threads)
-    table = amplitude_table(Path(arguments.amplitudes), Path(arguments.reference_dir))
-    lookup = AmplitudeLookup(expand_to_p1_grid(table), "cpu")
+    table, lookup = model_lookup(arguments)
     print(f"torch threads {torch.get_num_threads()}, {len(table.energies_ev)} channels, {arguments.rois} shoeboxes "
           f"of {arguments.shoebox} x {arguments.shoebox} px per shot")
 

@@ -131,19 +131,16 @@ def generate_dataset(directory: str | os.PathLike, n_lattices: int, lattices_per
 
     progress = Progress(len(tasks), "synthetic shards", LOGGER.info, every_seconds=0, items="shards")
 
-    def log_progress(done):
-        progress.update(done)
-
     if processes > 1 and len(tasks) > 1:
         import multiprocessing
 
         with multiprocessing.get_context("fork").Pool(processes, _init_worker, (directory, source, settings, seed)) as pool:
             for done, _ in enumerate(pool.imap_unordered(_generate_in_worker, tasks), start=1):
-                log_progress(done)
+                progress.update(done)
     else:
         for done, (index, size) in enumerate(tasks, start=1):
             generate_shard(directory, index, size, source, settings, seed)
-            log_progress(done)
+            progress.update(done)
     with atomic_output(directory / COMPLETE_MARKER, "w") as stream:
         json.dump({"n_shards": len(sizes), "n_lattices": n_lattices, "shards_generated": len(tasks),
                    "seconds": time.perf_counter() - start, "processes": processes}, stream)
