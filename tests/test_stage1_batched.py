@@ -62,28 +62,34 @@ def prepared(shot, settings, lookup):
     return problem
 
 
+def shots_pixels(shots):
+    """(fast, slow, shot of each pixel) of the shots' shoebox pixels, shot after shot."""
+    fast = torch.as_tensor(np.concatenate([shot.pixel_fast for shot in shots]))
+    slow = torch.as_tensor(np.concatenate([shot.pixel_slow for shot in shots]))
+    return fast, slow, torch.as_tensor(np.repeat(np.arange(len(shots)), [shot.n_pixels for shot in shots]))
+
+
+def batched_and_gathered(fast, slow, shot_of_pixel, crystals, spectra, energies, lookup, *mosaic_variance):
+    """The batched kernel's photons computed one shot a time (a CPU's way) and with every pixel's
+    inputs gathered in one call mixing shots (the GPU's way)."""
+    directions, factor = pixel_factors(LY99_DETECTOR, fast, slow, 1.0)
+    arguments = (directions, factor, shot_of_pixel, torch.stack([c.domain_matrices for c in crystals]),
+                 torch.stack([c.ncells for c in crystals]), torch.stack([c.scale for c in crystals]),
+                 torch.stack(spectra), torch.as_tensor(energies / HC_EV_ANGSTROM), lookup, 3e-6, *mosaic_variance)
+    return batched_bragg_photons(*arguments), batched_bragg_photons(*arguments, per_shot=False)
+
+
 def test_batched_kernel_equals_the_dense_model_per_shot(three_shots, few_lookup):
     """Three shots' shoebox pixels, each shot with its own 3-domain crystal, N, scale and spectrum."""
     energies = LY99_ENERGIES_EV[FEW_CHANNELS]
     rng = np.random.default_rng(5)
-    fast = torch.as_tensor(np.concatenate([shot.pixel_fast for shot in three_shots]))
-    slow = torch.as_tensor(np.concatenate([shot.pixel_slow for shot in three_shots]))
-    shot_of_pixel = torch.as_tensor(np.repeat([0, 1, 2], [shot.n_pixels for shot in three_shots]))
+    fast, slow, shot_of_pixel = shots_pixels(three_shots)
     crystals = [CrystalState(torch.as_tensor(xtal.domain_matrices(shot.real_space_matrix,
                                                                   xtal.mosaic_rotations(3, 0.1, rng))),
                              torch.as_tensor(rng.uniform(30, 80, 3)), torch.tensor(rng.uniform(10, 100)))
                 for shot in three_shots]
     spectra = [torch.as_tensor(shot.photons * rng.uniform(0.5, 2.0, FEW_CHANNELS.size)) for shot in three_shots]
-    directions, factor = pixel_factors(LY99_DETECTOR, fast, slow, 1.0)
-    batched = batched_bragg_photons(
-        directions, factor, shot_of_pixel, torch.stack([c.domain_matrices for c in crystals]),
-        torch.stack([c.ncells for c in crystals]), torch.stack([c.scale for c in crystals]), torch.stack(spectra),
-        torch.as_tensor(energies / HC_EV_ANGSTROM), few_lookup, 3e-6)
-    # Every call mixing shots, each pixel's inputs gathered (the GPU's way; a CPU's is one shot a time).
-    gathered = batched_bragg_photons(
-        directions, factor, shot_of_pixel, torch.stack([c.domain_matrices for c in crystals]),
-        torch.stack([c.ncells for c in crystals]), torch.stack([c.scale for c in crystals]), torch.stack(spectra),
-        torch.as_tensor(energies / HC_EV_ANGSTROM), few_lookup, 3e-6, per_shot=False)
+    batched, gathered = batched_and_gathered(fast, slow, shot_of_pixel, crystals, spectra, energies, few_lookup)
     for shot in range(3):
         mine = shot_of_pixel == shot
         beam = Beam(torch.as_tensor(energies), spectra[shot], 3e-6, 1.0)
@@ -99,25 +105,14 @@ def test_batched_kernel_with_an_analytic_mosaic_spread_equals_the_dense_model(th
     """Each shot's one domain averaged over its own mosaic spreads (two nodes, as the Gaussian draw's)."""
     energies = LY99_ENERGIES_EV[FEW_CHANNELS]
     rng = np.random.default_rng(6)
-    fast = torch.as_tensor(np.concatenate([shot.pixel_fast for shot in three_shots]))
-    slow = torch.as_tensor(np.concatenate([shot.pixel_slow for shot in three_shots]))
-    shot_of_pixel = torch.as_tensor(np.repeat([0, 1, 2], [shot.n_pixels for shot in three_shots]))
+    fast, slow, shot_of_pixel = shots_pixels(three_shots)
     crystals = [CrystalState(torch.as_tensor(shot.real_space_matrix)[None], torch.as_tensor(rng.uniform(30, 80, 3)),
                              torch.tensor(rng.uniform(10, 100)),
                              torch.as_tensor(np.radians(rng.uniform(0.01, 0.1, 2)) ** 2 / 3))
                 for shot in three_shots]
     spectra = [torch.as_tensor(shot.photons * rng.uniform(0.5, 2.0, FEW_CHANNELS.size)) for shot in three_shots]
-    directions, factor = pixel_factors(LY99_DETECTOR, fast, slow, 1.0)
-    batched = batched_bragg_photons(
-        directions, factor, shot_of_pixel, torch.stack([c.domain_matrices for c in crystals]),
-        torch.stack([c.ncells for c in crystals]), torch.stack([c.scale for c in crystals]), torch.stack(spectra),
-        torch.as_tensor(energies / HC_EV_ANGSTROM), few_lookup, 3e-6,
-        torch.stack([c.mosaic_variance for c in crystals]))
-    gathered = batched_bragg_photons(
-        directions, factor, shot_of_pixel, torch.stack([c.domain_matrices for c in crystals]),
-        torch.stack([c.ncells for c in crystals]), torch.stack([c.scale for c in crystals]), torch.stack(spectra),
-        torch.as_tensor(energies / HC_EV_ANGSTROM), few_lookup, 3e-6,
-        torch.stack([c.mosaic_variance for c in crystals]), per_shot=False)
+    batched, gathered = batched_and_gathered(fast, slow, shot_of_pixel, crystals, spectra, energies, few_lookup,
+                                             torch.stack([c.mosaic_variance for c in crystals]))
     for shot in range(3):
         mine = shot_of_pixel == shot
         beam = Beam(torch.as_tensor(energies), spectra[shot], 3e-6, 1.0)
