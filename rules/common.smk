@@ -239,14 +239,14 @@ def hits_table_option(wildcards, input):
 
 def stills_outputs(stage):
     """A stills_process rule's outputs, by name, with {dataset} and {index} wildcards."""
-    from xfel_spread.dials.stills import OUTPUT_SUFFIXES
+    from xfel_spread.io.stills import OUTPUT_SUFFIXES
 
     return {name: shard_file(stage, suffix) for name, suffix in OUTPUT_SUFFIXES.items()}
 
 
 def stills_output_of_all_shards(stage, name):
     """Input function: output `name` of every shard of the job's dataset in `stage`."""
-    from xfel_spread.dials.stills import OUTPUT_SUFFIXES
+    from xfel_spread.io.stills import OUTPUT_SUFFIXES
 
     def paths(wildcards):
         return shard_files(stage, OUTPUT_SUFFIXES[name], wildcards.dataset)
@@ -256,7 +256,7 @@ def stills_output_of_all_shards(stage, name):
 
 def first_shard_output(stage, name):
     """Output `name` of shard 0 of `stage` (index or reindex), with a {dataset} wildcard."""
-    from xfel_spread.dials.stills import OUTPUT_SUFFIXES
+    from xfel_spread.io.stills import OUTPUT_SUFFIXES
 
     return shard_file(stage, OUTPUT_SUFFIXES[name], index=0)
 

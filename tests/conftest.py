@@ -13,6 +13,10 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # The project's shared, checksummed copies of the reference data; always present beside the repository.
 SHARED_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
+#: Images the pipeline did not simulate: nanoBragg's stills, and real LCLS stills (CSPAD, Rayonix MFX).
+NANOBRAGG_DIR = SHARED_DATA_DIR / "external" / "nanobragg"
+CSPAD_DIR = SHARED_DATA_DIR / "real" / "thermolysin_cspad"
+RAYONIX_DIR = SHARED_DATA_DIR / "real" / "rayonix_mfx"
 
 
 @pytest.fixture(autouse=True)

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import SHARED_DATA_DIR
+from conftest import CSPAD_DIR, NANOBRAGG_DIR, RAYONIX_DIR
 
 from xfel_spread.io.images import (
     HC_EV_A,
@@ -17,9 +17,6 @@ from xfel_spread.io.images import (
     read_image_list_shard,
 )
 
-NANOBRAGG = SHARED_DATA_DIR / "external" / "nanobragg"
-CSPAD = SHARED_DATA_DIR / "real" / "thermolysin_cspad"
-RAYONIX = SHARED_DATA_DIR / "real" / "rayonix_mfx"
 
 
 def experiments_of(path):
@@ -29,13 +26,13 @@ def experiments_of(path):
 
 
 def test_nanobragg_shard_gives_dxtbx_the_files_pixels_and_the_tables_spectra(tmp_path):
-    shots = list_images([str(NANOBRAGG / "image_00[2-4].img.gz")])
-    shard = make_image_list_shard(tmp_path / "shard_00000.h5", shots, 2, "table", str(NANOBRAGG / "spectra.tsv"), 1.5)
+    shots = list_images([str(NANOBRAGG_DIR / "image_00[2-4].img.gz")])
+    shard = make_image_list_shard(tmp_path / "shard_00000.h5", shots, 2, "table", str(NANOBRAGG_DIR / "spectra.tsv"), 1.5)
     assert shard.n_shots == 3 and list(shard.shot_index) == [2, 3, 4] and shard.unreadable == ["", "", ""]
     assert (tmp_path / "shard_00000.h5").stat().st_size < 100_000  # no pixels
     experiments = experiments_of(tmp_path / "shard_00000.h5")
     assert len(experiments) == 3
-    truth = json.loads((NANOBRAGG / "truth.json").read_text())["images"]
+    truth = json.loads((NANOBRAGG_DIR / "truth.json").read_text())["images"]
     for i, (experiment, shot) in enumerate(zip(experiments, shots)):
         imageset = experiment.imageset
         assert imageset.get_format_class().__name__ == "FormatSPREADShard" and imageset.indices()[0] == i
@@ -52,8 +49,8 @@ def test_nanobragg_shard_gives_dxtbx_the_files_pixels_and_the_tables_spectra(tmp
 
 
 def test_the_rayonix_mask_becomes_the_images_static_mask(tmp_path):
-    shots = list_images([str(RAYONIX / "*.cbf")])
-    mask = str(RAYONIX / "mask_rayonix340mx_4x4.pickle")
+    shots = list_images([str(RAYONIX_DIR / "*.cbf")])
+    mask = str(RAYONIX_DIR / "mask_rayonix340mx_4x4.pickle")
     make_image_list_shard(tmp_path / "shard.h5", shots, 0, "monochromatic", mask=mask)
     experiment = experiments_of(tmp_path / "shard.h5")[0]
     assert experiment.imageset.get_format_class().__name__ == "FormatSPREADShard"
@@ -67,20 +64,20 @@ def test_the_rayonix_mask_becomes_the_images_static_mask(tmp_path):
 
 
 def test_a_cspad_shard_keeps_the_64_panels_and_a_bad_mask_shape_is_one_line(tmp_path):
-    shots = list_images([str(CSPAD / "*.cbf")])
+    shots = list_images([str(CSPAD_DIR / "*.cbf")])
     make_image_list_shard(tmp_path / "shard.h5", shots, 0, "monochromatic")
     experiments = experiments_of(tmp_path / "shard.h5")
     assert len(experiments) == 3 and len(experiments[0].detector) == 64
     assert len(experiments[1].imageset.get_raw_data(0)) == 64
     with pytest.raises(ImageInputError, match="mask_rayonix340mx_4x4.pickle: mask of 1 panel"):
         make_image_list_shard(tmp_path / "bad.h5", shots, 0, "monochromatic",
-                              mask=str(RAYONIX / "mask_rayonix340mx_4x4.pickle"))
+                              mask=str(RAYONIX_DIR / "mask_rayonix340mx_4x4.pickle"))
 
 
 def test_an_unreadable_file_is_recorded_in_the_shard_and_the_others_kept(tmp_path):
     junk = tmp_path / "image_999.img.gz"
     junk.write_bytes(b"\x1f\x8b not really gzip")
-    shots = list_images([str(NANOBRAGG / "image_00[0-3].img.gz"), str(junk)])
+    shots = list_images([str(NANOBRAGG_DIR / "image_00[0-3].img.gz"), str(junk)])
     shard = make_image_list_shard(tmp_path / "shard.h5", shots, 0, "monochromatic", max_unreadable_fraction=0.25)
     assert [bool(reason) for reason in shard.unreadable] == [False] * 4 + [True]
     assert shard.unreadable[4].startswith(f"{junk}: dxtbx cannot read it")
@@ -92,8 +89,8 @@ def test_an_unreadable_file_is_recorded_in_the_shard_and_the_others_kept(tmp_pat
 def test_the_shard_readers_serve_an_image_list_like_a_simulated_shard(tmp_path):
     from xfel_spread.io.shard import ShardFormatError, read_shard_image, read_shard_metadata, read_shard_spectrum
 
-    shots = list_images([str(NANOBRAGG / "image_00[0-1].img.gz")])
-    shard = make_image_list_shard(tmp_path / "shard.h5", shots, 10, "table", str(NANOBRAGG / "spectra.tsv"))
+    shots = list_images([str(NANOBRAGG_DIR / "image_00[0-1].img.gz")])
+    shard = make_image_list_shard(tmp_path / "shard.h5", shots, 10, "table", str(NANOBRAGG_DIR / "spectra.tsv"))
     metadata = read_shard_metadata(tmp_path / "shard.h5")
     assert metadata.n_shots == 2 and list(metadata.shot_index) == [10, 11]
     assert metadata.detector["n_fast"] == metadata.detector["n_slow"] == 1920
@@ -105,7 +102,7 @@ def test_the_shard_readers_serve_an_image_list_like_a_simulated_shard(tmp_path):
     assert image.dtype == np.int32 and np.array_equal(image, original)
     energies, weights = read_shard_spectrum(tmp_path / "shard.h5", 0)
     assert np.array_equal(energies, shard.energy_ev) and weights.sum() == pytest.approx(1.0)
-    cspad = list_images([str(CSPAD / "*.cbf")])
+    cspad = list_images([str(CSPAD_DIR / "*.cbf")])
     make_image_list_shard(tmp_path / "cspad.h5", cspad, 0, "monochromatic")
     with pytest.raises(ShardFormatError, match=r"cspad.h5: its images' detector has 64 panels"):
         read_shard_metadata(tmp_path / "cspad.h5")
@@ -116,11 +113,11 @@ def test_the_mask_of_an_image_list_reaches_the_shard_readers(tmp_path):
 
     from xfel_spread.io.shard import read_shard_mask
 
-    mask = RAYONIX / "mask_rayonix340mx_4x4.pickle"
-    make_image_list_shard(tmp_path / "masked.h5", list_images([str(RAYONIX / "*.cbf")]), 0, "monochromatic",
+    mask = RAYONIX_DIR / "mask_rayonix340mx_4x4.pickle"
+    make_image_list_shard(tmp_path / "masked.h5", list_images([str(RAYONIX_DIR / "*.cbf")]), 0, "monochromatic",
                           mask=str(mask))
     with open(mask, "rb") as handle:
         expected = pickle.load(handle)[0].as_numpy_array()
     assert np.array_equal(read_shard_mask(tmp_path / "masked.h5"), expected)
-    make_image_list_shard(tmp_path / "plain.h5", list_images([str(RAYONIX / "*.cbf")]), 0, "monochromatic")
+    make_image_list_shard(tmp_path / "plain.h5", list_images([str(RAYONIX_DIR / "*.cbf")]), 0, "monochromatic")
     assert read_shard_mask(tmp_path / "plain.h5") is None

@@ -6,7 +6,7 @@
   stage 1 closer to the truth than DIALS on most lattices. SPREAD runs on stage 1's lattices with each
   image's 20 channels rebinned onto the structure_factors channels; eight lattices cannot recover the
   sites, so only its outputs and their "no truth" are checked;
-- the three real CSPAD thermolysin stills (monochromatic, no spectra) through the index stage with
+- the three real CSPAD_DIR thermolysin stills (monochromatic, no spectra) through the index stage with
   config/examples/thermolysin_cspad.phil, which the pipeline checks and hands to stills_process as it does
   config/index.phil: every still indexes in P 61 2 2 with the known cell.
 """
@@ -16,7 +16,7 @@ import json
 import numpy as np
 import pytest
 import yaml
-from conftest import REPO_ROOT, SHARED_DATA_DIR
+from conftest import CSPAD_DIR, NANOBRAGG_DIR, REPO_ROOT, SHARED_DATA_DIR
 from pipeline_run import snakemake, succeeded
 
 from xfel_spread.dials.scoring import misorientation_deg, point_group_rotations
@@ -27,15 +27,13 @@ from xfel_spread.io.refined_shots import read_refined_shots
 #: Slow tier: Snakemake runs dials.stills_process (and, for nanoBragg, metrology, merging and stage 1).
 pytestmark = pytest.mark.slow
 
-NANOBRAGG = SHARED_DATA_DIR / "external" / "nanobragg"
-CSPAD = SHARED_DATA_DIR / "real" / "thermolysin_cspad"
 
 
 def nanobragg_config(workdir) -> dict:
     """Eight nanoBragg stills in two shards of four, spectra from the table, the LY99 model and index phil."""
     return {
-        "input": {"source": "images", "images": [str(NANOBRAGG / "image_*.img.gz")], "shots_per_shard": 4,
-                  "spectra": "table", "spectra_table": str(NANOBRAGG / "spectra.tsv")},
+        "input": {"source": "images", "images": [str(NANOBRAGG_DIR / "image_*.img.gz")], "shots_per_shard": 4,
+                  "spectra": "table", "spectra_table": str(NANOBRAGG_DIR / "spectra.tsv")},
         "hitfind": {"enabled": False},
         "reference": {"mirror_dir": str(SHARED_DATA_DIR), "dir": str(workdir / "reference")},
         # Eight lattices: a cell cluster of 3, and indices observed once still merge.
@@ -82,7 +80,7 @@ def nanobragg_run(tmp_path_factory):
 
 def misorientations(workdir) -> dict:
     """Per image that reached stage 1: (index, reindex, stage 1) misorientation against truth.json (deg, C2)."""
-    truth = json.loads((NANOBRAGG / "truth.json").read_text())["images"]
+    truth = json.loads((NANOBRAGG_DIR / "truth.json").read_text())["images"]
     rotations = point_group_rotations("C 1 2 1")
     angles = {}
     for index in range(2):
@@ -102,9 +100,9 @@ def misorientations(workdir) -> dict:
 
 
 def test_nanobragg_stills_are_listed_indexed_in_both_passes_and_the_detector_refined(nanobragg_run):
-    truth = json.loads((NANOBRAGG / "truth.json").read_text())["images"]
+    truth = json.loads((NANOBRAGG_DIR / "truth.json").read_text())["images"]
     listed = (nanobragg_run / "results/images/list.tsv").read_text().splitlines()[1:]
-    assert [line.split("\t")[1] for line in listed] == [str(NANOBRAGG / image["file"]) for image in truth]
+    assert [line.split("\t")[1] for line in listed] == [str(NANOBRAGG_DIR / image["file"]) for image in truth]
     for stage in ("index", "reindex"):
         assert [row["status"] for row in shots_of(nanobragg_run, stage, 2)] == [INTEGRATED] * 8, stage
     # Metrology moves the detector to where nanoBragg drew the pattern: dxtbx's header origin is half a
@@ -160,7 +158,7 @@ def test_spread_runs_on_the_nanobragg_stills_with_their_spectra_rebinned_and_say
 def test_cspad_thermolysin_stills_index_in_p6122_through_the_index_stage(tmp_path):
     phil = tmp_path / "thermolysin.phil"
     phil.write_text((REPO_ROOT / "config/examples/thermolysin_cspad.phil").read_text())
-    config = {"input": {"source": "images", "images": [str(CSPAD / "*.cbf")], "spectra": "monochromatic"},
+    config = {"input": {"source": "images", "images": [str(CSPAD_DIR / "*.cbf")], "spectra": "monochromatic"},
               "hitfind": {"enabled": False}, "index": {"phil": str(phil)}}
     configfile = tmp_path / "thermolysin.yaml"
     configfile.write_text(yaml.safe_dump(config))
@@ -217,8 +215,8 @@ def test_an_unreadable_image_is_recorded_by_the_index_stage_and_the_others_proce
 
     junk = tmp_path / "image_999.img.gz"
     junk.write_bytes(b"\x1f\x8b not an image")
-    shots = list_images([str(NANOBRAGG / "image_00[0-1].img.gz"), str(junk)])
-    make_image_list_shard(tmp_path / "shard_00000.h5", shots, 0, "table", str(NANOBRAGG / "spectra.tsv"),
+    shots = list_images([str(NANOBRAGG_DIR / "image_00[0-1].img.gz"), str(junk)])
+    make_image_list_shard(tmp_path / "shard_00000.h5", shots, 0, "table", str(NANOBRAGG_DIR / "spectra.tsv"),
                           max_unreadable_fraction=0.5)
     script = Path(sys.executable).parent / "spread-stills-process"
     result = subprocess.run(list(map(str, mpirun_command(

@@ -8,12 +8,11 @@ import time
 
 import pytest
 import yaml
-from conftest import REPO_ROOT, SHARED_DATA_DIR, job_stats
+from conftest import NANOBRAGG_DIR, REPO_ROOT, SHARED_DATA_DIR, job_stats
 
 from xfel_spread.config import load_config
 from xfel_spread.workflow import RunSettingsError, plan_image_shots
 
-NANOBRAGG = SHARED_DATA_DIR / "external" / "nanobragg"
 #: One job per shard of the single dataset `images`.
 PER_SHARD = ("image_shard", "index", "reindex", "stage1", "exa")
 #: One job per run.
@@ -21,8 +20,8 @@ PER_RUN = ("list_images", "metrology", "tdata", "covariance", "merge", "annulus"
 
 
 def nanobragg_input(**overrides) -> dict:
-    return {"input": {"source": "images", "images": [str(NANOBRAGG / "image_*.img.gz")], "shots_per_shard": 4,
-                      "spectra": "table", "spectra_table": str(NANOBRAGG / "spectra.tsv"), **overrides},
+    return {"input": {"source": "images", "images": [str(NANOBRAGG_DIR / "image_*.img.gz")], "shots_per_shard": 4,
+                      "spectra": "table", "spectra_table": str(NANOBRAGG_DIR / "spectra.tsv"), **overrides},
             "hitfind": {"enabled": False}}
 
 
@@ -133,7 +132,7 @@ def test_more_files_add_only_their_shards_and_a_spectra_setting_remakes_every_sh
 
     def arrive(numbers):  # new files in the directory the glob names (links to the shared images)
         for number in numbers:
-            (images / f"image_{number:03d}.img.gz").symlink_to(NANOBRAGG / f"image_{number:03d}.img.gz")
+            (images / f"image_{number:03d}.img.gz").symlink_to(NANOBRAGG_DIR / f"image_{number:03d}.img.gz")
 
     def config(**overrides):
         return {**nanobragg_input(images=[str(images / "image_*.img.gz")], shots_per_shard=2, **overrides),
