@@ -73,6 +73,32 @@ STARTS = {"metallic": ("metallic", "metallic"), "swapped": ("reduced", "oxidized
 TRUTH = ("oxidized", "reduced")
 
 
+def ly99_model():
+    """The default config (reference data from the shared directory), its channel energies, the
+    1M2A model's path, its site decomposition (FE1, FE2) and the lookup of its indices."""
+    config = load_config({"reference": {"mirror_dir": str(DATA_DIR)}})
+    structure = config["structure_factors"]
+    energies = channel_energies(structure["channel_start_ev"], structure["channel_step_ev"], structure["n_channels"])
+    pdb = str(DATA_DIR / "1m2a.pdb")
+    decomposition = site_decomposition(pdb, structure["d_min_a"], structure["k_sol"], structure["b_sol"], SITES,
+                                       HC_EV_ANGSTROM / float(np.mean(energies)))
+    lookup = asu_lookup(decomposition.unit_cell, decomposition.space_group, decomposition.indices)
+    return config, energies, pdb, decomposition, lookup
+
+
+def subset_simulator(config, energies, pdb: str, psf: bool) -> SubsetSimulator:
+    """The pixel-subset simulator of the config's datasets (LY99's true tables), with or without the PSF."""
+    structure = config["structure_factors"]
+    table = compute_channel_amplitudes(pdb, str(DATA_DIR / "pf-rd-ox_fftkk.out"), str(DATA_DIR / "pf-rd-red_fftkk.out"),
+                                       energies, structure["d_min_a"], structure["k_sol"], structure["b_sol"])
+    with tempfile.TemporaryDirectory() as scratch:
+        path = str(Path(scratch) / "amplitudes.h5")
+        save_channel_amplitudes(table, path)
+        setup = setup_from_config(config, path)
+    return SubsetSimulator(setup, SubsetSettings(d_min_a=config["annulus"]["d_min"], d_max_a=config["annulus"]["d_max"],
+                                                 shoebox_size_px=config["stage1"]["shoebox_size_px"], psf=psf))
+
+
 def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3
 
@@ -201,25 +227,11 @@ def main() -> None:
     iterations = args.iterations or settings.max_iterations
 
     t0 = time.perf_counter()
-    config = load_config({"reference": {"mirror_dir": str(DATA_DIR)}})
-    structure = config["structure_factors"]
-    energies = channel_energies(structure["channel_start_ev"], structure["channel_step_ev"], structure["n_channels"])
-    pdb = str(DATA_DIR / "1m2a.pdb")
-    table = compute_channel_amplitudes(pdb, str(DATA_DIR / "pf-rd-ox_fftkk.out"), str(DATA_DIR / "pf-rd-red_fftkk.out"),
-                                       energies, structure["d_min_a"], structure["k_sol"], structure["b_sol"])
-    with tempfile.TemporaryDirectory() as scratch:
-        path = str(Path(scratch) / "amplitudes.h5")
-        save_channel_amplitudes(table, path)
-        setup = setup_from_config(config, path)
-    decomposition = site_decomposition(pdb, structure["d_min_a"], structure["k_sol"], structure["b_sol"], SITES,
-                                       HC_EV_ANGSTROM / float(np.mean(energies)))
-    lookup = asu_lookup(decomposition.unit_cell, decomposition.space_group, decomposition.indices)
+    config, energies, pdb, decomposition, lookup = ly99_model()
+    simulator = subset_simulator(config, energies, pdb, args.dataset == "psf")
+    setup = simulator.setup
     det = config["simulate"]["detector"]
     psf = DetectorPsf(det["psf_fwhm_mm"], det["psf_radius_px"]) if args.dataset == "psf" else None
-    simulator = SubsetSimulator(setup, SubsetSettings(d_min_a=config["annulus"]["d_min"],
-                                                      d_max_a=config["annulus"]["d_max"],
-                                                      shoebox_size_px=config["stage1"]["shoebox_size_px"],
-                                                      psf=args.dataset == "psf"))
     readout_var = (args.readout_sigma_adu / det["gain_adu_per_photon"]) ** 2
     print(f"set-up {time.perf_counter() - t0:.1f} s; dataset {args.dataset}; threads {args.threads}; "
           f"N = {sizes}; perturbed geometry for N <= {args.perturbed_max}")

@@ -18,7 +18,6 @@ import argparse
 import dataclasses
 import pickle
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,20 +25,17 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_spread_recovery import DATA_DIR, SITES, STARTS, TRUTH, lattice_from_terms  # noqa: E402
-
-from xfel_spread.config import load_config  # noqa: E402
-from xfel_spread.sim.shard import setup_from_config  # noqa: E402
-from xfel_spread.sim.structure_factors import (  # noqa: E402
-    HC_EV_ANGSTROM,
-    channel_energies,
-    compute_channel_amplitudes,
-    save_channel_amplitudes,
-    site_decomposition,
+from bench_spread_recovery import (  # noqa: E402
+    DATA_DIR,
+    SITES,
+    STARTS,
+    TRUTH,
+    lattice_from_terms,
+    ly99_model,
+    subset_simulator,
 )
-from xfel_spread.sim.subset import SubsetSettings, SubsetSimulator  # noqa: E402
+
 from xfel_spread.spread.assemble import concatenate  # noqa: E402
-from xfel_spread.spread.coefficients import asu_lookup  # noqa: E402
 from xfel_spread.spread.fit import Restraints, SpreadProblem, fit  # noqa: E402
 from xfel_spread.spread.model import Decomposition  # noqa: E402
 from xfel_spread.spread.restraints import hilbert_matrix, kk_residual  # noqa: E402
@@ -50,28 +46,15 @@ from xfel_spread.spread.uncertainty import edge_estimates, grid_covariance, half
 
 
 def build(n: int, cache: str | None):
-    config = load_config({"reference": {"mirror_dir": str(DATA_DIR)}})
-    structure = config["structure_factors"]
-    energies = channel_energies(structure["channel_start_ev"], structure["channel_step_ev"], structure["n_channels"])
-    pdb = str(DATA_DIR / "1m2a.pdb")
-    decomposition = site_decomposition(pdb, structure["d_min_a"], structure["k_sol"], structure["b_sol"], SITES,
-                                       HC_EV_ANGSTROM / float(np.mean(energies)))
-    lookup = asu_lookup(decomposition.unit_cell, decomposition.space_group, decomposition.indices)
+    config, energies, pdb, decomposition, lookup = ly99_model()
     gain = config["simulate"]["detector"]["gain_adu_per_photon"]
     if cache and Path(cache).exists():
         with open(cache, "rb") as stream:
             stored = pickle.load(stream)
         if len(stored["noisy"]) >= n:
             return energies, decomposition, gain, {k: v[:n] for k, v in stored.items()}
-    table = compute_channel_amplitudes(pdb, str(DATA_DIR / "pf-rd-ox_fftkk.out"), str(DATA_DIR / "pf-rd-red_fftkk.out"),
-                                       energies, structure["d_min_a"], structure["k_sol"], structure["b_sol"])
-    with tempfile.TemporaryDirectory() as scratch:
-        path = str(Path(scratch) / "amplitudes.h5")
-        save_channel_amplitudes(table, path)
-        setup = setup_from_config(config, path)
-    simulator = SubsetSimulator(setup, SubsetSettings(d_min_a=config["annulus"]["d_min"],
-                                                      d_max_a=config["annulus"]["d_max"],
-                                                      shoebox_size_px=config["stage1"]["shoebox_size_px"]))
+    simulator = subset_simulator(config, energies, pdb, False)
+    setup = simulator.setup
     lattices = {"noisy": [], "expected": [], "noisy_fine": []}
     t = time.perf_counter()
     for shot_index in range(n):
