@@ -75,7 +75,7 @@ class MergeSettings:
     minimum_multiplicity: int = 2
     n_bins: int = 20
     reference: str = "model"
-    self_reference_cycles: int = 2
+    self_reference_cycles: int = 3
 
     @classmethod
     def from_config(cls, section) -> MergeSettings:
