@@ -109,10 +109,10 @@ def test_data_reference_and_self_reference():
     assert following.intensity[1] == 5.0
 
 
-def merge_command(directory, prefixes, name, covariance, ranks):
-    """spread-merge with merge.reference data and no --model, under mpirun."""
+def merge_command(directory, prefixes, name, covariance, ranks, reference="data"):
+    """spread-merge with merge.reference ``reference`` and no --model, under mpirun."""
     config = directory / "merge.yaml"
-    config.write_text(f"merge:\n  d_min: {D_MIN}\n  n_bins: 4\n  reference: data\n")
+    config.write_text(f"merge:\n  d_min: {D_MIN}\n  n_bins: 4\n  reference: {reference}\n")
     outputs = outputs_in(directory, name)
     command = [str(BIN / "spread-merge"), "--config", str(config),
                *[item for prefix in prefixes for item in ("--shard-prefix", str(prefix))],
@@ -141,3 +141,15 @@ def test_one_and_two_ranks_give_identical_files(self_referenced, tmp_path):
     assert (summary_one.pop("n_ranks"), summary_two.pop("n_ranks")) == (1, 2)
     summary_one.pop("timings_s"), summary_two.pop("timings_s")
     assert summary_one == summary_two
+
+
+def test_the_command_without_a_model_in_model_mode_is_one_line(self_referenced, tmp_path):
+    _, prefixes, _, _, _, _ = self_referenced
+    covariance = tmp_path / "covariance.pickle"
+    write_covariance(covariance)
+    result, outputs = merge_command(tmp_path, prefixes, "model", covariance, 1, reference="model")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("spread-merge: error:")]
+    assert lines == ["spread-merge: error: no reference model: merge.reference is model but no --model was given "
+                     "(give the PDB model, or set merge.reference: data to merge without one)"]
+    assert not outputs.mtz.exists()
