@@ -234,6 +234,16 @@ def hits_table_option(wildcards, input):
     return f"--hits-table {shlex.quote(input.hits)}" if HITFIND else ""
 
 
+def merge_model_input():
+    """merge input `model`: MODEL_FILE with merge.reference model, nothing with merge.reference data (no model read)."""
+    return {"model": MODEL_FILE} if config["merge"]["reference"] == "model" else {}
+
+
+def merge_model_option(wildcards, input):
+    """`--model PDB` for spread-merge when merge_model_input gave one, else nothing."""
+    return f"--model {shlex.quote(str(input.model))}" if "model" in input.keys() else ""
+
+
 # --- stills_process stages: index and reindex --------------------------------------------------------
 
 

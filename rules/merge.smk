@@ -7,7 +7,7 @@ rule merge:
     input:
         settings=f"{OUTPUT_DIR}/settings/merge.yaml",
         covariance=rules.covariance.output.pickle,
-        model=MODEL_FILE,
+        **merge_model_input(),
         experiments=stills_output_of_all_shards("reindex", "integrated_experiments"),
         reflections=stills_output_of_all_shards("reindex", "integrated_reflections"),
     output:
@@ -21,6 +21,7 @@ rule merge:
         summary=f"{OUTPUT_DIR}/merge/{{dataset}}/summary.json",
     params:
         prefixes=integrated_prefixes,
+        model=merge_model_option,
     resources:
         mpi="mpirun",
         tasks=1,
@@ -30,7 +31,7 @@ rule merge:
         f"{LOG_DIR}/benchmarks/merge/{{dataset}}.tsv"
     shell:
         "{resources.mpi} -n {resources.tasks} {ENV_BIN}/spread-merge --config {input.settings:q}"
-        " {params.prefixes} --covariance {input.covariance:q} --model {input.model:q} --mtz {output.mtz:q}"
+        " {params.prefixes} --covariance {input.covariance:q} {params.model} --mtz {output.mtz:q}"
         " --stats-table {output.stats_table:q} --stats-text {output.stats_text:q}"
         " --stats-plot {output.stats_plot:q} --lattices {output.lattices:q} --summary {output.summary:q}"
         " > {log:q} 2>&1"

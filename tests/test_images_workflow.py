@@ -84,6 +84,31 @@ def test_starting_geometry_and_model_reach_the_index_and_merge_commands(tmp_path
     assert job_stats(result.stdout + result.stderr)["reference_data"] == 1
 
 
+def test_the_cspad_example_merges_without_a_model(tmp_path):
+    """config/examples/thermolysin_cspad.yaml (merge.reference data) plans a merge whose command has no
+    --model; with merge.reference model the same run passes the model."""
+    example = yaml.safe_load((REPO_ROOT / "config/examples/thermolysin_cspad.yaml").read_text())
+    example["input"]["images"] = [str(SHARED_DATA_DIR / "real/thermolysin_cspad/*.cbf")]
+    example["index"]["phil"] = str(REPO_ROOT / example["index"]["phil"])
+    example.pop("output_dir"), example.pop("log_dir")
+
+    def merge_commands(config, name):
+        configfile = tmp_path / f"{name}.yaml"
+        configfile.write_text(yaml.safe_dump(config))
+        (tmp_path / name).mkdir()
+        command = [sys.executable, "-m", "snakemake", "--dry-run", "--printshellcmds", "--snakefile",
+                   str(REPO_ROOT / "Snakefile"), "--directory", str(tmp_path / name), f"--configfile={configfile}"]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+        return [line for line in result.stdout.splitlines() if "spread-merge " in line]
+
+    assert example["merge"]["reference"] == "data"
+    data = merge_commands(example, "data")
+    assert len(data) == 1 and "--model" not in data[0] and "--covariance" in data[0]
+    model = merge_commands({**example, "merge": {**example["merge"], "reference": "model"}}, "model")
+    assert len(model) == 1 and "--model " in model[0] and "1m2a.pdb" in model[0]
+
+
 def test_a_glob_matching_nothing_stops_the_run_with_one_line(tmp_path):
     result, _ = dry_run(tmp_path, nanobragg_input(images=[str(tmp_path / "nothing_*.cbf")]))
     assert result.returncode != 0

@@ -78,8 +78,9 @@ def rotation_about(axis, angle):
     return np.eye(3) + np.sin(angle) * k + (1 - np.cos(angle)) * k @ k
 
 
-def simulate_lattice(rng, truth, candidates, kind):
-    """(real-space rows a, b, c as recorded, table columns) of one lattice."""
+def simulate_lattice(rng, truth, candidates, kind, drawn=None):
+    """(real-space rows a, b, c as recorded, table columns) of one lattice; its true (scale, B) are appended
+    to ``drawn`` if given."""
     from cctbx import uctbx
 
     cell = np.array(CELL) * ([1.03, 1.03, 1.03, 1, 1, 1] if kind == WRONG_CELL else 1.0)
@@ -98,6 +99,8 @@ def simulate_lattice(rng, truth, candidates, kind):
     s1 = q + s0
     d = 1 / np.linalg.norm(q, axis=1)
     scale, b_factor = rng.lognormal(0, 0.3), rng.normal(0, 1.0)
+    if drawn is not None:
+        drawn.append((scale, b_factor))
     intensity = true_intensity(truth, hkl)
     if kind == UNRELATED:
         intensity = rng.permutation(intensity)
@@ -148,14 +151,15 @@ def write_shard(prefix, lattices, rng):
     return identifiers
 
 
-def make_dataset(directory, truth, kinds_per_shard, seed=13):
-    """Shards of lattices of the given kinds; returns (prefixes, {identifier: kind})."""
+def make_dataset(directory, truth, kinds_per_shard, seed=13, drawn=None):
+    """Shards of lattices of the given kinds; returns (prefixes, {identifier: kind}); the lattices' true
+    (scale, B), in global-id order, are appended to ``drawn`` if given."""
     rng = np.random.default_rng(seed)
     candidates = candidate_indices()
     prefixes, kinds = [], {}
     for number, shard_kinds in enumerate(kinds_per_shard):
         prefix = str(directory / f"shard_{number:05d}")
-        lattices = [simulate_lattice(rng, truth, candidates, kind) for kind in shard_kinds]
+        lattices = [simulate_lattice(rng, truth, candidates, kind, drawn) for kind in shard_kinds]
         kinds.update(zip(write_shard(prefix, lattices, rng), shard_kinds))
         prefixes.append(prefix)
     return prefixes, kinds

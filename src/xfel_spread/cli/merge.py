@@ -27,7 +27,8 @@ def merge_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shard-prefix", action="append", required=True,
                         help="output prefix of one shard's reindex stage (repeat for every shard, in order)")
     parser.add_argument("--covariance", required=True, help="unit-cell covariance pickle from spread-covariance")
-    parser.add_argument("--model", required=True, help="reference model (PDB) for scaling")
+    parser.add_argument("--model", help="reference model (PDB) for scaling; required with merge.reference model, "
+                                        "not read with merge.reference data")
     parser.add_argument("--mtz", required=True, help="merged intensities to write (MTZ)")
     parser.add_argument("--stats-table", required=True, help="merging statistics to write (TSV)")
     parser.add_argument("--stats-text", required=True, help="the same statistics, aligned for reading")

@@ -11,6 +11,16 @@
    on the gathered deviations, merges its indices.
 5. Rank 0 gathers the merged indices and the lattice records and writes every file.
 
+Without a model (``merge.reference: data``, cctbx.xfel.merge's "mark1" spirit) step 2 takes the space
+group (the lattices' most common Patterson group, without inversion) and the cell (the average of the
+lattices that pass the cell filter) from the data, and steps 3-4 run 1 + ``self_reference_cycles``
+times. The first pass has no reference intensities: no correlation filter, no post-refinement, and each
+lattice's scale is its mean intensity over the mean of all lattices' (:func:`_mean_intensity_scale`).
+Each later pass filters, scales and post-refines the lattices afresh against the previous pass's
+merged Friedel-pair intensities of at least ``minimum_multiplicity`` observations (rank 0 gathers
+them in key order and broadcasts them), exactly as a model's reference would be used; the last pass
+is written.
+
 Every sum runs over canonically ordered values, and every global fit on rank 0 over values gathered
 in key or global-id order, so the results are the same, to the bit, for any number of ranks.
 """
@@ -28,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from xfel_spread.atomic import atomic_output
+from xfel_spread.errors import OptionError
 from xfel_spread.merging import filters, postrefine
 from xfel_spread.merging.error_model import ErrorModel, deviations, fit_ev11, group_means
 from xfel_spread.merging.indices import IndexRangeError, d_star_sq, key_d_star_sq, map_to_asu
@@ -36,8 +47,8 @@ from xfel_spread.merging.merge import MergedIntensities, canonical_order, group_
     merge_observations
 from xfel_spread.merging.polarization import polarization_factor
 from xfel_spread.merging.parallel import exchange, gather, owner_splits, owners
-from xfel_spread.merging.reference import ModelError, Reference, check_model_matches_data, format_cell, \
-    model_reference
+from xfel_spread.merging.reference import ModelError, Reference, check_model_matches_data, data_reference, \
+    data_space_group_symbol, format_cell, model_reference, self_reference
 from xfel_spread.mpi import AgreedError, abort_on_unexpected_error, first_error
 
 log = logging.getLogger(__name__)
@@ -63,6 +74,8 @@ class MergeSettings:
     error_model: str = "ev11"
     minimum_multiplicity: int = 2
     n_bins: int = 20
+    reference: str = "model"
+    self_reference_cycles: int = 3
 
     @classmethod
     def from_config(cls, section) -> MergeSettings:
@@ -91,7 +104,8 @@ class StepTimer:
     def step(self, name: str):
         start = time.monotonic()
         yield
-        self.seconds[name] = time.monotonic() - start
+        # A step that runs once per self-reference pass adds up.
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.monotonic() - start
         log.info("step %s: %.2f s", name, self.seconds[name])
 
 
@@ -153,6 +167,45 @@ def _reference(comm, model_path, settings: MergeSettings, lattices: Lattices) ->
     return reference
 
 
+def _data_reference(comm, settings: MergeSettings, lattices: Lattices, cluster) -> Reference:
+    """The index set of a model-free merge (no intensities), from the lattices' space groups and cells.
+
+    Rank 0 decides on the gathered values (global-id order), so it is the same for any number of ranks.
+    The cell is the average of the lattices within the cell filter's cutoff (of all of them if none is).
+    """
+    keep_cell, _ = filters.cell_filter(lattices.cell, cluster, settings.mahalanobis)
+    cells = gather(comm, {"cell": lattices.cell, "keep": keep_cell})
+    hall_symbols = comm.gather(list(lattices.hall_symbol))
+    reference = None
+    if comm.Get_rank() == 0:
+        chosen = cells["cell"][cells["keep"]] if cells["keep"].any() else cells["cell"]
+        reference = data_reference(data_space_group_symbol([hall for part in hall_symbols for hall in part]),
+                                   chosen.mean(axis=0), settings.d_min * settings.resolution_scalar)
+    reference = comm.bcast(reference)
+    log.info("reference: none (merge.reference data): %d indices of %s to %.3f A, average cell %s",
+             len(reference.keys), reference.space_group_symbol, settings.d_min * settings.resolution_scalar,
+             format_cell(reference.cell))
+    return reference
+
+
+def _next_self_reference(comm, reference: Reference, pairs: MergedIntensities | None,
+                         settings: MergeSettings) -> Reference:
+    """The reference of the next self-reference pass, from rank 0's merged pairs of this pass (broadcast)."""
+    following = None
+    if comm.Get_rank() == 0:
+        order = np.argsort(pairs.key, kind="stable")  # already key order as gathered; made sure of
+        following = self_reference(reference, pairs.key[order], pairs.intensity[order], pairs.multiplicity[order],
+                                   settings.minimum_multiplicity)
+    following = comm.bcast(following)
+    n_indices = int(np.isfinite(following.intensity).sum())
+    if n_indices == 0:
+        raise AgreedError(f"no self reference: no index is observed at least {settings.minimum_multiplicity} times "
+                          "(merge.minimum_multiplicity) in the merge of the previous pass")
+    log.info("self reference: %d merged indices observed at least %d times", n_indices,
+             settings.minimum_multiplicity)
+    return following
+
+
 def _log_rejections(comm, records: LatticeRecords, stage: str) -> None:
     counts = sum(comm.allgather(Counter(records.reason[~records.alive])), Counter())
     alive = comm.allreduce(int(records.alive.sum()))
@@ -162,8 +215,10 @@ def _log_rejections(comm, records: LatticeRecords, stage: str) -> None:
 
 
 def _filter(comm, lattices: Lattices, observations: Observations, global_id: np.ndarray, cluster,
-            reference: Reference, settings: MergeSettings):
-    """Lattice records after the filters, and the surviving observations with their keys and reference."""
+            reference: Reference, settings: MergeSettings, correlate: bool = True):
+    """Lattice records after the filters, and the surviving observations with their keys and reference.
+
+    ``correlate`` False skips the reference-correlation filter (a reference without intensities)."""
     n = len(lattices)
     records = LatticeRecords(global_id, lattices.shard, lattices.identifier, lattices.cell, lattices.wavelength,
                              np.full(n, "", dtype=object), np.full(n, np.nan), np.full(n, np.nan),
@@ -198,17 +253,25 @@ def _filter(comm, lattices: Lattices, observations: Observations, global_id: np.
     key, is_minus, reference_intensity = key[found], is_minus[found], reference_intensity[found]
     records.reject(records.alive & (np.bincount(observations.lattice, minlength=n) == 0), filters.NO_REFERENCE_MATCH)
 
-    cc, _ = filters.reference_correlation(observations.lattice, observations.intensity, reference_intensity, n)
-    records.reference_cc[:] = cc
-    records.reject(records.alive & np.isnan(cc), filters.LOW_SIGNAL)
-    records.reject(records.alive & (cc < settings.min_reference_cc), filters.LOW_REFERENCE_CC)
+    if correlate:
+        # A self reference has no intensity (NaN) for rarely observed indices: they do not correlate.
+        usable = np.isfinite(reference_intensity)
+        cc, _ = filters.reference_correlation(observations.lattice[usable], observations.intensity[usable],
+                                              reference_intensity[usable], n)
+        records.reference_cc[:] = cc
+        records.reject(records.alive & np.isnan(cc), filters.LOW_SIGNAL)
+        records.reject(records.alive & (cc < settings.min_reference_cc), filters.LOW_REFERENCE_CC)
     keep = records.alive[observations.lattice]
     return records, observations.select(keep), row[keep], key[keep], is_minus[keep], reference_intensity[keep]
 
 
 def _scale(lattices: Lattices, records: LatticeRecords, observations: Observations, reference_intensity: np.ndarray,
            settings: MergeSettings) -> tuple[np.ndarray, np.ndarray]:
-    """Fit every surviving lattice; return (kept observations mask, scale factor of each observation)."""
+    """Fit every surviving lattice; return (kept observations mask, scale factor of each observation).
+
+    Only observations with a reference intensity enter the fits (a self reference has none, NaN, for
+    rarely observed indices); every observation gets its lattice's scale factor."""
+    usable = np.isfinite(reference_intensity)
     fitted = np.flatnonzero(records.alive)
     renumber = np.full(len(lattices), -1, np.int64)
     renumber[fitted] = np.arange(len(fitted))
@@ -217,12 +280,14 @@ def _scale(lattices: Lattices, records: LatticeRecords, observations: Observatio
         problem = postrefine.ScalingProblem.build(lattice, lattices.a_matrix[fitted], lattices.s0[fitted],
                                                   observations.hkl, observations.d, reference_intensity,
                                                   observations.intensity)
-        parameters = postrefine.refine_rs(problem, postrefine.initial_parameters(problem, len(fitted)))
+        fit = problem if usable.all() else problem.select_observations(usable)
+        parameters = postrefine.refine_rs(fit, postrefine.initial_parameters(fit, len(fitted)))
         factor, partiality = postrefine.rs_scale_factors(problem, parameters)
         reason = postrefine.rs_failures(parameters, lattice, partiality)
         kept = partiality > postrefine.NEAR_FULL
     else:
-        scale = postrefine.scale_only(lattice, observations.intensity, reference_intensity, len(fitted))
+        scale = postrefine.scale_only(lattice[usable], observations.intensity[usable], reference_intensity[usable],
+                                      len(fitted))
         parameters = np.full((len(fitted), 5), np.nan)
         parameters[:, 0] = scale
         factor = scale[lattice]
@@ -233,6 +298,28 @@ def _scale(lattices: Lattices, records: LatticeRecords, observations: Observatio
     kept &= records.alive[observations.lattice]
     records.n_reflections[:] = np.bincount(observations.lattice[kept], minlength=len(lattices))
     return kept, factor
+
+
+def _mean_intensity_scale(comm, records: LatticeRecords, observations: Observations) -> tuple[np.ndarray, np.ndarray]:
+    """First pass of a model-free merge: (kept observations mask, scale factor of each observation).
+
+    A lattice's scale G is its mean intensity over the mean of every surviving lattice's mean
+    intensity (rank 0 averages them in global-id order), so the first merge is on the lattices' common
+    scale without any reference; G is recorded as the lattice's parameter, a lattice whose G is not
+    positive is rejected (non_positive_scale).
+    """
+    n = len(records.reason)
+    mean = postrefine.lattice_mean_intensity(observations.lattice, observations.intensity, n)
+    alive = records.alive
+    gathered = gather(comm, {"mean": mean[alive]})
+    overall = float(np.mean(gathered["mean"])) if comm.Get_rank() == 0 else None
+    overall = comm.bcast(overall)
+    scale = mean / overall if overall > 0 else np.full(n, np.nan)
+    records.parameters[alive, 0] = scale[alive]
+    records.reject(alive & ~(np.isfinite(scale) & (scale > 0)), postrefine.NON_POSITIVE_SCALE)
+    kept = records.alive[observations.lattice]
+    records.n_reflections[:] = np.bincount(observations.lattice[kept], minlength=n)
+    return kept, scale[observations.lattice]
 
 
 def _reject_parameter_outliers(comm, records: LatticeRecords) -> None:
@@ -286,6 +373,51 @@ def _merge_owned(comm, columns: dict[str, np.ndarray], settings: MergeSettings):
     return model, MergedIntensities(**gathered_anomalous), MergedIntensities(**gathered_pairs)
 
 
+def check_model_given(settings: MergeSettings, model_path) -> None:
+    """Raise OptionError (on every rank alike) if ``merge.reference`` is model and no model was given."""
+    if settings.reference == "model" and model_path is None:
+        raise OptionError("no reference model: merge.reference is model but no --model was given (give the PDB "
+                          "model, or set merge.reference: data to merge without one)")
+
+
+def _merge_pass(comm, timer: StepTimer, data, cluster, reference: Reference, splits: np.ndarray,
+                settings: MergeSettings, with_intensities: bool, label: str):
+    """Filter, scale (or post-refine) and merge every lattice against ``reference``, collectively.
+
+    ``data`` is (lattices, polarization-corrected observations, global ids, total lattice count), left
+    as they are. Without reference intensities (``with_intensities`` False, a model-free first pass)
+    there is no correlation filter and each lattice gets its mean-intensity scale. Returns (this
+    rank's lattice records, error model, and on rank 0 the merged anomalous and pair intensities).
+    """
+    lattices, observations, global_id, n_lattices = data
+    with timer.step("filter"):
+        records, observations, row, key, is_minus, reference_intensity = _filter(
+            comm, lattices, observations, global_id, cluster, reference, settings, correlate=with_intensities)
+        _log_rejections(comm, records, f"{label}filters")
+        _no_survivor_error(comm, records, n_lattices)
+    with timer.step("scale"):
+        if with_intensities:
+            kept, factor = _scale(lattices, records, observations, reference_intensity, settings)
+            if settings.postrefinement == "rs":
+                _reject_parameter_outliers(comm, records)
+                kept &= records.alive[observations.lattice]
+                records.n_reflections[~records.alive] = 0
+            scaling = f"scaling ({settings.postrefinement})"
+        else:
+            kept, factor = _mean_intensity_scale(comm, records, observations)
+            scaling = "scaling (mean intensity, no reference)"
+        _log_rejections(comm, records, f"{label}{scaling}")
+        _no_survivor_error(comm, records, n_lattices)
+    with timer.step("exchange"):
+        columns = {"key": key[kept], "is_minus": is_minus[kept], "global_id": global_id[observations.lattice[kept]],
+                   "row": row[kept], "intensity": observations.intensity[kept] / factor[kept],
+                   "variance": observations.variance[kept] / factor[kept] ** 2}
+        columns = exchange(comm, columns, owners(columns["key"], splits))
+    with timer.step("merge"):
+        error_model, anomalous, pairs = _merge_owned(comm, columns, settings)
+    return records, error_model, anomalous, pairs
+
+
 def _gather_records(comm, records: LatticeRecords) -> LatticeRecords | None:
     numeric = gather(comm, {field.name: getattr(records, field.name) for field in fields(records)
                             if field.name not in ("identifier", "reason")})
@@ -300,9 +432,11 @@ def run_merge(comm, prefixes: Sequence[str], cluster, model_path, settings: Merg
               outputs: MergeOutputs) -> dict | None:
     """Merge the lattices of shards ``prefixes``; rank 0 writes ``outputs`` and returns the summary.
 
-    ``cluster`` is the unit-cell cluster (any object with ``mahalanobis(cells)``). Collective over
-    ``comm``; input errors are raised on every rank as :class:`AgreedError` (a ValueError).
+    ``cluster`` is the unit-cell cluster (any object with ``mahalanobis(cells)``). ``model_path`` is the
+    PDB model of ``settings.reference`` model (not read, and may be None, with reference data). Collective
+    over ``comm``; input errors are raised on every rank as :class:`AgreedError` (a ValueError).
     """
+    check_model_given(settings, model_path)
     from xfel_spread.io.lattices import write_lattice_table
     from xfel_spread.merging.output import write_mtz, write_summary
     from xfel_spread.merging.statistics import format_statistics, merging_statistics, plot_statistics, \
@@ -321,27 +455,26 @@ def run_merge(comm, prefixes: Sequence[str], cluster, model_path, settings: Merg
             observations.variance /= factor * factor
             observations.s1 = None
         with timer.step("reference"):
-            reference = _reference(comm, model_path, settings, lattices)
-        with timer.step("filter"):
-            records, observations, row, key, is_minus, reference_intensity = _filter(
-                comm, lattices, observations, global_id, cluster, reference, settings)
-            _log_rejections(comm, records, "filters")
-            _no_survivor_error(comm, records, n_lattices)
-        with timer.step("scale"):
-            kept, factor = _scale(lattices, records, observations, reference_intensity, settings)
-            if settings.postrefinement == "rs":
-                _reject_parameter_outliers(comm, records)
-                kept &= records.alive[observations.lattice]
-                records.n_reflections[~records.alive] = 0
-            _log_rejections(comm, records, f"scaling ({settings.postrefinement})")
-            _no_survivor_error(comm, records, n_lattices)
-        with timer.step("exchange"):
-            columns = {"key": key[kept], "is_minus": is_minus[kept], "global_id": global_id[observations.lattice[kept]],
-                       "row": row[kept], "intensity": observations.intensity[kept] / factor[kept],
-                       "variance": observations.variance[kept] / factor[kept] ** 2}
-            columns = exchange(comm, columns, owners(columns["key"], owner_splits(reference.keys, comm.Get_size())))
+            if settings.reference == "model":
+                reference = _reference(comm, model_path, settings, lattices)
+            else:
+                reference = _data_reference(comm, settings, lattices, cluster)
+        splits = owner_splits(reference.keys, comm.Get_size())  # the same ownership in every pass
+        passes = 1 if settings.reference == "model" else 1 + settings.self_reference_cycles
+        self_reference_log = []
+        for number in range(passes):
+            # A model-free merge's first pass has a reference without intensities.
+            with_intensities = settings.reference == "model" or number > 0
+            label = "" if passes == 1 else f"pass {number + 1} of {passes}, "
+            records, error_model, anomalous, pairs = _merge_pass(
+                comm, timer, (lattices, observations, global_id, n_lattices), cluster, reference, splits, settings,
+                with_intensities, label)
+            self_reference_log.append({"reference_indices": int(np.isfinite(reference.intensity).sum()),
+                                       "accepted": comm.allreduce(int(records.alive.sum()))})
+            if number + 1 < passes:
+                with timer.step("reference"):
+                    reference = _next_self_reference(comm, reference, pairs, settings)
         with timer.step("merge"):
-            error_model, anomalous, pairs = _merge_owned(comm, columns, settings)
             all_records = _gather_records(comm, records)
         if rank != 0:
             return None
@@ -378,6 +511,9 @@ def run_merge(comm, prefixes: Sequence[str], cluster, model_path, settings: Merg
         log.info("\n%s", text)
         summary = _summary(all_records, n_observations, error_model, written_pairs, written_anomalous,
                            average_cell, wavelength, rows, settings, comm.Get_size(), timer.seconds)
+        if settings.reference == "data":
+            summary["space_group"] = reference.space_group_symbol
+            summary["self_reference_passes"] = self_reference_log
         write_summary(summary, outputs.summary)
         return summary
 

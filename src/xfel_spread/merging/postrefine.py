@@ -101,6 +101,13 @@ class ScalingProblem:
                               self.observed[keep])
 
 
+    def select_observations(self, selection: np.ndarray) -> ScalingProblem:
+        """The selected observations (a boolean mask), lattices numbered as before."""
+        return ScalingProblem(self.lattice[selection], np.ascontiguousarray(self.q0[:, selection]),
+                              np.ascontiguousarray(self.s0[:, selection]), self.d_star_sq[selection],
+                              self.reference[selection], self.observed[selection])
+
+
 def reciprocal_vectors(a_matrix: np.ndarray, lattice: np.ndarray, hkl: np.ndarray) -> np.ndarray:
     """(3, n) A h for each observation, A the (m, 3, 3) orientation of its lattice."""
     hkl = hkl.astype(float)
@@ -290,6 +297,20 @@ def scale_only(lattice: np.ndarray, observed: np.ndarray, reference: np.ndarray,
     square = np.bincount(lattice, weights=observed * observed, minlength=n_lattices)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(cross > 0, square / cross, np.nan)
+
+
+def lattice_mean_intensity(lattice: np.ndarray, observed: np.ndarray, n_lattices: int) -> np.ndarray:
+    """Mean observed intensity of each lattice (NaN for one without observations).
+
+    The scale of a model-free merge's first pass (no reference to fit against, cctbx.xfel.merge's
+    "mark1" spirit): lattices are brought to one scale by their mean intensities, which differ from
+    lattice to lattice mainly by the scale (and much less by the mean partiality and resolution
+    range of the reflections each still happens to record).
+    """
+    total = np.bincount(lattice, weights=observed, minlength=n_lattices)
+    count = np.bincount(lattice, minlength=n_lattices)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return total / count
 
 
 def parameter_outliers(parameters: np.ndarray) -> np.ndarray:

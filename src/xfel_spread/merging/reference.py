@@ -7,6 +7,11 @@ maps it to the asymmetric unit. The model has no anomalous scatterers, so I(+) =
 per Friedel pair suffices; it is stored by the pair's asymmetric-unit key (see
 :mod:`xfel_spread.merging.indices`). The reference's index set is also the resolution limit of the
 observations used in scaling (upstream drops observations that match no reference index).
+
+Without a model (``merge.reference: data``, cctbx.xfel.merge's "mark1" spirit) the reference comes
+from the data instead: :func:`data_reference` gives the index set (every asymmetric-unit index of the
+lattices' space group to the same resolution, in their average cell) with no intensities, and
+:func:`self_reference` the intensities of a previous merge of the same data.
 """
 
 from __future__ import annotations
@@ -86,6 +91,51 @@ def model_reference(pdb_path, d_min: float) -> Reference:
     order = np.argsort(keys, kind="stable")
     return Reference(str(symmetry.space_group_info()), tuple(symmetry.unit_cell().parameters()), keys[order],
                      intensities.data().as_numpy_array()[order])
+
+
+def data_space_group_symbol(hall_symbols: Sequence[str]) -> str:
+    """The merging space group of lattices with these Hall symbols (one per lattice), without a model.
+
+    Indexing gives each lattice a Patterson group (centrosymmetric); the most common one (ties: the
+    first in sorted order, so the choice does not depend on the order of the lattices) stands for the
+    data, and its acentric subgroup (the rotations with the lattice centring) is what the merge maps
+    indices with, since a protein crystal has no inversion. Screw axes cannot be told from a Patterson
+    group, so a model-free merge's space group is the symmorphic one (P 6 2 2 for P 61 2 2); intensities
+    and their asymmetric unit are the same.
+    """
+    from cctbx import sgtbx
+
+    counts = Counter(hall_symbols)
+    hall = min(counts, key=lambda symbol: (-counts[symbol], symbol))
+    return str(sgtbx.space_group_info(group=sgtbx.space_group(hall).build_derived_acentric_group()))
+
+
+def data_reference(space_group_symbol: str, cell: Sequence[float], d_min: float) -> Reference:
+    """The index set of a model-free merge: every non-anomalous asymmetric-unit index of
+    ``space_group_symbol`` in ``cell`` to ``d_min``, with NaN intensities (there is no model to say them)."""
+    from cctbx import crystal
+
+    indices = crystal.symmetry(tuple(cell), space_group_symbol).build_miller_set(anomalous_flag=False, d_min=d_min)
+    keys = np.sort(pack_hkl(from_flex_miller_index(indices.map_to_asu().indices())))
+    return Reference(space_group_symbol, tuple(float(value) for value in cell), keys, np.full(len(keys), np.nan))
+
+
+def self_reference(previous: Reference, keys: np.ndarray, intensity: np.ndarray, multiplicity: np.ndarray,
+                   minimum_multiplicity: int) -> Reference:
+    """The reference of a self-reference cycle: on ``previous``'s index set, the merged pair intensities of
+    the previous cycle (at ``keys``, a subset of ``previous.keys``) where at least ``minimum_multiplicity``
+    observations made them, NaN elsewhere.
+
+    The index set stays the full one so that the merge keeps the observations of rarely observed
+    indices; only the scaling and the correlation filter leave out those without a reference intensity.
+    """
+    position = np.searchsorted(previous.keys, keys)
+    if len(keys) and (position.max() >= len(previous.keys) or np.any(previous.keys[position] != keys)):
+        raise ValueError("merged indices outside the reference's index set")  # a bug, not the user's input
+    keep = (multiplicity >= minimum_multiplicity) & np.isfinite(intensity)
+    values = np.full(len(previous.keys), np.nan)
+    values[position[keep]] = intensity[keep]
+    return Reference(previous.space_group_symbol, previous.cell, previous.keys, values)
 
 
 def patterson_symbol(space_group) -> str:
