@@ -24,20 +24,21 @@ lint: setup
 
 # Everything, the slow tier (pipeline, Slurm, resume, report: pytest -m slow) included; what CI runs.
 # Three pytest processes side by side, each with its own scratch directory and log: the real-Slurm test
-# (mostly waiting on the plugin's status polling), the Snakemake-driven pipeline runs (demo end to end,
-# resume, images from elsewhere), and the rest of the suite; their logs follow in that order and the target
-# fails if any fails.
-PIPELINE_TESTS := tests/test_pipeline.py tests/test_resume.py tests/test_images_pipeline.py
+# (mostly waiting on the plugin's status polling) and then the images from elsewhere; the runs that use
+# or extend the session's completed demo run (report first, before the pipeline tests extend the run,
+# then resume); and the rest of the suite. Their logs follow in that order and the target fails if any fails.
+SLURM_TESTS := tests/test_slurm.py tests/test_images_pipeline.py
+PIPELINE_TESTS := tests/test_report.py tests/test_pipeline.py tests/test_resume.py
 test: setup
 	@scratch=$$(mktemp -d); \
-	$(VENV)/bin/python -m pytest -q -p no:cacheprovider --basetemp="$$scratch/slurm" tests/test_slurm.py > "$$scratch/slurm.log" 2>&1 & \
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider --basetemp="$$scratch/slurm" $(SLURM_TESTS) > "$$scratch/slurm.log" 2>&1 & \
 	slurm_pid=$$!; \
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider --basetemp="$$scratch/pipeline" $(PIPELINE_TESTS) > "$$scratch/pipeline.log" 2>&1 & \
 	pipeline_pid=$$!; \
-	$(VENV)/bin/python -m pytest -q -p no:cacheprovider --basetemp="$$scratch/rest" --ignore=tests/test_slurm.py $(addprefix --ignore=,$(PIPELINE_TESTS)) tests; rest=$$?; \
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider --basetemp="$$scratch/rest" $(addprefix --ignore=,$(SLURM_TESTS) $(PIPELINE_TESTS)) tests; rest=$$?; \
 	wait $$pipeline_pid; pipeline=$$?; wait $$slurm_pid; slurm=$$?; \
 	echo "== $(PIPELINE_TESTS) (run beside the rest)"; cat "$$scratch/pipeline.log"; \
-	echo "== tests/test_slurm.py (run beside the rest)"; cat "$$scratch/slurm.log"; rm -rf "$$scratch"; \
+	echo "== $(SLURM_TESTS) (run beside the rest)"; cat "$$scratch/slurm.log"; rm -rf "$$scratch"; \
 	exit $$(( rest != 0 || pipeline != 0 || slurm != 0 ))
 
 # The fast tier: every test not marked slow.
