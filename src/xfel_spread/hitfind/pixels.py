@@ -18,6 +18,11 @@ For each image (ADU, as the shard stores it):
    solvent-ring peak.
 
 The powder pattern is the sum over shots of every trusted pixel's photons, Bragg spots included.
+
+A multi-panel image ``(n_panels, n_slow, n_fast)`` is measured the same way over all its panels at
+once (one radial profile, lit pixels and photons summed over panels); ADC offset, gain and trusted
+range may then be given per panel (a list of ``n_panels`` values, ranges ``(n_panels, 2)``), as an
+image list's dxtbx panels can differ.
 """
 
 from __future__ import annotations
@@ -52,14 +57,31 @@ class LitPixelSettings:
                    tuple(hitfind["ring_q_range_inv_a"]))
 
 
+def per_panel(value, image: np.ndarray):
+    """``value`` as a float, or, given one per panel of a multi-panel ``image``, shaped to broadcast
+    over it (``(n_panels, 1, 1)``)."""
+    if np.ndim(value) == 0:
+        return float(value)
+    values = np.asarray(value, dtype=np.float64)
+    if image.ndim != 3 or values.shape != (image.shape[0],):
+        raise ValueError(f"{values.shape[0]} per-panel values for an image of shape {image.shape}")
+    return values.reshape(-1, 1, 1)
+
+
 def photons_from_adu(image_adu: np.ndarray, detector: dict) -> np.ndarray:
-    """Photons per pixel (float64): ADU minus the ADC offset, over the gain."""
-    return (image_adu.astype(np.float64) - float(detector["adc_offset_adu"])) / float(detector["gain_adu_per_photon"])
+    """Photons per pixel (float64): ADU minus the ADC offset, over the gain (either per panel)."""
+    offset, gain = per_panel(detector["adc_offset_adu"], image_adu), per_panel(detector["gain_adu_per_photon"], image_adu)
+    return (image_adu.astype(np.float64) - offset) / gain
 
 
 def trusted_mask(image_adu: np.ndarray, detector: dict) -> np.ndarray:
-    """Pixels whose ADU lies inside the shard's trusted range (inclusive at both ends)."""
-    low, high = detector["trusted_range"]
+    """Pixels whose ADU lies inside the shard's trusted range (inclusive at both ends; one range, or
+    one per panel ``(n_panels, 2)``)."""
+    ranges = np.asarray(detector["trusted_range"], dtype=np.float64)
+    if ranges.ndim == 1:
+        low, high = detector["trusted_range"]
+    else:
+        low, high = per_panel(ranges[:, 0], image_adu), per_panel(ranges[:, 1], image_adu)
     return (image_adu >= low) & (image_adu <= high)
 
 
@@ -94,16 +116,17 @@ def measure_shot(image_adu: np.ndarray, detector: dict, geometry: RadialGeometry
 
 @dataclass
 class PowderSum:
-    """Sum over shots of each trusted pixel's photons, and how many shots trusted each pixel."""
+    """Sum over shots of each trusted pixel's photons, and how many shots trusted each pixel (flat
+    arrays over the image ``shape``: ``(n_slow, n_fast)``, or ``(n_panels, n_slow, n_fast)``)."""
 
-    shape: tuple[int, int]
+    shape: tuple[int, ...]
     photons: np.ndarray = field(init=False)
     trusted_shots: np.ndarray = field(init=False)
     n_shots: int = 0
 
     def __post_init__(self):
-        self.photons = np.zeros(self.shape[0] * self.shape[1])
-        self.trusted_shots = np.zeros(self.shape[0] * self.shape[1], dtype=np.int64)
+        self.photons = np.zeros(int(np.prod(self.shape)))
+        self.trusted_shots = np.zeros(int(np.prod(self.shape)), dtype=np.int64)
 
     def add(self, photons: np.ndarray, trusted: np.ndarray) -> None:
         self.photons += np.where(trusted, photons, 0.0)
@@ -112,7 +135,7 @@ class PowderSum:
 
     def merge(self, other: "PowderSum") -> None:
         if other.shape != self.shape:
-            raise ValueError(f"powder sums of panels {other.shape} and {self.shape} cannot be added")
+            raise ValueError(f"powder sums of images {other.shape} and {self.shape} cannot be added")
         self.photons += other.photons
         self.trusted_shots += other.trusted_shots
         self.n_shots += other.n_shots

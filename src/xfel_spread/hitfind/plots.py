@@ -1,6 +1,8 @@
 """Figures of the hitfind stage (matplotlib Agg, written atomically).
 
-``plot_powder``: the powder pattern (sum of all shots) beside its radial profile and some shots' own.
+``plot_powder``: the powder pattern (sum of all shots) beside its radial profile and some shots' own; a
+multi-panel powder is drawn as its panels side by side in index order (:func:`panel_montage`), not
+at their laboratory positions: the radial profile beside it is the one computed over all panels.
 ``plot_shots``: lit pixels per shot with the hit threshold, and each shot's solvent-ring peak.
 ``plot_score``: the mean solvent profile against the simulator's background model, and lit pixels of
 true hits and blanks.
@@ -21,7 +23,6 @@ MAX_SHOT_PROFILES = 200
 DISPLAY_PIXELS = 960
 
 
-
 def block_sum(image: np.ndarray, max_pixels: int = DISPLAY_PIXELS) -> np.ndarray:
     """``image`` summed over square blocks so that neither side exceeds ``max_pixels`` (edges cropped)."""
     block = max(1, -(-max(image.shape) // max_pixels))
@@ -29,17 +30,41 @@ def block_sum(image: np.ndarray, max_pixels: int = DISPLAY_PIXELS) -> np.ndarray
     return image[:n_slow, :n_fast].reshape(n_slow // block, block, n_fast // block, block).sum(axis=(1, 3))
 
 
+def panel_montage(panels: np.ndarray, max_pixels: int = DISPLAY_PIXELS) -> np.ndarray:
+    """Panels ``(n_panels, n_slow, n_fast)`` side by side in index order, row by row on a near-square
+    grid, each block-summed by one common factor so the whole fits ``max_pixels`` a side; NaN between
+    panels and in unused grid cells."""
+    n_panels, n_slow, n_fast = panels.shape
+    columns = int(np.ceil(np.sqrt(n_panels)))
+    rows = -(-n_panels // columns)
+    block = max(1, -(-max(rows * (n_slow + 1), columns * (n_fast + 1)) // max_pixels))
+    shown = [block_sum(panel, max(n_slow, n_fast) // block) if block > 1 else panel for panel in panels]
+    tile_slow, tile_fast = shown[0].shape
+    montage = np.full((rows * (tile_slow + 1) - 1, columns * (tile_fast + 1) - 1), np.nan)
+    for index, tile in enumerate(shown):
+        row, column = divmod(index, columns)
+        montage[row * (tile_slow + 1):row * (tile_slow + 1) + tile_slow,
+                column * (tile_fast + 1):column * (tile_fast + 1) + tile_fast] = tile
+    return montage
+
+
 def plot_powder(path, powder: np.ndarray, q_inv_a: np.ndarray, profile: np.ndarray, solvent_profile: np.ndarray,
                 shot_profiles: np.ndarray, ring: RingPeak, n_shots: int) -> None:
-    """Powder image (log scale) and radial profiles (photons per pixel at normal incidence) against q."""
+    """Powder image (log scale; a multi-panel one as :func:`panel_montage`) and radial profiles (photons
+    per pixel at normal incidence) against q."""
     pyplot = plotting.pyplot()
     figure, (left, right) = pyplot.subplots(1, 2, figsize=(14, 6))
-    shown = block_sum(powder)
+    shown = block_sum(powder) if powder.ndim == 2 else panel_montage(powder)
     positive = shown[shown > 0]
     low = np.percentile(positive, 1) if positive.size else 1.0
     image = left.imshow(np.log10(np.clip(shown, low, None)), cmap="magma", origin="upper")
     figure.colorbar(image, ax=left, label="log10 photons (summed over shots and display blocks)")
-    left.set_title(f"powder pattern: sum of {n_shots} shots")
+    if powder.ndim == 2:
+        left.set_title(f"powder pattern: sum of {n_shots} shots")
+    else:
+        left.set_title(f"powder pattern: sum of {n_shots} shots; its {powder.shape[0]} panels in index order,\n"
+                       "not at their laboratory positions (the profile uses every panel's own frame)",
+                       fontsize="medium")
     left.set_xlabel("fast (display px)")
     left.set_ylabel("slow (display px)")
 

@@ -1,6 +1,6 @@
 """Azimuthal (radial) averages of detector images, the solvent-ring peak, and the background model.
 
-Pixels are binned by their distance from the beam centre on the panel, in bins of ``bin_width_px``
+Pixels are binned by their distance from the beam (the laboratory z axis), in bins of ``bin_width_px``
 pixels, so every bin holds a full ring of pixels whatever the scattering angle. Each pixel's photons
 are divided by its *relative* collection factor (polarization x solid angle x sensor capture, divided
 by the same product at normal incidence): the result, "photons per pixel at normal incidence", is the
@@ -9,7 +9,11 @@ brighter above and below the beam than beside it at the water ring), and is dire
 the simulator's per-steradian background curve (:func:`background_model_profile`).
 
 The geometry follows ``sim.geometry`` (DIALS laboratory frame, pixel centres at +0.5), built from a
-shard's ``/detector`` and ``/beam`` attributes, so the same code serves simulated and real shards.
+shard's ``/detector`` and ``/beam`` attributes, so the same code serves simulated and real shards. A
+multi-panel detector (``/detector`` with the ``n_panels``/``panel_*`` attributes of a tiled simulated
+shard, or a dxtbx detector of an image list) gets every pixel's position from its own panel's frame
+(:func:`multipanel_radial_geometry`): its images are ``(n_panels, n_slow, n_fast)`` and one profile
+bins the pixels of every panel together.
 """
 
 from __future__ import annotations
@@ -21,7 +25,16 @@ import numpy as np
 import torch
 
 from xfel_spread.errors import UserInputError
-from xfel_spread.sim.geometry import Detector, capture_fraction, polarization_factor, solid_angle_sr
+from xfel_spread.sim.geometry import (
+    Detector,
+    MultiPanelDetector,
+    Panel,
+    capture_fraction,
+    multipanel_capture_fraction,
+    multipanel_solid_angle_sr,
+    polarization_factor,
+    solid_angle_sr,
+)
 from xfel_spread.sim.structure_factors import HC_EV_ANGSTROM
 
 #: The solvent (water) ring lies near q = 2 1/A (d = 3.1 A); the default window to find it in.
@@ -36,9 +49,12 @@ class RadialInputError(UserInputError, ValueError):
 
 @dataclass(frozen=True)
 class RadialGeometry:
-    """Per-pixel geometry of one panel for azimuthal averaging (flat arrays in image order)."""
+    """Per-pixel geometry of a detector for azimuthal averaging (flat arrays in image order).
 
-    shape: tuple[int, int]
+    ``shape`` is the image's: ``(n_slow, n_fast)`` for one panel, ``(n_panels, n_slow, n_fast)`` for a
+    multi-panel detector (panel-major, as the shard stores it)."""
+
+    shape: tuple[int, ...]
     bin_width_px: float
     #: radius bin of every pixel
     bin_index: np.ndarray
@@ -52,6 +68,10 @@ class RadialGeometry:
     bin_two_theta_rad: np.ndarray
     #: pixel solid angle x capture at normal incidence: photons per pixel there = this x photons/sr
     normal_pixel_factor: float
+
+    @property
+    def n_pixels(self) -> int:
+        return int(np.prod(self.shape))
 
     @property
     def n_bins(self) -> int:
@@ -89,15 +109,85 @@ def radial_geometry(detector: Detector, polarization_fraction: float, polarizati
         two_theta[block] = torch.arccos(torch.clamp(-directions[:, 2], -1.0, 1.0)).numpy()
         factor[block] = (polarization_factor(directions, polarization_fraction, polarization_normal)
                          * solid_angle_sr(positions, detector) * capture_fraction(directions, detector)).numpy()
-    normal = _normal_incidence_factor(detector)
+    return _binned((n_slow, n_fast), bin_width_px, radius, two_theta, factor, _normal_incidence_factor(detector))
+
+
+def _binned(shape: tuple[int, ...], bin_width_px: float, radius: np.ndarray, two_theta: np.ndarray,
+            factor: np.ndarray, normal: float) -> RadialGeometry:
+    """The geometry from every pixel's radius (px), 2-theta (rad) and absolute collection factor."""
     bin_index = np.floor(radius / bin_width_px).astype(np.int64)
     counts = np.bincount(bin_index)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean_radius = np.bincount(bin_index, radius) / counts
         mean_two_theta = np.bincount(bin_index, two_theta) / counts
     relative = factor / normal
-    return RadialGeometry((n_slow, n_fast), float(bin_width_px), bin_index, relative, np.sqrt(relative), counts,
+    return RadialGeometry(tuple(shape), float(bin_width_px), bin_index, relative, np.sqrt(relative), counts,
                           mean_radius, mean_two_theta, normal)
+
+
+def panels_from_attrs(detector: dict) -> MultiPanelDetector:
+    """The panels a multi-panel ``/detector`` describes (``n_panels``, ``panel_origin_mm``,
+    ``panel_fast_axis``, ``panel_slow_axis``; every panel ``n_fast`` x ``n_slow`` pixels of
+    ``pixel_size_mm``, one sensor)."""
+    origins, fasts, slows = (np.asarray(detector[name], dtype=np.float64).reshape(-1, 3)
+                             for name in ("panel_origin_mm", "panel_fast_axis", "panel_slow_axis"))
+    n_panels = int(detector["n_panels"])
+    if not len(origins) == len(fasts) == len(slows) == n_panels:
+        raise RadialInputError(f"detector names {n_panels} panels but gives {len(origins)} origins, {len(fasts)} "
+                               f"fast and {len(slows)} slow axes")
+    try:
+        return MultiPanelDetector([
+            Panel(tuple(origin), tuple(fast), tuple(slow), float(detector["pixel_size_mm"]), int(detector["n_fast"]),
+                  int(detector["n_slow"]), float(detector["thickness_mm"]), float(detector["attenuation_length_mm"]),
+                  name=str(index)) for index, (origin, fast, slow) in enumerate(zip(origins, fasts, slows))])
+    except ValueError as error:
+        raise RadialInputError(str(error)) from None
+
+
+def multipanel_radial_geometry(detector: MultiPanelDetector, polarization_fraction: float,
+                               polarization_normal=(0.0, 1.0, 0.0), bin_width_px: float = 2.0) -> RadialGeometry:
+    """Radius bins and relative collection factors of every pixel of every panel of ``detector``.
+
+    Each pixel's position comes from its own panel's origin and axes; its radius is its distance from
+    the beam axis over the pixel size, its solid angle and capture are along its panel's normal. The
+    panels must share one shape and one pixel size (the image is ``(n_panels, n_slow, n_fast)``).
+    Normal incidence is a pixel of panel 0's sensor at the panels' mean distance.
+    """
+    if not bin_width_px > 0:
+        raise RadialInputError(f"radial bin width must be positive, got {bin_width_px}")
+    shapes = {(panel.n_slow, panel.n_fast) for panel in detector.panels}
+    if len(shapes) != 1:
+        raise RadialInputError(f"the detector's {len(detector)} panels have {len(shapes)} shapes; radial "
+                               "averaging needs one shape for all")
+    try:
+        pixel_mm = detector.pixel_size_mm
+    except ValueError as error:
+        raise RadialInputError(str(error)) from None
+    (n_slow, n_fast), n_panels = shapes.pop(), len(detector)
+    per_panel = n_slow * n_fast
+    radius, two_theta, factor = (np.empty(n_panels * per_panel) for _ in range(3))
+    tables = detector.tables("cpu")
+    fast = torch.arange(n_fast)
+    for panel in range(n_panels):
+        for row in range(0, n_slow, _ROWS_PER_BLOCK):
+            slow_block, fast_block = torch.meshgrid(torch.arange(row, min(row + _ROWS_PER_BLOCK, n_slow)), fast,
+                                                    indexing="ij")
+            index = torch.full((fast_block.numel(),), panel, dtype=torch.int64)
+            positions = detector.pixel_centres_mm(fast_block.reshape(-1), slow_block.reshape(-1), index)
+            directions = positions / torch.linalg.norm(positions, dim=-1, keepdim=True)
+            start = panel * per_panel + row * n_fast
+            block = slice(start, start + positions.shape[0])
+            normal = tables["normal"][panel]
+            radius[block] = torch.linalg.norm(positions[:, :2], dim=-1).numpy() / pixel_mm
+            two_theta[block] = torch.arccos(torch.clamp(-directions[:, 2], -1.0, 1.0)).numpy()
+            factor[block] = (polarization_factor(directions, polarization_fraction, polarization_normal)
+                             * multipanel_solid_angle_sr(positions, normal, tables["pixel"][panel])
+                             * multipanel_capture_fraction(directions, normal, tables["thickness"][panel],
+                                                           tables["attenuation"][panel])).numpy()
+    head_on = torch.tensor([[0.0, 0.0, -1.0]], dtype=torch.float64)
+    normal_factor = float(pixel_mm ** 2 / detector.distance_mm ** 2 * multipanel_capture_fraction(
+        head_on, head_on[0], tables["thickness"][0], tables["attenuation"][0])[0])
+    return _binned((n_panels, n_slow, n_fast), bin_width_px, radius, two_theta, factor, normal_factor)
 
 
 def _normal_incidence_factor(detector: Detector) -> float:
@@ -160,8 +250,9 @@ def clipped_radial_statistics(corrected: np.ndarray, include: np.ndarray, geomet
 
 
 def _flat(array: np.ndarray, geometry: RadialGeometry) -> np.ndarray:
-    if array.shape != geometry.shape and array.shape != (geometry.shape[0] * geometry.shape[1],):
-        raise RadialInputError(f"image of shape {array.shape} does not match the panel's {geometry.shape}")
+    if array.shape != geometry.shape and array.shape != (geometry.n_pixels,):
+        whose = "panel's" if len(geometry.shape) == 2 else "detector's"
+        raise RadialInputError(f"image of shape {array.shape} does not match the {whose} {geometry.shape}")
     return array.reshape(-1)
 
 

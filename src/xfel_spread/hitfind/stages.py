@@ -31,6 +31,8 @@ from xfel_spread.hitfind.radial import (
     compare_profiles,
     detector_from_attrs,
     mean_wavelength_a,
+    multipanel_radial_geometry,
+    panels_from_attrs,
     radial_geometry,
     radial_mean,
     ring_peak,
@@ -51,7 +53,12 @@ PROGRESS_INTERVAL_S = 10.0
 
 
 def geometry_of(detector: dict, beam: dict, bin_width_px: float):
+    """The radial geometry of a shard's ``/detector`` and ``/beam``: of its one panel, or, when it names
+    ``n_panels``, of every panel from its own frame."""
     normal = tuple(float(v) for v in beam["polarization_normal"])
+    if "n_panels" in detector:
+        return multipanel_radial_geometry(panels_from_attrs(detector), float(beam["polarization_fraction"]), normal,
+                                          bin_width_px)
     return radial_geometry(detector_from_attrs(detector), float(beam["polarization_fraction"]), normal, bin_width_px)
 
 
@@ -60,8 +67,8 @@ def measure_shard(shard_path, first_shot: int, settings: LitPixelSettings, bin_w
     """Measure every shot of a shard and write its three files; return the measurements."""
     from xfel_spread.io.shard import read_shard_image, read_shard_mask, read_shard_metadata
 
-    metadata = read_shard_metadata(shard_path)
-    mask = read_shard_mask(shard_path)
+    metadata = read_shard_metadata(shard_path, multi_panel=True)
+    mask = read_shard_mask(shard_path, multi_panel=True)
     if metadata.n_shots and int(metadata.shot_index[0]) != first_shot:
         raise tables.HitfindFileError(shard_path, f"starts at shot {int(metadata.shot_index[0])}, "
                                                   f"the pipeline expects {first_shot}")
@@ -71,7 +78,8 @@ def measure_shard(shard_path, first_shot: int, settings: LitPixelSettings, bin_w
     progress = Progress(metadata.n_shots, f"hitfind {shard_path}", log.info, PROGRESS_INTERVAL_S, items="shots")
     measurements = []
     for image in range(metadata.n_shots):
-        measurement, photons, trusted = measure_shot(read_shard_image(shard_path, image), metadata.detector,
+        measurement, photons, trusted = measure_shot(read_shard_image(shard_path, image, multi_panel=True),
+                                                     metadata.detector,
                                                      geometry, settings, wavelengths[image], mask)
         powder.add(photons, trusted)
         measurements.append(measurement)
@@ -140,7 +148,8 @@ def sum_powder(radial_paths: Sequence, powder_paths: Sequence, ring_q_range_inv_
                outputs: dict) -> PowderSummary:
     """The powder pattern of a run (sum of every shot), its radial table, its ring, and its figure.
 
-    ``outputs`` names the files: ``powder`` (.npy, float32 photons summed over shots, image-shaped),
+    ``outputs`` names the files: ``powder`` (.npy, float32 photons summed over shots, image-shaped:
+    ``(n_panels, n_slow, n_fast)`` for a multi-panel detector),
     ``powder_radial`` (TSV), ``summary`` (JSON), ``plot`` (PNG, with up to
     :data:`plots.MAX_SHOT_PROFILES` shots' own profiles).
     """
@@ -192,7 +201,8 @@ def _some_profiles(radials: Sequence[tables.ShardRadial]) -> np.ndarray:
 def _check_same_panel(radials: Sequence[tables.ShardRadial], paths: Sequence) -> None:
     for radial, path in zip(radials[1:], paths[1:]):
         if radial.detector != radials[0].detector or radial.bin_width_px != radials[0].bin_width_px:
-            raise tables.HitfindFileError(path, f"panel or binning differs from {paths[0]}'s; one run has one panel")
+            raise tables.HitfindFileError(path, f"detector or binning differs from {paths[0]}'s; one run has one "
+                                               "detector")
 
 
 def _finite_or_none(values: dict) -> dict:

@@ -583,17 +583,25 @@ def _source(shot: Shot):
     return instance, (shot.frame if isinstance(instance, FormatMultiImage) else None)
 
 
-def image_list_metadata(path: str | os.PathLike):
+def image_list_metadata(path: str | os.PathLike, multi_panel: bool = False):
     """:class:`xfel_spread.io.shard.ShardMetadata` of an image-list shard, for the stages that read one-panel
     shards (stage 1): detector attributes from the first readable image's dxtbx detector (origin to beam
     centre and distance in the project's frame; gain, pedestal as ADC offset, trusted range, sensor
-    thickness and 1/mu), beam polarization, the spectra on the shard's grid."""
+    thickness and 1/mu), beam polarization, the spectra on the shard's grid. With ``multi_panel`` (the
+    stages that read multi-panel images: hit finding) a detector of several panels is described by
+    :func:`multipanel_attrs` instead of refused."""
     from xfel_spread.io.shard import ShardMetadata
 
     listing = read_image_list_shard(path)
     instance, frame = _source(listing.shots[_first_readable(listing)])
     detector = instance.get_detector(frame) if frame is not None else instance.get_detector()
     beam = instance.get_beam(frame) if frame is not None else instance.get_beam()
+    beam_attrs = {"polarization_fraction": float(beam.get_polarization_fraction()),
+                  "polarization_normal": tuple(float(value) for value in beam.get_polarization_normal())}
+    if multi_panel and len(detector) > 1:
+        return ShardMetadata(dataset="images", n_shots=listing.n_shots, shot_index=listing.shot_index,
+                             energy_ev=listing.energy_ev, photons_per_channel=listing.weights,
+                             detector=multipanel_attrs(detector, listing.path), beam=beam_attrs)
     if len(detector) != 1:
         raise ImageInputError(f"{listing.path}: its images' detector has {len(detector)} panels; this stage reads "
                               "one-panel images")
@@ -609,16 +617,53 @@ def image_list_metadata(path: str | os.PathLike):
         "thickness_mm": float(panel.get_thickness()), "attenuation_length_mm": 1.0 / mu if mu > 0 else 1.0,
         "material": str(panel.get_material() or ""),
     }
-    beam_attrs = {"polarization_fraction": float(beam.get_polarization_fraction()),
-                  "polarization_normal": tuple(float(value) for value in beam.get_polarization_normal())}
     return ShardMetadata(dataset="images", n_shots=listing.n_shots, shot_index=listing.shot_index,
                          energy_ev=listing.energy_ev, photons_per_channel=listing.weights, detector=detector_attrs,
                          beam=beam_attrs)
 
 
-def read_image_list_image(path: str | os.PathLike, i: int) -> np.ndarray:
+def _one_or_all(values: list):
+    """A per-panel quantity: the single value when every panel has it, else the list."""
+    return values[0] if all(value == values[0] for value in values) else values
+
+
+def multipanel_attrs(detector, path: str) -> dict:
+    """``/detector`` attributes of a multi-panel dxtbx detector, as a tiled simulated shard has them
+    (``xfel_spread.io.shard.PANEL_ATTRS``: every panel's origin and axes in the laboratory frame), with
+    gain, pedestal (ADC offset) and trusted range one value, or one per panel where the panels differ.
+    The panels must share one shape, one square pixel size and one sensor (ImageInputError naming
+    ``path`` otherwise)."""
+    shapes = set(detector_shapes(detector))
+    pixels = {tuple(round(float(v), 9) for v in panel.get_pixel_size()) for panel in detector}
+    sensors = {(float(panel.get_thickness()), float(panel.get_mu())) for panel in detector}
+    square = all(fast == slow for fast, slow in pixels)
+    if len(shapes) != 1 or len(pixels) != 1 or len(sensors) != 1 or not square:
+        raise ImageInputError(f"{path}: its images' {len(detector)} panels have {len(shapes)} shapes, {len(pixels)} "
+                              f"pixel sizes (square: {square}) and {len(sensors)} sensors; hit finding needs one "
+                              "shape, one square pixel size and one sensor")
+    n_slow, n_fast = shapes.pop()
+    first = detector[0]
+    mu = float(first.get_mu())
+    return {
+        "pixel_size_mm": float(first.get_pixel_size()[0]),
+        "distance_mm": float(np.mean([abs(float(np.dot(panel.get_origin(), panel.get_normal()))) for panel in detector])),
+        "n_fast": int(n_fast), "n_slow": int(n_slow), "beam_center_mm": (0.0, 0.0),
+        "gain_adu_per_photon": _one_or_all([float(panel.get_gain()) for panel in detector]),
+        "adc_offset_adu": _one_or_all([float(panel.get_pedestal()) for panel in detector]),
+        "trusted_range": _one_or_all([tuple(float(v) for v in panel.get_trusted_range()) for panel in detector]),
+        "thickness_mm": float(first.get_thickness()), "attenuation_length_mm": 1.0 / mu if mu > 0 else 1.0,
+        "material": str(first.get_material() or ""),
+        "n_panels": len(detector),
+        "panel_origin_mm": [[float(v) for v in panel.get_origin()] for panel in detector],
+        "panel_fast_axis": [[float(v) for v in panel.get_fast_axis()] for panel in detector],
+        "panel_slow_axis": [[float(v) for v in panel.get_slow_axis()] for panel in detector],
+    }
+
+
+def read_image_list_image(path: str | os.PathLike, i: int, multi_panel: bool = False) -> np.ndarray:
     """Image ``i`` of an image-list shard, read from its file through dxtbx: (n_slow, n_fast), int32 for
-    integer data; a multi-panel image or an unreadable shot is an ImageInputError."""
+    integer data; a multi-panel image or an unreadable shot is an ImageInputError. With ``multi_panel``
+    a multi-panel image is ``(n_panels, n_slow, n_fast)`` (its panels must share one shape)."""
     listing = read_image_list_shard(path)
     if not 0 <= i < listing.n_shots:
         raise IndexError(f"{os.fspath(path)}: shot {i} out of range (n_shots={listing.n_shots})")
@@ -627,6 +672,8 @@ def read_image_list_image(path: str | os.PathLike, i: int) -> np.ndarray:
     instance, frame = _source(listing.shots[i])
     data = instance.get_raw_data(frame) if frame is not None else instance.get_raw_data()
     if isinstance(data, tuple):
+        if multi_panel and len(data) > 1:
+            return _stacked([panel.as_numpy_array() for panel in data], listing.shots[i].path)
         if len(data) != 1:
             raise ImageInputError(f"{listing.shots[i].path}: {len(data)} panels; this stage reads one-panel images")
         data = data[0]
@@ -634,14 +681,25 @@ def read_image_list_image(path: str | os.PathLike, i: int) -> np.ndarray:
     return array.astype(np.int32) if np.issubdtype(array.dtype, np.integer) else array
 
 
-def image_list_mask(path: str | os.PathLike) -> np.ndarray | None:
-    """The one-panel mask (True = trusted) an image-list shard names, checked against its detector; None without."""
+def _stacked(panels: Sequence[np.ndarray], path: str) -> np.ndarray:
+    """Panels of one shape as one ``(n_panels, n_slow, n_fast)`` array (int32 for integer data)."""
+    if len({panel.shape for panel in panels}) != 1:
+        raise ImageInputError(f"{path}: its {len(panels)} panels differ in shape; hit finding needs one shape")
+    array = np.stack(panels)
+    return array.astype(np.int32) if np.issubdtype(array.dtype, np.integer) else array
+
+
+def image_list_mask(path: str | os.PathLike, multi_panel: bool = False) -> np.ndarray | None:
+    """The one-panel mask (True = trusted) an image-list shard names, checked against its detector; None without.
+    With ``multi_panel`` a mask of several panels is ``(n_panels, n_slow, n_fast)``."""
     listing = read_image_list_shard(path)
     if listing.mask is None:
         return None
     instance, frame = _source(listing.shots[_first_readable(listing)])
     detector = instance.get_detector(frame) if frame is not None else instance.get_detector()
     panels = read_mask(listing.mask, detector_shapes(detector))
+    if multi_panel and len(panels) > 1:
+        return np.stack(panels).astype(bool)
     if len(panels) != 1:
         raise ImageInputError(f"{listing.path}: its mask has {len(panels)} panels; this stage reads one-panel images")
     return panels[0]

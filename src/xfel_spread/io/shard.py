@@ -300,13 +300,15 @@ def _image_list_errors(path) -> Iterator[None]:
         raise ShardFormatError(path, str(error).removeprefix(f"{os.fspath(path)}: ")) from None
 
 
-def read_shard_metadata(path: str | os.PathLike) -> ShardMetadata:
-    """Read and validate everything except the images (of an image-list shard: ``image_list_metadata``)."""
+def read_shard_metadata(path: str | os.PathLike, multi_panel: bool = False) -> ShardMetadata:
+    """Read and validate everything except the images (of an image-list shard: ``image_list_metadata``;
+    ``multi_panel``: a stage that reads multi-panel images, to which an image list of several panels
+    is described with :data:`PANEL_ATTRS` rather than refused)."""
     if _image_list(path):
         from xfel_spread.io.images import image_list_metadata
 
         with _image_list_errors(path):
-            return image_list_metadata(path)
+            return image_list_metadata(path, multi_panel)
     with _open_validated(path) as h5:
         return ShardMetadata(
             dataset=str(h5.attrs["dataset"]),
@@ -319,29 +321,30 @@ def read_shard_metadata(path: str | os.PathLike) -> ShardMetadata:
         )
 
 
-def read_shard_image(path: str | os.PathLike, i: int) -> np.ndarray:
+def read_shard_image(path: str | os.PathLike, i: int, multi_panel: bool = False) -> np.ndarray:
     """Image ``i`` (zero-based position in the shard) as int32 ``(n_slow, n_fast)`` ADU
     (``(n_panels, n_slow, n_fast)`` for a multi-panel shard; of an image-list shard: read from its file
-    through dxtbx)."""
+    through dxtbx, multi-panel images only with ``multi_panel``)."""
     if _image_list(path):
         from xfel_spread.io.images import read_image_list_image
 
         with _image_list_errors(path):
-            return read_image_list_image(path, i)
+            return read_image_list_image(path, i, multi_panel)
     with _open_validated(path) as h5:
         _check_shot(path, h5, i)
         return h5["data"][i]
 
 
-def read_shard_mask(path: str | os.PathLike) -> np.ndarray | None:
+def read_shard_mask(path: str | os.PathLike, multi_panel: bool = False) -> np.ndarray | None:
     """The trusted-pixel mask (bool ``(n_slow, n_fast)``, True = trusted) an image-list shard names
-    (``input.mask``, one panel); None for a simulated shard or an image list without a mask."""
+    (``input.mask``, one panel; with ``multi_panel`` also ``(n_panels, n_slow, n_fast)``); None for a
+    simulated shard or an image list without a mask."""
     if not _image_list(path):
         return None
     from xfel_spread.io.images import image_list_mask
 
     with _image_list_errors(path):
-        return image_list_mask(path)
+        return image_list_mask(path, multi_panel)
 
 
 def read_shard_spectrum(path: str | os.PathLike, i: int) -> tuple[np.ndarray, np.ndarray]:
