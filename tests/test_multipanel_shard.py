@@ -90,12 +90,35 @@ def test_shard_records_the_nominal_tiles_and_dxtbx_returns_them(tiled_shard):
     assert np.ptp(moves[:, 0]) > 0.05 and np.all(np.abs(moves[:, 2]) < 1e-12)
 
 
-def test_tiles_with_hit_finding_are_refused():
+def test_tiles_of_unequal_shapes_are_refused_and_hit_finding_on_tiles_is_not():
     config = tiled_config(**TILES)
     config["hitfind"]["enabled"] = True
-    with pytest.raises(RunSettingsError, match="hitfind.enabled false"):
-        check_tiles(config, "config.yaml")
+    check_tiles(config, "config.yaml")
     config = tiled_config(fast=3, slow=1, gap_px=0)  # 85, 86 and 85 px wide
     config["hitfind"]["enabled"] = False
     with pytest.raises(RunSettingsError, match="share one shape"):
         check_tiles(config, "config.yaml")
+
+
+def test_a_tiled_run_with_hit_finding_plans_the_hitfind_jobs(tmp_path):
+    """A dry run of a tiled config with hitfind on: one measurement per shard and dataset, the threshold,
+    the powder and the score per dataset."""
+    import subprocess
+    import sys
+
+    import yaml
+    from conftest import REPO_ROOT, job_stats
+    from tiny_config import tiny_config
+
+    config = tiny_config(tmp_path, n_shots=4, shots_per_shard=2)
+    config["simulate"]["detector"]["tiles"] = TILES
+    config["hitfind"] = {"enabled": True}
+    configfile = tmp_path / "tiled.yaml"
+    configfile.write_text(yaml.safe_dump(config))
+    result = subprocess.run([sys.executable, "-m", "snakemake", "--dry-run", "--quiet", "rules", "--snakefile",
+                             str(REPO_ROOT / "Snakefile"), "--directory", str(tmp_path), f"--configfile={configfile}"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    jobs = job_stats(result.stdout + result.stderr)
+    assert {rule: jobs.get(rule) for rule in ("hitfind_shard", "hitfind", "powder", "score_hitfind")} == {
+        "hitfind_shard": 4, "hitfind": 2, "powder": 2, "score_hitfind": 2}

@@ -64,14 +64,11 @@ def check_run_settings(config: Mapping, source_name: str, output_dir: str) -> No
 
 
 def check_tiles(config: Mapping, source_name: str) -> None:
-    """Refuse a tiled detector (simulate.detector.tiles) with hit finding on: hit finding reads
-    single-panel images; and tiles of unequal shapes (the shard stores them as one array)."""
+    """Refuse tiles of unequal shapes (simulate.detector.tiles; the shard stores them as one array).
+    Hit finding reads tiled shards (every panel from its own frame, ``hitfind.radial``)."""
     tiles = config["simulate"]["detector"]["tiles"]
     if tiles["fast"] == 1 and tiles["slow"] == 1:
         return
-    if config["hitfind"]["enabled"]:
-        raise RunSettingsError(f"Config error: {source_name}: simulate.detector.tiles: {tiles['fast']} x {tiles['slow']} "
-                               "tiles need hitfind.enabled false (hit finding reads single-panel images)")
     from xfel_spread.sim.geometry import Detector
     from xfel_spread.sim.shard import detector_tiles
 
