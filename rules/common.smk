@@ -74,8 +74,11 @@ HITFIND = config["hitfind"]["enabled"]
 #: The two pixel refinements (rules/stage1.smk): the per-shot forward model and the batched API.
 PIXEL_REFINEMENTS = ("stage1", "exa")
 
-#: The report's own figures (rules/report.smk), one of each per dataset.
+#: The report's own figures (rules/report.smk), one of each per dataset; neither needs the simulation's truth.
 REPORT_FIGURES = ("shot", "detector_refinement")
+
+#: The report category of the figures of the shots themselves (the shot, hit finding's plots).
+SHOTS_CATEGORY = "1. Simulated shots" if SIMULATED else "1. Shots (images from elsewhere)"
 
 
 wildcard_constraints:
@@ -163,9 +166,12 @@ def final_targets():
 def image_targets():
     """The default target with images from elsewhere: the image list, every image-list shard, both DIALS
     passes' shots tables, metrology's report, the cell clusters, the merge's statistics, the annulus, both
-    pixel refinements' shots tables, hit finding's summary and powder when it is on, and SPREAD's table and
+    pixel refinements' shots tables, hit finding's summary and powder when it is on, SPREAD's table and
     summary (each shot's spectrum rebinned onto the structure_factors channels; its fixed part from
-    MODEL_FILE, input.model or LY99's); no score, no truth."""
+    MODEL_FILE, input.model or LY99's) and the report's own figures (REPORT_FIGURES: shard 0's first
+    integrated shot, read through dxtbx from its image file, needs one-panel images like stage 1); no score,
+    no truth. The stages' own figures (metrology's residuals, the cell clusters, the merging statistics, hit
+    finding's shots and powder) come with the outputs asked for here."""
     dataset = IMAGE_DATASET
     shards = [shard_path(dataset, index) for index in range(len(SHARD_RANGES))]
     shots = [path for stage in ("index", "reindex") + PIXEL_REFINEMENTS for path in shard_files(stage, "_shots.tsv", dataset)]
@@ -174,7 +180,8 @@ def image_targets():
         f"annulus/{dataset}/summary.json")]
     hitfind = [f"{OUTPUT_DIR}/hitfind/{dataset}/{name}" for name in ("summary.json", "powder.json")] if HITFIND else []
     spread = [path.replace("{dataset}", dataset) for key, path in spread_outputs().items() if key in ("fp_fdp", "summary")]
-    return [IMAGE_LIST] + shards + shots + per_dataset + hitfind + spread + pixel_metrology_targets()
+    figures = [report_plot(figure, dataset) for figure in REPORT_FIGURES]
+    return [IMAGE_LIST] + shards + shots + per_dataset + hitfind + spread + figures + pixel_metrology_targets()
 
 
 def pixel_metrology_targets():

@@ -1,6 +1,8 @@
-# Figures for the Snakemake report that no stage draws itself: a simulated shot with its predicted
-# spots, and the detector refinement seen in the centroid residuals before and after. Both read the
-# first shard of each dataset; `snakemake --report report.html` collects them with every stage's plots.
+# Figures for the Snakemake report that no stage draws itself: a shot with its predicted spots, and the
+# detector refinement seen in the centroid residuals before and after. Both read the first shard of each
+# dataset (with images from elsewhere the image-list shard, the shot read through dxtbx from its file; one-panel
+# images only) and need no truth, so both runs plan them; `snakemake --report report.html` collects them with
+# every stage's plots.
 
 
 rule plot_shot:
@@ -11,7 +13,7 @@ rule plot_shot:
         experiments=first_shard_output("reindex", "integrated_experiments"),
         reflections=first_shard_output("reindex", "integrated_reflections"),
     output:
-        report(report_plot("shot"), caption="../report/shot.rst", category="1. Simulated shots",
+        report(report_plot("shot"), caption="../report/shot.rst", category=SHOTS_CATEGORY,
                subcategory="{dataset}", labels={"dataset": "{dataset}", "figure": "shot and predicted spots"}),
     params:
         prefix=lambda wildcards: shard_prefix("reindex", wildcards.dataset, 0),

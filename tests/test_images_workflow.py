@@ -16,7 +16,12 @@ from xfel_spread.workflow import RunSettingsError, plan_image_shots
 #: One job per shard of the single dataset `images`.
 PER_SHARD = ("image_shard", "index", "reindex", "stage1", "exa")
 #: One job per run.
-PER_RUN = ("list_images", "metrology", "tdata", "covariance", "merge", "annulus", "spread", "all")
+PER_RUN = ("list_images", "metrology", "tdata", "covariance", "merge", "annulus", "spread", "plot_shot",
+           "plot_detector_refinement", "all")
+#: The report's figures that need no truth, planned for the nanoBragg images (paths under the work directory).
+TRUTH_FREE_FIGURES = ("results/report/images_shot.png", "results/report/images_detector_refinement.png",
+                      "results/metrology/images/residuals_before.png", "results/metrology/images/residuals_after.png",
+                      "results/cells/images_clusters.png", "results/merge/images/statistics.png")
 
 
 def nanobragg_input(**overrides) -> dict:
@@ -50,6 +55,25 @@ def test_images_plan_per_shard_jobs_and_no_truth_or_score(tmp_path):
     jobs = job_stats(result.stdout + result.stderr)
     assert jobs == expected_jobs(2)
     assert not {rule for rule in jobs if rule.startswith("score") or rule in ("simulate", "structure_factors")}
+
+
+def test_images_plan_every_report_figure_that_needs_no_truth(tmp_path):
+    """The default target of an image run draws the report's truth-free figures (the shot from the image-list
+    shard, the detector refinement, metrology's residuals, the cell clusters, the merging statistics) and
+    runs no score rule."""
+    configfile = tmp_path / "images.yaml"
+    configfile.write_text(yaml.safe_dump(nanobragg_input()))
+    (tmp_path / "work").mkdir()
+    command = [sys.executable, "-m", "snakemake", "--dry-run", "--snakefile", str(REPO_ROOT / "Snakefile"),
+               "--directory", str(tmp_path / "work"), f"--configfile={configfile}"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    plan = result.stdout + result.stderr
+    assert [figure for figure in TRUTH_FREE_FIGURES if figure not in plan] == []
+    assert "results/score/" not in plan and "rule score" not in plan
+    # The shot figure reads the image-list shard, not a simulated one.
+    shot = plan[plan.index("rule plot_shot:"):].split("\n\n")[0]
+    assert "results/images/images/shard_00000.h5" in shot and "results/sim/" not in shot
 
 
 def test_hit_finding_on_images_plans_per_shard_measurements_and_no_score(tmp_path):
@@ -181,3 +205,22 @@ def test_more_files_add_only_their_shards_and_a_spectra_setting_remakes_every_sh
     configfile.write_text(yaml.safe_dump(config(energy_offset_ev=1.0)))
     plan = succeeded(snakemake(tmp_path, configfile, "--dry-run", *targets))
     assert job_stats(plan) == {"stage_settings": 1, "image_shard": 3}
+
+
+def render_description(config: dict) -> str:
+    """report/workflow.rst as `snakemake --report` renders it (Jinja with `snakemake.config`), as text."""
+    from types import SimpleNamespace
+
+    import jinja2
+
+    template = (REPO_ROOT / "report/workflow.rst").read_text()
+    return jinja2.Template(template).render(snakemake=SimpleNamespace(config=config))
+
+
+def test_the_report_description_of_an_image_run_says_there_is_no_truth():
+    images = render_description({"input": {"source": "images", "shots_per_shard": 4, "spectra": "table"}})
+    assert "**No truth: these data were not simulated, so nothing in this report is scored against a truth.**" in images
+    assert images.count("No truth") == 1 and "simulated shots" not in images
+    simulated = render_description({"input": {"source": "simulate"}, "simulate": {"n_shots": 8, "shots_per_shard": 4}})
+    assert simulated.startswith("SPREAD analysis of ferredoxin LY99: 8 simulated shots in shards of\n4,")
+    assert "No truth" not in simulated and "scored against the simulation's truth" in simulated
