@@ -99,6 +99,8 @@ def test_starting_geometry_and_model_reach_the_index_and_merge_commands(tmp_path
     reindex = [line for line in lines if "spread-stills-process" in line and "results/reindex/" in line]
     merge = [line for line in lines if "spread-merge " in line]
     spread = [line for line in lines if "spread-spread " in line]
+    shards = [line for line in lines if "xfel_spread.cli.images shard" in line]
+    assert len(shards) == 2 and all("--channel-grid 7070.5 1.0 100 " in line for line in shards)
     assert len(index) == 2 and all(f"--reference-geometry {geometry}" in line for line in index)
     assert reindex and all(str(geometry) not in line for line in reindex)  # reindex takes metrology's detector
     assert len(merge) == 1 and f"--model {model}" in merge[0]
@@ -124,6 +126,9 @@ def test_the_cspad_example_merges_without_a_model(tmp_path):
                    str(REPO_ROOT / "Snakefile"), "--directory", str(tmp_path / name), f"--configfile={configfile}"]
         result = subprocess.run(command, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+        shards = [line for line in result.stdout.splitlines() if "xfel_spread.cli.images shard" in line]
+        # No SPREAD, stage 1 on merged |F|: the monochromatic ~9.5 keV spectra are not held to the Fe-edge grid.
+        assert shards and all("--channel-grid" not in line for line in shards)
         return [line for line in result.stdout.splitlines() if "spread-merge " in line]
 
     assert example["merge"]["reference"] == "data"
@@ -131,6 +136,27 @@ def test_the_cspad_example_merges_without_a_model(tmp_path):
     assert len(data) == 1 and "--model" not in data[0] and "--covariance" in data[0]
     model = merge_commands({**example, "merge": {**example["merge"], "reference": "model"}}, "model")
     assert len(model) == 1 and "--model " in model[0] and "1m2a.pdb" in model[0]
+
+
+def test_the_channel_grid_is_checked_where_shards_are_made_only_when_a_stage_uses_it(tmp_path):
+    """--channel-grid reaches the image_shard command when SPREAD runs (spread.enabled) or stage 1 takes the
+    model's amplitudes; the CSPAD example (monochromatic, merged without a model, spread.enabled false) has none."""
+    from xfel_spread.workflow import channel_grid_option
+
+    def option(config):
+        configfile = tmp_path / "run.yaml"
+        configfile.write_text(yaml.safe_dump(config))
+        return channel_grid_option(load_config(configfile))
+
+    assert option(nanobragg_input()) == "--channel-grid 7070.5 1.0 100"
+    cspad = yaml.safe_load((REPO_ROOT / "config/examples/thermolysin_cspad.yaml").read_text())
+    assert cspad["spread"]["enabled"] is False and option(cspad) == ""
+    assert option({**cspad, "stage1": {"structure_factors": "model"}}) == "--channel-grid 7070.5 1.0 100"
+    assert option({"input": {"source": "simulate"}}) == ""
+    result, _ = dry_run(tmp_path, {**nanobragg_input(), "spread": {"enabled": False}})
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    jobs = job_stats(result.stdout + result.stderr)
+    assert "spread" not in jobs and jobs["image_shard"] == 2
 
 
 def test_a_glob_matching_nothing_stops_the_run_with_one_line(tmp_path):
