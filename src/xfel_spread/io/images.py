@@ -563,7 +563,8 @@ def check_spectra_on_grid(shard: str | os.PathLike, shots: Sequence[Shot],
                 f"{values.max():.3f} eV (the shard's spectra {lowest:.3f}-{highest:.3f} eV) lies outside the "
                 f"structure-factor channel grid {grid[0]:.3f}-{grid[-1]:.3f} eV on which SPREAD (and stage 1 with "
                 "stage1.structure_factors model) evaluates spectra; change structure_factors.channel_start_ev, "
-                "channel_step_ev or n_channels (or input.energy_offset_ev)")
+                "channel_step_ev or n_channels (or input.energy_offset_ev), or with no spectra to fit set "
+                "spread.enabled false (and stage1.structure_factors merged)")
 
 
 def make_image_list_shard(path: str | os.PathLike, shots: Sequence[Shot], first_shot: int, spectra_source: str,
