@@ -178,8 +178,9 @@ def image_targets():
     pixel refinements' shots tables, hit finding's summary and powder when it is on, SPREAD's table and
     summary (each shot's spectrum rebinned onto the structure_factors channels; its fixed part from
     MODEL_FILE, input.model or LY99's; when spread.enabled) and the report's own figures (REPORT_FIGURES: shard 0's first
-    integrated shot, read through dxtbx from its image file, needs one-panel images like stage 1); no score,
-    no truth. The stages' own figures (metrology's residuals, the cell clusters, the merging statistics, hit
+    integrated shot, read through dxtbx from its image file, needs one-panel images like stage 1; and in place of
+    the score rules' figures, the pixel refinements' RMSDs and Z-scores and SPREAD's curves from their tables); no
+    score, no truth. The stages' own figures (metrology's residuals, the cell clusters, the merging statistics, hit
     finding's shots and powder) come with the outputs asked for here."""
     dataset = IMAGE_DATASET
     shards = [shard_path(dataset, index) for index in range(len(SHARD_RANGES))]
@@ -190,7 +191,8 @@ def image_targets():
     hitfind = [f"{OUTPUT_DIR}/hitfind/{dataset}/{name}" for name in ("summary.json", "powder.json")] if HITFIND else []
     spread = [path.replace("{dataset}", dataset) for key, path in spread_outputs().items()
               if key in ("fp_fdp", "summary") and config["spread"]["enabled"]]
-    figures = [report_plot(figure, dataset) for figure in REPORT_FIGURES]
+    figures = [report_plot(figure, dataset) for figure in REPORT_FIGURES + PIXEL_REFINEMENTS]
+    figures += [report_plot("spread", dataset)] if config["spread"]["enabled"] else []
     return [IMAGE_LIST] + shards + shots + per_dataset + hitfind + spread + figures + pixel_metrology_targets()
 
 

@@ -44,3 +44,43 @@ rule plot_detector_refinement:
         "{ENV_BIN}/spread-plot-detector-refinement --dataset {wildcards.dataset}"
         " --index-prefix {params.index_prefix:q} --reindex-prefix {params.reindex_prefix:q}"
         " --plot {output:q} > {log:q} 2>&1"
+
+
+# With images from elsewhere (no truth, so no score rule draws them): the pixel refinements' RMSDs and Z-scores
+# and SPREAD's curves, from the stages' own tables. Planned by image_targets only.
+for refinement in PIXEL_REFINEMENTS:
+
+    rule:
+        name: f"plot_{refinement}"
+        input:
+            shots=lambda wildcards, refinement=refinement: shard_files(refinement, "_shots.tsv", wildcards.dataset),
+        output:
+            report(report_plot(refinement), caption="../report/refinement_no_truth.rst",
+                   category="5. Pixel refinement", subcategory="{dataset}",
+                   labels={"dataset": "{dataset}", "figure": f"{refinement}: RMSD and Z-scores"}),
+        params:
+            shots=lambda wildcards, input: repeated_option("--shots", input.shots),
+            refinement=refinement,
+        log:
+            f"{LOG_DIR}/report/{refinement}_{{dataset}}.log",
+        shell:
+            "{ENV_BIN}/python -m xfel_spread.cli.report refinement --dataset {wildcards.dataset}"
+            " --refinement {params.refinement} {params.shots} --plot {output:q} > {log:q} 2>&1"
+
+
+rule plot_spread:
+    """SPREAD's f', f'' of each site with 1-sigma bands, the start tables and the two controls; no truth."""
+    input:
+        fp_fdp=rules.spread.output.fp_fdp,
+        controls=rules.spread.output.controls,
+        summary=rules.spread.output.summary,
+    output:
+        report(report_plot("spread"), caption="../report/spread_no_truth.rst", category="6. SPREAD",
+               subcategory="{dataset}", labels={"dataset": "{dataset}", "figure": "SPREAD: f' and f'' of each site"}),
+    params:
+        prefix=lambda wildcards: spread_prefix(wildcards.dataset),
+    log:
+        f"{LOG_DIR}/report/spread_{{dataset}}.log",
+    shell:
+        "{ENV_BIN}/python -m xfel_spread.cli.report spread --dataset {wildcards.dataset} --prefix {params.prefix:q}"
+        " --plot {output:q} > {log:q} 2>&1"

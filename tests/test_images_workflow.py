@@ -17,11 +17,13 @@ from xfel_spread.workflow import RunSettingsError, plan_image_shots
 PER_SHARD = ("image_shard", "index", "reindex", "stage1", "exa")
 #: One job per run.
 PER_RUN = ("list_images", "metrology", "tdata", "covariance", "merge", "annulus", "spread", "plot_shot",
-           "plot_detector_refinement", "all")
+           "plot_detector_refinement", "plot_stage1", "plot_exa", "plot_spread", "all")
 #: The report's figures that need no truth, planned for the nanoBragg images (paths under the work directory).
 TRUTH_FREE_FIGURES = ("results/report/images_shot.png", "results/report/images_detector_refinement.png",
                       "results/metrology/images/residuals_before.png", "results/metrology/images/residuals_after.png",
-                      "results/cells/images_clusters.png", "results/merge/images/statistics.png")
+                      "results/cells/images_clusters.png", "results/merge/images/statistics.png",
+                      "results/report/images_stage1.png", "results/report/images_exa.png",
+                      "results/report/images_spread.png")
 
 
 def nanobragg_input(**overrides) -> dict:
@@ -59,8 +61,8 @@ def test_images_plan_per_shard_jobs_and_no_truth_or_score(tmp_path):
 
 def test_images_plan_every_report_figure_that_needs_no_truth(tmp_path):
     """The default target of an image run draws the report's truth-free figures (the shot from the image-list
-    shard, the detector refinement, metrology's residuals, the cell clusters, the merging statistics) and
-    runs no score rule."""
+    shard, the detector refinement, metrology's residuals, the cell clusters, the merging statistics, both pixel
+    refinements' RMSDs and Z-scores, SPREAD's curves) and runs no score rule."""
     configfile = tmp_path / "images.yaml"
     configfile.write_text(yaml.safe_dump(nanobragg_input()))
     (tmp_path / "work").mkdir()
@@ -156,7 +158,7 @@ def test_the_channel_grid_is_checked_where_shards_are_made_only_when_a_stage_use
     result, _ = dry_run(tmp_path, {**nanobragg_input(), "spread": {"enabled": False}})
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     jobs = job_stats(result.stdout + result.stderr)
-    assert "spread" not in jobs and jobs["image_shard"] == 2
+    assert "spread" not in jobs and "plot_spread" not in jobs and jobs["image_shard"] == 2
 
 
 def test_a_glob_matching_nothing_stops_the_run_with_one_line(tmp_path):
