@@ -45,3 +45,20 @@ def test_the_spread_figure_draws_the_fit_without_a_truth(tmp_path):
     plot = tmp_path / "images_spread.png"
     assert main(["spread", "--dataset", "images", "--prefix", str(prefix), "--plot", str(plot)]) == 0
     assert is_png(plot)
+
+
+def test_the_shot_figure_reads_an_image_list_shards_pixels_through_dxtbx(tmp_path, monkeypatch):
+    """plot_shot's function on a nanoBragg image-list shard (no pixels in the shard; dxtbx reads the file it
+    names). The reindex pass is left out (no integrated shot: the shard's first shot, no predictions)."""
+    from conftest import NANOBRAGG_DIR
+
+    from xfel_spread.io.images import list_images, make_image_list_shard
+    from xfel_spread.report import plots
+
+    shard = tmp_path / "shard_00000.h5"
+    make_image_list_shard(shard, list_images([str(NANOBRAGG_DIR / "image_00[0-1].img.gz")]), 0, "table",
+                          str(NANOBRAGG_DIR / "spectra.tsv"))
+    monkeypatch.setattr(plots, "first_integrated_shot", lambda prefix: None)
+    plot = tmp_path / "images_shot.png"
+    assert plots.plot_shot_from_files(plot, "images", tmp_path / "reindex_shard_00000", shard) == 0
+    assert is_png(plot)
