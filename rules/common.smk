@@ -68,14 +68,26 @@ ENV_BIN = shlex.quote(os.path.dirname(sys.executable))
 DATASET = "|".join(RUN_DATASETS)
 SHARD_INDEX = r"\d{5}"
 
+#: `--channel-grid START STEP N` for the image_shard command when a stage that evaluates spectra on the
+#: structure-factor channels runs (spread.enabled, or stage1.structure_factors model), so an off-grid spectrum
+#: stops the run where the shards are made; "" otherwise (xfel_spread.workflow.channel_grid_option). A global in
+#: the shell text, not a param: the check changes no byte of a shard, so a new grid or spread.enabled reruns no
+#: shard (nor, through them, every stage); shards made before are not checked again (SPREAD still refuses).
+from xfel_spread.workflow import channel_grid_option
+
+CHANNEL_GRID_OPTION = channel_grid_option(config)
+
 #: Whether the hitfind stage runs and index/reindex take only its hits.
 HITFIND = config["hitfind"]["enabled"]
 
 #: The two pixel refinements (rules/stage1.smk): the per-shot forward model and the batched API.
 PIXEL_REFINEMENTS = ("stage1", "exa")
 
-#: The report's own figures (rules/report.smk), one of each per dataset.
+#: The report's own figures (rules/report.smk), one of each per dataset; neither needs the simulation's truth.
 REPORT_FIGURES = ("shot", "detector_refinement")
+
+#: The report category of the figures of the shots themselves (the shot, hit finding's plots).
+SHOTS_CATEGORY = "1. Simulated shots" if SIMULATED else "1. Shots (images from elsewhere)"
 
 
 wildcard_constraints:
@@ -144,7 +156,7 @@ def final_targets():
     """Everything the default target `all` asks for: the reference files, every shard of both datasets, the score
     tables of the DIALS chain, merging and both pixel refinements (which pull in index, metrology,
     reindex, the cell analysis, the merge and the annulus), the annulus summaries, the report's figures and
-    SPREAD's score tables (which pull in the SPREAD stage). With images from elsewhere (no truth), the
+    SPREAD's score tables (which pull in the SPREAD stage; when spread.enabled). With images from elsewhere (no truth), the
     stages' own outputs instead of the scores: image_targets()."""
     if not SIMULATED:
         return image_targets()
@@ -154,7 +166,7 @@ def final_targets():
               for stage in ("dials", "merge", "stage1", "exa") for dataset in DATASETS]
     annulus = [f"{OUTPUT_DIR}/annulus/{dataset}/summary.json" for dataset in DATASETS]
     figures = [report_plot(figure, dataset) for figure in REPORT_FIGURES for dataset in DATASETS]
-    spread = [f"{OUTPUT_DIR}/score/spread_{dataset}.tsv" for dataset in DATASETS]
+    spread = [f"{OUTPUT_DIR}/score/spread_{dataset}.tsv" for dataset in DATASETS] if config["spread"]["enabled"] else []
     hitfind = [f"{OUTPUT_DIR}/{path}" for dataset in DATASETS
                for path in (f"score/hitfind_{dataset}.tsv", f"hitfind/{dataset}/powder.json")] if HITFIND else []
     return references + shards + scores + annulus + figures + spread + hitfind + pixel_metrology_targets()
@@ -163,9 +175,13 @@ def final_targets():
 def image_targets():
     """The default target with images from elsewhere: the image list, every image-list shard, both DIALS
     passes' shots tables, metrology's report, the cell clusters, the merge's statistics, the annulus, both
-    pixel refinements' shots tables, hit finding's summary and powder when it is on, and SPREAD's table and
+    pixel refinements' shots tables, hit finding's summary and powder when it is on, SPREAD's table and
     summary (each shot's spectrum rebinned onto the structure_factors channels; its fixed part from
-    MODEL_FILE, input.model or LY99's); no score, no truth."""
+    MODEL_FILE, input.model or LY99's; when spread.enabled) and the report's own figures (REPORT_FIGURES: shard 0's first
+    integrated shot, read through dxtbx from its image file, needs one-panel images like stage 1; and in place of
+    the score rules' figures, the pixel refinements' RMSDs and Z-scores and SPREAD's curves from their tables); no
+    score, no truth. The stages' own figures (metrology's residuals, the cell clusters, the merging statistics, hit
+    finding's shots and powder) come with the outputs asked for here."""
     dataset = IMAGE_DATASET
     shards = [shard_path(dataset, index) for index in range(len(SHARD_RANGES))]
     shots = [path for stage in ("index", "reindex") + PIXEL_REFINEMENTS for path in shard_files(stage, "_shots.tsv", dataset)]
@@ -173,8 +189,11 @@ def image_targets():
         f"metrology/{dataset}/report.txt", f"cells/{dataset}_clusters.txt", f"merge/{dataset}/statistics.tsv",
         f"annulus/{dataset}/summary.json")]
     hitfind = [f"{OUTPUT_DIR}/hitfind/{dataset}/{name}" for name in ("summary.json", "powder.json")] if HITFIND else []
-    spread = [path.replace("{dataset}", dataset) for key, path in spread_outputs().items() if key in ("fp_fdp", "summary")]
-    return [IMAGE_LIST] + shards + shots + per_dataset + hitfind + spread + pixel_metrology_targets()
+    spread = [path.replace("{dataset}", dataset) for key, path in spread_outputs().items()
+              if key in ("fp_fdp", "summary") and config["spread"]["enabled"]]
+    figures = [report_plot(figure, dataset) for figure in REPORT_FIGURES + PIXEL_REFINEMENTS]
+    figures += [report_plot("spread", dataset)] if config["spread"]["enabled"] else []
+    return [IMAGE_LIST] + shards + shots + per_dataset + hitfind + spread + figures + pixel_metrology_targets()
 
 
 def pixel_metrology_targets():

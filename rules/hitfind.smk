@@ -39,7 +39,7 @@ rule hitfind:
         ring_peaks=f"{OUTPUT_DIR}/hitfind/{{dataset}}/ring_peaks.tsv",
         summary=f"{OUTPUT_DIR}/hitfind/{{dataset}}/summary.json",
         shots_plot=report(f"{OUTPUT_DIR}/hitfind/{{dataset}}/shots.png", caption="../report/hitfind_shots.rst",
-                          category="1. Simulated shots", subcategory="{dataset}",
+                          category=SHOTS_CATEGORY, subcategory="{dataset}",
                           labels={"dataset": "{dataset}", "figure": "lit pixels and ring peaks per shot"}),
     params:
         shards=lambda wildcards, input, output: " ".join((
@@ -64,7 +64,7 @@ rule powder:
         powder_radial=f"{OUTPUT_DIR}/hitfind/{{dataset}}/powder_radial.tsv",
         summary=f"{OUTPUT_DIR}/hitfind/{{dataset}}/powder.json",
         plot=report(f"{OUTPUT_DIR}/hitfind/{{dataset}}/powder.png", caption="../report/powder.rst",
-                    category="1. Simulated shots", subcategory="{dataset}",
+                    category=SHOTS_CATEGORY, subcategory="{dataset}",
                     labels={"dataset": "{dataset}", "figure": "powder pattern and radial profile"}),
     params:
         shards=lambda wildcards, input: " ".join((
@@ -95,7 +95,7 @@ rule score_hitfind:
         table=f"{OUTPUT_DIR}/score/hitfind_{{dataset}}.tsv",
         text=f"{OUTPUT_DIR}/score/hitfind_{{dataset}}.txt",
         plot=report(f"{OUTPUT_DIR}/score/hitfind_{{dataset}}.png", caption="../report/hitfind_score.rst",
-                    category="1. Simulated shots", subcategory="{dataset}",
+                    category=SHOTS_CATEGORY, subcategory="{dataset}",
                     labels={"dataset": "{dataset}", "figure": "hits and solvent profile against the simulation"}),
     params:
         shards=lambda wildcards, input: " ".join(

@@ -19,7 +19,8 @@ rule list_images:
 
 
 rule image_shard:
-    """One image-list shard: its images' files and frames, each shot's spectrum, the mask; checked by dxtbx."""
+    """One image-list shard: its images' files and frames, each shot's spectrum, the mask; checked by dxtbx, and
+    the spectra against the structure-factor channels when SPREAD (or stage 1 with the model) is asked for."""
     input:
         settings=f"{OUTPUT_DIR}/settings/images.yaml",
         **{key: config["input"][key] for key in ("spectra_table", "mask") if config["input"][key]},
@@ -37,4 +38,5 @@ rule image_shard:
         f"{LOG_DIR}/images/{{dataset}}/shard_{{index}}.log",
     shell:
         "{ENV_BIN}/python -m xfel_spread.cli.images shard --config {input.settings:q} {params.images}"
-        " --shots {params.shots[0]} {params.shots[1]} --digest {params.digest} --output {output:q} > {log:q} 2>&1"
+        " --shots {params.shots[0]} {params.shots[1]} --digest {params.digest} --output {output:q}"
+        " {CHANNEL_GRID_OPTION} > {log:q} 2>&1"

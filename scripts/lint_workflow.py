@@ -27,6 +27,10 @@ ACCEPTED = {
         "ENV_BIN is where the running Python's spread-* commands are (rules/common.smk); as a param its "
         "value (the venv's path) would rerun every finished job when the venv moves (params trigger), and "
         "as {params.env_bin} the changed shell text would rerun them now (code trigger)")),
+    "Shell command directly uses variable CHANNEL_GRID_OPTION from outside of the rule": ({"image_shard"}, (
+        "the structure-factor grid the shard's spectra are checked against (rules/common.smk) changes no byte of "
+        "the shard; as a param a new grid or spread.enabled would rerun every shard and, through them, every "
+        "stage (params trigger)")),
     "Param dest is a prefix of input or output file but hardcoded": ({"reference_data"}, (
         "the reference directory is config, not derived from the output; made a function of the output, "
         "it would drop out of the recorded params and rerun reference_data in every finished run")),

@@ -11,6 +11,8 @@ from conftest import CSPAD_DIR, NANOBRAGG_DIR, RAYONIX_DIR
 from xfel_spread.io.images import (
     HC_EV_A,
     ImageInputError,
+    Shot,
+    check_spectra_on_grid,
     format_class_for,
     list_images,
     make_image_list_shard,
@@ -121,3 +123,75 @@ def test_the_mask_of_an_image_list_reaches_the_shard_readers(tmp_path):
     assert np.array_equal(read_shard_mask(tmp_path / "masked.h5"), expected)
     make_image_list_shard(tmp_path / "plain.h5", list_images([str(RAYONIX_DIR / "*.cbf")]), 0, "monochromatic")
     assert read_shard_mask(tmp_path / "plain.h5") is None
+
+
+#: The default structure_factors channels: 7070.5, 7071.5, ..., 7169.5 eV.
+DEFAULT_GRID = 7070.5 + np.arange(100.0)
+
+
+def spectrum(*energies):
+    return np.array(energies, dtype=float), np.ones(len(energies))
+
+
+def test_spectra_on_the_channel_grid_pass_and_one_outside_is_one_line_naming_shard_image_ranges_and_keys():
+    shots = [Shot("a.cbf", 0), Shot("b.h5", 3)]
+    check_spectra_on_grid("s.h5", shots, [spectrum(7080.2, 7100.0), spectrum(7070.5, 7169.5)], DEFAULT_GRID)
+    check_spectra_on_grid("s.h5", shots, [None, spectrum(7090.0)], DEFAULT_GRID)  # an unreadable shot has none
+    with pytest.raises(ImageInputError) as refusal:
+        check_spectra_on_grid("s.h5", shots, [spectrum(7080.0), spectrum(9495.0, 9505.0)], DEFAULT_GRID)
+    message = str(refusal.value)
+    assert "\n" not in message
+    assert message.startswith("s.h5: b.h5 frame 3: spectrum at 9495.000-9505.000 eV (the shard's spectra "
+                              "7080.000-9505.000 eV) lies outside the structure-factor channel grid 7070.500-7169.500 eV")
+    assert "structure_factors.channel_start_ev, channel_step_ev or n_channels" in message
+
+
+def test_the_grid_check_allows_1e6_ev_beyond_either_edge_and_no_more():
+    shots = [Shot("a.cbf", 0)]
+    check_spectra_on_grid("s.h5", shots, [spectrum(7070.5 - 0.9e-6, 7169.5 + 0.9e-6)], DEFAULT_GRID)
+    for energy in (7070.5 - 2e-6, 7169.5 + 2e-6):
+        with pytest.raises(ImageInputError, match="lies outside"):
+            check_spectra_on_grid("s.h5", shots, [spectrum(energy)], DEFAULT_GRID)
+
+
+def image_shard_command(tmp_path, images, spectra, grid=None, **input_settings):
+    """(exit status, stderr, output path) of ``python -m xfel_spread.cli.images shard`` run in-process."""
+    import contextlib
+    import io
+
+    import yaml
+
+    from xfel_spread.cli.images import main
+
+    settings = tmp_path / "images.yaml"
+    settings.write_text(yaml.safe_dump({"input": {"source": "images", "images": [images], "spectra": spectra,
+                                                  **input_settings}}))
+    output = tmp_path / "shard_00000.h5"
+    argv = ["shard", "--config", str(settings), "--image", images, "--shots", "0", "2", "--output", str(output)]
+    argv += ["--channel-grid", *map(str, grid)] if grid else []
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        status = main(argv)
+    return status, stderr.getvalue(), output
+
+
+def test_the_image_shard_command_refuses_spectra_off_the_grid_in_one_line_and_writes_nothing(tmp_path):
+    """The CSPAD stills (one channel each at the beam's energy, far above the default grid's Fe K edge) are
+    refused when a grid-using stage runs (--channel-grid) and made when none does (no option)."""
+    images = str(CSPAD_DIR / "*.cbf")
+    status, stderr, output = image_shard_command(tmp_path, images, "monochromatic", grid=(7070.5, 1.0, 100))
+    lines = stderr.strip().splitlines()
+    assert status == 1 and len(lines) == 1, stderr
+    assert f"{output}: " in lines[0] and "lies outside the structure-factor channel grid 7070.500-7169.500 eV" in lines[0]
+    assert "structure_factors.channel_start_ev" in lines[0]
+    assert not output.exists() and list(tmp_path.iterdir()) == [tmp_path / "images.yaml"]
+    status, stderr, output = image_shard_command(tmp_path, images, "monochromatic")
+    assert status == 0 and output.exists(), stderr
+
+
+def test_nanobraggs_spectra_lie_on_the_default_grid(tmp_path):
+    images = str(NANOBRAGG_DIR / "image_00[0-1].img.gz")
+    status, stderr, output = image_shard_command(tmp_path, images, "table", grid=(7070.5, 1.0, 100),
+                                                 spectra_table=str(NANOBRAGG_DIR / "spectra.tsv"))
+    assert status == 0 and output.exists(), stderr
+

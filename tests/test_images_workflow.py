@@ -16,7 +16,14 @@ from xfel_spread.workflow import RunSettingsError, plan_image_shots
 #: One job per shard of the single dataset `images`.
 PER_SHARD = ("image_shard", "index", "reindex", "stage1", "exa")
 #: One job per run.
-PER_RUN = ("list_images", "metrology", "tdata", "covariance", "merge", "annulus", "spread", "all")
+PER_RUN = ("list_images", "metrology", "tdata", "covariance", "merge", "annulus", "spread", "plot_shot",
+           "plot_detector_refinement", "plot_stage1", "plot_exa", "plot_spread", "all")
+#: The report's figures that need no truth, planned for the nanoBragg images (paths under the work directory).
+TRUTH_FREE_FIGURES = ("results/report/images_shot.png", "results/report/images_detector_refinement.png",
+                      "results/metrology/images/residuals_before.png", "results/metrology/images/residuals_after.png",
+                      "results/cells/images_clusters.png", "results/merge/images/statistics.png",
+                      "results/report/images_stage1.png", "results/report/images_exa.png",
+                      "results/report/images_spread.png")
 
 
 def nanobragg_input(**overrides) -> dict:
@@ -52,6 +59,25 @@ def test_images_plan_per_shard_jobs_and_no_truth_or_score(tmp_path):
     assert not {rule for rule in jobs if rule.startswith("score") or rule in ("simulate", "structure_factors")}
 
 
+def test_images_plan_every_report_figure_that_needs_no_truth(tmp_path):
+    """The default target of an image run draws the report's truth-free figures (the shot from the image-list
+    shard, the detector refinement, metrology's residuals, the cell clusters, the merging statistics, both pixel
+    refinements' RMSDs and Z-scores, SPREAD's curves) and runs no score rule."""
+    configfile = tmp_path / "images.yaml"
+    configfile.write_text(yaml.safe_dump(nanobragg_input()))
+    (tmp_path / "work").mkdir()
+    command = [sys.executable, "-m", "snakemake", "--dry-run", "--snakefile", str(REPO_ROOT / "Snakefile"),
+               "--directory", str(tmp_path / "work"), f"--configfile={configfile}"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    plan = result.stdout + result.stderr
+    assert [figure for figure in TRUTH_FREE_FIGURES if figure not in plan] == []
+    assert "results/score/" not in plan and "rule score" not in plan
+    # The shot figure reads the image-list shard, not a simulated one.
+    shot = plan[plan.index("rule plot_shot:"):].split("\n\n")[0]
+    assert "results/images/images/shard_00000.h5" in shot and "results/sim/" not in shot
+
+
 def test_hit_finding_on_images_plans_per_shard_measurements_and_no_score(tmp_path):
     result, _ = dry_run(tmp_path, {**nanobragg_input(), "hitfind": {"enabled": True}})
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
@@ -75,6 +101,8 @@ def test_starting_geometry_and_model_reach_the_index_and_merge_commands(tmp_path
     reindex = [line for line in lines if "spread-stills-process" in line and "results/reindex/" in line]
     merge = [line for line in lines if "spread-merge " in line]
     spread = [line for line in lines if "spread-spread " in line]
+    shards = [line for line in lines if "xfel_spread.cli.images shard" in line]
+    assert len(shards) == 2 and all("--channel-grid 7070.5 1.0 100 " in line for line in shards)
     assert len(index) == 2 and all(f"--reference-geometry {geometry}" in line for line in index)
     assert reindex and all(str(geometry) not in line for line in reindex)  # reindex takes metrology's detector
     assert len(merge) == 1 and f"--model {model}" in merge[0]
@@ -100,6 +128,9 @@ def test_the_cspad_example_merges_without_a_model(tmp_path):
                    str(REPO_ROOT / "Snakefile"), "--directory", str(tmp_path / name), f"--configfile={configfile}"]
         result = subprocess.run(command, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+        shards = [line for line in result.stdout.splitlines() if "xfel_spread.cli.images shard" in line]
+        # No SPREAD, stage 1 on merged |F|: the monochromatic ~9.5 keV spectra are not held to the Fe-edge grid.
+        assert shards and all("--channel-grid" not in line for line in shards)
         return [line for line in result.stdout.splitlines() if "spread-merge " in line]
 
     assert example["merge"]["reference"] == "data"
@@ -107,6 +138,27 @@ def test_the_cspad_example_merges_without_a_model(tmp_path):
     assert len(data) == 1 and "--model" not in data[0] and "--covariance" in data[0]
     model = merge_commands({**example, "merge": {**example["merge"], "reference": "model"}}, "model")
     assert len(model) == 1 and "--model " in model[0] and "1m2a.pdb" in model[0]
+
+
+def test_the_channel_grid_is_checked_where_shards_are_made_only_when_a_stage_uses_it(tmp_path):
+    """--channel-grid reaches the image_shard command when SPREAD runs (spread.enabled) or stage 1 takes the
+    model's amplitudes; the CSPAD example (monochromatic, merged without a model, spread.enabled false) has none."""
+    from xfel_spread.workflow import channel_grid_option
+
+    def option(config):
+        configfile = tmp_path / "run.yaml"
+        configfile.write_text(yaml.safe_dump(config))
+        return channel_grid_option(load_config(configfile))
+
+    assert option(nanobragg_input()) == "--channel-grid 7070.5 1.0 100"
+    cspad = yaml.safe_load((REPO_ROOT / "config/examples/thermolysin_cspad.yaml").read_text())
+    assert cspad["spread"]["enabled"] is False and option(cspad) == ""
+    assert option({**cspad, "stage1": {"structure_factors": "model"}}) == "--channel-grid 7070.5 1.0 100"
+    assert option({"input": {"source": "simulate"}}) == ""
+    result, _ = dry_run(tmp_path, {**nanobragg_input(), "spread": {"enabled": False}})
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    jobs = job_stats(result.stdout + result.stderr)
+    assert "spread" not in jobs and "plot_spread" not in jobs and jobs["image_shard"] == 2
 
 
 def test_a_glob_matching_nothing_stops_the_run_with_one_line(tmp_path):
@@ -181,3 +233,22 @@ def test_more_files_add_only_their_shards_and_a_spectra_setting_remakes_every_sh
     configfile.write_text(yaml.safe_dump(config(energy_offset_ev=1.0)))
     plan = succeeded(snakemake(tmp_path, configfile, "--dry-run", *targets))
     assert job_stats(plan) == {"stage_settings": 1, "image_shard": 3}
+
+
+def render_description(config: dict) -> str:
+    """report/workflow.rst as `snakemake --report` renders it (Jinja with `snakemake.config`), as text."""
+    from types import SimpleNamespace
+
+    import jinja2
+
+    template = (REPO_ROOT / "report/workflow.rst").read_text()
+    return jinja2.Template(template).render(snakemake=SimpleNamespace(config=config))
+
+
+def test_the_report_description_of_an_image_run_says_there_is_no_truth():
+    images = render_description({"input": {"source": "images", "shots_per_shard": 4, "spectra": "table"}})
+    assert "**No truth: these data were not simulated, so nothing in this report is scored against a truth.**" in images
+    assert images.count("No truth") == 1 and "simulated shots" not in images
+    simulated = render_description({"input": {"source": "simulate"}, "simulate": {"n_shots": 8, "shots_per_shard": 4}})
+    assert simulated.startswith("SPREAD analysis of ferredoxin LY99: 8 simulated shots in shards of\n4,")
+    assert "No truth" not in simulated and "scored against the simulation's truth" in simulated

@@ -185,7 +185,8 @@ STAGE_SECTIONS = {
     # The pixel metrology refines stage 1's lattices again with its settings; `enabled` only wires the rule in.
     "pixel_metrology": {"pixel_metrology": ("enabled",), "stage1": None},
     # SPREAD rebuilds stage 1's shoeboxes and forward model and the simulation's site decomposition.
-    "spread": {"spread": None, "stage1": None, "structure_factors": None},
+    # `enabled` only wires the stage into the default target.
+    "spread": {"spread": ("enabled",), "stage1": None, "structure_factors": None},
     # Measuring shards (lit pixels, radial profiles, powder) and choosing the threshold read separate keys,
     # so a new threshold reuses the measurements; `enabled` only wires the stage into the workflow.
     # Image-list shards: how spectra and the mask are found; the file list and its sharding are shard

@@ -141,3 +141,22 @@ def plan_image_shots(config: Mapping, source_name: str) -> list:
     except ImageInputError as error:
         raise refuse("images", str(error)) from None
 
+
+
+
+def grid_stage_runs(config: Mapping) -> bool:
+    """Whether a stage that evaluates each shot's spectrum on the structure-factor channels
+    (structure_factors.channel_start_ev, channel_step_ev, n_channels) runs: SPREAD (spread.enabled), or the
+    pixel refinements with stage1.structure_factors model."""
+    return bool(config["spread"]["enabled"]) or config["stage1"]["structure_factors"] == "model"
+
+
+def channel_grid_option(config: Mapping) -> str:
+    """``--channel-grid START STEP N`` (the structure_factors channels) for the image_shard command when the
+    run uses images from elsewhere and :func:`grid_stage_runs`, so a shard whose spectra lie outside the grid
+    stops where it is made rather than when SPREAD reads it; else "" (no check: e.g. monochromatic images at
+    another energy, indexed and merged without a model, spread.enabled false)."""
+    if config["input"]["source"] != "images" or not grid_stage_runs(config):
+        return ""
+    grid = config["structure_factors"]
+    return f"--channel-grid {grid['channel_start_ev']!r} {grid['channel_step_ev']!r} {grid['n_channels']}"

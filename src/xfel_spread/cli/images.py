@@ -46,10 +46,15 @@ def image_shard_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--digest", default=None,
                         help="the shard's shots as planned (xfel_spread.io.images.shots_digest): stop if they differ")
     parser.add_argument("--output", required=True, help="the image-list shard to write (HDF5)")
+    parser.add_argument("--channel-grid", type=float, nargs=3, metavar=("START_EV", "STEP_EV", "N"), default=None,
+                        help="the structure-factor channels (structure_factors.channel_start_ev, channel_step_ev, "
+                             "n_channels): refuse spectra outside them. The workflow passes it when a stage that "
+                             "evaluates spectra on them will run (xfel_spread.workflow.channel_grid_option)")
     arguments = parser.parse_args(argv)
 
     def action():
         from xfel_spread.io.images import ImageInputError, list_images, make_image_list_shard, shots_digest
+        from xfel_spread.sim.structure_factors import channel_energies
 
         settings = load_config(arguments.config)["input"]
         shots = list_images(arguments.image)
@@ -59,9 +64,13 @@ def image_shard_main(argv: list[str] | None = None) -> int:
         if arguments.digest is not None and shots_digest(shots[start:stop]) != arguments.digest:
             raise ImageInputError(f"{arguments.image[0]}: images {start}..{stop - 1} are not those the run planned "
                                   "(files added or removed since); plan the run again")
+        grid = None
+        if arguments.channel_grid is not None:
+            start_ev, step_ev, n_channels = arguments.channel_grid
+            grid = channel_energies(start_ev, step_ev, int(n_channels))
         listing = make_image_list_shard(arguments.output, shots[start:stop], start, settings["spectra"],
                                         settings["spectra_table"], settings["energy_offset_ev"], settings["mask"],
-                                        settings["max_unreadable_fraction"])
+                                        settings["max_unreadable_fraction"], grid)
         for shot, reason in zip(listing.shots, listing.unreadable):
             if reason:
                 print(f"warning: skipped {shot.path} frame {shot.frame}: {reason}", file=sys.stderr)

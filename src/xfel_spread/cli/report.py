@@ -3,11 +3,16 @@
 ``spread-plot-shot``: one simulated shot of a dataset with the reindex pass's predicted spots overlaid.
 ``spread-plot-detector-refinement``: centroid residuals of the indexed spots before (index pass) and after
 (reindex pass) the detector refinement.
+
+With images from elsewhere (no truth; the rules run them as ``python -m xfel_spread.cli.report {refinement,spread}``):
+``spread-plot-refinement``: a pixel refinement's RMSDs and Z-scores, start and refined, from its shots tables.
+``spread-plot-spread``: SPREAD's f', f'' with their 1-sigma bands, the start tables and the controls.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 from xfel_spread.cli.common import run_command
 
@@ -51,3 +56,66 @@ def plot_detector_refinement_main(argv: list[str] | None = None) -> int:
             print(line)
 
     return run_command("spread-plot-detector-refinement", action)
+
+
+def plot_refinement_main(argv: list[str] | None = None) -> int:
+    """``spread-plot-refinement``: a pixel refinement's converged lattices without a truth."""
+    parser = argparse.ArgumentParser(
+        prog="spread-plot-refinement",
+        description="Plot a pixel refinement's start and refined RMSDs and Z-score sigma from its shots tables.")
+    parser.add_argument("--dataset", required=True, help="dataset name, for the title")
+    parser.add_argument("--refinement", required=True, help="stage1 or exa, for the title")
+    parser.add_argument("--shots", action="append", required=True, help="a shard's shots table (repeatable)")
+    parser.add_argument("--plot", required=True, help="figure to write (PNG)")
+    arguments = parser.parse_args(argv)
+
+    def action():
+        from xfel_spread.io.refined_shots import read_refined_shots
+        from xfel_spread.report.plots import plot_refinement_without_truth
+
+        rows = [row for path in arguments.shots for row in read_refined_shots(path)]
+        print(plot_refinement_without_truth(arguments.plot, arguments.dataset, arguments.refinement, rows))
+
+    return run_command("spread-plot-refinement", action)
+
+
+def plot_spread_main(argv: list[str] | None = None) -> int:
+    """``spread-plot-spread``: SPREAD's curves with their uncertainties, without a truth."""
+    parser = argparse.ArgumentParser(
+        prog="spread-plot-spread",
+        description="Plot SPREAD's f', f'' of each site with 1-sigma bands, start tables and controls (no truth).")
+    parser.add_argument("--dataset", required=True, help="dataset name, for the title")
+    parser.add_argument("--prefix", required=True, help="SPREAD's output prefix P (P_fp_fdp.tsv, P_controls.tsv, "
+                                                        "P_summary.json)")
+    parser.add_argument("--plot", required=True, help="figure to write (PNG)")
+    arguments = parser.parse_args(argv)
+
+    def action():
+        import json
+
+        from xfel_spread.report.plots import plot_spread_without_truth
+        from xfel_spread.spread.errors import SpreadInputError
+
+        summary_path = f"{arguments.prefix}_summary.json"
+        try:
+            with open(summary_path) as stream:
+                lattices = json.load(stream)["lattices"]
+        except (OSError, ValueError, KeyError) as error:
+            raise SpreadInputError(f"{summary_path}: cannot read the lattice count ({error})") from None
+        print(plot_spread_without_truth(arguments.plot, arguments.dataset, arguments.prefix, lattices))
+
+    return run_command("spread-plot-spread", action)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m xfel_spread.cli.report {refinement,spread} ...``."""
+    argv = sys.argv[1:] if argv is None else argv
+    commands = {"refinement": plot_refinement_main, "spread": plot_spread_main}
+    if not argv or argv[0] not in commands:
+        print("usage: python -m xfel_spread.cli.report {refinement,spread} ...", file=sys.stderr)
+        return 2
+    return commands[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

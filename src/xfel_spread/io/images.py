@@ -533,19 +533,58 @@ def read_image_list_shard(path: str | os.PathLike) -> ImageListShard:
         raise ImageInputError(f"{path}: not a readable image-list shard ({' '.join(str(error).split())})") from None
 
 
+#: How far (eV) a spectrum's channel may lie outside the structure-factor grid (sim.spectrum.rebin_spectrum's tolerance).
+GRID_TOLERANCE_EV = 1e-6
+
+
+def check_spectra_on_grid(shard: str | os.PathLike, shots: Sequence[Shot],
+                          spectra: Sequence[tuple[np.ndarray, np.ndarray] | None], grid_ev: np.ndarray) -> None:
+    """Refuse spectra that SPREAD and stage 1 (``stage1.structure_factors: model``) could not put on the
+    structure-factor channel grid ``grid_ev`` (increasing energies, eV): ImageInputError, one line naming
+    ``shard``, the first shot with a channel outside the grid by more than GRID_TOLERANCE_EV, the spectra's
+    energy range, the grid's range and the keys to change. ``spectra[i]`` is None for an unreadable shot
+    (skipped). The same bounds as :func:`xfel_spread.sim.spectrum.rebin_spectrum`, checked before the long
+    stages rather than when SPREAD reads the shard."""
+    grid = np.asarray(grid_ev, dtype=np.float64)
+    energies = [np.asarray(spectrum[0], dtype=np.float64) for spectrum in spectra if spectrum is not None]
+    energies = [values for values in energies if values.size]
+    if not energies or not grid.size:
+        return
+    low, high = grid[0] - GRID_TOLERANCE_EV, grid[-1] + GRID_TOLERANCE_EV
+    for shot, spectrum in zip(shots, spectra):
+        if spectrum is None or not np.asarray(spectrum[0]).size:
+            continue
+        values = np.asarray(spectrum[0], dtype=np.float64)
+        if values.min() < low or values.max() > high:
+            lowest = min(float(values.min()) for values in energies)
+            highest = max(float(values.max()) for values in energies)
+            raise ImageInputError(
+                f"{os.fspath(shard)}: {shot.path} frame {shot.frame}: spectrum at {values.min():.3f}-"
+                f"{values.max():.3f} eV (the shard's spectra {lowest:.3f}-{highest:.3f} eV) lies outside the "
+                f"structure-factor channel grid {grid[0]:.3f}-{grid[-1]:.3f} eV on which SPREAD (and stage 1 with "
+                "stage1.structure_factors model) evaluates spectra; change structure_factors.channel_start_ev, "
+                "channel_step_ev or n_channels (or input.energy_offset_ev), or with no spectra to fit set "
+                "spread.enabled false (and stage1.structure_factors merged)")
+
+
 def make_image_list_shard(path: str | os.PathLike, shots: Sequence[Shot], first_shot: int, spectra_source: str,
                           spectra_table: str | None = None, energy_offset_ev: float = 0.0, mask: str | None = None,
-                          max_unreadable_fraction: float = 0.0) -> ImageListShard:
+                          max_unreadable_fraction: float = 0.0,
+                          channel_grid_ev: np.ndarray | None = None) -> ImageListShard:
     """Check one shard's shots with dxtbx, find their spectra and check the mask, then write the shard.
 
     Unreadable files are recorded (with dxtbx's reason) and get no spectrum, unless more than
     ``max_unreadable_fraction`` of the shard's files are unreadable (then the first one's one-line
-    ImageInputError). The mask must fit the first readable image's detector."""
+    ImageInputError). The mask must fit the first readable image's detector. With ``channel_grid_ev``
+    (the structure-factor channels, given when a stage that evaluates spectra on them will run) every
+    spectrum must lie on it (:func:`check_spectra_on_grid`); nothing is written otherwise."""
     files = list(dict.fromkeys(shot.path for shot in shots))
     check = check_images(files, max_unreadable_fraction)
     readable = [shot for shot in shots if shot.path in check.formats]
     found = iter(shot_spectra(readable, spectra_source, spectra_table, energy_offset_ev))
     spectra = [next(found) if shot.path in check.formats else None for shot in shots]
+    if channel_grid_ev is not None:
+        check_spectra_on_grid(path, shots, spectra, channel_grid_ev)
     if mask is not None:
         first = readable[0].path
         read_mask(mask, detector_shapes(format_class_for(first).get_instance(first).get_detector()))

@@ -185,3 +185,53 @@ def plot_detector_refinement(path, dataset: str, before: CentroidResiduals, afte
     per_shot.set_ylabel("shot RMSD, reindex pass (px)")
     per_shot.set_title(f"{int((y < x).sum())} of {len(images)} shots closer with the refined detector")
     plotting.save_png(figure, path)
+
+
+# --- images from elsewhere: the pixel refinements and SPREAD without a truth ------------------------------
+
+#: The before/after columns of a pixel refinement's shots table that the truth-free figure draws: (column stem
+#: or (before, after) pair, axis label).
+REFINEMENT_PANELS = (
+    (("rmsd_radial_strong_before_px", "rmsd_radial_strong_after_px"), "radial RMSD, strong spots (px)"),
+    (("rmsd_overall_before_px", "rmsd_overall_after_px"), "overall RMSD, every ROI (px)"),
+    (("zscore_sigma_before", "zscore_sigma"), "sigma of the pixels' Z-scores (1: Poisson + readout)"),
+)
+
+
+def _converged_column(rows, column: str) -> np.ndarray:
+    values = np.array([row[column] for row in rows if row["converged"] == 1 and row[column] is not None],
+                      dtype=np.float64)
+    return values[np.isfinite(values)]
+
+
+def plot_refinement_without_truth(path, dataset: str, refinement: str, rows) -> str:
+    """A pixel refinement's converged lattices from its shots tables alone (rows of
+    ``io.refined_shots.read_refined_shots``): the start and refined radial RMSD of the strong spots, the overall
+    RMSD and the sigma of the Z-scores, as histograms with their medians. Writes ``path`` (PNG); returns a
+    one-line summary."""
+    converged = sum(row["converged"] == 1 for row in rows)
+    figure, axes = plotting.pyplot().subplots(1, len(REFINEMENT_PANELS), figsize=(16, 4.8), squeeze=False)
+    figure.suptitle(f"{refinement}, dataset {dataset} (no truth): {converged} of {len(rows)} lattices converged")
+    for axis, ((before_column, after_column), label) in zip(axes[0], REFINEMENT_PANELS):
+        before, after = _converged_column(rows, before_column), _converged_column(rows, after_column)
+        values = np.concatenate((before, after))
+        top = max(float(values.max()) * 1.05 if len(values) else 1.0, 1e-3)
+        bins = np.linspace(0, top, 30)
+        for name, data in (("start", before), ("refined", after)):
+            median = f"{np.median(data):.3f}" if len(data) else "n/a"
+            axis.hist(data, bins=bins, alpha=0.6, label=f"{name} (median {median})")
+        axis.set_xlabel(label)
+        axis.set_ylabel("lattices")
+        axis.legend(fontsize="small")
+    plotting.save_png(figure, path)
+    return f"{path}: {refinement} {dataset}, {converged} of {len(rows)} lattices converged"
+
+
+def plot_spread_without_truth(path, dataset: str, prefix: str, lattices: int | None = None) -> str:
+    """SPREAD's f' and f'' of each site with their 1-sigma bands, the start tables and the two negative controls
+    (``spread.scoring.plot_spread`` with no truth), from the stage's outputs ``prefix``. Returns a one-line summary."""
+    from xfel_spread.spread.scoring import plot_spread, read_fits
+
+    grid, sites, fits, sigmas = read_fits(prefix)
+    plot_spread(path, dataset, grid, sites, fits, sigmas, None, lattices)
+    return f"{path}: SPREAD {dataset}, sites {', '.join(sites)}, {len(grid)} grid energies"
