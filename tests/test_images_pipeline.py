@@ -159,7 +159,9 @@ def test_cspad_thermolysin_stills_index_in_p6122_through_the_index_stage(tmp_pat
     phil = tmp_path / "thermolysin.phil"
     phil.write_text((REPO_ROOT / "config/examples/thermolysin_cspad.phil").read_text())
     config = {"input": {"source": "images", "images": [str(CSPAD_DIR / "*.cbf")], "spectra": "monochromatic"},
-              "hitfind": {"enabled": False}, "index": {"phil": str(phil)}}
+              "hitfind": {"enabled": False}, "index": {"phil": str(phil)},
+              # 9.74 keV, off the LY99 structure-factor grid, and no model: no SPREAD (as the example).
+              "spread": {"enabled": False}}
     configfile = tmp_path / "thermolysin.yaml"
     configfile.write_text(yaml.safe_dump(config))
     succeeded(snakemake(tmp_path, configfile, "results/index/images/shard_00000_shots.tsv"))

@@ -59,6 +59,11 @@ DEFAULTS = {"sites": {"FE1": "metallic", "FE2": "metallic"}, "grid_spacing_ev": 
             "posterior_samples": 500, "refinement": "exa", "controls": True, "seed": 0}
 
 
+#: Keys of the ``spread`` section that wire the stage into the workflow and are no setting of the fit
+#: (the schema gives them defaults, so a settings file read through the config loader has them).
+WORKFLOW_KEYS = ("enabled",)
+
+
 @dataclass(frozen=True)
 class SpreadSettings:
     """The ``spread`` settings, defaults filled and checked (see the module docstring)."""
@@ -80,6 +85,8 @@ class SpreadSettings:
         """Settings from a mapping; one-line SpreadInputError ``source: spread.key: problem`` otherwise."""
         values = dict(DEFAULTS)
         for key, value in dict(section or {}).items():
+            if key in WORKFLOW_KEYS:
+                continue
             if key not in DEFAULTS:
                 raise SpreadInputError(f"{source}: spread.{key}: unknown setting")
             values[key] = value
