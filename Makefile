@@ -24,10 +24,11 @@ lint: setup
 
 # Everything, the slow tier (pipeline, Slurm, resume, report: pytest -m slow) included; what CI runs.
 # Three pytest processes side by side, each with its own scratch directory and log: the real-Slurm test
-# (mostly waiting on the plugin's status polling) and then the images from elsewhere; the runs that use
-# or extend the session's completed demo run (report first, before the pipeline tests extend the run,
-# then resume); and the rest of the suite. Their logs follow in that order and the target fails if any fails.
-SLURM_TESTS := tests/test_slurm.py tests/test_images_pipeline.py
+# (mostly waiting on the plugin's status polling), then the images from elsewhere and the production-scale
+# dry runs; the runs that use or extend the session's completed demo run (report first, before the pipeline
+# tests extend the run, then resume); and the rest of the suite. Their logs follow in that order and the
+# target fails if any fails.
+SLURM_TESTS := tests/test_slurm.py tests/test_images_pipeline.py tests/test_scale.py tests/test_images_scale.py
 PIPELINE_TESTS := tests/test_report.py tests/test_pipeline.py tests/test_resume.py
 test: setup
 	@scratch=$$(mktemp -d); \

@@ -1,6 +1,5 @@
-"""The workflow on images from elsewhere (input.source: images): what a dry run plans, how fast a list of
-100,000 files plans, and the one-line refusals at parse time. Dry runs in scratch directories; the image
-files of the 100,000-file case are empty (planning never opens a single-image file)."""
+"""The workflow on images from elsewhere (input.source: images): what a dry run plans and the one-line
+refusals at parse time. Dry runs in scratch directories. A list of 100,000 files: tests/test_images_scale.py."""
 
 import subprocess
 import sys
@@ -179,25 +178,6 @@ def test_parse_time_refusals_name_the_key():
     assert refusal(spectra_table=None) == "Input error: run.yaml: input.spectra_table: spectra: table needs the table's path"
     assert refusal(mask="/nowhere/mask.pickle") == "Input error: run.yaml: input.mask: /nowhere/mask.pickle: no such file"
     assert len(plan_image_shots(load_config(nanobragg_input()), "run.yaml")) == 8
-
-
-@pytest.mark.slow  # makes 100,000 empty files and plans 200 and 400 shards (about 10 s each)
-def test_a_list_of_100000_files_plans_in_seconds_with_jobs_per_shard(tmp_path):
-    images = tmp_path / "images"
-    images.mkdir()
-    for run in range(100):
-        for shot in range(1000):
-            (images / f"r{run:04d}_{shot:04d}.cbf").touch()
-    config = nanobragg_input(images=[str(images / "r*.cbf")], shots_per_shard=500, spectra="monochromatic",
-                             spectra_table=None)
-    result, seconds = dry_run(tmp_path, config)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    assert job_stats(result.stdout + result.stderr) == expected_jobs(200)
-    # The time is a figure, not a goal this test checks: benchmarks/bench_dryrun.py --images times it.
-    print(f"100,000 files in 200 shards: dry run {seconds:.1f} s")
-    config["input"]["shots_per_shard"] = 250
-    result, _ = dry_run(tmp_path, config)
-    assert job_stats(result.stdout + result.stderr) == expected_jobs(400)
 
 
 @pytest.mark.slow  # makes two image-list shards with dxtbx, then plans again (about a minute)
