@@ -91,17 +91,10 @@ def plot_spread_main(argv: list[str] | None = None) -> int:
     arguments = parser.parse_args(argv)
 
     def action():
-        import json
-
         from xfel_spread.report.plots import plot_spread_without_truth
-        from xfel_spread.spread.errors import SpreadInputError
+        from xfel_spread.spread.scoring import summary_lattice_count
 
-        summary_path = f"{arguments.prefix}_summary.json"
-        try:
-            with open(summary_path) as stream:
-                lattices = json.load(stream)["lattices"]
-        except (OSError, ValueError, KeyError) as error:
-            raise SpreadInputError(f"{summary_path}: cannot read the lattice count ({error})") from None
+        lattices = summary_lattice_count(arguments.prefix)
         print(plot_spread_without_truth(arguments.plot, arguments.dataset, arguments.prefix, lattices))
 
     return run_command("spread-plot-spread", action)

@@ -68,17 +68,9 @@ def score_spread_main(argv: list[str] | None = None) -> int:
     arguments = parser.parse_args(argv)
 
     def action():
-        import json
+        from xfel_spread.spread.scoring import score_spread, summary_lattice_count
 
-        from xfel_spread.spread.errors import SpreadInputError
-        from xfel_spread.spread.scoring import score_spread
-
-        summary_path = f"{arguments.prefix}_summary.json"
-        try:
-            with open(summary_path) as stream:
-                lattices = json.load(stream)["lattices"]
-        except (OSError, ValueError, KeyError) as error:
-            raise SpreadInputError(f"{summary_path}: cannot read the lattice count ({error})") from None
+        lattices = summary_lattice_count(arguments.prefix)
         text = score_spread(arguments.dataset, arguments.prefix, dict(arguments.truth), arguments.table,
                             arguments.text, arguments.plot, lattices)
         print(text, end="")

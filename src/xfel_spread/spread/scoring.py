@@ -48,6 +48,18 @@ def _read_tsv(path: str) -> tuple[list[str], np.ndarray]:
     return header, values
 
 
+def summary_lattice_count(prefix: str) -> int:
+    """The number of lattices SPREAD fitted, from ``{prefix}_summary.json``; one-line SpreadInputError otherwise."""
+    import json
+
+    path = f"{prefix}_summary.json"
+    try:
+        with open(path) as stream:
+            return json.load(stream)["lattices"]
+    except (OSError, ValueError, KeyError) as error:
+        raise SpreadInputError(f"{path}: cannot read the lattice count ({error})") from None
+
+
 def read_fits(prefix: str) -> tuple[np.ndarray, tuple[str, ...], dict, dict]:
     """(grid eV, site names, {fit: (f', f'')}, {site: (f' sigma, f'' sigma)}) of a stage's outputs.
 
