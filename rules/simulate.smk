@@ -40,6 +40,8 @@ rule simulate:
     input:
         settings=f"{OUTPUT_DIR}/settings/simulate.yaml",
         amplitudes=rules.structure_factors.output[0],
+        # A detector geometry file (simulate.detector.geometry): editing it re-renders the shards.
+        geometry=[config["simulate"]["detector"]["geometry"]] if config["simulate"]["detector"]["geometry"] else [],
     output:
         nopsf=simulated_shard_path("nopsf"),
         psf=simulated_shard_path("psf"),

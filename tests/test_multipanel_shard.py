@@ -5,6 +5,7 @@ a multi-panel detector with one image per panel."""
 import numpy as np
 import pytest
 from sim_fixtures import ly99_amplitudes
+from conftest import CSPAD_DIR
 from tiny_config import tiny_config
 
 from xfel_spread.config import load_config
@@ -122,3 +123,86 @@ def test_a_tiled_run_with_hit_finding_plans_the_hitfind_jobs(tmp_path):
     jobs = job_stats(result.stdout + result.stderr)
     assert {rule: jobs.get(rule) for rule in ("hitfind_shard", "hitfind", "powder", "score_hitfind")} == {
         "hitfind_shard": 4, "hitfind": 2, "powder": 2, "score_hitfind": 2}
+
+
+# ---------------------------------------------------------------------------------------------
+# simulate.detector.geometry: a detector read from a file (here the real CSPAD's, from one of its CBFs)
+
+
+def test_moving_panels_by_the_beam_offset_matches_the_single_panels_offset():
+    from xfel_spread.sim.geometry import Detector
+
+    panel = Detector(300, 200, 0.1, 120.0, (14.0, 11.0))
+    offset = (0.5, -0.3)
+    moved = MultiPanelDetector.from_single(panel).moved(offset_px=offset)
+    expected = MultiPanelDetector.from_single(panel.with_beam_center_offset_px(offset))
+    assert np.allclose(moved.beam_centre_px(), expected.beam_centre_px(), atol=1e-12)
+    assert np.allclose(moved.beam_centre_px()[0] - MultiPanelDetector.from_single(panel).beam_centre_px()[0], offset)
+    # Each panel's own move stays in its plane and within shift_px along its axes.
+    tiles = MultiPanelDetector.split(panel, 2, 2)
+    shifted = tiles.moved(shift_px=1.0, seed=2)
+    for before, after in zip(tiles.panels, shifted.panels):
+        step = np.subtract(after.origin_mm, before.origin_mm) / 0.1
+        assert abs(step[2]) < 1e-12 and np.all(np.abs(step[:2]) <= 1.0) and np.abs(step).max() > 0.01
+    assert np.array_equal(tiles.moved(shift_px=1.0, seed=2)._origin, shifted._origin)
+
+
+def cspad_geometry_config(**detector):
+    config = tiny_config(seed=3, n_shots=1, shots_per_shard=1,
+                         background={"water_thickness_mm": 0.002, "air_path_mm": 0.2})
+    cbf = sorted(CSPAD_DIR.glob("*.cbf"))[0]
+    config["simulate"]["detector"] = {"geometry": str(cbf), "tiles": {"shift_px": 1.0, "seed": 4},
+                                      "beam_center_offset_px": [0.5, 0.5], **detector}
+    return config
+
+
+@pytest.mark.skipif(not CSPAD_DIR.is_dir(), reason="needs ../shared/data/real/thermolysin_cspad")
+def test_a_detector_geometry_file_is_rendered_and_the_shard_returns_its_panels(tmp_path, amplitudes):
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    from xfel_spread.sim.shard import setup_from_config, simulate_shard
+
+    config = load_config(cspad_geometry_config())
+    setup = setup_from_config(config, amplitudes)
+    cbf = config["simulate"]["detector"]["geometry"]
+    reference = MultiPanelDetector.from_file(cbf)
+    assert len(setup.nominal_tiles) == 64 and setup.nominal_detector.pixel_size_mm == pytest.approx(0.10992)
+    paths = {dataset: str(tmp_path / f"{dataset}.h5") for dataset in ("nopsf", "psf")}
+    simulate_shard(setup, 0, 1, paths, str(tmp_path / "truth.json"))
+    assert read_shard_image(paths["psf"], 0).shape == (64, 185, 194)
+    read_back = MultiPanelDetector.from_dxtbx(ExperimentListFactory.from_filenames([paths["nopsf"]])[0].detector)
+    for ours, theirs in zip(reference.panels, read_back.panels):
+        assert np.allclose(ours.origin_mm, theirs.origin_mm, atol=1e-9)
+        assert np.allclose(ours.fast_axis, theirs.fast_axis, atol=1e-12)
+        assert np.allclose(ours.slow_axis, theirs.slow_axis, atol=1e-12)
+    # The true panels: the file's, each moved by up to 1 px in its own plane, all by the beam offset.
+    whole = -0.10992 * (0.5 * np.array([1.0, 0.0, 0.0]) + 0.5 * np.array([0.0, -1.0, 0.0]))
+    for nominal, true in zip(reference.panels, setup.true_tiles.panels):
+        own = np.subtract(true.origin_mm, nominal.origin_mm) - whole
+        assert abs(own @ nominal.normal) < 1e-9
+        assert abs(own @ np.asarray(nominal.fast_axis)) <= 0.10992 + 1e-9
+        assert abs(own @ np.asarray(nominal.slow_axis)) <= 0.10992 + 1e-9
+    truth = __import__("json").loads((tmp_path / "truth.json").read_text())["shots"][0]
+    # The truth's beam centre is panel 0's, in its own frame: the laboratory offset seen along its axes.
+    beam_move = -whole / 0.10992
+    first = reference.panels[0]
+    assert truth["true_beam_center_offset_px"] == pytest.approx(
+        [beam_move @ np.asarray(first.fast_axis), beam_move @ np.asarray(first.slow_axis)], abs=1e-3)
+    assert len(truth["true_tile_origin_mm"]) == 64
+    # Bragg spots land on the tiles: some pixels far above the background of this shot.
+    image = read_shard_image(paths["nopsf"], 0)
+    assert image.max() > 50 * np.median(image)
+
+
+def test_a_geometry_file_with_tiles_missing_or_unreadable_is_one_line(tmp_path):
+    config = load_config(cspad_geometry_config(tiles={"fast": 2, "slow": 1}))
+    with pytest.raises(RunSettingsError, match="geometry and simulate.detector.tiles 2 x 1 are both given"):
+        check_tiles(config, "config.yaml")
+    config = load_config(cspad_geometry_config(geometry=str(tmp_path / "absent.expt")))
+    with pytest.raises(RunSettingsError, match="absent.expt: no such file"):
+        check_tiles(config, "config.yaml")
+    junk = tmp_path / "junk.cbf"
+    junk.write_text("not an image\n")
+    config = load_config(cspad_geometry_config(geometry=str(junk)))
+    with pytest.raises(RunSettingsError, match=r"^Config error: config.yaml: simulate.detector.geometry: .*junk.cbf: "):
+        check_tiles(config, "config.yaml")

@@ -65,20 +65,41 @@ def check_run_settings(config: Mapping, source_name: str, output_dir: str) -> No
 
 def check_tiles(config: Mapping, source_name: str) -> None:
     """Refuse tiles of unequal shapes (simulate.detector.tiles; the shard stores them as one array).
-    Hit finding reads tiled shards (every panel from its own frame, ``hitfind.radial``)."""
-    tiles = config["simulate"]["detector"]["tiles"]
+    Hit finding reads tiled shards (every panel from its own frame, ``hitfind.radial``). A detector
+    geometry file (simulate.detector.geometry) must be one the simulator can render, without tiles."""
+    detector = config["simulate"]["detector"]
+    tiles = detector["tiles"]
+    if detector["geometry"] is not None and config["input"]["source"] == "simulate":
+        check_geometry(detector, source_name)
     if tiles["fast"] == 1 and tiles["slow"] == 1:
         return
     from xfel_spread.sim.geometry import Detector
     from xfel_spread.sim.shard import detector_tiles
 
-    detector = config["simulate"]["detector"]
     panel = Detector(detector["n_fast"], detector["n_slow"], detector["pixel_size_mm"], detector["distance_mm"],
                      (0.0, 0.0))
     try:
         detector_tiles(tiles, panel, panel)
     except ValueError as error:
         raise RunSettingsError(f"Config error: {source_name}: {error}") from None
+
+
+def check_geometry(detector: Mapping, source_name: str) -> None:
+    """Refuse a simulate.detector.geometry the simulator cannot render (unreadable, panels of several
+    shapes or pixel sizes) or given with tiles."""
+    from xfel_spread.sim.shard import geometry_tiles
+
+    tiles = detector["tiles"]
+    if tiles["fast"] != 1 or tiles["slow"] != 1:
+        raise RunSettingsError(f"Config error: {source_name}: simulate.detector.geometry and simulate.detector.tiles "
+                               f"{tiles['fast']} x {tiles['slow']} are both given; the geometry file names the panels")
+    if not os.path.isfile(detector["geometry"]):
+        raise RunSettingsError(f"Config error: {source_name}: simulate.detector.geometry: {detector['geometry']}: "
+                               "no such file")
+    try:
+        geometry_tiles(detector)
+    except ValueError as error:
+        raise RunSettingsError(f"Config error: {source_name}: simulate.detector.geometry: {error}") from None
 
 
 def check_phil_files(config: Mapping) -> None:

@@ -327,6 +327,46 @@ class MultiPanelDetector:
                 name=str(panel.get_name())))
         return cls(panels)
 
+    def moved(self, shift_px: float = 0.0, seed: int = 0,
+              offset_px: tuple[float, float] = (0.0, 0.0)) -> "MultiPanelDetector":
+        """The detector with every panel moved in its own plane by a uniform random amount up to
+        ``shift_px`` pixels along its fast and slow axes (seeded, one draw per panel in order, as
+        :meth:`split` draws them), and then all panels moved together so that the direct beam meets
+        the detector ``offset_px`` pixels further along the laboratory ``FAST_AXIS`` and ``SLOW_AXIS``
+        (the single panel's :meth:`Detector.with_beam_center_offset_px`)."""
+        rng = np.random.default_rng(seed)
+        pixel = self.pixel_size_mm
+        whole = -pixel * (offset_px[0] * np.asarray(FAST_AXIS) + offset_px[1] * np.asarray(SLOW_AXIS))
+        panels = []
+        for panel in self.panels:
+            move = rng.uniform(-shift_px, shift_px, 2) if shift_px else np.zeros(2)
+            origin = (np.asarray(panel.origin_mm) + whole + pixel * (move[0] * np.asarray(panel.fast_axis)
+                                                                    + move[1] * np.asarray(panel.slow_axis)))
+            panels.append(Panel(tuple(float(v) for v in origin), panel.fast_axis, panel.slow_axis, panel.pixel_size_mm,
+                                panel.n_fast, panel.n_slow, panel.thickness_mm, panel.attenuation_length_mm,
+                                name=panel.name))
+        return MultiPanelDetector(panels, self.shift_mm)
+
+    @classmethod
+    def from_file(cls, path, **sensor) -> "MultiPanelDetector":
+        """The detector of an ``.expt`` (its first detector) or of any image file dxtbx reads (its first
+        image's). ValueError with one line naming ``path`` when neither reads it."""
+        path = str(path)
+        if path.endswith((".expt", ".json")):
+            try:
+                return cls.from_expt(path, **sensor)
+            except (OSError, RuntimeError, ValueError, KeyError, IndexError) as error:
+                raise ValueError(f"{path}: not an experiment list with a detector ({str(error).splitlines()[0]})") from None
+        from dxtbx.model.experiment_list import ExperimentListFactory
+
+        try:
+            experiments = ExperimentListFactory.from_filenames([path])
+        except Exception as error:  # dxtbx raises Sorry and assorted errors for files it cannot read
+            raise ValueError(f"{path}: dxtbx cannot read it ({str(error).splitlines()[0] if str(error) else type(error).__name__})") from None
+        if not len(experiments.detectors()):
+            raise ValueError(f"{path}: dxtbx reads no detector from it")
+        return cls.from_dxtbx(experiments.detectors()[0], **sensor)
+
     @classmethod
     def from_expt(cls, path, **sensor) -> "MultiPanelDetector":
         """The detector of the first experiment (or the only detector) of an ``.expt`` file."""

@@ -159,7 +159,10 @@ def setup_from_config(config: dict, amplitude_table_path: str) -> SimulationSetu
         sase = SaseModel(spectrum["envelope_center_ev"], spectrum["envelope_fwhm_ev"], spectrum["center_jitter_ev"],
                          spectrum["n_modes"], spectrum["mode_fwhm_ev"], beam["total_photons"])
     true_detector = nominal.with_beam_center_offset_px(tuple(det["beam_center_offset_px"]))
-    nominal_tiles, true_tiles = detector_tiles(det["tiles"], nominal, true_detector)
+    if det["geometry"] is not None:
+        nominal, true_detector, nominal_tiles, true_tiles = geometry_tiles(det)
+    else:
+        nominal_tiles, true_tiles = detector_tiles(det["tiles"], nominal, true_detector)
     return SimulationSetup(
         nominal_detector=nominal,
         true_detector=true_detector,
@@ -178,7 +181,7 @@ def setup_from_config(config: dict, amplitude_table_path: str) -> SimulationSetu
         polarization_fraction=beam["polarization_fraction"],
         readout=effects.ReadoutModel(det["gain_adu_per_photon"], det["adc_offset_adu"], det["readout_noise_adu"],
                                      det["calibration_noise_fraction"]),
-        psf_fwhm_px=det["psf_fwhm_mm"] / det["pixel_size_mm"],
+        psf_fwhm_px=det["psf_fwhm_mm"] / nominal.pixel_size_mm,
         psf_radius_px=det["psf_radius_px"],
         materials=materials,
         seed=sim["seed"],
@@ -205,6 +208,39 @@ def detector_tiles(tiles: dict, nominal: Detector, true_detector: Detector):
         raise ValueError(f"simulate.detector.tiles: {tiles['fast']} x {tiles['slow']} tiles with a {tiles['gap_px']} px "
                          f"gap give tiles of shapes {sorted(shapes)}; they must share one shape")
     return nominal_tiles, true_tiles
+
+
+def geometry_tiles(det: dict):
+    """(nominal, true, nominal tiles, true tiles) of ``simulate.detector.geometry``.
+
+    The nominal tiles are the panels of the file's detector with the config's sensor (thickness and
+    attenuation length); the true ones are them moved by :meth:`MultiPanelDetector.moved` (each panel
+    up to ``tiles.shift_px`` in its plane, seeded by ``tiles.seed``; all by ``beam_center_offset_px``).
+    The single-panel stand-ins carry the pixel size, mean distance, one tile's shape and where the beam
+    meets panel 0 (nominal and true, in its own frame, mm) for the truth file. The panels must share one
+    shape and one square pixel size (ValueError naming the file otherwise).
+    """
+    path, tiles, offset = det["geometry"], det["tiles"], tuple(det["beam_center_offset_px"])
+    nominal_tiles = MultiPanelDetector.from_file(path, thickness_mm=det["thickness_mm"],
+                                                 attenuation_length_mm=det["attenuation_length_mm"])
+    shapes = {(panel.n_fast, panel.n_slow) for panel in nominal_tiles.panels}
+    if len(shapes) != 1:
+        raise ValueError(f"{path}: its {len(nominal_tiles)} panels have {len(shapes)} shapes; the simulator needs "
+                         "one shape (the shard stores the panels as one array)")
+    try:
+        pixel = nominal_tiles.pixel_size_mm
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
+    true_tiles = nominal_tiles.moved(tiles["shift_px"], tiles["seed"], offset)
+    centre_nominal = nominal_tiles.beam_centre_px()[0] * pixel
+    centre_true = nominal_tiles.moved(offset_px=offset).beam_centre_px()[0] * pixel
+    n_fast, n_slow = shapes.pop()
+
+    def stand_in(centre):
+        return Detector(n_fast, n_slow, pixel, nominal_tiles.distance_mm, tuple(float(v) for v in centre),
+                        det["thickness_mm"], det["attenuation_length_mm"])
+
+    return stand_in(centre_nominal), stand_in(centre_true), nominal_tiles, true_tiles
 
 
 def shot_spectrum(setup: SimulationSetup, shot_index: int) -> np.ndarray:
