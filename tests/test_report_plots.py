@@ -68,3 +68,31 @@ def test_missing_input_is_one_line_naming_the_file(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("spread-plot-shot: error: ") and str(missing) in lines[0], lines
     assert not (tmp_path / "shot.png").exists()
+
+
+def test_a_panel_cut_into_tiles_is_laid_out_as_the_panel_and_its_spots_move_with_it():
+    """PanelLayout places each tile's pixels at their laboratory x, y: 2 x 2 abutting tiles of a panel give
+    back the panel's image, and a spot on a tile lands where it is on the panel."""
+    from xfel_spread.dials.plots import laid_out
+    from xfel_spread.sim.geometry import Detector, MultiPanelDetector
+
+    panel = Detector(12, 10, 0.1, 100.0, (0.55, 0.45))
+    tiles = MultiPanelDetector.split(panel, 2, 2)
+    detector = {"pixel_size_mm": 0.1, "panel_origin_mm": [list(t.origin_mm) for t in tiles.panels],
+                "panel_fast_axis": [list(t.fast_axis) for t in tiles.panels],
+                "panel_slow_axis": [list(t.slow_axis) for t in tiles.panels]}
+    image = np.arange(120.0).reshape(10, 12)
+    cut = np.stack([image[:5, :6], image[:5, 6:], image[5:, :6], image[5:, 6:]])
+    spots = (np.array([[1.5, 2.25], [0.5, 4.5]]), np.array([[1.4, 2.2]]), np.array([3, 0]))
+    picture, (predicted, observed) = laid_out(cut, detector, spots)
+    assert np.array_equal(picture, image)
+    assert np.allclose(predicted, [[7.5, 7.25], [0.5, 4.5]]) and np.allclose(observed, [[7.4, 7.2]])
+    # One panel: as it is.
+    same, (p, o) = laid_out(image, detector, spots)
+    assert same is image and p is spots[0] and o is spots[1]
+
+
+def test_image_photons_takes_per_panel_gain_and_offset():
+    image = np.full((2, 3, 3), 30.0)
+    photons = image_photons(image, {"adc_offset_adu": [10.0, 0.0], "gain_adu_per_photon": [2.0, 3.0]})
+    assert np.allclose(photons[0], 10.0) and np.allclose(photons[1], 10.0)

@@ -17,8 +17,11 @@ from xfel_spread.dials.stills import INTEGRATED
 from xfel_spread.io.stills import output_paths, read_shots_table
 
 
-def predicted_and_observed_px(integrated_experiments: Path, integrated_reflections: Path, image: int):
-    """(predicted, observed) spot centres in px (x, y) of the lattice of ``image``, or None if it has none."""
+def predicted_and_observed_px(integrated_experiments: Path, integrated_reflections: Path, image: int,
+                              with_panel: bool = False):
+    """(predicted, observed) spot centres in px (x, y, each in its own panel's frame) of the lattice of
+    ``image``, or None if it has none; with ``with_panel`` also each spot's panel (predicted, observed,
+    panel)."""
     from dials.array_family import flex
     from dxtbx.model.experiment_list import ExperimentList
 
@@ -30,7 +33,25 @@ def predicted_and_observed_px(integrated_experiments: Path, integrated_reflectio
     lattice = reflections.select(reflections["id"] == ids[0])
     predicted = np.array(lattice["xyzcal.px"])[:, :2]
     observed = np.array(lattice["xyzobs.px.value"])[:, :2] if "xyzobs.px.value" in lattice else np.empty((0, 2))
+    if with_panel:
+        return predicted, observed, np.array(lattice["panel"], dtype=np.int64)
     return predicted, observed
+
+
+def laid_out(image: np.ndarray, detector: dict, spots: tuple | None):
+    """A shot ready to draw: a one-panel ``image`` and ``spots`` (predicted, observed) as they are; a
+    multi-panel image (n_panels, n_slow, n_fast) as one picture of its panels at their laboratory
+    positions (:class:`xfel_spread.plotting.PanelLayout`, from the shard's ``detector`` attributes),
+    with ``spots`` (predicted, observed, panel) moved onto it. Returns (image, (predicted, observed) or None)."""
+    from xfel_spread.plotting import PanelLayout
+
+    if image.ndim == 2:
+        return image, (None if spots is None else spots[:2])
+    layout = PanelLayout(detector, image.shape)
+    if spots is not None:
+        predicted, observed, panel = spots
+        spots = (layout.to_picture(panel, predicted), layout.to_picture(panel[:len(observed)], observed))
+    return layout.picture(image), spots
 
 
 def plot_dials_summary(path, dataset: str, misorientations: dict[str, Sequence[float]],
@@ -97,16 +118,18 @@ def plot_pipeline_outputs(path, dataset: str, lattices_by_pass: dict, metrology_
     """:func:`plot_dials_summary` from the stages' files: the scored lattices of each pass, the metrology
     summary, and the first integrated shot of the reindex pass's first shard (``reindex_prefix``), whose
     image is read from ``image_shard`` and whose truth file gives the true beam centre."""
-    from xfel_spread.io.shard import read_shard_image
+    from xfel_spread.io.shard import read_shard_image, read_shard_metadata
 
     first_shard = output_paths(reindex_prefix)
     integrated = [row for row in read_shots_table(first_shard["shots"]) if row["status"] == INTEGRATED]
     image = spots = shot = None
     if integrated:
         shot = integrated[0]["shot"]
-        image = read_shard_image(image_shard, integrated[0]["image"])
+        image = read_shard_image(image_shard, integrated[0]["image"], multi_panel=True)
         spots = predicted_and_observed_px(first_shard["integrated_experiments"],
-                                          first_shard["integrated_reflections"], integrated[0]["image"])
+                                          first_shard["integrated_reflections"], integrated[0]["image"],
+                                          with_panel=True)
+        image, spots = laid_out(image, read_shard_metadata(image_shard, multi_panel=True).detector, spots)
     true_mm = np.array(json.loads(Path(truth_path).read_text())["shots"][0]["true_beam_center_mm"])
     pixel_mm = np.array(metrology_summary["before"]["panels"][0]["pixel_size_mm"])
     centres = {"nominal": metrology_summary["before"]["panels"][0]["beam_centre_px"],

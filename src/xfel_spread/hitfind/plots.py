@@ -1,8 +1,9 @@
 """Figures of the hitfind stage (matplotlib Agg, written atomically).
 
 ``plot_powder``: the powder pattern (sum of all shots) beside its radial profile and some shots' own; a
-multi-panel powder is drawn as its panels side by side in index order (:func:`panel_montage`), not
-at their laboratory positions: the radial profile beside it is the one computed over all panels.
+multi-panel powder is drawn with its panels at their laboratory positions (x, y seen along the beam),
+or side by side in index order (:func:`panel_montage`) when its radial file has no panel frames; the
+radial profile beside it is the one computed over all panels.
 ``plot_shots``: lit pixels per shot with the hit threshold, and each shot's solvent-ring peak.
 ``plot_score``: the mean solvent profile against the simulator's background model, and lit pixels of
 true hits and blanks.
@@ -49,24 +50,35 @@ def panel_montage(panels: np.ndarray, max_pixels: int = DISPLAY_PIXELS) -> np.nd
 
 
 def plot_powder(path, powder: np.ndarray, q_inv_a: np.ndarray, profile: np.ndarray, solvent_profile: np.ndarray,
-                shot_profiles: np.ndarray, ring: RingPeak, n_shots: int) -> None:
-    """Powder image (log scale; a multi-panel one as :func:`panel_montage`) and radial profiles (photons
-    per pixel at normal incidence) against q."""
+                shot_profiles: np.ndarray, ring: RingPeak, n_shots: int, detector: dict | None = None) -> None:
+    """Powder image (log scale) and radial profiles (photons per pixel at normal incidence) against q.
+    A multi-panel powder is drawn with its panels at their laboratory positions when ``detector`` (the
+    shard's ``/detector`` attributes) gives them (:class:`xfel_spread.plotting.PanelLayout`), else as
+    :func:`panel_montage`."""
     pyplot = plotting.pyplot()
     figure, (left, right) = pyplot.subplots(1, 2, figsize=(14, 6))
-    shown = block_sum(powder) if powder.ndim == 2 else panel_montage(powder)
+    laid_out = powder.ndim == 3 and detector is not None and "panel_origin_mm" in detector
+    if powder.ndim == 2:
+        shown = block_sum(powder)
+    elif laid_out:
+        shown = block_sum(plotting.PanelLayout(detector, powder.shape).picture(powder, fill=0.0))
+    else:
+        shown = panel_montage(powder)
     positive = shown[shown > 0]
     low = np.percentile(positive, 1) if positive.size else 1.0
     image = left.imshow(np.log10(np.clip(shown, low, None)), cmap="magma", origin="upper")
     figure.colorbar(image, ax=left, label="log10 photons (summed over shots and display blocks)")
     if powder.ndim == 2:
         left.set_title(f"powder pattern: sum of {n_shots} shots")
+    elif laid_out:
+        left.set_title(f"powder pattern: sum of {n_shots} shots; its {powder.shape[0]} panels at their\n"
+                       "laboratory positions seen along the beam", fontsize="medium")
     else:
         left.set_title(f"powder pattern: sum of {n_shots} shots; its {powder.shape[0]} panels in index order,\n"
                        "not at their laboratory positions (the profile uses every panel's own frame)",
                        fontsize="medium")
-    left.set_xlabel("fast (display px)")
-    left.set_ylabel("slow (display px)")
+    left.set_xlabel("laboratory x (display px)" if laid_out else "fast (display px)")
+    left.set_ylabel("laboratory -y (display px)" if laid_out else "slow (display px)")
 
     for shot_profile in shot_profiles:
         right.plot(q_inv_a, shot_profile, color="tab:blue", alpha=0.25, linewidth=0.7)

@@ -181,7 +181,8 @@ def sum_powder(radial_paths: Sequence, powder_paths: Sequence, ring_q_range_inv_
     with atomic_output(outputs["summary"], "w") as stream:
         json.dump(_finite_or_none(asdict(summary)), stream, indent=1)
     plots.plot_powder(outputs["plot"], powder.photons.reshape(geometry.shape), geometry.q_inv_a(wavelength),
-                      corrected_profile, solvent_profile, _some_profiles(radials), ring, powder.n_shots)
+                      corrected_profile, solvent_profile, _some_profiles(radials), ring, powder.n_shots,
+                      detector=first.detector)
     return summary
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from xfel_spread import plotting
-from xfel_spread.dials.plots import predicted_and_observed_px
+from xfel_spread.dials.plots import laid_out, predicted_and_observed_px
 from xfel_spread.dials.stills import INTEGRATED
 from xfel_spread.io.shard import read_shard_image, read_shard_metadata
 from xfel_spread.io.stills import output_paths, read_shots_table
@@ -30,7 +30,10 @@ SHOT_FIGURE_SIDE = 400
 
 def image_photons(image_adu: np.ndarray, detector: dict) -> np.ndarray:
     """Pixel values in photons: ADU minus the ADC offset, over the gain (readout noise can go below 0)."""
-    return (image_adu.astype(np.float64) - detector["adc_offset_adu"]) / detector["gain_adu_per_photon"]
+    offset, gain = (np.asarray(detector[key], dtype=np.float64) for key in ("adc_offset_adu", "gain_adu_per_photon"))
+    if image_adu.ndim == 3:  # per-panel values where the panels differ
+        offset, gain = (value.reshape(-1, 1, 1) if value.ndim else value for value in (offset, gain))
+    return (image_adu.astype(np.float64) - offset) / gain
 
 
 def block_maximum(image: np.ndarray, max_side: int) -> tuple[np.ndarray, int]:
@@ -51,8 +54,9 @@ def first_integrated_shot(reindex_prefix) -> dict | None:
 
 
 def plot_shot_with_predictions(path, dataset: str, photons: np.ndarray, predicted_px: np.ndarray | None,
-                               shot: int) -> None:
-    """Write one shot's image (photons, log colour scale) with ``predicted_px`` (x, y) spots overlaid."""
+                               shot: int, n_panels: int = 1) -> None:
+    """Write one shot's image (photons, log colour scale) with ``predicted_px`` (x, y) spots overlaid.
+    A multi-panel shot (``n_panels`` > 1) comes laid out as one picture (``dials.plots.laid_out``)."""
     from matplotlib.colors import LogNorm
 
     pyplot = plotting.pyplot()
@@ -72,8 +76,12 @@ def plot_shot_with_predictions(path, dataset: str, photons: np.ndarray, predicte
         axes.set_title(f"dataset {dataset}, shot {shot}: simulated image and predicted spots")
     else:
         axes.set_title(f"dataset {dataset}, shot {shot}: not integrated by the reindex pass")
-    axes.set_xlabel("fast (px)")
-    axes.set_ylabel("slow (px)")
+    if n_panels > 1:
+        axes.set_xlabel(f"laboratory x (px): {n_panels} panels at their positions seen along the beam")
+        axes.set_ylabel("laboratory -y (px)")
+    else:
+        axes.set_xlabel("fast (px)")
+        axes.set_ylabel("slow (px)")
     plotting.save_png(figure, path)
 
 
@@ -81,17 +89,19 @@ def plot_shot_from_files(path, dataset: str, reindex_prefix, shard_path) -> int:
     """:func:`plot_shot_with_predictions` for the first shot of ``shard_path`` that the reindex pass
     (output ``reindex_prefix``) integrated, or the shard's first shot when it integrated none.
     Returns the shot drawn."""
-    metadata = read_shard_metadata(shard_path)
+    metadata = read_shard_metadata(shard_path, multi_panel=True)
     row = first_integrated_shot(reindex_prefix)
     image = row["image"] if row is not None else 0
-    predicted = None
+    spots = None
     if row is not None:
         files = output_paths(reindex_prefix)
-        spots = predicted_and_observed_px(files["integrated_experiments"], files["integrated_reflections"], image)
-        predicted = spots[0] if spots is not None else None
-    photons = image_photons(read_shard_image(shard_path, image), metadata.detector)
+        spots = predicted_and_observed_px(files["integrated_experiments"], files["integrated_reflections"], image,
+                                          with_panel=True)
+    photons = image_photons(read_shard_image(shard_path, image, multi_panel=True), metadata.detector)
+    panels = 1 if photons.ndim == 2 else len(photons)
+    photons, spots = laid_out(photons, metadata.detector, spots)
     shot = int(metadata.shot_index[image])
-    plot_shot_with_predictions(path, dataset, photons, predicted, shot)
+    plot_shot_with_predictions(path, dataset, photons, None if spots is None else spots[0], shot, panels)
     return shot
 
 
