@@ -28,7 +28,7 @@ lint: setup
 # dry runs; the runs that use or extend the session's completed demo run (report first, before the pipeline
 # tests extend the run, then resume); and the rest of the suite. Their logs follow in that order and the
 # target fails if any fails.
-SLURM_TESTS := tests/test_slurm.py tests/test_images_pipeline.py tests/test_scale.py tests/test_images_scale.py
+SLURM_TESTS := tests/test_slurm.py tests/test_images_pipeline.py tests/test_geometry_pipeline.py tests/test_scale.py tests/test_images_scale.py
 PIPELINE_TESTS := tests/test_report.py tests/test_pipeline.py tests/test_resume.py
 test: setup
 	@scratch=$$(mktemp -d); \
