@@ -135,6 +135,8 @@ def main() -> None:
     parser.add_argument("--strong-only", action="store_true", help="shoeboxes round the strong spots only")
     parser.add_argument("--mosaic-domains", type=int, default=None, help="domains of the model (with eta refined)")
     parser.add_argument("--eta-deg", type=float, default=None, help="start eta (degrees)")
+    parser.add_argument("--max-iterations", type=int, default=None, help="L-BFGS-B iterations (schema default if absent)")
+    parser.add_argument("--stills", type=int, nargs="+", default=None, help="refine only these stills (all merge)")
     arguments = parser.parse_args()
     torch.set_num_threads(arguments.threads)
 
@@ -157,8 +159,12 @@ def main() -> None:
         section["mosaic_domains"] = arguments.mosaic_domains
     if arguments.eta_deg is not None:
         section["initial"]["eta_deg"] = arguments.eta_deg
+    if arguments.max_iterations is not None:
+        section["max_iterations"] = arguments.max_iterations
     settings = Stage1Settings.from_config(section)
     for lattice, experiment in enumerate(experiments):
+        if arguments.stills is not None and lattice not in arguments.stills:
+            continue
         table = reflections.select((reflections["id"] == lattice)
                                    & reflections.get_flags(reflections.flags.integrated_sum))
         if arguments.strong_only:
