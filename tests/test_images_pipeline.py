@@ -178,6 +178,30 @@ def test_cspad_thermolysin_stills_index_in_p6122_through_the_index_stage(tmp_pat
         cell = np.array(experiment.crystal.get_unit_cell().parameters())
         assert cell == pytest.approx([93.4, 93.4, 131.2, 90, 90, 120], rel=0.01)
 
+    # Stage 1's read path takes the 64-panel image list: boxes on their reflections' panels, pixel values
+    # read through dxtbx from the CBF (gain 1, pedestal 0 in its panels: photons are ADU here), every
+    # panel's trusted range. The integrated files stand in for the annulus's (the annulus needs a merge,
+    # which three lattices are too few for).
+    import shutil
+
+    from xfel_spread.stage1.rois import open_annulus_shard, shot_pixels
+
+    prefix = tmp_path / "results/index/images/shard_00000"
+    for suffix in ("expt", "refl"):
+        shutil.copy(f"{prefix}_integrated.{suffix}", f"{prefix}_annulus.{suffix}")
+    annulus = open_annulus_shard(prefix, tmp_path / "results/images/images/shard_00000.h5")
+    lattice = 0
+    image = annulus.image_index(lattice)
+    from xfel_spread.io.shard import read_shard_image
+
+    image_adu = read_shard_image(annulus.shard_path, image, multi_panel=True)
+    assert image_adu.shape == (64, 185, 194)
+    shot, counts = shot_pixels(annulus, lattice, image_adu, 12)
+    assert counts.reflections > 100 and shot.n_rois == counts.reflections - counts.no_background
+    assert len(set(shot.roi_panel.tolist())) > 30
+    assert np.array_equal(shot.data_photons, image_adu[shot.pixel_panel, shot.pixel_slow, shot.pixel_fast])
+    assert np.all(shot.pixel_panel == shot.roi_panel[shot.pixel_roi]) and shot.trusted.mean() > 0.5
+
 
 def test_the_rayonix_mfx_still_runs_through_hit_finding_and_index_with_its_mask(tmp_path):
     phil = tmp_path / "rayonix.phil"

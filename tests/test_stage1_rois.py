@@ -350,11 +350,11 @@ def test_lattices_on_one_image_share_one_read_and_failures_do_not_stop_the_other
     annulus = rois.open_annulus_shard(case.annulus_prefix, case.shard)
     reads = []
 
-    def counting_read(path, index):
+    def counting_read(path, index, multi_panel=False):
         reads.append(index)
         if index == 1:
             raise OSError("corrupt chunk")
-        return read_shard_image(path, index)
+        return read_shard_image(path, index, multi_panel)
 
     monkeypatch.setattr(rois, "read_shard_image", counting_read)
     failures = []

@@ -233,7 +233,7 @@ def open_annulus_shard(prefix: str | os.PathLike, shard_path: str | os.PathLike)
 
     experiments_path = Path(f"{prefix}_annulus.expt")
     reflections_path = Path(f"{prefix}_annulus.refl")
-    metadata = read_shard_metadata(shard_path)
+    metadata = read_shard_metadata(shard_path, multi_panel=True)
     for path in (experiments_path, reflections_path):
         if not path.is_file():
             raise RoiInputError(f"{path}: no such file")
@@ -256,7 +256,7 @@ def open_annulus_shard(prefix: str | os.PathLike, shard_path: str | os.PathLike)
         detector_from_dials(experiment.detector, metadata.detector, experiments_path)
         check_polarization(experiment.beam, experiments_path)
     return AnnulusShard(experiments_path, reflections_path, Path(shard_path), experiments, reflections, metadata,
-                        read_shard_mask(shard_path))
+                        read_shard_mask(shard_path, multi_panel=True))
 
 
 def _same_file(a, b) -> bool:
@@ -331,7 +331,15 @@ def shot_pixels(annulus: AnnulusShard, lattice: int, image_adu: np.ndarray,
             trusted &= annulus.mask[pixels.panel, pixels.slow, pixels.fast]
         else:
             trusted &= annulus.mask[pixels.slow, pixels.fast]
-    photons_px = (adu - metadata.detector["adc_offset_adu"]) / metadata.detector["gain_adu_per_photon"]
+    offset = np.asarray(metadata.detector["adc_offset_adu"], dtype=np.float64)
+    if offset.ndim:  # an image list's panels may each have their own (io.images.multipanel_attrs)
+        offset = offset[pixels.panel]
+    gain = np.asarray(metadata.detector["gain_adu_per_photon"], dtype=np.float64)
+    if gain.ndim:
+        # The likelihood's readout variance takes one gain (ADU per photon) for the shot.
+        raise RoiInputError(f"{annulus.shard_path}: its panels' gains differ ({sorted(set(gain.tolist()))[:3]}...); "
+                            "stage 1 needs one gain for every panel")
+    photons_px = (adu - offset) / gain
     background, has_background = plane_backgrounds(pixels, photons_px, trusted, len(miller_index), centroids)
     counts.no_background = int((~has_background).sum())
 
@@ -439,7 +447,7 @@ def read_lattices(annulus: AnnulusShard, lattices, shoebox_size_px: int, on_erro
         by_image[annulus.image_index(lattice)].append(int(lattice))
     for image_index, image_lattices in by_image.items():
         try:
-            image_adu = read_shard_image(annulus.shard_path, image_index)
+            image_adu = read_shard_image(annulus.shard_path, image_index, multi_panel=True)
         except Exception as error:  # a corrupt chunk fails this image's lattices only
             for lattice in image_lattices:
                 on_error(lattice, error)
