@@ -187,7 +187,8 @@ def main() -> None:
               f"{fit.strong_rmsd_px:.3f} / {fit.strong_radial_rmsd_px:.3f}")
         print(f"    N {fit.final['Na']:.1f} {fit.final['Nb']:.1f} {fit.final['Nc']:.1f}, G {fit.final['G']:.3g}, cell "
               f"a {fit.final['a']:.3f} b/sqrt3 {fit.final['b'] / np.sqrt(3):.3f} c {fit.final['c']:.3f} "
-              f"beta {fit.final['beta_deg']:.3f}, eta {fit.final['eta_deg']:.4f} deg; Z sigma {fit.z_score_sigma_start:.2f} -> {fit.z_score_sigma_final:.2f}")
+              f"beta {fit.final['beta_deg']:.3f}, eta {fit.final['eta_deg']:.4f} deg, detz_shift "
+              f"{fit.final.get('detz_shift_mm', 0.0):.3f} mm; Z sigma {fit.z_score_sigma_start:.2f} -> {fit.z_score_sigma_final:.2f}")
 
 
 if __name__ == "__main__":
