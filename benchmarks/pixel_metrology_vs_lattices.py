@@ -13,7 +13,7 @@ DIALS's figure on the same lattices would need images DIALS indexes; it is measu
 run by benchmarks/metrology_vs_lattices.py (0.04-0.065 px left of 0.5 px, flat from 50 to 200).
 
 Usage: .venv/bin/python benchmarks/pixel_metrology_vs_lattices.py [--lattices 25 50 100 200]
-           [--offset 0.5] [--rois 10] [--threads 1] [--reference-dir ../shared/data]
+           [--offset 0.5] [--rois 10] [--threads 1] [--method profile joint] [--reference-dir ../shared/data]
 """
 
 from __future__ import annotations
@@ -53,6 +53,8 @@ def main() -> None:
                         help="beam-centre offsets (px, along fast and slow) of the images; 0 is the control")
     parser.add_argument("--rois", type=int, default=10, help="shoeboxes per lattice")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--method", choices=["profile", "joint"], nargs="+", default=["profile"],
+                        help="step 2 of stage1.metrology.refine_detector; several: each on the same lattices")
     parser.add_argument("--reference-dir", default=str(REPO.parent / "shared" / "data"))
     arguments = parser.parse_args()
     torch.set_num_threads(arguments.threads)
@@ -70,12 +72,14 @@ def main() -> None:
                 synthetic = simulate_shot_pixels(lookup, energies, unit_cell, seed=seed, n_rois=arguments.rois,
                                                  detector=true_detector)
                 shots.append(with_start(synthetic.shot, synthetic.true_matrix, LY99_DETECTOR))
-            fit = refine_detector(shots[:count], lookup, settings)
-            error = fit.shift[:2] - offset
-            state = "" if fit.converged else f"  NOT converged: {fit.reason}"
-            print(f"{offset:7.2f} {count:9d} {len(fit.kept):5d} {error[0]:+17.4f} {error[1]:+17.4f} "
-                  f"{np.hypot(*error):13.4f} {fit.shift[2]:+14.4f} {fit.n_iterations:11d} {fit.seconds:9.1f} "
-                  f"{fit.seconds / count:10.2f}{state}", flush=True)
+            for method in arguments.method:
+                fit = refine_detector(shots[:count], lookup, settings, method=method)
+                error = fit.shift[:2] - offset
+                state = "" if fit.converged else f"  NOT converged: {fit.reason}"
+                print(f"{offset:7.2f} {count:9d} {len(fit.kept):5d} {error[0]:+17.4f} {error[1]:+17.4f} "
+                      f"{np.hypot(*error):13.4f} {fit.shift[2]:+14.4f} {fit.n_iterations:11d} {fit.seconds:9.1f} "
+                      f"{fit.seconds / count:10.2f}  {method}, {fit.n_evaluations} evaluations, NLL "
+                      f"{fit.nll_start:.6f} -> {fit.nll_final:.6f}{state}", flush=True)
 
 
 if __name__ == "__main__":

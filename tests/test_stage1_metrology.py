@@ -48,3 +48,27 @@ def test_a_half_pixel_beam_centre_offset_is_recovered_and_none_is_not_invented(a
     assert fit.shift[:2] == pytest.approx([offset_px, offset_px], abs=0.02)
     assert abs(fit.shift[2]) < 0.02
     assert fit.nll_final <= fit.nll_start
+
+
+@pytest.mark.slow  # two lattices refined a few dozen times: about 30 s on one busy core
+def test_the_profile_method_recovers_the_offset_where_its_first_trial_step_loses_the_spots(amplitude_table):
+    """method="profile": L-BFGS-B over the detector alone, each lattice re-refined on every detector
+    tried. Its line search's first trial can run to the bounds (5 px off; it did on 25 lattices), where
+    the lattices lose their spots; every evaluation restarts the lattices from the best detector's
+    minima, so the refinement still finds the 0.5 px offset, in a few iterations."""
+    lookup = lookup_for(amplitude_table, FEW_CHANNELS)
+    true_detector = LY99_DETECTOR.with_beam_center_offset_px((0.5, 0.5))
+    shots = []
+    for seed in range(1, 3):
+        synthetic = simulate_shot_pixels(lookup, LY99_ENERGIES_EV[FEW_CHANNELS], amplitude_table.unit_cell, seed=seed,
+                                         n_rois=10, detector=true_detector)
+        shots.append(with_start(synthetic.shot, synthetic.true_matrix, LY99_DETECTOR))
+    fit = refine_detector(shots, lookup, Stage1Settings.from_config({}), method="profile")
+    assert fit.converged, fit.reason
+    assert fit.kept == [0, 1]
+    assert fit.shift[:2] == pytest.approx([0.5, 0.5], abs=0.02) and abs(fit.shift[2]) < 0.02
+    assert fit.nll_final < 0.1 * fit.nll_start
+    assert fit.n_iterations < 50
+    assert len(fit.values) == 2 and all(np.all(np.isfinite(values)) for values in fit.values)
+    with pytest.raises(ValueError, match="method 'newton'"):
+        refine_detector(shots, lookup, Stage1Settings.from_config({}), method="newton")

@@ -50,12 +50,14 @@ class PixelMetrologySettings:
     max_lattices: int = 200
     refine_distance: bool = True
     max_iterations: int = 2000
+    method: str = "joint"
 
     @classmethod
     def from_config(cls, section: dict) -> PixelMetrologySettings:
         return cls(int(section.get("max_lattices", cls.max_lattices)),
                    bool(section.get("refine_distance", cls.refine_distance)),
-                   int(section.get("max_iterations", cls.max_iterations)))
+                   int(section.get("max_iterations", cls.max_iterations)),
+                   str(section.get("method", cls.method)))
 
 
 @dataclass(frozen=True)
@@ -234,7 +236,8 @@ def run_pixel_metrology(inputs: PixelMetrologyInputs) -> dict:
                 len(inputs.stage1_prefixes), device, "refined" if options.refine_distance else "fixed")
     amplitudes = AmplitudeLookup(grid, device)
     fit = refine_detector([lattice.shot for lattice in lattices], amplitudes, settings, psf,
-                          refine_distance=options.refine_distance, max_iterations=options.max_iterations)
+                          refine_distance=options.refine_distance, max_iterations=options.max_iterations,
+                          method=options.method)
     shift = np.asarray(fit.shift, dtype=np.float64)
     after = moved_detector(start, torch.as_tensor(shift, dtype=torch.float64))
     after = Detector(start.n_fast, start.n_slow, start.pixel_size_mm, float(after.distance_mm),
@@ -247,7 +250,7 @@ def run_pixel_metrology(inputs: PixelMetrologyInputs) -> dict:
     summary = {
         "dataset": inputs.dataset, "converged": fit.converged, "reason": fit.reason,
         "shift_fast_px": float(shift[0]), "shift_slow_px": float(shift[1]), "shift_distance_mm": float(shift[2]),
-        "refine_distance": options.refine_distance, "detector": rows,
+        "refine_distance": options.refine_distance, "method": options.method, "detector": rows,
         "n_lattices": len(lattices), "n_kept": len(kept),
         "left_out": [{"shard": lattice.shard, "lattice": lattice.lattice, "identifier": lattice.identifier,
                       "reason": fit.single_fits[position].reason}
