@@ -298,6 +298,22 @@ def test_model_amplitude_grid_must_be_on_the_shards_channels(case):
         stage1_io.load_amplitude_grid("merged", energies, amplitudes_path=case.amplitudes)
 
 
+def test_a_model_of_another_crystal_is_refused_in_one_line(case):
+    """The model's |F| are only used for lattices of its own crystal: LY99's under thermolysin's cell
+    (the default model under real images of something else) stops the job."""
+    energies = read_shard_metadata(case.shard).energy_ev
+    ly99 = (67.2, 59.8, 47.2, 90.0, 110.3, 90.0)
+    grid = stage1_io.load_amplitude_grid("model", energies, amplitudes_path=case.amplitudes,
+                                         lattice_cells=[ly99, (67.5, 59.6, 47.3, 90.0, 110.1, 90.0)], lattices_source="a.expt")
+    assert grid.values.shape[0] == len(CHANNELS)
+    thermolysin = (93.4, 93.4, 131.2, 90.0, 90.0, 120.0)
+    with pytest.raises(stage1_io.Stage1FileError,
+                       match=r"amplitudes\.h5: the model's cell \(.*\) is not the lattices' \(93\.40 93\.40 131\.20 90\.00 "
+                             r"90\.00 120\.00, median of 2 in t\.expt\): the model does not describe this crystal"):
+        stage1_io.load_amplitude_grid("model", energies, amplitudes_path=case.amplitudes,
+                                      lattice_cells=[thermolysin, thermolysin], lattices_source="t.expt")
+
+
 def test_case_mtz_lacks_exactly_the_reflections_it_was_built_without(case):
     energies = read_shard_metadata(case.shard).energy_ev
     grid = stage1_io.amplitude_grid_from_mtz(case.mtz, energies)

@@ -88,9 +88,38 @@ def amplitude_grid_from_mtz(mtz_path: str | os.PathLike, energies_ev: np.ndarray
     return expand_to_p1_grid(table)
 
 
-def amplitude_grid_from_model(amplitudes_path: str | os.PathLike, energies_ev: np.ndarray) -> AmplitudeGrid:
-    """P1 grid of the model's per-channel amplitudes, whose channels must be the shard's."""
+#: Largest relative difference of a, b, c and largest difference of the angles (degrees) between the
+#: model's cell and the lattices' median cell for the model to describe the crystal.
+MODEL_CELL_TOLERANCE = (0.05, 3.0)
+
+
+def check_model_cell(amplitudes_path: str | os.PathLike, model_cell, lattice_cells, source: str) -> None:
+    """Refuse the model's amplitudes for lattices whose median cell is not the model's: a model of another
+    crystal (the LY99 default under real images of something else) would give stage 1 wrong |F| for
+    every reflection. One line (Stage1FileError) naming both cells."""
+    cells = np.asarray(lattice_cells, dtype=np.float64).reshape(-1, 6)
+    if not len(cells):
+        return
+    median = np.median(cells, axis=0)
+    model = np.asarray(model_cell, dtype=np.float64)
+    lengths = np.abs(median[:3] / model[:3] - 1).max()
+    angles = np.abs(median[3:] - model[3:]).max()
+    if lengths > MODEL_CELL_TOLERANCE[0] or angles > MODEL_CELL_TOLERANCE[1]:
+        def shown(cell):
+            return " ".join(f"{value:.2f}" for value in cell)
+        raise Stage1FileError(
+            f"{amplitudes_path}: the model's cell ({shown(model)}) is not the lattices' ({shown(median)}, median of "
+            f"{len(cells)} in {source}): the model does not describe this crystal; give its own model (input.model) "
+            "or take |F| from the data (stage1.structure_factors: merged)")
+
+
+def amplitude_grid_from_model(amplitudes_path: str | os.PathLike, energies_ev: np.ndarray,
+                              lattice_cells=None, source: str = "") -> AmplitudeGrid:
+    """P1 grid of the model's per-channel amplitudes, whose channels must be the shard's and whose cell
+    must be the lattices' (``lattice_cells``: a, b, c, alpha, beta, gamma each; see :func:`check_model_cell`)."""
     table = load_channel_amplitudes(str(amplitudes_path))
+    if lattice_cells is not None:
+        check_model_cell(amplitudes_path, table.unit_cell, lattice_cells, source)
     energies_ev = np.asarray(energies_ev, dtype=np.float64)
     if (table.energies_ev.shape != energies_ev.shape
             or np.abs(table.energies_ev - energies_ev).max() > ENERGY_TOLERANCE_EV):
@@ -100,8 +129,10 @@ def amplitude_grid_from_model(amplitudes_path: str | os.PathLike, energies_ev: n
     return expand_to_p1_grid(table)
 
 
-def load_amplitude_grid(source: str, energies_ev: np.ndarray, mtz_path=None, amplitudes_path=None) -> AmplitudeGrid:
-    """The grid of ``stage1.structure_factors`` (``merged`` or ``model``) from the file it needs."""
+def load_amplitude_grid(source: str, energies_ev: np.ndarray, mtz_path=None, amplitudes_path=None,
+                        lattice_cells=None, lattices_source: str = "") -> AmplitudeGrid:
+    """The grid of ``stage1.structure_factors`` (``merged`` or ``model``) from the file it needs; a model's
+    cell is checked against ``lattice_cells`` when given."""
     if source == "merged":
         if mtz_path is None:
             raise Stage1FileError("stage1.structure_factors is merged: give the merged MTZ (--mtz)")
@@ -109,7 +140,7 @@ def load_amplitude_grid(source: str, energies_ev: np.ndarray, mtz_path=None, amp
     if source == "model":
         if amplitudes_path is None:
             raise Stage1FileError("stage1.structure_factors is model: give the amplitude table (--amplitudes)")
-        return amplitude_grid_from_model(amplitudes_path, energies_ev)
+        return amplitude_grid_from_model(amplitudes_path, energies_ev, lattice_cells, lattices_source)
     raise Stage1FileError(f"stage1.structure_factors: unknown source {source!r}")
 
 

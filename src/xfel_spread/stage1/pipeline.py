@@ -223,7 +223,9 @@ def _prepare(inputs: Stage1Inputs, comm):
     settings = Stage1Settings.from_config(load_config(inputs.config)["stage1"], inputs.config)
     check_source(settings.structure_factors, inputs.config, inputs.mtz, inputs.amplitudes)
     annulus = open_annulus_shard(inputs.annulus_prefix, inputs.shard)
-    grid = load_amplitude_grid(settings.structure_factors, annulus.metadata.energy_ev, inputs.mtz, inputs.amplitudes)
+    cells = [experiment.crystal.get_unit_cell().parameters() for experiment in annulus.experiments]
+    grid = load_amplitude_grid(settings.structure_factors, annulus.metadata.energy_ev, inputs.mtz, inputs.amplitudes,
+                               cells, str(annulus.experiments_path))
     device = resolve_device(settings.device, local_rank(comm), inputs.config)
     for path in output_paths(inputs.output_prefix).values():
         if not path.parent.is_dir():

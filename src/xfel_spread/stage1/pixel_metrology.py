@@ -217,7 +217,9 @@ def run_pixel_metrology(inputs: PixelMetrologyInputs) -> dict:
             continue
         if grid is None:
             grid = load_amplitude_grid(settings.structure_factors, annulus.metadata.energy_ev, inputs.mtz,
-                                       inputs.amplitudes)
+                                       inputs.amplitudes,
+                                       [experiment.crystal.get_unit_cell().parameters() for experiment in annulus.experiments],
+                                       str(annulus.experiments_path))
             first_experiment = annulus.experiments[0]
         lattices += stage1_lattices(annulus, grid, stage1_prefix, shard, options.max_lattices - len(lattices),
                                     settings.shoebox_size_px)
