@@ -7,9 +7,10 @@ images work, ``output.composite_output=True``). What this does, per still:
 - **|F|**: the stills' own integrated intensities (``intensity.sum.value``, flag ``integrated_sum``)
   merged in P 61 2 2 (each still scaled to the first by the least-squares ratio on common
   reflections, then averaged), |F| = sqrt(max(I, 0)), expanded to P1 with Friedel mates.
-- **Setting**: stage 1's crystal model is a C2 cell (a, b, c, beta), so the hexagonal crystal is
-  refined in its C-centred orthohexagonal setting: a_o = a, b_o = a + 2 b, c_o = c (beta 90), Miller
-  indices (h, h + 2k, l).
+- **Setting** (``--setting``): ``hexagonal`` (default) refines the crystal in its own cell, a and c
+  with b = a and gamma 120 (stage 1's cell model for a hexagonal space group); ``orthohexagonal``
+  refines it, as stage 1's C2-only model once required, in its C-centred orthohexagonal setting:
+  a_o = a, b_o = a + 2 b, c_o = c, with a, b, c and beta all free, Miller indices (h, h + 2k, l).
 - **Shoeboxes**: ``--shoebox`` px boxes round each integrated reflection with |F| on the panel of its
   reflection (``stage1.rois.panel_box_pixels``: clipped at the tile's edges), trusted range and mask
   per panel from dxtbx, tilted-plane backgrounds; pixels in photons as ADU / ``--gain``.
@@ -73,14 +74,15 @@ def merged_intensities(experiments, reflections):
     return symmetry, asu, np.array(list(merged.values()))
 
 
-def orthohexagonal_grid(symmetry, asu, intensities) -> AmplitudeGrid:
-    """|F| on a dense P1 grid indexed in the orthohexagonal setting (one channel)."""
+def orthohexagonal_grid(symmetry, asu, intensities, transform=TO_ORTHOHEXAGONAL) -> AmplitudeGrid:
+    """|F| on a dense P1 grid indexed in the setting of ``transform`` (one channel): the orthohexagonal
+    one by default, the hexagonal one itself with the identity."""
     from cctbx import miller
     from cctbx.array_family import flex
 
     array = miller.array(asu, data=flex.double(np.sqrt(np.maximum(intensities, 0.0))))
     p1 = array.expand_to_p1().generate_bijvoet_mates()
-    hkl = np.array(p1.indices(), dtype=np.int64).reshape(-1, 3) @ TO_ORTHOHEXAGONAL.T
+    hkl = np.array(p1.indices(), dtype=np.int64).reshape(-1, 3) @ transform.T
     values = p1.data().as_numpy_array()
     low = hkl.min(axis=0)
     grid = np.zeros((1, *(hkl.max(axis=0) - low + 1)))
@@ -88,12 +90,13 @@ def orthohexagonal_grid(symmetry, asu, intensities) -> AmplitudeGrid:
     return AmplitudeGrid(grid, low)
 
 
-def still_pixels(experiment, table, lookup_grid: AmplitudeGrid, shoebox: int, gain: float) -> ShotPixels:
-    """The still's shoeboxes on the CSPAD tiles, in the orthohexagonal setting."""
+def still_pixels(experiment, table, lookup_grid: AmplitudeGrid, shoebox: int, gain: float,
+                 transform=TO_ORTHOHEXAGONAL, space_group: str = "C 1 2 1") -> ShotPixels:
+    """The still's shoeboxes on the CSPAD tiles, in the setting of ``transform`` (crystal of ``space_group``)."""
     detector = MultiPanelDetector.from_dxtbx(experiment.detector)
     images = [np.asarray(panel.as_numpy_array(), dtype=np.float64) for panel in experiment.imageset.get_raw_data(0)]
     masks = [np.asarray(panel.as_numpy_array(), dtype=bool) for panel in experiment.imageset.get_mask(0)]
-    hkl = np.array(table["miller_index"].as_vec3_double(), dtype=np.int64).reshape(-1, 3) @ TO_ORTHOHEXAGONAL.T
+    hkl = np.array(table["miller_index"].as_vec3_double(), dtype=np.int64).reshape(-1, 3) @ transform.T
     offset = hkl - lookup_grid.hkl_min
     inside = np.all((offset >= 0) & (offset < np.array(lookup_grid.values.shape[1:])), axis=1)
     has_f = np.zeros(len(hkl), dtype=bool)
@@ -108,13 +111,13 @@ def still_pixels(experiment, table, lookup_grid: AmplitudeGrid, shoebox: int, ga
     photons = adu / gain
     background, has_background = plane_backgrounds(pixels, photons, trusted, len(hkl), centroids)
     strong = (table["flags"].as_numpy_array() & int(table.flags.strong)) != 0
-    matrix = TO_ORTHOHEXAGONAL @ np.array([list(v) for v in experiment.crystal.get_real_space_vectors()])
+    matrix = transform @ np.array([list(v) for v in experiment.crystal.get_real_space_vectors()])
     energy = HC_EV_A / experiment.beam.get_wavelength()
     shot = ShotPixels(
         shard="cbf", shot_index=0, image_index=0, identifier=experiment.identifier, detector=detector,
         energies_ev=np.array([energy]), photons=np.array([1e12]),
         polarization_fraction=float(experiment.beam.get_polarization_fraction()), gain_adu_per_photon=gain,
-        real_space_matrix=matrix, space_group="C 1 2 1", miller_index=hkl, roi_bounds=bounds,
+        real_space_matrix=matrix, space_group=space_group, miller_index=hkl, roi_bounds=bounds,
         observed_centroid_px=centroids, strong=strong,
         dials_predicted_px=np.array(table["xyzcal.px"], dtype=np.float64).reshape(-1, 3)[:, :2],
         pixel_fast=pixels.fast, pixel_slow=pixels.slow, pixel_roi=pixels.roi, data_photons=photons,
@@ -137,6 +140,9 @@ def main() -> None:
     parser.add_argument("--eta-deg", type=float, default=None, help="start eta (degrees)")
     parser.add_argument("--max-iterations", type=int, default=None, help="L-BFGS-B iterations (schema default if absent)")
     parser.add_argument("--stills", type=int, nargs="+", default=None, help="refine only these stills (all merge)")
+    parser.add_argument("--setting", choices=["hexagonal", "orthohexagonal"], default="hexagonal",
+                        help="refine the crystal in its own hexagonal cell (a, c; b = a) or, as stage 1's C2 model "
+                             "once had to, in the C-centred orthohexagonal one (a, b, c, beta free)")
     arguments = parser.parse_args()
     torch.set_num_threads(arguments.threads)
 
@@ -146,12 +152,14 @@ def main() -> None:
     experiments = ExperimentList.from_file(arguments.experiments, check_format=True)
     reflections = flex.reflection_table.from_file(arguments.reflections)
     symmetry, asu, intensities = merged_intensities(experiments, reflections)
-    grid = orthohexagonal_grid(symmetry, asu, intensities)
+    transform = TO_ORTHOHEXAGONAL if arguments.setting == "orthohexagonal" else np.eye(3, dtype=np.int64)
+    space_group = "C 1 2 1" if arguments.setting == "orthohexagonal" else "P 61 2 2"
+    grid = orthohexagonal_grid(symmetry, asu, intensities, transform)
     lookup = AmplitudeLookup(grid, "cpu")
     print(f"{len(experiments)} stills, {len(intensities)} merged unique reflections (P 61 2 2), "
           f"shoebox {arguments.shoebox} px, gain {arguments.gain} ADU/photon, refining {arguments.refine}, "
           f"N from {arguments.ncells}, readout {arguments.readout_sigma_adu} ADU"
-          + (", strong spots only" if arguments.strong_only else "")
+          + (", strong spots only" if arguments.strong_only else "") + f", {arguments.setting} setting"
           + (f", {arguments.mosaic_domains} domains" if arguments.mosaic_domains else ""))
     section = {"refine": arguments.refine, "readout_sigma_adu": arguments.readout_sigma_adu,
                "initial": {"ncells": [arguments.ncells] * 3}}
@@ -170,7 +178,7 @@ def main() -> None:
         if arguments.strong_only:
             table = table.select(table.get_flags(table.flags.strong))
         started = time.perf_counter()
-        shot = still_pixels(experiment, table, grid, arguments.shoebox, arguments.gain)
+        shot = still_pixels(experiment, table, grid, arguments.shoebox, arguments.gain, transform, space_group)
         setup = time.perf_counter() - started
         strong = np.asarray(shot.strong, dtype=bool)
         centres = roi_beam_centres_px(shot)
@@ -186,7 +194,8 @@ def main() -> None:
               f"{fit.strong_rmsd_px_start:.3f} / {fit.strong_radial_rmsd_px_start:.3f}; stage 1 refined "
               f"{fit.strong_rmsd_px:.3f} / {fit.strong_radial_rmsd_px:.3f}")
         print(f"    N {fit.final['Na']:.1f} {fit.final['Nb']:.1f} {fit.final['Nc']:.1f}, G {fit.final['G']:.3g}, cell "
-              f"a {fit.final['a']:.3f} b/sqrt3 {fit.final['b'] / np.sqrt(3):.3f} c {fit.final['c']:.3f} "
+              f"a {fit.final['a']:.3f} " + (f"b/sqrt3 {fit.final['b'] / np.sqrt(3):.3f}" if arguments.setting == "orthohexagonal"
+                                            else f"b {fit.final['b']:.3f}") + f" c {fit.final['c']:.3f} "
               f"beta {fit.final['beta_deg']:.3f}, eta {fit.final['eta_deg']:.4f} deg, detz_shift "
               f"{fit.final.get('detz_shift_mm', 0.0):.3f} mm; Z sigma {fit.z_score_sigma_start:.2f} -> {fit.z_score_sigma_final:.2f}")
 

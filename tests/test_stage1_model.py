@@ -118,6 +118,51 @@ def test_non_monoclinic_start_is_refused():
         c2_cell(triclinic)
 
 
+@pytest.mark.parametrize("space_group, cell, free", [
+    ("P 61 2 2", (93.4, 93.4, 131.2, 90.0, 90.0, 120.0), (True, False, True, False)),   # thermolysin
+    ("R 3 :H", (70.0, 70.0, 150.0, 90.0, 90.0, 120.0), (True, False, True, False)),
+    ("P 43 21 2", (79.1, 79.1, 38.0, 90.0, 90.0, 90.0), (True, False, True, False)),      # lysozyme
+    ("P 21 21 21", (40.0, 50.0, 60.0, 90.0, 90.0, 90.0), (True, True, True, False)),
+    ("I 2 3", (78.0, 78.0, 78.0, 90.0, 90.0, 90.0), (True, False, False, False)),
+    ("C 1 2 1", (67.2, 59.8, 47.2, 90.0, 110.3, 90.0), (True, True, True, True)),
+])
+def test_the_cell_keeps_its_crystal_systems_symmetry(space_group, cell, free):
+    """The cell group refines what the lattice's system leaves free; changing a moves b (and c) with it
+    where the symmetry ties them, and the start values give back the start crystal."""
+    rotation = xtal.random_rotation(np.random.default_rng(7))
+    matrix = (rotation @ xtal.orthogonalization_matrix(cell).T).T
+    model = CrystalModel(matrix, 1, space_group=space_group)
+    assert model.cell_model.free == free
+    space = parameter_space(Stage1Settings.from_config({}), model.start_cell, 1.0, model.cell_model.free)
+    assert [name for name in ("a", "b", "c", "beta_deg") if space.refined[INDEX[name]]] == [
+        name for name, is_free in zip(("a", "b", "c", "beta_deg"), free) if is_free]
+    values = torch.as_tensor(space.start)
+    assert np.allclose(model.real_space_matrix(values).numpy(), matrix, rtol=0, atol=1e-10)
+    values[INDEX["a"]] = cell[0] * 1.01
+    changed = xtal.unit_cell_from_matrix(model.real_space_matrix(values).numpy())
+    expected = list(cell)
+    expected[0] *= 1.01
+    if not free[1] and cell[1] == cell[0]:
+        expected[1] = expected[0]
+    if not free[2] and cell[2] == cell[0]:
+        expected[2] = expected[0]
+    assert np.allclose(changed, expected, atol=1e-9)
+    tied = model.cell_model.tied(values.numpy())
+    assert tied[INDEX["b"]] == pytest.approx(expected[1]) and tied[INDEX["c"]] == pytest.approx(expected[2])
+
+
+def test_cells_the_model_cannot_describe_are_refused_in_one_line():
+    def matrix(cell):
+        return xtal.orthogonalization_matrix(cell)
+
+    with pytest.raises(StartModelError, match="P 1 is triclinic: stage 1's cell model covers monoclinic to cubic"):
+        CrystalModel(matrix((40.0, 50.0, 60.0, 80.0, 85.0, 95.0)), 1, space_group="P 1")
+    with pytest.raises(StartModelError, match="on rhombohedral axes"):
+        CrystalModel(matrix((50.0, 50.0, 50.0, 80.0, 80.0, 80.0)), 1, space_group="R 3 :R")
+    with pytest.raises(StartModelError, match=r"does not have the shape of its hexagonal space group P 61 2 2"):
+        CrystalModel(matrix((93.4, 93.0, 131.2, 90.0, 90.0, 120.0)), 1, space_group="P 61 2 2")
+
+
 def test_mosaic_domains_are_paired_with_unit_rms_angle():
     axes, angles = mosaic_domain_set(25)
     assert np.allclose(np.linalg.norm(axes, axis=1), 1.0)

@@ -15,7 +15,12 @@ Parameters, in the order of :data:`PARAMETER_NAMES`, in physical units:
     Small rotations (degrees) about the laboratory x, y and z axes, applied after the start
     orientation: U = Rx Ry Rz U0 (diffBragg's RotXYZ).
 ``a``, ``b``, ``c`` (Angstrom), ``beta_deg``
-    The C2 cell (monoclinic, unique axis b, alpha = gamma = 90 degrees).
+    The cell. For a monoclinic crystal (unique axis b, alpha = gamma = 90 degrees: LY99's C2) all four
+    are free. Other crystal systems (:class:`CellModel`, from the lattice's space group) keep their
+    symmetry: orthorhombic refines a, b, c (beta 90); tetragonal and hexagonal (also trigonal on
+    hexagonal axes; gamma 120) refine a and c, with b = a; cubic refines a, with b = c = a. Tied and
+    fixed ones are not refined, and the tables report b = a (and c = a) for them. Triclinic and
+    rhombohedral-axes cells are refused (StartModelError).
 ``Na``, ``Nb``, ``Nc``
     Unit cells per mosaic domain along a, b and c (the Gaussian lattice transform's N).
 ``eta_deg``
@@ -83,7 +88,7 @@ MOSAIC_SEED = 20240607
 
 
 class StartModelError(ValueError):
-    """A start crystal the C2 parameterisation cannot describe."""
+    """A start crystal the cell parameterisation cannot describe."""
 
 
 @dataclass(frozen=True)
@@ -285,8 +290,10 @@ class ParameterSpace:
 
 
 def parameter_space(settings: Stage1Settings, start_cell: tuple[float, float, float, float],
-                    start_G: float) -> ParameterSpace:
-    """The parameter space of one shot: start cell (a, b, c, beta) from its crystal, start G."""
+                    start_G: float, free_cell: tuple[bool, bool, bool, bool] = (True, True, True, True)
+                    ) -> ParameterSpace:
+    """The parameter space of one shot: start cell (a, b, c, beta) from its crystal, start G;
+    ``free_cell`` says which of a, b, c, beta the crystal's system lets the cell group refine."""
     eta_start = settings.initial_eta_deg if "eta" in settings.refine else 0.0
     start = np.array([start_G, 0.0, 0.0, 0.0, *start_cell, *settings.initial_ncells, eta_start, 0.0])
     cell_margin = settings.bounds_cell_fraction * np.abs(np.asarray(start_cell))
@@ -301,6 +308,7 @@ def parameter_space(settings: Stage1Settings, start_cell: tuple[float, float, fl
                      *(STEPS["ncells_relative"] * np.asarray(settings.initial_ncells)),
                      STEPS["eta_deg"], STEPS["detz_shift_mm"]])
     refined = np.array([name in settings.refined_names for name in PARAMETER_NAMES])
+    refined[CELL] &= np.asarray(free_cell, dtype=bool)
     sigma = np.full(len(PARAMETER_NAMES), np.inf)
     if settings.restraint_cell_a is not None:
         sigma[INDEX["a"]:INDEX["c"] + 1] = settings.restraint_cell_a
@@ -382,6 +390,101 @@ def c2_orthogonalization(cell: torch.Tensor) -> torch.Tensor:
                         torch.stack((c * torch.cos(beta), zero, c * torch.sin(beta)))))
 
 
+def orthogonalization(a, b, c, alpha_deg, beta_deg, gamma_deg) -> torch.Tensor:
+    """Rows a, b, c of any cell in the PDB convention (a along x, b in the xy plane), differentiable in
+    the torch scalars among the arguments (the others are floats)."""
+    a = torch.as_tensor(a, dtype=torch.float64)
+    like = dict(dtype=a.dtype, device=a.device)
+    b, c = torch.as_tensor(b, **like), torch.as_tensor(c, **like)
+    alpha, beta, gamma = (torch.deg2rad(torch.as_tensor(angle, **like)) for angle in (alpha_deg, beta_deg, gamma_deg))
+    zero = torch.zeros_like(a)
+    c_y = c * (torch.cos(alpha) - torch.cos(beta) * torch.cos(gamma)) / torch.sin(gamma)
+    c_z = torch.sqrt(c ** 2 - (c * torch.cos(beta)) ** 2 - c_y ** 2)
+    return torch.stack((torch.stack((a, zero, zero)),
+                        torch.stack((b * torch.cos(gamma), b * torch.sin(gamma), zero)),
+                        torch.stack((c * torch.cos(beta), c_y, c_z))))
+
+
+#: Crystal systems of :class:`CellModel`: which of a, b, c, beta are free, whether b and c are a, and
+#: the fixed alpha and gamma (degrees).
+CELL_SYSTEMS = {
+    "monoclinic": ((True, True, True, True), False, False, 90.0, 90.0),
+    "orthorhombic": ((True, True, True, False), False, False, 90.0, 90.0),
+    "tetragonal": ((True, False, True, False), True, False, 90.0, 90.0),
+    "hexagonal": ((True, False, True, False), True, False, 90.0, 120.0),
+    "cubic": ((True, False, False, False), True, True, 90.0, 90.0),
+}
+#: Largest relative difference of lengths the symmetry ties (b = a, c = a) in a start cell.
+TIED_LENGTH_TOLERANCE = 1e-3
+
+
+@dataclass(frozen=True)
+class CellModel:
+    """How the four cell parameters (a, b, c, beta_deg) of :data:`PARAMETER_NAMES` make a crystal's cell
+    in its crystal system (see the module docstring); built by :meth:`from_crystal`."""
+
+    system: str
+    start_cell: tuple[float, float, float, float]
+
+    @property
+    def free(self) -> tuple[bool, bool, bool, bool]:
+        return CELL_SYSTEMS[self.system][0]
+
+    @classmethod
+    def from_crystal(cls, real_space_matrix: np.ndarray, space_group: str | None = None) -> "CellModel":
+        """The cell model of a start crystal (rows a, b, c) of ``space_group`` (a symbol cctbx reads;
+        None: monoclinic, LY99's). StartModelError when the start cell does not have its system's shape."""
+        a, b, c, alpha, beta, gamma = xtal.unit_cell_from_matrix(np.asarray(real_space_matrix, dtype=np.float64))
+        system = "monoclinic" if space_group is None else _crystal_system(space_group, gamma)
+        if system == "monoclinic":
+            return cls(system, c2_cell(real_space_matrix))
+        _, b_is_a, c_is_a, alpha_fixed, gamma_fixed = CELL_SYSTEMS[system]
+        angles = (alpha - alpha_fixed, beta - 90.0, gamma - gamma_fixed)
+        tied = [b / a - 1 if b_is_a else 0.0, c / a - 1 if c_is_a else 0.0]
+        if max(abs(v) for v in angles) > MONOCLINIC_TOLERANCE_DEG or max(abs(v) for v in tied) > TIED_LENGTH_TOLERANCE:
+            raise StartModelError(f"start cell ({a:.3f} {b:.3f} {c:.3f} {alpha:.2f} {beta:.2f} {gamma:.2f}) does not "
+                                  f"have the shape of its {system} space group {space_group}")
+        return cls(system, (a, b, c, beta))
+
+    def orthogonalization(self, cell: torch.Tensor) -> torch.Tensor:
+        """Rows a, b, c (PDB convention) of the cell parameters ``cell`` (a, b, c, beta_deg), differentiable.
+        Monoclinic is :func:`c2_orthogonalization` itself."""
+        if self.system == "monoclinic":
+            return c2_orthogonalization(cell)
+        _, b_is_a, c_is_a, alpha, gamma = CELL_SYSTEMS[self.system]
+        a = cell[0]
+        return orthogonalization(a, a if b_is_a else cell[1], a if c_is_a else cell[2], alpha, 90.0, gamma)
+
+    def tied(self, values: np.ndarray) -> np.ndarray:
+        """``values`` (:data:`PARAMETER_NAMES` order) with b (and c) set to a where the system ties them."""
+        _, b_is_a, c_is_a, _, _ = CELL_SYSTEMS[self.system]
+        values = np.array(values, dtype=np.float64)
+        if b_is_a:
+            values[INDEX["b"]] = values[INDEX["a"]]
+        if c_is_a:
+            values[INDEX["c"]] = values[INDEX["a"]]
+        return values
+
+
+def _crystal_system(space_group: str, gamma_deg: float) -> str:
+    """The :data:`CELL_SYSTEMS` key of a space group (trigonal on hexagonal axes is hexagonal)."""
+    from cctbx import sgtbx
+
+    try:
+        system = sgtbx.space_group_info(space_group).group().crystal_system().lower()
+    except RuntimeError:
+        raise StartModelError(f"space group {space_group!r}: cctbx does not read it") from None
+    if system == "trigonal":
+        if abs(gamma_deg - 120.0) > MONOCLINIC_TOLERANCE_DEG:
+            raise StartModelError(f"space group {space_group} on rhombohedral axes: stage 1's cell model takes "
+                                  "trigonal crystals on hexagonal axes only")
+        return "hexagonal"
+    if system not in CELL_SYSTEMS:
+        raise StartModelError(f"space group {space_group} is {system}: stage 1's cell model covers monoclinic to "
+                              "cubic crystals")
+    return system
+
+
 def rotation_xyz(angles_deg: torch.Tensor) -> torch.Tensor:
     """Rx(x) Ry(y) Rz(z) for angles in degrees about the laboratory axes, differentiable."""
     cos, sin = torch.cos(torch.deg2rad(angles_deg)), torch.sin(torch.deg2rad(angles_deg))
@@ -395,13 +498,16 @@ def rotation_xyz(angles_deg: torch.Tensor) -> torch.Tensor:
     return rx @ ry @ rz
 
 
-def start_orientation(real_space_matrix: np.ndarray, cell: tuple[float, float, float, float]) -> np.ndarray:
-    """U0, the rotation that turns the C2 cell's PDB-convention vectors into the start crystal's.
+def start_orientation(real_space_matrix: np.ndarray, cell: tuple[float, float, float, float],
+                      cell_model: CellModel | None = None) -> np.ndarray:
+    """U0, the rotation that turns the cell's PDB-convention vectors (``cell_model``'s; None: the C2
+    cell's) into the start crystal's.
 
-    The start matrix satisfies A0^T = U0 B^T exactly when its cell is exactly monoclinic; the
-    nearest rotation (polar decomposition) absorbs rounding in alpha and gamma.
+    The start matrix satisfies A0^T = U0 B^T exactly when its cell has exactly its system's shape;
+    the nearest rotation (polar decomposition) absorbs rounding in the fixed angles.
     """
-    b_matrix = c2_orthogonalization(torch.as_tensor(cell, dtype=torch.float64)).numpy()
+    build = c2_orthogonalization if cell_model is None else cell_model.orthogonalization
+    b_matrix = build(torch.as_tensor(cell, dtype=torch.float64)).numpy()
     u, _, vt = np.linalg.svd(np.asarray(real_space_matrix, dtype=np.float64).T @ np.linalg.inv(b_matrix.T))
     rotation = u @ vt
     if np.linalg.det(rotation) < 0:
@@ -475,9 +581,12 @@ class CrystalModel:
     monoclinic with unique axis b (StartModelError otherwise).
     """
 
-    def __init__(self, start_matrix: np.ndarray, n_domains: int, device="cpu", mosaic_model: str | None = None):
+    def __init__(self, start_matrix: np.ndarray, n_domains: int, device="cpu", mosaic_model: str | None = None,
+                 space_group: str | None = None):
         self.start_matrix = np.asarray(start_matrix, dtype=np.float64)
-        self.start_cell = c2_cell(self.start_matrix)
+        #: The cell's parameterisation in the crystal's system (``space_group``; None: monoclinic).
+        self.cell_model = CellModel.from_crystal(self.start_matrix, space_group)
+        self.start_cell = self.cell_model.start_cell
         self.n_domains = n_domains
         #: With ``mosaic_model`` (gaussian or nanobragg) eta is an analytic average over the rotations
         #: (:func:`mosaic_nodes`); the crystal is then one domain.
@@ -485,7 +594,7 @@ class CrystalModel:
                                  torch.as_tensor(mosaic_nodes(mosaic_model), dtype=torch.float64, device=device))
         if self.mosaic_fractions is not None and n_domains != 1:
             raise ValueError("an analytic mosaic spread needs a single domain")
-        orientation = start_orientation(self.start_matrix, self.start_cell)
+        orientation = start_orientation(self.start_matrix, self.start_cell, self.cell_model)
         self.orientation = torch.as_tensor(orientation, dtype=torch.float64, device=device)
         axes, angles = mosaic_domain_set(n_domains)
         self.domain_axes = torch.as_tensor(axes, dtype=torch.float64, device=device)
@@ -494,7 +603,7 @@ class CrystalModel:
     def real_space_matrix(self, values: torch.Tensor) -> torch.Tensor:
         """A = B(cell) U0^T R^T: rows a, b, c of the crystal (3, 3)."""
         rotation = rotation_xyz(values[ROTATION]) @ self.orientation
-        return c2_orthogonalization(values[CELL]) @ rotation.T
+        return self.cell_model.orthogonalization(values[CELL]) @ rotation.T
 
     def domain_matrices(self, values: torch.Tensor) -> torch.Tensor:
         """Real-space matrices of the mosaic domains (D, 3, 3): each cell vector turned by its domain."""

@@ -137,7 +137,7 @@ class ShotProblem:
         self.device = torch.device(device)
         self.tensors: ShotTensors = shot_tensors(shot, settings.readout_sigma_adu, self.device)
         self.crystal = CrystalModel(shot.real_space_matrix, settings.n_domains, self.device,
-                                    settings.mosaic_model if settings.analytic_mosaic else None)
+                                    settings.mosaic_model if settings.analytic_mosaic else None, shot.space_group)
         self.moves_detector = "detz_shift" in settings.refine
         #: The sparse map of the detector's point spread among the shoebox pixels, or None.
         self.spread = (None if psf is None else
@@ -152,7 +152,7 @@ class ShotProblem:
 
     def unit_start_values(self) -> torch.Tensor:
         """Start values with G = 1, to evaluate the start model's Bragg photons per unit scale."""
-        return torch.as_tensor(parameter_space(self.settings, self.crystal.start_cell, 1.0).start,
+        return torch.as_tensor(parameter_space(self.settings, self.crystal.start_cell, 1.0, self.crystal.cell_model.free).start,
                                dtype=torch.float64, device=self.device)
 
     def broad_start_values(self) -> torch.Tensor:
@@ -196,12 +196,12 @@ class ShotProblem:
                     broad = None
                 else:
                     broad = float(np.clip(broad, *settings.bounds_G))
-        self.space = parameter_space(settings, self.crystal.start_cell, scale)
+        self.space = parameter_space(settings, self.crystal.start_cell, scale, self.crystal.cell_model.free)
         self.start_values = self.space.start.copy()
         #: The parameter space of the broad-spot restart (G from the broad spots), or None when it is off.
         self.broad_space = None
         if settings.broad_ncells is not None and broad is not None:
-            self.broad_space = parameter_space(settings, self.crystal.start_cell, broad)
+            self.broad_space = parameter_space(settings, self.crystal.start_cell, broad, self.crystal.cell_model.free)
 
     def set_start_from_model(self, amplitudes: AmplitudeLookup) -> torch.Tensor:
         """Fix the start G from the start model (:meth:`set_start`, with the broad spots' model when
@@ -477,7 +477,7 @@ def finished_fit(problem: ShotProblem, start: ModelSummary, final: ModelSummary,
     return ShotFit(
         shot_index=shot.shot_index, identifier=shot.identifier, shard=shot.shard, image_index=shot.image_index,
         converged=converged, reason=reason, refined=problem.settings.refined_names,
-        start=ParameterSpace.as_dict(problem.start_values), final=ParameterSpace.as_dict(minimization.values),
+        start=ParameterSpace.as_dict(problem.start_values), final=ParameterSpace.as_dict(problem.crystal.cell_model.tied(minimization.values)),
         n_iterations=minimization.n_iterations, n_evaluations=minimization.n_evaluations,
         nll_start=start.nll, nll_final=final.nll,
         z_score_sigma_start=start.z_score_sigma, z_score_sigma_final=final.z_score_sigma,
