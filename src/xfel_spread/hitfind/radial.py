@@ -155,15 +155,11 @@ def multipanel_radial_geometry(detector: MultiPanelDetector, polarization_fracti
     """
     if not bin_width_px > 0:
         raise RadialInputError(f"radial bin width must be positive, got {bin_width_px}")
-    shapes = {(panel.n_slow, panel.n_fast) for panel in detector.panels}
-    if len(shapes) != 1:
-        raise RadialInputError(f"the detector's {len(detector)} panels have {len(shapes)} shapes; radial "
-                               "averaging needs one shape for all")
     try:
-        pixel_mm = detector.pixel_size_mm
+        n_slow, n_fast, pixel_mm = detector.uniform_panels()
     except ValueError as error:
-        raise RadialInputError(str(error)) from None
-    (n_slow, n_fast), n_panels = shapes.pop(), len(detector)
+        raise RadialInputError(f"radial averaging: {error}") from None
+    n_panels = len(detector)
     per_panel = n_slow * n_fast
     radius, two_theta, factor = (np.empty(n_panels * per_panel) for _ in range(3))
     tables = detector.tables("cpu")

@@ -198,6 +198,16 @@ class MultiPanelDetector:
             raise ValueError("the panels' pixel sizes differ")
         return float(self._pixel[0])
 
+    def uniform_panels(self) -> tuple[int, int, float]:
+        """(n_slow, n_fast, pixel size mm) shared by every panel, for the stages that hold the panels as
+        one ``(n_panels, n_slow, n_fast)`` array; ValueError (one line) when the panels differ."""
+        shapes = {(panel.n_slow, panel.n_fast) for panel in self.panels}
+        if len(shapes) != 1:
+            raise ValueError(f"the detector's {len(self)} panels have {len(shapes)} shapes; one shape is needed for "
+                             "all (the panels are held as one array)")
+        n_slow, n_fast = shapes.pop()
+        return n_slow, n_fast, self.pixel_size_mm
+
     def shifted(self, shift_mm) -> "MultiPanelDetector":
         """The detector moved along the beam by ``shift_mm`` more (a float or a torch scalar)."""
         moved = MultiPanelDetector.__new__(MultiPanelDetector)

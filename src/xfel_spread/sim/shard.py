@@ -223,18 +223,13 @@ def geometry_tiles(det: dict):
     path, tiles, offset = det["geometry"], det["tiles"], tuple(det["beam_center_offset_px"])
     nominal_tiles = MultiPanelDetector.from_file(path, thickness_mm=det["thickness_mm"],
                                                  attenuation_length_mm=det["attenuation_length_mm"])
-    shapes = {(panel.n_fast, panel.n_slow) for panel in nominal_tiles.panels}
-    if len(shapes) != 1:
-        raise ValueError(f"{path}: its {len(nominal_tiles)} panels have {len(shapes)} shapes; the simulator needs "
-                         "one shape (the shard stores the panels as one array)")
     try:
-        pixel = nominal_tiles.pixel_size_mm
+        n_slow, n_fast, pixel = nominal_tiles.uniform_panels()
     except ValueError as error:
         raise ValueError(f"{path}: {error}") from None
     true_tiles = nominal_tiles.moved(tiles["shift_px"], tiles["seed"], offset)
     centre_nominal = nominal_tiles.beam_centre_px()[0] * pixel
     centre_true = nominal_tiles.moved(offset_px=offset).beam_centre_px()[0] * pixel
-    n_fast, n_slow = shapes.pop()
 
     def stand_in(centre):
         return Detector(n_fast, n_slow, pixel, nominal_tiles.distance_mm, tuple(float(v) for v in centre),
