@@ -73,7 +73,7 @@ def plot_shot_with_predictions(path, dataset: str, photons: np.ndarray, predicte
         axes.scatter(predicted_px[:, 0], predicted_px[:, 1], s=40, facecolors="none", edgecolors="cyan",
                      linewidths=0.7, label=f"predicted by the reindex pass ({len(predicted_px)})")
         axes.legend(loc="upper right", fontsize="small")
-        axes.set_title(f"dataset {dataset}, shot {shot}: simulated image and predicted spots")
+        axes.set_title(f"dataset {dataset}, shot {shot}: image and predicted spots")
     else:
         axes.set_title(f"dataset {dataset}, shot {shot}: not integrated by the reindex pass")
     if n_panels > 1:
