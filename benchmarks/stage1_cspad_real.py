@@ -14,8 +14,9 @@ images work, ``output.composite_output=True``). What this does, per still:
 - **Shoeboxes**: ``--shoebox`` px boxes round each integrated reflection with |F| on the panel of its
   reflection (``stage1.rois.panel_box_pixels``: clipped at the tile's edges), trusted range and mask
   per panel from dxtbx, tilted-plane backgrounds; pixels in photons as ADU / ``--gain``.
-- **Model**: the monochromatic beam (one channel at the still's wavelength), one domain; G,
-  rotation, cell and N refined (``--refine`` to change), N starting at ``--ncells``.
+- **Model**: the monochromatic beam (one channel at the still's wavelength; ``--bandwidth-percent``
+  for a Gaussian of that FWHM over ``--channels`` channels), one domain; G, rotation, cell and N
+  refined (``--refine`` to change), N starting at ``--ncells``.
 
 Printed per still: ROIs (strong ones), seconds, convergence, and the strong-spot RMSD (overall and
 radial, px) of DIALS's predictions (xyzcal.px) and of stage 1's model centroids before and after.
@@ -90,8 +91,20 @@ def orthohexagonal_grid(symmetry, asu, intensities, transform=TO_ORTHOHEXAGONAL)
     return AmplitudeGrid(grid, low)
 
 
+def beam_spectrum(energy_ev: float, bandwidth_percent: float, n_channels: int) -> tuple[np.ndarray, np.ndarray]:
+    """(energies, weights) of the model's beam: one channel, or ``n_channels`` over +-2 sigma of a Gaussian
+    of ``bandwidth_percent`` FWHM (weights summing to 1e12 photons, as the one channel has)."""
+    if bandwidth_percent <= 0 or n_channels <= 1:
+        return np.array([energy_ev]), np.array([1e12])
+    sigma = energy_ev * bandwidth_percent / 100 / 2.3548
+    energies = energy_ev + np.linspace(-2 * sigma, 2 * sigma, n_channels)
+    weights = np.exp(-0.5 * ((energies - energy_ev) / sigma) ** 2)
+    return energies, 1e12 * weights / weights.sum()
+
+
 def still_pixels(experiment, table, lookup_grid: AmplitudeGrid, shoebox: int, gain: float,
-                 transform=TO_ORTHOHEXAGONAL, space_group: str = "C 1 2 1") -> ShotPixels:
+                 transform=TO_ORTHOHEXAGONAL, space_group: str = "C 1 2 1", bandwidth_percent: float = 0.0,
+                 n_channels: int = 1) -> ShotPixels:
     """The still's shoeboxes on the CSPAD tiles, in the setting of ``transform`` (crystal of ``space_group``)."""
     detector = MultiPanelDetector.from_dxtbx(experiment.detector)
     images = [np.asarray(panel.as_numpy_array(), dtype=np.float64) for panel in experiment.imageset.get_raw_data(0)]
@@ -112,10 +125,11 @@ def still_pixels(experiment, table, lookup_grid: AmplitudeGrid, shoebox: int, ga
     background, has_background = plane_backgrounds(pixels, photons, trusted, len(hkl), centroids)
     strong = (table["flags"].as_numpy_array() & int(table.flags.strong)) != 0
     matrix = transform @ np.array([list(v) for v in experiment.crystal.get_real_space_vectors()])
-    energy = HC_EV_A / experiment.beam.get_wavelength()
+    beam_energies, beam_photons = beam_spectrum(HC_EV_A / experiment.beam.get_wavelength(), bandwidth_percent,
+                                                n_channels)
     shot = ShotPixels(
         shard="cbf", shot_index=0, image_index=0, identifier=experiment.identifier, detector=detector,
-        energies_ev=np.array([energy]), photons=np.array([1e12]),
+        energies_ev=beam_energies, photons=beam_photons,
         polarization_fraction=float(experiment.beam.get_polarization_fraction()), gain_adu_per_photon=gain,
         real_space_matrix=matrix, space_group=space_group, miller_index=hkl, roi_bounds=bounds,
         observed_centroid_px=centroids, strong=strong,
@@ -140,6 +154,11 @@ def main() -> None:
     parser.add_argument("--eta-deg", type=float, default=None, help="start eta (degrees)")
     parser.add_argument("--max-iterations", type=int, default=None, help="L-BFGS-B iterations (schema default if absent)")
     parser.add_argument("--stills", type=int, nargs="+", default=None, help="refine only these stills (all merge)")
+    parser.add_argument("--eta-model", choices=["domains", "analytic"], default=None,
+                        help="stage1.eta_model when eta is refined (analytic: the closed-form Gaussian average)")
+    parser.add_argument("--bandwidth-percent", type=float, default=0.0,
+                        help="model the beam as a Gaussian of this FWHM (percent of the energy) instead of one channel")
+    parser.add_argument("--channels", type=int, default=5, help="channels of that Gaussian")
     parser.add_argument("--setting", choices=["hexagonal", "orthohexagonal"], default="hexagonal",
                         help="refine the crystal in its own hexagonal cell (a, c; b = a) or, as stage 1's C2 model "
                              "once had to, in the C-centred orthohexagonal one (a, b, c, beta free)")
@@ -155,11 +174,14 @@ def main() -> None:
     transform = TO_ORTHOHEXAGONAL if arguments.setting == "orthohexagonal" else np.eye(3, dtype=np.int64)
     space_group = "C 1 2 1" if arguments.setting == "orthohexagonal" else "P 61 2 2"
     grid = orthohexagonal_grid(symmetry, asu, intensities, transform)
+    if arguments.bandwidth_percent > 0 and arguments.channels > 1:  # the same |F| in every channel
+        grid = AmplitudeGrid(np.repeat(grid.values, arguments.channels, axis=0), grid.hkl_min)
     lookup = AmplitudeLookup(grid, "cpu")
     print(f"{len(experiments)} stills, {len(intensities)} merged unique reflections (P 61 2 2), "
           f"shoebox {arguments.shoebox} px, gain {arguments.gain} ADU/photon, refining {arguments.refine}, "
           f"N from {arguments.ncells}, readout {arguments.readout_sigma_adu} ADU"
           + (", strong spots only" if arguments.strong_only else "") + f", {arguments.setting} setting"
+          + (f", {arguments.channels} channels of {arguments.bandwidth_percent} % FWHM" if arguments.bandwidth_percent > 0 else "")
           + (f", {arguments.mosaic_domains} domains" if arguments.mosaic_domains else ""))
     section = {"refine": arguments.refine, "readout_sigma_adu": arguments.readout_sigma_adu,
                "initial": {"ncells": [arguments.ncells] * 3}}
@@ -169,6 +191,8 @@ def main() -> None:
         section["initial"]["eta_deg"] = arguments.eta_deg
     if arguments.max_iterations is not None:
         section["max_iterations"] = arguments.max_iterations
+    if arguments.eta_model is not None:
+        section["eta_model"] = arguments.eta_model
     settings = Stage1Settings.from_config(section)
     for lattice, experiment in enumerate(experiments):
         if arguments.stills is not None and lattice not in arguments.stills:
@@ -178,7 +202,8 @@ def main() -> None:
         if arguments.strong_only:
             table = table.select(table.get_flags(table.flags.strong))
         started = time.perf_counter()
-        shot = still_pixels(experiment, table, grid, arguments.shoebox, arguments.gain, transform, space_group)
+        shot = still_pixels(experiment, table, grid, arguments.shoebox, arguments.gain, transform, space_group,
+                            arguments.bandwidth_percent, arguments.channels)
         setup = time.perf_counter() - started
         strong = np.asarray(shot.strong, dtype=bool)
         centres = roi_beam_centres_px(shot)
