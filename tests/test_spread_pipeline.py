@@ -312,3 +312,26 @@ def test_spectra_on_the_channel_grid_are_used_as_they_are_and_others_are_rebinne
                                                 r"7075\.500-7165\.500 eV lies outside the channel grid") as error:
         lattices(channel_energies(7000.5, 1.0, 50))
     assert "\n" not in str(error.value)
+
+
+def test_a_model_of_another_crystal_is_refused_in_one_line(case, tmp_path):
+    """SPREAD's fixed part comes from the model: lattices whose cell is not the model's (e.g. the LY99
+    default under images of another crystal) stop it in one line naming the model."""
+    from xfel_spread.spread.errors import SpreadInputError
+    from xfel_spread.spread.pipeline import _lookup_of, _prepare_spread, _site_decomposition, shard_lattices
+
+    written, stage1_prefix = case
+    inputs = inputs_for(case, spread_config(tmp_path / "spread.yaml"), tmp_path / "out")
+    settings, stage1, structure, psf, _ = _prepare_spread(inputs)
+    decomposition = _site_decomposition(inputs, settings, structure)
+
+    def lattices(model_cell):
+        return shard_lattices(str(written.annulus_prefix), str(written.shard), str(stage1_prefix),
+                              _lookup_of(decomposition), stage1, settings.relative_cutoff, psf, max_lattices=1,
+                              model_cell=model_cell, model_path="model.pdb")
+
+    assert len(lattices(decomposition.unit_cell)) == 1
+    with pytest.raises(SpreadInputError, match=r"^model\.pdb: the model's cell \(93\.40 93\.40 131\.20 90\.00 90\.00 "
+                                               r"120\.00\) is not the lattices'") as error:
+        lattices((93.4, 93.4, 131.2, 90.0, 90.0, 120.0))
+    assert "\n" not in str(error.value)

@@ -32,6 +32,7 @@ from xfel_spread.spread.fit import SpreadProblem
 from xfel_spread.io.refined_shots import read_refined_shots
 from xfel_spread.sim.spectrum import SpectrumGridError, rebin_spectrum
 from xfel_spread.sim.structure_factors import channel_energies
+from xfel_spread.stage1.io import Stage1FileError, check_model_cell
 from xfel_spread.stage1.model import PARAMETER_NAMES, Stage1Settings
 from xfel_spread.stage1.psf import DetectorPsf
 from xfel_spread.stage1.rois import open_annulus_shard, read_lattices, select_rois
@@ -56,8 +57,13 @@ def converged_parameters(shots_path: str | os.PathLike) -> dict[int, np.ndarray]
 def shard_lattices(annulus_prefix: str, shard_path: str, stage1_prefix: str, lookup: AsuLookup,
                    settings: Stage1Settings, relative_cutoff: float, psf: DetectorPsf | None = None,
                    on_error: Callable[[int, Exception], None] | None = None,
-                   max_lattices: int | None = None, channel_grid_ev: np.ndarray | None = None) -> list[LatticeArrays]:
+                   max_lattices: int | None = None, channel_grid_ev: np.ndarray | None = None,
+                   model_cell=None, model_path: str = "") -> list[LatticeArrays]:
     """Coefficients and pixels of every converged lattice of one shard (or the first ``max_lattices``).
+
+    With ``model_cell`` (the model's a, b, c, alpha, beta, gamma) the shard's lattices must be the
+    model's crystal (:func:`xfel_spread.stage1.io.check_model_cell`; SpreadInputError naming
+    ``model_path`` otherwise): SPREAD's fixed part comes from the model.
 
     With ``channel_grid_ev`` each shot's spectrum is first put on those channels
     (:func:`xfel_spread.sim.spectrum.rebin_spectrum`; unchanged when already on them); a spectrum outside
@@ -65,6 +71,13 @@ def shard_lattices(annulus_prefix: str, shard_path: str, stage1_prefix: str, loo
     shots_path = f"{stage1_prefix}_shots.tsv"
     parameters = converged_parameters(shots_path)
     annulus = open_annulus_shard(annulus_prefix, shard_path)
+    if model_cell is not None:
+        try:
+            check_model_cell(model_path, model_cell, [experiment.crystal.get_unit_cell().parameters()
+                                                      for experiment in annulus.experiments],
+                             str(annulus.experiments_path))
+        except Stage1FileError as error:
+            raise SpreadInputError(str(error)) from None
     if max(parameters, default=-1) >= annulus.n_lattices:
         raise SpreadInputError(f"{shots_path}: rows for {max(parameters) + 1}+ lattices, the annulus has "
                                f"{annulus.n_lattices}")
@@ -264,7 +277,8 @@ def _shard_problems(inputs, numbers, settings, stage1, psf, decomposition, looku
     for number in numbers:
         lattices = shard_lattices(inputs.annulus_prefixes[number], inputs.shards[number],
                                   inputs.stage1_prefixes[number], lookup, stage1, settings.relative_cutoff, psf,
-                                  channel_grid_ev=channel_grid_ev)
+                                  channel_grid_ev=channel_grid_ev, model_cell=decomposition.unit_cell,
+                                  model_path=inputs.pdb)
         progress.advance()
         if not lattices:
             continue
