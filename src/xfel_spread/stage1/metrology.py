@@ -112,7 +112,7 @@ METHODS = ("profile", "joint")
 
 def refine_detector(shots: list[ShotPixels], amplitudes: AmplitudeLookup, settings: Stage1Settings,
                     psf: DetectorPsf | None = None, refine_distance: bool = True,
-                    max_iterations: int = 2000, method: str = "joint") -> DetectorFit:
+                    max_iterations: int = 2000, method: str = "profile") -> DetectorFit:
     """The level-0 detector refined jointly with the lattices of ``shots`` (see the module docstring).
 
     Every shot must share the starting detector. ``settings`` are stage 1's; its ``detz_shift`` group,

@@ -50,7 +50,7 @@ class PixelMetrologySettings:
     max_lattices: int = 200
     refine_distance: bool = True
     max_iterations: int = 2000
-    method: str = "joint"
+    method: str = "profile"
 
     @classmethod
     def from_config(cls, section: dict) -> PixelMetrologySettings:
