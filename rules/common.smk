@@ -8,7 +8,7 @@ import sys
 from xfel_spread.config import DATASETS, IMAGE_DATASET, modelled_psf, shard_ranges
 from xfel_spread.reference import REFERENCE_NAMES
 from xfel_spread.io.images import shots_digest
-from xfel_spread.workflow import RunSettingsError, check_run_settings, display_path, run_config
+from xfel_spread.workflow import NO_MODEL, RunSettingsError, check_run_settings, display_path, run_config
 
 
 def config_source_name():
@@ -139,8 +139,11 @@ def shard_path(dataset="{dataset}", index="{index}"):
 #: The run's image list (shot, file, frame) with images from elsewhere.
 IMAGE_LIST = f"{OUTPUT_DIR}/images/list.tsv"
 
-#: The PDB model of the merging reference and SPREAD's fixed part: input.model, or the LY99 reference copy.
-MODEL_FILE = config["input"]["model"] or reference_path("1m2a.pdb")
+#: The PDB model of the merging reference, the structure_factors amplitudes and SPREAD's fixed part:
+#: input.model, or the LY99 reference copy; None with `input.model: none` (workflow.check_model has made
+#: sure that no planned rule then needs one).
+MODEL_FILE = (None if config["input"]["model"] == NO_MODEL
+              else config["input"]["model"] or reference_path("1m2a.pdb"))
 
 
 #: The simulation's truth, one file per shard (shared by both datasets).

@@ -17,10 +17,12 @@ rule stage_settings:
 
 
 rule structure_factors:
-    """|F| of the 1M2A model for every energy channel (Fe sites with the ox/red f', f'' tables)."""
+    """|F| of the model (input.model, LY99's 1M2A by default) for every energy channel (Fe sites with the
+    ox/red f', f'' tables)."""
     input:
         settings=f"{OUTPUT_DIR}/settings/structure_factors.yaml",
-        pdb=reference_path("1m2a.pdb"),
+        # A function: with `input.model: none` there is no model, and nothing plans this rule.
+        pdb=lambda wildcards: MODEL_FILE,
         oxidized=reference_path("pf-rd-ox_fftkk.out"),
         reduced=reference_path("pf-rd-red_fftkk.out"),
     output:

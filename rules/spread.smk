@@ -12,7 +12,7 @@ rule spread:
         reflections=lambda wildcards: shard_files("annulus", "_annulus.refl", wildcards.dataset),
         shards=lambda wildcards: [shard_path(wildcards.dataset, index) for index in range(len(SHARD_RANGES))],
         shots=lambda wildcards: shard_files(SPREAD_REFINEMENT, "_shots.tsv", wildcards.dataset),
-        pdb=MODEL_FILE,
+        pdb=lambda wildcards: MODEL_FILE,  # a function: with `input.model: none` nothing plans this rule
     output:
         **spread_outputs(),
     params:

@@ -152,3 +152,44 @@ def test_lint_workflow_fails_on_lints_it_does_not_explain():
         ("/repo/rules/common.smk", "Mixed rules and functions in same snakefile."),
         ("merge", "Param dest is a prefix of input or output file but hardcoded"),
     ]
+
+
+# --- input.model -----------------------------------------------------------------------------------
+
+
+def images_config(**sections) -> dict:
+    """A settled config with images from elsewhere (the listing is not checked here) and ``sections`` over it."""
+    return run_config({"input": {"source": "images", "images": ["*.cbf"]}, **sections}, SOURCE, str(REPO_ROOT))
+
+
+def test_no_model_needs_every_stage_that_reads_one_turned_to_the_data(tmp_path):
+    results = str(tmp_path / "results")
+    without = {"merge": {"reference": "data"}, "stage1": {"structure_factors": "merged"}, "spread": {"enabled": False}}
+    config = images_config(**without)
+    config["input"]["model"] = "none"
+    check_run_settings(config, SOURCE, results)
+    for key, value, section, change in (("merge.reference", "model", "merge", {"reference": "model"}),
+                                        ("stage1.structure_factors", "model", "stage1", {"structure_factors": "model"}),
+                                        ("spread.enabled", "true", "spread", {"enabled": True})):
+        config = images_config(**{**without, section: change})
+        config["input"]["model"] = "none"
+        assert refusal(check_run_settings, config, SOURCE, results).startswith(
+            f"Config error: {SOURCE}: input.model is none, but {key} is {value}, which needs a model; give input.model "
+            f"or set {key}: ")
+    simulated = demo_config()
+    simulated["input"]["model"] = "none"
+    assert "input.model is none, but input.source is simulate" in refusal(check_run_settings, simulated, SOURCE, results)
+
+
+def test_a_model_is_for_images_from_elsewhere(tmp_path):
+    """(A model file that does not exist is refused with the other input files: tests/test_images_workflow.py.)"""
+    results = str(tmp_path / "results")
+    config = images_config()
+    present = tmp_path / "model.pdb"
+    present.write_text("CRYST1\n")
+    config["input"]["model"] = str(present)
+    check_run_settings(config, SOURCE, results)
+    simulated = demo_config()
+    simulated["input"]["model"] = str(present)
+    assert refusal(check_run_settings, simulated, SOURCE, results).endswith(
+        "a model is for images from elsewhere; the simulation renders LY99's 1M2A (leave input.model null)")

@@ -61,6 +61,34 @@ def check_run_settings(config: Mapping, source_name: str, output_dir: str) -> No
     check_metrology_engine(config, source_name)
     check_saved_detector(config, source_name, output_dir)
     check_tiles(config, source_name)
+    check_model(config, source_name)
+
+
+#: ``input.model`` of a run with no model of its crystal.
+NO_MODEL = "none"
+
+
+def check_model(config: Mapping, source_name: str) -> None:
+    """Refuse an ``input.model`` the run cannot use: a model given to a simulation (which renders LY99's
+    1M2A), or ``none`` (no model at all) with a stage set to need one. (A model file that does not exist
+    is refused with the other input files, :func:`plan_image_shots`.)"""
+    model = config["input"]["model"]
+    simulated = config["input"]["source"] == "simulate"
+    if model is None:
+        return
+    if model != NO_MODEL:
+        if simulated:
+            raise RunSettingsError(f"Config error: {source_name}: input.model: {model}: a model is for images from "
+                                   "elsewhere; the simulation renders LY99's 1M2A (leave input.model null)")
+        return
+    needs = (("input.source", "simulate", simulated, "images"),
+             ("merge.reference", "model", config["merge"]["reference"] == "model", "data"),
+             ("stage1.structure_factors", "model", config["stage1"]["structure_factors"] == "model", "merged"),
+             ("spread.enabled", "true", bool(config["spread"]["enabled"]), "false"))
+    for key, value, needed, instead in needs:
+        if needed:
+            raise RunSettingsError(f"Config error: {source_name}: input.model is none, but {key} is {value}, which "
+                                   f"needs a model; give input.model or set {key}: {instead}")
 
 
 def check_tiles(config: Mapping, source_name: str) -> None:
@@ -155,6 +183,8 @@ def plan_image_shots(config: Mapping, source_name: str) -> list:
     if settings["spectra"] == "table" and settings["spectra_table"] is None:
         raise refuse("spectra_table", "spectra: table needs the table's path")
     for key in ("spectra_table", "mask", "reference_geometry", "model"):
+        if key == "model" and settings[key] == NO_MODEL:
+            continue
         if settings[key] is not None and not os.path.isfile(settings[key]):
             raise refuse(key, f"{settings[key]}: no such file")
     try:
