@@ -112,8 +112,8 @@ def test_starting_geometry_and_model_reach_the_index_and_merge_commands(tmp_path
 
 
 def test_the_cspad_example_merges_without_a_model(tmp_path):
-    """config/examples/thermolysin_cspad.yaml (merge.reference data) plans a merge whose command has no
-    --model; with merge.reference model the same run passes the model."""
+    """config/examples/thermolysin_cspad.yaml (input.model none, merge.reference data) plans a merge whose
+    command has no --model; with merge.reference model and the default model the same run passes LY99's."""
     example = yaml.safe_load((REPO_ROOT / "config/examples/thermolysin_cspad.yaml").read_text())
     example["input"]["images"] = [str(SHARED_DATA_DIR / "real/thermolysin_cspad/*.cbf")]
     example["index"]["phil"] = str(REPO_ROOT / example["index"]["phil"])
@@ -135,7 +135,9 @@ def test_the_cspad_example_merges_without_a_model(tmp_path):
     assert example["merge"]["reference"] == "data"
     data = merge_commands(example, "data")
     assert len(data) == 1 and "--model" not in data[0] and "--covariance" in data[0]
-    model = merge_commands({**example, "merge": {**example["merge"], "reference": "model"}}, "model")
+    assert example["input"]["model"] == "none"
+    model = merge_commands({**example, "input": {**example["input"], "model": None},
+                            "merge": {**example["merge"], "reference": "model"}}, "model")
     assert len(model) == 1 and "--model " in model[0] and "1m2a.pdb" in model[0]
 
 
