@@ -29,7 +29,7 @@ lint: setup
 # tests extend the run, then resume); and the rest of the suite. Their logs follow in that order and the
 # target fails if any fails.
 SLURM_TESTS := tests/test_slurm.py tests/test_images_pipeline.py tests/test_geometry_pipeline.py tests/test_scale.py tests/test_images_scale.py
-PIPELINE_TESTS := tests/test_report.py tests/test_pipeline.py tests/test_resume.py
+PIPELINE_TESTS := tests/test_report.py tests/test_pipeline.py tests/test_resume.py tests/test_cspad_pipeline.py
 test: setup
 	@scratch=$$(mktemp -d); \
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider --basetemp="$$scratch/slurm" $(SLURM_TESTS) > "$$scratch/slurm.log" 2>&1 & \

@@ -6,9 +6,7 @@
   stage 1 closer to the truth than DIALS on most lattices. SPREAD runs on stage 1's lattices with each
   image's 20 channels rebinned onto the structure_factors channels; eight lattices cannot recover the
   sites, so only its outputs and their "no truth" are checked;
-- the three real CSPAD_DIR thermolysin stills (monochromatic, no spectra) through the index stage with
-  config/examples/thermolysin_cspad.phil, which the pipeline checks and hands to stills_process as it does
-  config/index.phil: every still indexes in P 61 2 2 with the known cell.
+- (the three real CSPAD thermolysin stills: tests/test_cspad_pipeline.py.)
 """
 
 import json
@@ -16,7 +14,7 @@ import json
 import numpy as np
 import pytest
 import yaml
-from conftest import CSPAD_DIR, NANOBRAGG_DIR, REPO_ROOT, SHARED_DATA_DIR
+from conftest import NANOBRAGG_DIR, REPO_ROOT, SHARED_DATA_DIR
 from pipeline_run import snakemake, succeeded
 
 from xfel_spread.dials.scoring import misorientation_deg, point_group_rotations
@@ -153,54 +151,6 @@ def test_spread_runs_on_the_nanobragg_stills_with_their_spectra_rebinned_and_say
     assert all(np.all(values[:, columns.index(name)] > 0) for name in columns if name.endswith("_sigma"))
     # No truth: no score of SPREAD (nor of anything else) was made.
     assert not (nanobragg_run / "results/score").exists()
-
-
-def test_cspad_thermolysin_stills_index_in_p6122_through_the_index_stage(tmp_path):
-    phil = tmp_path / "thermolysin.phil"
-    phil.write_text((REPO_ROOT / "config/examples/thermolysin_cspad.phil").read_text())
-    config = {"input": {"source": "images", "images": [str(CSPAD_DIR / "*.cbf")], "spectra": "monochromatic"},
-              "hitfind": {"enabled": False}, "index": {"phil": str(phil)},
-              # 9.74 keV, off the LY99 structure-factor grid, and no model: no SPREAD (as the example).
-              "spread": {"enabled": False}}
-    configfile = tmp_path / "thermolysin.yaml"
-    configfile.write_text(yaml.safe_dump(config))
-    succeeded(snakemake(tmp_path, configfile, "results/index/images/shard_00000_shots.tsv"))
-
-    assert [row["status"] for row in shots_of(tmp_path, "index", 1)] == [INTEGRATED] * 3
-    from cctbx import sgtbx
-
-    patterson = sgtbx.space_group_info("P 61 2 2").group().build_derived_patterson_group()
-    experiments = crystals(tmp_path / "results/index/images/shard_00000_integrated.expt").values()
-    assert len(experiments) == 3
-    for experiment in experiments:
-        # stills_process gives crystals the Patterson group of the known symmetry.
-        assert experiment.crystal.get_space_group() == patterson
-        cell = np.array(experiment.crystal.get_unit_cell().parameters())
-        assert cell == pytest.approx([93.4, 93.4, 131.2, 90, 90, 120], rel=0.01)
-
-    # Stage 1's read path takes the 64-panel image list: boxes on their reflections' panels, pixel values
-    # read through dxtbx from the CBF (gain 1, pedestal 0 in its panels: photons are ADU here), every
-    # panel's trusted range. The integrated files stand in for the annulus's (the annulus needs a merge,
-    # which three lattices are too few for).
-    import shutil
-
-    from xfel_spread.stage1.rois import open_annulus_shard, shot_pixels
-
-    prefix = tmp_path / "results/index/images/shard_00000"
-    for suffix in ("expt", "refl"):
-        shutil.copy(f"{prefix}_integrated.{suffix}", f"{prefix}_annulus.{suffix}")
-    annulus = open_annulus_shard(prefix, tmp_path / "results/images/images/shard_00000.h5")
-    lattice = 0
-    image = annulus.image_index(lattice)
-    from xfel_spread.io.shard import read_shard_image
-
-    image_adu = read_shard_image(annulus.shard_path, image, multi_panel=True)
-    assert image_adu.shape == (64, 185, 194)
-    shot, counts = shot_pixels(annulus, lattice, image_adu, 12)
-    assert counts.reflections > 100 and shot.n_rois == counts.reflections - counts.no_background
-    assert len(set(shot.roi_panel.tolist())) > 30
-    assert np.array_equal(shot.data_photons, image_adu[shot.pixel_panel, shot.pixel_slow, shot.pixel_fast])
-    assert np.all(shot.pixel_panel == shot.roi_panel[shot.pixel_roi]) and shot.trusted.mean() > 0.5
 
 
 def test_the_rayonix_mfx_still_runs_through_hit_finding_and_index_with_its_mask(tmp_path):
