@@ -1,10 +1,10 @@
 """Hit finding on multi-panel detectors: every pixel's radial geometry from its own panel's frame, one
 profile over all panels. A panel cut into abutting 2 x 2 tiles measures as the panel it was cut from,
-and the real CSPAD stills (64 panels, through an image-list shard) give a water ring and lit pixels."""
+and per-panel gain, offset and trusted range apply to their own panel. (The real CSPAD stills through hit
+finding under Snakemake: tests/test_cspad_pipeline.py.)"""
 
 import numpy as np
 import pytest
-from conftest import CSPAD_DIR
 
 from xfel_spread.hitfind.pixels import LitPixelSettings, measure_shot
 from xfel_spread.hitfind.stages import geometry_of
@@ -87,28 +87,4 @@ def test_per_panel_gain_offset_and_trusted_range_apply_to_their_own_panel():
     assert trusted.sum() == 23 and not trusted[1, 0, 0]
 
 
-def test_cspad_stills_give_a_water_ring_and_lit_pixels_over_all_64_panels(tmp_path):
-    from xfel_spread.hitfind.stages import measure_shard, sum_powder
-    from xfel_spread.hitfind.tables import read_powder, read_radial
-    from xfel_spread.io.images import list_images, make_image_list_shard
-
-    shard = tmp_path / "shard_00000.h5"
-    make_image_list_shard(shard, list_images([str(CSPAD_DIR / "*.cbf")]), 0, "monochromatic")
-    files = {name: tmp_path / f"shard_00000_{name}" for name in ("lit.tsv", "radial.npz", "powder.npz")}
-    measurements = measure_shard(shard, 0, LitPixelSettings(), 2.0, files["lit.tsv"], files["radial.npz"],
-                                 files["powder.npz"])
-    assert len(measurements) == 3
-    radial = read_radial(files["radial.npz"])
-    assert radial.detector["n_panels"] == 64 and (radial.detector["n_slow"], radial.detector["n_fast"]) == (185, 194)
-    assert read_powder(files["powder.npz"]).shape == (64, 185, 194)
-    for shot in measurements:
-        assert shot.lit_pixels > 0 and shot.photons > 0 and shot.trusted_pixels > 0.9 * 64 * 185 * 194
-        assert np.isfinite(shot.ring.q_inv_a) and 1.5 < shot.ring.q_inv_a < 2.5 and shot.ring.intensity > 0
-        assert np.isfinite(shot.profile).sum() > 100
-    outputs = {"powder": tmp_path / "powder.npy", "powder_radial": tmp_path / "powder_radial.tsv",
-               "summary": tmp_path / "powder.json", "plot": tmp_path / "powder.png"}
-    summary = sum_powder([files["radial.npz"]], [files["powder.npz"]], (1.5, 2.5), outputs)
-    assert summary.n_shots == 3 and 1.5 < summary.ring_q_inv_a < 2.5
-    assert np.load(outputs["powder"]).shape == (64, 185, 194) and outputs["plot"].stat().st_size > 0
-    print("CSPAD lit pixels", [shot.lit_pixels for shot in measurements], "rings (1/A)",
-          [round(shot.ring.q_inv_a, 4) for shot in measurements], "powder ring", summary.ring_q_inv_a)
+# The three CSPAD stills through hit finding (measure, threshold, powder) under Snakemake: tests/test_cspad_pipeline.py.

@@ -29,12 +29,13 @@ def test_moved_detector_is_the_offset_detector_and_carries_gradients():
     assert shift.grad.tolist() == pytest.approx([-3 * pixel, 3 * pixel, -3])
 
 
-@pytest.mark.slow  # two joint refinements of six lattices: about a minute each on one busy core
-@pytest.mark.parametrize("offset_px", [0.5, 0.0])
-def test_a_half_pixel_beam_centre_offset_is_recovered_and_none_is_not_invented(amplitude_table, offset_px):
+@pytest.mark.slow  # two refinements of six lattices: up to a minute each on one busy core
+@pytest.mark.parametrize("offset_px, method", [(0.5, "joint"), (0.0, "profile")])
+def test_a_half_pixel_beam_centre_offset_is_recovered_and_none_is_not_invented(amplitude_table, offset_px, method):
     """Six lattices imaged with the beam centre ``offset_px`` off the nominal one along fast and
-    slow, refined on the nominal detector: the joint refinement (method="joint"; the profile method
-    has its own test below) finds the offset (and no distance shift), and finds none on the control."""
+    slow, refined on the nominal detector: the joint refinement finds the offset (and no distance
+    shift), and the profile one (the default) finds none on the control. (The profile method finding
+    the offset: the test below, and tests/test_pixel_metrology.py through the rule's driver.)"""
     lookup = lookup_for(amplitude_table, FEW_CHANNELS)
     true_detector = LY99_DETECTOR.with_beam_center_offset_px((offset_px, offset_px))
     shots = []
@@ -42,7 +43,7 @@ def test_a_half_pixel_beam_centre_offset_is_recovered_and_none_is_not_invented(a
         synthetic = simulate_shot_pixels(lookup, LY99_ENERGIES_EV[FEW_CHANNELS], amplitude_table.unit_cell, seed=seed,
                                          n_rois=10, detector=true_detector)
         shots.append(with_start(synthetic.shot, synthetic.true_matrix, LY99_DETECTOR))
-    fit = refine_detector(shots, lookup, Stage1Settings.from_config({}), method="joint")
+    fit = refine_detector(shots, lookup, Stage1Settings.from_config({}), method=method)
     assert fit.converged, fit.reason
     assert fit.kept == list(range(6))
     assert fit.shift[:2] == pytest.approx([offset_px, offset_px], abs=0.02)
