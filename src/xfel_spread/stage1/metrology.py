@@ -120,8 +120,8 @@ def refine_detector(shots: list[ShotPixels], amplitudes: AmplitudeLookup, settin
 
     ``method`` ``joint`` minimises the summed NLL over the detector and every lattice's parameters at
     once; ``profile`` minimises over the detector alone the profile NLL, the sum over lattices of each
-    lattice's minimum NLL on that detector (each lattice re-refined from where it last ended, to
-    stage 1's tolerances), whose gradient is the summed partial derivative at those minima (the
+    lattice's minimum NLL on that detector (each lattice re-refined to stage 1's tolerances from its
+    minimum on the best detector tried so far), whose gradient is the summed partial derivative at those minima (the
     lattices' own gradients vanish there). The profile problem has three parameters, whatever the
     number of lattices, so its quasi-Newton steps do not slow down with more lattices; each of its
     evaluations costs one short refinement per lattice. ``max_iterations`` bounds the outer
@@ -166,10 +166,7 @@ def refine_detector(shots: list[ShotPixels], amplitudes: AmplitudeLookup, settin
     def total(x: np.ndarray) -> tuple[float, np.ndarray]:
         counts[0] += 1
         leaf = torch.tensor(x, dtype=torch.float64, device=device, requires_grad=True)
-        shift = leaf[:n_detector] * steps
-        if not refine_distance:
-            shift = torch.cat((shift, torch.zeros(1, dtype=torch.float64, device=device)))
-        detector = moved_detector(start_detector, shift)
+        detector = _detector_at(start_detector, leaf[:n_detector], steps, refine_distance)
         value = 0.0
         for problem, space, first, last in zip(problems, spaces, offsets[:-1], offsets[1:]):
             nll = _lattice_nll(problem, space.physical(leaf[first:last]), detector, amplitudes)
@@ -183,12 +180,18 @@ def refine_detector(shots: list[ShotPixels], amplitudes: AmplitudeLookup, settin
     nll_start = total(x0)[0]
     result = scipy.optimize.minimize(total, x0, jac=True, method="L-BFGS-B", bounds=bounds,
                                      options={"maxiter": max_iterations, "ftol": FTOL, "gtol": GTOL})
-    shift = np.zeros(3)
-    shift[:n_detector] = result.x[:n_detector] * DETECTOR_STEPS[:n_detector]
     values = [space.values(result.x[first:last]) for space, first, last in zip(spaces, offsets[:-1], offsets[1:])]
+    return _detector_fit(result, result.x[:n_detector], counts[0], nll_start, singles, kept, values, started)
+
+
+def _detector_fit(result, detector_x: np.ndarray, n_evaluations: int, nll_start: float, singles, kept, values,
+                  started: float) -> DetectorFit:
+    """The DetectorFit of step 2's L-BFGS-B ``result`` whose scaled detector parameters are ``detector_x``."""
+    shift = np.zeros(3)
+    shift[:len(detector_x)] = detector_x * DETECTOR_STEPS[:len(detector_x)]
     message = result.message.decode() if isinstance(result.message, bytes) else str(result.message)
     return DetectorFit(shift, bool(result.success), "" if result.success else f"L-BFGS-B did not converge: {message}",
-                       int(result.nit), counts[0], nll_start, float(result.fun), singles, kept, values,
+                       int(result.nit), n_evaluations, nll_start, float(result.fun), singles, kept, values,
                        time.perf_counter() - started)
 
 
@@ -255,13 +258,8 @@ def _profile_refinement(problems, spaces, starts, start_detector, amplitudes, st
                                      options={"maxiter": max_iterations, "ftol": FTOL, "gtol": GTOL})
     if not np.array_equal(last[0], result.x):  # the lattices' minima belong to the last detector tried
         profile(result.x)
-    shift = np.zeros(3)
-    shift[:n_detector] = result.x * steps.cpu().numpy()
     values = [space.values(x) for space, x in zip(spaces, current)]
-    message = result.message.decode() if isinstance(result.message, bytes) else str(result.message)
-    return DetectorFit(shift, bool(result.success), "" if result.success else f"L-BFGS-B did not converge: {message}",
-                       int(result.nit), counts[0], nll_start, float(result.fun), singles, kept, values,
-                       time.perf_counter() - started)
+    return _detector_fit(result, result.x, counts[0], nll_start, singles, kept, values, started)
 
 
 def _without_distance(settings: Stage1Settings) -> Stage1Settings:
