@@ -352,9 +352,8 @@ def spread_outputs():
 
 def spread_start_tables(wildcards):
     """Every start table `spread.sites` uses, as inputs: the reference copies of the named ones, and paths."""
-    tables = {SPREAD_NAMED_TABLES.get(choice, choice) for choice in config["spread"]["sites"].values()}
-    return {f"start_table_{i}": reference_path(name) if name in SPREAD_NAMED_TABLES.values() else name
-            for i, name in enumerate(sorted(tables))}
+    tables = {spread_start_table(choice) for choice in config["spread"]["sites"].values()}
+    return {f"start_table_{i}": table for i, table in enumerate(sorted(tables))}
 
 
 def spread_shard_options(wildcards):
@@ -363,6 +362,32 @@ def spread_shard_options(wildcards):
     return " ".join((repeated_option("--annulus-prefix", shard_prefixes("annulus", dataset)),
                      repeated_option("--shard", [shard_path(dataset, index) for index in range(len(SHARD_RANGES))]),
                      repeated_option("--stage1-prefix", shard_prefixes(SPREAD_REFINEMENT, dataset))))
+
+
+def spread_start_table(choice):
+    """The file of a spread.sites start table: the reference copy of a named one, or the path given."""
+    return reference_path(SPREAD_NAMED_TABLES[choice]) if choice in SPREAD_NAMED_TABLES else choice
+
+
+def structure_factor_sites():
+    """Atom name -> f', f'' table of the amplitude table's anomalous sites: the two the simulation gives the
+    oxidized and reduced tables, or, for images from elsewhere (whose truth nobody knows), spread.sites with
+    their start tables, so that a model of another crystal needs no atom named as LY99's."""
+    if config["input"]["source"] == "images":
+        return {name: spread_start_table(choice) for name, choice in config["spread"]["sites"].items()}
+    atoms = config["structure_factors"]
+    return {atoms["fe_oxidized_atom"]: reference_path("pf-rd-ox_fftkk.out"),
+            atoms["fe_reduced_atom"]: reference_path("pf-rd-red_fftkk.out")}
+
+
+def structure_factor_tables(wildcards):
+    """The structure_factors rule's site tables, as inputs."""
+    return {f"site_table_{i}": table for i, table in enumerate(dict.fromkeys(structure_factor_sites().values()))}
+
+
+def structure_factor_site_options(wildcards):
+    """`--site ATOM=TABLE` for every site of structure_factor_sites."""
+    return " ".join(f"--site {shlex.quote(f'{name}={table}')}" for name, table in structure_factor_sites().items())
 
 
 def spread_truth_tables(wildcards):

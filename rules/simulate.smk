@@ -17,24 +17,24 @@ rule stage_settings:
 
 
 rule structure_factors:
-    """|F| of the model (input.model, LY99's 1M2A by default) for every energy channel (Fe sites with the
-    ox/red f', f'' tables)."""
+    """|F| of the model (input.model, LY99's 1M2A by default) for every energy channel: the simulation's two
+    Fe sites with the ox/red f', f'' tables, or, for images from elsewhere, spread.sites with their start tables."""
     input:
+        unpack(structure_factor_tables),
         settings=f"{OUTPUT_DIR}/settings/structure_factors.yaml",
         # A function: with `input.model: none` there is no model, and nothing plans this rule.
         pdb=lambda wildcards: MODEL_FILE,
-        oxidized=reference_path("pf-rd-ox_fftkk.out"),
-        reduced=reference_path("pf-rd-red_fftkk.out"),
     output:
         f"{OUTPUT_DIR}/structure_factors/amplitudes.h5",
+    params:
+        sites=structure_factor_site_options,
     log:
         f"{LOG_DIR}/structure_factors.log",
     benchmark:
         f"{LOG_DIR}/benchmarks/structure_factors.tsv"
     shell:
-        "{ENV_BIN}/spread-structure-factors --config {input.settings:q} --pdb {input.pdb:q}"
-        " --oxidized-table {input.oxidized:q} --reduced-table {input.reduced:q} --output {output:q}"
-        " > {log:q} 2>&1"
+        "{ENV_BIN}/spread-structure-factors --config {input.settings:q} --pdb {input.pdb:q} {params.sites}"
+        " --output {output:q} > {log:q} 2>&1"
 
 
 rule simulate:

@@ -17,7 +17,6 @@ rule spread:
         **spread_outputs(),
     params:
         shards=spread_shard_options,
-        # The named start tables are reference files, next to the PDB.
         # The named start tables are reference copies, beside the LY99 model whatever input.model says.
         tables_dir=lambda wildcards: os.path.dirname(reference_path("1m2a.pdb")),
         prefix=lambda wildcards: spread_prefix(wildcards.dataset),

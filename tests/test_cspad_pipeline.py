@@ -102,3 +102,27 @@ def test_stage1_refines_the_hexagonal_lattices_on_their_own_panels(cspad_run):
 
 def test_the_shot_figure_draws_the_64_panels(cspad_run):
     assert (cspad_run / "report/images_shot.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_the_report_of_the_image_run_says_there_is_no_truth(cspad_run, tmp_path):
+    """`snakemake --report` of the run: the figures the data alone give (the shot, the detector refinement's
+    residuals, the cell clusters), the statement that nothing is scored against a truth, and no score."""
+    import re
+
+    workdir = cspad_run.parent
+    path = tmp_path / "report.html"
+    targets = [str(cspad_run / name) for name in ("hitfind/images/powder.json", "stage1/images/shard_00000_shots.tsv",
+                                                   "report/images_shot.png")]
+    succeeded(snakemake(workdir, workdir / "thermolysin.yaml", *targets, "--report", str(path)))
+    html = path.read_text()
+    match = re.search(r'<script id="categories">\s*var \w+ = (.*?);\s*</script>', html, re.DOTALL)
+    assert match, "no categories block in the report"
+    categories = json.loads(match.group(1))
+    figures = {name for subcategories in categories.values() for names in subcategories.values() for name in names}
+    assert "1. Shots (images from elsewhere)" in categories
+    assert str(cspad_run / "report/images_shot.png") in figures
+    assert str(cspad_run / "metrology/images/residuals_after.png") in figures
+    assert str(cspad_run / "cells/images_clusters.png") in figures
+    assert not any("/score/" in name for name in figures), sorted(figures)
+    description = re.search(r'<script id="workflow-desc">\s*var \w+ = (.*?);\s*</script>', html, re.DOTALL)
+    assert "No truth: these data were not simulated" in re.sub(r"\s+", " ", json.loads(description.group(1)))

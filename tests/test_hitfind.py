@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 import yaml
 
+from conftest import NANOBRAGG_DIR
+
 from xfel_spread.config import load_config
 from xfel_spread.hitfind.pixels import LitPixelSettings, measure_shot, photons_from_adu
 from xfel_spread.hitfind.radial import radial_geometry
@@ -300,3 +302,46 @@ def test_commands_report_bad_input_in_one_line(blank_run, tmp_path):
                               "--plot", tmp_path / "t.png"),
                           "spread-score-hitfind")
     assert f"{old_truth}: not a truth file with per-shot blank flags" in line
+
+
+@pytest.mark.skipif(not NANOBRAGG_DIR.is_dir(), reason="needs the nanoBragg stills")
+def test_an_unreadable_image_among_readable_ones_is_measured_as_nothing_and_never_a_hit(tmp_path):
+    """An image list with a file dxtbx cannot read (recorded, within input.max_unreadable_fraction): hit
+    finding measures the others as before, gives the unreadable one no trusted pixel, leaves it out of the
+    threshold and the powder, and never calls it a hit (the index stage then records it as unreadable)."""
+    from xfel_spread.hitfind.stages import find_hits, measure_shard, sum_powder
+    from xfel_spread.io.images import list_images, make_image_list_shard
+
+    junk = tmp_path / "image_999.img.gz"
+    junk.write_bytes(b"\x1f\x8b not an image")
+    shots = list_images([str(NANOBRAGG_DIR / "image_00[0-1].img.gz"), str(junk)])
+    assert [Path(shot.path).name for shot in shots][-1] == junk.name
+    make_image_list_shard(tmp_path / "shard_00000.h5", shots, 0, "table", str(NANOBRAGG_DIR / "spectra.tsv"),
+                          max_unreadable_fraction=0.5)
+    hitfind = load_config({})["hitfind"]
+    settings = LitPixelSettings.from_config(hitfind)
+    files = {name: tmp_path / f"shard_00000{suffix}" for name, suffix in (
+        ("lit", "_lit.tsv"), ("radial", "_radial.npz"), ("powder", "_powder.npz"), ("hits", "_hits.tsv"))}
+    measured = measure_shard(tmp_path / "shard_00000.h5", 0, settings, hitfind["radial_bin_px"],
+                             files["lit"], files["radial"], files["powder"])
+    assert [m.trusted_pixels > 0 for m in measured] == [True, True, False]
+    assert measured[2].lit_pixels == 0 and np.all(np.isnan(measured[2].profile))
+    rows = read_lit_table(files["lit"])
+    assert [row["image"] for row in rows] == [0, 1, 2] and math.isnan(rows[2]["wavelength_a"])
+    assert rows[0]["lit_pixels"] > 0 and rows[0]["wavelength_a"] > 0
+    # The readable images' measurement is the one they get alone.
+    alone = make_image_list_shard(tmp_path / "alone.h5", shots[:2], 0, "table", str(NANOBRAGG_DIR / "spectra.tsv"))
+    assert alone.n_shots == 2
+    only = measure_shard(tmp_path / "alone.h5", 0, settings, hitfind["radial_bin_px"], tmp_path / "a_lit.tsv",
+                         tmp_path / "a_radial.npz", tmp_path / "a_powder.npz")
+    assert [m.lit_pixels for m in only] == [m.lit_pixels for m in measured[:2]]
+
+    outputs = {"ring_peaks": tmp_path / "ring_peaks.tsv", "summary": tmp_path / "summary.json",
+               "shots_plot": tmp_path / "shots.png"}
+    summary = find_hits([files["lit"]], [files["hits"]], dict(hitfind, min_lit_pixels=1), outputs)
+    assert [row["is_hit"] for row in read_hits_table(files["hits"])] == [1, 1, 0]
+    assert summary.n_unreadable == 1 and summary.n_hits == 2
+    powder_outputs = {"powder": tmp_path / "powder.npy", "powder_radial": tmp_path / "powder_radial.tsv",
+                      "summary": tmp_path / "powder.json", "plot": tmp_path / "powder.png"}
+    powder = sum_powder([files["radial"]], [files["powder"]], tuple(hitfind["ring_q_range_inv_a"]), powder_outputs)
+    assert powder.n_shots == 2 and math.isfinite(powder.mean_wavelength_a)

@@ -89,7 +89,8 @@ def test_starting_geometry_and_model_reach_the_index_and_merge_commands(tmp_path
     geometry = SHARED_DATA_DIR / "real/rayonix_mfx/experiments_000.json"
     model = SHARED_DATA_DIR / "1m2a.pdb"
     configfile = tmp_path / "images.yaml"
-    configfile.write_text(yaml.safe_dump(nanobragg_input(reference_geometry=str(geometry), model=str(model))))
+    configfile.write_text(yaml.safe_dump({**nanobragg_input(reference_geometry=str(geometry), model=str(model)),
+                                          "stage1": {"structure_factors": "model"}}))
     (tmp_path / "work").mkdir()
     command = [sys.executable, "-m", "snakemake", "--dry-run", "--printshellcmds", "--snakefile",
                str(REPO_ROOT / "Snakefile"), "--directory", str(tmp_path / "work"), f"--configfile={configfile}"]
@@ -106,6 +107,11 @@ def test_starting_geometry_and_model_reach_the_index_and_merge_commands(tmp_path
     assert reindex and all(str(geometry) not in line for line in reindex)  # reindex takes metrology's detector
     assert len(merge) == 1 and f"--model {model}" in merge[0]
     assert len(spread) == 1 and f"--pdb {model}" in spread[0]
+    # The amplitude table of images from elsewhere puts spread.sites' start tables on spread.sites' atoms (the
+    # truth is unknown; a model of another crystal needs no atom named as LY99's).
+    (amplitudes,) = [line for line in lines if "spread-structure-factors" in line]
+    assert f"--pdb {model}" in amplitudes
+    assert "--site FE1=resources/reference/Fe_fake.dat --site FE2=resources/reference/Fe_fake.dat" in amplitudes
     # The model given is the merge's and SPREAD's, so no reference copy of 1m2a.pdb is made (only SPREAD's start table).
     assert "resources/reference/1m2a.pdb" not in result.stdout
     assert job_stats(result.stdout + result.stderr)["reference_data"] == 1

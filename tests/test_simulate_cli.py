@@ -67,8 +67,8 @@ def amplitudes(workdir, configfile):
     """The amplitude table of the tiny config, built once."""
     output = workdir / "amplitudes.h5"
     result = run("spread-structure-factors", "--config", configfile, "--pdb", SHARED_DATA_DIR / "1m2a.pdb",
-                 "--oxidized-table", SHARED_DATA_DIR / "pf-rd-ox_fftkk.out",
-                 "--reduced-table", SHARED_DATA_DIR / "pf-rd-red_fftkk.out", "--output", output)
+                 "--site", f"FE1={SHARED_DATA_DIR / 'pf-rd-ox_fftkk.out'}",
+                 "--site", f"FE2={SHARED_DATA_DIR / 'pf-rd-red_fftkk.out'}", "--output", output)
     assert result.returncode == 0, result.stderr
     return output
 
@@ -213,8 +213,8 @@ def test_garbage_model_is_one_line_naming_it(configfile, tmp_path, content):
     pdb.write_text(content)
     output = tmp_path / "amplitudes.h5"
     result = run("spread-structure-factors", "--config", configfile, "--pdb", pdb,
-                 "--oxidized-table", SHARED_DATA_DIR / "pf-rd-ox_fftkk.out",
-                 "--reduced-table", SHARED_DATA_DIR / "pf-rd-red_fftkk.out", "--output", output)
+                 "--site", f"FE1={SHARED_DATA_DIR / 'pf-rd-ox_fftkk.out'}",
+                 "--site", f"FE2={SHARED_DATA_DIR / 'pf-rd-red_fftkk.out'}", "--output", output)
 
     assert one_error_line(result, "spread-structure-factors").startswith(f"spread-structure-factors: error: {pdb}: ")
     assert not output.exists()

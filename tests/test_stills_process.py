@@ -72,8 +72,8 @@ def shard(tmp_path_factory):
     amplitudes = directory / "amplitudes.h5"
     reference = Path(config["reference"]["mirror_dir"])
     succeeded(run([BIN_DIR / "spread-structure-factors", "--config", configfile, "--pdb", reference / "1m2a.pdb",
-                   "--oxidized-table", reference / "pf-rd-ox_fftkk.out",
-                   "--reduced-table", reference / "pf-rd-red_fftkk.out", "--output", amplitudes]))
+                   "--site", f"FE1={reference / 'pf-rd-ox_fftkk.out'}",
+                   "--site", f"FE2={reference / 'pf-rd-red_fftkk.out'}", "--output", amplitudes]))
     succeeded(run([BIN_DIR / "spread-simulate", "--config", configfile, "--amplitudes", amplitudes,
                    "--shots", 0, N_SHOTS, "--nopsf", directory / "nopsf.h5", "--psf", directory / "psf.h5",
                    "--truth", directory / "truth.json", "--threads", 2]))

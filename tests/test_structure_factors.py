@@ -226,3 +226,31 @@ def test_load_rejects_other_files(tmp_path):
         with pytest.raises(ModelFileError) as raised:
             load_channel_amplitudes(str(path))
         assert "\n" not in str(raised.value) and str(raised.value).startswith(f"{path}: ")
+
+
+def test_sites_are_named_by_their_atoms_not_by_ly99s(fe_less_pdb):
+    """compute_site_amplitudes puts each table on the atoms named for it: 1M2A with FE1 renamed FE3 and the
+    table given for FE3 gives LY99's amplitudes exactly; a third site (one cluster's FE2 renamed FE4) given
+    the same table as FE2 changes nothing; a site name no atom has is one line naming the model."""
+    from xfel_spread.sim.structure_factors import compute_site_amplitudes
+
+    expected = compute_channel_amplitudes(str(PDB_PATH), str(OXIDIZED_TABLE), str(REDUCED_TABLE), LY99_ENERGIES_EV,
+                                          6.0, K_SOL, B_SOL)
+    renamed = compute_site_amplitudes(str(fe_less_pdb), {"FE3": str(OXIDIZED_TABLE), "FE2": str(REDUCED_TABLE)},
+                                      LY99_ENERGIES_EV, 6.0, K_SOL, B_SOL)
+    assert np.array_equal(renamed.indices, expected.indices)
+    assert np.array_equal(renamed.amplitudes, expected.amplitudes)
+
+    lines = fe_less_pdb.read_text().splitlines(keepends=True)
+    three = [line[:12] + "FE4 " + line[16:] if line.startswith("HETATM") and line[12:16].strip() == "FE2"
+             and line[21] == "B" else line for line in lines]
+    assert three != lines
+    three_sites = fe_less_pdb.with_name("three_sites.pdb")
+    three_sites.write_text("".join(three))
+    split = compute_site_amplitudes(str(three_sites), {"FE3": str(OXIDIZED_TABLE), "FE2": str(REDUCED_TABLE),
+                                                       "FE4": str(REDUCED_TABLE)}, LY99_ENERGIES_EV, 6.0, K_SOL, B_SOL)
+    assert np.allclose(split.amplitudes, expected.amplitudes, rtol=1e-6, atol=1e-4)
+
+    with pytest.raises(ModelFileError) as raised:
+        compute_site_amplitudes(str(PDB_PATH), {"ZN1": str(OXIDIZED_TABLE)}, LY99_ENERGIES_EV, 6.0, K_SOL, B_SOL)
+    assert str(raised.value) == f"{PDB_PATH}: no atom named ZN1 for the anomalous site"

@@ -1,6 +1,6 @@
 """Entry points of the simulation stage.
 
-``spread-structure-factors``: per-channel amplitude table from the model and the Fe tables.
+``spread-structure-factors``: per-channel amplitude table from the model and its anomalous sites' tables.
 ``spread-simulate``: one shard of shots, written as the nopsf and psf datasets plus a truth file.
 
 Both take the pipeline config as a YAML file (``--config``); it is validated and completed with
@@ -20,16 +20,23 @@ def structure_factors_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="spread-structure-factors", description=__doc__.split("\n\n")[1])
     parser.add_argument("--config", required=True, help="pipeline config (YAML)")
     parser.add_argument("--pdb", required=True, help="model (PDB format)")
-    parser.add_argument("--oxidized-table", required=True, help="f'/f'' table for the oxidized Fe site")
-    parser.add_argument("--reduced-table", required=True, help="f'/f'' table for the reduced Fe site")
+    parser.add_argument("--site", action="append", default=[], metavar="ATOM=TABLE", required=True,
+                        help="an anomalous site: its atom name in the model and its f', f'' table (repeat per site; "
+                             "LY99: FE1=pf-rd-ox_fftkk.out FE2=pf-rd-red_fftkk.out)")
     parser.add_argument("--output", required=True, help="amplitude table to write (HDF5)")
     arguments = parser.parse_args(argv)
+    site_tables = {}
+    for item in arguments.site:
+        name, _, table = item.partition("=")
+        if not name or not table or name in site_tables:
+            parser.error(f"--site {item}: expected ATOM=TABLE, each atom once")
+        site_tables[name] = table
 
     def action():
         from xfel_spread.sim.pipeline import write_structure_factors
 
-        write_structure_factors(load_config(arguments.config)["structure_factors"], arguments.pdb,
-                                arguments.oxidized_table, arguments.reduced_table, arguments.output)
+        write_structure_factors(load_config(arguments.config)["structure_factors"], arguments.pdb, site_tables,
+                                arguments.output)
 
     return run_command("spread-structure-factors", action)
 

@@ -304,12 +304,14 @@ class MetrologyResult:
 
 def refine_detector(dataset: str, shards: Sequence[ShardLattices], phil_path, engine: str, max_lattices: int,
                     work_dir: Path, log_stream, hierarchy_level: int = 0,
-                    saved_detector_path=None) -> MetrologyResult:
+                    saved_detector_path=None, min_lattices: int = 1) -> MetrologyResult:
     """Combine the selected lattices and refine the detector at ``hierarchy_level``.
 
     With ``saved_detector_path`` the saved detector is applied instead and only the lattices are
-    refined on it. The residuals are those of the spots dials.refine used, predicted before (the
-    lattices as indexed, on the starting detector) and after.
+    refined on it. With fewer than ``min_lattices`` lattices the detector is not refined (one lattice
+    cannot tell a detector shift from its own orientation and cell): the lattices are refined on the
+    images' detector, which is carried forward, and the method says so. The residuals are those of the
+    spots dials.refine used, predicted before (the lattices as indexed, on the starting detector) and after.
     """
     saved_detector = read_saved_detector(saved_detector_path) if saved_detector_path is not None else None
     selected, n_available = select_shards(shards, max_lattices)
@@ -333,7 +335,15 @@ def refine_detector(dataset: str, shards: Sequence[ShardLattices], phil_path, en
     combined = read_experiments(work_dir / "combined.expt")
     detector = combined[0].detector
 
-    if saved_detector is None:
+    fixed_detector = ["refinement.parameterisation.detector.fix=all",
+                      # dials.refine applies a fix_list after fix=all, freeing what the list leaves out; so no list.
+                      "refinement.parameterisation.detector.fix_list=None"]
+    if saved_detector is None and n_lattices < min_lattices:
+        method = (f"not refined: {n_lattices} lattice(s), fewer than metrology.min_lattices ({min_lattices}); "
+                  "the images' detector is carried forward")
+        detector_arguments = fixed_detector
+        starting_experiments = "combined.expt"
+    elif saved_detector is None:
         method = f"refined at hierarchy level {hierarchy_level}"
         detector_arguments = detector_parameterisation_arguments(hierarchy_level, len(detector),
                                                                  selected[0].refined_experiments)
@@ -343,9 +353,7 @@ def refine_detector(dataset: str, shards: Sequence[ShardLattices], phil_path, en
         applied = read_experiments(work_dir / "combined.expt")
         apply_saved_detector(saved_detector, applied[0].detector, saved_detector_path)
         applied.as_file(str(work_dir / "applied.expt"))
-        # dials.refine applies a fix_list after fix=all, freeing what the list leaves out; so no list.
-        detector_arguments = ["refinement.parameterisation.detector.fix=all",
-                              "refinement.parameterisation.detector.fix_list=None"]
+        detector_arguments = fixed_detector
         starting_experiments = "applied.expt"
     print(f"metrology: {method}, {len(detector)} panel(s)", file=log_stream, flush=True)
     run_dials("refine", [starting_experiments, "combined.refl", os.path.abspath(phil_path),

@@ -52,7 +52,7 @@ def run_metrology(settings: dict, dataset: str, phil: str, shard_prefixes: Seque
         paths = output_paths(prefix)
         shards.append(shard_lattices(paths["refined_experiments"], paths["indexed_reflections"], paths["shots"]))
     result = refine_detector(dataset, shards, phil, plan.engine, plan.max_lattices, Path(work_dir), log_stream,
-                             settings["hierarchy_level"], settings["reference_geometry"])
+                             settings["hierarchy_level"], settings["reference_geometry"], settings["min_lattices"])
     write_metrology_outputs(dataset, result, plan, outputs)
 
 

@@ -2,7 +2,10 @@
 
 ``measure_shard``
     reads every image of one shard once: lit pixels, photons, radial profile and ring peak per shot
-    (``_lit.tsv``, ``_radial.npz``) and the shard's powder sum (``_powder.npz``);
+    (``_lit.tsv``, ``_radial.npz``) and the shard's powder sum (``_powder.npz``); an image dxtbx cannot
+    read (recorded by the image list, or failing now) is logged and measured as nothing: no trusted
+    pixel, never a hit, left out of the threshold and the powder (the index stage records it as
+    ``unreadable_image``);
 ``find_hits``
     the run's threshold from every shard's lit pixels; ``_hits.tsv`` per shard, the per-shot ring
     peaks, a summary and a figure;
@@ -30,6 +33,7 @@ from xfel_spread.hitfind.radial import (
     clipped_radial_statistics,
     compare_profiles,
     detector_from_attrs,
+    NO_PEAK,
     mean_wavelength_a,
     multipanel_radial_geometry,
     panels_from_attrs,
@@ -41,7 +45,8 @@ from xfel_spread.atomic import atomic_output
 from xfel_spread.config import ConfigError
 from xfel_spread.errors import OptionError
 from xfel_spread.hitfind import tables
-from xfel_spread.hitfind.pixels import LitPixelSettings, PowderSum, measure_shot
+from xfel_spread.hitfind.pixels import LitPixelSettings, PowderSum, ShotMeasurement, measure_shot
+from xfel_spread.io.shard import ShardFormatError
 from xfel_spread.hitfind.threshold import choose_hit_threshold
 from xfel_spread.io.tables import write_table
 from xfel_spread.progress import Progress
@@ -74,12 +79,28 @@ def measure_shard(shard_path, first_shot: int, settings: LitPixelSettings, bin_w
                                                   f"the pipeline expects {first_shot}")
     geometry = geometry_of(metadata.detector, metadata.beam, bin_width_px)
     powder = PowderSum(geometry.shape)
-    wavelengths = [mean_wavelength_a(metadata.energy_ev, photons) for photons in metadata.photons_per_channel]
+    unreadable = _unreadable_images(shard_path, metadata.n_shots)
+    wavelengths = [float("nan") if unreadable[image] else mean_wavelength_a(metadata.energy_ev, photons)
+                   for image, photons in enumerate(metadata.photons_per_channel)]
     progress = Progress(metadata.n_shots, f"hitfind {shard_path}", log.info, PROGRESS_INTERVAL_S, items="shots")
     measurements = []
     for image in range(metadata.n_shots):
-        measurement, photons, trusted = measure_shot(read_shard_image(shard_path, image, multi_panel=True),
-                                                     metadata.detector,
+        image_adu = None
+        if not unreadable[image]:
+            try:
+                image_adu = read_shard_image(shard_path, image, multi_panel=True)
+            except ShardFormatError as error:
+                if not unreadable.is_image_list:
+                    raise  # a shard the pipeline wrote is never half readable: that is a real fault
+                unreadable[image] = str(error)
+        if image_adu is None:
+            log.warning("hitfind %s: image %d unreadable (%s); measured as nothing, never a hit", shard_path, image,
+                        unreadable[image])
+            wavelengths[image] = float("nan")
+            measurements.append(ShotMeasurement(0, 0.0, 0, NO_PEAK, np.full(geometry.n_bins, np.nan)))
+            progress.advance()
+            continue
+        measurement, photons, trusted = measure_shot(image_adu, metadata.detector,
                                                      geometry, settings, wavelengths[image], mask)
         powder.add(photons, trusted)
         measurements.append(measurement)
@@ -94,6 +115,23 @@ def measure_shard(shard_path, first_shot: int, settings: LitPixelSettings, bin_w
     return measurements
 
 
+class _Unreadable(list):
+    """Per image of a shard the reason it cannot be read, or "" (``is_image_list``: an image-list shard)."""
+
+    is_image_list: bool = False
+
+
+def _unreadable_images(shard_path, n_shots: int) -> _Unreadable:
+    """The reasons the image list records for its unreadable files (none for a simulated shard)."""
+    from xfel_spread.io.images import is_image_list_shard, read_image_list_shard
+
+    reasons = _Unreadable([""] * n_shots)
+    if is_image_list_shard(shard_path):
+        reasons.is_image_list = True
+        reasons[:] = read_image_list_shard(shard_path).unreadable
+    return reasons
+
+
 @dataclass(frozen=True)
 class HitfindSummary:
     """What ``find_hits`` decided, for ``summary.json``."""
@@ -101,6 +139,7 @@ class HitfindSummary:
     n_shots: int
     n_hits: int
     hit_rate: float
+    n_unreadable: int
     threshold_min_lit_pixels: float
     threshold_rule: str
     separation_decades: float | None
@@ -117,15 +156,22 @@ def find_hits(lit_paths: Sequence, hits_paths: Sequence, hitfind: dict, outputs:
         raise OptionError("give one lit table and one hits table per shard")
     shards = [tables.read_lit_table(path) for path in lit_paths]
     lit = np.array([row["lit_pixels"] for rows in shards for row in rows], dtype=np.float64)
-    threshold = choose_hit_threshold(lit, hitfind["lit_pixel_floor"], hitfind["min_separation_decades"],
+    # An image with no trusted pixel (unreadable, or masked whole) says nothing about the threshold.
+    measured = np.array([row["trusted_pixels"] > 0 for rows in shards for row in rows], dtype=bool)
+    threshold = choose_hit_threshold(lit[measured], hitfind["lit_pixel_floor"], hitfind["min_separation_decades"],
                                      hitfind["min_lit_pixels"])
+
+    def hits(rows) -> np.ndarray:
+        return threshold.is_hit([row["lit_pixels"] for row in rows]) & np.array(
+            [row["trusted_pixels"] > 0 for row in rows], dtype=bool)
+
     for rows, path in zip(shards, hits_paths):
-        tables.write_hits_table(path, rows, threshold.is_hit([row["lit_pixels"] for row in rows]))
+        tables.write_hits_table(path, rows, hits(rows))
     all_rows = [dict(row, shard=index) for index, rows in enumerate(shards) for row in rows]
-    is_hit = threshold.is_hit(lit)
+    is_hit = hits(all_rows)
     _write_ring_peaks(outputs["ring_peaks"], all_rows, is_hit)
-    summary = HitfindSummary(len(lit), int(is_hit.sum()), float(is_hit.mean()), threshold.min_lit_pixels,
-                             threshold.rule, threshold.separation_decades)
+    summary = HitfindSummary(len(lit), int(is_hit.sum()), float(is_hit.mean()), int((~measured).sum()),
+                             threshold.min_lit_pixels, threshold.rule, threshold.separation_decades)
     with atomic_output(outputs["summary"], "w") as stream:
         json.dump(_finite_or_none(asdict(summary)), stream, indent=1)
     plots.plot_shots(outputs["shots_plot"], all_rows, is_hit, threshold)
@@ -164,7 +210,8 @@ def sum_powder(radial_paths: Sequence, powder_paths: Sequence, ring_q_range_inv_
         powder.merge(tables.read_powder(path))
     first = radials[0]
     geometry = geometry_of(first.detector, first.beam, first.bin_width_px)
-    wavelength = float(np.mean(np.concatenate([radial.wavelengths_a for radial in radials])))
+    wavelengths = np.concatenate([radial.wavelengths_a for radial in radials])
+    wavelength = float(np.mean(wavelengths[np.isfinite(wavelengths)]))  # unreadable images have none
     per_shot, covered = powder.mean_per_shot()
     raw_profile, n_pixels = radial_mean(per_shot, covered, geometry)
     corrected = per_shot / geometry.relative_factor

@@ -3,24 +3,25 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 from xfel_spread.config import load_config
 from xfel_spread.errors import OptionError
-from xfel_spread.sim.structure_factors import (ChannelAmplitudes, channel_energies, compute_channel_amplitudes,
+from xfel_spread.sim.structure_factors import (ChannelAmplitudes, channel_energies, compute_site_amplitudes,
                                                save_channel_amplitudes)
 
 log = logging.getLogger(__name__)
 
 
-def write_structure_factors(settings: dict, pdb: str, oxidized_table: str, reduced_table: str,
-                            output: str) -> ChannelAmplitudes:
-    """The per-channel amplitude table of the model (``structure_factors`` settings), written to ``output``."""
+def write_structure_factors(settings: dict, pdb: str, site_tables: Mapping[str, str], output: str) -> ChannelAmplitudes:
+    """The per-channel amplitude table of the model (``structure_factors`` settings), written to ``output``;
+    ``site_tables``: atom name of each anomalous site -> its f', f'' table."""
     energies = channel_energies(settings["channel_start_ev"], settings["channel_step_ev"], settings["n_channels"])
-    table = compute_channel_amplitudes(pdb, oxidized_table, reduced_table, energies, settings["d_min_a"],
-                                       settings["k_sol"], settings["b_sol"], settings["fe_oxidized_atom"],
-                                       settings["fe_reduced_atom"])
+    table = compute_site_amplitudes(pdb, site_tables, energies, settings["d_min_a"], settings["k_sol"],
+                                    settings["b_sol"])
     save_channel_amplitudes(table, output)
-    log.info("%s: %d reflections x %d channels", output, len(table.indices), len(energies))
+    log.info("%s: %d reflections x %d channels; sites %s", output, len(table.indices), len(energies),
+             ", ".join(f"{name} ({path})" for name, path in site_tables.items()))
     return table
 
 

@@ -17,6 +17,7 @@ than 1e-3 electrons (no absorption edge of C, N, O, S lies near 7.1 keV).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -120,13 +121,23 @@ def _site_sum(miller_set, xray_structure, selection):
 def compute_channel_amplitudes(pdb_path: str, oxidized_table_path: str, reduced_table_path: str,
                                energies_ev: np.ndarray, d_min_a: float, k_sol: float, b_sol: float,
                                oxidized_atom: str = "FE1", reduced_atom: str = "FE2") -> ChannelAmplitudes:
-    """Amplitudes for every channel: Fmodel with bulk solvent plus the energy-dependent Fe terms.
+    """Amplitudes for every channel: Fmodel with bulk solvent plus the energy-dependent Fe terms of LY99's
+    two sites (:func:`compute_site_amplitudes` with the oxidized and the reduced table)."""
+    return compute_site_amplitudes(pdb_path, {oxidized_atom: oxidized_table_path, reduced_atom: reduced_table_path},
+                                   energies_ev, d_min_a, k_sol, b_sol)
 
+
+def compute_site_amplitudes(pdb_path: str, site_tables: Mapping[str, str], energies_ev: np.ndarray, d_min_a: float,
+                            k_sol: float, b_sol: float) -> ChannelAmplitudes:
+    """Amplitudes for every channel: Fmodel with bulk solvent plus each anomalous site's energy-dependent term.
+
+    ``site_tables`` maps the atom name of each site to its f', f'' table (three columns: eV, f', f'').
     The model's :func:`site_decomposition` (other atoms at the mean channel energy's Henke f', f'')
     with each site's f', f'' interpolated from its table at every channel energy."""
-    tables = {oxidized_atom: oxidized_table_path, reduced_atom: reduced_table_path}
-    form_factors = [interpolate_fp_fdp(read_fp_fdp_table(path), energies_ev, path) for path in tables.values()]
-    decomposition = site_decomposition(pdb_path, d_min_a, k_sol, b_sol, tuple(tables),
+    if not site_tables:
+        raise ModelFileError(f"{pdb_path}: no anomalous site named (an atom name and its f', f'' table each)")
+    form_factors = [interpolate_fp_fdp(read_fp_fdp_table(path), energies_ev, path) for path in site_tables.values()]
+    decomposition = site_decomposition(pdb_path, d_min_a, k_sol, b_sol, tuple(site_tables),
                                        HC_EV_ANGSTROM / float(np.mean(energies_ev)))
     fp = np.stack([values[0] for values in form_factors])
     fdp = np.stack([values[1] for values in form_factors])
