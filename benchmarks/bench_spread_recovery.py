@@ -318,7 +318,8 @@ def main() -> None:
               flush=True)
         for row in site_rows:
             print(f"         {row['site']}: half-rise {row['half_rise_ev']:.2f} eV (error {row['half_rise_error_ev']:+.2f}; "
-                  f"post-edge half-rise error {row['half_rise_post_error_ev']:+.2f}), "
+                  f"post-edge half-rise error {row['half_rise_post_error_ev']:+.2f}; step edge error "
+                  f"{row['step_edge_error_ev']:+.2f}), "
                   f"f' minimum {row['fp_minimum_ev']:.2f} eV (error {row['fp_minimum_error_ev']:+.2f}), "
                   f"rms f' {row['fp_rms_error_e']:.3f} e, rms f'' {row['fdp_rms_error_e']:.3f} e", flush=True)
         if n <= args.sigma_max and not label.startswith("control"):
@@ -334,7 +335,9 @@ def main() -> None:
                 print(f"         {site} sigmas: half-rise {edge.half_rise_sigma_ev:.2f} eV (error/sigma "
                       f"{row['half_rise_error_ev'] / max(edge.half_rise_sigma_ev, 1e-9):+.1f}), post-edge half-rise "
                       f"{edge.half_rise_post_sigma_ev:.2f} eV (error/sigma "
-                      f"{row['half_rise_post_error_ev'] / max(edge.half_rise_post_sigma_ev, 1e-9):+.1f}), f' minimum "
+                      f"{row['half_rise_post_error_ev'] / max(edge.half_rise_post_sigma_ev, 1e-9):+.1f}), step edge "
+                      f"{edge.step_edge_sigma_ev:.2f} eV (error/sigma "
+                      f"{row['step_edge_error_ev'] / max(edge.step_edge_sigma_ev, 1e-9):+.1f}), f' minimum "
                       f"{edge.fp_minimum_sigma_ev:.2f} eV (error/sigma "
                       f"{row['fp_minimum_error_ev'] / max(edge.fp_minimum_sigma_ev, 1e-9):+.1f}); f'' rms sigma "
                       f"{np.sqrt(np.mean(sigma[1, s][middle] ** 2)):.3f} e, f' {np.sqrt(np.mean(sigma[0, s][middle] ** 2)):.3f} e",

@@ -41,6 +41,7 @@ from xfel_spread.spread.uncertainty import (
     fp_minimum_energy,
     grid_covariance,
     half_rise_energy,
+    step_edge_energy,
 )
 
 ENERGIES_EV = 7070.5 + np.arange(100.0)
@@ -184,6 +185,10 @@ def test_recovers_each_site_from_the_metallic_start(synthetic, recovered):
         assert abs(edges[site].half_rise_ev - true_rise) < max(1.5, 3 * edges[site].half_rise_sigma_ev)
         assert abs(edges[site].fp_minimum_ev - true_minimum) < max(1.5, 3 * edges[site].fp_minimum_sigma_ev)
         assert 0.05 < edges[site].half_rise_sigma_ev < 3.0
+        # The step edge, an average over the rise, with its linearly propagated sigma.
+        true_step = step_edge_energy(GRID_EV, truth_fdp[site])
+        assert abs(edges[site].step_edge_ev - true_step) < 3 * edges[site].step_edge_sigma_ev
+        assert 0.05 < edges[site].step_edge_sigma_ev < 3.0
     # FE1 (oxidized) lies above FE2 (reduced) in both edge measures, as in the tables.
     assert edges[0].half_rise_ev > edges[1].half_rise_ev
     assert edges[0].fp_minimum_ev > edges[1].fp_minimum_ev + 3.0

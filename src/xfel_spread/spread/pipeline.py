@@ -294,10 +294,12 @@ def _shard_problems(inputs, numbers, settings, stage1, psf, decomposition, looku
 
 
 def _edges_of(grid, fp, fdp) -> list[dict]:
-    from xfel_spread.spread.uncertainty import fp_minimum_energy, half_rise_energy, half_rise_post_edge_energy
+    from xfel_spread.spread.uncertainty import (fp_minimum_energy, half_rise_energy, half_rise_post_edge_energy,
+                                                step_edge_energy)
 
     return [{"half_rise_ev": half_rise_energy(grid, fdp[s]), "fp_minimum_ev": fp_minimum_energy(grid, fp[s]),
-             "half_rise_post_ev": half_rise_post_edge_energy(grid, fdp[s])}
+             "half_rise_post_ev": half_rise_post_edge_energy(grid, fdp[s]),
+             "step_edge_ev": step_edge_energy(grid, fdp[s])}
             for s in range(len(fp))]
 
 
@@ -459,7 +461,8 @@ def run_spread(inputs: SpreadInputs, comm=None, log=None) -> dict | None:
                 if with_sigma:
                     edge.update(half_rise_sigma_ev=edges[s].half_rise_sigma_ev,
                                 fp_minimum_sigma_ev=edges[s].fp_minimum_sigma_ev,
-                                half_rise_post_sigma_ev=edges[s].half_rise_post_sigma_ev)
+                                half_rise_post_sigma_ev=edges[s].half_rise_post_sigma_ev,
+                                step_edge_sigma_ev=edges[s].step_edge_sigma_ev)
             return summary
 
         summary = {

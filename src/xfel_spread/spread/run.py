@@ -52,6 +52,7 @@ from xfel_spread.spread.uncertainty import (
     fp_minimum_energy,
     grid_covariance,
     half_rise_energy,
+    step_edge_energy,
 )
 
 DEFAULTS = {"sites": {"FE1": "metallic", "FE2": "metallic"}, "grid_spacing_ev": 1.0, "smoothness_weight": 1.0,
@@ -180,11 +181,13 @@ def write_results(result: SpreadResult, prefix: str | os.PathLike) -> None:
     with atomic_path(f"{prefix}_fp_fdp.tsv") as tmp:
         np.savetxt(tmp, np.stack(columns, axis=1), delimiter="\t", header="\t".join(header), comments="", fmt="%.6f")
     lines = [("site\thalf_rise_ev\thalf_rise_sigma_ev\tfp_minimum_ev\tfp_minimum_sigma_ev\tstart_half_rise_ev"
-              "\tstart_fp_minimum_ev\thalf_rise_post_ev\thalf_rise_post_sigma_ev")]
+              "\tstart_fp_minimum_ev\thalf_rise_post_ev\thalf_rise_post_sigma_ev\tstep_edge_ev\tstep_edge_sigma_ev"
+              "\tstart_step_edge_ev")]
     for s, (name, edge) in enumerate(zip(result.site_names, result.edges)):
         lines.append(f"{name}\t{edge.half_rise_ev:.3f}\t{edge.half_rise_sigma_ev:.3f}\t{edge.fp_minimum_ev:.3f}\t"
                      f"{edge.fp_minimum_sigma_ev:.3f}\t{half_rise_energy(result.grid_ev, result.fdp_start[s]):.3f}\t"
                      f"{fp_minimum_energy(result.grid_ev, result.fp_start[s]):.3f}\t{edge.half_rise_post_ev:.3f}\t"
-                     f"{edge.half_rise_post_sigma_ev:.3f}")
+                     f"{edge.half_rise_post_sigma_ev:.3f}\t{edge.step_edge_ev:.3f}\t{edge.step_edge_sigma_ev:.3f}\t"
+                     f"{step_edge_energy(result.grid_ev, result.fdp_start[s]):.3f}")
     with atomic_path(f"{prefix}_edges.tsv") as tmp, open(tmp, "w") as stream:
         stream.write("\n".join(lines) + "\n")

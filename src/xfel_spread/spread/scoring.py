@@ -24,7 +24,8 @@ import numpy as np
 
 from xfel_spread.spread.errors import SpreadInputError
 from xfel_spread.spread.tables import read_table, table_on_grid
-from xfel_spread.spread.uncertainty import fp_minimum_energy, half_rise_energy, half_rise_post_edge_energy
+from xfel_spread.spread.uncertainty import (fp_minimum_energy, half_rise_energy, half_rise_post_edge_energy,
+                                            step_edge_energy)
 
 #: Energy range (eV) of the rms errors.
 SCORE_RANGE_EV = (7100.0, 7150.0)
@@ -33,7 +34,7 @@ SCORE_RANGE_EV = (7100.0, 7150.0)
 SCORE_COLUMNS = ("fit", "site", "fp_rms_error_e", "fdp_rms_error_e", "half_rise_ev", "half_rise_true_ev",
                  "half_rise_error_ev", "fp_minimum_ev", "fp_minimum_true_ev", "fp_minimum_error_ev",
                  "order_correct", "recovers_difference", "half_rise_post_ev", "half_rise_post_true_ev",
-                 "half_rise_post_error_ev")
+                 "half_rise_post_error_ev", "step_edge_ev", "step_edge_true_ev", "step_edge_error_ev")
 
 
 def _read_tsv(path: str) -> tuple[list[str], np.ndarray]:
@@ -121,7 +122,10 @@ def score_fits(grid: np.ndarray, sites: tuple[str, ...], fits: dict, truth: tupl
                          "half_rise_post_ev": half_rise_post_edge_energy(grid, fdp[s]),
                          "half_rise_post_true_ev": half_rise_post_edge_energy(grid, true_fdp[s]),
                          "half_rise_post_error_ev": (half_rise_post_edge_energy(grid, fdp[s])
-                                                     - half_rise_post_edge_energy(grid, true_fdp[s]))})
+                                                     - half_rise_post_edge_energy(grid, true_fdp[s])),
+                         "step_edge_ev": step_edge_energy(grid, fdp[s]),
+                         "step_edge_true_ev": step_edge_energy(grid, true_fdp[s]),
+                         "step_edge_error_ev": step_edge_energy(grid, fdp[s]) - step_edge_energy(grid, true_fdp[s])})
         if len(sites) < 2:
             continue
         (rise_a, min_a), (rise_b, min_b) = edges(fp[0], fdp[0]), edges(fp[1], fdp[1])
@@ -140,7 +144,8 @@ def score_fits(grid: np.ndarray, sites: tuple[str, ...], fits: dict, truth: tupl
                      "fp_minimum_error_ev": (min_a - min_b) - (true_min_a - true_min_b),
                      "order_correct": int(order),
                      "recovers_difference": int(order and difference_error < 0.5 * baseline),
-                     "half_rise_post_ev": "", "half_rise_post_true_ev": "", "half_rise_post_error_ev": ""})
+                     "half_rise_post_ev": "", "half_rise_post_true_ev": "", "half_rise_post_error_ev": "",
+                     "step_edge_ev": "", "step_edge_true_ev": "", "step_edge_error_ev": ""})
     return rows
 
 
