@@ -15,16 +15,16 @@ def table(name):
     return table_on_grid(read_fp_fdp_table(str(SHARED_DATA_DIR / name)), GRID_EV, name)
 
 
-@pytest.mark.parametrize("edge_ev", [7100.0, 7117.3, 7139.5])
+@pytest.mark.parametrize("edge_ev", [7114.0, 7121.3, 7128.0])
 def test_a_sharp_or_smooth_step_gives_its_centre(edge_ev):
     sharp = np.where(GRID_EV >= edge_ev, 3.9, 0.4)
     sharp[np.isclose(GRID_EV, edge_ev)] = 0.5 * (3.9 + 0.4)  # the trapezoid's midpoint of a step on a point
     assert step_edge_energy(GRID_EV, sharp) == pytest.approx(edge_ev, abs=0.5)
-    smooth = 0.4 + 3.5 / (1 + np.exp(-(GRID_EV - edge_ev) / 2.0))  # symmetric about its centre
-    # Exact but for the tails that reach into the level regions (0.014 eV at 7100 eV, 11 eV from them).
-    assert step_edge_energy(GRID_EV, smooth) == pytest.approx(edge_ev, abs=0.02)
-    # No rise: undefined.
+    smooth = 0.4 + 3.5 / (1 + np.exp(-(GRID_EV - edge_ev) / 0.7))  # symmetric about its centre
+    assert step_edge_energy(GRID_EV, smooth) == pytest.approx(edge_ev, abs=1e-3)
+    # No rise, or a grid that does not reach the level ranges (STEP_LEVELS_EV): undefined.
     assert np.isnan(step_edge_energy(GRID_EV, np.full(len(GRID_EV), 1.0)))
+    assert np.isnan(step_edge_energy(GRID_EV[GRID_EV < 7130], smooth[GRID_EV < 7130]))
 
 
 def test_the_shipped_tables_in_order_and_the_gradient_matches_differences():

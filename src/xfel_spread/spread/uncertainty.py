@@ -164,16 +164,26 @@ def half_rise_post_edge_energy(grid_ev: np.ndarray, fdp: np.ndarray, pre_edge_ev
     return half_rise_energy(grid_ev, fdp, pre_edge_ev, post_edge_ev)
 
 
-def _step_edge_functionals(grid_ev: np.ndarray, level_ev: float = 20.0):
-    """(pre, post, area weights, upper end): the linear functionals :func:`step_edge_energy` is made of."""
+#: The energy ranges (eV) whose mean f'' are the step edge's pre- and post-edge levels: either side of the Fe K
+#: edge, clear of the rise (7110-7120 eV in the shipped tables) and of the oxidized white line (to 7130 eV),
+#: and inside the well-measured middle of LY99's 100 channels (the grid's ends, 7070-7090 and 7150-7170 eV,
+#: carry f'' sigmas near 1 e at 200 lattices, and levels taken there left the step's sigma at 5-6 eV).
+STEP_LEVELS_EV = ((7095.0, 7108.0), (7135.0, 7150.0))
+
+
+def _step_edge_functionals(grid_ev: np.ndarray, levels_ev=STEP_LEVELS_EV):
+    """(pre, post, area weights, upper end): the linear functionals :func:`step_edge_energy` is made of;
+    None where the grid has no point in a level range or the window between them."""
     grid_ev = np.asarray(grid_ev, dtype=np.float64)
-    pre_points = grid_ev < grid_ev[0] + level_ev
-    post_points = grid_ev > grid_ev[-1] - level_ev
+    (pre_lo, pre_hi), (post_lo, post_hi) = levels_ev
+    pre_points = (grid_ev >= pre_lo) & (grid_ev < pre_hi)
+    post_points = (grid_ev > post_lo) & (grid_ev <= post_hi)
+    inside = (grid_ev >= pre_hi) & (grid_ev <= post_lo)
+    if pre_points.sum() == 0 or post_points.sum() == 0 or inside.sum() < 2:
+        return None
     pre = pre_points / pre_points.sum()
     post = post_points / post_points.sum()
-    # The window between the two level regions (its ends included), trapezoid weights on the grid.
-    lo, hi = grid_ev[pre_points][-1], grid_ev[post_points][0]
-    inside = (grid_ev >= lo) & (grid_ev <= hi)
+    # The window between the two level ranges, trapezoid weights on its grid points.
     x = grid_ev[inside]
     steps = np.diff(x)
     weights = np.zeros_like(x)
@@ -181,22 +191,25 @@ def _step_edge_functionals(grid_ev: np.ndarray, level_ev: float = 20.0):
     weights[1:] += 0.5 * steps
     area = np.zeros_like(grid_ev)
     area[inside] = weights
-    return pre, post, area, float(hi)
+    return pre, post, area, float(x[-1])
 
 
-def step_edge_energy(grid_ev: np.ndarray, fdp: np.ndarray, level_ev: float = 20.0) -> float:
+def step_edge_energy(grid_ev: np.ndarray, fdp: np.ndarray, levels_ev=STEP_LEVELS_EV) -> float:
     """The energy (eV) of the sharp step with the area f'' has between its pre- and post-edge levels.
 
-    With the levels ``pre`` and ``post`` the means of the grid's first and last ``level_ev`` eV, and the
-    window [lo, hi] between those regions, ``E = hi - integral_lo^hi (f'' - pre) / (post - pre) dE``: an
-    ideal step at E0 inside the window gives E0. Unlike the half-rise crossings it averages over the
-    whole rise, so a grid point's error moves it by its own share (about 1 eV x error / step height) and
-    no crossing can jump; it is a ratio of linear functionals of f'', so its standard error follows from
-    the grid covariance by linear propagation (:func:`step_edge_gradient`). A white line (f'' above the
-    post-edge level just past the edge) moves it below the half-rise; compare it with the same measure
-    of a reference table. On the shipped tables (1 eV grid 7070-7170 eV): oxidized 7116.8, reduced
-    7114.5, metallic 7112.2 eV. NaN when the post-edge level is not above the pre-edge one."""
-    pre, post, area, hi = _step_edge_functionals(grid_ev, level_ev)
+    With ``pre`` and ``post`` the mean f'' over the two ranges of ``levels_ev`` and the window [lo, hi]
+    between them (its grid points), ``E = hi - integral_lo^hi (f'' - pre) / (post - pre) dE``: an ideal step
+    at E0 inside the window gives E0. Unlike the half-rise crossings it averages over the whole rise, so a
+    grid point's error moves it by its own share (about 1 eV x error / step height) and no crossing can
+    jump; it is a ratio of linear functionals of f'', so its standard error follows from the grid
+    covariance by linear propagation (:func:`step_edge_gradient`). A white line moves it from the
+    half-rise; compare it with the same measure of a reference table. On the shipped tables (1 eV grid):
+    oxidized 7120.64, reduced 7118.43, metallic 7112.36 eV. NaN when the grid does not cover the ranges or
+    the post-edge level is not above the pre-edge one."""
+    functionals = _step_edge_functionals(grid_ev, levels_ev)
+    if functionals is None:
+        return float("nan")
+    pre, post, area, hi = functionals
     fdp = np.asarray(fdp, dtype=np.float64)
     low, high = float(pre @ fdp), float(post @ fdp)
     height = high - low
@@ -205,10 +218,12 @@ def step_edge_energy(grid_ev: np.ndarray, fdp: np.ndarray, level_ev: float = 20.
     return hi - float(area @ fdp - low * area.sum()) / height
 
 
-def step_edge_gradient(grid_ev: np.ndarray, fdp: np.ndarray, level_ev: float = 20.0) -> np.ndarray:
-    """d :func:`step_edge_energy` / d f'' at ``fdp`` (per grid point, eV per electron)."""
-    pre, post, area, _ = _step_edge_functionals(grid_ev, level_ev)
+def step_edge_gradient(grid_ev: np.ndarray, fdp: np.ndarray, levels_ev=STEP_LEVELS_EV) -> np.ndarray:
+    """d :func:`step_edge_energy` / d f'' at ``fdp`` (per grid point, eV per electron; NaN where it is NaN)."""
     fdp = np.asarray(fdp, dtype=np.float64)
+    if np.isnan(step_edge_energy(grid_ev, fdp, levels_ev)):
+        return np.full(len(fdp), np.nan)
+    pre, post, area, _ = _step_edge_functionals(grid_ev, levels_ev)
     height = float(post @ fdp - pre @ fdp)
     numerator_weights = area - area.sum() * pre
     numerator = float(numerator_weights @ fdp)
@@ -261,5 +276,6 @@ def edge_estimates(grid_ev: np.ndarray, fp: np.ndarray, fdp: np.ndarray, covaria
                                       fp_minimum_energy(grid_ev, fp[site]), float(np.std(minimum)),
                                       half_rise_post_edge_energy(grid_ev, fdp[site]), float(np.std(post)),
                                       step_edge_energy(grid_ev, fdp[site]),
-                                      float(np.sqrt(max(gradient @ covariance[block, block] @ gradient, 0.0)))))
+                                      float(np.sqrt(max(gradient @ covariance[block, block] @ gradient, 0.0)))
+                                      if np.all(np.isfinite(gradient)) else float("nan")))
     return estimates
