@@ -264,18 +264,17 @@ def test_options_are_checked_before_any_work(tmp_path, shards, threads, message)
         run_spread(inputs, SerialComm())
 
 
-def test_an_analytic_eta_from_stage1_is_refused_in_one_line(tmp_path):
-    """SPREAD's coefficients sample mosaic domains; stage 1's analytic eta is not modelled there yet."""
-    from xfel_spread.spread.errors import SpreadInputError
+def test_an_analytic_eta_from_stage1_reaches_the_coefficients(tmp_path):
+    """Stage 1's analytic eta (the default eta_model when eta is refined) is SPREAD's too: the stage takes
+    it (the coefficients' equality with stage 1's model: tests/test_spread_coefficients.py)."""
     from xfel_spread.spread.pipeline import _prepare_spread
 
     config = tmp_path / "eta.yaml"
     config.write_text("stage1:\n  refine: [G, rotation, cell, ncells, eta]\n")
     inputs = SpreadInputs(str(config), "psf", ("a",), ("s",), ("p",), str(PDB_PATH), str(SHARED_DATA_DIR),
                           str(tmp_path / "out"))
-    with pytest.raises(SpreadInputError, match="stage1.eta_model: analytic") as error:
-        _prepare_spread(inputs)
-    assert "\n" not in str(error.value)
+    stage1 = _prepare_spread(inputs)[1]
+    assert stage1.analytic_mosaic and stage1.n_domains == 1
     config.write_text("stage1:\n  refine: [G, rotation, cell, ncells, eta]\n  eta_model: domains\n")
     assert _prepare_spread(inputs)[1].n_domains == 25
 

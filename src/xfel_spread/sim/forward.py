@@ -178,26 +178,12 @@ def bragg_sum(h_per_u: torch.Tensor, inverse_wavelengths: torch.Tensor, ncells: 
     return (f_sq * lattice_sq * weights).sum(dim=(1, 2))
 
 
-def bragg_sum_mosaic(h_per_u: torch.Tensor, w_squared: torch.Tensor, metric: torch.Tensor,
-                     inverse_wavelengths: torch.Tensor, ncells: torch.Tensor, photons: torch.Tensor,
-                     amplitudes: AmplitudeLookup, mosaic_variance: torch.Tensor) -> torch.Tensor:
-    """:func:`bragg_sum` of one domain averaged over small random rotations of the crystal, in closed form.
-
-    A rotation by the small vector w turns the crystal's reciprocal lattice point at s by w x s; with
-    the components of w independent, of zero mean and variance ``var`` (radians^2; an axis uniform on
-    the sphere and an RMS angle eta give eta^2 / 3), the displacement of the fractional index h = A s
-    has covariance ``C_m = var u^2 (|w|^2 A A^T - g g^T)`` with g = A w, w = dir - i (``h_per_u``
-    (P, 3) is g, ``w_squared`` (P,) is |w|^2, ``metric`` (3, 3) or (P, 3, 3) is A A^T). The Gaussian
-    lattice transform ``(Na Nb Nc)^2 exp(-2 sum N_i^2 dh_i^2 / 0.63)`` is a normal density of
-    covariance ``C_N = diag(0.63 / (4 N^2))`` times its peak; averaged over a normal displacement it
-    becomes the normal of covariance ``C = C_N + C_m`` times ``peak sqrt(det C_N / det C)``, which
-    keeps every spot's integrated photons. With ``var`` 0 this is :func:`bragg_sum` (up to rounding).
-    The blur's u^2 is the channels' mean (see the code). The displacement is taken Gaussian: one
-    average matches the second moment of a mosaic draw, not
-    its shape; ``mosaic_variance`` (J,) or (P, J) gives J variances whose averages are averaged with
-    equal weights (the indexing, |F|^2 lookup and geometry are shared among them). ``ncells`` (3,) or
-    (P, 3), ``photons`` (K,) or (P, K).
-    """
+def mosaic_lattice_transform(h_per_u: torch.Tensor, w_squared: torch.Tensor, metric: torch.Tensor,
+                             inverse_wavelengths: torch.Tensor, ncells: torch.Tensor,
+                             mosaic_variance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The nearest Miller index (P, K, 3) and the squared lattice transform averaged over the analytic
+    mosaic spread (P, K) of every pixel and channel: :func:`bragg_sum_mosaic` before |F|^2 and the
+    channel weights (SPREAD's coefficients take it per term)."""
     per_pixel = ncells.dim() == 2
     h = inverse_wavelengths[None, :, None] * h_per_u[:, None, :]  # (P, K, 3)
     nearest = torch.ceil(h - 0.5)
@@ -239,9 +225,35 @@ def bragg_sum_mosaic(h_per_u: torch.Tensor, w_squared: torch.Tensor, metric: tor
             torch.sqrt(lattice_determinant / determinant)[:, None] * torch.exp(-0.5 * quadratic),
             torch.zeros_like(quadratic))
     lattice_sq = lattice_sq * (peak_sq / variances.shape[1])
+    return nearest, lattice_sq
+
+
+def bragg_sum_mosaic(h_per_u: torch.Tensor, w_squared: torch.Tensor, metric: torch.Tensor,
+                     inverse_wavelengths: torch.Tensor, ncells: torch.Tensor, photons: torch.Tensor,
+                     amplitudes: AmplitudeLookup, mosaic_variance: torch.Tensor) -> torch.Tensor:
+    """:func:`bragg_sum` of one domain averaged over small random rotations of the crystal, in closed form.
+
+    A rotation by the small vector w turns the crystal's reciprocal lattice point at s by w x s; with
+    the components of w independent, of zero mean and variance ``var`` (radians^2; an axis uniform on
+    the sphere and an RMS angle eta give eta^2 / 3), the displacement of the fractional index h = A s
+    has covariance ``C_m = var u^2 (|w|^2 A A^T - g g^T)`` with g = A w, w = dir - i (``h_per_u``
+    (P, 3) is g, ``w_squared`` (P,) is |w|^2, ``metric`` (3, 3) or (P, 3, 3) is A A^T). The Gaussian
+    lattice transform ``(Na Nb Nc)^2 exp(-2 sum N_i^2 dh_i^2 / 0.63)`` is a normal density of
+    covariance ``C_N = diag(0.63 / (4 N^2))`` times its peak; averaged over a normal displacement it
+    becomes the normal of covariance ``C = C_N + C_m`` times ``peak sqrt(det C_N / det C)``, which
+    keeps every spot's integrated photons. With ``var`` 0 this is :func:`bragg_sum` (up to rounding).
+    The blur's u^2 is the channels' mean (see the code). The displacement is taken Gaussian: one
+    average matches the second moment of a mosaic draw, not
+    its shape; ``mosaic_variance`` (J,) or (P, J) gives J variances whose averages are averaged with
+    equal weights (the indexing, |F|^2 lookup and geometry are shared among them). ``ncells`` (3,) or
+    (P, 3), ``photons`` (K,) or (P, K).
+    """
+    per_pixel = ncells.dim() == 2
+    nearest, lattice_sq = mosaic_lattice_transform(h_per_u, w_squared, metric, inverse_wavelengths, ncells,
+                                                   mosaic_variance)
     flat, inside = amplitudes.cell_index(nearest)
     channel = torch.arange(inverse_wavelengths.numel(), device=inverse_wavelengths.device)[None, :].expand_as(flat)
-    f_sq = torch.where(inside, amplitudes.intensity[channel, flat], torch.zeros_like(x0))
+    f_sq = torch.where(inside, amplitudes.intensity[channel, flat], torch.zeros_like(lattice_sq))
     weights = photons if per_pixel else photons[None, :]
     return (f_sq * lattice_sq * weights).sum(dim=1)
 

@@ -53,11 +53,13 @@ class LatticeArrays:
 
 def lattice_arrays(shot: ShotPixels, values: np.ndarray, n_domains: int, lookup: AsuLookup,
                    readout_sigma_adu: float, relative_cutoff: float = 1e-3,
-                   psf: DetectorPsf | None = None) -> LatticeArrays:
-    """The coefficients (per unit G) and trusted pixels of one stage-1 lattice."""
+                   psf: DetectorPsf | None = None, mosaic_model: str | None = None) -> LatticeArrays:
+    """The coefficients (per unit G) and trusted pixels of one stage-1 lattice: stage 1's crystal model
+    (the cell in the shot's crystal system; with ``mosaic_model``, eta as stage 1's analytic average over
+    the rotations, else ``n_domains`` domains)."""
     tensors = shot_tensors(shot, readout_sigma_adu, "cpu")
     values_t = torch.as_tensor(np.asarray(values, dtype=np.float64))
-    model = CrystalModel(shot.real_space_matrix, n_domains)
+    model = CrystalModel(shot.real_space_matrix, n_domains, mosaic_model=mosaic_model, space_group=shot.space_group)
     with torch.no_grad():
         detector = shifted_detector(shot.detector, values_t[INDEX["detz_shift_mm"]])
         state = model.crystal_state(values_t)

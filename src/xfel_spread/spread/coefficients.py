@@ -34,6 +34,7 @@ from xfel_spread.sim.forward import (
     GAUSS_WIDTH,
     Beam,
     CrystalState,
+    mosaic_lattice_transform,
     photon_prefactor,
     pixel_factors,
 )
@@ -105,7 +106,8 @@ def bragg_coefficients(detector: Detector, beam: Beam, crystal: CrystalState, fa
     ``panel`` names each pixel's panel on a multi-panel detector."""
     with torch.no_grad():
         directions, factor = pixel_factors(detector, fast, slow, beam.polarization_fraction, panel)
-        unit = CrystalState(crystal.domain_matrices, crystal.ncells, torch.ones((), dtype=torch.float64))
+        unit = CrystalState(crystal.domain_matrices, crystal.ncells, torch.ones((), dtype=torch.float64),
+                            crystal.mosaic_variance)
         prefactor = float(photon_prefactor(beam, unit))
         beam_direction = torch.as_tensor(BEAM_DIRECTION, dtype=directions.dtype)
         u = beam.inverse_wavelengths.to(directions.dtype)
@@ -114,14 +116,24 @@ def bragg_coefficients(detector: Detector, beam: Beam, crystal: CrystalState, fa
         ncells = crystal.ncells.to(directions.dtype)
         n_terms = u.numel() * matrices.shape[0]
         chunk = max(1, TERMS_PER_CHUNK // n_terms)
+        if crystal.mosaic_variance is not None and matrices.shape[0] != 1:
+            raise ValueError("an analytic mosaic spread needs a single domain matrix")
         keys, values = [], []
         for start in range(0, directions.shape[0], chunk):
-            h_per_u = torch.einsum("dij,pj->pdi", matrices, directions[start:start + chunk] - beam_direction)
-            h = u[None, :, None, None] * h_per_u[:, None, :, :]
-            nearest = torch.ceil(h - 0.5)
-            arg = (((h - nearest) * ncells) ** 2).sum(dim=-1) / GAUSS_WIDTH
-            lattice_sq = torch.where(arg < ARG_CUTOFF, torch.prod(ncells) ** 2 * torch.exp(-2 * arg),
-                                     torch.zeros_like(arg))
+            w = directions[start:start + chunk] - beam_direction
+            if crystal.mosaic_variance is not None:
+                # Stage 1's analytic average over the rotations (bragg_sum_mosaic), per channel: one "domain".
+                nearest, lattice_sq = mosaic_lattice_transform(
+                    w @ matrices[0].T, (w ** 2).sum(dim=-1), matrices[0] @ matrices[0].T, u, ncells,
+                    crystal.mosaic_variance.to(directions.dtype).reshape(-1))
+                nearest, lattice_sq = nearest[:, :, None, :], lattice_sq[:, :, None]
+            else:
+                h_per_u = torch.einsum("dij,pj->pdi", matrices, w)
+                h = u[None, :, None, None] * h_per_u[:, None, :, :]
+                nearest = torch.ceil(h - 0.5)
+                arg = (((h - nearest) * ncells) ** 2).sum(dim=-1) / GAUSS_WIDTH
+                lattice_sq = torch.where(arg < ARG_CUTOFF, torch.prod(ncells) ** 2 * torch.exp(-2 * arg),
+                                         torch.zeros_like(arg))
             weight = lattice_sq * photons[None, :, None] * factor[start:start + chunk, None, None] * prefactor
             p, k, d = torch.nonzero(weight > 0, as_tuple=True)
             hkl = nearest[p, k, d].to(torch.int64).numpy()

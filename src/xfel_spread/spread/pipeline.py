@@ -98,7 +98,8 @@ def shard_lattices(annulus_prefix: str, shard_path: str, stage1_prefix: str, loo
             rebinned = energies is not shot.energies_ev
             shot = dataclasses.replace(shot, energies_ev=energies, photons=photons)
         arrays = lattice_arrays(select_rois(shot, keep), parameters[lattice], settings.n_domains, lookup,
-                                settings.readout_sigma_adu, relative_cutoff, psf)
+                                settings.readout_sigma_adu, relative_cutoff, psf,
+                                settings.mosaic_model if settings.analytic_mosaic else None)
         arrays.lattice = lattice
         arrays.spectrum_rebinned = rebinned
         lattices.append(arrays)
@@ -243,9 +244,6 @@ def _prepare_spread(inputs: SpreadInputs):
     config = load_config(inputs.config)
     settings = SpreadSettings.from_mapping(config.get("spread"), inputs.config)
     stage1 = Stage1Settings.from_config(config.get("stage1"), inputs.config)
-    if stage1.analytic_mosaic:
-        raise SpreadInputError(f"{inputs.config}: stage1.eta_model: analytic (with eta refined) is not modelled by "
-                               "SPREAD's coefficients yet; refine eta with stage1.eta_model: domains")
     structure = config["structure_factors"]
     prefix_dir = os.path.dirname(os.path.abspath(inputs.output_prefix))
     if not os.path.isdir(prefix_dir):
