@@ -73,3 +73,83 @@ def test_the_profile_method_recovers_the_offset_where_its_first_trial_step_loses
     assert len(fit.values) == 2 and all(np.all(np.isfinite(values)) for values in fit.values)
     with pytest.raises(ValueError, match="method 'newton'"):
         refine_detector(shots, lookup, Stage1Settings.from_config({}), method="newton")
+
+
+def test_a_tiled_detector_moves_rigidly_as_the_panel_it_was_cut_from():
+    """moved_detector on a MultiPanelDetector (2 x 2 abutting tiles of the LY99 panel) moves every tile by
+    one laboratory vector: each tile pixel lands where the moved single panel puts the same pixel, and
+    the shift's gradient is the panel's."""
+    from xfel_spread.sim.geometry import MultiPanelDetector
+
+    tiles = MultiPanelDetector.split(LY99_DETECTOR, 2, 2)
+    shift = torch.tensor([0.5, -0.25, 0.3], dtype=torch.float64, requires_grad=True)
+    moved = moved_detector(tiles, shift)
+    panel = torch.tensor([0, 1, 2, 3])
+    fast, slow = torch.tensor([5, 100, 7, 1900]), torch.tensor([9, 3, 1000, 1800])
+    positions = moved.pixel_centres_mm(fast, slow, panel)
+    corners = [(0, 0), (1920, 0), (0, 1920), (1920, 1920)]  # each tile's first pixel on the panel
+    panel_fast = fast + torch.tensor([corners[p][0] for p in panel.tolist()])
+    panel_slow = slow + torch.tensor([corners[p][1] for p in panel.tolist()])
+    with torch.no_grad():
+        expected = moved_detector(LY99_DETECTOR, shift.detach()).pixel_centres_mm(panel_fast, panel_slow)
+    assert torch.allclose(positions, expected, rtol=0, atol=1e-9)
+    positions.sum().backward()
+    pixel = LY99_DETECTOR.pixel_size_mm
+    assert shift.grad.tolist() == pytest.approx([-4 * pixel, 4 * pixel, -4])
+    # The original is untouched, and moves compose.
+    assert tiles.translation_mm is None
+    twice = moved_detector(moved, shift.detach())
+    assert torch.allclose(twice.pixel_centres_mm(fast, slow, panel) - positions.detach(),
+                          positions.detach() - tiles.pixel_centres_mm(fast, slow, panel), atol=1e-9)
+
+
+@pytest.mark.slow  # two lattices on four tiles refined a few dozen times
+def test_the_profile_method_recovers_the_offset_of_a_tiled_detector(amplitude_table):
+    """Two lattices imaged on 2 x 2 tiles (gaps of 4 px, each tile moved up to 0.3 px in its plane, as the
+    metrology found them) all moved by the beam-centre offset (0.5, 0.5) px, refined from the unmoved
+    tiles: the rigid level-0 move recovers the offset."""
+    from xfel_spread.sim.geometry import MultiPanelDetector
+
+    lookup = lookup_for(amplitude_table, FEW_CHANNELS)
+    nominal = MultiPanelDetector.split(LY99_DETECTOR, 2, 2, gap_px=4, shift_px=0.3, seed=3)
+    true_detector = nominal.moved(offset_px=(0.5, 0.5))
+    shots = []
+    for seed in range(1, 3):
+        synthetic = simulate_shot_pixels(lookup, LY99_ENERGIES_EV[FEW_CHANNELS], amplitude_table.unit_cell, seed=seed,
+                                         n_rois=10, detector=true_detector)
+        shots.append(with_start(synthetic.shot, synthetic.true_matrix, nominal))
+    fit = refine_detector(shots, lookup, Stage1Settings.from_config({}), method="profile")
+    assert fit.converged, fit.reason
+    assert fit.kept == [0, 1]
+    assert fit.shift[:2] == pytest.approx([0.5, 0.5], abs=0.02) and abs(fit.shift[2]) < 0.02
+
+
+def test_the_written_tiled_detector_moves_every_panel_by_the_refined_vector():
+    """moved_dials_detector on the real CSPAD's 64 panels: the hierarchy's root moves, so every panel's
+    origin moves by the one laboratory vector the forward model moved (and the axes stay); the table's
+    beam centre (on panel 0's plane, along the laboratory axes) moves by the shift."""
+    from conftest import CSPAD_DIR
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    from xfel_spread.sim.geometry import MultiPanelDetector
+    from xfel_spread.stage1.metrology import level0_translation_mm
+    from xfel_spread.stage1.pixel_metrology import detector_rows, moved_dials_detector
+
+    files = sorted(CSPAD_DIR.glob("*.cbf"))
+    if not files:
+        pytest.skip("needs the CSPAD stills")
+    dials_detector = ExperimentListFactory.from_filenames([str(files[0])])[0].detector
+    shift = np.array([0.5, -0.25, 0.3])
+    moved = moved_dials_detector(dials_detector, shift)
+    vector = level0_translation_mm(shift, dials_detector[0].get_pixel_size()[0]).numpy()
+    assert len(moved) == 64
+    for before, after in zip(dials_detector, moved):
+        assert np.allclose(np.subtract(after.get_origin(), before.get_origin()), vector, atol=1e-9)
+        assert np.allclose(after.get_fast_axis(), before.get_fast_axis(), atol=1e-12)
+    start = MultiPanelDetector.from_dxtbx(dials_detector)
+    rows = {row["quantity"]: row for row in detector_rows(start, moved_detector(start, torch.as_tensor(shift)))}
+    # Panel 0 is turned in the plane (the CSPAD's quadrants are) and tilted by a fraction of a degree: along
+    # the laboratory axes its beam centre moves by the shift to the tilt's cosine.
+    assert [rows["beam_centre_fast_px"]["change"], rows["beam_centre_slow_px"]["change"]] == pytest.approx(
+        [0.5, -0.25], abs=1e-3)
+    assert rows["distance_mm"]["change"] == pytest.approx(0.3, abs=1e-3)

@@ -159,6 +159,9 @@ class MultiPanelDetector:
         if not self.panels:
             raise ValueError("a detector needs at least one panel")
         self.shift_mm = shift_mm
+        #: A rigid move of every panel in the laboratory frame, (3,) mm (a torch vector carries its
+        #: gradient), or None (:meth:`translated`; the pixel metrology's level-0 move of a tiled detector).
+        self.translation_mm = None
         self._origin = np.array([p.origin_mm for p in self.panels], dtype=np.float64)
         self._fast = np.array([p.fast_axis for p in self.panels], dtype=np.float64)
         self._slow = np.array([p.slow_axis for p in self.panels], dtype=np.float64)
@@ -189,7 +192,10 @@ class MultiPanelDetector:
     @property
     def distance_mm(self):
         """Mean distance of the panels' planes from the sample, including the shift."""
-        return float(np.mean(np.abs(np.einsum("pi,pi->p", self._origin, self._normal)))) + self.shift_mm
+        origin = self._origin
+        if self.translation_mm is not None:
+            origin = origin + np.asarray(torch.as_tensor(self.translation_mm).detach().cpu(), dtype=np.float64)
+        return float(np.mean(np.abs(np.einsum("pi,pi->p", origin, self._normal)))) + self.shift_mm
 
     @property
     def pixel_size_mm(self) -> float:
@@ -215,6 +221,14 @@ class MultiPanelDetector:
         moved.shift_mm = self.shift_mm + shift_mm
         return moved
 
+    def translated(self, vector_mm) -> "MultiPanelDetector":
+        """The detector with every panel moved rigidly by ``vector_mm`` (3,) more in the laboratory frame (a
+        float sequence or a torch vector, differentiable)."""
+        moved = MultiPanelDetector.__new__(MultiPanelDetector)
+        moved.__dict__.update(self.__dict__)
+        moved.translation_mm = vector_mm if self.translation_mm is None else self.translation_mm + vector_mm
+        return moved
+
     def tables(self, device, dtype=torch.float64) -> dict:
         """Per-panel tensors: origin (P, 3, shift included), fast, slow, normal (P, 3), pixel,
         thickness, attenuation (P,), n_fast, n_slow, offset (P,) int64."""
@@ -234,6 +248,8 @@ class MultiPanelDetector:
         if not (isinstance(self.shift_mm, (int, float)) and self.shift_mm == 0):
             beam = torch.as_tensor(BEAM_DIRECTION, dtype=dtype, device=device)
             tables["origin"] = fixed["origin"] + torch.as_tensor(self.shift_mm, dtype=dtype, device=device) * beam
+        if self.translation_mm is not None:
+            tables["origin"] = tables["origin"] + torch.as_tensor(self.translation_mm, dtype=dtype, device=device)
         return tables
 
     def pixel_centres_mm(self, fast_index: torch.Tensor, slow_index: torch.Tensor,

@@ -1,7 +1,8 @@
 """The detector from the pixels: a joint refinement of the level-0 detector with many lattices.
 
 :func:`refine_detector` moves the whole panel (the beam centre along fast and slow, in pixels, and the
-distance, in mm) together with every lattice's own stage-1 parameters, against the shoebox pixels of
+distance, in mm; a tiled detector as one rigid body, every panel by the same laboratory vector)
+together with every lattice's own stage-1 parameters, against the shoebox pixels of
 all the lattices at once. A single lattice cannot tell a shifted panel from a turned crystal; many
 lattices in different orientations share one panel, which pins it down.
 
@@ -37,7 +38,7 @@ import scipy.optimize
 import torch
 
 from xfel_spread.sim.forward import AmplitudeLookup
-from xfel_spread.sim.geometry import Detector
+from xfel_spread.sim.geometry import BEAM_DIRECTION, FAST_AXIS, SLOW_AXIS, Detector, MultiPanelDetector
 from xfel_spread.stage1.likelihood import bragg_photons
 from xfel_spread.stage1.model import PARAMETER_NAMES, Stage1Settings, refinement_passes
 from xfel_spread.stage1.psf import DetectorPsf, spread
@@ -63,14 +64,28 @@ class MovedDetector(Detector):
         return torch.stack((-beam_x, beam_y, -self.distance_mm))
 
 
-def moved_detector(detector: Detector, shift: torch.Tensor) -> Detector:
+def moved_detector(detector: Detector | MultiPanelDetector, shift: torch.Tensor) -> Detector | MultiPanelDetector:
     """``detector`` with its beam centre moved by ``shift[0:2]`` pixels (fast, slow) and its panel
-    moved away from the sample by ``shift[2]`` mm, differentiable in ``shift``."""
+    moved away from the sample by ``shift[2]`` mm, differentiable in ``shift``. A multi-panel detector
+    moves rigidly, every panel by the same laboratory vector (:func:`level0_translation_mm`)."""
+    if isinstance(detector, MultiPanelDetector):
+        return detector.translated(level0_translation_mm(shift, detector.pixel_size_mm))
     pixel = detector.pixel_size_mm
     beam_x, beam_y = detector.beam_center_mm
     return MovedDetector(detector.n_fast, detector.n_slow, pixel, detector.distance_mm + shift[2],
                          (beam_x + shift[0] * pixel, beam_y + shift[1] * pixel),
                          detector.thickness_mm, detector.attenuation_length_mm)
+
+
+def level0_translation_mm(shift, pixel_size_mm: float):
+    """The laboratory vector (3,) that moves a detector as ``shift`` says: the direct beam ``shift[0:2]``
+    pixels further along the laboratory fast and slow axes (the panels move the other way) and the
+    detector ``shift[2]`` mm away from the sample (a torch vector keeps its gradient)."""
+    shift = torch.as_tensor(shift, dtype=torch.float64)
+    fast = torch.as_tensor(FAST_AXIS, dtype=shift.dtype, device=shift.device)
+    slow = torch.as_tensor(SLOW_AXIS, dtype=shift.dtype, device=shift.device)
+    beam = torch.as_tensor(BEAM_DIRECTION, dtype=shift.dtype, device=shift.device)
+    return -pixel_size_mm * (shift[0] * fast + shift[1] * slow) + shift[2] * beam
 
 
 @dataclass
@@ -134,8 +149,10 @@ def refine_detector(shots: list[ShotPixels], amplitudes: AmplitudeLookup, settin
     if len(detectors) != 1:
         raise ValueError("the lattices of a detector refinement must share one starting detector")
     start_detector = detectors.pop()
-    if type(start_detector) is not Detector:
-        raise ValueError("the detector refinement moves a single-panel Detector only")
+    if type(start_detector) is not Detector and not isinstance(start_detector, MultiPanelDetector):
+        raise ValueError("the detector refinement moves a Detector or a MultiPanelDetector")
+    if isinstance(start_detector, MultiPanelDetector):
+        _ = start_detector.pixel_size_mm  # one pixel size for a shift in pixels (ValueError otherwise)
     settings = _without_distance(settings)
     singles = [refine_shot(shot, amplitudes, settings, psf) for shot in shots]
     kept = [index for index, fit in enumerate(singles) if fit.converged]
@@ -195,7 +212,8 @@ def _detector_fit(result, detector_x: np.ndarray, n_evaluations: int, nll_start:
                        time.perf_counter() - started)
 
 
-def _detector_at(start_detector: Detector, leaf: torch.Tensor, steps: torch.Tensor, refine_distance: bool) -> Detector:
+def _detector_at(start_detector: Detector | MultiPanelDetector, leaf: torch.Tensor, steps: torch.Tensor,
+                 refine_distance: bool) -> Detector | MultiPanelDetector:
     shift = leaf * steps
     if not refine_distance:
         shift = torch.cat((shift, torch.zeros(1, dtype=shift.dtype, device=shift.device)))

@@ -18,8 +18,12 @@ starts each from its stage-1 crystal, and refines the panel jointly with them
 ``refinement.png``
     The beam-centre shift (px) and the distance shift (mm), for the report.
 
-The stage refines one single-panel, axis-aligned detector (the forward model's); every lattice must
-carry the same starting detector (that of the reindex pass). A detector that does not converge is
+The stage refines one detector, every lattice carrying the same starting one (that of the reindex
+pass): a single axis-aligned panel (the forward model's), or a tiled detector moved as one rigid body
+(every panel by the same laboratory vector: the direct beam ``shift`` pixels further along the
+laboratory fast and slow axes, the detector ``shift[2]`` mm further from the sample; in the written
+detector the hierarchy's root moves; the table's beam centre is where the beam meets panel 0's plane,
+measured from panel 0's origin along the laboratory axes). A detector that does not converge is
 still written, with ``converged: false`` and the reason in the summary: the run's user decides
 whether to use it.
 """
@@ -34,6 +38,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from xfel_spread.errors import OptionError, UserInputError
+from xfel_spread.sim.geometry import MultiPanelDetector
 from xfel_spread.stage1.pipeline import PixelModelOptions
 
 logger = logging.getLogger("xfel_spread.stage1")
@@ -113,12 +118,21 @@ def stage1_lattices(annulus, grid, stage1_prefix: str, shard: int, wanted: int, 
 
 
 def moved_dials_detector(dials_detector, shift: np.ndarray):
-    """A copy of a one-panel dxtbx detector with the beam centre moved by ``shift[0:2]`` pixels (fast,
-    slow) and the panel moved ``shift[2]`` mm away from the sample: origin x - f p, y + s p, z - d
-    (the forward model's beam centre is (-origin_x, origin_y), its distance -origin_z)."""
+    """A copy of a dxtbx detector with the beam centre moved by ``shift[0:2]`` pixels (fast, slow) and
+    the panel moved ``shift[2]`` mm away from the sample: origin x - f p, y + s p, z - d (the forward
+    model's beam centre is (-origin_x, origin_y), its distance -origin_z). A multi-panel detector moves
+    by the same vector as a whole: its hierarchy's root does, carrying every panel."""
     from dxtbx.model import Detector
 
+    from xfel_spread.stage1.metrology import level0_translation_mm
+
     detector = Detector.from_dict(dials_detector.to_dict())
+    if len(detector) > 1:
+        root = detector.hierarchy()
+        vector = level0_translation_mm(shift, detector[0].get_pixel_size()[0]).numpy()
+        root.set_frame(root.get_fast_axis(), root.get_slow_axis(),
+                       tuple(float(a + b) for a, b in zip(root.get_origin(), vector)))
+        return detector
     panel = detector[0]
     pixel = panel.get_pixel_size()[0]
     x, y, z = panel.get_origin()
@@ -128,12 +142,27 @@ def moved_dials_detector(dials_detector, shift: np.ndarray):
 
 
 def detector_rows(before, after) -> list[dict]:
-    """Beam centre (px, mm) and distance (mm) of two forward-model Detectors, and the change."""
+    """Beam centre (px, mm) and distance (mm) of two forward-model detectors, and the change (of a
+    multi-panel detector: where the direct beam meets panel 0's plane, from panel 0's origin along the
+    laboratory fast and slow axes, which its level-0 move shifts by the refined pixels whatever panel 0's
+    own axes; and the panels' mean distance)."""
+    from xfel_spread.sim.geometry import FAST_AXIS, SLOW_AXIS
+
     pixel = before.pixel_size_mm
-    quantities = (("beam_centre_fast_px", lambda d: d.beam_center_mm[0] / pixel),
-                  ("beam_centre_slow_px", lambda d: d.beam_center_mm[1] / pixel),
-                  ("beam_centre_fast_mm", lambda d: d.beam_center_mm[0]),
-                  ("beam_centre_slow_mm", lambda d: d.beam_center_mm[1]),
+
+    def centre_mm(detector):
+        if isinstance(detector, MultiPanelDetector):
+            tables = {name: value.detach().numpy() for name, value in detector.tables("cpu").items()
+                      if name in ("fast", "slow")}
+            fast_px, slow_px = detector.beam_centre_px()[0]
+            along = pixel * (fast_px * tables["fast"][0] + slow_px * tables["slow"][0])
+            return np.array([along @ np.asarray(FAST_AXIS), along @ np.asarray(SLOW_AXIS)])
+        return np.asarray(detector.beam_center_mm, dtype=np.float64)
+
+    quantities = (("beam_centre_fast_px", lambda d: centre_mm(d)[0] / pixel),
+                  ("beam_centre_slow_px", lambda d: centre_mm(d)[1] / pixel),
+                  ("beam_centre_fast_mm", lambda d: centre_mm(d)[0]),
+                  ("beam_centre_slow_mm", lambda d: centre_mm(d)[1]),
                   ("distance_mm", lambda d: d.distance_mm))
     return [{"quantity": name, "before": float(value(before)), "after": float(value(after)),
              "change": float(value(after) - value(before))} for name, value in quantities]
@@ -231,9 +260,12 @@ def run_pixel_metrology(inputs: PixelMetrologyInputs) -> dict:
         raise PixelMetrologyError(f"{inputs.annulus_prefixes[0]}...: the lattices carry {len(detectors)} different "
                                   "detectors; the detector refinement starts from one")
     start = detectors.pop()
-    if type(start) is not Detector:
-        raise PixelMetrologyError(f"{inputs.annulus_prefixes[0]}: a multi-panel detector; the pixel metrology "
-                                  "moves a single-panel detector only")
+    if isinstance(start, MultiPanelDetector):
+        try:
+            _ = start.pixel_size_mm
+        except ValueError as error:
+            raise PixelMetrologyError(f"{inputs.annulus_prefixes[0]}: {error}; the pixel metrology's shift is in "
+                                      "pixels of one size") from None
     logger.info("pixel metrology: %d lattices from %d shard(s), device %s, distance %s", len(lattices),
                 len(inputs.stage1_prefixes), device, "refined" if options.refine_distance else "fixed")
     amplitudes = AmplitudeLookup(grid, device)
@@ -242,8 +274,10 @@ def run_pixel_metrology(inputs: PixelMetrologyInputs) -> dict:
                           method=options.method)
     shift = np.asarray(fit.shift, dtype=np.float64)
     after = moved_detector(start, torch.as_tensor(shift, dtype=torch.float64))
-    after = Detector(start.n_fast, start.n_slow, start.pixel_size_mm, float(after.distance_mm),
-                     tuple(float(v) for v in after.beam_center_mm), start.thickness_mm, start.attenuation_length_mm)
+    if not isinstance(start, MultiPanelDetector):
+        after = Detector(start.n_fast, start.n_slow, start.pixel_size_mm, float(after.distance_mm),
+                         tuple(float(v) for v in after.beam_center_mm), start.thickness_mm,
+                         start.attenuation_length_mm)
     rows = detector_rows(start, after)
 
     write_detector(moved_dials_detector(first_experiment.detector, shift), inputs.refined_detector)
