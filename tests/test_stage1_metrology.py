@@ -15,6 +15,17 @@ FEW_CHANNELS = np.arange(20, 80, 6)
 N_LATTICES = 3
 
 
+def imaged_shots(amplitude_table, lookup, true_detector, start_detector, n_lattices: int) -> list:
+    """Lattices 1..n imaged on ``true_detector`` (10 shoeboxes each), started from their true crystals
+    on ``start_detector``."""
+    shots = []
+    for seed in range(1, n_lattices + 1):
+        synthetic = simulate_shot_pixels(lookup, LY99_ENERGIES_EV[FEW_CHANNELS], amplitude_table.unit_cell, seed=seed,
+                                         n_rois=10, detector=true_detector)
+        shots.append(with_start(synthetic.shot, synthetic.true_matrix, start_detector))
+    return shots
+
+
 def test_moved_detector_is_the_offset_detector_and_carries_gradients():
     shift = torch.tensor([0.5, -0.25, 0.3], dtype=torch.float64, requires_grad=True)
     moved = moved_detector(LY99_DETECTOR, shift)
@@ -40,11 +51,7 @@ def test_a_half_pixel_beam_centre_offset_is_recovered_and_none_is_not_invented(a
     the offset: the test below, and tests/test_pixel_metrology.py through the rule's driver.)"""
     lookup = lookup_for(amplitude_table, FEW_CHANNELS)
     true_detector = LY99_DETECTOR.with_beam_center_offset_px((offset_px, offset_px))
-    shots = []
-    for seed in range(1, N_LATTICES + 1):
-        synthetic = simulate_shot_pixels(lookup, LY99_ENERGIES_EV[FEW_CHANNELS], amplitude_table.unit_cell, seed=seed,
-                                         n_rois=10, detector=true_detector)
-        shots.append(with_start(synthetic.shot, synthetic.true_matrix, LY99_DETECTOR))
+    shots = imaged_shots(amplitude_table, lookup, true_detector, LY99_DETECTOR, N_LATTICES)
     fit = refine_detector(shots, lookup, Stage1Settings.from_config({}), method=method)
     assert fit.converged, fit.reason
     assert fit.kept == list(range(N_LATTICES))
@@ -61,11 +68,7 @@ def test_the_profile_method_recovers_the_offset_where_its_first_trial_step_loses
     minima, so the refinement still finds the 0.5 px offset, in a few iterations."""
     lookup = lookup_for(amplitude_table, FEW_CHANNELS)
     true_detector = LY99_DETECTOR.with_beam_center_offset_px((0.5, 0.5))
-    shots = []
-    for seed in range(1, 3):
-        synthetic = simulate_shot_pixels(lookup, LY99_ENERGIES_EV[FEW_CHANNELS], amplitude_table.unit_cell, seed=seed,
-                                         n_rois=10, detector=true_detector)
-        shots.append(with_start(synthetic.shot, synthetic.true_matrix, LY99_DETECTOR))
+    shots = imaged_shots(amplitude_table, lookup, true_detector, LY99_DETECTOR, 2)
     fit = refine_detector(shots, lookup, Stage1Settings.from_config({}), method="profile")
     assert fit.converged, fit.reason
     assert fit.kept == [0, 1]
@@ -115,11 +118,7 @@ def test_the_profile_method_recovers_the_offset_of_a_tiled_detector(amplitude_ta
     lookup = lookup_for(amplitude_table, FEW_CHANNELS)
     nominal = MultiPanelDetector.split(LY99_DETECTOR, 2, 2, gap_px=4, shift_px=0.3, seed=3)
     true_detector = nominal.moved(offset_px=(0.5, 0.5))
-    shots = []
-    for seed in range(1, 3):
-        synthetic = simulate_shot_pixels(lookup, LY99_ENERGIES_EV[FEW_CHANNELS], amplitude_table.unit_cell, seed=seed,
-                                         n_rois=10, detector=true_detector)
-        shots.append(with_start(synthetic.shot, synthetic.true_matrix, nominal))
+    shots = imaged_shots(amplitude_table, lookup, true_detector, nominal, 2)
     fit = refine_detector(shots, lookup, Stage1Settings.from_config({}), method="profile")
     assert fit.converged, fit.reason
     assert fit.kept == [0, 1]

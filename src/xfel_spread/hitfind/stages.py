@@ -32,8 +32,8 @@ from xfel_spread.hitfind.radial import (
     background_model_profile,
     clipped_radial_statistics,
     compare_profiles,
-    detector_from_attrs,
     NO_PEAK,
+    detector_from_attrs,
     mean_wavelength_a,
     multipanel_radial_geometry,
     panels_from_attrs,
@@ -46,8 +46,8 @@ from xfel_spread.config import ConfigError
 from xfel_spread.errors import OptionError
 from xfel_spread.hitfind import tables
 from xfel_spread.hitfind.pixels import LitPixelSettings, PowderSum, ShotMeasurement, measure_shot
-from xfel_spread.io.shard import ShardFormatError
 from xfel_spread.hitfind.threshold import choose_hit_threshold
+from xfel_spread.io.shard import ShardFormatError
 from xfel_spread.io.tables import write_table
 from xfel_spread.progress import Progress
 
@@ -79,7 +79,7 @@ def measure_shard(shard_path, first_shot: int, settings: LitPixelSettings, bin_w
                                                   f"the pipeline expects {first_shot}")
     geometry = geometry_of(metadata.detector, metadata.beam, bin_width_px)
     powder = PowderSum(geometry.shape)
-    unreadable = _unreadable_images(shard_path, metadata.n_shots)
+    is_image_list, unreadable = _unreadable_images(shard_path, metadata.n_shots)
     wavelengths = [float("nan") if unreadable[image] else mean_wavelength_a(metadata.energy_ev, photons)
                    for image, photons in enumerate(metadata.photons_per_channel)]
     progress = Progress(metadata.n_shots, f"hitfind {shard_path}", log.info, PROGRESS_INTERVAL_S, items="shots")
@@ -90,7 +90,7 @@ def measure_shard(shard_path, first_shot: int, settings: LitPixelSettings, bin_w
             try:
                 image_adu = read_shard_image(shard_path, image, multi_panel=True)
             except ShardFormatError as error:
-                if not unreadable.is_image_list:
+                if not is_image_list:
                     raise  # a shard the pipeline wrote is never half readable: that is a real fault
                 unreadable[image] = str(error)
         if image_adu is None:
@@ -115,21 +115,14 @@ def measure_shard(shard_path, first_shot: int, settings: LitPixelSettings, bin_w
     return measurements
 
 
-class _Unreadable(list):
-    """Per image of a shard the reason it cannot be read, or "" (``is_image_list``: an image-list shard)."""
-
-    is_image_list: bool = False
-
-
-def _unreadable_images(shard_path, n_shots: int) -> _Unreadable:
-    """The reasons the image list records for its unreadable files (none for a simulated shard)."""
+def _unreadable_images(shard_path, n_shots: int) -> tuple[bool, list[str]]:
+    """Whether the shard is an image list, and per image the reason its file cannot be read, or "" (the
+    reasons the image list records; none for a simulated shard)."""
     from xfel_spread.io.images import is_image_list_shard, read_image_list_shard
 
-    reasons = _Unreadable([""] * n_shots)
     if is_image_list_shard(shard_path):
-        reasons.is_image_list = True
-        reasons[:] = read_image_list_shard(shard_path).unreadable
-    return reasons
+        return True, list(read_image_list_shard(shard_path).unreadable)
+    return False, [""] * n_shots
 
 
 @dataclass(frozen=True)
@@ -160,15 +153,12 @@ def find_hits(lit_paths: Sequence, hits_paths: Sequence, hitfind: dict, outputs:
     measured = np.array([row["trusted_pixels"] > 0 for rows in shards for row in rows], dtype=bool)
     threshold = choose_hit_threshold(lit[measured], hitfind["lit_pixel_floor"], hitfind["min_separation_decades"],
                                      hitfind["min_lit_pixels"])
-
-    def hits(rows) -> np.ndarray:
-        return threshold.is_hit([row["lit_pixels"] for row in rows]) & np.array(
-            [row["trusted_pixels"] > 0 for row in rows], dtype=bool)
-
+    is_hit = threshold.is_hit(lit) & measured
+    first = 0
     for rows, path in zip(shards, hits_paths):
-        tables.write_hits_table(path, rows, hits(rows))
+        tables.write_hits_table(path, rows, is_hit[first:first + len(rows)])
+        first += len(rows)
     all_rows = [dict(row, shard=index) for index, rows in enumerate(shards) for row in rows]
-    is_hit = hits(all_rows)
     _write_ring_peaks(outputs["ring_peaks"], all_rows, is_hit)
     summary = HitfindSummary(len(lit), int(is_hit.sum()), float(is_hit.mean()), int((~measured).sum()),
                              threshold.min_lit_pixels, threshold.rule, threshold.separation_decades)

@@ -116,16 +116,19 @@ def bragg_coefficients(detector: Detector, beam: Beam, crystal: CrystalState, fa
         ncells = crystal.ncells.to(directions.dtype)
         n_terms = u.numel() * matrices.shape[0]
         chunk = max(1, TERMS_PER_CHUNK // n_terms)
-        if crystal.mosaic_variance is not None and matrices.shape[0] != 1:
-            raise ValueError("an analytic mosaic spread needs a single domain matrix")
+        variances = None
+        if crystal.mosaic_variance is not None:
+            if matrices.shape[0] != 1:
+                raise ValueError("an analytic mosaic spread needs a single domain matrix")
+            variances = crystal.mosaic_variance.to(directions.dtype).reshape(-1)
+            metric = matrices[0] @ matrices[0].T
         keys, values = [], []
         for start in range(0, directions.shape[0], chunk):
             w = directions[start:start + chunk] - beam_direction
-            if crystal.mosaic_variance is not None:
+            if variances is not None:
                 # Stage 1's analytic average over the rotations (bragg_sum_mosaic), per channel: one "domain".
-                nearest, lattice_sq = mosaic_lattice_transform(
-                    w @ matrices[0].T, (w ** 2).sum(dim=-1), matrices[0] @ matrices[0].T, u, ncells,
-                    crystal.mosaic_variance.to(directions.dtype).reshape(-1))
+                nearest, lattice_sq = mosaic_lattice_transform(w @ matrices[0].T, (w ** 2).sum(dim=-1), metric, u,
+                                                               ncells, variances)
                 nearest, lattice_sq = nearest[:, :, None, :], lattice_sq[:, :, None]
             else:
                 h_per_u = torch.einsum("dij,pj->pdi", matrices, w)

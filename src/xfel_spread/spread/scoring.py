@@ -114,18 +114,16 @@ def score_fits(grid: np.ndarray, sites: tuple[str, ...], fits: dict, truth: tupl
         for s, site in enumerate(sites):
             rise, minimum = edges(fp[s], fdp[s])
             true_rise, true_minimum = edges(true_fp[s], true_fdp[s])
+            post, true_post = half_rise_post_edge_energy(grid, fdp[s]), half_rise_post_edge_energy(grid, true_fdp[s])
+            step, true_step = step_edge_energy(grid, fdp[s]), step_edge_energy(grid, true_fdp[s])
             rows.append({"fit": fit_name, "site": site, "fp_rms_error_e": rms(fp[s] - true_fp[s]),
                          "fdp_rms_error_e": rms(fdp[s] - true_fdp[s]), "half_rise_ev": rise,
                          "half_rise_true_ev": true_rise, "half_rise_error_ev": rise - true_rise,
                          "fp_minimum_ev": minimum, "fp_minimum_true_ev": true_minimum,
                          "fp_minimum_error_ev": minimum - true_minimum, "order_correct": "", "recovers_difference": "",
-                         "half_rise_post_ev": half_rise_post_edge_energy(grid, fdp[s]),
-                         "half_rise_post_true_ev": half_rise_post_edge_energy(grid, true_fdp[s]),
-                         "half_rise_post_error_ev": (half_rise_post_edge_energy(grid, fdp[s])
-                                                     - half_rise_post_edge_energy(grid, true_fdp[s])),
-                         "step_edge_ev": step_edge_energy(grid, fdp[s]),
-                         "step_edge_true_ev": step_edge_energy(grid, true_fdp[s]),
-                         "step_edge_error_ev": step_edge_energy(grid, fdp[s]) - step_edge_energy(grid, true_fdp[s])})
+                         "half_rise_post_ev": post, "half_rise_post_true_ev": true_post,
+                         "half_rise_post_error_ev": post - true_post,
+                         "step_edge_ev": step, "step_edge_true_ev": true_step, "step_edge_error_ev": step - true_step})
         if len(sites) < 2:
             continue
         (rise_a, min_a), (rise_b, min_b) = edges(fp[0], fdp[0]), edges(fp[1], fdp[1])
