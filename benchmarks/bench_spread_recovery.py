@@ -217,13 +217,16 @@ def main() -> None:
                              "restraints; edges from posterior draws) for fits of N <= this (0: never)")
     parser.add_argument("--smoothness", type=float, default=None, help="smoothness weight (default: spread's)")
     parser.add_argument("--kk", type=float, default=None, help="KK weight (default: spread's)")
+    parser.add_argument("--preconditioner-lattices", type=int, default=None,
+                        help="lattices of the fit's preconditioner, 0 for none (default: spread's)")
     parser.add_argument("--output", default=None,
                         help="write the grid, the true tables and every fit's f', f'' to this .npz file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     sizes = sorted(set(args.lattices))
     n_max = sizes[-1]
-    overrides = {key: value for key, value in (("smoothness_weight", args.smoothness), ("kk_weight", args.kk))
+    overrides = {key: value for key, value in (("smoothness_weight", args.smoothness), ("kk_weight", args.kk),
+                                               ("preconditioner_lattices", args.preconditioner_lattices))
                  if value is not None}
     settings = SpreadSettings.from_mapping(overrides or None)
     iterations = args.iterations or settings.max_iterations
@@ -236,7 +239,8 @@ def main() -> None:
     psf = DetectorPsf(det["psf_fwhm_mm"], det["psf_radius_px"]) if args.dataset == "psf" else None
     readout_var = (args.readout_sigma_adu / det["gain_adu_per_photon"]) ** 2
     print(f"set-up {time.perf_counter() - t0:.1f} s; dataset {args.dataset}; threads {args.threads}; "
-          f"N = {sizes}; perturbed geometry for N <= {args.perturbed_max}")
+          f"N = {sizes}; perturbed geometry for N <= {args.perturbed_max}; preconditioner from "
+          f"{settings.preconditioner_lattices} lattices")
 
     rng = np.random.default_rng(12345)
     true_lattices, perturbed_lattices, refined_lattices = [], [], []
@@ -308,7 +312,8 @@ def main() -> None:
 
     def run_fit(label, n, problem, fp_start, fdp_start):
         t = time.perf_counter()
-        result = fit(problem, fp_start, fdp_start, max_iterations=iterations, pixels_per_chunk=settings.pixels_per_chunk)
+        result = fit(problem, fp_start, fdp_start, max_iterations=iterations, pixels_per_chunk=settings.pixels_per_chunk,
+                     preconditioner_lattices=settings.preconditioner_lattices)
         seconds = time.perf_counter() - t
         rows = score_fits(grid, SITES, {label: (result.fp, result.fdp)}, truth)
         site_rows = [row for row in rows if "-" not in row["site"]]

@@ -131,7 +131,8 @@ def main() -> None:
                                 interpolation, restraints)
         t = time.perf_counter()
         result = fit(problem, fp_start, fdp_start, max_iterations=settings.max_iterations,
-                     pixels_per_chunk=settings.pixels_per_chunk)
+                     pixels_per_chunk=settings.pixels_per_chunk,
+                     preconditioner_lattices=settings.preconditioner_lattices)
         rows = [row for row in score_fits(grid, SITES, {name: (result.fp, result.fdp)}, truth) if "-" not in row["site"]]
         print(f"{name} ({spec}): {len(chosen)} lattices, {result.evaluations} evaluations, "
               f"{time.perf_counter() - t:.1f} s", flush=True)

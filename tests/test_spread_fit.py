@@ -14,10 +14,12 @@ from xfel_spread.sim.structure_factors import HC_EV_ANGSTROM, site_decomposition
 from xfel_spread.spread.errors import SpreadInputError
 from xfel_spread.spread.fit import (
     Nuisance,
+    ProfiledNLL,
     Restraints,
     SpreadProblem,
     fit,
     optimise_nuisance,
+    preconditioner,
     start_nuisance,
 )
 from xfel_spread.spread.likelihood import nll_derivatives, total_nll
@@ -36,6 +38,7 @@ from xfel_spread.spread.tables import (
     table_on_grid,
     table_path,
 )
+from xfel_spread.spread.information import profile_fisher
 from xfel_spread.spread.uncertainty import (
     edge_estimates,
     fp_minimum_energy,
@@ -263,6 +266,47 @@ def test_chunked_evaluation_gives_the_same_fit(synthetic):
     assert len(chunked.history) == len(whole.history)
     assert np.allclose(chunked.history, whole.history, rtol=1e-7)
     assert np.allclose(chunked.fdp, whole.fdp, atol=1e-4)
+
+
+def test_information_of_the_leading_lattices_is_scaled_to_the_problem(synthetic):
+    """All shots: exactly the profiled Fisher information; the first shots: theirs times all pixels
+    over theirs."""
+    problem = small_problem(synthetic["problem"], n_shots=6)
+    theta = theta_of(*synthetic["start"]).numpy()
+    nll = ProfiledNLL(problem)
+    nll(theta)
+    whole = profile_fisher(problem, theta, nll.nuisance)
+    assert np.allclose(nll.information(theta, 6), whole, rtol=1e-12, atol=0)
+    assert np.allclose(nll.information(theta, 100), whole, rtol=1e-12, atol=0)
+    leading = small_problem(synthetic["problem"], n_shots=2)
+    fisher = profile_fisher(leading, theta, Nuisance(nll.nuisance.scale[:2],
+                                                     nll.nuisance.background[:leading.data.n_shoeboxes]))
+    expected = fisher * problem.data.n_pixels / leading.data.n_pixels
+    assert np.allclose(nll.information(theta, 2), expected, rtol=1e-12, atol=0)
+
+
+def test_preconditioner_factor_of_a_singular_matrix():
+    """Cholesky where it works; eigenvalues raised to 1e-10 of the largest where it does not."""
+    spd = np.array([[4.0, 1.0], [1.0, 3.0]])
+    factor = preconditioner(spd)
+    assert np.allclose(factor @ factor.T, spd) and np.allclose(factor, np.tril(factor))
+    singular = np.array([[1.0, 1.0], [1.0, 1.0]])
+    factor = preconditioner(singular)
+    values = np.linalg.eigvalsh(factor @ factor.T)
+    assert values == pytest.approx([2e-10, 2.0], rel=1e-3)
+
+
+def test_preconditioned_fit_reaches_the_minimum_in_fewer_evaluations(synthetic, recovered):
+    """Preconditioned by the information of its 80 shots at the start, the fit ends where the plain
+    L-BFGS-B does, on the same grids, in fewer evaluations (measured: 27 against 58). This set's 200
+    reflections are few, so the information of 20 shots is a poor estimate here (61 evaluations, to a
+    lower minimum); on LY99's lattices 30 of 600 were enough (19 against 73-114, docs/spread.md)."""
+    plain, _ = recovered
+    preconditioned = fit(synthetic["problem"], *synthetic["start"], max_iterations=300, preconditioner_lattices=80)
+    assert preconditioned.objective == pytest.approx(plain.objective, rel=1e-6)
+    assert preconditioned.evaluations < plain.evaluations
+    assert np.abs(preconditioned.fdp - plain.fdp)[:, MIDDLE].max() < 0.05
+    assert np.abs(preconditioned.fp - plain.fp)[:, MIDDLE].max() < 0.05
 
 
 def test_swapped_start_reaches_the_same_sites(synthetic, recovered):

@@ -166,13 +166,15 @@ class DistributedNLL:
     """The profiled NLL of every shard, summed in shard order over the ranks: ``fit``'s ``nll``.
 
     Each rank evaluates its own shards (their nuisance stays on the rank); the ranks allgather the
-    per-shard values and gradients and each sums them in shard order."""
+    per-shard values and gradients and each sums them in shard order. ``n_shards`` is the dataset's
+    shard count (all ranks'), which shares the preconditioner's lattices out (:meth:`information`)."""
 
-    def __init__(self, comm, shards: list[ShardProblem], settings, progress=None):
+    def __init__(self, comm, shards: list[ShardProblem], settings, progress=None, n_shards: int = 1):
         from xfel_spread.spread.fit import ProfiledNLL
 
         self.comm = comm
         self.shards = shards
+        self.n_shards = max(n_shards, 1)
         self.local = [ProfiledNLL(shard.problem, pixels_per_chunk=settings.pixels_per_chunk) for shard in shards]
         self.evaluations = 0
         self.progress = progress
@@ -187,6 +189,14 @@ class DistributedNLL:
         if self.progress is not None:
             self.progress.advance(detail=f" (objective NLL {value:.6g})")
         return value, (gradient if gradient is not None else np.zeros_like(theta))
+
+    def information(self, theta: np.ndarray, lattices: int) -> np.ndarray:
+        """The fit's preconditioner: each shard's estimate from its first ceil(lattices / n_shards)
+        lattices (:meth:`xfel_spread.spread.fit.ProfiledNLL.information`), summed in shard order."""
+        per_shard = -(-lattices // self.n_shards)
+        mine = [(shard.shard, 0.0, nll.information(theta, per_shard)) for shard, nll in zip(self.shards, self.local)]
+        total = _sum_in_shard_order(self.comm.allgather(mine))[1]
+        return total if total is not None else np.zeros((theta.size, theta.size))
 
 
 def _lookup_of(decomposition):
@@ -324,7 +334,8 @@ def run_spread(inputs: SpreadInputs, comm=None, log=None) -> dict | None:
     from xfel_spread.spread.restraints import hilbert_matrix
     from xfel_spread.spread.run import SpreadResult, write_results
     from xfel_spread.spread.tables import energy_grid, read_table, table_on_grid, table_path
-    from xfel_spread.spread.uncertainty import edge_estimates, profile_fisher, restraint_hessian
+    from xfel_spread.spread.information import profile_fisher
+    from xfel_spread.spread.uncertainty import edge_estimates, restraint_hessian
 
     logger = logging.getLogger("xfel_spread.spread")
     log = log or logger.info
@@ -406,8 +417,9 @@ def run_spread(inputs: SpreadInputs, comm=None, log=None) -> dict | None:
             # line is the fit's own.
             fit_progress = Progress(settings.max_iterations, f"{label} fit", log if rank == 0 else (lambda _: None),
                                     30.0, items="evaluations", report_end=False)
-            nll = DistributedNLL(comm, problems, settings, fit_progress)
-            result = fit(template, fp_start, fdp_start, max_iterations=settings.max_iterations, nll=nll)
+            nll = DistributedNLL(comm, problems, settings, fit_progress, n_shards=len(inputs.shards))
+            result = fit(template, fp_start, fdp_start, max_iterations=settings.max_iterations, nll=nll,
+                         preconditioner_lattices=settings.preconditioner_lattices)
             if rank == 0:
                 log(f"{label} fit: {result.evaluations} evaluations, objective {result.objective:.9g} ({result.message})")
             return result, nll
@@ -469,6 +481,7 @@ def run_spread(inputs: SpreadInputs, comm=None, log=None) -> dict | None:
                          "grid_spacing_ev": settings.grid_spacing_ev, "smoothness_weight": settings.smoothness_weight,
                          "kk_weight": settings.kk_weight, "relative_cutoff": settings.relative_cutoff,
                          "max_iterations": settings.max_iterations, "posterior_samples": settings.posterior_samples,
+                         "preconditioner_lattices": settings.preconditioner_lattices,
                          "seed": settings.seed, "point_spread_modelled": psf is not None},
             "grid_ev": [float(grid[0]), float(grid[-1]), len(grid)],
             "shards": [{"shard": shard, "lattices": n, "pixels": p} for shard, n, p, _ in per_shard],

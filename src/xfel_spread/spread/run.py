@@ -15,6 +15,9 @@ Settings (a proposed ``spread`` config section; absent keys take these defaults)
     Coefficient terms below this fraction of the pixel's largest are dropped.
 ``max_iterations`` (200), ``pixels_per_chunk`` (1048576), ``posterior_samples`` (500)
     L-BFGS iterations, pixels per evaluation chunk, draws for the edge positions' sigmas.
+``preconditioner_lattices`` (100)
+    Lattices whose profiled Fisher information at the start preconditions the fit
+    (:mod:`xfel_spread.spread.fit`); 0 runs the plain L-BFGS-B.
 ``refinement`` (exa), ``controls`` (true), ``seed`` (0)
     Whose lattices the stage reads (the rule's inputs), whether the stage also fits the two negative
     controls (:mod:`xfel_spread.spread.pipeline`), and the seed of the shuffled-channel control and of
@@ -57,6 +60,7 @@ from xfel_spread.spread.uncertainty import (
 
 DEFAULTS = {"sites": {"FE1": "metallic", "FE2": "metallic"}, "grid_spacing_ev": 1.0, "smoothness_weight": 1.0,
             "kk_weight": 10.0, "relative_cutoff": 1e-3, "max_iterations": 200, "pixels_per_chunk": 1 << 20,
+            "preconditioner_lattices": 100,
             "posterior_samples": 500, "refinement": "exa", "controls": True, "seed": 0}
 
 
@@ -80,6 +84,7 @@ class SpreadSettings:
     refinement: str = "exa"
     controls: bool = True
     seed: int = 0
+    preconditioner_lattices: int = 100
 
     @classmethod
     def from_mapping(cls, section: Mapping | None, source: str = "<spread settings>") -> SpreadSettings:
@@ -106,6 +111,10 @@ class SpreadSettings:
         for key in ("max_iterations", "pixels_per_chunk", "posterior_samples"):
             if isinstance(values[key], bool) or not isinstance(values[key], int) or values[key] < 1:
                 raise SpreadInputError(f"{source}: spread.{key}: expected a positive integer, got {values[key]!r}")
+        lattices = values["preconditioner_lattices"]
+        if isinstance(lattices, bool) or not isinstance(lattices, int) or lattices < 0:
+            raise SpreadInputError(f"{source}: spread.preconditioner_lattices: expected a non-negative integer, "
+                                   f"got {lattices!r}")
         if values["refinement"] not in ("exa", "stage1"):
             raise SpreadInputError(f"{source}: spread.refinement: expected exa or stage1, got {values['refinement']!r}")
         if not isinstance(values["controls"], bool):
@@ -115,7 +124,7 @@ class SpreadSettings:
         return cls(tuple(sites.items()), float(values["grid_spacing_ev"]), float(values["smoothness_weight"]),
                    float(values["kk_weight"]), float(values["relative_cutoff"]), values["max_iterations"],
                    values["pixels_per_chunk"], values["posterior_samples"], values["refinement"],
-                   values["controls"], values["seed"])
+                   values["controls"], values["seed"], lattices)
 
 
 @dataclass
@@ -161,7 +170,7 @@ def refine(data: SpreadData, energies_ev: np.ndarray, model_sites: tuple[str, ..
     problem = SpreadProblem(data, Decomposition.from_complex(np.asarray(f_rest), np.asarray(site_sums)[rows]),
                             torch.tensor(interpolation_matrix(grid, energies_ev)), restraints)
     result = fit(problem, fp_start, fdp_start, max_iterations=settings.max_iterations,
-                 pixels_per_chunk=settings.pixels_per_chunk)
+                 pixels_per_chunk=settings.pixels_per_chunk, preconditioner_lattices=settings.preconditioner_lattices)
     theta = np.concatenate([result.fp.ravel(), result.fdp.ravel()])
     covariance = grid_covariance(problem, theta, result.nuisance)
     sigma = np.sqrt(np.clip(np.diag(covariance), 0, None)).reshape(2, len(names), len(grid))
