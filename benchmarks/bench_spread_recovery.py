@@ -29,8 +29,15 @@ resident memory.
 Goals (issue 16): each site's half-rise within 0.5 eV and rms f'' error <= 0.25 e from both starts;
 the controls do not recover the sites' difference (:func:`xfel_spread.spread.scoring.score_fits`).
 
+Lattices are held compact (float32 photons, offsets and coefficients, int32 pixel and column numbers,
+int16 channels; 0.4 MB per lattice) and each N's data are assembled once for all its fits; with
+``--workers W`` (true geometry only: ``--perturbed-max 0``) W processes simulate contiguous ranges
+of shots, the same shots and bytes as one process makes. ``--lattice-cache FILE`` keeps the
+true-geometry lattices of a run in FILE (pickle) and later runs with as many shots or fewer read them
+from there instead of simulating (e.g. to try restraint weights on the same shots).
+
 Usage: .venv/bin/python benchmarks/bench_spread_recovery.py [--lattices 1000 3000 10000] [--threads 1]
-       [--dataset nopsf|psf] [--perturbed-max 1000] [--refined-max 50] [--output curves.npz]
+       [--dataset nopsf|psf] [--perturbed-max 1000] [--refined-max 50] [--output curves.npz] [--workers 2]
 """
 
 from __future__ import annotations
@@ -154,6 +161,49 @@ def lattice_from_terms(shot, terms, lookup, cutoff: float, dataset: str, psf: De
         term_coeff=coefficients.value[keep], dropped_fraction=coefficients.dropped_fraction, lattice=shot.shot_index)
 
 
+def compact_lattice(arrays: LatticeArrays | None) -> LatticeArrays | None:
+    """The lattice's arrays in the smallest exact-enough types (photons are whole numbers; offsets are
+    whole or half pixels; coefficients keep float32's 7 digits)."""
+    if arrays is None:
+        return None
+    arrays.data, arrays.dx, arrays.dy = (np.asarray(a, dtype=np.float32) for a in (arrays.data, arrays.dx, arrays.dy))
+    arrays.shoebox, arrays.term_pixel = arrays.shoebox.astype(np.int32), arrays.term_pixel.astype(np.int32)
+    arrays.term_channel, arrays.term_column = arrays.term_channel.astype(np.int16), arrays.term_column.astype(np.int32)
+    arrays.term_coeff = arrays.term_coeff.astype(np.float32)
+    return arrays
+
+
+_WORKER: dict = {}
+
+
+def _start_worker(dataset: str, cutoff: float, readout_var: float) -> None:
+    torch.set_num_threads(1)
+    config, energies, pdb, _, lookup = ly99_model()
+    simulator = subset_simulator(config, energies, pdb, dataset == "psf")
+    det = config["simulate"]["detector"]
+    psf = DetectorPsf(det["psf_fwhm_mm"], det["psf_radius_px"]) if dataset == "psf" else None
+    _WORKER.update(simulator=simulator, lookup=lookup, energies=energies, psf=psf, dataset=dataset, cutoff=cutoff,
+                   readout_var=readout_var)
+
+
+def _simulate_range(bounds: tuple[int, int]) -> tuple[list, int, float, float]:
+    """Shots lo..hi-1 at the true geometry: their compact lattices (None without shoeboxes), pixels
+    simulated, simulation and coefficient seconds."""
+    w = _WORKER
+    lattices, n_pixels, sim_s, coeff_s = [], 0, 0.0, 0.0
+    for shot_index in range(*bounds):
+        t = time.perf_counter()
+        shot = w["simulator"].simulate(shot_index)
+        sim_s += time.perf_counter() - t
+        t = time.perf_counter()
+        lattices.append(compact_lattice(lattice_from_terms(
+            shot, shot.terms, w["lookup"], w["cutoff"], w["dataset"], w["psf"],
+            w["simulator"].setup.true_detector.pixel_size_mm, w["readout_var"], w["energies"])))
+        coeff_s += time.perf_counter() - t
+        n_pixels += len(shot.pixel_fast)
+    return lattices, n_pixels, sim_s, coeff_s
+
+
 def misorientation_deg(reference: np.ndarray, matrix: np.ndarray) -> float:
     """Angle (degrees) of the rotation nearest to taking ``reference``'s rows to ``matrix``'s."""
     u, _, vt = np.linalg.svd(np.linalg.solve(reference, matrix))
@@ -219,6 +269,10 @@ def main() -> None:
     parser.add_argument("--kk", type=float, default=None, help="KK weight (default: spread's)")
     parser.add_argument("--preconditioner-lattices", type=int, default=None,
                         help="lattices of the fit's preconditioner, 0 for none (default: spread's)")
+    parser.add_argument("--lattice-cache", default=None,
+                        help="pickle of the true-geometry lattices: read if it holds enough shots, else written")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="processes simulating the shots (true geometry only: needs --perturbed-max 0)")
     parser.add_argument("--output", default=None,
                         help="write the grid, the true tables and every fit's f', f'' to this .npz file")
     args = parser.parse_args()
@@ -247,13 +301,42 @@ def main() -> None:
     sim_s = coeff_s = perturbed_s = refine_s = 0.0
     stage1_settings = Stage1Settings.from_config({"structure_factors": "model", "device": "cpu"})
     n_pixels_all = 0
-    for shot_index in range(n_max):
+    cached = None
+    if args.lattice_cache and Path(args.lattice_cache).exists():
+        import pickle
+
+        with open(args.lattice_cache, "rb") as stream:
+            cached = pickle.load(stream)
+        if cached["dataset"] != args.dataset or cached["shots"] < n_max or args.perturbed_max > 0:
+            parser.error(f"{args.lattice_cache}: holds {cached['shots']} {cached['dataset']} shots; this run needs "
+                         f"{n_max} {args.dataset} shots and --perturbed-max 0")
+        true_lattices = [lattice for lattice in cached["lattices"] if lattice.lattice < n_max]
+        n_pixels_all = cached["pixels_per_shot"] * n_max
+        print(f"read {len(true_lattices)} lattices of the first {n_max} shots from {args.lattice_cache}", flush=True)
+    elif args.workers > 1:
+        if args.perturbed_max > 0 or args.refined_max > 0:
+            parser.error("--workers needs --perturbed-max 0 (and no --refined-max): they share one random stream")
+        import multiprocessing
+
+        step = 100
+        ranges = [(lo, min(lo + step, n_max)) for lo in range(0, n_max, step)]
+        t_wall = time.perf_counter()
+        with multiprocessing.get_context("fork").Pool(args.workers, _start_worker,
+                                                      (args.dataset, settings.relative_cutoff, readout_var)) as pool:
+            for done, (lattices, n_pixels, s1, s2) in enumerate(pool.imap(_simulate_range, ranges), start=1):
+                true_lattices.extend(lattice for lattice in lattices if lattice is not None)
+                n_pixels_all, sim_s, coeff_s = n_pixels_all + n_pixels, sim_s + s1, coeff_s + s2
+                if done % 10 == 0 or done == len(ranges):
+                    print(f"  simulated {ranges[done - 1][1]}/{n_max} on {args.workers} processes: "
+                          f"{time.perf_counter() - t_wall:.0f} s wall, {sim_s / ranges[done - 1][1]:.2f} s/shot "
+                          f"simulation; peak {peak_mb():.0f} MB", flush=True)
+    for shot_index in range(n_max if args.workers <= 1 and cached is None else 0):
         t = time.perf_counter()
         shot = simulator.simulate(shot_index)
         sim_s += time.perf_counter() - t
         t = time.perf_counter()
-        arrays = lattice_from_terms(shot, shot.terms, lookup, settings.relative_cutoff, args.dataset, psf,
-                                    setup.true_detector.pixel_size_mm, readout_var, energies)
+        arrays = compact_lattice(lattice_from_terms(shot, shot.terms, lookup, settings.relative_cutoff, args.dataset,
+                                                    psf, setup.true_detector.pixel_size_mm, readout_var, energies))
         coeff_s += time.perf_counter() - t
         n_pixels_all += len(shot.pixel_fast)
         if arrays is None:
@@ -266,8 +349,8 @@ def main() -> None:
             beam = simulator.beam(shot.photons)
             _, terms = subset_bragg(setup.true_detector, beam, simulator.crystal(truth), setup.amplitudes, setup.hkl,
                                     torch.as_tensor(shot.pixel_fast), torch.as_tensor(shot.pixel_slow), with_terms=True)
-            perturbed = lattice_from_terms(shot, terms, lookup, settings.relative_cutoff, args.dataset, psf,
-                                           setup.true_detector.pixel_size_mm, readout_var, energies)
+            perturbed = compact_lattice(lattice_from_terms(shot, terms, lookup, settings.relative_cutoff, args.dataset,
+                                                           psf, setup.true_detector.pixel_size_mm, readout_var, energies))
             perturbed_s += time.perf_counter() - t
             perturbed_lattices.append(perturbed if perturbed is not None else arrays)
             if len(true_lattices) <= args.refined_max:
@@ -283,8 +366,17 @@ def main() -> None:
         if (shot_index + 1) % 100 == 0:
             print(f"  simulated {shot_index + 1}/{n_max}: {sim_s / (shot_index + 1):.2f} s/shot simulation, "
                   f"{coeff_s / (shot_index + 1):.3f} s/shot coefficients; peak {peak_mb():.0f} MB", flush=True)
+    if args.lattice_cache and cached is None:
+        import pickle
+
+        from xfel_spread.atomic import atomic_path
+
+        with atomic_path(args.lattice_cache) as tmp, open(tmp, "wb") as stream:
+            pickle.dump({"dataset": args.dataset, "shots": n_max, "pixels_per_shot": n_pixels_all / n_max,
+                         "lattices": true_lattices}, stream, protocol=pickle.HIGHEST_PROTOCOL)
+        print(f"wrote the lattices of {n_max} shots to {args.lattice_cache}", flush=True)
     n_boxes = sum(lattice.n_shoeboxes for lattice in true_lattices)
-    print(f"simulated {n_max} shots ({len(true_lattices)} with shoeboxes): {sim_s:.1f} s ({sim_s / n_max:.3f} s per "
+    print(f"{'read' if cached else 'simulated'} {n_max} shots ({len(true_lattices)} with shoeboxes): {sim_s:.1f} s ({sim_s / n_max:.3f} s per "
           f"shot), coefficients {coeff_s:.1f} s ({coeff_s / n_max:.3f} s per shot); "
           f"{n_boxes / n_max:.1f} shoeboxes and {n_pixels_all / n_max:.0f} pixels per shot; perturbed-geometry "
           f"coefficients {perturbed_s:.1f} s for {len(perturbed_lattices)}; peak {peak_mb():.0f} MB", flush=True)
@@ -299,8 +391,15 @@ def main() -> None:
     truth = tuple(np.stack([on_grid(name)[i] for name in TRUTH]) for i in (0, 1))
     curves = {}
 
+    assembled = {}
+
     def problem_for(lattices, start):
-        data, columns = concatenate(lattices)
+        # Each set of lattices is assembled once (the key: its first lattice and count) for all its fits.
+        key = (id(lattices[0]), len(lattices))
+        if key not in assembled:
+            assembled.clear()
+            assembled[key] = concatenate(lattices)
+        data, columns = assembled[key]
         fp_start = np.stack([on_grid(name)[0] for name in start])
         fdp_start = np.stack([on_grid(name)[1] for name in start])
         restraints = Restraints(settings.smoothness_weight, settings.kk_weight, torch.tensor(fp_start),

@@ -130,6 +130,30 @@ def test_assembled_lattices_reproduce_stage1_model(shot_and_model):
         concatenate([])
 
 
+def test_compact_lattices_assemble_to_the_same_terms():
+    """Lattices held compact (int16 channels, int32 pixel numbers, as the recovery benchmark holds
+    them) give the same term numbers: numpy 1.x keeps int16 for channel * n_used and would wrap it."""
+    from xfel_spread.spread.assemble import LatticeArrays, concatenate
+
+    rng = np.random.default_rng(0)
+    n_terms = 400
+
+    def lattice(dtype_channel, dtype_pixel):
+        return LatticeArrays(energies_ev=np.arange(100.0), data=np.ones(50), shoebox=np.zeros(50, dtype=np.int64),
+                             dx=np.zeros(50), dy=np.zeros(50), readout_var=1.0, n_shoeboxes=1,
+                             term_pixel=np.sort(rng.integers(0, 50, n_terms)).astype(dtype_pixel),
+                             term_channel=rng.integers(0, 100, n_terms).astype(dtype_channel),
+                             term_column=rng.permutation(n_terms), term_coeff=np.ones(n_terms), dropped_fraction=0.0)
+
+    wide = [lattice(np.int64, np.int64) for _ in range(2)]
+    small = [LatticeArrays(**{**vars(one), "term_channel": one.term_channel.astype(np.int16),
+                              "term_pixel": one.term_pixel.astype(np.int32)}) for one in wide]
+    expected, _ = concatenate(wide)
+    compact, _ = concatenate(small)
+    assert int(expected.term_pair.max()) > np.iinfo(np.int16).max
+    assert torch.equal(compact.term_pair, expected.term_pair) and torch.equal(compact.term_pixel, expected.term_pixel)
+
+
 @pytest.mark.parametrize("mosaic_model", ["gaussian", "nanobragg"])
 def test_coefficients_reproduce_stage1_with_its_analytic_eta(shot_and_model, mosaic_model):
     """stage1.eta_model analytic (one domain, eta averaged over the rotations in closed form): the

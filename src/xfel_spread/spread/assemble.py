@@ -116,8 +116,9 @@ def concatenate(lattices: Sequence[LatticeArrays], source: str = "stage-1 result
         parts["dy"].append(lattice.dy)
         parts["readout"].append(np.full(len(lattice.data), lattice.readout_var))
         parts["shot"].append(np.full(len(boxes_used), shot_number))
-        parts["pixel"].append(lattice.term_pixel + pixel_offset)
-        parts["pair"].append(lattice.term_channel * n_used + np.searchsorted(columns, lattice.term_column))
+        # int64 before the arithmetic: compact lattices (int16 channels, int32 pixels) would overflow.
+        parts["pixel"].append(lattice.term_pixel.astype(np.int64) + pixel_offset)
+        parts["pair"].append(lattice.term_channel.astype(np.int64) * n_used + np.searchsorted(columns, lattice.term_column))
         parts["coeff"].append(lattice.term_coeff)
         pixel_offset += len(lattice.data)
         box_offset += len(boxes_used)
