@@ -260,6 +260,8 @@ def main() -> None:
                         help="the readout sigma the likelihood assumes (stage 1's default, as the stage passes it)")
     parser.add_argument("--iterations", type=int, default=None, help="L-BFGS iterations (default: spread's 200)")
     parser.add_argument("--no-controls", action="store_true")
+    parser.add_argument("--starts", nargs="+", choices=tuple(STARTS), default=list(STARTS),
+                        help="which starts to fit from (default: both)")
     parser.add_argument("--controls-only", action="store_true",
                         help="fit only the negative controls at the largest N (the real fits made by an earlier run)")
     parser.add_argument("--sigma-max", type=int, default=1000,
@@ -461,6 +463,8 @@ def main() -> None:
         for start_name, start in STARTS.items():
             if args.controls_only:
                 break
+            if start_name not in args.starts:
+                continue
             problem, columns, fp_start, fdp_start = problem_for(lattices, start)
             run_fit(f"true geometry, {start_name} start", n, problem, fp_start, fdp_start)
         if n <= args.perturbed_max and len(perturbed_lattices) >= len(lattices):

@@ -169,10 +169,11 @@ class DistributedNLL:
     per-shard values and gradients and each sums them in shard order. ``n_shards`` is the dataset's
     shard count (all ranks'), which shares the preconditioner's lattices out (:meth:`information`)."""
 
-    def __init__(self, comm, shards: list[ShardProblem], settings, progress=None, n_shards: int = 1):
+    def __init__(self, comm, shards: list[ShardProblem], settings, progress=None, n_shards: int = 1, log=None):
         from xfel_spread.spread.fit import ProfiledNLL
 
         self.comm = comm
+        self.log = log
         self.shards = shards
         self.n_shards = max(n_shards, 1)
         self.local = [ProfiledNLL(shard.problem, pixels_per_chunk=settings.pixels_per_chunk) for shard in shards]
@@ -193,9 +194,15 @@ class DistributedNLL:
     def information(self, theta: np.ndarray, lattices: int) -> np.ndarray:
         """The fit's preconditioner: each shard's estimate from its first ceil(lattices / n_shards)
         lattices (:meth:`xfel_spread.spread.fit.ProfiledNLL.information`), summed in shard order."""
+        import time
+
+        started = time.perf_counter()
         per_shard = -(-lattices // self.n_shards)
         mine = [(shard.shard, 0.0, nll.information(theta, per_shard)) for shard, nll in zip(self.shards, self.local)]
         total = _sum_in_shard_order(self.comm.allgather(mine))[1]
+        if self.log is not None:
+            self.log(f"preconditioner: information of the first {per_shard} lattices of each shard in "
+                     f"{time.perf_counter() - started:.1f} s")
         return total if total is not None else np.zeros((theta.size, theta.size))
 
 
@@ -417,7 +424,8 @@ def run_spread(inputs: SpreadInputs, comm=None, log=None) -> dict | None:
             # line is the fit's own.
             fit_progress = Progress(settings.max_iterations, f"{label} fit", log if rank == 0 else (lambda _: None),
                                     30.0, items="evaluations", report_end=False)
-            nll = DistributedNLL(comm, problems, settings, fit_progress, n_shards=len(inputs.shards))
+            nll = DistributedNLL(comm, problems, settings, fit_progress, n_shards=len(inputs.shards),
+                                 log=log if rank == 0 else None)
             result = fit(template, fp_start, fdp_start, max_iterations=settings.max_iterations, nll=nll,
                          preconditioner_lattices=settings.preconditioner_lattices)
             if rank == 0:
