@@ -26,8 +26,10 @@ true tables on the grid (7119.9 / 7118.0 eV and 7123.0 / 7116.1 eV), rms f' and 
 and seconds per lattice of simulation, of the coefficients, and of the refinement, and the peak
 resident memory.
 
-Goals (issue 16): each site's half-rise within 0.5 eV and rms f'' error <= 0.25 e from both starts;
-the controls do not recover the sites' difference (:func:`xfel_spread.spread.scoring.score_fits`).
+Goals (issue 16): each site's edge, where f'' reaches half its rise, within 0.5 eV and rms f'' error
+<= 0.25 e from both starts; the controls do not recover the sites' difference
+(:func:`xfel_spread.spread.scoring.score_fits`). The verdict is printed for the post-edge half-rise (half
+way from the pre- to the post-edge level: the rise) and for the crossing half-way to the maximum.
 
 Lattices are held compact (float32 photons, offsets and coefficients, int32 pixel and column numbers,
 int16 channels; 0.4 MB per lattice) and each N's data are assembled once for all its fits; with
@@ -419,10 +421,14 @@ def main() -> None:
         rows = score_fits(grid, SITES, {label: (result.fp, result.fdp)}, truth)
         site_rows = [row for row in rows if "-" not in row["site"]]
         difference = [row for row in rows if "-" in row["site"]][0]
-        goal = all(abs(row["half_rise_error_ev"]) <= 0.5 and row["fdp_rms_error_e"] <= 0.25 for row in site_rows)
+        # The issue's edge is where f'' reaches half its rise: the post-edge half-rise (pre- to post-edge
+        # level); the half-way-to-the-maximum crossing is printed beside it (noise lifts a maximum).
+        def goal_met(key):
+            return all(abs(row[key]) <= 0.5 and row["fdp_rms_error_e"] <= 0.25 for row in site_rows)
         print(f"N {n:6d} {label:<28} {result.evaluations:4d} evaluations, {seconds:7.1f} s "
               f"({seconds / n * 1e3:.1f} ms per lattice); order {'right' if difference['order_correct'] else 'WRONG'}; "
-              f"goals {'met' if goal else 'not met'}; FE1-FE2 f'' rms error {difference['fdp_rms_error_e']:.2f} e",
+              f"goals {'met' if goal_met('half_rise_post_error_ev') else 'not met'} by the post-edge half-rise, "
+              f"{'met' if goal_met('half_rise_error_ev') else 'not met'} by half-way to the maximum; FE1-FE2 f'' rms error {difference['fdp_rms_error_e']:.2f} e",
               flush=True)
         for row in site_rows:
             print(f"         {row['site']}: half-rise {row['half_rise_ev']:.2f} eV (error {row['half_rise_error_ev']:+.2f}; "
