@@ -42,12 +42,18 @@ def intensity_derivatives(problem: SpreadProblem, theta: torch.Tensor) -> tuple[
 
 def pixel_jacobian(problem: SpreadProblem, theta: torch.Tensor, nuisance: Nuisance, pixel_lo: int,
                    pixel_hi: int, derivatives) -> torch.Tensor:
-    """d mu / d grids (pixels pixel_lo..pixel_hi-1, 2 n_sites n_grid), dense."""
+    """d mu / d grids (pixels pixel_lo..pixel_hi-1, 2 n_sites n_grid), dense.
+
+    The terms must be sorted by pixel (as :mod:`xfel_spread.spread.assemble` makes them): the pixels'
+    terms are found by bisection, not by a pass over all of them (which made the information of N
+    lattices cost as N^2)."""
     data = problem.data
     n_sites, n_grid = problem.n_sites, problem.n_grid
     n_theta = 2 * n_sites * n_grid
     n_ref = problem.decomposition.n_reflections
-    terms = torch.nonzero((data.term_pixel >= pixel_lo) & (data.term_pixel < pixel_hi)).squeeze(1)
+    bounds = torch.tensor([pixel_lo, pixel_hi], dtype=data.term_pixel.dtype)
+    t0, t1 = torch.searchsorted(data.term_pixel, bounds).tolist()
+    terms = torch.arange(t0, t1)
     pixel = data.term_pixel[terms] - pixel_lo
     pair = data.term_pair[terms]
     channel, reflection = pair // n_ref, pair % n_ref
@@ -73,6 +79,8 @@ def profile_fisher(problem: SpreadProblem, theta: np.ndarray, nuisance: Nuisance
     Chunks hold whole shots (pixels are ordered by shoebox, shoeboxes by shot).
     """
     data = problem.data
+    if data.term_pixel.numel() and not bool((torch.diff(data.term_pixel) >= 0).all()):
+        raise ValueError("SPREAD data must have their terms sorted by pixel")
     theta_t = torch.as_tensor(theta, dtype=torch.float64)
     with torch.no_grad():
         bragg = unit_bragg(problem.intensity(theta_t), data)
