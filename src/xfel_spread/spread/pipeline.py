@@ -233,11 +233,15 @@ def control_problem(name: str, shard: ShardProblem, decomposition, lookup, rows:
         n_used = problem.decomposition.n_reflections
         rng = np.random.default_rng([seed, shard.shard])
         permutation = torch.as_tensor(np.stack([rng.permutation(n_channels) for _ in range(data.n_shots)]))
-        term_shot = data.shot[data.shoebox[data.term_pixel]]
-        channel, column = data.term_pair // n_used, data.term_pair % n_used
+        # In slices of terms: whole-array temporaries took five times the term pairs' memory.
+        term_pair = torch.empty_like(data.term_pair)
+        step = 1 << 22
+        for lo in range(0, term_pair.numel(), step):
+            pair = data.term_pair[lo:lo + step]
+            term_shot = data.shot[data.shoebox[data.term_pixel[lo:lo + step]]].long()
+            term_pair[lo:lo + step] = permutation[term_shot, pair // n_used] * n_used + pair % n_used
         shuffled = SpreadData(data.data, data.shoebox, data.dx, data.dy, data.readout_var, data.shot,
-                              data.term_pixel, permutation[term_shot, channel] * n_used + column, data.term_coeff,
-                              data.n_shots)
+                              data.term_pixel, term_pair, data.term_coeff, data.n_shots)
         return SpreadProblem(shuffled, problem.decomposition, problem.interpolation, problem.restraints)
     raise ValueError(f"unknown control {name}")
 
