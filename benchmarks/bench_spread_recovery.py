@@ -262,6 +262,8 @@ def main() -> None:
                         help="the readout sigma the likelihood assumes (stage 1's default, as the stage passes it)")
     parser.add_argument("--iterations", type=int, default=None, help="L-BFGS iterations (default: spread's 200)")
     parser.add_argument("--no-controls", action="store_true")
+    parser.add_argument("--controls", nargs="+", choices=CONTROLS, default=list(CONTROLS),
+                        help="which negative controls to fit at the largest N (default: both)")
     parser.add_argument("--starts", nargs="+", choices=tuple(STARTS), default=list(STARTS),
                         help="which starts to fit from (default: both)")
     parser.add_argument("--controls-only", action="store_true",
@@ -488,7 +490,7 @@ def main() -> None:
             problem, columns, fp_start, fdp_start = problem_for(lattices, STARTS["metallic"])
             shard = ShardProblem(0, problem, columns, list(range(len(lattices))),
                                  [len(lattice.data) for lattice in lattices])
-            for name in CONTROLS:
+            for name in args.controls:
                 spoiled = control_problem(name, shard, decomposition, lookup, [0, 1], settings.seed)
                 _, difference = run_fit(f"control {name}", n, spoiled, fp_start, fdp_start)
                 print(f"         control {name}: {'RECOVERS' if difference['recovers_difference'] else 'does not recover'}"
