@@ -342,6 +342,7 @@ def fit(problem: SpreadProblem, fp_start: np.ndarray, fdp_start: np.ndarray, nui
     evaluation at the start; an ``nll`` without that method is not preconditioned. The first
     evaluation is counted once.
     """
+    from scipy.linalg import solve_triangular
     from scipy.optimize import minimize
 
     if nll is None:
@@ -349,8 +350,7 @@ def fit(problem: SpreadProblem, fp_start: np.ndarray, fdp_start: np.ndarray, nui
         if data.n_shots == 0 or data.n_pixels == 0:
             raise SpreadInputError("no converged lattices to refine: the stage-1 results hold no usable shot")
         nll = ProfiledNLL(problem, nuisance, nuisance_steps, start_nuisance_steps, pixels_per_chunk)
-    from scipy.linalg import solve_triangular
-
+    options = {"maxiter": max_iterations, "ftol": tolerance, "gtol": 1e-8, "maxcor": 20}
     theta0 = np.concatenate([np.ravel(fp_start), np.ravel(fdp_start)]).astype(np.float64)
     history = []
 
@@ -379,12 +379,10 @@ def fit(problem: SpreadProblem, fp_start: np.ndarray, fdp_start: np.ndarray, nui
                 value, gradient = evaluate(to_theta(z))
             return value, solve_triangular(factor, gradient, lower=True)
 
-        result = minimize(evaluate_z, np.zeros_like(theta0), jac=True, method="L-BFGS-B",
-                          options={"maxiter": max_iterations, "ftol": tolerance, "gtol": 1e-8, "maxcor": 20})
+        result = minimize(evaluate_z, np.zeros_like(theta0), jac=True, method="L-BFGS-B", options=options)
         theta_best = to_theta(result.x)
     else:
-        result = minimize(evaluate, theta0, jac=True, method="L-BFGS-B",
-                          options={"maxiter": max_iterations, "ftol": tolerance, "gtol": 1e-8, "maxcor": 20})
+        result = minimize(evaluate, theta0, jac=True, method="L-BFGS-B", options=options)
         theta_best = result.x
     fp, fdp = problem.split(torch.as_tensor(theta_best))
     return FitResult(fp=fp.numpy().copy(), fdp=fdp.numpy().copy(),

@@ -28,14 +28,9 @@ from xfel_spread.spread.fit import Nuisance, SpreadProblem
 from xfel_spread.spread.information import profile_fisher
 
 
-def restraint_hessian(problem: SpreadProblem, theta: np.ndarray) -> np.ndarray:
-    """Hessian of the (quadratic) restraints in the grids."""
-    return problem.restraint_hessian(theta)
-
-
 def grid_covariance(problem: SpreadProblem, theta: np.ndarray, nuisance: Nuisance) -> np.ndarray:
     """Covariance of the flat grid vector [f'.ravel(), f''.ravel()] (electrons^2)."""
-    information = profile_fisher(problem, theta, nuisance) + restraint_hessian(problem, theta)
+    information = profile_fisher(problem, theta, nuisance) + problem.restraint_hessian(theta)
     return np.linalg.inv(0.5 * (information + information.T))
 
 
