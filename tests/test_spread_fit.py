@@ -346,6 +346,7 @@ def test_refine_writes_grids_and_edges(synthetic, tmp_path):
     ({"grid_spacing_ev": 0}, "spread.grid_spacing_ev: expected a non-negative number above 0"),
     ({"sites": ["FE1"]}, "spread.sites: expected a mapping"),
     ({"max_iterations": 2.5}, "spread.max_iterations: expected a positive integer"),
+    ({"preconditioner_lattices": -1}, "spread.preconditioner_lattices: expected a non-negative integer"),
 ])
 def test_bad_settings_are_one_line(section, message):
     from xfel_spread.spread.run import SpreadSettings
