@@ -32,11 +32,12 @@ SLURM_TESTS := tests/test_slurm.py tests/test_images_pipeline.py tests/test_geom
 PIPELINE_TESTS := tests/test_report.py tests/test_pipeline.py tests/test_resume.py tests/test_cspad_pipeline.py
 test: setup
 	@scratch=$$(mktemp -d); \
-	$(VENV)/bin/python -m pytest -q -p no:cacheprovider --durations=12 --basetemp="$$scratch/slurm" $(SLURM_TESTS) > "$$scratch/slurm.log" 2>&1 & \
+	export TIMEFORMAT="this process and its children: %U s user + %S s system CPU in %R s"; \
+	( time $(VENV)/bin/python -m pytest -q -p no:cacheprovider --durations=12 --basetemp="$$scratch/slurm" $(SLURM_TESTS) ) > "$$scratch/slurm.log" 2>&1 & \
 	slurm_pid=$$!; \
-	$(VENV)/bin/python -m pytest -q -p no:cacheprovider --durations=12 --basetemp="$$scratch/pipeline" $(PIPELINE_TESTS) > "$$scratch/pipeline.log" 2>&1 & \
+	( time $(VENV)/bin/python -m pytest -q -p no:cacheprovider --durations=12 --basetemp="$$scratch/pipeline" $(PIPELINE_TESTS) ) > "$$scratch/pipeline.log" 2>&1 & \
 	pipeline_pid=$$!; \
-	$(VENV)/bin/python -m pytest -q -p no:cacheprovider --durations=12 --basetemp="$$scratch/rest" $(addprefix --ignore=,$(SLURM_TESTS) $(PIPELINE_TESTS)) tests; rest=$$?; \
+	time $(VENV)/bin/python -m pytest -q -p no:cacheprovider --durations=12 --basetemp="$$scratch/rest" $(addprefix --ignore=,$(SLURM_TESTS) $(PIPELINE_TESTS)) tests; rest=$$?; \
 	wait $$pipeline_pid; pipeline=$$?; wait $$slurm_pid; slurm=$$?; \
 	echo "== $(PIPELINE_TESTS) (run beside the rest)"; cat "$$scratch/pipeline.log"; \
 	echo "== $(SLURM_TESTS) (run beside the rest)"; cat "$$scratch/slurm.log"; rm -rf "$$scratch"; \

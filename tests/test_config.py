@@ -225,6 +225,9 @@ def test_production_shards_cover_every_shot_once():
     assert len(ranges) == 200
     assert ranges[0][0] == 0 and ranges[-1][1] == 100000
     assert all(stop == next_start for (_, stop), (next_start, _) in zip(ranges, ranges[1:]))
+    # Shards of 333: the last of 301 shards is partial.
+    ranges = shard_ranges(100000, 333)
+    assert len(ranges) == 301 and ranges[-1] == (99900, 100000)
 
 
 @pytest.mark.parametrize("n_shots, shots_per_shard", [(0, 4), (8, 0), (-1, 4)])
