@@ -7,7 +7,7 @@ from conftest import job_stats
 from test_images_workflow import dry_run, expected_jobs, nanobragg_input
 
 
-@pytest.mark.slow  # makes 100,000 empty files, plans them in 200 shards and 20,000 of them in 400
+@pytest.mark.slow  # makes 100,000 empty files and plans them in 200 shards
 def test_a_list_of_100000_files_plans_in_seconds_with_jobs_per_shard(tmp_path):
     images = tmp_path / "images"
     images.mkdir()
@@ -21,8 +21,3 @@ def test_a_list_of_100000_files_plans_in_seconds_with_jobs_per_shard(tmp_path):
     assert job_stats(result.stdout + result.stderr) == expected_jobs(200)
     # The time is a figure, not a goal this test checks: benchmarks/bench_dryrun.py --images times it.
     print(f"100,000 files in 200 shards: dry run {seconds:.1f} s")
-    # The job count follows the shards, not the files: a fifth of the files (runs 0-19) in shards of 50.
-    config["input"].update(images=[str(images / "r00[01]?_*.cbf")], shots_per_shard=50)
-    result, _ = dry_run(tmp_path, config)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    assert job_stats(result.stdout + result.stderr) == expected_jobs(400)

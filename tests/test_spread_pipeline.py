@@ -179,39 +179,62 @@ def test_one_two_and_four_ranks_write_the_same_bytes(case, tmp_path):
     assert fits == {"start", "spread", "miller_l_plus_1", "shuffled_channels"}
 
 
-def command_error(case, tmp_path, config, stage1_prefix=None, extra=()):
+def command_argv(case, tmp_path, config, stage1_prefix=None):
     inputs = inputs_for(case, config, tmp_path / "out", [stage1_prefix] if stage1_prefix else None)
-    argv = ["--config", inputs.config, "--dataset", "psf", "--annulus-prefix", inputs.annulus_prefixes[0],
+    return ["--config", inputs.config, "--dataset", "psf", "--annulus-prefix", inputs.annulus_prefixes[0],
             "--shard", inputs.shards[0], "--stage1-prefix", inputs.stage1_prefixes[0], "--pdb", inputs.pdb,
-            "--tables-dir", inputs.tables_dir, "--output-prefix", inputs.output_prefix, *extra]
+            "--tables-dir", inputs.tables_dir, "--output-prefix", inputs.output_prefix]
+
+
+#: Runs spread_main once per argv list (JSON on the command line) and prints [status, stderr] per run
+#: (JSON): one process pays for the MPI, torch and cctbx imports once, for every case.
+RUN_EACH = """
+import contextlib, io, json, sys
+from xfel_spread.cli.spread import spread_main
+results = []
+for argv in json.loads(sys.argv[1]):
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        status = spread_main(argv)
+    results.append([status, stderr.getvalue()])
+print(json.dumps(results))
+"""
+
+
+def command_errors(*argvs) -> list[str]:
+    """The error line spread-spread ends with, for each argv (each must fail with status 1)."""
     # In a child process: mpi4py initialises MPI on import, and an MPI-initialised pytest process breaks
     # every mpirun that later tests start (they exit 1 with no output).
-    result = subprocess.run([sys.executable, "-m", "xfel_spread.cli.spread", *argv], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-c", RUN_EACH, json.dumps(argvs)], capture_output=True, text=True,
                             timeout=600)
-    assert result.returncode == 1, result.stderr[-3000:]
-    error = result.stderr.strip().splitlines()[-1]
-    assert error.startswith("spread-spread: error: ")
-    return error
+    assert result.returncode == 0, result.stderr[-3000:]
+    errors = []
+    for status, stderr in json.loads(result.stdout.strip().splitlines()[-1]):
+        assert status == 1, stderr[-3000:]
+        errors.append(stderr.strip().splitlines()[-1])
+        assert errors[-1].startswith("spread-spread: error: ")
+    return errors
 
 
-@pytest.mark.slow  # four command processes (MPI, torch and cctbx imported each time), about 13 s
+@pytest.mark.slow  # four failing runs of the command in one process (MPI, torch and cctbx imported once)
 def test_user_errors_are_one_line(case, tmp_path):
     _, stage1_prefix = case
-    # No converged lattice in the stage-1 results.
-    failed = with_converged(stage1_prefix, tmp_path / "failed", set())
-    error = command_error(case, tmp_path, spread_config(tmp_path / "a.yaml"), str(failed))
-    assert "failed_shots.tsv: no converged lattices" in error
-    # A site the model lacks.
-    error = command_error(case, tmp_path, spread_config(tmp_path / "b.yaml", sites={"FE9": "metallic"}))
-    assert "1m2a.pdb" in error and "FE9" in error
     # A start table that does not cover the channels.
     narrow = tmp_path / "narrow.dat"
     narrow.write_text("".join(f"{energy} -1.0 3.0\n" for energy in range(7100, 7131)))
-    error = command_error(case, tmp_path, spread_config(tmp_path / "c.yaml", sites={"FE1": str(narrow)}))
-    assert "narrow.dat: table covers 7100-7130 eV" in error
-    # A setting out of range.
-    error = command_error(case, tmp_path, spread_config(tmp_path / "d.yaml", refinement="dials"))
-    assert "d.yaml" in error and "refinement" in error
+    no_lattice, no_site, narrow_table, bad_setting = command_errors(
+        # No converged lattice in the stage-1 results.
+        command_argv(case, tmp_path, spread_config(tmp_path / "a.yaml"),
+                     str(with_converged(stage1_prefix, tmp_path / "failed", set()))),
+        # A site the model lacks.
+        command_argv(case, tmp_path, spread_config(tmp_path / "b.yaml", sites={"FE9": "metallic"})),
+        command_argv(case, tmp_path, spread_config(tmp_path / "c.yaml", sites={"FE1": str(narrow)})),
+        # A setting out of range.
+        command_argv(case, tmp_path, spread_config(tmp_path / "d.yaml", refinement="dials")))
+    assert "failed_shots.tsv: no converged lattices" in no_lattice
+    assert "1m2a.pdb" in no_site and "FE9" in no_site
+    assert "narrow.dat: table covers 7100-7130 eV" in narrow_table
+    assert "d.yaml" in bad_setting and "refinement" in bad_setting
 
 
 def tables_on(grid, *names):
