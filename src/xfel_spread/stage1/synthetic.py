@@ -58,6 +58,7 @@ class SyntheticShot:
     true_G: float
     true_spread_deg: float  #: root-mean-square rotation angle of the drawn mosaic domains
     true_distance_mm: float
+    mosaic_rotations: np.ndarray | None = None  #: the drawn domains' rotations (n, 3, 3) about true_matrix
 
 
 def fit_tilted_plane(fast: np.ndarray, slow: np.ndarray, values: np.ndarray, border: np.ndarray) -> np.ndarray:
@@ -167,7 +168,7 @@ def _observed_shot(detector, expected: torch.Tensor, corners, fast, slow, roi, s
         dials_predicted_px=observed, pixel_fast=fast, pixel_slow=slow, pixel_roi=roi,
         data_photons=data, background_photons=plane, trusted=np.ones(fast.size, dtype=bool), **panels)
     return SyntheticShot(shot, true_matrix, float(ncells), LY99_DOMAINS_PER_CRYSTAL, rms_rotation_deg(rotations),
-                         detector.distance_mm)
+                         detector.distance_mm, np.asarray(rotations))
 
 
 def strongest_panel_boxes(images, n_rois: int, size: int, threshold: float = 0.5) -> list[tuple[int, int, int]]:
