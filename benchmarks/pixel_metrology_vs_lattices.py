@@ -7,13 +7,16 @@ lattice from its true crystal on the nominal detector, and refines the level-0 d
 the first N lattices (``stage1.metrology.refine_detector``, what the ``pixel_metrology`` rule runs),
 for each N of ``--lattices``. Prints the refined beam centre minus the true one (px), the distance
 shift (mm, truth 0) and the wall seconds; ``--offset 0`` is the control, where any shift found is bias.
-The lattices are nested: the first 25 of the 50 are the 25.
+The lattices are nested: the first 25 of the 50 are the 25. ``--domains 25`` draws each lattice as LY99's
+25 mosaic domains of RMS ``--spread`` (0.05 deg), refined without eta unless ``--eta``; the figures
+with and without domains are in the README (section 'The detector from the pixels').
 
 DIALS's figure on the same lattices would need images DIALS indexes; it is measured on a finished
 run by benchmarks/metrology_vs_lattices.py (0.04-0.065 px left of 0.5 px, flat from 50 to 200).
 
 Usage: .venv/bin/python benchmarks/pixel_metrology_vs_lattices.py [--lattices 25 50 100 200]
-           [--offset 0.5] [--rois 10] [--threads 1] [--method profile joint] [--reference-dir ../shared/data]
+           [--offset 0.5] [--rois 10] [--threads 1] [--method profile joint] [--domains 1] [--spread 0.05]
+           [--eta] [--reference-dir ../shared/data]
 """
 
 from __future__ import annotations
@@ -55,12 +58,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--method", choices=["profile", "joint"], nargs="+", default=["profile"],
                         help="step 2 of stage1.metrology.refine_detector; several: each on the same lattices")
+    parser.add_argument("--domains", type=int, default=1,
+                        help="mosaic domains per lattice (LY99 drew 25); 1 is the ideal single-domain lattice")
+    parser.add_argument("--spread", type=float, default=0.05, help="RMS domain angle (deg) with --domains above 1")
+    parser.add_argument("--eta", action="store_true", help="refine eta (analytic) with each lattice's other parameters")
     parser.add_argument("--reference-dir", default=str(REPO.parent / "shared" / "data"))
     arguments = parser.parse_args()
     torch.set_num_threads(arguments.threads)
     lookup, energies, unit_cell = lookup_and_energies(Path(arguments.reference_dir))
-    settings = Stage1Settings.from_config({})
-    print(f"{len(energies)} channels, {arguments.rois} shoeboxes per lattice, {arguments.threads} thread(s)")
+    settings = Stage1Settings.from_config({"refine": ["G", "rotation", "cell", "ncells", "eta"]} if arguments.eta else {})
+    spread = arguments.spread if arguments.domains > 1 else 0.0
+    print(f"{len(energies)} channels, {arguments.rois} shoeboxes per lattice, {arguments.domains} mosaic domain(s) "
+          f"of RMS {spread:g} deg, eta {'refined' if arguments.eta else 'not refined'}, {arguments.threads} thread(s)")
     print(f"{'offset':>7s} {'lattices':>9s} {'kept':>5s} {'fast - true (px)':>17s} {'slow - true (px)':>17s} "
           f"{'|error| (px)':>13s} {'distance (mm)':>14s} {'iterations':>11s} {'time (s)':>9s} {'s/lattice':>10s}",
           flush=True)
@@ -70,7 +79,8 @@ def main() -> None:
         for count in sorted(arguments.lattices):
             for seed in range(len(shots) + 1, count + 1):
                 synthetic = simulate_shot_pixels(lookup, energies, unit_cell, seed=seed, n_rois=arguments.rois,
-                                                 detector=true_detector)
+                                                 detector=true_detector, n_domains=arguments.domains,
+                                                 spread_deg=spread)
                 shots.append(with_start(synthetic.shot, synthetic.true_matrix, LY99_DETECTOR))
             for method in arguments.method:
                 fit = refine_detector(shots[:count], lookup, settings, method=method)
