@@ -22,6 +22,15 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python scripts/lint_workflow.py
 
+# make test: one OpenMP/MKL thread per test process unless the environment says otherwise (make
+# test-fast, one process, keeps torch's default: 4:51 with one thread against 4:28). Torch's threads spin
+# while they wait, and with three pytest processes (and their MPI ranks) on two cores the spinning
+# threads took the cores from the work (tests/test_stage1_psf.py's slow tests beside two busy loops:
+# 129 s wall and 116 s CPU with torch's default 2 threads, 51 s and 29 s with one). The stages set
+# their own thread counts (their --threads options), which this does not change.
+test: export OMP_NUM_THREADS ?= 1
+test: export MKL_NUM_THREADS ?= 1
+
 # Everything, the slow tier (pipeline, Slurm, resume, report: pytest -m slow) included; what CI runs.
 # Three pytest processes side by side, each with its own scratch directory and log: the real-Slurm test
 # (mostly waiting on the plugin's status polling), then the images from elsewhere and the production-scale
