@@ -32,13 +32,16 @@ test: export OMP_NUM_THREADS ?= 1
 test: export MKL_NUM_THREADS ?= 1
 
 # Everything, the slow tier (pipeline, Slurm, resume, report: pytest -m slow) included; what CI runs.
-# Three pytest processes side by side, each with its own scratch directory and log: the real-Slurm test
+# Four pytest processes side by side, each with its own scratch directory and log: the real-Slurm test
 # (mostly waiting on the plugin's status polling), then the images from elsewhere and the production-scale
 # dry runs; the runs that use or extend the session's completed demo run (report first, before the pipeline
-# tests extend the run, then resume); and the rest of the suite. Their logs follow in that order and the
-# target fails if any fails.
-SLURM_TESTS := tests/test_slurm.py tests/test_images_pipeline.py tests/test_geometry_pipeline.py tests/test_scale.py tests/test_images_scale.py
-PIPELINE_TESTS := tests/test_report.py tests/test_pipeline.py tests/test_resume.py tests/test_cspad_pipeline.py
+# tests extend the run); the other Snakemake and DIALS runs, each a chain of short jobs (resume, the CSPAD
+# stills and geometry, stills_process, hit finding, image lists); and the rest of the suite. Their logs
+# follow in that order and the target fails if any fails.
+SLURM_TESTS := tests/test_slurm.py tests/test_images_pipeline.py tests/test_scale.py tests/test_images_scale.py
+PIPELINE_TESTS := tests/test_report.py tests/test_pipeline.py
+CHAIN_TESTS := tests/test_resume.py tests/test_cspad_pipeline.py tests/test_geometry_pipeline.py \
+	tests/test_stills_process.py tests/test_hitfind.py tests/test_images_workflow.py
 test: setup
 	@scratch=$$(mktemp -d); \
 	export TIMEFORMAT="this process and its children: %U s user + %S s system CPU in %R s"; \
@@ -46,11 +49,14 @@ test: setup
 	slurm_pid=$$!; \
 	( time $(VENV)/bin/python -m pytest -q -p no:cacheprovider --durations=12 --basetemp="$$scratch/pipeline" $(PIPELINE_TESTS) ) > "$$scratch/pipeline.log" 2>&1 & \
 	pipeline_pid=$$!; \
-	time $(VENV)/bin/python -m pytest -q -p no:cacheprovider --durations=12 --basetemp="$$scratch/rest" $(addprefix --ignore=,$(SLURM_TESTS) $(PIPELINE_TESTS)) tests; rest=$$?; \
-	wait $$pipeline_pid; pipeline=$$?; wait $$slurm_pid; slurm=$$?; \
+	( time $(VENV)/bin/python -m pytest -q -p no:cacheprovider --durations=12 --basetemp="$$scratch/chain" $(CHAIN_TESTS) ) > "$$scratch/chain.log" 2>&1 & \
+	chain_pid=$$!; \
+	time $(VENV)/bin/python -m pytest -q -p no:cacheprovider --durations=12 --basetemp="$$scratch/rest" $(addprefix --ignore=,$(SLURM_TESTS) $(PIPELINE_TESTS) $(CHAIN_TESTS)) tests; rest=$$?; \
+	wait $$pipeline_pid; pipeline=$$?; wait $$chain_pid; chain=$$?; wait $$slurm_pid; slurm=$$?; \
 	echo "== $(PIPELINE_TESTS) (run beside the rest)"; cat "$$scratch/pipeline.log"; \
+	echo "== $(CHAIN_TESTS) (run beside the rest)"; cat "$$scratch/chain.log"; \
 	echo "== $(SLURM_TESTS) (run beside the rest)"; cat "$$scratch/slurm.log"; rm -rf "$$scratch"; \
-	exit $$(( rest != 0 || pipeline != 0 || slurm != 0 ))
+	exit $$(( rest != 0 || pipeline != 0 || chain != 0 || slurm != 0 ))
 
 # The fast tier: every test not marked slow.
 test-fast: setup
