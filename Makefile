@@ -24,7 +24,7 @@ lint: setup
 
 # make test: one OpenMP/MKL thread per test process unless the environment says otherwise (make
 # test-fast, one process, keeps torch's default: 4:51 with one thread against 4:28). Torch's threads spin
-# while they wait, and with three pytest processes (and their MPI ranks) on two cores the spinning
+# while they wait, and with three or four pytest processes (and their MPI ranks) on two cores the spinning
 # threads took the cores from the work (tests/test_stage1_psf.py's slow tests beside two busy loops:
 # 129 s wall and 116 s CPU with torch's default 2 threads, 51 s and 29 s with one). The stages set
 # their own thread counts (their --threads options), which this does not change.
