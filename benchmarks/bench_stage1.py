@@ -64,7 +64,6 @@ import statistics
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from xfel_spread.config import load_config
@@ -79,7 +78,7 @@ from xfel_spread.sim.structure_factors import (
 from xfel_spread.stage1.batched import BatchedForwardModel, refine_batch
 from xfel_spread.stage1.model import Stage1Settings
 from xfel_spread.stage1.refine import refine_shot
-from xfel_spread.stage1.scoring import domain_mean_matrix
+from xfel_spread.stage1.scoring import mean_rotation
 from xfel_spread.stage1.synthetic import perturbed_matrix, simulate_shot_pixels, with_start
 
 REPO = Path(__file__).resolve().parents[1]
@@ -113,16 +112,11 @@ def amplitude_table(path: Path, reference: Path):
                                       settings["k_sol"], settings["b_sol"])
 
 
-def domain_mean(truth) -> np.ndarray:
-    """The true matrix turned by its drawn domains' mean orientation (the score's reference)."""
-    return domain_mean_matrix({"real_space_a_b_c": truth.true_matrix.tolist(),
-                               "mosaic_rotations": truth.mosaic_rotations.tolist()})
-
-
 def report(label: str, fits, truths, seconds: list[float], cpu_seconds: list[float]) -> None:
     misorientation = [(xtal.misorientation_deg(fit.start_real_space_matrix, truth.true_matrix),
                        xtal.misorientation_deg(fit.real_space_matrix, truth.true_matrix),
-                       xtal.misorientation_deg(fit.real_space_matrix, domain_mean(truth)))
+                       xtal.misorientation_deg(fit.real_space_matrix,
+                                               truth.true_matrix @ mean_rotation(truth.mosaic_rotations).T))
                       for fit, truth in zip(fits, truths)]
     print(f"{label}: {statistics.median(seconds):6.2f} s/lattice wall (median of {len(seconds)}: "
           + ", ".join(f"{s:.2f}" for s in seconds) + f"), {statistics.median(cpu_seconds):6.2f} s/lattice CPU")

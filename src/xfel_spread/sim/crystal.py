@@ -113,17 +113,25 @@ def domain_matrices(real_space_matrix: np.ndarray, rotations: np.ndarray) -> np.
     return np.einsum("dij,rj->dri", rotations, real_space_matrix)
 
 
+def nearest_rotation(matrix: np.ndarray) -> np.ndarray:
+    """The rotation nearest to a 3 x 3 matrix (the orthogonal factor of its polar decomposition)."""
+    u, _, vt = np.linalg.svd(matrix)
+    return u @ vt
+
+
+def rms_rotation_deg(rotations: np.ndarray) -> float:
+    """Root-mean-square rotation angle (degrees) of rotation matrices (D, 3, 3)."""
+    cos_angle = np.clip((np.trace(rotations, axis1=1, axis2=2) - 1) / 2, -1.0, 1.0)
+    return float(np.degrees(np.sqrt(np.mean(np.arccos(cos_angle) ** 2))))
+
+
 def misorientation_deg(matrix_a: np.ndarray, matrix_b: np.ndarray) -> float:
     """Angle of the rotation taking the orientation of ``matrix_b`` to that of ``matrix_a``.
 
     Both are real-space matrices (rows a, b, c) of the same cell setting; the cell shape is
     removed with a polar decomposition so that small cell differences do not count as rotation.
     """
-    def rotation_part(matrix):
-        u, _, vt = np.linalg.svd(matrix.T)
-        return u @ vt
-
-    relative = rotation_part(matrix_a) @ rotation_part(matrix_b).T
+    relative = nearest_rotation(matrix_a.T) @ nearest_rotation(matrix_b.T).T
     cos_angle = np.clip((np.trace(relative) - 1) / 2, -1.0, 1.0)
     return float(np.degrees(np.arccos(cos_angle)))
 

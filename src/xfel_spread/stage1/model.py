@@ -508,8 +508,7 @@ def start_orientation(real_space_matrix: np.ndarray, cell: tuple[float, float, f
     """
     build = c2_orthogonalization if cell_model is None else cell_model.orthogonalization
     b_matrix = build(torch.as_tensor(cell, dtype=torch.float64)).numpy()
-    u, _, vt = np.linalg.svd(np.asarray(real_space_matrix, dtype=np.float64).T @ np.linalg.inv(b_matrix.T))
-    rotation = u @ vt
+    rotation = xtal.nearest_rotation(np.asarray(real_space_matrix, dtype=np.float64).T @ np.linalg.inv(b_matrix.T))
     if np.linalg.det(rotation) < 0:
         raise StartModelError("start crystal has a left-handed basis (det A < 0)")
     return rotation

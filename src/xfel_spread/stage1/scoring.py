@@ -49,6 +49,7 @@ import numpy as np
 from xfel_spread.dials.scoring import misorientation_deg, point_group_rotations
 from xfel_spread.io.refined_shots import read_refined_shots
 from xfel_spread.io.tables import format_cell, write_table
+from xfel_spread.sim import crystal as xtal
 from xfel_spread.stage1.io import Stage1FileError, output_paths
 
 #: Goals (medians over the converged lattices unless said): strong-spot radial RMSD after refinement;
@@ -99,22 +100,24 @@ def domain_mean_matrix(truth_shot: dict) -> np.ndarray:
     domains' rotation matrices; without ``mosaic_rotations`` it is the matrix itself.
     """
     matrix = np.array(truth_shot["real_space_a_b_c"], dtype=np.float64)
-    rotations = np.asarray(truth_shot.get("mosaic_rotations") or [np.eye(3)], dtype=np.float64)
-    return matrix @ _mean_rotation(rotations).T
+    return matrix @ mean_rotation(_domain_rotations(truth_shot)).T
 
 
-def _mean_rotation(rotations: np.ndarray) -> np.ndarray:
-    u, _, vt = np.linalg.svd(rotations.mean(axis=0))
-    return u @ vt
+def _domain_rotations(truth_shot: dict) -> np.ndarray:
+    """The truth's domain rotations (D, 3, 3); the identity alone without ``mosaic_rotations``."""
+    return np.asarray(truth_shot.get("mosaic_rotations") or [np.eye(3)], dtype=np.float64)
+
+
+def mean_rotation(rotations: np.ndarray) -> np.ndarray:
+    """The mean orientation of rotations (D, 3, 3): the rotation nearest to their average matrix."""
+    return xtal.nearest_rotation(np.asarray(rotations).mean(axis=0))
 
 
 def domain_rms_angle_deg(truth_shot: dict) -> float:
     """The RMS rotation angle (deg) of the truth's mosaic domains about their mean orientation: the
     spread that a refined eta (an RMS angle) of this shot should find; 0 without ``mosaic_rotations``."""
-    rotations = np.asarray(truth_shot.get("mosaic_rotations") or [np.eye(3)], dtype=np.float64)
-    relative = rotations @ _mean_rotation(rotations).T
-    cosines = np.clip((np.trace(relative, axis1=1, axis2=2) - 1.0) / 2.0, -1.0, 1.0)
-    return float(np.degrees(np.sqrt(np.mean(np.arccos(cosines) ** 2))))
+    rotations = _domain_rotations(truth_shot)
+    return xtal.rms_rotation_deg(rotations @ mean_rotation(rotations).T)
 
 
 def _matrix(crystal) -> np.ndarray:
@@ -232,6 +235,7 @@ def summarize(scores: Sequence[dict]) -> dict:
     dials_mean = np.array([score["misorientation_dials_domain_mean_deg"] for score in scores], dtype=np.float64)
     refined_mean = np.array([score["misorientation_refined_domain_mean_deg"] for score in scores], dtype=np.float64)
     g = _converged_values(scores, "G")
+    eta = _converged_values(scores, "eta_deg")
     scale = overall_g_scale(scores)
     g_ratio = np.array([score["G_scaled"] / score["G_true"] for score in converged
                         if score["G_scaled"] is not None and score["G_scaled"] > 0])
@@ -259,9 +263,9 @@ def summarize(scores: Sequence[dict]) -> dict:
         "G_log_spread": robust_sigma(np.log(g[g > 0])),
         "G_scaled_rms_log_error": float(np.sqrt(np.mean(np.log(g_ratio) ** 2))) if len(g_ratio) else float("nan"),
         "zscore_sigma_median": _median(_converged_values(scores, "zscore_sigma")),
-        "eta_median_deg": _median(_converged_values(scores, "eta_deg")),
+        "eta_median_deg": _median(eta),
         "eta_true_median_deg": _median([score["eta_true_deg"] for score in scores]),
-        "eta_refined": bool(np.any(_converged_values(scores, "eta_deg") > 0)),
+        "eta_refined": bool(np.any(eta > 0)),
     }
     for source in ("dials", "refined"):
         summary[f"cell_error_{source}_median"] = [
@@ -308,11 +312,10 @@ def format_summary(dataset: str, summary: dict) -> str:
         "median Na, Nb, Nc (converged) " + ", ".join(f"{value:.1f}" for value in summary["ncells_median"])
         + f"; truth {summary['ncells_true']:g}   goal within {100 * NCELLS_RELATIVE_GOAL:g} %: "
         + goal(summary["ncells_goal_met"]),
-        (f"median eta {summary['eta_median_deg']:.4f} deg; truth (RMS angle of the domains about their mean) "
-         f"{summary['eta_true_median_deg']:.4f} deg   goal within {ETA_GOAL_DEG:g} deg: {goal(summary['eta_goal_met'])}"
-         if summary["eta_refined"] else
-         f"eta 0 for every lattice (not refined); truth (RMS angle of the domains about their mean) "
-         f"{summary['eta_true_median_deg']:.4f} deg   goal within {ETA_GOAL_DEG:g} deg: {goal(summary['eta_goal_met'])}"),
+        (f"median eta {summary['eta_median_deg']:.4f} deg" if summary["eta_refined"]
+         else "eta 0 for every lattice (not refined)")
+        + f"; truth (RMS angle of the domains about their mean) {summary['eta_true_median_deg']:.4f} deg   "
+        f"goal within {ETA_GOAL_DEG:g} deg: {goal(summary['eta_goal_met'])}",
         f"G: median {summary['G_median']:.4g}, truth {summary['G_true']:.4g}, overall scale c = median(G_true/G) "
         f"{summary['G_scale']:.4g}; robust spread of ln G {summary['G_log_spread']:.3f}, "
         f"rms ln(c G / G_true) {summary['G_scaled_rms_log_error']:.3f}",

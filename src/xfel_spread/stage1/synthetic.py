@@ -89,12 +89,6 @@ def strongest_boxes(image: np.ndarray, n_rois: int, size: int, threshold: float 
     return corners
 
 
-def rms_rotation_deg(rotations: np.ndarray) -> float:
-    """Root-mean-square rotation angle (degrees) of rotation matrices (D, 3, 3)."""
-    cos_angle = np.clip((np.trace(rotations, axis1=1, axis2=2) - 1) / 2, -1.0, 1.0)
-    return float(np.degrees(np.sqrt(np.mean(np.arccos(cos_angle) ** 2))))
-
-
 def simulate_shot_pixels(lookup: AmplitudeLookup, energies_ev: np.ndarray, unit_cell, seed: int, *,
                          n_rois: int = 20, shoebox: int = 12, ncells: float = LY99_NCELLS, spread_deg: float = 0.0,
                          n_domains: int = 1, total_photons: float = 1e12, background_photons: float = 5.0,
@@ -167,7 +161,7 @@ def _observed_shot(detector, expected: torch.Tensor, corners, fast, slow, roi, s
         observed_centroid_px=observed, strong=np.ones(len(corners), dtype=bool),
         dials_predicted_px=observed, pixel_fast=fast, pixel_slow=slow, pixel_roi=roi,
         data_photons=data, background_photons=plane, trusted=np.ones(fast.size, dtype=bool), **panels)
-    return SyntheticShot(shot, true_matrix, float(ncells), LY99_DOMAINS_PER_CRYSTAL, rms_rotation_deg(rotations),
+    return SyntheticShot(shot, true_matrix, float(ncells), LY99_DOMAINS_PER_CRYSTAL, xtal.rms_rotation_deg(rotations),
                          detector.distance_mm, np.asarray(rotations))
 
 
