@@ -42,16 +42,18 @@ SLURM_TESTS := tests/test_slurm.py tests/test_images_pipeline.py tests/test_scal
 PIPELINE_TESTS := tests/test_report.py tests/test_pipeline.py
 CHAIN_TESTS := tests/test_resume.py tests/test_cspad_pipeline.py tests/test_geometry_pipeline.py \
 	tests/test_stills_process.py tests/test_hitfind.py tests/test_images_workflow.py
+# Each process's pytest: quiet, no cache directory in the clone, its 12 slowest tests printed.
+PYTEST := $(VENV)/bin/python -m pytest -q -p no:cacheprovider --durations=12
 test: setup
 	@scratch=$$(mktemp -d); \
 	export TIMEFORMAT="this process and its children: %U s user + %S s system CPU in %R s"; \
-	( time $(VENV)/bin/python -m pytest -q -p no:cacheprovider --durations=12 --basetemp="$$scratch/slurm" $(SLURM_TESTS) ) > "$$scratch/slurm.log" 2>&1 & \
+	( time $(PYTEST) --basetemp="$$scratch/slurm" $(SLURM_TESTS) ) > "$$scratch/slurm.log" 2>&1 & \
 	slurm_pid=$$!; \
-	( time $(VENV)/bin/python -m pytest -q -p no:cacheprovider --durations=12 --basetemp="$$scratch/pipeline" $(PIPELINE_TESTS) ) > "$$scratch/pipeline.log" 2>&1 & \
+	( time $(PYTEST) --basetemp="$$scratch/pipeline" $(PIPELINE_TESTS) ) > "$$scratch/pipeline.log" 2>&1 & \
 	pipeline_pid=$$!; \
-	( time $(VENV)/bin/python -m pytest -q -p no:cacheprovider --durations=12 --basetemp="$$scratch/chain" $(CHAIN_TESTS) ) > "$$scratch/chain.log" 2>&1 & \
+	( time $(PYTEST) --basetemp="$$scratch/chain" $(CHAIN_TESTS) ) > "$$scratch/chain.log" 2>&1 & \
 	chain_pid=$$!; \
-	time $(VENV)/bin/python -m pytest -q -p no:cacheprovider --durations=12 --basetemp="$$scratch/rest" $(addprefix --ignore=,$(SLURM_TESTS) $(PIPELINE_TESTS) $(CHAIN_TESTS)) tests; rest=$$?; \
+	time $(PYTEST) --basetemp="$$scratch/rest" $(addprefix --ignore=,$(SLURM_TESTS) $(PIPELINE_TESTS) $(CHAIN_TESTS)) tests; rest=$$?; \
 	wait $$pipeline_pid; pipeline=$$?; wait $$chain_pid; chain=$$?; wait $$slurm_pid; slurm=$$?; \
 	echo "== $(PIPELINE_TESTS) (run beside the rest)"; cat "$$scratch/pipeline.log"; \
 	echo "== $(CHAIN_TESTS) (run beside the rest)"; cat "$$scratch/chain.log"; \

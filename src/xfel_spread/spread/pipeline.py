@@ -346,7 +346,7 @@ def run_spread(inputs: SpreadInputs, comm=None, log=None) -> dict | None:
     from xfel_spread.spread.run import SpreadResult, write_results
     from xfel_spread.spread.tables import energy_grid, read_table, table_on_grid, table_path
     from xfel_spread.spread.information import profile_fisher
-    from xfel_spread.spread.uncertainty import edge_estimates
+    from xfel_spread.spread.uncertainty import covariance_from_information, edge_estimates
 
     logger = logging.getLogger("xfel_spread.spread")
     log = log or logger.info
@@ -440,8 +440,7 @@ def run_spread(inputs: SpreadInputs, comm=None, log=None) -> dict | None:
         theta = np.concatenate([result.fp.ravel(), result.fdp.ravel()])
         fishers = comm.allgather([(shard.shard, 0.0, profile_fisher(shard.problem, theta, local.nuisance))
                                   for shard, local in zip(shards, nll.local)])
-        information = _sum_in_shard_order(fishers)[1] + template.restraint_hessian(theta)
-        covariance = np.linalg.inv(0.5 * (information + information.T))
+        covariance = covariance_from_information(_sum_in_shard_order(fishers)[1] + template.restraint_hessian(theta))
         sigma = np.sqrt(np.clip(np.diag(covariance), 0, None)).reshape(2, len(names), len(grid))
         edges = edge_estimates(grid, result.fp, result.fdp, covariance, n_samples=settings.posterior_samples,
                                seed=settings.seed)

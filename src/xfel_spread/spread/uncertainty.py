@@ -30,7 +30,12 @@ from xfel_spread.spread.information import profile_fisher
 
 def grid_covariance(problem: SpreadProblem, theta: np.ndarray, nuisance: Nuisance) -> np.ndarray:
     """Covariance of the flat grid vector [f'.ravel(), f''.ravel()] (electrons^2)."""
-    information = profile_fisher(problem, theta, nuisance) + problem.restraint_hessian(theta)
+    return covariance_from_information(profile_fisher(problem, theta, nuisance) + problem.restraint_hessian(theta))
+
+
+def covariance_from_information(information: np.ndarray) -> np.ndarray:
+    """The inverse of an information matrix (the data's Fisher information plus the restraints' Hessian),
+    symmetrised first so that rounding cannot make the covariance asymmetric."""
     return np.linalg.inv(0.5 * (information + information.T))
 
 
