@@ -30,6 +30,9 @@ lint: setup
 # their own thread counts (their --threads options), which this does not change.
 test: export OMP_NUM_THREADS ?= 1
 test: export MKL_NUM_THREADS ?= 1
+# Likewise an Open MPI rank waiting in a collective yields its core instead of polling at full speed
+# (Open MPI polls unless it sees more ranks than slots; each test's mpirun sees the whole machine).
+test: export OMPI_MCA_mpi_yield_when_idle ?= 1
 
 # Everything, the slow tier (pipeline, Slurm, resume, report: pytest -m slow) included; what CI runs.
 # Four pytest processes side by side, each with its own scratch directory and log: the real-Slurm test

@@ -50,11 +50,14 @@ else:
     RUN_DATASETS = (IMAGE_DATASET,)
     SHARD_RANGES = shard_ranges(len(IMAGE_SHOTS), config["input"]["shots_per_shard"])
 
-try:
-    # Phil files, metrology engine, saved detector: stop here rather than in every job.
-    check_run_settings(config, config_source_name(), OUTPUT_DIR)
-except RunSettingsError as error:
-    sys.exit(str(error))
+if workflow.is_main_process:
+    # Phil files, metrology engine, saved detector: stop here rather than in every job. A job that an
+    # executor runs in its own Snakemake (a Slurm job) parses the workflow again; the main process has
+    # checked, so the job does not import DIALS to check again.
+    try:
+        check_run_settings(config, config_source_name(), OUTPUT_DIR)
+    except RunSettingsError as error:
+        sys.exit(str(error))
 
 
 # Shell-quoted directory of the environment's commands (spread-*), next to the Python running Snakemake.
@@ -344,8 +347,8 @@ def spread_prefix(dataset="{dataset}"):
 
 
 def spread_outputs():
-    """The SPREAD rule's outputs, by name, with a {dataset} wildcard (spread.pipeline.OUTPUT_SUFFIXES)."""
-    from xfel_spread.spread.pipeline import OUTPUT_SUFFIXES
+    """The SPREAD rule's outputs, by name, with a {dataset} wildcard (spread.outputs.OUTPUT_SUFFIXES)."""
+    from xfel_spread.spread.outputs import OUTPUT_SUFFIXES
 
     return {name: f"{spread_prefix()}{suffix}" for name, suffix in OUTPUT_SUFFIXES.items()}
 

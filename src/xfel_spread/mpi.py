@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import time
 import traceback
 
 from xfel_spread.errors import UserInputError
@@ -60,6 +61,21 @@ class SerialComm:
 
     def allgather(self, value):
         return [value]
+
+
+def wait_for_all(comm, poll_s: float = 0.05) -> None:
+    """Collective: return once every rank has called it, sleeping (not spinning) while waiting.
+
+    Open MPI's blocking collectives poll at full speed, so a rank that finished its lattices first
+    burns a core until the slowest rank arrives; where ranks share cores with other jobs (the local
+    profile runs jobs side by side) that core is taken from them. Call this before the collective
+    that follows uneven work; ``poll_s`` bounds the delay it adds.
+    """
+    if comm.Get_size() == 1:
+        return
+    request = comm.Ibarrier()
+    while not request.Test():
+        time.sleep(poll_s)
 
 
 class AgreedError(UserInputError, ValueError):

@@ -36,7 +36,7 @@ from pathlib import Path
 from xfel_spread.atomic import atomic_path
 from xfel_spread.dials.compat import install_mono_sim_stand_in
 from xfel_spread.io.stills import output_paths, write_shots_table
-from xfel_spread.mpi import abort_on_error
+from xfel_spread.mpi import abort_on_error, wait_for_all
 from xfel_spread.progress import progress_line
 
 #: stills_process's composite output of rank 0 (``idx-`` + composite tag ``0000``), by our output name.
@@ -343,7 +343,7 @@ def process_shard(shard_path, shots: tuple[int, int], phil_paths: Sequence, pref
     progress = reporter.running() if rank == 0 else contextlib.nullcontext()
     with abort_on_error(comm), progress, _restored_standard_streams():
         Script().run(arguments)
-    comm.barrier()
+    wait_for_all(comm)  # shots take unequal times: the ranks done first sleep, not spin
     if rank != 0:
         return None
 

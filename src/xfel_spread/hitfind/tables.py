@@ -25,13 +25,16 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from xfel_spread.atomic import atomic_output
 from xfel_spread.errors import UserInputError
 from xfel_spread.io.tables import NAN_TEXT, write_table
-from xfel_spread.hitfind.pixels import PowderSum, ShotMeasurement
+
+if TYPE_CHECKING:  # the measurements' module imports torch, which the tables' readers (index jobs) do not need
+    from xfel_spread.hitfind.pixels import PowderSum, ShotMeasurement
 
 LIT_COLUMNS = ("shot", "image", "lit_pixels", "photons", "trusted_pixels", "wavelength_a", "ring_q_inv_a",
                "ring_d_a", "ring_two_theta_deg", "ring_intensity")
@@ -164,6 +167,8 @@ def write_powder(path, powder: PowderSum) -> None:
 
 
 def read_powder(path) -> PowderSum:
+    from xfel_spread.hitfind.pixels import PowderSum
+
     try:
         with np.load(path) as data:
             powder = PowderSum(tuple(int(v) for v in data["shape"]))

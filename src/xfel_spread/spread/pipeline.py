@@ -29,6 +29,7 @@ from xfel_spread.spread.assemble import LatticeArrays, lattice_arrays
 from xfel_spread.spread.coefficients import AsuLookup
 from xfel_spread.spread.errors import SpreadInputError
 from xfel_spread.spread.fit import SpreadProblem
+from xfel_spread.spread.outputs import OUTPUT_SUFFIXES
 from xfel_spread.io.refined_shots import read_refined_shots
 from xfel_spread.sim.spectrum import SpectrumGridError, rebin_spectrum
 from xfel_spread.sim.structure_factors import channel_energies
@@ -131,11 +132,6 @@ class SpreadInputs:
     threads: int = 1
     psf_fwhm_mm: float | None = None
     psf_radius_px: int | None = None
-
-
-#: The suffixes of the stage's outputs after its prefix.
-OUTPUT_SUFFIXES = {"fp_fdp": "_fp_fdp.tsv", "edges": "_edges.tsv", "scales": "_scales.tsv",
-                   "controls": "_controls.tsv", "summary": "_summary.json"}
 
 
 @dataclass

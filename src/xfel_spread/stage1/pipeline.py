@@ -240,7 +240,7 @@ def run_stage1(inputs: Stage1Inputs, program: str, refine: Refine, comm=None) ->
     (None on the others). A user error found by any rank is raised on every rank as
     :class:`~xfel_spread.mpi.AgreedError`; a bug on one rank of several aborts the job.
     """
-    from xfel_spread.mpi import abort_on_error, abort_on_unexpected_error, first_error
+    from xfel_spread.mpi import abort_on_error, abort_on_unexpected_error, first_error, wait_for_all
     from xfel_spread.stage1.io import output_paths, write_refined_experiments, write_shots_table
 
     if comm is None:
@@ -264,6 +264,7 @@ def run_stage1(inputs: Stage1Inputs, program: str, refine: Refine, comm=None) ->
                         f"fiber, FWHM {psf.fwhm_mm:g} mm, kernel radius {psf.radius_px} px")
         progress = Progress(len(lattices), f"rank {rank}", logger.info, PROGRESS_INTERVAL_S, items="lattices")
         results = refine(annulus, grid, lattices, settings, device, progress, psf)
+        wait_for_all(comm)  # lattices take unequal times: the ranks done first sleep, not spin
         gathered = comm.gather(results, root=0)
         if rank != 0:
             return None
