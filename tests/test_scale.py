@@ -3,9 +3,10 @@
 A dry run of config/production.yaml (100,000 shots in shards of 500) in a scratch working directory;
 the jobs per rule must be the expected function of the number of shards. (A partial last shard is
 shard_ranges's arithmetic, tested in tests/test_config.py; a second production-scale dry run with
-shards of 333 added 26 s to CI and nothing the Snakefile does differently.) How long the dry run takes is measured by benchmarks/bench_dryrun.py, not here.
+shards of 333 added 26 s to CI and nothing the Snakefile does differently.) How long the dry run takes is measured by benchmarks/bench_dryrun.py, not here; that the parse imports no torch is checked here.
 """
 
+import os
 import subprocess
 import sys
 from collections import Counter
@@ -47,9 +48,15 @@ def test_production_dag_has_jobs_per_shard_not_per_shot(tmp_path):
     workdir.mkdir()
     command = [sys.executable, "-m", "snakemake", "--dry-run", "--snakefile", str(REPO_ROOT / "Snakefile"),
                "--directory", str(workdir), "--configfile", str(PRODUCTION)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    # Python's import timing on stderr: which modules the parse imports.
+    environment = {**os.environ, "PYTHONPROFILEIMPORTTIME": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=environment)
     assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
 
     assert job_stats(result.stdout + result.stderr) == expected_jobs(n_shards)
+    # Every run, dry run and Slurm job parses the workflow: it must not import torch (2 s of a 4.5-s dry run
+    # when rules/common.smk took SPREAD's output names from the stage's driver).
+    imported = {line.rsplit("|", 1)[1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+    assert "snakemake" in imported and "torch" not in imported
     # Planning writes nothing but Snakemake's own bookkeeping.
     assert [path.name for path in workdir.iterdir()] in ([], [".snakemake"])
