@@ -347,10 +347,10 @@ def spread_prefix(dataset="{dataset}"):
 
 
 def spread_outputs():
-    """The SPREAD rule's outputs, by name, with a {dataset} wildcard (spread.outputs.OUTPUT_SUFFIXES)."""
-    from xfel_spread.spread.outputs import OUTPUT_SUFFIXES
+    """The SPREAD rule's outputs, by name, with a {dataset} wildcard (spread.outputs.output_paths)."""
+    from xfel_spread.spread.outputs import output_paths
 
-    return {name: f"{spread_prefix()}{suffix}" for name, suffix in OUTPUT_SUFFIXES.items()}
+    return output_paths(spread_prefix())
 
 
 def spread_start_tables(wildcards):

@@ -22,7 +22,8 @@ from sim_fixtures import B_SOL, D_MIN_A, K_SOL, PDB_PATH, SHARED_DATA_DIR
 from stage1_cases import write_case
 from xfel_spread.cli.spread import score_spread_main
 from xfel_spread.mpi import SerialComm
-from xfel_spread.spread.pipeline import OUTPUT_SUFFIXES, SpreadInputs, run_spread
+from xfel_spread.spread.outputs import output_paths
+from xfel_spread.spread.pipeline import SpreadInputs, run_spread
 from xfel_spread.spread.scoring import plot_spread, score_fits, truth_on_grid
 from xfel_spread.spread.tables import energy_grid, read_table, table_on_grid, table_path
 
@@ -129,7 +130,7 @@ def with_converged(stage1_prefix, prefix, converged):
 
 
 def output_bytes(prefix):
-    return {key: open(f"{prefix}{suffix}", "rb").read() for key, suffix in OUTPUT_SUFFIXES.items()
+    return {key: open(path, "rb").read() for key, path in output_paths(prefix).items()
             if key != "summary"}
 
 

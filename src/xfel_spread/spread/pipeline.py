@@ -29,7 +29,7 @@ from xfel_spread.spread.assemble import LatticeArrays, lattice_arrays
 from xfel_spread.spread.coefficients import AsuLookup
 from xfel_spread.spread.errors import SpreadInputError
 from xfel_spread.spread.fit import SpreadProblem
-from xfel_spread.spread.outputs import OUTPUT_SUFFIXES
+from xfel_spread.spread.outputs import output_paths
 from xfel_spread.io.refined_shots import read_refined_shots
 from xfel_spread.sim.spectrum import SpectrumGridError, rebin_spectrum
 from xfel_spread.sim.structure_factors import channel_energies
@@ -325,7 +325,7 @@ def run_spread(inputs: SpreadInputs, comm=None, log=None) -> dict | None:
     it in-process). Rank r assembles shards r, r + N, ...; the objective, its gradient and the Fisher
     information are summed per shard in shard order on every rank, so the outputs are the same bytes
     for any rank count. With ``spread.controls`` the two negative controls (:data:`CONTROLS`) are
-    fitted from the same start. Rank 0 writes the outputs (:data:`OUTPUT_SUFFIXES`) and returns the
+    fitted from the same start. Rank 0 writes the outputs (:func:`~xfel_spread.spread.outputs.output_paths`) and returns the
     summary (None on the other ranks).
     """
     import json
@@ -456,7 +456,7 @@ def run_spread(inputs: SpreadInputs, comm=None, log=None) -> dict | None:
             return None
         spread_result = SpreadResult(names, grid, result.fp, result.fdp, sigma[0], sigma[1], fp_start, fdp_start,
                                      edges, result)
-        paths = {key: inputs.output_prefix + suffix for key, suffix in OUTPUT_SUFFIXES.items()}
+        paths = output_paths(inputs.output_prefix)
         write_results(spread_result, inputs.output_prefix)
         with atomic_output(paths["scales"], "w") as stream:
             stream.write("shard\tlattice\tscale\tn_pixels\n")

@@ -41,6 +41,7 @@ from xfel_spread.atomic import atomic_path
 from xfel_spread.spread.errors import SpreadInputError
 from xfel_spread.spread.fit import FitResult, Restraints, SpreadProblem, fit
 from xfel_spread.spread.model import Decomposition, SpreadData
+from xfel_spread.spread.outputs import output_paths
 from xfel_spread.spread.restraints import hilbert_matrix
 from xfel_spread.spread.tables import (
     energy_grid,
@@ -187,7 +188,8 @@ def write_results(result: SpreadResult, prefix: str | os.PathLike) -> None:
                    f"{name}_fdp_start"]
         columns += [result.fp[s], result.fp_sigma[s], result.fdp[s], result.fdp_sigma[s], result.fp_start[s],
                     result.fdp_start[s]]
-    with atomic_path(f"{prefix}_fp_fdp.tsv") as tmp:
+    paths = output_paths(prefix)
+    with atomic_path(paths["fp_fdp"]) as tmp:
         np.savetxt(tmp, np.stack(columns, axis=1), delimiter="\t", header="\t".join(header), comments="", fmt="%.6f")
     lines = [("site\thalf_rise_ev\thalf_rise_sigma_ev\tfp_minimum_ev\tfp_minimum_sigma_ev\tstart_half_rise_ev"
               "\tstart_fp_minimum_ev\thalf_rise_post_ev\thalf_rise_post_sigma_ev\tstep_edge_ev\tstep_edge_sigma_ev"
@@ -198,5 +200,5 @@ def write_results(result: SpreadResult, prefix: str | os.PathLike) -> None:
                      f"{fp_minimum_energy(result.grid_ev, result.fp_start[s]):.3f}\t{edge.half_rise_post_ev:.3f}\t"
                      f"{edge.half_rise_post_sigma_ev:.3f}\t{edge.step_edge_ev:.3f}\t{edge.step_edge_sigma_ev:.3f}\t"
                      f"{step_edge_energy(result.grid_ev, result.fdp_start[s]):.3f}")
-    with atomic_path(f"{prefix}_edges.tsv") as tmp, open(tmp, "w") as stream:
+    with atomic_path(paths["edges"]) as tmp, open(tmp, "w") as stream:
         stream.write("\n".join(lines) + "\n")

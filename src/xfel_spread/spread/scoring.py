@@ -23,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from xfel_spread.spread.errors import SpreadInputError
+from xfel_spread.spread.outputs import output_paths
 from xfel_spread.spread.tables import read_table, table_on_grid
 from xfel_spread.spread.uncertainty import (fp_minimum_energy, half_rise_energy, half_rise_post_edge_energy,
                                             step_edge_energy)
@@ -53,7 +54,7 @@ def summary_lattice_count(prefix: str) -> int:
     """The number of lattices SPREAD fitted, from ``{prefix}_summary.json``; one-line SpreadInputError otherwise."""
     import json
 
-    path = f"{prefix}_summary.json"
+    path = output_paths(prefix)["summary"]
     try:
         with open(path) as stream:
             return json.load(stream)["lattices"]
@@ -66,7 +67,8 @@ def read_fits(prefix: str) -> tuple[np.ndarray, tuple[str, ...], dict, dict]:
 
     Fits: ``start`` (the start table), ``spread`` and each control of ``P_controls.tsv``; arrays
     (n_sites, n_grid)."""
-    path = f"{prefix}_fp_fdp.tsv"
+    paths = output_paths(prefix)
+    path = paths["fp_fdp"]
     header, values = _read_tsv(path)
     sites = tuple(name[:-len("_fp")] for name in header if name.endswith("_fp") and not name.endswith("start_fp"))
     column = {name: values[:, i] for i, name in enumerate(header)}
@@ -75,10 +77,10 @@ def read_fits(prefix: str) -> tuple[np.ndarray, tuple[str, ...], dict, dict]:
                       np.stack([column[f"{s}_fdp_start"] for s in sites])),
             "spread": (np.stack([column[f"{s}_fp"] for s in sites]), np.stack([column[f"{s}_fdp"] for s in sites]))}
     sigmas = {s: (column[f"{s}_fp_sigma"], column[f"{s}_fdp_sigma"]) for s in sites}
-    control_header, control_values = _read_tsv(f"{prefix}_controls.tsv")
+    control_header, control_values = _read_tsv(paths["controls"])
     controls = {name: control_values[:, i] for i, name in enumerate(control_header)}
     if not np.allclose(controls["energy_ev"], grid):
-        raise SpreadInputError(f"{prefix}_controls.tsv: its energies are not those of {path}")
+        raise SpreadInputError(f"{paths['controls']}: its energies are not those of {path}")
     names = [name[:-len(f"_{sites[0]}_fp")] for name in control_header if name.endswith(f"_{sites[0]}_fp")]
     for name in names:
         fits[name] = (np.stack([controls[f"{name}_{s}_fp"] for s in sites]),
