@@ -78,7 +78,7 @@ from xfel_spread.sim.structure_factors import (
 from xfel_spread.stage1.batched import BatchedForwardModel, refine_batch
 from xfel_spread.stage1.model import Stage1Settings
 from xfel_spread.stage1.refine import refine_shot
-from xfel_spread.stage1.scoring import mean_rotation
+from xfel_spread.stage1.scoring import turned_by_mean
 from xfel_spread.stage1.synthetic import perturbed_matrix, simulate_shot_pixels, with_start
 
 REPO = Path(__file__).resolve().parents[1]
@@ -116,7 +116,7 @@ def report(label: str, fits, truths, seconds: list[float], cpu_seconds: list[flo
     misorientation = [(xtal.misorientation_deg(fit.start_real_space_matrix, truth.true_matrix),
                        xtal.misorientation_deg(fit.real_space_matrix, truth.true_matrix),
                        xtal.misorientation_deg(fit.real_space_matrix,
-                                               truth.true_matrix @ mean_rotation(truth.mosaic_rotations).T))
+                                               turned_by_mean(truth.true_matrix, truth.mosaic_rotations)))
                       for fit, truth in zip(fits, truths)]
     print(f"{label}: {statistics.median(seconds):6.2f} s/lattice wall (median of {len(seconds)}: "
           + ", ".join(f"{s:.2f}" for s in seconds) + f"), {statistics.median(cpu_seconds):6.2f} s/lattice CPU")

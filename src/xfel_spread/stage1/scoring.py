@@ -99,8 +99,12 @@ def domain_mean_matrix(truth_shot: dict) -> np.ndarray:
     The mean orientation is the rotation nearest (polar decomposition) to the average of the
     domains' rotation matrices; without ``mosaic_rotations`` it is the matrix itself.
     """
-    matrix = np.array(truth_shot["real_space_a_b_c"], dtype=np.float64)
-    return matrix @ mean_rotation(_domain_rotations(truth_shot)).T
+    return turned_by_mean(truth_shot["real_space_a_b_c"], _domain_rotations(truth_shot))
+
+
+def turned_by_mean(matrix, rotations) -> np.ndarray:
+    """A real-space matrix (rows a, b, c) turned by the mean orientation of rotations (D, 3, 3)."""
+    return np.asarray(matrix, dtype=np.float64) @ mean_rotation(rotations).T
 
 
 def _domain_rotations(truth_shot: dict) -> np.ndarray:
