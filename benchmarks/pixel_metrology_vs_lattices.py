@@ -5,8 +5,9 @@ Simulates LY99 lattices (``stage1.synthetic.simulate_shot_pixels``: the project'
 imaged with the beam centre ``--offset`` px off the nominal one along fast and slow, starts every
 lattice from its true crystal on the nominal detector, and refines the level-0 detector jointly with
 the first N lattices (``stage1.metrology.refine_detector``, what the ``pixel_metrology`` rule runs),
-for each N of ``--lattices``. Prints the refined beam centre minus the true one (px), the distance
-shift (mm, truth 0) and the wall seconds; ``--offset 0`` is the control, where any shift found is bias.
+for each N of ``--lattices``. Prints the refined beam centre minus the true one (px), its robust
+standard error along fast and slow (``profile`` only), the distance shift (mm, truth 0) and the wall
+seconds; ``--offset 0`` is the control, where any shift found is bias.
 The lattices are nested: the first 25 of the 50 are the 25. ``--domains 25`` draws each lattice as LY99's
 25 mosaic domains of RMS ``--spread`` (0.05 deg), refined without eta unless ``--eta``; the figures
 with and without domains are in the README (section 'The detector from the pixels').
@@ -71,7 +72,8 @@ def main() -> None:
     print(f"{len(energies)} channels, {arguments.rois} shoeboxes per lattice, {arguments.domains} mosaic domain(s) "
           f"of RMS {spread:g} deg, eta {'refined' if arguments.eta else 'not refined'}, {arguments.threads} thread(s)")
     print(f"{'offset':>7s} {'lattices':>9s} {'kept':>5s} {'fast - true (px)':>17s} {'slow - true (px)':>17s} "
-          f"{'|error| (px)':>13s} {'distance (mm)':>14s} {'iterations':>11s} {'time (s)':>9s} {'s/lattice':>10s}",
+          f"{'|error| (px)':>13s} {'robust sigma (px)':>18s} {'distance (mm)':>14s} {'iterations':>11s} "
+          f"{'time (s)':>9s} {'s/lattice':>10s}",
           flush=True)
     for offset in arguments.offset:
         true_detector = LY99_DETECTOR.with_beam_center_offset_px((offset, offset))
@@ -86,8 +88,9 @@ def main() -> None:
                 fit = refine_detector(shots[:count], lookup, settings, method=method)
                 error = fit.shift[:2] - offset
                 state = "" if fit.converged else f"  NOT converged: {fit.reason}"
+                sigma = "n/a" if fit.sigma_robust is None else f"{fit.sigma_robust[0]:.4f} {fit.sigma_robust[1]:.4f}"
                 print(f"{offset:7.2f} {count:9d} {len(fit.kept):5d} {error[0]:+17.4f} {error[1]:+17.4f} "
-                      f"{np.hypot(*error):13.4f} {fit.shift[2]:+14.4f} {fit.n_iterations:11d} {fit.seconds:9.1f} "
+                      f"{np.hypot(*error):13.4f} {sigma:>18s} {fit.shift[2]:+14.4f} {fit.n_iterations:11d} {fit.seconds:9.1f} "
                       f"{fit.seconds / count:10.2f}  {method}, {fit.n_evaluations} evaluations, NLL "
                       f"{fit.nll_start:.6f} -> {fit.nll_final:.6f}{state}", flush=True)
 

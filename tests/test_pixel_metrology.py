@@ -63,7 +63,13 @@ def test_the_refined_detector_is_written_moved_by_the_recovered_shift(refined_ca
     shift = np.array([summary["shift_fast_px"], summary["shift_slow_px"]])
     assert shift == pytest.approx([OFFSET_PX, OFFSET_PX], abs=0.05)
     assert abs(summary["shift_distance_mm"]) < 0.05
-    assert json.loads((tmp_path / "summary.json").read_text())["shift_fast_px"] == summary["shift_fast_px"]
+    written = json.loads((tmp_path / "summary.json").read_text())
+    assert written["shift_fast_px"] == summary["shift_fast_px"]
+    # The shift's standard errors (pixel_metrology.uncertainty, on by default), both kinds from two lattices.
+    for kind in ("model", "robust"):
+        sigma = written["uncertainty"][kind]
+        assert sorted(sigma) == ["distance_mm", "fast_px", "slow_px"]
+        assert all(0 < value < 0.5 for value in sigma.values()), (kind, sigma)
 
     # DIALS reads the detector back: the annulus detector's origin moved by the refined shift.
     nominal = ExperimentList.from_file(f"{case.annulus_prefix}_annulus.expt", check_format=False)[0].detector[0]

@@ -6,7 +6,7 @@ import pytest
 import torch
 from sim_fixtures import LY99_ENERGIES_EV, lookup_for
 
-from xfel_spread.stage1.metrology import moved_detector, refine_detector
+from xfel_spread.stage1.metrology import detector_uncertainty, moved_detector, refine_detector
 from xfel_spread.stage1.model import Stage1Settings
 from xfel_spread.stage1.synthetic import LY99_DETECTOR, simulate_shot_pixels, with_start
 
@@ -60,6 +60,25 @@ def test_a_half_pixel_beam_centre_offset_is_recovered_and_none_is_not_invented(a
     assert fit.nll_final <= fit.nll_start
 
 
+def test_the_standard_errors_of_a_mean_are_the_assumed_noise_and_the_measured_scatter():
+    """detector_uncertainty on the mean of n numbers y_i, each NLL (y_i - x)^2 / 2 with unit assumed
+    noise: the curvature is n, lattice i's gradient x - y_i. The model error is 1 / sqrt(n) whatever
+    the numbers; the robust one is their sample standard deviation over sqrt(n), here about 3 / sqrt(n)."""
+    rng = np.random.default_rng(7)
+    y = rng.normal(0.0, 3.0, size=400)
+    x = y.mean()
+    model, robust = detector_uncertainty(np.array([[len(y)]]), (x - y)[:, None])
+    assert model == pytest.approx([1 / np.sqrt(len(y))])
+    assert robust == pytest.approx([y.std(ddof=1) / np.sqrt(len(y))])
+    assert 2.7 / np.sqrt(len(y)) < robust[0] < 3.3 / np.sqrt(len(y))
+    # Two independent parameters: each its own mean; one lattice has no scatter; no minimum, no errors.
+    z = rng.normal(0.0, 0.5, size=400)
+    model, robust = detector_uncertainty(np.diag([400.0, 400.0]), np.stack((x - y, z.mean() - z), axis=1))
+    assert robust == pytest.approx([y.std(ddof=1) / 20, z.std(ddof=1) / 20], rel=1e-9)
+    assert detector_uncertainty(np.array([[4.0]]), np.array([[0.5]])) == (pytest.approx([0.5]), None)
+    assert detector_uncertainty(np.diag([1.0, -1.0]), np.zeros((3, 2))) == (None, None)
+
+
 @pytest.mark.slow  # two lattices refined a few dozen times: about 30 s on one busy core
 def test_the_profile_method_recovers_the_offset_where_its_first_trial_step_loses_the_spots(amplitude_table):
     """method="profile": L-BFGS-B over the detector alone, each lattice re-refined on every detector
@@ -76,6 +95,12 @@ def test_the_profile_method_recovers_the_offset_where_its_first_trial_step_loses
     assert fit.nll_final < 0.1 * fit.nll_start
     assert fit.n_iterations < 50
     assert len(fit.values) == 2 and all(np.all(np.isfinite(values)) for values in fit.values)
+    # Standard errors (on by default): the exact model's photon noise leaves about 0.0003 px and 0.001 mm
+    # (measured), which the 0.5 px offset recovered must agree with; two lattices do give a robust one.
+    assert fit.sigma_model is not None and fit.sigma_robust is not None
+    assert np.all((1e-5 < fit.sigma_model) & (fit.sigma_model < [0.01, 0.01, 0.01]))
+    assert np.all(np.abs(fit.shift - [0.5, 0.5, 0.0]) < 5 * fit.sigma_model)
+    assert np.all(np.isfinite(fit.sigma_robust))
     with pytest.raises(ValueError, match="method 'newton'"):
         refine_detector(shots, lookup, Stage1Settings.from_config({}), method="newton")
 

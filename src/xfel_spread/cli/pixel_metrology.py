@@ -40,8 +40,10 @@ def pixel_metrology_main(argv: list[str] | None = None) -> int:
             arguments.refined_detector, arguments.table, arguments.summary, arguments.plot, arguments.dataset,
             mtz=arguments.mtz, amplitudes=arguments.amplitudes, threads=arguments.threads,
             psf_fwhm_mm=arguments.psf_fwhm_mm, psf_radius_px=arguments.psf_radius_px))
+        robust = summary["uncertainty"]["robust"]
+        sigma = "" if robust is None else f" (robust standard error {robust['fast_px']:.4f}, {robust['slow_px']:.4f} px)"
         print(f"spread-pixel-metrology: beam centre moved ({summary['shift_fast_px']:+.4f}, "
-              f"{summary['shift_slow_px']:+.4f}) px, distance {summary['shift_distance_mm']:+.4f} mm, from "
+              f"{summary['shift_slow_px']:+.4f}) px{sigma}, distance {summary['shift_distance_mm']:+.4f} mm, from "
               f"{summary['n_kept']} of {summary['n_lattices']} lattices"
               f"{'' if summary['converged'] else ' (NOT converged: ' + summary['reason'] + ')'}", file=sys.stderr)
 

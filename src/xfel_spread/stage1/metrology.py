@@ -23,6 +23,17 @@ It runs in two steps:
      of the best detector so far), and the gradient is the summed partial derivative there. It
      converges in about ten outer iterations whatever the number of lattices.
 
+With ``profile`` (and ``uncertainty``) the refined detector comes with two standard errors
+(:func:`detector_uncertainty`), from the profile NLL's curvature at its minimum (forward differences of
+its gradient, one more evaluation per detector parameter) and each lattice's part of its gradient:
+
+- ``model``: the inverse curvature, right when the likelihood is (every pixel's noise as modelled,
+  every lattice as the model draws it);
+- ``robust``: the sandwich (M-estimation) form, inverse curvature x the scatter of the lattices'
+  gradients x inverse curvature. It takes the lattices as independent but not as fitted exactly: a
+  lattice whose own error (its mosaic domains, a misfit the Z-scores show) pulls the detector adds to
+  the scatter. It needs at least two lattices, and many for a good estimate of itself.
+
 The ``pixel_metrology`` rule (:mod:`xfel_spread.stage1.pixel_metrology`) calls it with the method of
 ``pixel_metrology.method``.
 """
@@ -50,6 +61,8 @@ from xfel_spread.stage1.shot import ShotPixels
 DETECTOR_STEPS = np.array([0.01, 0.01, 0.005])
 #: Bounds of the detector parameters (pixels, pixels, mm).
 DETECTOR_BOUNDS = ((-5.0, 5.0), (-5.0, 5.0), (-1.5, 1.5))
+#: The forward-difference step of the profile NLL's curvature, in scaled units (0.02 px, 0.01 mm).
+HESSIAN_STEP = 2.0
 
 
 @dataclass(frozen=True)
@@ -106,6 +119,11 @@ class DetectorFit:
     kept: list[int] = field(default_factory=list)
     values: list[np.ndarray] = field(default_factory=list)
     seconds: float = 0.0
+    #: Standard errors of ``shift`` (fast px, slow px, distance mm; NaN where not refined) by
+    #: :func:`detector_uncertainty`: ``model`` and ``robust``; None where not computed (``joint``,
+    #: ``uncertainty`` off, a curvature that is not positive definite; ``robust`` from one lattice).
+    sigma_model: np.ndarray | None = None
+    sigma_robust: np.ndarray | None = None
 
 
 def _lattice_nll(problem: ShotProblem, values: torch.Tensor, detector: Detector,
@@ -127,7 +145,7 @@ METHODS = ("profile", "joint")
 
 def refine_detector(shots: list[ShotPixels], amplitudes: AmplitudeLookup, settings: Stage1Settings,
                     psf: DetectorPsf | None = None, refine_distance: bool = True,
-                    max_iterations: int = 2000, method: str = "profile") -> DetectorFit:
+                    max_iterations: int = 2000, method: str = "profile", uncertainty: bool = True) -> DetectorFit:
     """The level-0 detector refined jointly with the lattices of ``shots`` (see the module docstring).
 
     Every shot must share the starting detector. ``settings`` are stage 1's; its ``detz_shift`` group,
@@ -140,7 +158,8 @@ def refine_detector(shots: list[ShotPixels], amplitudes: AmplitudeLookup, settin
     lattices' own gradients vanish there). The profile problem has three parameters, whatever the
     number of lattices, so its quasi-Newton steps do not slow down with more lattices; each of its
     evaluations costs one short refinement per lattice. ``max_iterations`` bounds the outer
-    iterations of either.
+    iterations of either. ``uncertainty`` (``profile`` only) adds the standard errors (module
+    docstring) at the cost of one more profile evaluation per detector parameter.
     """
     if method not in METHODS:
         raise ValueError(f"method {method!r}: expected one of {', '.join(METHODS)}")
@@ -177,7 +196,8 @@ def refine_detector(shots: list[ShotPixels], amplitudes: AmplitudeLookup, settin
     steps = torch.as_tensor(DETECTOR_STEPS[:n_detector], dtype=torch.float64, device=device)
     if method == "profile":
         return _profile_refinement(problems, spaces, starts, start_detector, amplitudes, steps, bounds[:n_detector],
-                                   refine_distance, max_iterations, settings.max_iterations, singles, kept, started)
+                                   refine_distance, max_iterations, settings.max_iterations, singles, kept, started,
+                                   uncertainty)
     counts = [0]
 
     def total(x: np.ndarray) -> tuple[float, np.ndarray]:
@@ -221,7 +241,8 @@ def _detector_at(start_detector: Detector | MultiPanelDetector, leaf: torch.Tens
 
 
 def _profile_refinement(problems, spaces, starts, start_detector, amplitudes, steps, detector_bounds,
-                        refine_distance, max_iterations, lattice_iterations, singles, kept, started) -> DetectorFit:
+                        refine_distance, max_iterations, lattice_iterations, singles, kept, started,
+                        uncertainty) -> DetectorFit:
     """Step 2 by the profile NLL (``method="profile"`` of :func:`refine_detector`)."""
     device = steps.device
     # Each lattice's minimum on the last detector tried (scaled), and on the best one so far: every
@@ -246,6 +267,7 @@ def _profile_refinement(problems, spaces, starts, start_detector, amplitudes, st
         current[index] = result.x
 
     last = [None]
+    lattice_gradients = [None]  # each lattice's part of the last evaluation's gradient (n_lattices, n_detector)
 
     def profile(x: np.ndarray) -> tuple[float, np.ndarray]:
         counts[0] += 1
@@ -257,13 +279,15 @@ def _profile_refinement(problems, spaces, starts, start_detector, amplitudes, st
             lattice_minimum(index, fixed)
         leaf = torch.tensor(x, dtype=torch.float64, device=device, requires_grad=True)
         detector = _detector_at(start_detector, leaf, steps, refine_distance)
-        value = 0.0
+        value, parts = 0.0, []
         for problem, space, values in zip(problems, spaces, current):
             nll = _lattice_nll(problem, space.physical(torch.as_tensor(values, dtype=torch.float64, device=device)),
                                detector, amplitudes)
-            nll.backward(retain_graph=True)  # the detector's part of the graph is every lattice's
+            # retain_graph: the detector's part of the graph is every lattice's
+            parts.append(torch.autograd.grad(nll, leaf, retain_graph=True)[0].detach().cpu().numpy())
             value += float(nll.detach())
-        gradient = leaf.grad.detach().cpu().numpy()
+        lattice_gradients[0] = np.array(parts)
+        gradient = lattice_gradients[0].sum(axis=0)
         if not (np.isfinite(value) and np.all(np.isfinite(gradient))):
             raise ArithmeticError(f"non-finite profile NLL or gradient at evaluation {counts[0]}")
         if value < anchor["value"]:
@@ -277,7 +301,49 @@ def _profile_refinement(problems, spaces, starts, start_detector, amplitudes, st
     if not np.array_equal(last[0], result.x):  # the lattices' minima belong to the last detector tried
         profile(result.x)
     values = [space.values(x) for space, x in zip(spaces, current)]
-    return _detector_fit(result, result.x, counts[0], nll_start, singles, kept, values, started)
+    at_minimum = lattice_gradients[0]
+    fit = _detector_fit(result, result.x, counts[0], nll_start, singles, kept, values, started)
+    if uncertainty:
+        curvature = np.empty((n_detector, n_detector))
+        for k, (_low, high) in enumerate(detector_bounds):
+            step = HESSIAN_STEP if result.x[k] + HESSIAN_STEP <= high else -HESSIAN_STEP
+            shifted = result.x.copy()
+            shifted[k] += step
+            curvature[k] = (profile(shifted)[1] - at_minimum.sum(axis=0)) / step
+        scale = steps.detach().cpu().numpy()
+        model, robust = detector_uncertainty((curvature + curvature.T) / 2, at_minimum)
+        fit.sigma_model, fit.sigma_robust = (None if sigma is None else _padded(sigma * scale) for sigma in (model, robust))
+        fit.n_evaluations, fit.seconds = counts[0], time.perf_counter() - started
+    return fit
+
+
+def detector_uncertainty(curvature: np.ndarray, lattice_gradients: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Standard errors (model, robust) of a minimum of a sum of lattice NLLs over a few parameters.
+
+    ``curvature`` is the sum's second derivative (p, p) at the minimum, ``lattice_gradients`` (n, p)
+    each lattice's first derivative there. ``model`` is sqrt(diag(H^-1)), the error if the NLL is the
+    true likelihood. ``robust`` is sqrt(diag(H^-1 B H^-1)) with B = n / (n - 1) sum_i (g_i - mean g)
+    (g_i - mean g)^T, the sandwich estimate that takes the scatter of the lattices' pulls as measured
+    (for the mean of n numbers it is their sample standard deviation over sqrt(n), whatever the NLL's
+    assumed noise). Either is None where H is not positive definite; ``robust`` is None below two
+    lattices."""
+    curvature = np.atleast_2d(np.asarray(curvature, dtype=np.float64))
+    gradients = np.asarray(lattice_gradients, dtype=np.float64).reshape(-1, len(curvature))
+    if not np.all(np.isfinite(curvature)) or np.any(np.linalg.eigvalsh(curvature) <= 0):
+        return None, None
+    inverse = np.linalg.inv(curvature)
+    model = np.sqrt(np.diag(inverse))
+    n = len(gradients)
+    if n < 2:
+        return model, None
+    centred = gradients - gradients.mean(axis=0)
+    scatter = centred.T @ centred * n / (n - 1)
+    return model, np.sqrt(np.diag(inverse @ scatter @ inverse))
+
+
+def _padded(sigma: np.ndarray) -> np.ndarray:
+    """(fast, slow[, distance]) to three entries, NaN for a distance that was not refined."""
+    return np.concatenate((sigma, np.full(3 - len(sigma), np.nan)))
 
 
 def _without_distance(settings: Stage1Settings) -> Stage1Settings:

@@ -14,7 +14,9 @@ starts each from its stage-1 crystal, and refines the panel jointly with them
     The detector before and after: beam centre (fast, slow; px and mm), distance (mm), and the change.
 ``summary.json``
     The same, with the lattices used, kept and left out (and why), the summed NLL before and after,
-    the optimizer's outcome and the wall seconds.
+    the optimizer's outcome, the refined shift's standard errors (``uncertainty``: ``model`` and
+    ``robust``, :func:`~xfel_spread.stage1.metrology.detector_uncertainty`; null where not computed)
+    and the wall seconds.
 ``refinement.png``
     The beam-centre shift (px) and the distance shift (mm), for the report.
 
@@ -56,13 +58,15 @@ class PixelMetrologySettings:
     refine_distance: bool = True
     max_iterations: int = 2000
     method: str = "profile"
+    uncertainty: bool = True
 
     @classmethod
     def from_config(cls, section: dict) -> PixelMetrologySettings:
         return cls(int(section.get("max_lattices", cls.max_lattices)),
                    bool(section.get("refine_distance", cls.refine_distance)),
                    int(section.get("max_iterations", cls.max_iterations)),
-                   str(section.get("method", cls.method)))
+                   str(section.get("method", cls.method)),
+                   bool(section.get("uncertainty", cls.uncertainty)))
 
 
 @dataclass(frozen=True)
@@ -271,7 +275,7 @@ def run_pixel_metrology(inputs: PixelMetrologyInputs) -> dict:
     amplitudes = AmplitudeLookup(grid, device)
     fit = refine_detector([lattice.shot for lattice in lattices], amplitudes, settings, psf,
                           refine_distance=options.refine_distance, max_iterations=options.max_iterations,
-                          method=options.method)
+                          method=options.method, uncertainty=options.uncertainty)
     shift = np.asarray(fit.shift, dtype=np.float64)
     after = moved_detector(start, torch.as_tensor(shift, dtype=torch.float64))
     if not isinstance(start, MultiPanelDetector):
@@ -294,11 +298,19 @@ def run_pixel_metrology(inputs: PixelMetrologyInputs) -> dict:
         # NaN when no lattice converged on the starting detector: null, as JSON has no NaN.
         "nll_start": _finite_or_none(fit.nll_start), "nll_final": _finite_or_none(fit.nll_final), "iterations": fit.n_iterations,
         "evaluations": fit.n_evaluations, "seconds": fit.seconds,
+        "uncertainty": {"model": _sigmas(fit.sigma_model), "robust": _sigmas(fit.sigma_robust)},
     }
     with atomic_output(inputs.summary, "w") as stream:
         json.dump(summary, stream, indent=1)
     plot_refinement(inputs.plot, inputs.dataset, shift, len(kept), fit.converged)
     return summary
+
+
+def _sigmas(sigma) -> dict | None:
+    """Standard errors (fast px, slow px, distance mm) as a JSON object; None where not computed."""
+    if sigma is None:
+        return None
+    return {name: _finite_or_none(value) for name, value in zip(("fast_px", "slow_px", "distance_mm"), sigma)}
 
 
 def _finite_or_none(value: float) -> float | None:
