@@ -50,6 +50,12 @@ else:
     RUN_DATASETS = (IMAGE_DATASET,)
     SHARD_RANGES = shard_ranges(len(IMAGE_SHOTS), config["input"]["shots_per_shard"])
 
+if workflow.is_main_process and not os.path.exists("config/config.yaml"):
+    # The Snakefile's `configfile:` is relative to the working directory: run with --directory elsewhere
+    # and a --configfile, Snakemake skips it without a word, and the schema's defaults fill in.
+    print(f"Note: no config/config.yaml in the working directory {os.getcwd()}, so the demo's config is not "
+          f"loaded: the run is the schema's defaults under {config_source_name()}", file=sys.stderr)
+
 if workflow.is_main_process:
     # Phil files, metrology engine, saved detector: stop here rather than in every job. A job that an
     # executor runs in its own Snakemake (a Slurm job) parses the workflow again; the main process has
