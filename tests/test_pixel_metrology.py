@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -44,19 +45,26 @@ def outputs(directory):
                                                       "refinement.png")}
 
 
-def test_the_refined_detector_is_written_moved_by_the_recovered_shift(refined_case, tmp_path):
+def test_the_refined_detector_is_written_moved_by_the_recovered_shift(refined_case, tmp_path, caplog):
     from dxtbx.model.experiment_list import ExperimentList
 
     from xfel_spread.dials.metrology import apply_saved_detector, read_saved_detector
 
     case, config, stage1_prefix = refined_case
     paths = outputs(tmp_path)
+    caplog.set_level(logging.INFO, logger="xfel_spread.stage1")
     summary = run_pixel_metrology(PixelMetrologyInputs(
         str(config), [str(case.annulus_prefix)], [str(case.shard)], [str(stage1_prefix)],
         paths["refined_detector.expt"], paths["table.tsv"], paths["summary.json"], paths["refinement.png"],
         amplitudes=str(case.amplitudes), dataset="offset"))
     assert summary["converged"], summary["reason"]
     assert (summary["n_lattices"], summary["n_kept"], summary["left_out"]) == (2, 2, [])
+    # Its log reports progress: step 1's lattices, every profile evaluation, the standard errors.
+    logged = [record.getMessage() for record in caplog.records if record.name == "xfel_spread.stage1"]
+    assert any(line.startswith("pixel metrology, step 1 (each lattice alone): 2/2 lattices done") for line in logged)
+    evaluations = [line for line in logged if line.startswith("pixel metrology, step 2: evaluation ")]
+    assert len(evaluations) == summary["evaluations"]
+    assert any(line.startswith("pixel metrology: standard errors") for line in logged)
     assert summary["nll_final"] < summary["nll_start"]
     # Two lattices find the 0.5 px offset along fast and slow to a few hundredths of a pixel, and no
     # distance shift to speak of.

@@ -41,6 +41,7 @@ The ``pixel_metrology`` rule (:mod:`xfel_spread.stage1.pixel_metrology`) calls i
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -48,6 +49,7 @@ import numpy as np
 import scipy.optimize
 import torch
 
+from xfel_spread.progress import Progress
 from xfel_spread.sim.forward import AmplitudeLookup
 from xfel_spread.sim.geometry import BEAM_DIRECTION, FAST_AXIS, SLOW_AXIS, Detector, MultiPanelDetector
 from xfel_spread.stage1.likelihood import bragg_photons
@@ -56,11 +58,15 @@ from xfel_spread.stage1.psf import DetectorPsf, spread
 from xfel_spread.stage1.refine import FTOL, GTOL, ShotFit, ShotProblem, all_pixels, refine_shot
 from xfel_spread.stage1.shot import ShotPixels
 
+logger = logging.getLogger("xfel_spread.stage1")
+
 #: One scaled unit of the detector parameters: beam-centre shifts along fast and slow (pixels) and
 #: the distance shift (mm).
 DETECTOR_STEPS = np.array([0.01, 0.01, 0.005])
 #: Bounds of the detector parameters (pixels, pixels, mm).
 DETECTOR_BOUNDS = ((-5.0, 5.0), (-5.0, 5.0), (-1.5, 1.5))
+#: The joint method logs every this many evaluations (the profile method logs each of its few).
+JOINT_LOG_EVERY = 100
 #: The forward-difference step of the profile NLL's curvature, in scaled units (0.02 px, 0.01 mm).
 HESSIAN_STEP = 2.0
 
@@ -173,7 +179,12 @@ def refine_detector(shots: list[ShotPixels], amplitudes: AmplitudeLookup, settin
     if isinstance(start_detector, MultiPanelDetector):
         _ = start_detector.pixel_size_mm  # one pixel size for a shift in pixels (ValueError otherwise)
     settings = _without_distance(settings)
-    singles = [refine_shot(shot, amplitudes, settings, psf) for shot in shots]
+    progress = Progress(len(shots), "pixel metrology, step 1 (each lattice alone)", logger.info, items="lattices")
+    singles = []
+    for shot in shots:
+        singles.append(refine_shot(shot, amplitudes, settings, psf))
+        progress.advance()
+    progress.finish()
     kept = [index for index, fit in enumerate(singles) if fit.converged]
     if not kept:
         return DetectorFit(np.zeros(3), False, "no lattice converged on the starting detector", 0, 0,
@@ -212,6 +223,9 @@ def refine_detector(shots: list[ShotPixels], amplitudes: AmplitudeLookup, settin
         gradient = leaf.grad.detach().cpu().numpy()
         if not (np.isfinite(value) and np.all(np.isfinite(gradient))):
             raise ArithmeticError(f"non-finite NLL or gradient at evaluation {counts[0]}")
+        if counts[0] % JOINT_LOG_EVERY == 0:
+            logger.info("pixel metrology, step 2 (joint): evaluation %d, NLL %.3f, %.0f s so far", counts[0], value,
+                        time.perf_counter() - started)
         return value, gradient
 
     nll_start = total(x0)[0]
@@ -292,6 +306,9 @@ def _profile_refinement(problems, spaces, starts, start_detector, amplitudes, st
             raise ArithmeticError(f"non-finite profile NLL or gradient at evaluation {counts[0]}")
         if value < anchor["value"]:
             anchor["value"], anchor["states"] = value, [state.copy() for state in current]
+        shift = np.asarray(x) * steps.detach().cpu().numpy()
+        logger.info("pixel metrology, step 2: evaluation %d at shift %s, profile NLL %.3f, %.0f s so far", counts[0],
+                    ", ".join(f"{part:+.4f}" for part in shift), value, time.perf_counter() - started)
         return value, gradient
 
     n_detector = len(detector_bounds)
@@ -313,6 +330,8 @@ def _profile_refinement(problems, spaces, starts, start_detector, amplitudes, st
         scale = steps.detach().cpu().numpy()
         model, robust = detector_uncertainty((curvature + curvature.T) / 2, at_minimum)
         fit.sigma_model, fit.sigma_robust = (None if sigma is None else _padded(sigma * scale) for sigma in (model, robust))
+        logger.info("pixel metrology: standard errors (fast px, slow px[, distance mm]): model %s, robust %s",
+                    fit.sigma_model, fit.sigma_robust)
         fit.n_evaluations, fit.seconds = counts[0], time.perf_counter() - started
     return fit
 
