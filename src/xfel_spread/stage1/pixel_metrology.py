@@ -181,8 +181,10 @@ def write_table(rows: Sequence[dict], path) -> None:
             stream.write(f"{row['quantity']}\t{row['before']:.6f}\t{row['after']:.6f}\t{row['change']:.6f}\n")
 
 
-def plot_refinement(path, dataset: str, shift: np.ndarray, n_lattices: int, converged: bool) -> None:
-    """The refined beam-centre shift (px) in the detector plane and the distance shift (mm)."""
+def plot_refinement(path, dataset: str, shift: np.ndarray, n_lattices: int, converged: bool,
+                    sigma: np.ndarray | None = None) -> None:
+    """The refined beam-centre shift (px) in the detector plane and the distance shift (mm), with
+    ``sigma`` (fast px, slow px, distance mm; the robust standard errors) as error bars when given."""
     from xfel_spread.plotting import pyplot, save_png
 
     figure, (left, right) = pyplot().subplots(1, 2, figsize=(9, 4), gridspec_kw={"width_ratios": (3, 1)})
@@ -192,17 +194,22 @@ def plot_refinement(path, dataset: str, shift: np.ndarray, n_lattices: int, conv
     left.annotate("", xy=(shift[0], shift[1]), xytext=(0, 0), arrowprops={"arrowstyle": "->", "color": "C0"})
     left.plot([0], [0], "o", color="0.4", label="before (stage 1's detector)")
     left.plot([shift[0]], [shift[1]], "o", color="C0", label=f"after ({shift[0]:+.4f}, {shift[1]:+.4f}) px")
+    if sigma is not None:
+        left.errorbar([shift[0]], [shift[1]], xerr=[sigma[0]], yerr=[sigma[1]], fmt="none", ecolor="C0", capsize=3,
+                      label=f"robust standard error ({sigma[0]:.4f}, {sigma[1]:.4f}) px")
     left.set_xlim(-reach, reach)
     left.set_ylim(-reach, reach)
     left.set_aspect("equal")
     left.set_xlabel("beam-centre shift, fast (px)")
     left.set_ylabel("beam-centre shift, slow (px)")
     left.legend(loc="upper left", fontsize=8)
-    right.bar([0], [shift[2]], color="C1")
+    right.bar([0], [shift[2]], color="C1",
+              yerr=None if sigma is None or not np.isfinite(sigma[2]) else [sigma[2]], capsize=4)
     right.axhline(0, color="0.6", lw=0.8)
     right.set_xticks([])
     right.set_ylabel("distance shift (mm)")
-    right.set_title(f"{shift[2]:+.4f} mm", fontsize=9)
+    spread_mm = "" if sigma is None or not np.isfinite(sigma[2]) else f" +- {sigma[2]:.4f}"
+    right.set_title(f"{shift[2]:+.4f}{spread_mm} mm", fontsize=9)
     state = "converged" if converged else "NOT converged"
     figure.suptitle(f"{dataset}: detector from the pixels of {n_lattices} lattices ({state})", fontsize=10)
     save_png(figure, path)
@@ -302,7 +309,7 @@ def run_pixel_metrology(inputs: PixelMetrologyInputs) -> dict:
     }
     with atomic_output(inputs.summary, "w") as stream:
         json.dump(summary, stream, indent=1)
-    plot_refinement(inputs.plot, inputs.dataset, shift, len(kept), fit.converged)
+    plot_refinement(inputs.plot, inputs.dataset, shift, len(kept), fit.converged, fit.sigma_robust)
     return summary
 
 
