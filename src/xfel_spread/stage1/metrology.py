@@ -259,6 +259,7 @@ def _profile_refinement(problems, spaces, starts, start_detector, amplitudes, st
                         uncertainty) -> DetectorFit:
     """Step 2 by the profile NLL (``method="profile"`` of :func:`refine_detector`)."""
     device = steps.device
+    step_sizes = steps.detach().cpu().numpy()  # one scaled unit of each detector parameter
     # Each lattice's minimum on the last detector tried (scaled), and on the best one so far: every
     # evaluation starts the lattices from the best one's, so that a wild trial step of the line search
     # (a lattice pulled off its spots) does not carry over into later evaluations.
@@ -306,7 +307,7 @@ def _profile_refinement(problems, spaces, starts, start_detector, amplitudes, st
             raise ArithmeticError(f"non-finite profile NLL or gradient at evaluation {counts[0]}")
         if value < anchor["value"]:
             anchor["value"], anchor["states"] = value, [state.copy() for state in current]
-        shift = np.asarray(x) * steps.detach().cpu().numpy()
+        shift = np.asarray(x) * step_sizes
         logger.info("pixel metrology, step 2: evaluation %d at shift %s, profile NLL %.3f, %.0f s so far", counts[0],
                     ", ".join(f"{part:+.4f}" for part in shift), value, time.perf_counter() - started)
         return value, gradient
@@ -318,18 +319,18 @@ def _profile_refinement(problems, spaces, starts, start_detector, amplitudes, st
     if not np.array_equal(last[0], result.x):  # the lattices' minima belong to the last detector tried
         profile(result.x)
     values = [space.values(x) for space, x in zip(spaces, current)]
-    at_minimum = lattice_gradients[0]
     fit = _detector_fit(result, result.x, counts[0], nll_start, singles, kept, values, started)
     if uncertainty:
+        at_minimum = lattice_gradients[0]  # each lattice's pull at result.x, before the steps below replace it
+        gradient_at_minimum = at_minimum.sum(axis=0)
         curvature = np.empty((n_detector, n_detector))
         for k, (_low, high) in enumerate(detector_bounds):
             step = HESSIAN_STEP if result.x[k] + HESSIAN_STEP <= high else -HESSIAN_STEP
             shifted = result.x.copy()
             shifted[k] += step
-            curvature[k] = (profile(shifted)[1] - at_minimum.sum(axis=0)) / step
-        scale = steps.detach().cpu().numpy()
+            curvature[k] = (profile(shifted)[1] - gradient_at_minimum) / step
         model, robust = detector_uncertainty((curvature + curvature.T) / 2, at_minimum)
-        fit.sigma_model, fit.sigma_robust = (None if sigma is None else _padded(sigma * scale) for sigma in (model, robust))
+        fit.sigma_model, fit.sigma_robust = (None if sigma is None else _padded(sigma * step_sizes) for sigma in (model, robust))
         logger.info("pixel metrology: standard errors (fast px, slow px[, distance mm]): model %s, robust %s",
                     fit.sigma_model, fit.sigma_robust)
         fit.n_evaluations, fit.seconds = counts[0], time.perf_counter() - started

@@ -203,12 +203,12 @@ def plot_refinement(path, dataset: str, shift: np.ndarray, n_lattices: int, conv
     left.set_xlabel("beam-centre shift, fast (px)")
     left.set_ylabel("beam-centre shift, slow (px)")
     left.legend(loc="upper left", fontsize=8)
-    right.bar([0], [shift[2]], color="C1",
-              yerr=None if sigma is None or not np.isfinite(sigma[2]) else [sigma[2]], capsize=4)
+    distance_sigma = None if sigma is None or not np.isfinite(sigma[2]) else float(sigma[2])
+    right.bar([0], [shift[2]], color="C1", yerr=None if distance_sigma is None else [distance_sigma], capsize=4)
     right.axhline(0, color="0.6", lw=0.8)
     right.set_xticks([])
     right.set_ylabel("distance shift (mm)")
-    spread_mm = "" if sigma is None or not np.isfinite(sigma[2]) else f" +- {sigma[2]:.4f}"
+    spread_mm = "" if distance_sigma is None else f" +- {distance_sigma:.4f}"
     right.set_title(f"{shift[2]:+.4f}{spread_mm} mm", fontsize=9)
     state = "converged" if converged else "NOT converged"
     figure.suptitle(f"{dataset}: detector from the pixels of {n_lattices} lattices ({state})", fontsize=10)
