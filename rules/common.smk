@@ -50,9 +50,16 @@ else:
     RUN_DATASETS = (IMAGE_DATASET,)
     SHARD_RANGES = shard_ranges(len(IMAGE_SHOTS), config["input"]["shots_per_shard"])
 
-if workflow.is_main_process and not os.path.exists("config/config.yaml"):
+def demo_config_loaded():
+    """Whether one of the config files that made up `config` is the repository's config/config.yaml."""
+    demo = os.path.join(workflow.basedir, "config", "config.yaml")
+    return any(os.path.isfile(path) and os.path.samefile(path, demo) for path in map(str, workflow.configfiles))
+
+
+if workflow.is_main_process and not os.path.exists("config/config.yaml") and not demo_config_loaded():
     # The Snakefile's `configfile:` is relative to the working directory: run with --directory elsewhere
-    # and a --configfile, Snakemake skips it without a word, and the schema's defaults fill in.
+    # and a --configfile, Snakemake skips it without a word, and the schema's defaults fill in (unless
+    # the --configfile files name the demo's config themselves).
     print(f"Note: no config/config.yaml in the working directory {os.getcwd()}, so the demo's config is not "
           f"loaded: the run is the schema's defaults under {config_source_name()}", file=sys.stderr)
 
