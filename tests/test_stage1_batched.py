@@ -244,16 +244,21 @@ def test_refine_batch_on_cuda_gives_the_parameters_found_on_cpu(three_shots, few
 
 def test_refine_batch_restarts_a_lost_shot_as_refine_shot_does(amplitude_table, three_shots, few_lookup):
     """A start whose spots lie about 4 px off loses its shot (G to 0) and is refined again with
-    broad spots, in the batch as alone, beside a shot that needs no restart."""
+    broad spots, in the batch as alone, beside a shot that needs no restart; so is one whose spots
+    all leave their shoeboxes with G inside its bounds (the restart after the batch's end)."""
     synthetic = simulate_shot_pixels(few_lookup, LY99_ENERGIES_EV[FEW_CHANNELS], amplitude_table.unit_cell, seed=4,
                                      n_rois=10)
     lost = with_start(synthetic.shot, perturbed_matrix(synthetic.true_matrix, 2, rotation_deg=0.05,
                                                        cell_fraction=0.003))
-    shots = [lost, three_shots[0]]
+    lost_inside = with_start(synthetic.shot, perturbed_matrix(synthetic.true_matrix, 1, rotation_deg=0.08,
+                                                              cell_fraction=0.005))
+    shots = [lost, three_shots[0], lost_inside]
     settings = Stage1Settings.from_config({})
     for batched, shot in zip(refine_batch(shots, few_lookup, settings, "cpu"), shots):
         single = refine_shot(shot, few_lookup, settings)
         assert single.converged, single.reason
         assert_same_fit(batched, single)
-    assert refine_batch(shots[:1], few_lookup, Stage1Settings.from_config({"broad_start_ncells": None}),
-                        "cpu")[0].reason == "the refined model predicts no Bragg photons in the shoeboxes"
+    without = refine_batch([lost, lost_inside], few_lookup, Stage1Settings.from_config({"broad_start_ncells": None}),
+                           "cpu")
+    assert [fit.reason for fit in without] == ["the refined model predicts no Bragg photons in the shoeboxes"] * 2
+    assert without[0].final["G"] == 0 and 0 < without[1].final["G"] < 1e12

@@ -164,6 +164,28 @@ def test_a_start_whose_spots_are_4_px_off_keeps_them(quick_shot, few_lookup):
     assert_inside_bounds(fit, settings)
 
 
+def test_a_shot_lost_with_g_inside_its_bounds_restarts_with_broad_spots(quick_shot, few_lookup):
+    """From this start (0.08 degrees and 0.5 % off, spots about 4 px from their data) the first line
+    search moves every spot out of its shoebox while G stays inside its bounds (70, from 105), so
+    no gradient is left and L-BFGS-B stops. G at a bound is not the sign here: the model with no
+    Bragg photons is, and it restarts the shot with broad spots too (validation shot 66 was lost so)."""
+    start = with_start(quick_shot.shot, perturbed_matrix(quick_shot.true_matrix, seed=1, rotation_deg=0.08,
+                                                         cell_fraction=0.005))
+    lost = refine_shot(start, few_lookup, Stage1Settings.from_config({"broad_start_ncells": None}))
+    assert lost.reason == "the refined model predicts no Bragg photons in the shoeboxes"
+    assert 1 < lost.final["G"] < lost.start["G"] < 1e12
+    assert 3.5 < lost.rmsd_px_start < 5
+
+    settings = Stage1Settings.from_config({})
+    fit = refine_shot(start, few_lookup, settings)
+    assert fit.converged, fit.reason
+    assert fit.start == lost.start and fit.n_evaluations > lost.n_evaluations
+    assert fit.rmsd_px < 0.05
+    assert xtal.misorientation_deg(fit.real_space_matrix, quick_shot.true_matrix) < 0.002
+    assert fit.final["G"] == pytest.approx(quick_shot.true_G, rel=0.02)
+    assert_inside_bounds(fit, settings)
+
+
 def test_a_start_too_far_off_is_reported_not_converged(quick_shot, few_lookup):
     """A start 1 degree off: every spot is out of its shoebox even with broad spots, G runs to 0
     (from the start and again from the restart), where every other gradient vanishes and L-BFGS-B

@@ -51,10 +51,13 @@ from xfel_spread.stage1.refine import (
     Evaluator,
     ShotFit,
     ShotProblem,
+    can_restart,
     describe_exception,
     failed_fit,
     finished_fit,
+    lost,
     minimize_shot,
+    restart_with_broad_spots,
     summarize_model,
 )
 from xfel_spread.stage1.shot import ShotPixels
@@ -391,12 +394,23 @@ def refine_batch(shots: Sequence[ShotPixels], amplitudes: BatchedForwardModel | 
     def refine_task(index: int) -> Callable[[Evaluator], object]:
         return lambda evaluate: minimize_shot(problems[index], evaluate)
 
+    def restart_task(index: int) -> Callable[[Evaluator], object]:
+        return lambda evaluate: restart_with_broad_spots(problems[index], evaluate, minimizations[index])
+
     def serve(requests):
         replies = model.nll_and_gradients({batch_of[index]: request for index, request in requests.items()})
         return {index: replies[batch_of[index]] for index in requests}
 
     minimizations = Lockstep().run({index: refine_task(index) for index in running}, serve)
     finals = _final_summaries(model, problems, minimizations, batch_of, reasons)
+    # A shot whose model lost every spot with G inside its bounds restarts with broad spots, as in
+    # refine_shot; the batch's other shots are done.
+    again = [index for index, final in finals.items()
+             if lost(final) and can_restart(problems[index], minimizations[index])]
+    if again:
+        restarts = Lockstep().run({index: restart_task(index) for index in again}, serve)
+        minimizations.update(restarts)
+        finals.update(_final_summaries(model, problems, restarts, batch_of, reasons))
 
     seconds = (time.perf_counter() - started) / max(len(shots), 1)
     fits = []

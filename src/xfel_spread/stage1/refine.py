@@ -10,7 +10,9 @@ For one shot, :func:`refine_shot`:
 3. minimises the negative log-likelihood (plus optional restraints) over the scaled refined
    parameters with scipy's L-BFGS-B, whose bounds are the parameters' bounds, with gradients from
    torch autograd through the forward model in float64; spot positions first, then everything
-   (:func:`xfel_spread.stage1.model.refinement_passes`);
+   (:func:`xfel_spread.stage1.model.refinement_passes`); a shot that loses its spots (G at a bound,
+   or no Bragg photons left in the shoeboxes) starts again, once, with broad spots
+   (:func:`restart_with_broad_spots`);
 4. evaluates the refined model on every shoebox pixel and reports, before and after, the
    model-predicted spot centroids, their RMSD against the observed ones (overall and radial; over
    every ROI and over the strong spots alone), the NLL and the Z-scores' standard deviation
@@ -31,6 +33,7 @@ to 0.69 px (median 0.2) over the strong spots.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -338,6 +341,8 @@ class Minimization:
     n_evaluations: int
     converged: bool
     reason: str
+    #: True once the broad-spot restart has run (its counts include the first attempt's).
+    restarted: bool = False
 
 
 def outcome(result: scipy.optimize.OptimizeResult) -> tuple[bool, str]:
@@ -358,25 +363,43 @@ def g_at_bound(space: ParameterSpace, values: np.ndarray) -> bool:
 
 def minimize_shot(problem: ShotProblem, evaluate: Evaluator) -> Minimization:
     """L-BFGS-B over each refinement pass in turn (:func:`~xfel_spread.stage1.model.refinement_passes`),
-    and the broad-spot restart when that loses the shot.
+    and the broad-spot restart when that loses the shot with G at a bound.
 
     Each pass starts where the previous stopped (:func:`~xfel_spread.stage1.model.enter_pass`),
     within the shot's bounds, for at most ``max_iterations`` iterations; the last pass decides
     convergence. When the passes end with G at a bound (:func:`g_at_bound`: the spots left their
-    shoeboxes) and the shot has a broad-spot start (``stage1.broad_start_ncells``), the refinement
-    starts again from the start crystal with a broad-spot pass first and its result is the shot's;
-    iterations and evaluations count both. A non-finite NLL or gradient ends the minimisation at the
-    last point evaluated.
+    shoeboxes) the shot restarts (:func:`restart_with_broad_spots`). The other sign of a lost shot,
+    a model that predicts no Bragg photons with G inside its bounds, needs the model evaluated at the
+    end: the callers check it (:func:`lost`) and restart then. A non-finite NLL or gradient ends the
+    minimisation at the last point evaluated.
     """
-    counts = [0, 0]
-    result = _run_passes(problem, evaluate, problem.start_values, refinement_passes(problem.space), counts)
-    if (problem.broad_space is not None and g_at_bound(problem.space, result.values)
-            and not result.reason.startswith("non-finite")):
+    result = _run_passes(problem, evaluate, problem.start_values, refinement_passes(problem.space), [0, 0])
+    if can_restart(problem, result) and g_at_bound(problem.space, result.values):
         logger.debug("shot %d: G ended at its bound from the start; restarting with broad spots",
                      problem.shot.shot_index)
-        result = _run_passes(problem, evaluate, problem.broad_space.start,
-                             refinement_passes(problem.broad_space, problem.settings.broad_ncells), counts)
+        result = restart_with_broad_spots(problem, evaluate, result)
     return result
+
+
+def can_restart(problem: ShotProblem, previous: Minimization) -> bool:
+    """True when the shot has a broad-spot start (``stage1.broad_start_ncells``) it has not yet tried
+    and ``previous`` did not end on a non-finite NLL or gradient."""
+    return (problem.broad_space is not None and not previous.restarted
+            and not previous.reason.startswith("non-finite"))
+
+
+def restart_with_broad_spots(problem: ShotProblem, evaluate: Evaluator, previous: Minimization) -> Minimization:
+    """Refine again from the start crystal with a broad-spot pass first; iterations and evaluations
+    count ``previous`` too, and its result is the shot's."""
+    counts = [previous.n_iterations, previous.n_evaluations]
+    result = _run_passes(problem, evaluate, problem.broad_space.start,
+                         refinement_passes(problem.broad_space, problem.settings.broad_ncells), counts)
+    return dataclasses.replace(result, restarted=True)
+
+
+def lost(summary: ModelSummary) -> bool:
+    """True when the model predicts no Bragg photons in any shoebox (every centroid undefined)."""
+    return not np.any(np.isfinite(summary.centroids))
 
 
 def _run_passes(problem: ShotProblem, evaluate: Evaluator, start: np.ndarray, passes: list[ParameterSpace],
@@ -469,7 +492,7 @@ def finished_fit(problem: ShotProblem, start: ModelSummary, final: ModelSummary,
     """
     shot = problem.shot
     converged, reason = minimization.converged, minimization.reason
-    if not np.any(np.isfinite(final.centroids)):
+    if lost(final):
         converged, reason = False, "the refined model predicts no Bragg photons in the shoeboxes"
     elif g_at_bound(problem.space, minimization.values):
         converged, reason = False, (f"G ended at its bound ({minimization.values[INDEX['G']]:.3g}): "
@@ -492,6 +515,14 @@ def finished_fit(problem: ShotProblem, start: ModelSummary, final: ModelSummary,
         n_rois=shot.n_rois, n_strong_rois=int(np.count_nonzero(shot.strong)), n_trusted_pixels=int(problem.tensors.trusted.numel()), seconds=seconds)
 
 
+def final_summary(problem: ShotProblem, amplitudes: AmplitudeLookup, minimization: Minimization,
+                  pixels: torch.Tensor) -> ModelSummary:
+    """The model's summary at the end of ``minimization`` (every shoebox pixel)."""
+    values = torch.as_tensor(minimization.values, device=problem.device)
+    with torch.no_grad():
+        return summarize_model(problem, values, problem.bragg(values, amplitudes, pixels))
+
+
 def refine_shot(shot: ShotPixels, amplitudes: AmplitudeLookup, settings: Stage1Settings,
                 psf: DetectorPsf | None = None) -> ShotFit:
     """Refine one shot against its shoebox pixels (see the module docstring); never raises.
@@ -509,10 +540,14 @@ def refine_shot(shot: ShotPixels, amplitudes: AmplitudeLookup, settings: Stage1S
         unit_bragg = problem.set_start_from_model(amplitudes)
         start_values = torch.as_tensor(problem.start_values, device=problem.device)
         start = summarize_model(problem, start_values, unit_bragg * start_values[INDEX["G"]])
-        minimization = minimize_shot(problem, dense_evaluator(problem, amplitudes))
-        final_values = torch.as_tensor(minimization.values, device=problem.device)
-        with torch.no_grad():
-            final = summarize_model(problem, final_values, problem.bragg(final_values, amplitudes, pixels))
+        evaluate = dense_evaluator(problem, amplitudes)
+        minimization = minimize_shot(problem, evaluate)
+        final = final_summary(problem, amplitudes, minimization, pixels)
+        if lost(final) and can_restart(problem, minimization):
+            logger.debug("shot %d: no Bragg photons left in the shoeboxes; restarting with broad spots",
+                         shot.shot_index)
+            minimization = restart_with_broad_spots(problem, evaluate, minimization)
+            final = final_summary(problem, amplitudes, minimization, pixels)
         fit = finished_fit(problem, start, final, minimization, time.perf_counter() - started)
     except Exception as exc:  # noqa: BLE001 - a shot must never stop the stage; the reason is reported
         fit = failed_fit(shot, settings, describe_exception(exc), time.perf_counter() - started, problem, start)
