@@ -51,13 +51,12 @@ from xfel_spread.stage1.refine import (
     Evaluator,
     ShotFit,
     ShotProblem,
-    can_restart,
     describe_exception,
     failed_fit,
     finished_fit,
-    lost,
     minimize_shot,
     restart_with_broad_spots,
+    should_restart,
     summarize_model,
 )
 from xfel_spread.stage1.shot import ShotPixels
@@ -403,10 +402,8 @@ def refine_batch(shots: Sequence[ShotPixels], amplitudes: BatchedForwardModel | 
 
     minimizations = Lockstep().run({index: refine_task(index) for index in running}, serve)
     finals = _final_summaries(model, problems, minimizations, batch_of, reasons)
-    # A shot whose model lost every spot with G inside its bounds restarts with broad spots, as in
-    # refine_shot; the batch's other shots are done.
-    again = [index for index, final in finals.items()
-             if lost(final) and can_restart(problems[index], minimizations[index])]
+    # A shot that lost its spots restarts with broad spots, as in refine_shot; the batch's other shots are done.
+    again = [index for index, final in finals.items() if should_restart(problems[index], minimizations[index], final)]
     if again:
         restarts = Lockstep().run({index: restart_task(index) for index in again}, serve)
         minimizations.update(restarts)

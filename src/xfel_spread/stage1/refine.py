@@ -362,30 +362,28 @@ def g_at_bound(space: ParameterSpace, values: np.ndarray) -> bool:
 
 
 def minimize_shot(problem: ShotProblem, evaluate: Evaluator) -> Minimization:
-    """L-BFGS-B over each refinement pass in turn (:func:`~xfel_spread.stage1.model.refinement_passes`),
-    and the broad-spot restart when that loses the shot with G at a bound.
+    """L-BFGS-B over each refinement pass in turn (:func:`~xfel_spread.stage1.model.refinement_passes`).
 
     Each pass starts where the previous stopped (:func:`~xfel_spread.stage1.model.enter_pass`),
     within the shot's bounds, for at most ``max_iterations`` iterations; the last pass decides
-    convergence. When the passes end with G at a bound (:func:`g_at_bound`: the spots left their
-    shoeboxes) the shot restarts (:func:`restart_with_broad_spots`). The other sign of a lost shot,
-    a model that predicts no Bragg photons with G inside its bounds, needs the model evaluated at the
-    end: the callers check it (:func:`lost`) and restart then. A non-finite NLL or gradient ends the
-    minimisation at the last point evaluated.
+    convergence. A non-finite NLL or gradient ends the minimisation at the last point evaluated.
+    Whether the shot was lost and restarts (:func:`should_restart`) needs the model at the end, so
+    the callers decide it.
     """
-    result = _run_passes(problem, evaluate, problem.start_values, refinement_passes(problem.space), [0, 0])
-    if can_restart(problem, result) and g_at_bound(problem.space, result.values):
-        logger.debug("shot %d: G ended at its bound from the start; restarting with broad spots",
-                     problem.shot.shot_index)
-        result = restart_with_broad_spots(problem, evaluate, result)
-    return result
+    return _run_passes(problem, evaluate, problem.start_values, refinement_passes(problem.space), [0, 0])
 
 
-def can_restart(problem: ShotProblem, previous: Minimization) -> bool:
-    """True when the shot has a broad-spot start (``stage1.broad_start_ncells``) it has not yet tried
-    and ``previous`` did not end on a non-finite NLL or gradient."""
-    return (problem.broad_space is not None and not previous.restarted
-            and not previous.reason.startswith("non-finite"))
+def should_restart(problem: ShotProblem, minimization: Minimization, final: ModelSummary) -> bool:
+    """True when the minimisation lost the shot and the broad-spot restart has something to try.
+
+    Lost: G at a bound (:func:`g_at_bound`) or no Bragg photons left in the shoeboxes (:func:`lost`,
+    with G anywhere): the spots left their shoeboxes. The restart needs a broad-spot start
+    (``stage1.broad_start_ncells``) not yet tried, and a minimisation that did not end on a
+    non-finite NLL or gradient.
+    """
+    if problem.broad_space is None or minimization.restarted or minimization.reason.startswith("non-finite"):
+        return False
+    return g_at_bound(problem.space, minimization.values) or lost(final)
 
 
 def restart_with_broad_spots(problem: ShotProblem, evaluate: Evaluator, previous: Minimization) -> Minimization:
@@ -543,9 +541,8 @@ def refine_shot(shot: ShotPixels, amplitudes: AmplitudeLookup, settings: Stage1S
         evaluate = dense_evaluator(problem, amplitudes)
         minimization = minimize_shot(problem, evaluate)
         final = final_summary(problem, amplitudes, minimization, pixels)
-        if lost(final) and can_restart(problem, minimization):
-            logger.debug("shot %d: no Bragg photons left in the shoeboxes; restarting with broad spots",
-                         shot.shot_index)
+        if should_restart(problem, minimization, final):
+            logger.debug("shot %d: the spots left their shoeboxes; restarting with broad spots", shot.shot_index)
             minimization = restart_with_broad_spots(problem, evaluate, minimization)
             final = final_summary(problem, amplitudes, minimization, pixels)
         fit = finished_fit(problem, start, final, minimization, time.perf_counter() - started)
