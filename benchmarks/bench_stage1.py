@@ -20,7 +20,8 @@ Usage: .venv/bin/python benchmarks/bench_stage1.py [--shots 3] [--rois 50] [--sh
 The amplitude table defaults to the demo run's; without it, it is computed from ../shared/data.
 
 Measured on the 2-core AMD EPYC VM, one torch thread, 2026-12-05, with other jobs running (load 4-6
-on 2 cores, so wall time is 2-4x CPU time; CPU time is the figure to compare):
+on 2 cores, so wall time is 2-4x CPU time; CPU time is the figure to compare), when a CPU batch still
+ran the batched kernel (one shot's pixels at a time) and so took rounding-different paths:
 
 | run | refine_shot CPU s/lattice | refine_batch CPU s/lattice (3 per batch) |
 | --- | --- | --- |
@@ -28,6 +29,22 @@ on 2 cores, so wall time is 2-4x CPU time; CPU time is the figure to compare):
 | default, 20 shoeboxes | 4.64 | 4.76 |
 | ``--eta --rois 20`` (analytic, gaussian draw) | 8.39 | 9.00 |
 | ``--eta --rois 20 --draw nanobragg`` | 8.07 | 8.06 |
+
+Since 2026-12-06 a batch on a CPU evaluates each shot by its dense model (``BatchedForwardModel``'s
+``gathered`` off), so every shot takes refine_shot's path to the bit: the same evaluations, the same
+fits (largest difference printed: 0). Measured that day, one torch thread, a pixel-metrology job on
+the other core; CPU seconds per lattice, the mean over the shots (a batch has one time for all):
+
+| run | refine_shot | refine_batch |
+| --- | --- | --- |
+| default, 50 shoeboxes, ``--shots 4`` | 13.08 | 13.12 |
+| default, 20 shoeboxes (wall: the CPU mean was not printed then) | 6.04 | 6.01 |
+| ``--eta --rois 20 --shots 4`` | 8.85 | 9.55 |
+| default, 50 shoeboxes, ``--gathered`` (the GPU's kernel on the CPU; wall) | 15.06 | 14.83 |
+
+The eta row's 8 % is the machine: refining one such shot both ways twice (208 evaluations each), the
+CPU outside the evaluations was 0.14 and 0.15 s per lattice for refine_shot and refine_batch, while
+the evaluations themselves took 10.32, 10.46, 10.51 and 11.79 s from run to run.
 
 With ``--eta`` the refined N (median per lattice) was -2.6, +5.5, +1.3 % of 57 (gaussian draw) and
 +1.8, +0.1, -1.3 % (nanoBragg's), eta 0.0526, 0.0633, 0.0686 deg against the drawn domains' RMS
@@ -119,7 +136,9 @@ def report(label: str, fits, truths, seconds: list[float], cpu_seconds: list[flo
                                                turned_by_mean(truth.true_matrix, truth.mosaic_rotations)))
                       for fit, truth in zip(fits, truths)]
     print(f"{label}: {statistics.median(seconds):6.2f} s/lattice wall (median of {len(seconds)}: "
-          + ", ".join(f"{s:.2f}" for s in seconds) + f"), {statistics.median(cpu_seconds):6.2f} s/lattice CPU")
+          + ", ".join(f"{s:.2f}" for s in seconds) + f"; mean {statistics.fmean(seconds):.2f}), "
+          f"{statistics.median(cpu_seconds):6.2f} s/lattice CPU (mean {statistics.fmean(cpu_seconds):.2f}, "
+          "the figure a batch's one time compares with)")
     for fit, truth, (before, after, to_mean) in zip(fits, truths, misorientation):
         n = [fit.final[name] for name in ("Na", "Nb", "Nc")]
         print(f"    shot {fit.shot_index}: converged {fit.converged} {fit.reason} iterations {fit.n_iterations}, "
@@ -141,6 +160,8 @@ def main() -> None:
     parser.add_argument("--draw", default="gaussian", choices=["gaussian", "nanobragg"],
                         help="the simulator's mosaic draw, and the refinement's stage1.mosaic_model")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--gathered", action="store_true",
+                        help="the batch through the gathered kernel (a GPU's way) on a CPU too")
     arguments = parser.parse_args()
     table, lookup = model_lookup(arguments)
     print(f"torch threads {torch.get_num_threads()}, {len(table.energies_ev)} channels, {arguments.rois} shoeboxes "
@@ -169,7 +190,7 @@ def main() -> None:
     report(f"refine_shot, cpu, {label}", singles, truths, [fit.seconds for fit in singles], cpu_seconds)
 
     device = torch.device(arguments.device)
-    model = BatchedForwardModel(lookup, table.energies_ev, device)
+    model = BatchedForwardModel(lookup, table.energies_ev, device, gathered=True if arguments.gathered else None)
     if device.type == "cuda":
         refine_batch(shots[:1], model, settings)  # warm-up: CUDA context and kernels
         torch.cuda.synchronize()
@@ -179,7 +200,8 @@ def main() -> None:
         torch.cuda.synchronize()
     per_shot = (time.perf_counter() - started) / len(shots)
     cpu_per_shot = (time.process_time() - cpu_started) / len(shots)
-    report(f"refine_batch, {device}, {label}, {len(shots)} shots per batch", fits, truths, [per_shot],
+    kernel = "gathered" if model.gathered else "each shot's dense model"
+    report(f"refine_batch, {device} ({kernel}), {label}, {len(shots)} shots per batch", fits, truths, [per_shot],
            [cpu_per_shot])
     worst = {name: max(abs(a.final[name] - b.final[name]) for a, b in zip(fits, singles)) for name in fits[0].final}
     print("    largest difference refine_batch - refine_shot: "

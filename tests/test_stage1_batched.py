@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from stage1_cases import assert_same_fit
+from stage1_cases import assert_identical_fit, assert_same_fit
 from sim_fixtures import LY99_ENERGIES_EV, lookup_for
 
 from xfel_spread.sim import crystal as xtal
@@ -69,14 +69,13 @@ def shots_pixels(shots):
     return fast, slow, torch.as_tensor(np.repeat(np.arange(len(shots)), [shot.n_pixels for shot in shots]))
 
 
-def batched_and_gathered(fast, slow, shot_of_pixel, crystals, spectra, energies, lookup, *mosaic_variance):
-    """The batched kernel's photons computed one shot a time (a CPU's way) and with every pixel's
-    inputs gathered in one call mixing shots (the GPU's way)."""
+def gathered_photons(fast, slow, shot_of_pixel, crystals, spectra, energies, lookup, *mosaic_variance):
+    """The batched kernel's photons, every pixel's inputs gathered in one call mixing shots (the GPU's way)."""
     directions, factor = pixel_factors(LY99_DETECTOR, fast, slow, 1.0)
-    arguments = (directions, factor, shot_of_pixel, torch.stack([c.domain_matrices for c in crystals]),
-                 torch.stack([c.ncells for c in crystals]), torch.stack([c.scale for c in crystals]),
-                 torch.stack(spectra), torch.as_tensor(energies / HC_EV_ANGSTROM), lookup, 3e-6, *mosaic_variance)
-    return batched_bragg_photons(*arguments), batched_bragg_photons(*arguments, per_shot=False)
+    return batched_bragg_photons(directions, factor, shot_of_pixel, torch.stack([c.domain_matrices for c in crystals]),
+                                 torch.stack([c.ncells for c in crystals]), torch.stack([c.scale for c in crystals]),
+                                 torch.stack(spectra), torch.as_tensor(energies / HC_EV_ANGSTROM), lookup, 3e-6,
+                                 *mosaic_variance)
 
 
 def test_batched_kernel_equals_the_dense_model_per_shot(three_shots, few_lookup):
@@ -89,7 +88,7 @@ def test_batched_kernel_equals_the_dense_model_per_shot(three_shots, few_lookup)
                              torch.as_tensor(rng.uniform(30, 80, 3)), torch.tensor(rng.uniform(10, 100)))
                 for shot in three_shots]
     spectra = [torch.as_tensor(shot.photons * rng.uniform(0.5, 2.0, FEW_CHANNELS.size)) for shot in three_shots]
-    batched, gathered = batched_and_gathered(fast, slow, shot_of_pixel, crystals, spectra, energies, few_lookup)
+    gathered = gathered_photons(fast, slow, shot_of_pixel, crystals, spectra, energies, few_lookup)
     for shot in range(3):
         mine = shot_of_pixel == shot
         beam = Beam(torch.as_tensor(energies), spectra[shot], 3e-6, 1.0)
@@ -97,8 +96,7 @@ def test_batched_kernel_equals_the_dense_model_per_shot(three_shots, few_lookup)
         assert reference.max() > 100
         # A term at the cut-off (arg = 35) is exp(-70) ~ 4e-31 of its peak; rounding decides its side.
         rtol = kernel_rtol(float(crystals[shot].ncells.max()), FEW_CHANNELS.size * 3)
-        for photons in (batched, gathered):
-            assert torch.allclose(photons[mine], reference, rtol=rtol, atol=1e-20 * float(reference.max()))
+        assert torch.allclose(gathered[mine], reference, rtol=rtol, atol=1e-20 * float(reference.max()))
 
 
 def test_batched_kernel_with_an_analytic_mosaic_spread_equals_the_dense_model(three_shots, few_lookup):
@@ -111,33 +109,39 @@ def test_batched_kernel_with_an_analytic_mosaic_spread_equals_the_dense_model(th
                              torch.as_tensor(np.radians(rng.uniform(0.01, 0.1, 2)) ** 2 / 3))
                 for shot in three_shots]
     spectra = [torch.as_tensor(shot.photons * rng.uniform(0.5, 2.0, FEW_CHANNELS.size)) for shot in three_shots]
-    batched, gathered = batched_and_gathered(fast, slow, shot_of_pixel, crystals, spectra, energies, few_lookup,
-                                             torch.stack([c.mosaic_variance for c in crystals]))
+    gathered = gathered_photons(fast, slow, shot_of_pixel, crystals, spectra, energies, few_lookup,
+                                torch.stack([c.mosaic_variance for c in crystals]))
     for shot in range(3):
         mine = shot_of_pixel == shot
         beam = Beam(torch.as_tensor(energies), spectra[shot], 3e-6, 1.0)
         reference = bragg_photons_dense(LY99_DETECTOR, beam, crystals[shot], few_lookup, fast[mine], slow[mine])
         assert reference.max() > 100
-        for photons in (batched, gathered):
-            assert torch.allclose(photons[mine], reference, rtol=1e-10, atol=1e-20 * float(reference.max()))
+        assert torch.allclose(gathered[mine], reference, rtol=1e-10, atol=1e-20 * float(reference.max()))
 
 
-def test_batched_nll_and_gradients_equal_the_dense_ones(three_shots, few_lookup):
-    """Every parameter refined (eta with 4 domains, detector shift), at generic points of each shot."""
+def served_at_generic_points(three_shots, few_lookup, **model_options):
+    """Every parameter refined (eta with 4 domains, detector shift): the prepared problems, the loaded
+    batched model, a request per shot at a generic point and the model's replies."""
     settings = Stage1Settings.from_config({"refine": ALL_GROUPS, "mosaic_domains": 4, "restraints": {"ncells": 20.0}})
     problems = [prepared(shot, settings, few_lookup) for shot in three_shots]
-    model = BatchedForwardModel(few_lookup, LY99_ENERGIES_EV[FEW_CHANNELS], "cpu")
+    model = BatchedForwardModel(few_lookup, LY99_ENERGIES_EV[FEW_CHANNELS], "cpu", **model_options)
     model.load(problems)
     rng = np.random.default_rng(1)
     requests = {index: (problem.space, rng.uniform(-3, 3, problem.space.n_refined))
                 for index, problem in enumerate(problems)}
-    replies = model.nll_and_gradients(requests)
+    return problems, model, requests, model.nll_and_gradients(requests)
+
+
+def test_batched_nll_and_gradients_equal_the_dense_ones(three_shots, few_lookup):
+    """At generic points of each shot, through the gathered kernel (a GPU's way, here on the CPU)."""
+    problems, model, requests, replies = served_at_generic_points(three_shots, few_lookup, gathered=True)
     for index, problem in enumerate(problems):
         value, gradient = dense_evaluator(problem, few_lookup)(*requests[index])
         # The photons agree to kernel_rtol (N within its bounds); the NLL's per-pixel terms
         # are positive and summed in other orders, adding one rounding step per pixel.
         n_pixels = problem.tensors.trusted.numel()
-        rel = kernel_rtol(settings.bounds_ncells[1], FEW_CHANNELS.size * 4) + n_pixels * float(np.finfo(np.float64).eps)
+        rel = (kernel_rtol(problem.settings.bounds_ncells[1], FEW_CHANNELS.size * 4)
+               + n_pixels * float(np.finfo(np.float64).eps))
         assert replies[index][0] == pytest.approx(value, rel=rel)
         assert np.allclose(replies[index][1], gradient, rtol=1e-10, atol=1e-10 * np.abs(gradient).max())
     # A subset of the shots is served alone, with the same answers.
@@ -146,9 +150,25 @@ def test_batched_nll_and_gradients_equal_the_dense_ones(three_shots, few_lookup)
     assert np.allclose(alone[2][1], replies[2][1], rtol=1e-12)
 
 
+def test_on_a_cpu_the_batch_evaluates_each_shot_as_refine_shot_does(three_shots, few_lookup):
+    """The CPU default: the same NLLs, gradients and every-pixel photons to the bit, no batch buffers."""
+    problems, model, requests, replies = served_at_generic_points(three_shots, few_lookup)
+    assert not model.gathered
+    assert model._storage == {}
+    for index, problem in enumerate(problems):
+        value, gradient = dense_evaluator(problem, few_lookup)(*requests[index])
+        assert replies[index][0] == value
+        assert np.array_equal(replies[index][1], gradient)
+    values = torch.stack([torch.as_tensor(problem.space.start) for problem in problems])
+    for row, (photons, problem) in enumerate(zip(model.bragg_all_pixels(range(3), values), problems)):
+        pixels = torch.arange(problem.shot.n_pixels)
+        assert torch.equal(photons, problem.bragg(values[row], few_lookup, pixels))
+        assert photons.max() > 100
+
+
 def test_buffers_are_reused_between_batches(three_shots, few_lookup):
     settings = Stage1Settings.from_config({})
-    model = BatchedForwardModel(few_lookup, LY99_ENERGIES_EV[FEW_CHANNELS], "cpu")
+    model = BatchedForwardModel(few_lookup, LY99_ENERGIES_EV[FEW_CHANNELS], "cpu", gathered=True)
     model.load([prepared(shot, settings, few_lookup) for shot in three_shots])
     pointers = {name: model._storage[name].data_ptr() for name in ("fast", "data", "directions")}
     model.load([prepared(shot, settings, few_lookup) for shot in three_shots[:2]])
@@ -182,15 +202,20 @@ def test_lockstep_serves_every_waiting_task_in_one_batch():
     assert batch_sizes == [3, 2, 2, 2, 2, 2, 1]
 
 
-def test_refine_batch_gives_the_parameters_of_refine_shot(three_shots, few_lookup):
+def test_refine_batch_gives_the_fits_of_refine_shot(three_shots, few_lookup):
+    """On a CPU to the bit (the same evaluations, so the same cost per lattice); through the gathered
+    kernel (a GPU's way) up to rounding."""
     settings = Stage1Settings.from_config({})
     singles = [refine_shot(shot, few_lookup, settings) for shot in three_shots]
     batched = refine_batch(three_shots, few_lookup, settings, "cpu")
+    gathered_model = BatchedForwardModel(few_lookup, LY99_ENERGIES_EV[FEW_CHANNELS], "cpu", gathered=True)
+    gathered = refine_batch(three_shots, gathered_model, settings)
     assert [fit.shot_index for fit in batched] == [shot.shot_index for shot in three_shots]
-    for batched_fit, single_fit in zip(batched, singles):
+    for batched_fit, gathered_fit, single_fit in zip(batched, gathered, singles):
         assert single_fit.converged, single_fit.reason
         assert batched_fit.rmsd_px < 0.05 < batched_fit.rmsd_px_start
-        assert_same_fit(batched_fit, single_fit)
+        assert_identical_fit(batched_fit, single_fit)
+        assert_same_fit(gathered_fit, single_fit)
 
 
 def test_refine_batch_with_eta_and_distance_gives_the_parameters_of_refine_shot(three_shots, few_lookup):
@@ -198,7 +223,8 @@ def test_refine_batch_with_eta_and_distance_gives_the_parameters_of_refine_shot(
     little more, so a hundredth of a step is asked."""
     settings = Stage1Settings.from_config({"refine": ALL_GROUPS, "mosaic_domains": 4})
     shots = three_shots[:2]
-    for batched_fit, shot in zip(refine_batch(shots, few_lookup, settings, "cpu"), shots):
+    model = BatchedForwardModel(few_lookup, LY99_ENERGIES_EV[FEW_CHANNELS], "cpu", gathered=True)
+    for batched_fit, shot in zip(refine_batch(shots, model, settings), shots):
         assert_same_fit(batched_fit, refine_shot(shot, few_lookup, settings), tolerance_steps=1e-2)
 
 
@@ -257,7 +283,7 @@ def test_refine_batch_restarts_a_lost_shot_as_refine_shot_does(amplitude_table, 
     for batched, shot in zip(refine_batch(shots, few_lookup, settings, "cpu"), shots):
         single = refine_shot(shot, few_lookup, settings)
         assert single.converged, single.reason
-        assert_same_fit(batched, single)
+        assert_identical_fit(batched, single)
     without = refine_batch([lost, lost_inside], few_lookup, Stage1Settings.from_config({"broad_start_ncells": None}),
                            "cpu")
     assert [fit.reason for fit in without] == ["the refined model predicts no Bragg photons in the shoeboxes"] * 2

@@ -108,7 +108,7 @@ def test_batched_model_equals_the_single_shot_model_on_tiles(amplitude_table, fe
         problem = ShotProblem(synthetic.shot, settings, "cpu")
         problem.set_start_from_model(few_lookup)
         problems.append(problem)
-    model = BatchedForwardModel(few_lookup, LY99_ENERGIES_EV[FEW_CHANNELS], "cpu")
+    model = BatchedForwardModel(few_lookup, LY99_ENERGIES_EV[FEW_CHANNELS], "cpu", gathered=True)
     model.load(problems)
     values = torch.stack([torch.as_tensor(problem.start_values) for problem in problems])
     values[:, -1] = torch.tensor([0.2, -0.1], dtype=torch.float64)

@@ -38,7 +38,8 @@ def prepared(case):
     failures = []
     lattices = list(prepared_lattices(annulus, grid, range(annulus.n_lattices), settings.shoebox_size_px, failures))
     assert failures == [] and len(lattices) == 2
-    return settings, BatchedForwardModel(grid, annulus.metadata.energy_ev, "cpu"), lattices
+    # The gathered kernel (a GPU's way) on the CPU: its batch buffers are what a whole batch can fail on.
+    return settings, BatchedForwardModel(grid, annulus.metadata.energy_ev, "cpu", gathered=True), lattices
 
 
 def write_config(path, **settings):

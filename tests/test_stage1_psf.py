@@ -6,7 +6,7 @@ import pytest
 import torch
 from sim_fixtures import LY99_ENERGIES_EV, lookup_for
 
-from stage1_cases import assert_same_fit
+from stage1_cases import assert_identical_fit, assert_same_fit
 
 from xfel_spread.sim import crystal as xtal
 from xfel_spread.sim.detector_effects import apply_fiber_psf, fiber_psf_kernel
@@ -133,13 +133,15 @@ def test_refine_batch_with_the_psf_gives_the_parameters_of_refine_shot(amplitude
     shots = [with_start(synthetic.shot, perturbed_matrix(synthetic.true_matrix, seed, cell_fraction=0.001))
              for seed, synthetic in ((4, spread_shot), (5, other))]
     settings = Stage1Settings.from_config({})
-    model = BatchedForwardModel(few_lookup, LY99_ENERGIES_EV[FEW_CHANNELS], "cpu")
+    model = BatchedForwardModel(few_lookup, LY99_ENERGIES_EV[FEW_CHANNELS], "cpu", gathered=True)
     singles = [refine_shot(shot, few_lookup, settings, LY99_PSF) for shot in shots]
-    for batched, single in zip(refine_batch(shots, model, settings, psf=LY99_PSF), singles):
+    on_a_cpu = refine_batch(shots, few_lookup, settings, "cpu", psf=LY99_PSF)
+    for gathered, batched, single in zip(refine_batch(shots, model, settings, psf=LY99_PSF), on_a_cpu, singles):
         assert single.converged, single.reason
-        # The spread sums over another set of pixels in each path; its rounding moves the end point
-        # by about a thousandth of a step, so a hundredth is asked.
-        assert_same_fit(batched, single, tolerance_steps=1e-2)
+        assert_identical_fit(batched, single)
+        # The gathered kernel (a GPU's) spreads over the batch's block-diagonal map, another sum
+        # order; its rounding moves the end point by about a thousandth of a step, so a hundredth is asked.
+        assert_same_fit(gathered, single, tolerance_steps=1e-2)
     # The same model batch after batch: a batch without the PSF reaches another end point.
     without = refine_batch(shots[:1], model, settings)[0]
     assert abs(without.final["Na"] - singles[0].final["Na"]) > 1

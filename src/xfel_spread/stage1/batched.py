@@ -2,21 +2,28 @@
 
 The batched path is what the pipeline's ``exa`` rule runs (command ``spread-exa``, outputs under
 ``exa/``); in the code it is called "batched" throughout. :class:`BatchedForwardModel` keeps the
-per-channel |F|^2 of all channels on one device for its whole life, and evaluates the shoebox pixels
-of a batch of shots in one call: the shots' pixels are concatenated with the index of their shot, and
-each shot brings its own crystal (mosaic-domain matrices, N, G) and spectrum. The kernel is
+per-channel |F|^2 of all channels on one device for its whole life and serves the NLL and gradient
+of a batch of shots in one call.
+
+Off a CPU (``gathered``, the default there) it evaluates the shoebox pixels of the batch in one
+kernel call: the shots' pixels are concatenated with the index of their shot, and each shot brings
+its own crystal (mosaic-domain matrices, N, G) and spectrum. The kernel is
 :func:`xfel_spread.sim.forward.bragg_sum`, the one :func:`~xfel_spread.sim.forward.bragg_photons_dense`
 (the reference) uses, fed per-pixel gathers of the per-shot inputs (:func:`batched_bragg_photons`).
 The pixel arrays of a batch live in device buffers that are reused from batch to batch (grown when a
 batch needs more), and the pixels' directions and geometric factors are computed once per batch
-unless the detector distance is refined.
+unless the detector distance is refined. On a CPU there are no kernel launches to save, and the
+gathered inputs made an evaluation 8-22 % dearer per shot, so there each shot of the batch is
+evaluated by its own dense model, with exactly :func:`~xfel_spread.stage1.refine.refine_shot`'s
+arithmetic (``gathered=True`` runs a GPU's way on a CPU, as the tests do).
 
 :func:`refine_batch` runs exactly :func:`xfel_spread.stage1.refine.refine_shot`'s refinement for
 every shot of a batch at once. Each shot keeps its own L-BFGS-B (its own parameters, iterations,
 convergence and failure), running in its own thread; whenever every running shot waits for an
 evaluation, one batched call computes the sum of their NLLs and its gradient. Shots are
 independent, so the gradient of the sum with respect to a shot's parameters is that shot's
-gradient, and each shot follows the path ``refine_shot`` would, up to rounding.
+gradient, and each shot follows the path ``refine_shot`` would: bit for bit on a CPU (the same
+evaluations, hence the same seconds per lattice), up to rounding through the gathered kernel.
 """
 
 from __future__ import annotations
@@ -51,6 +58,8 @@ from xfel_spread.stage1.refine import (
     Evaluator,
     ShotFit,
     ShotProblem,
+    all_pixels,
+    dense_evaluator,
     describe_exception,
     failed_fit,
     finished_fit,
@@ -66,54 +75,34 @@ def batched_bragg_photons(directions: torch.Tensor, factor: torch.Tensor, pixel_
                           domain_matrices: torch.Tensor, ncells: torch.Tensor, scale: torch.Tensor,
                           photons: torch.Tensor, inverse_wavelengths: torch.Tensor,
                           amplitudes: AmplitudeLookup, beam_size_m: float,
-                          mosaic_variance: torch.Tensor | None = None, per_shot: bool | None = None) -> torch.Tensor:
+                          mosaic_variance: torch.Tensor | None = None) -> torch.Tensor:
     """Bragg photons of pixels belonging to different shots, in one evaluation.
 
     Per pixel: unit diffracted direction ``directions`` (P, 3), polar * omega * capture ``factor``
     (P,) and its shot ``pixel_shot`` (P,). Per shot: ``domain_matrices`` (S, D, 3, 3), ``ncells``
     (S, 3), ``scale`` (S,) and ``photons`` (S, K) per channel of ``inverse_wavelengths`` (K,). Each
     pixel gets ``bragg_photons_dense`` of its own shot: the same kernel (:func:`bragg_sum`) on the
-    pixel's crystal and spectrum. With ``mosaic_variance`` (S, J), each shot's one domain is averaged
-    over its J analytic mosaic spreads instead (:func:`bragg_sum_mosaic`).
-
-    ``per_shot`` (default: on a CPU) feeds the kernel one shot's run of consecutive pixels at a time
-    with that shot's crystal and spectrum shared, as ``bragg_photons_dense`` does; otherwise every
-    call mixes shots, with each pixel's crystal and spectrum gathered (what a GPU takes best: few
-    large calls). On a CPU the gathered inputs made an evaluation (forward and backward) 22 % slower
-    per shot than the dense model's (3 shots of 50 shoeboxes, 100 channels, one thread: 88.6 against
-    72.7 ms), and there are no kernel launches to save.
+    pixel's crystal and spectrum, gathered per pixel, so that one call mixes shots (what a GPU takes
+    best: few large calls). With ``mosaic_variance`` (S, J), each shot's one domain is averaged over
+    its J analytic mosaic spreads instead (:func:`bragg_sum_mosaic`).
     """
     n_domains = domain_matrices.shape[1]
     beam_direction = torch.as_tensor(BEAM_DIRECTION, dtype=directions.dtype, device=directions.device)
     chunk = pixels_per_call(directions.device, inverse_wavelengths.numel() * n_domains)
-    if per_shot is None:
-        per_shot = directions.device.type == "cpu"
     if mosaic_variance is not None:
         matrices = domain_matrices[:, 0]
         metrics = matrices @ matrices.transpose(1, 2)
-
-    def kernel(start: int, stop: int, shot: int | None) -> torch.Tensor:
-        """The kernel on pixels start:stop, all of ``shot`` (its inputs shared) or of any shots (gathered)."""
-        which = pixel_shot[start:stop] if shot is None else shot
-        w = directions[start:stop] - beam_direction
-        if mosaic_variance is not None:
-            g = (torch.einsum("pij,pj->pi", matrices[which], w) if shot is None else w @ matrices[shot].T)
-            return bragg_sum_mosaic(g, (w ** 2).sum(dim=-1), metrics[which], inverse_wavelengths, ncells[which],
-                                    photons[which], amplitudes, mosaic_variance[which])
-        equation = "pdij,pj->pdi" if shot is None else "dij,pj->pdi"
-        return bragg_sum(torch.einsum(equation, domain_matrices[which], w), inverse_wavelengths, ncells[which],
-                         photons[which], amplitudes)
-
     totals = []
-    if per_shot:
-        shots, counts = torch.unique_consecutive(pixel_shot, return_counts=True)
-        first = 0
-        for shot, count in zip(shots.tolist(), counts.tolist()):
-            totals.extend(kernel(start, min(start + chunk, first + count), shot)
-                          for start in range(first, first + count, chunk))
-            first += count
-    else:
-        totals = [kernel(start, start + chunk, None) for start in range(0, directions.shape[0], chunk)]
+    for start in range(0, directions.shape[0], chunk):
+        which = pixel_shot[start:start + chunk]
+        w = directions[start:start + chunk] - beam_direction
+        if mosaic_variance is not None:
+            totals.append(bragg_sum_mosaic(torch.einsum("pij,pj->pi", matrices[which], w), (w ** 2).sum(dim=-1),
+                                           metrics[which], inverse_wavelengths, ncells[which], photons[which],
+                                           amplitudes, mosaic_variance[which]))
+        else:
+            totals.append(bragg_sum(torch.einsum("pdij,pj->pdi", domain_matrices[which], w), inverse_wavelengths,
+                                    ncells[which], photons[which], amplitudes))
     per_domain = 1 if mosaic_variance is not None else n_domains
     prefactor = scale * R_E_SQUARED_M2 / per_domain / beam_size_m ** 2
     return prefactor[pixel_shot] * factor * torch.cat(totals)
@@ -137,11 +126,14 @@ class BatchedForwardModel:
 
     ``energies_ev`` are the channels of the amplitude table's rows, shared by every shot. Use
     :meth:`load` to put a batch's pixels on the device, then :meth:`nll_and_gradients` and
-    :meth:`bragg_all_pixels` on it.
+    :meth:`bragg_all_pixels` on it. ``gathered`` (default: off a CPU) runs the batch through one
+    gathered kernel; without it each shot is evaluated by its own dense model, as ``refine_shot`` does.
     """
 
-    def __init__(self, amplitudes: AmplitudeLookup | AmplitudeGrid, energies_ev: np.ndarray, device):
+    def __init__(self, amplitudes: AmplitudeLookup | AmplitudeGrid, energies_ev: np.ndarray, device,
+                 gathered: bool | None = None):
         self.device = torch.device(device)
+        self.gathered = self.device.type != "cpu" if gathered is None else bool(gathered)
         self.amplitudes = lookup_on(amplitudes, self.device)
         self.energies_ev = np.asarray(energies_ev, dtype=np.float64)
         if self.amplitudes.intensity.shape[0] != self.energies_ev.size:
@@ -173,8 +165,11 @@ class BatchedForwardModel:
         return buffer
 
     def load(self, problems: Sequence[ShotProblem]) -> None:
-        """Put the shoebox pixels and spectra of a batch of shots (checked ShotProblems) on the device."""
+        """Put the shoebox pixels and spectra of a batch of shots (checked ShotProblems) on the device
+        (the batch's buffers when ``gathered``; otherwise each problem holds its own)."""
         self.problems = list(problems)
+        if not self.gathered:
+            return
         shots = [problem.shot for problem in self.problems]
         counts = np.array([shot.n_pixels for shot in shots], dtype=np.int64)
         self.first_pixel = np.concatenate(([0], np.cumsum(counts)))
@@ -231,7 +226,7 @@ class BatchedForwardModel:
     def bragg(self, shots: Sequence[int], values: torch.Tensor,
               trusted: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """G * Bragg photons of the shots' pixels for ``values`` (len(shots), 13), differentiable,
-        spread by the detector's point spread when the batch models one.
+        spread by the detector's point spread when the batch models one (a ``gathered`` model's kernel).
 
         Returns the photons, the pixels' indices into the batch buffers and their row in ``shots``.
         """
@@ -269,8 +264,12 @@ class BatchedForwardModel:
 
         ``requests`` maps a shot (its position in the loaded batch) to the parameter space of its
         current refinement pass and the scaled parameters to evaluate. One forward and one backward
-        pass over the requested shots' trusted pixels serve them all.
+        pass over the requested shots' trusted pixels serve them all; without ``gathered``, each
+        shot's own (``dense_evaluator``: refine_shot's values to the bit).
         """
+        if not self.gathered:
+            return {shot: dense_evaluator(self.problems[shot], self.amplitudes)(*requests[shot])
+                    for shot in sorted(requests)}
         shots = sorted(requests)
         leaves = [torch.tensor(requests[shot][1], dtype=torch.float64, device=self.device, requires_grad=True)
                   for shot in shots]
@@ -288,6 +287,10 @@ class BatchedForwardModel:
 
     def bragg_all_pixels(self, shots: Sequence[int], values: torch.Tensor) -> list[torch.Tensor]:
         """G * Bragg photons on every shoebox pixel of each shot (no gradient), one tensor per shot."""
+        if not self.gathered:
+            with torch.no_grad():
+                return [self.problems[shot].bragg(values[row], self.amplitudes, all_pixels(self.problems[shot]))
+                        for row, shot in enumerate(shots)]
         with torch.no_grad():
             bragg, _, rows = self.bragg(shots, values, trusted=False)
         counts = torch.bincount(rows, minlength=len(shots)).tolist()
