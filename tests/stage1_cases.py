@@ -1,6 +1,6 @@
 """Stage-1 test cases shared by several test modules: a small synthetic shard with its annulus
 experiments and reflections (:func:`write_case`), an MTZ of given intensities, and the comparison of a
-batched fit with a per-shot one (:func:`assert_same_fit`)."""
+batched fit with a per-shot one (:func:`assert_same_fit` up to rounding, :func:`assert_identical_fit` to the bit)."""
 
 from __future__ import annotations
 
