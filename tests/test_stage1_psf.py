@@ -12,7 +12,7 @@ from xfel_spread.sim import crystal as xtal
 from xfel_spread.sim.detector_effects import apply_fiber_psf, fiber_psf_kernel
 from xfel_spread.stage1.batched import BatchedForwardModel, refine_batch
 from xfel_spread.stage1.model import Stage1Settings
-from xfel_spread.stage1.psf import DetectorPsf, block_diagonal, spread
+from xfel_spread.stage1.psf import DetectorPsf, SpreadMap, block_diagonal, spread
 from xfel_spread.stage1.refine import ShotProblem, dense_evaluator, refine_shot
 from xfel_spread.stage1.synthetic import perturbed_matrix, simulate_shot_pixels, with_start
 
@@ -28,7 +28,7 @@ def test_spread_matrix_is_the_simulators_convolution():
     image = torch.as_tensor(rng.exponential(5.0, (30, 40)))
     slow, fast = np.mgrid[100:130, 200:240]
     matrix = LY99_PSF.spread_matrix(fast.ravel(), slow.ravel(), PIXEL_MM, "cpu")
-    spread_image = spread(matrix, image.reshape(-1)).reshape(30, 40)
+    spread_image = spread(SpreadMap(matrix), image.reshape(-1)).reshape(30, 40)
     kernel = fiber_psf_kernel(0.08 / PIXEL_MM, 10)
     tail = float(image.sum()) * (1 - float(kernel.sum())) / image.numel()
     expected = apply_fiber_psf(image, 0.08 / PIXEL_MM, 10) - tail
@@ -49,6 +49,21 @@ def test_light_crosses_between_shoeboxes_in_any_pixel_order():
     lit = np.flatnonzero((fast == 62) & (slow == 51))[0]
     neighbour = np.flatnonzero((fast == 63) & (slow == 51))[0]
     assert matrix[neighbour, lit] == kernel[10, 11] > 0.01
+
+
+def test_spread_and_its_gradient_are_the_dense_products():
+    """The row-compressed spread is M x, and its gradient M^T g, on a map that is not symmetric."""
+    rng = np.random.default_rng(11)
+    dense = torch.as_tensor(rng.random((7, 7)) * (rng.random((7, 7)) < 0.4))
+    assert not torch.equal(dense, dense.t())
+    spread_map = SpreadMap(dense.to_sparse())
+    photons = torch.as_tensor(rng.random(7), dtype=torch.float64).requires_grad_(True)
+    weights = torch.as_tensor(rng.random(7), dtype=torch.float64)
+    spread_photons = spread(spread_map, photons)
+    assert torch.allclose(spread_photons, dense @ photons, rtol=1e-14, atol=0)
+    gradient, = torch.autograd.grad((weights * spread_photons).sum(), photons)
+    assert torch.allclose(gradient, dense.t() @ weights, rtol=1e-14, atol=0)
+    assert spread_map.shape == (7, 7)
 
 
 def test_block_diagonal_keeps_each_shot_to_itself():

@@ -53,7 +53,7 @@ from xfel_spread.stage1.model import (
     ParameterSpace,
     Stage1Settings,
 )
-from xfel_spread.stage1.psf import DetectorPsf, block_diagonal, spread
+from xfel_spread.stage1.psf import DetectorPsf, SpreadMap, block_diagonal, spread
 from xfel_spread.stage1.refine import (
     Evaluator,
     ShotFit,
@@ -142,7 +142,7 @@ class BatchedForwardModel:
         self.inverse_wavelengths = torch.as_tensor(self.energies_ev / HC_EV_ANGSTROM, device=self.device)
         self._storage: dict[str, torch.Tensor] = {}
         self.problems: list[ShotProblem] = []
-        self.spread: torch.Tensor | None = None
+        self.spread: SpreadMap | None = None
 
     def check_shot(self, shot: ShotPixels) -> None:
         """ShotDataError unless the shot's channels are the model's."""
@@ -198,7 +198,8 @@ class BatchedForwardModel:
         spreads = [problem.spread for problem in self.problems]
         if any(matrix is None for matrix in spreads) and any(matrix is not None for matrix in spreads):
             raise ValueError("a batch must model the point spread for all of its shots or for none")
-        self.spread = block_diagonal(spreads) if spreads and spreads[0] is not None else None
+        self.spread = (SpreadMap(block_diagonal([spread_map.matrix for spread_map in spreads]))
+                       if spreads and spreads[0] is not None else None)
 
     def _pixels(self, shots: Sequence[int], trusted: bool) -> torch.Tensor:
         """Indices (into the batch's pixel buffers) of the shots' trusted or all pixels, in shot order."""

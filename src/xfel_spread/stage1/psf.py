@@ -13,10 +13,16 @@ over the pixels j of every shoebox (light crosses from one shoebox into a neighb
 shares are left out, both deliberately: the light of Bragg photons outside every shoebox (the far
 tails of spots centred inside one), and the kernel's tail beyond its radius, which the simulator
 spreads evenly over the whole panel, a constant the shoeboxes' background planes absorb.
+
+A refinement applies the map at every evaluation, forward and backward, so it holds the map in
+compressed rows twice (:class:`SpreadMap`): the map's own rows to spread the photons and its
+transpose's to carry the gradient back. torch's coordinate-list product cost 56 ms forward and back
+for a shot's 5040 pixels (720,000 entries, one thread); the two row-compressed products 2.4 ms.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,9 +83,39 @@ class DetectorPsf:
                                        dtype=torch.float64, device=device, check_invariants=True).coalesce()
 
 
-def spread(matrix: torch.Tensor, bragg: torch.Tensor) -> torch.Tensor:
-    """The Bragg photons of every shoebox pixel spread through a :meth:`DetectorPsf.spread_matrix`."""
-    return torch.sparse.mm(matrix, bragg[:, None])[:, 0]
+class SpreadMap:
+    """A point-spread map made ready to apply: the sparse (P, P) ``matrix`` (coordinate list, as
+    :meth:`DetectorPsf.spread_matrix` and :func:`block_diagonal` give it) with its rows and its
+    transpose's rows compressed, for the spread and its gradient."""
+
+    def __init__(self, matrix: torch.Tensor):
+        self.matrix = matrix.coalesce()
+        with warnings.catch_warnings():  # torch calls its compressed-row layout beta; its products are what is used
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+            self.rows = self.matrix.to_sparse_csr()
+            self.columns = self.matrix.t().coalesce().to_sparse_csr()
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.matrix.shape
+
+
+class _Spread(torch.autograd.Function):
+    """y = M x with dy/dx carried back as M^T g, both as row-compressed products."""
+
+    @staticmethod
+    def forward(ctx, bragg, rows, columns):
+        ctx.columns = columns
+        return torch.mv(rows, bragg)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.mv(ctx.columns, grad), None, None
+
+
+def spread(spread_map: SpreadMap, bragg: torch.Tensor) -> torch.Tensor:
+    """The Bragg photons of every shoebox pixel (P,) spread through a :class:`SpreadMap`; differentiable."""
+    return _Spread.apply(bragg, spread_map.rows, spread_map.columns)
 
 
 def block_diagonal(matrices: list[torch.Tensor]) -> torch.Tensor:
