@@ -108,10 +108,14 @@ class AmplitudeLookup:
     def cell_index(self, hkl: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Flat grid index of each hkl (..., 3) and whether it lies inside the table."""
         offset = hkl.long() - self.hkl_min
-        inside = ((offset >= 0) & (offset < self.shape)).all(dim=-1)
-        offset = torch.where(inside[..., None], offset, torch.zeros_like(offset))
+        # Component by component: a reduction over a last axis of 3 costs ten times these.
+        inside = None
+        for axis in range(3):
+            component = offset[..., axis]
+            within = (component >= 0) & (component < self.shape[axis])
+            inside = within if inside is None else inside & within
         flat = (offset[..., 0] * self.shape[1] + offset[..., 1]) * self.shape[2] + offset[..., 2]
-        return flat, inside
+        return torch.where(inside, flat, 0), inside
 
     def nonzero_indices(self) -> torch.Tensor:
         """All Miller indices with a non-zero amplitude in some channel, (M, 3)."""
@@ -165,15 +169,21 @@ def bragg_sum(h_per_u: torch.Tensor, inverse_wavelengths: torch.Tensor, ncells: 
     :mod:`xfel_spread.stage1.batched` differ only in how they gather its inputs.
     """
     per_pixel = ncells.dim() == 2
-    # h[p, k, d, :] = u_k * A_d (dir_p - i)
-    h = inverse_wavelengths[None, :, None, None] * h_per_u[:, None, :, :]
-    nearest = torch.ceil(h - 0.5)
-    arg = (((h - nearest) * (ncells[:, None, None, :] if per_pixel else ncells)) ** 2).sum(dim=-1) / GAUSS_WIDTH
+    # h[p, k, d, :] = u_k * A_d (dir_p - i), one (P, K, D) tensor per component (as in
+    # mosaic_lattice_transform); the nearest index carries no gradient.
+    h = [inverse_wavelengths[None, :, None] * h_per_u[:, None, :, axis] for axis in range(3)]
+    with torch.no_grad():
+        nearest = [torch.ceil(component - 0.5) for component in h]
+    arg = None
+    for axis in range(3):
+        term = ((h[axis] - nearest[axis]) * (ncells[:, axis, None, None] if per_pixel else ncells[axis])) ** 2
+        arg = term if arg is None else arg + term
+    arg = arg / GAUSS_WIDTH
     peak_sq = torch.prod(ncells, dim=1)[:, None, None] ** 2 if per_pixel else torch.prod(ncells) ** 2
-    lattice_sq = torch.where(arg < ARG_CUTOFF, peak_sq * torch.exp(-2 * arg), torch.zeros_like(arg))
-    flat, inside = amplitudes.cell_index(nearest)
+    lattice_sq = torch.where(arg < ARG_CUTOFF, peak_sq * torch.exp(-2 * arg), 0.0)
+    flat, inside = amplitudes.cell_index(torch.stack(nearest, dim=-1))
     channel = torch.arange(inverse_wavelengths.numel(), device=inverse_wavelengths.device)[None, :, None].expand_as(flat)
-    f_sq = torch.where(inside, amplitudes.intensity[channel, flat], torch.zeros_like(arg))
+    f_sq = torch.where(inside, amplitudes.intensity[channel, flat], 0.0)
     weights = photons[:, :, None] if per_pixel else photons[None, :, None]
     return (f_sq * lattice_sq * weights).sum(dim=(1, 2))
 
@@ -185,11 +195,14 @@ def mosaic_lattice_transform(h_per_u: torch.Tensor, w_squared: torch.Tensor, met
     mosaic spread (P, K) of every pixel and channel: :func:`bragg_sum_mosaic` before |F|^2 and the
     channel weights (SPREAD's coefficients take it per term)."""
     per_pixel = ncells.dim() == 2
-    h = inverse_wavelengths[None, :, None] * h_per_u[:, None, :]  # (P, K, 3)
-    nearest = torch.ceil(h - 0.5)
-    x = h - nearest
-    x0, x1, x2 = x[..., 0], x[..., 1], x[..., 2]
-    squares = (x0 * x0, x1 * x1, x2 * x2, 2 * x0 * x1, 2 * x0 * x2, 2 * x1 * x2)
+    # Each component of h[p, k] = u_k g_p on its own (P, K): no (P, K, 3) tensor is sliced under
+    # autograd (its backward fills a zero tensor per slice). The nearest index carries no gradient.
+    h = [inverse_wavelengths[None, :] * h_per_u[:, axis, None] for axis in range(3)]
+    with torch.no_grad():
+        nearest = [torch.ceil(component - 0.5) for component in h]
+    x0, x1, x2 = (component - index for component, index in zip(h, nearest))
+    # The cross terms' factor 2 is taken on the (P,) inverse below (exact: a power of two).
+    squares = (x0 * x0, x1 * x1, x2 * x2, x0 * x1, x0 * x2, x1 * x2)
     n = ncells[:, None, :] if per_pixel else ncells[None, None, :]
     lattice_variance = GAUSS_WIDTH / (4 * n ** 2)  # (P or 1, 1, 3)
     lattice_determinant = torch.prod(lattice_variance, dim=-1)  # (P or 1, 1)
@@ -199,12 +212,12 @@ def mosaic_lattice_transform(h_per_u: torch.Tensor, w_squared: torch.Tensor, met
     # The blur's u^2 is the channels' mean: across a band of a few percent (LY99: 1.4 %) the spread's
     # width changes by that fraction, and C is then one matrix per pixel instead of per pixel and channel.
     u_squared = (inverse_wavelengths ** 2).mean()
-    variances = mosaic_variance.to(h.dtype)
+    variances = mosaic_variance.to(h_per_u.dtype)
     variances = variances[None, :] if variances.dim() == 1 else variances  # (P or 1, J)
     peak_sq = torch.prod(ncells, dim=-1)[:, None] ** 2 if per_pixel else torch.prod(ncells) ** 2
     lattice_variance = lattice_variance[:, 0, :]  # (P or 1, 3)
     lattice_determinant = lattice_determinant[:, 0]  # (P or 1,)
-    lattice_sq = torch.zeros_like(x0)
+    lattice_sq = None
     for node in range(variances.shape[1]):
         t = variances[:, node] * u_squared  # (P or 1,)
 
@@ -217,15 +230,14 @@ def mosaic_lattice_transform(h_per_u: torch.Tensor, w_squared: torch.Tensor, met
         a00, a11, a22 = c11 * c22 - c12 * c12, c00 * c22 - c02 * c02, c00 * c11 - c01 * c01
         a01, a02, a12 = c02 * c12 - c01 * c22, c01 * c12 - c02 * c11, c01 * c02 - c00 * c12
         determinant = c00 * a00 + c01 * a01 + c02 * a02  # (P,)
-        inverse = [(a / determinant)[:, None] for a in (a00, a11, a22, a01, a02, a12)]
+        inverse = [(a / determinant)[:, None] for a in (a00, a11, a22, 2 * a01, 2 * a02, 2 * a12)]
         quadratic = (inverse[0] * squares[0] + inverse[1] * squares[1] + inverse[2] * squares[2]
                      + inverse[3] * squares[3] + inverse[4] * squares[4] + inverse[5] * squares[5])
-        lattice_sq = lattice_sq + torch.where(
-            quadratic < 4 * ARG_CUTOFF,
-            torch.sqrt(lattice_determinant / determinant)[:, None] * torch.exp(-0.5 * quadratic),
-            torch.zeros_like(quadratic))
+        term = torch.where(quadratic < 4 * ARG_CUTOFF,
+                           torch.sqrt(lattice_determinant / determinant)[:, None] * torch.exp(-0.5 * quadratic), 0.0)
+        lattice_sq = term if lattice_sq is None else lattice_sq + term
     lattice_sq = lattice_sq * (peak_sq / variances.shape[1])
-    return nearest, lattice_sq
+    return torch.stack(nearest, dim=-1), lattice_sq
 
 
 def bragg_sum_mosaic(h_per_u: torch.Tensor, w_squared: torch.Tensor, metric: torch.Tensor,
@@ -253,7 +265,7 @@ def bragg_sum_mosaic(h_per_u: torch.Tensor, w_squared: torch.Tensor, metric: tor
                                                    mosaic_variance)
     flat, inside = amplitudes.cell_index(nearest)
     channel = torch.arange(inverse_wavelengths.numel(), device=inverse_wavelengths.device)[None, :].expand_as(flat)
-    f_sq = torch.where(inside, amplitudes.intensity[channel, flat], torch.zeros_like(lattice_sq))
+    f_sq = torch.where(inside, amplitudes.intensity[channel, flat], 0.0)
     weights = photons if per_pixel else photons[None, :]
     return (f_sq * lattice_sq * weights).sum(dim=1)
 
