@@ -52,6 +52,11 @@ With ``--eta`` the refined N (median per lattice) was -2.6, +5.5, +1.3 % of 57 (
 (nanoBragg's). One evaluation (forward and backward, 20 shoeboxes, 100 channels) cost 33 ms CPU
 without eta, 42 ms with one analytic average, 52 ms with two, 976 ms with 25 sampled domains.
 
+After 19a3cb4 (the dense kernels take h one component at a time; ``sim.forward``), same day, the two
+runs side by side, one per core: default, 50 shoeboxes, ``--shots 4``: 9.80 (refine_shot) and 8.83
+(refine_batch) CPU s per lattice; ``--eta --rois 20 --shots 4``: 8.10 and 7.07. Each shot took the
+same evaluations both ways (largest difference 0); the gap between the two is the machine's.
+
 **What 25 domains leave** (``--eta --rois 20 --shots 5`` with ``--domains 25`` and ``--domains 400``,
 2026-12-06, the two runs side by side, one per core; misorientation also printed to the drawn
 domains' mean orientation, the stage-1 score's reference):
