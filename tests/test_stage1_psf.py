@@ -64,6 +64,10 @@ def test_spread_and_its_gradient_are_the_dense_products():
     gradient, = torch.autograd.grad((weights * spread_photons).sum(), photons)
     assert torch.allclose(gradient, dense.t() @ weights, rtol=1e-14, atol=0)
     assert spread_map.shape == (7, 7)
+    # Kept as two compressed maps with 32-bit indices (the memory of the coordinate list), which
+    # give the coordinate list back for a batch's block-diagonal map.
+    assert spread_map.rows.col_indices().dtype == torch.int32
+    assert torch.equal(spread_map.coordinate_list().to_dense(), dense)
 
 
 def test_block_diagonal_keeps_each_shot_to_itself():

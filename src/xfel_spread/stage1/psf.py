@@ -85,20 +85,33 @@ class DetectorPsf:
 
 
 class SpreadMap:
-    """A point-spread map made ready to apply: the sparse (P, P) ``matrix`` (coordinate list, as
-    :meth:`DetectorPsf.spread_matrix` and :func:`block_diagonal` give it) with its rows and its
-    transpose's rows compressed, for the spread and its gradient."""
+    """A point-spread map made ready to apply: the sparse (P, P) map (coordinate list, as
+    :meth:`DetectorPsf.spread_matrix` and :func:`block_diagonal` give it) kept as its rows and its
+    transpose's rows, compressed, for the spread and its gradient. The indices are 32-bit where they
+    fit, so the two take the memory the coordinate list did (24 bytes per entry) and the list itself
+    is not kept."""
 
     def __init__(self, matrix: torch.Tensor):
-        self.matrix = matrix.coalesce()
+        matrix = matrix.coalesce()
+        index_type = torch.int32 if matrix._nnz() < 2 ** 31 and max(matrix.shape) < 2 ** 31 else torch.int64
         with warnings.catch_warnings():  # torch calls its compressed-row layout beta; its products are what is used
             warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
-            self.rows = self.matrix.to_sparse_csr()
-            self.columns = self.matrix.t().coalesce().to_sparse_csr()
+            self.rows = _compressed_rows(matrix, index_type)
+            self.columns = _compressed_rows(matrix.t().coalesce(), index_type)
 
     @property
     def shape(self) -> torch.Size:
-        return self.matrix.shape
+        return self.rows.shape
+
+    def coordinate_list(self) -> torch.Tensor:
+        """The map as a coalesced sparse coordinate list (float64, 64-bit indices), for :func:`block_diagonal`."""
+        return self.rows.to_sparse_coo().coalesce()
+
+
+def _compressed_rows(matrix: torch.Tensor, index_type: torch.dtype) -> torch.Tensor:
+    rows = matrix.to_sparse_csr()
+    return torch.sparse_csr_tensor(rows.crow_indices().to(index_type), rows.col_indices().to(index_type),
+                                   rows.values(), rows.shape, dtype=rows.dtype, device=rows.device, check_invariants=True)
 
 
 class _Spread(torch.autograd.Function):
