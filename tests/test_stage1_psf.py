@@ -28,7 +28,7 @@ def test_spread_matrix_is_the_simulators_convolution():
     image = torch.as_tensor(rng.exponential(5.0, (30, 40)))
     slow, fast = np.mgrid[100:130, 200:240]
     matrix = LY99_PSF.spread_matrix(fast.ravel(), slow.ravel(), PIXEL_MM, "cpu")
-    spread_image = spread(SpreadMap(matrix), image.reshape(-1)).reshape(30, 40)
+    spread_image = spread(SpreadMap.from_coordinate_list(matrix), image.reshape(-1)).reshape(30, 40)
     kernel = fiber_psf_kernel(0.08 / PIXEL_MM, 10)
     tail = float(image.sum()) * (1 - float(kernel.sum())) / image.numel()
     expected = apply_fiber_psf(image, 0.08 / PIXEL_MM, 10) - tail
@@ -56,7 +56,7 @@ def test_spread_and_its_gradient_are_the_dense_products():
     rng = np.random.default_rng(11)
     dense = torch.as_tensor(rng.random((7, 7)) * (rng.random((7, 7)) < 0.4))
     assert not torch.equal(dense, dense.t())
-    spread_map = SpreadMap(dense.to_sparse())
+    spread_map = SpreadMap.from_coordinate_list(dense.to_sparse())
     photons = torch.as_tensor(rng.random(7), dtype=torch.float64).requires_grad_(True)
     weights = torch.as_tensor(rng.random(7), dtype=torch.float64)
     spread_photons = spread(spread_map, photons)
@@ -70,13 +70,27 @@ def test_spread_and_its_gradient_are_the_dense_products():
     assert torch.equal(spread_map.coordinate_list().to_dense(), dense)
 
 
+def test_spread_map_holds_the_spread_matrix_and_its_transpose():
+    """Pixels in no particular order: the map's rows and its transpose's, as the coordinate list says."""
+    order = np.random.default_rng(5).permutation(12 * 12)
+    fast, slow = order % 12 + 200, order // 12 + 50
+    matrix = LY99_PSF.spread_matrix(fast, slow, PIXEL_MM, "cpu").to_dense()
+    spread_map = LY99_PSF.spread_map(fast, slow, PIXEL_MM, "cpu")
+    assert torch.equal(spread_map.rows.to_dense(), matrix)
+    assert torch.equal(spread_map.columns.to_dense(), matrix.t())
+    assert spread_map.rows.col_indices().dtype == torch.int32
+
+
 def test_block_diagonal_keeps_each_shot_to_itself():
-    first = LY99_PSF.spread_matrix(np.array([0, 1]), np.array([0, 0]), PIXEL_MM, "cpu")
-    second = LY99_PSF.spread_matrix(np.array([5, 5, 6]), np.array([9, 10, 9]), PIXEL_MM, "cpu")
-    both = block_diagonal([first, second]).to_dense()
-    assert both.shape == (5, 5)
-    assert torch.equal(both[:2, :2], first.to_dense()) and torch.equal(both[2:, 2:], second.to_dense())
-    assert not both[:2, 2:].any() and not both[2:, :2].any()
+    pixels = [(np.array([0, 1]), np.array([0, 0])), (np.array([5, 5, 6]), np.array([9, 10, 9]))]
+    first, second = (LY99_PSF.spread_matrix(fast, slow, PIXEL_MM, "cpu").to_dense() for fast, slow in pixels)
+    both = block_diagonal([LY99_PSF.spread_map(fast, slow, PIXEL_MM, "cpu") for fast, slow in pixels])
+    dense = both.coordinate_list().to_dense()
+    assert dense.shape == (5, 5) and both.shape == (5, 5)
+    assert torch.equal(dense[:2, :2], first) and torch.equal(dense[2:, 2:], second)
+    assert not dense[:2, 2:].any() and not dense[2:, :2].any()
+    # The transpose's rows too (the gradient's map).
+    assert torch.equal(both.columns.to_dense(), dense.t())
 
 
 def test_bad_psf_and_repeated_pixels_are_refused():

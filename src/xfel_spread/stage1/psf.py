@@ -51,8 +51,22 @@ class DetectorPsf:
 
         With ``panel`` (P,) the pixels lie on several panels of a tiled detector: light spreads only
         among pixels of the same panel (a tile's sensor ends at its edge). Pixels must be distinct. Entry (i, j) is the kernel's share of pixel j's light that lands in
-        pixel i; float64, on ``device``.
+        pixel i; float64, on ``device``, a coalesced coordinate list.
         """
+        rows, columns, weights = self.spread_entries(fast, slow, pixel_size_mm, panel)
+        return torch.sparse_coo_tensor(torch.as_tensor(np.stack((rows, columns))), torch.as_tensor(weights),
+                                       (len(fast), len(fast)), dtype=torch.float64, device=device,
+                                       check_invariants=True).coalesce()
+
+    def spread_map(self, fast: np.ndarray, slow: np.ndarray, pixel_size_mm: float, device,
+                   panel: np.ndarray | None = None) -> SpreadMap:
+        """:meth:`spread_matrix` made ready to apply (:class:`SpreadMap`), built without the coordinate list."""
+        rows, columns, weights = self.spread_entries(fast, slow, pixel_size_mm, panel)
+        return SpreadMap.from_entries(rows, columns, weights, len(fast), device)
+
+    def spread_entries(self, fast: np.ndarray, slow: np.ndarray, pixel_size_mm: float,
+                       panel: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The entries (row i, column j, weight) of :meth:`spread_matrix`, each (i, j) once, unsorted."""
         fast = np.asarray(fast, dtype=np.int64)
         slow = np.asarray(slow, dtype=np.int64)
         if fast.size == 0:
@@ -78,26 +92,36 @@ class DetectorPsf:
             rows.append(order[position[hit]])
             columns.append(np.flatnonzero(hit))
             weights.append(np.full(int(hit.sum()), kernel[d_slow, d_fast]))
-        indices = np.stack((np.concatenate(rows), np.concatenate(columns)))
-        values = np.concatenate(weights)
-        return torch.sparse_coo_tensor(torch.as_tensor(indices), torch.as_tensor(values), (len(key), len(key)),
-                                       dtype=torch.float64, device=device, check_invariants=True).coalesce()
+        return np.concatenate(rows), np.concatenate(columns), np.concatenate(weights)
 
 
 class SpreadMap:
-    """A point-spread map made ready to apply: the sparse (P, P) map (coordinate list, as
-    :meth:`DetectorPsf.spread_matrix` and :func:`block_diagonal` give it) kept as its rows and its
-    transpose's rows, compressed, for the spread and its gradient. The indices are 32-bit where they
-    fit, so the two take the memory the coordinate list did (24 bytes per entry) and the list itself
-    is not kept."""
+    """A point-spread map made ready to apply: the sparse (P, P) map kept as its rows and its
+    transpose's rows, compressed (``rows``, ``columns``), for the spread and its gradient. The
+    indices are 32-bit where they fit, so the two take the memory of one coordinate list (24 bytes
+    per entry). Build it with :meth:`DetectorPsf.spread_map`, :meth:`from_entries` or, from a
+    coordinate list (:func:`block_diagonal`'s), :meth:`from_coordinate_list`."""
 
-    def __init__(self, matrix: torch.Tensor):
+    def __init__(self, rows: torch.Tensor, columns: torch.Tensor):
+        self.rows = rows
+        self.columns = columns
+
+    @classmethod
+    def from_entries(cls, row: np.ndarray, column: np.ndarray, weight: np.ndarray, size: int, device) -> SpreadMap:
+        """From each entry (row, column, weight) of a (size, size) map, each (row, column) at most once."""
+        row = np.asarray(row, dtype=np.int64)
+        column = np.asarray(column, dtype=np.int64)
+        weight = np.asarray(weight, dtype=np.float64)
+        index_type = np.int32 if max(size, row.size) < 2 ** 31 else np.int64
+        return cls(_compressed_rows(row, column, weight, size, index_type, device),
+                   _compressed_rows(column, row, weight, size, index_type, device))
+
+    @classmethod
+    def from_coordinate_list(cls, matrix: torch.Tensor) -> SpreadMap:
+        """From a square sparse coordinate list (float64; coalesced or not, without repeated entries)."""
         matrix = matrix.coalesce()
-        index_type = torch.int32 if matrix._nnz() < 2 ** 31 and max(matrix.shape) < 2 ** 31 else torch.int64
-        with warnings.catch_warnings():  # torch calls its compressed-row layout beta; its products are what is used
-            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
-            self.rows = _compressed_rows(matrix, index_type)
-            self.columns = _compressed_rows(matrix.t().coalesce(), index_type)
+        indices = matrix.indices().cpu().numpy()
+        return cls.from_entries(indices[0], indices[1], matrix.values().cpu().numpy(), matrix.shape[0], matrix.device)
 
     @property
     def shape(self) -> torch.Size:
@@ -108,10 +132,17 @@ class SpreadMap:
         return self.rows.to_sparse_coo().coalesce()
 
 
-def _compressed_rows(matrix: torch.Tensor, index_type: torch.dtype) -> torch.Tensor:
-    rows = matrix.to_sparse_csr()
-    return torch.sparse_csr_tensor(rows.crow_indices().to(index_type), rows.col_indices().to(index_type),
-                                   rows.values(), rows.shape, dtype=rows.dtype, device=rows.device, check_invariants=True)
+def _compressed_rows(row: np.ndarray, column: np.ndarray, weight: np.ndarray, size: int, index_type,
+                     device) -> torch.Tensor:
+    """The (size, size) map of the entries as compressed rows, each row's columns ascending."""
+    order = np.lexsort((column, row))
+    row_start = np.zeros(size + 1, dtype=index_type)
+    np.cumsum(np.bincount(row, minlength=size), out=row_start[1:])
+    with warnings.catch_warnings():  # torch calls its compressed-row layout beta; its products are what is used
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+        return torch.sparse_csr_tensor(torch.from_numpy(row_start), torch.from_numpy(column[order].astype(index_type)),
+                                       torch.from_numpy(weight[order]), (size, size), dtype=torch.float64,
+                                       device=device, check_invariants=True)
 
 
 class _Spread(torch.autograd.Function):
@@ -132,10 +163,25 @@ def spread(spread_map: SpreadMap, bragg: torch.Tensor) -> torch.Tensor:
     return _Spread.apply(bragg, spread_map.rows, spread_map.columns)
 
 
-def block_diagonal(matrices: list[torch.Tensor]) -> torch.Tensor:
-    """One sparse map for the pixels of several shots concatenated in order, from each shot's map."""
-    offsets = np.concatenate(([0], np.cumsum([matrix.shape[0] for matrix in matrices])))
-    indices = torch.cat([matrix.indices() + int(offset) for matrix, offset in zip(matrices, offsets)], dim=1)
-    return torch.sparse_coo_tensor(indices, torch.cat([matrix.values() for matrix in matrices]),
-                                   (int(offsets[-1]), int(offsets[-1])), dtype=torch.float64,
-                                   device=matrices[0].device, check_invariants=True).coalesce()
+def block_diagonal(maps: list[SpreadMap]) -> SpreadMap:
+    """One map for the pixels of several shots concatenated in order, from each shot's map."""
+    return SpreadMap(_block_diagonal_rows([spread_map.rows for spread_map in maps]),
+                     _block_diagonal_rows([spread_map.columns for spread_map in maps]))
+
+
+def _block_diagonal_rows(matrices: list[torch.Tensor]) -> torch.Tensor:
+    """Square compressed-row maps placed along one diagonal (their index type kept where it fits)."""
+    sizes = [matrix.shape[0] for matrix in matrices]
+    counts = [matrix.values().numel() for matrix in matrices]
+    index_type = torch.int32 if max(sum(sizes), sum(counts)) < 2 ** 31 else torch.int64
+    first_row, first_entry = np.cumsum([0] + sizes[:-1]), np.cumsum([0] + counts[:-1])
+    row_start = torch.cat([matrices[0].crow_indices()[:1].to(index_type)]
+                          + [matrix.crow_indices()[1:].to(index_type) + int(entry)
+                             for matrix, entry in zip(matrices, first_entry)])
+    column = torch.cat([matrix.col_indices().to(index_type) + int(row) for matrix, row in zip(matrices, first_row)])
+    size = sum(sizes)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+        return torch.sparse_csr_tensor(row_start, column, torch.cat([matrix.values() for matrix in matrices]),
+                                       (size, size), dtype=torch.float64, device=matrices[0].device,
+                                       check_invariants=True)

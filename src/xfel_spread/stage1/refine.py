@@ -67,7 +67,7 @@ from xfel_spread.stage1.model import (
     refinement_passes,
     shifted_detector,
 )
-from xfel_spread.stage1.psf import DetectorPsf, SpreadMap, spread
+from xfel_spread.stage1.psf import DetectorPsf, spread
 from xfel_spread.stage1.shot import ShotPixels
 
 logger = logging.getLogger(__name__)
@@ -144,8 +144,8 @@ class ShotProblem:
         self.moves_detector = "detz_shift" in settings.refine
         #: The sparse map of the detector's point spread among the shoebox pixels, or None.
         self.spread = (None if psf is None else
-                       SpreadMap(psf.spread_matrix(shot.pixel_fast, shot.pixel_slow, shot.detector.pixel_size_mm,
-                                                   self.device, shot.pixel_panel)))
+                       psf.spread_map(shot.pixel_fast, shot.pixel_slow, shot.detector.pixel_size_mm, self.device,
+                                      shot.pixel_panel))
         self.space: ParameterSpace | None = None
         self.start_values: np.ndarray | None = None
 
