@@ -18,7 +18,9 @@ A refinement applies the map at every evaluation, forward and backward, so it ho
 compressed rows twice (:class:`SpreadMap`): the map's own rows to spread the photons and its
 transpose's to carry the gradient back. On 35 scattered shoeboxes of 12 x 12 pixels (5040 pixels, 720,000
 entries, one thread), torch's coordinate-list product cost 56 ms forward and back, the two
-row-compressed products 2.4 ms.
+row-compressed products 2.4 ms. The two are built straight from the kernel's entries with 32-bit
+indices: together they take the memory of the one coordinate list (:meth:`DetectorPsf.spread_matrix`,
+which SPREAD's coefficients still read).
 """
 
 from __future__ import annotations
