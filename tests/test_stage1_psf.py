@@ -27,8 +27,8 @@ def test_spread_matrix_is_the_simulators_convolution():
     rng = np.random.default_rng(3)
     image = torch.as_tensor(rng.exponential(5.0, (30, 40)))
     slow, fast = np.mgrid[100:130, 200:240]
-    matrix = LY99_PSF.spread_matrix(fast.ravel(), slow.ravel(), PIXEL_MM, "cpu")
-    spread_image = spread(SpreadMap.from_coordinate_list(matrix), image.reshape(-1)).reshape(30, 40)
+    spread_map = LY99_PSF.spread_map(fast.ravel(), slow.ravel(), PIXEL_MM, "cpu")
+    spread_image = spread(spread_map, image.reshape(-1)).reshape(30, 40)
     kernel = fiber_psf_kernel(0.08 / PIXEL_MM, 10)
     tail = float(image.sum()) * (1 - float(kernel.sum())) / image.numel()
     expected = apply_fiber_psf(image, 0.08 / PIXEL_MM, 10) - tail
@@ -56,7 +56,8 @@ def test_spread_and_its_gradient_are_the_dense_products():
     rng = np.random.default_rng(11)
     dense = torch.as_tensor(rng.random((7, 7)) * (rng.random((7, 7)) < 0.4))
     assert not torch.equal(dense, dense.t())
-    spread_map = SpreadMap.from_coordinate_list(dense.to_sparse())
+    row, column = np.nonzero(dense.numpy())
+    spread_map = SpreadMap.from_entries(row, column, dense.numpy()[row, column], 7, "cpu")
     photons = torch.as_tensor(rng.random(7), dtype=torch.float64).requires_grad_(True)
     weights = torch.as_tensor(rng.random(7), dtype=torch.float64)
     spread_photons = spread(spread_map, photons)
@@ -64,10 +65,9 @@ def test_spread_and_its_gradient_are_the_dense_products():
     gradient, = torch.autograd.grad((weights * spread_photons).sum(), photons)
     assert torch.allclose(gradient, dense.t() @ weights, rtol=1e-14, atol=0)
     assert spread_map.shape == (7, 7)
-    # Kept as two compressed maps with 32-bit indices (the memory of the coordinate list), which
-    # give the coordinate list back for a batch's block-diagonal map.
+    # Kept as two compressed maps with 32-bit indices (the memory of the coordinate list).
     assert spread_map.rows.col_indices().dtype == torch.int32
-    assert torch.equal(spread_map.coordinate_list().to_dense(), dense)
+    assert torch.equal(spread_map.rows.to_dense(), dense) and torch.equal(spread_map.columns.to_dense(), dense.t())
 
 
 def test_spread_map_holds_the_spread_matrix_and_its_transpose():
@@ -85,7 +85,7 @@ def test_block_diagonal_keeps_each_shot_to_itself():
     pixels = [(np.array([0, 1]), np.array([0, 0])), (np.array([5, 5, 6]), np.array([9, 10, 9]))]
     first, second = (LY99_PSF.spread_matrix(fast, slow, PIXEL_MM, "cpu").to_dense() for fast, slow in pixels)
     both = block_diagonal([LY99_PSF.spread_map(fast, slow, PIXEL_MM, "cpu") for fast, slow in pixels])
-    dense = both.coordinate_list().to_dense()
+    dense = both.rows.to_dense()
     assert dense.shape == (5, 5) and both.shape == (5, 5)
     assert torch.equal(dense[:2, :2], first) and torch.equal(dense[2:, 2:], second)
     assert not dense[:2, 2:].any() and not dense[2:, :2].any()

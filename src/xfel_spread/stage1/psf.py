@@ -101,8 +101,8 @@ class SpreadMap:
     """A point-spread map made ready to apply: the sparse (P, P) map kept as its rows and its
     transpose's rows, compressed (``rows``, ``columns``), for the spread and its gradient. The
     indices are 32-bit where they fit, so the two take the memory of one coordinate list (24 bytes
-    per entry). Build it with :meth:`DetectorPsf.spread_map`, :meth:`from_entries` or, from a
-    coordinate list (:func:`block_diagonal`'s), :meth:`from_coordinate_list`."""
+    per entry). Build it with :meth:`DetectorPsf.spread_map` or :meth:`from_entries`; join a
+    batch's maps with :func:`block_diagonal`."""
 
     def __init__(self, rows: torch.Tensor, columns: torch.Tensor):
         self.rows = rows
@@ -118,20 +118,9 @@ class SpreadMap:
         return cls(_compressed_rows(row, column, weight, size, index_type, device),
                    _compressed_rows(column, row, weight, size, index_type, device))
 
-    @classmethod
-    def from_coordinate_list(cls, matrix: torch.Tensor) -> SpreadMap:
-        """From a square sparse coordinate list (float64; coalesced or not, without repeated entries)."""
-        matrix = matrix.coalesce()
-        indices = matrix.indices().cpu().numpy()
-        return cls.from_entries(indices[0], indices[1], matrix.values().cpu().numpy(), matrix.shape[0], matrix.device)
-
     @property
     def shape(self) -> torch.Size:
         return self.rows.shape
-
-    def coordinate_list(self) -> torch.Tensor:
-        """The map as a coalesced sparse coordinate list (float64, 64-bit indices), for :func:`block_diagonal`."""
-        return self.rows.to_sparse_coo().coalesce()
 
 
 def _compressed_rows(row: np.ndarray, column: np.ndarray, weight: np.ndarray, size: int, index_type,
@@ -140,11 +129,17 @@ def _compressed_rows(row: np.ndarray, column: np.ndarray, weight: np.ndarray, si
     order = np.lexsort((column, row))
     row_start = np.zeros(size + 1, dtype=index_type)
     np.cumsum(np.bincount(row, minlength=size), out=row_start[1:])
+    return _csr_tensor(torch.from_numpy(row_start), torch.from_numpy(column[order].astype(index_type)),
+                       torch.from_numpy(weight[order]), size, device)
+
+
+def _csr_tensor(row_start: torch.Tensor, column: torch.Tensor, values: torch.Tensor, size: int,
+                device) -> torch.Tensor:
+    """A (size, size) float64 compressed-row tensor on ``device``, its invariants checked."""
     with warnings.catch_warnings():  # torch calls its compressed-row layout beta; its products are what is used
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
-        return torch.sparse_csr_tensor(torch.from_numpy(row_start), torch.from_numpy(column[order].astype(index_type)),
-                                       torch.from_numpy(weight[order]), (size, size), dtype=torch.float64,
-                                       device=device, check_invariants=True)
+        return torch.sparse_csr_tensor(row_start, column, values, (size, size), dtype=torch.float64, device=device,
+                                       check_invariants=True)
 
 
 class _Spread(torch.autograd.Function):
@@ -181,9 +176,5 @@ def _block_diagonal_rows(matrices: list[torch.Tensor]) -> torch.Tensor:
                           + [matrix.crow_indices()[1:].to(index_type) + int(entry)
                              for matrix, entry in zip(matrices, first_entry)])
     column = torch.cat([matrix.col_indices().to(index_type) + int(row) for matrix, row in zip(matrices, first_row)])
-    size = sum(sizes)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
-        return torch.sparse_csr_tensor(row_start, column, torch.cat([matrix.values() for matrix in matrices]),
-                                       (size, size), dtype=torch.float64, device=matrices[0].device,
-                                       check_invariants=True)
+    return _csr_tensor(row_start, column, torch.cat([matrix.values() for matrix in matrices]), sum(sizes),
+                       matrices[0].device)
