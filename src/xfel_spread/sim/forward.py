@@ -108,7 +108,7 @@ class AmplitudeLookup:
     def cell_index(self, hkl: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Flat grid index of each hkl (..., 3) and whether it lies inside the table."""
         offset = hkl.long() - self.hkl_min
-        # Component by component: a reduction over a last axis of 3 costs ten times these.
+        # Component by component: a reduction over a last axis of 3 (all) cost ten times one such comparison.
         inside = None
         for axis in range(3):
             component = offset[..., axis]
