@@ -198,8 +198,7 @@ class BatchedForwardModel:
         spreads = [problem.spread for problem in self.problems]
         if any(matrix is None for matrix in spreads) and any(matrix is not None for matrix in spreads):
             raise ValueError("a batch must model the point spread for all of its shots or for none")
-        self.spread = (block_diagonal(spreads)
-                       if spreads and spreads[0] is not None else None)
+        self.spread = block_diagonal(spreads) if spreads and spreads[0] is not None else None
 
     def _pixels(self, shots: Sequence[int], trusted: bool) -> torch.Tensor:
         """Indices (into the batch's pixel buffers) of the shots' trusted or all pixels, in shot order."""
