@@ -218,6 +218,17 @@ def test_refine_batch_gives_the_fits_of_refine_shot(three_shots, few_lookup):
         assert_same_fit(gathered_fit, single_fit)
 
 
+def test_refine_batch_runs_the_free_domains_shot_by_shot_as_refine_shot_does(three_shots, few_lookup):
+    """The free-domain refinement (stage1.free_domains) runs each shot through the dense model after the
+    batch: on a CPU the fits are refine_shot's to the bit, domains included."""
+    settings = Stage1Settings.from_config({"free_domains": 3, "free_domains_max_iterations": 30})
+    shots = three_shots[:2]
+    for batched_fit, shot in zip(refine_batch(shots, few_lookup, settings, "cpu"), shots):
+        single_fit = refine_shot(shot, few_lookup, settings)
+        assert single_fit.domain_vectors_deg.shape == (3, 3)
+        assert_identical_fit(batched_fit, single_fit)
+
+
 def test_refine_batch_with_eta_and_distance_gives_the_parameters_of_refine_shot(three_shots, few_lookup):
     """Rotation, cell and distance are correlated: rounding moves the end point along that valley a
     little more, so a hundredth of a step is asked."""

@@ -19,18 +19,22 @@ from xfel_spread.stage1.model import (
     NCELLS,
     PARAMETER_NAMES,
     CrystalModel,
+    FreeDomainCrystal,
     Stage1Settings,
     StartModelError,
+    axis_angle_rotations,
     c2_cell,
     mosaic_domain_set,
     mosaic_nodes,
     enter_pass,
     parameter_space,
     refinement_passes,
+    rotation_vector_matrices,
     rotation_xyz,
     shifted_detector,
 )
 from xfel_spread.stage1.refine import ShotProblem, dense_evaluator
+from xfel_spread.stage1.scoring import mean_rotation
 from xfel_spread.stage1.synthetic import perturbed_matrix, simulate_shot_pixels, with_start
 
 LY99_CELL = (67.2, 59.8, 47.2, 90.0, 110.3, 90.0)
@@ -67,6 +71,8 @@ def test_settings_defaults_are_the_schema_ly99_values():
     ({"refine": ["eta"], "mosaic_domains": 1, "eta_model": "domains"},
      "stage1.mosaic_domains: refining eta needs at least 2 mosaic domains"),
     ({"eta_model": "sampled"}, "settings.yaml: stage1.eta_model"),
+    ({"free_domains": 1}, "settings.yaml: stage1.free_domains: 1 domain is the crystal itself"),
+    ({"free_domains": -2}, "settings.yaml: stage1.free_domains"),
     ({"bounds": {"detz_shift_mm": [0.5, 1.0]}}, "stage1.bounds.detz_shift_mm: the range must contain 0"),
 ])
 def test_settings_errors_are_one_line_naming_the_key(section, message):
@@ -181,6 +187,38 @@ def test_mosaic_domains_are_paired_with_unit_rms_angle():
     assert np.allclose(turned_by, 0.2 * np.abs(angles), atol=1e-5)  # arccos near 1: ~1e-6 deg
     assert np.sqrt(np.mean(np.square(turned_by))) == pytest.approx(0.2, rel=1e-5)
     assert CrystalModel(matrix, 1).domain_matrices(values).shape == (1, 3, 3)
+
+
+def test_rotation_vectors_give_rodrigues_rotations_with_a_gradient_at_zero():
+    rng = np.random.default_rng(5)
+    vectors = torch.as_tensor(rng.normal(0.0, 0.3, (6, 3)))
+    angles = vectors.norm(dim=1)
+    assert torch.allclose(rotation_vector_matrices(vectors), axis_angle_rotations(vectors / angles[:, None], angles),
+                          rtol=0, atol=1e-15)
+    zero = torch.zeros((1, 3), dtype=torch.float64, requires_grad=True)
+    rotation = rotation_vector_matrices(zero)
+    assert torch.equal(rotation.detach()[0], torch.eye(3, dtype=torch.float64))
+    (rotation[0] @ torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64))[1].backward()
+    assert torch.allclose(zero.grad, torch.tensor([[0.0, 0.0, 1.0]], dtype=torch.float64))  # d(R x)_y / d v_z
+
+
+def test_free_domains_are_centred_on_the_crystal_orientation():
+    """The crystal's own matrix is the domains' mean orientation (the score's reference), whatever
+    the vectors' mean; eta's meaning (their RMS angle) is kept."""
+    matrix = start_matrix()
+    model = FreeDomainCrystal(matrix, 25)
+    rng = np.random.default_rng(7)
+    model.vectors = torch.as_tensor(rng.normal(0.0, np.radians(0.05) / np.sqrt(3), (25, 3)) + np.radians(0.2))
+    values = torch.as_tensor(parameter_space(Stage1Settings.from_config({}), model.start_cell, 1.0).start)
+    domains = model.domain_matrices(values).numpy()
+    rotations = model.domain_rotations().numpy()
+    assert np.allclose(domains, xtal.domain_matrices(matrix, rotations), rtol=0, atol=1e-12)
+    assert np.abs(mean_rotation(rotations) - np.eye(3)).max() < 1e-9  # third order in 0.05 deg
+    turned_by = [xtal.misorientation_deg(domain, matrix) for domain in domains]
+    assert np.sqrt(np.mean(np.square(turned_by))) == pytest.approx(model.rms_angle_deg(), rel=1e-4)
+    assert 0.03 < model.rms_angle_deg() < 0.07
+    state = model.crystal_state(values)
+    assert state.domain_matrices.shape == (25, 3, 3) and state.mosaic_variance is None
 
 
 def test_shifted_detector_moves_the_panel_along_the_beam_with_gradient():

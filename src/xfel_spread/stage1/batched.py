@@ -59,11 +59,14 @@ from xfel_spread.stage1.refine import (
     ShotFit,
     ShotProblem,
     all_pixels,
+    can_free_domains,
     dense_evaluator,
     describe_exception,
     failed_fit,
+    final_summary,
     finished_fit,
     minimize_shot,
+    refine_free_domains,
     restart_with_broad_spots,
     should_restart,
     summarize_model,
@@ -411,6 +414,16 @@ def refine_batch(shots: Sequence[ShotPixels], amplitudes: BatchedForwardModel | 
         restarts = Lockstep().run({index: restart_task(index) for index in again}, serve)
         minimizations.update(restarts)
         finals.update(_final_summaries(model, problems, restarts, batch_of, reasons))
+    # The free-domain refinement (stage1.free_domains) runs shot by shot through the dense model: its
+    # crystals have their own domains, which the batched model's per-shot layout does not hold.
+    for index in list(finals):
+        if index not in reasons and can_free_domains(problems[index], minimizations[index], finals[index]):
+            try:
+                minimizations[index] = refine_free_domains(problems[index], model.amplitudes, minimizations[index])
+                finals[index] = final_summary(problems[index], model.amplitudes, minimizations[index],
+                                              all_pixels(problems[index]))
+            except Exception as exc:  # noqa: BLE001 - reported per shot
+                reasons[index] = describe_exception(exc)
 
     seconds = (time.perf_counter() - started) / max(len(shots), 1)
     fits = []

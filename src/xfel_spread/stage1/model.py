@@ -112,6 +112,8 @@ class Stage1Settings:
     restraint_ncells: float | None
     mosaic_domains: int
     eta_model: str
+    free_domains: int
+    free_domains_max_iterations: int
     mosaic_model: str
     broad_start_ncells: float | None
     max_iterations: int
@@ -149,6 +151,8 @@ class Stage1Settings:
             restraint_ncells=restraints["ncells"],
             mosaic_domains=filled["mosaic_domains"],
             eta_model=filled["eta_model"],
+            free_domains=filled["free_domains"],
+            free_domains_max_iterations=filled["free_domains_max_iterations"],
             mosaic_model=filled["mosaic_model"],
             broad_start_ncells=(None if filled["broad_start_ncells"] is None
                                 else float(filled["broad_start_ncells"])),
@@ -182,6 +186,8 @@ class Stage1Settings:
             return f"bounds.G: the upper bound must be positive, got {self.bounds_G[1]:g}"
         if "eta" in self.refine and self.eta_model == "domains" and self.mosaic_domains < 2:
             return "mosaic_domains: refining eta needs at least 2 mosaic domains"
+        if self.free_domains == 1:
+            return "free_domains: 1 domain is the crystal itself; give 0 (off) or at least 2"
         return None
 
     def torch_device(self) -> torch.device:
@@ -619,6 +625,48 @@ class CrystalModel:
         if self.mosaic_fractions is not None:
             variance = (torch.deg2rad(values[INDEX["eta_deg"]]) * self.mosaic_fractions) ** 2 / 3
         return CrystalState(self.domain_matrices(values), values[NCELLS], values[INDEX["G"]], variance)
+
+
+def rotation_vector_matrices(vectors: torch.Tensor) -> torch.Tensor:
+    """Rotations (D, 3, 3) of rotation vectors (D, 3; axis times angle, rad), differentiable at any angle
+    (Rodrigues with sin(t)/t and (1 - cos t)/t^2; the angles are clamped at 1e-12 rad)."""
+    angles = vectors.norm(dim=1).clamp_min(1e-12)
+    x, y, z = vectors[:, 0], vectors[:, 1], vectors[:, 2]
+    zero = torch.zeros_like(x)
+    cross = torch.stack((torch.stack((zero, -z, y), -1), torch.stack((z, zero, -x), -1),
+                         torch.stack((-y, x, zero), -1)), -2)
+    eye = torch.eye(3, dtype=vectors.dtype, device=vectors.device)
+    return (eye + (torch.sin(angles) / angles)[:, None, None] * cross
+            + ((1 - torch.cos(angles)) / angles ** 2)[:, None, None] * cross @ cross)
+
+
+class FreeDomainCrystal(CrystalModel):
+    """A crystal of D mosaic domains, each turned by its own free rotation vector (``stage1.free_domains``).
+
+    ``vectors`` (D, 3, rad, laboratory frame) are set before each evaluation. They enter centred
+    (their mean subtracted), so the crystal's own matrix (:meth:`real_space_matrix`) is the domains'
+    mean orientation (the rotation nearest their average matrix) to third order in their angles:
+    about 1e-9 rad at 0.05 deg. The crystal has no analytic mosaic average; N is each domain's.
+    """
+
+    def __init__(self, start_matrix: np.ndarray, n_domains: int, device="cpu", space_group: str | None = None):
+        super().__init__(start_matrix, 1, device, None, space_group)
+        self.n_domains = n_domains
+        self.vectors = torch.zeros((n_domains, 3), dtype=torch.float64, device=device)
+
+    def centred_vectors(self) -> torch.Tensor:
+        return self.vectors - self.vectors.mean(dim=0)
+
+    def domain_rotations(self) -> torch.Tensor:
+        """The domains' rotations (D, 3, 3) about the crystal's orientation."""
+        return rotation_vector_matrices(self.centred_vectors())
+
+    def domain_matrices(self, values: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("dij,rj->dri", self.domain_rotations(), self.real_space_matrix(values))
+
+    def rms_angle_deg(self) -> float:
+        """The domains' root-mean-square rotation angle about their mean (degrees): eta's meaning."""
+        return float(np.degrees(torch.sqrt((self.centred_vectors() ** 2).sum(dim=1).mean()).item()))
 
 
 # ---------------------------------------------------------------------------------------------
