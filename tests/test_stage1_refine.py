@@ -9,7 +9,7 @@ from sim_fixtures import LY99_ENERGIES_EV, lookup_for
 
 from xfel_spread.sim import crystal as xtal
 from xfel_spread.sim.forward import bragg_photons_dense
-from xfel_spread.stage1 import likelihood
+from xfel_spread.stage1 import likelihood, refine
 from xfel_spread.stage1.model import PARAMETER_NAMES, Stage1Settings, c2_cell, parameter_space
 from xfel_spread.stage1.refine import centroid_rmsd, model_centroids, refine_shot
 from xfel_spread.stage1.scoring import turned_by_mean
@@ -153,6 +153,31 @@ def test_free_domains_find_the_drawn_domains_mean_orientation(amplitude_table, f
         assert free.final[name] == pytest.approx(57, rel=0.01)
     assert free.n_iterations > smooth.n_iterations and free.nll_final < smooth.nll_final
     assert_inside_bounds(free, eta)
+
+
+def test_a_dark_free_domain_is_drawn_again(amplitude_table, few_lookup, monkeypatch):
+    """A free domain started 1 deg off the crystal lights no spot: the refinement leaves it there
+    (no gradient) unless it is drawn again about the others, which it is."""
+    synthetic = simulate_shot_pixels(few_lookup, LY99_ENERGIES_EV[FEW_CHANNELS], amplitude_table.unit_cell, seed=3,
+                                     n_rois=10, spread_deg=0.05, n_domains=6)
+    start = with_start(synthetic.shot, perturbed_matrix(synthetic.true_matrix, seed=3))
+    settings = Stage1Settings.from_config({"refine": ["G", "rotation", "cell", "ncells", "eta"], "free_domains": 6})
+    drawn = refine.free_domain_start
+
+    def one_far_off(shot_index, n_domains, eta_deg):
+        vectors = drawn(shot_index, n_domains, eta_deg)
+        vectors[0] = np.radians([1.0, 0.0, 0.0])
+        return vectors - vectors.mean(axis=0)
+
+    monkeypatch.setattr(refine, "free_domain_start", one_far_off)
+    monkeypatch.setattr(refine, "FREE_DOMAIN_ROUNDS", 1)
+    kept = refine.refine_shot(start, few_lookup, settings)
+    monkeypatch.setattr(refine, "FREE_DOMAIN_ROUNDS", 3)
+    redrawn = refine.refine_shot(start, few_lookup, settings)
+    assert kept.converged and redrawn.converged, (kept.reason, redrawn.reason)
+    assert np.linalg.norm(kept.domain_vectors_deg, axis=1).max() > 0.8
+    assert np.linalg.norm(redrawn.domain_vectors_deg, axis=1).max() < 0.3
+    assert redrawn.nll_final < kept.nll_final
 
 
 def test_parameters_stop_at_their_bounds(quick_shot, few_lookup):

@@ -653,6 +653,8 @@ class FreeDomainCrystal(CrystalModel):
         super().__init__(start_matrix, 1, device, None, space_group)
         self.n_domains = n_domains
         self.vectors = torch.zeros((n_domains, 3), dtype=torch.float64, device=device)
+        #: When set, the crystal is that one domain alone (to weigh each domain's photons).
+        self.selected: int | None = None
 
     def centred_vectors(self) -> torch.Tensor:
         return self.vectors - self.vectors.mean(dim=0)
@@ -662,7 +664,8 @@ class FreeDomainCrystal(CrystalModel):
         return rotation_vector_matrices(self.centred_vectors())
 
     def domain_matrices(self, values: torch.Tensor) -> torch.Tensor:
-        return torch.einsum("dij,rj->dri", self.domain_rotations(), self.real_space_matrix(values))
+        matrices = torch.einsum("dij,rj->dri", self.domain_rotations(), self.real_space_matrix(values))
+        return matrices if self.selected is None else matrices[self.selected:self.selected + 1]
 
     def rms_angle_deg(self) -> float:
         """The domains' root-mean-square rotation angle about their mean (degrees): eta's meaning."""
