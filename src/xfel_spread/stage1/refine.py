@@ -59,6 +59,7 @@ from xfel_spread.stage1.model import (
     INDEX,
     NCELLS,
     PARAMETER_NAMES,
+    ROTATION,
     CrystalModel,
     FreeDomainCrystal,
     ParameterSpace,
@@ -481,6 +482,21 @@ def domain_photons(problem: ShotProblem, amplitudes: AmplitudeLookup, values: np
     return np.asarray(photons)
 
 
+def redraw_dark_domains(vectors: np.ndarray, values: np.ndarray, dark: np.ndarray, rng: np.random.Generator,
+                        sigma_rad: float) -> tuple[np.ndarray, np.ndarray]:
+    """New vectors (D, 3, rad) with the ``dark`` ones drawn from N(0, sigma^2) per component about the
+    lit domains' mean, and values whose crystal rotation follows the domains' new mean, so that every
+    lit domain keeps its orientation (to first order in the angles; the next minimisation takes up the
+    rest). The domains enter centred on their mean: moving the dark ones moves that mean, and without
+    the rotation every lit domain would move with it."""
+    vectors = np.array(vectors, dtype=np.float64)
+    old_mean = vectors.mean(axis=0)
+    vectors[dark] = vectors[~dark].mean(axis=0) + rng.normal(0.0, sigma_rad, (int(np.count_nonzero(dark)), 3))
+    values = np.array(values, dtype=np.float64)
+    values[ROTATION] += np.degrees(vectors.mean(axis=0) - old_mean)
+    return vectors, values
+
+
 def refine_free_domains(problem: ShotProblem, amplitudes: AmplitudeLookup, previous: Minimization) -> Minimization:
     """The free-domain refinement (``stage1.free_domains``) from the end of ``previous``.
 
@@ -552,8 +568,7 @@ def refine_free_domains(problem: ShotProblem, amplitudes: AmplitudeLookup, previ
             break
         logger.debug("shot %d: %d dark free domain(s) drawn again", problem.shot.shot_index, int(dark.sum()))
         rng = np.random.default_rng([FREE_DOMAIN_SEED, int(problem.shot.shot_index), round_number + 1])
-        vectors = vectors.copy()
-        vectors[dark] = vectors.mean(axis=0) + rng.normal(0.0, np.sqrt(prior_variance), (int(dark.sum()), 3))
+        vectors, values = redraw_dark_domains(vectors, values, dark, rng, np.sqrt(prior_variance))
     crystal.vectors = torch.as_tensor(vectors, device=problem.device)
     values[INDEX["eta_deg"]] = crystal.rms_angle_deg()
     return Minimization(values, counts[0], counts[1], converged, reason, previous.restarted)
