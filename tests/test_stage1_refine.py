@@ -132,7 +132,7 @@ def test_free_domains_find_the_drawn_domains_mean_orientation(amplitude_table, f
     """A crystal of 25 domains of RMS angle 0.05 deg at LY99's flux (1e12 photons), 12 shoeboxes: the
     analytic eta cannot fit 25 sharp copies of each spot (Z-score sigma 6.1, 0.0039 deg from the
     domains' mean orientation, N 55-56), the free domains started from it can (measured: Z 0.84,
-    0.00018 deg, N 57.0-57.1, their RMS angle 0.0486 against the drawn 0.0507, 338 iterations).
+    0.00017 deg, N 57.0-57.1, their RMS angle 0.0486 against the drawn 0.0507, 361 iterations).
     """
     synthetic = simulate_shot_pixels(few_lookup, LY99_ENERGIES_EV[FEW_CHANNELS], amplitude_table.unit_cell, seed=1,
                                      n_rois=12, spread_deg=0.05, n_domains=25)
