@@ -13,7 +13,9 @@ For one shot, :func:`refine_shot`:
    (:func:`xfel_spread.stage1.model.refinement_passes`); a shot that loses its spots (G at a bound,
    or no Bragg photons left in the shoeboxes) starts again, once, with broad spots
    (:func:`restart_with_broad_spots`);
-4. evaluates the refined model on every shoebox pixel and reports, before and after, the
+4. with ``stage1.free_domains`` on, refines the crystal again as that many mosaic domains of free
+   rotation vectors (:func:`refine_free_domains`), which decides convergence;
+5. evaluates the refined model on every shoebox pixel and reports, before and after, the
    model-predicted spot centroids, their RMSD against the observed ones (overall and radial; over
    every ROI and over the strong spots alone), the NLL and the Z-scores' standard deviation
    (:class:`ShotFit`).
