@@ -66,7 +66,7 @@ from xfel_spread.sim.forward import (
 from xfel_spread.sim.geometry import BEAM_DIRECTION
 from xfel_spread.sim.structure_factors import expand_to_p1_grid
 from xfel_spread.stage1.likelihood import pixel_nll, z_score_sigma
-from xfel_spread.stage1.model import Stage1Settings
+from xfel_spread.stage1.model import Stage1Settings, cross_matrices
 from xfel_spread.stage1.refine import ShotProblem
 from xfel_spread.stage1.scoring import mean_rotation
 from xfel_spread.stage1.synthetic import LY99_DETECTOR, LY99_DOMAINS_PER_CRYSTAL, LY99_NCELLS, simulate_shot_pixels
@@ -74,14 +74,6 @@ from xfel_spread.stage1.synthetic import LY99_DETECTOR, LY99_DOMAINS_PER_CRYSTAL
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 from bench_stage1 import amplitude_table  # noqa: E402
-
-
-def cross_matrix(vectors: torch.Tensor) -> torch.Tensor:
-    """[v]_x (P, 3, 3) of vectors (P, 3): [v]_x y = v x y."""
-    zero = torch.zeros_like(vectors[:, 0])
-    x, y, z = vectors.unbind(dim=1)
-    return torch.stack((torch.stack((zero, -z, y), -1), torch.stack((z, zero, -x), -1),
-                        torch.stack((-y, x, zero), -1)), dim=-2)
 
 
 def anisotropic_lattice_sq(matrix: torch.Tensor, w: torch.Tensor, inverse_wavelengths: torch.Tensor,
@@ -93,7 +85,7 @@ def anisotropic_lattice_sq(matrix: torch.Tensor, w: torch.Tensor, inverse_wavele
     h = inverse_wavelengths[None, :, None] * (w @ matrix.T)[:, None, :]
     nearest = torch.ceil(h - 0.5)
     x = h - nearest
-    cross = cross_matrix(w)
+    cross = cross_matrices(w)
     displacement = (inverse_wavelengths ** 2).mean() * (matrix @ cross @ covariance @ cross.transpose(1, 2) @ matrix.T)
     lattice = torch.diag(GAUSS_WIDTH / (4 * ncells ** 2))
     total = lattice + displacement

@@ -60,6 +60,7 @@ from xfel_spread.stage1.synthetic import perturbed_matrix, simulate_shot_pixels,
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 from bench_stage1 import add_shot_arguments, model_lookup  # noqa: E402
+from stage1_anisotropic_mosaic import rotation_vector  # noqa: E402
 
 #: One scaled unit of a domain's rotation vector component (rad): 0.01 deg.
 VECTOR_UNIT = math.radians(0.01)
@@ -67,13 +68,7 @@ VECTOR_UNIT = math.radians(0.01)
 
 def rotation_vectors(rotations: np.ndarray) -> np.ndarray:
     """Axis times angle (rad) of rotations (D, 3, 3)."""
-    vectors = []
-    for rotation in rotations:
-        angle = math.acos(min(1.0, max(-1.0, (np.trace(rotation) - 1) / 2)))
-        skew = np.array([rotation[2, 1] - rotation[1, 2], rotation[0, 2] - rotation[2, 0],
-                         rotation[1, 0] - rotation[0, 1]])
-        vectors.append(skew / 2 if angle == 0 else angle / (2 * math.sin(angle)) * skew)
-    return np.array(vectors)
+    return np.array([rotation_vector(rotation) for rotation in rotations])
 
 
 def refine_free(problem: ShotProblem, lookup, start_vectors: np.ndarray, max_iterations: int):

@@ -568,12 +568,17 @@ def mosaic_nodes(mosaic_model: str) -> np.ndarray:
     return fractions / np.sqrt(np.mean(fractions ** 2))
 
 
+def cross_matrices(vectors: torch.Tensor) -> torch.Tensor:
+    """[v]_x (D, 3, 3) of vectors (D, 3): [v]_x y = v x y, differentiable."""
+    x, y, z = vectors[:, 0], vectors[:, 1], vectors[:, 2]
+    zero = torch.zeros_like(x)
+    return torch.stack((torch.stack((zero, -z, y), -1), torch.stack((z, zero, -x), -1),
+                        torch.stack((-y, x, zero), -1)), -2)
+
+
 def axis_angle_rotations(axes: torch.Tensor, angles_rad: torch.Tensor) -> torch.Tensor:
     """Rotations (D, 3, 3) about unit ``axes`` (D, 3) by ``angles_rad`` (D,) (Rodrigues), differentiable."""
-    x, y, z = axes[:, 0], axes[:, 1], axes[:, 2]
-    zero = torch.zeros_like(x)
-    cross = torch.stack((torch.stack((zero, -z, y), -1), torch.stack((z, zero, -x), -1),
-                         torch.stack((-y, x, zero), -1)), -2)
+    cross = cross_matrices(axes)
     eye = torch.eye(3, dtype=axes.dtype, device=axes.device)
     return (eye + torch.sin(angles_rad)[:, None, None] * cross
             + (1 - torch.cos(angles_rad))[:, None, None] * cross @ cross)
@@ -631,10 +636,7 @@ def rotation_vector_matrices(vectors: torch.Tensor) -> torch.Tensor:
     """Rotations (D, 3, 3) of rotation vectors (D, 3; axis times angle, rad), differentiable at any angle
     (Rodrigues with sin(t)/t and (1 - cos t)/t^2; the angles are clamped at 1e-12 rad)."""
     angles = vectors.norm(dim=1).clamp_min(1e-12)
-    x, y, z = vectors[:, 0], vectors[:, 1], vectors[:, 2]
-    zero = torch.zeros_like(x)
-    cross = torch.stack((torch.stack((zero, -z, y), -1), torch.stack((z, zero, -x), -1),
-                         torch.stack((-y, x, zero), -1)), -2)
+    cross = cross_matrices(vectors)
     eye = torch.eye(3, dtype=vectors.dtype, device=vectors.device)
     return (eye + (torch.sin(angles) / angles)[:, None, None] * cross
             + ((1 - torch.cos(angles)) / angles ** 2)[:, None, None] * cross @ cross)

@@ -406,6 +406,22 @@ def lost(summary: ModelSummary) -> bool:
     return not np.any(np.isfinite(summary.centroids))
 
 
+def _checked(evaluate: Callable[[np.ndarray], tuple[float, np.ndarray]], counts: list[int],
+             last: list) -> Callable[[np.ndarray], tuple[float, np.ndarray]]:
+    """L-BFGS-B's objective: ``evaluate`` of a copy of the point (kept in ``last[0]``), counted in
+    ``counts[1]``; a non-finite NLL or gradient raises NonFiniteError."""
+
+    def fun(x: np.ndarray) -> tuple[float, np.ndarray]:
+        counts[1] += 1
+        last[0] = np.array(x, dtype=np.float64)
+        value, gradient = evaluate(last[0])
+        if not (np.isfinite(value) and np.all(np.isfinite(gradient))):
+            raise NonFiniteError(f"non-finite NLL or gradient at evaluation {counts[1]}")
+        return value, gradient
+
+    return fun
+
+
 def _run_passes(problem: ShotProblem, evaluate: Evaluator, start: np.ndarray, passes: list[ParameterSpace],
                 counts: list[int]) -> Minimization:
     """L-BFGS-B over ``passes`` from ``start`` (physical values); ``counts`` (iterations,
@@ -416,14 +432,7 @@ def _run_passes(problem: ShotProblem, evaluate: Evaluator, start: np.ndarray, pa
         values = enter_pass(values, space)
         last = [space.scaled(values)]
 
-        def fun(scaled: np.ndarray, space=space, last=last) -> tuple[float, np.ndarray]:
-            counts[1] += 1
-            last[0] = np.array(scaled, dtype=np.float64)
-            value, gradient = evaluate(space, last[0])
-            if not (np.isfinite(value) and np.all(np.isfinite(gradient))):
-                raise NonFiniteError(f"non-finite NLL or gradient at evaluation {counts[1]}")
-            return value, gradient
-
+        fun = _checked(lambda scaled, space=space: evaluate(space, scaled), counts, last)
         try:
             result = scipy.optimize.minimize(fun, space.scaled(values), jac=True, method="L-BFGS-B",
                                              bounds=space.scaled_bounds(),
@@ -530,19 +539,16 @@ def refine_free_domains(problem: ShotProblem, amplitudes: AmplitudeLookup, previ
     prior_variance = float(np.radians(eta_deg)) ** 2 / 3
     last = [None]
 
-    def fun(x: np.ndarray) -> tuple[float, np.ndarray]:
-        counts[1] += 1
-        last[0] = np.array(x, dtype=np.float64)
-        leaf = torch.tensor(last[0], dtype=torch.float64, device=problem.device, requires_grad=True)
+    def evaluate(x: np.ndarray) -> tuple[float, np.ndarray]:
+        leaf = torch.tensor(x, dtype=torch.float64, device=problem.device, requires_grad=True)
         physical = space.physical(leaf[:n])
         crystal.vectors = (FREE_DOMAIN_UNIT_RAD * leaf[n:]).reshape(-1, 3)
         nll = (problem.nll(physical, problem.bragg(physical, amplitudes))
                + 0.5 * (crystal.centred_vectors() ** 2).sum() / prior_variance)
         nll.backward()
-        value, gradient = float(nll.detach()), leaf.grad.detach().cpu().numpy()
-        if not (np.isfinite(value) and np.all(np.isfinite(gradient))):
-            raise NonFiniteError(f"non-finite NLL or gradient at evaluation {counts[1]}")
-        return value, gradient
+        return float(nll.detach()), leaf.grad.detach().cpu().numpy()
+
+    fun = _checked(evaluate, counts, last)
 
     vectors = free_domain_start(problem.shot.shot_index, settings.free_domains, eta_deg)
     bounds = space.scaled_bounds() + [(None, None)] * vectors.size
