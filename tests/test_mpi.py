@@ -4,8 +4,8 @@ import sys
 
 from conftest import mpirun_command, run_job
 
-#: Rank 0 works for WAIT_S seconds, then both call wait_for_all; rank 1 reports the CPU time it used while
-#: it waited.
+#: Rank 0 works for WAIT_S seconds, then both call wait_for_all; rank 1 reports when it came back (from
+#: rank 0's start) and the CPU time it used while it waited.
 PROGRAM = """
 import time
 from mpi4py import MPI
@@ -18,7 +18,10 @@ start_wall, start_cpu = time.perf_counter(), time.process_time()
 if comm.rank == 0:
     time.sleep(WAIT_S)
 wait_for_all(comm, poll_s=0.01)
-waited_wall, waited_cpu = time.perf_counter() - start_wall, time.process_time() - start_cpu
+end_wall, waited_cpu = time.perf_counter(), time.process_time() - start_cpu
+# From rank 0's start (perf_counter is the machine's monotonic clock, the same in both ranks): each rank
+# starting its own clock would let rank 1, started a moment later, see less than WAIT_S.
+waited_wall = end_wall - comm.bcast(start_wall, root=0)
 if comm.rank == 1:
     print(f"waited {waited_wall:.3f} s wall, {waited_cpu:.3f} s cpu", flush=True)
 """
