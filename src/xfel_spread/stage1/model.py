@@ -114,6 +114,7 @@ class Stage1Settings:
     eta_model: str
     free_domains: int
     free_domains_max_iterations: int
+    free_domains_starts: int
     mosaic_model: str
     broad_start_ncells: float | None
     max_iterations: int
@@ -153,6 +154,7 @@ class Stage1Settings:
             eta_model=filled["eta_model"],
             free_domains=filled["free_domains"],
             free_domains_max_iterations=filled["free_domains_max_iterations"],
+            free_domains_starts=filled["free_domains_starts"],
             mosaic_model=filled["mosaic_model"],
             broad_start_ncells=(None if filled["broad_start_ncells"] is None
                                 else float(filled["broad_start_ncells"])),

@@ -460,14 +460,21 @@ FREE_DOMAIN_FTOL = 1e-6
 #: is dark (pushed out of the crystal) and drawn again; on a validation lattice (nopsf shot 0) the
 #: lit domains carried 0.65-1.62 of the mean, the five pushed out 0.03-0.37.
 FREE_DOMAIN_DARK_FRACTION = 0.25
-#: Most minimisations of the free-domain refinement (the first, and one after each redraw).
+#: Most minimisations of the free-domain refinement from one start (the first, and one after each redraw).
 FREE_DOMAIN_ROUNDS = 3
+#: Marks the seeds of the starts after the first (``stage1.free_domains_starts``), apart from the redraws'.
+FREE_DOMAIN_START_TAG = 7
 
 
-def free_domain_start(shot_index: int, n_domains: int, eta_deg: float) -> np.ndarray:
+def free_domain_seed(shot_index: int, start: int, *more: int) -> list[int]:
+    """The random seed of a shot's free-domain start ``start`` (0, 1, ...) and its redraws (``more``)."""
+    return [FREE_DOMAIN_SEED, int(shot_index), *([] if start == 0 else [FREE_DOMAIN_START_TAG, int(start)]), *more]
+
+
+def free_domain_start(shot_index: int, n_domains: int, eta_deg: float, start: int = 0) -> np.ndarray:
     """Start rotation vectors (D, 3, rad, centred) of the free domains: components drawn from
-    N(0, eta^2 / 3), so that their RMS angle is eta, seeded by the shot's number."""
-    rng = np.random.default_rng([FREE_DOMAIN_SEED, int(shot_index)])
+    N(0, eta^2 / 3), so that their RMS angle is eta, seeded by the shot's number and the start's."""
+    rng = np.random.default_rng(free_domain_seed(shot_index, start))
     vectors = rng.normal(0.0, np.radians(eta_deg) / np.sqrt(3.0), (n_domains, 3))
     return vectors - vectors.mean(axis=0)
 
@@ -520,9 +527,12 @@ def refine_free_domains(problem: ShotProblem, amplitudes: AmplitudeLookup, previ
     but in its mean orientation; so after each minimisation every domain putting fewer than
     FREE_DOMAIN_DARK_FRACTION of the median domain's photons into the shoeboxes is drawn again about
     the domains' mean, and the minimisation goes on, for at most FREE_DOMAIN_ROUNDS minimisations and
-    ``free_domains_max_iterations`` iterations in all; the last one decides convergence. Iterations
-    and evaluations add to ``previous``'s. The returned values hold the domains' RMS angle as eta;
-    the crystal (``problem.crystal``) keeps the refined vectors.
+    ``free_domains_max_iterations`` iterations in all per start; the last one decides convergence. The domains'
+    landscape has many minima (which true domain each model domain takes): with
+    ``free_domains_starts`` S > 1 this runs from S start draws and keeps the one of least objective
+    (NLL plus the prior; a start ending in a non-finite NLL loses). Iterations and evaluations of
+    every start add to ``previous``'s. The returned values hold the domains' RMS angle as eta; the
+    crystal (``problem.crystal``) keeps the refined vectors.
     """
     settings = problem.settings
     values = np.asarray(previous.values, dtype=np.float64).copy()
@@ -550,33 +560,45 @@ def refine_free_domains(problem: ShotProblem, amplitudes: AmplitudeLookup, previ
 
     fun = _checked(evaluate, counts, last)
 
-    vectors = free_domain_start(problem.shot.shot_index, settings.free_domains, eta_deg)
-    bounds = space.scaled_bounds() + [(None, None)] * vectors.size
-    converged, reason = False, "no free-domain minimisation ran"
-    for round_number in range(FREE_DOMAIN_ROUNDS):
-        iterations_left = settings.free_domains_max_iterations - (counts[0] - previous.n_iterations)
-        if iterations_left < 1:
-            break
-        x0 = np.concatenate([space.scaled(values), (vectors / FREE_DOMAIN_UNIT_RAD).ravel()])
-        try:
-            result = scipy.optimize.minimize(fun, x0, jac=True, method="L-BFGS-B", bounds=bounds,
-                                             options={"maxiter": iterations_left, "ftol": FREE_DOMAIN_FTOL,
-                                                      "gtol": GTOL})
-        except NonFiniteError as exc:
-            x, converged, reason = last[0], False, str(exc)
-            values, vectors = space.values(x[:n]), FREE_DOMAIN_UNIT_RAD * x[n:].reshape(-1, 3)
-            break
-        converged, reason = outcome(result)
-        counts[0] += int(result.nit)
-        values, vectors = space.values(result.x[:n]), FREE_DOMAIN_UNIT_RAD * result.x[n:].reshape(-1, 3)
-        crystal.vectors = torch.as_tensor(vectors, device=problem.device)
-        photons = domain_photons(problem, amplitudes, values)
-        dark = photons < FREE_DOMAIN_DARK_FRACTION * np.median(photons)
-        if not dark.any() or round_number == FREE_DOMAIN_ROUNDS - 1:
-            break
-        logger.debug("shot %d: %d dark free domain(s) drawn again", problem.shot.shot_index, int(dark.sum()))
-        rng = np.random.default_rng([FREE_DOMAIN_SEED, int(problem.shot.shot_index), round_number + 1])
-        vectors, values = redraw_dark_domains(vectors, values, dark, rng, np.sqrt(prior_variance))
+    bounds = space.scaled_bounds() + [(None, None)] * (3 * settings.free_domains)
+    first = values
+    best = None
+    for start in range(settings.free_domains_starts):
+        values = first.copy()
+        vectors = free_domain_start(problem.shot.shot_index, settings.free_domains, eta_deg, start)
+        converged, reason, objective = False, "no free-domain minimisation ran", np.inf
+        iterations_start = counts[0]
+        for round_number in range(FREE_DOMAIN_ROUNDS):
+            iterations_left = settings.free_domains_max_iterations - (counts[0] - iterations_start)
+            if iterations_left < 1:
+                break
+            x0 = np.concatenate([space.scaled(values), (vectors / FREE_DOMAIN_UNIT_RAD).ravel()])
+            try:
+                result = scipy.optimize.minimize(fun, x0, jac=True, method="L-BFGS-B", bounds=bounds,
+                                                 options={"maxiter": iterations_left, "ftol": FREE_DOMAIN_FTOL,
+                                                          "gtol": GTOL})
+            except NonFiniteError as exc:
+                x, converged, reason, objective = last[0], False, str(exc), np.inf
+                values, vectors = space.values(x[:n]), FREE_DOMAIN_UNIT_RAD * x[n:].reshape(-1, 3)
+                break
+            converged, reason = outcome(result)
+            objective = float(result.fun)
+            counts[0] += int(result.nit)
+            values, vectors = space.values(result.x[:n]), FREE_DOMAIN_UNIT_RAD * result.x[n:].reshape(-1, 3)
+            crystal.vectors = torch.as_tensor(vectors, device=problem.device)
+            photons = domain_photons(problem, amplitudes, values)
+            dark = photons < FREE_DOMAIN_DARK_FRACTION * np.median(photons)
+            if not dark.any() or round_number == FREE_DOMAIN_ROUNDS - 1:
+                break
+            logger.debug("shot %d: %d dark free domain(s) drawn again", problem.shot.shot_index, int(dark.sum()))
+            rng = np.random.default_rng(free_domain_seed(problem.shot.shot_index, start, round_number + 1))
+            vectors, values = redraw_dark_domains(vectors, values, dark, rng, np.sqrt(prior_variance))
+        if settings.free_domains_starts > 1:
+            logger.debug("shot %d: free-domain start %d ended at objective %.3f", problem.shot.shot_index,
+                         start, objective)
+        if best is None or objective < best[0]:
+            best = (objective, values, vectors, converged, reason)
+    _, values, vectors, converged, reason = best
     crystal.vectors = torch.as_tensor(vectors, device=problem.device)
     values[INDEX["eta_deg"]] = crystal.rms_angle_deg()
     return Minimization(values, counts[0], counts[1], converged, reason, previous.restarted)
