@@ -298,4 +298,5 @@ def test_refine_batch_restarts_a_lost_shot_as_refine_shot_does(amplitude_table, 
     without = refine_batch([lost, lost_inside], few_lookup, Stage1Settings.from_config({"broad_start_ncells": None}),
                            "cpu")
     assert [fit.reason for fit in without] == ["the refined model predicts no Bragg photons in the shoeboxes"] * 2
-    assert without[0].final["G"] == 0 and 0 < without[1].final["G"] < 1e12
+    # The first G ends at its bound 0 or within rounding of it (4.5e-13 on one CPU); the second stays inside.
+    assert without[0].final["G"] < 1e-6 and 1e-6 < without[1].final["G"] < 1e12

@@ -259,7 +259,8 @@ def test_a_start_whose_spots_are_4_px_off_keeps_them(quick_shot, few_lookup):
                                                          cell_fraction=0.003))
     lost = refine_shot(start, few_lookup, Stage1Settings.from_config({"broad_start_ncells": None}))
     assert 3.5 < lost.rmsd_px_start < 5
-    assert not lost.converged and lost.final["G"] == 0
+    # G ends at its bound 0, or within rounding of it (4.5e-13 on one CPU, against a start G in the millions).
+    assert not lost.converged and lost.final["G"] < 1e-6
     assert lost.reason == "the refined model predicts no Bragg photons in the shoeboxes"
 
     settings = Stage1Settings.from_config({})
