@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from xfel_spread.sim.forward import AmplitudeLookup, Beam, bragg_photons_dense
+from xfel_spread.sim.forward import CHUNK_TERMS, AmplitudeLookup, Beam, bragg_photons_dense, bragg_photons_pixels
 from xfel_spread.sim.geometry import Detector
 from xfel_spread.stage1.model import REFERENCE_BEAM_SIZE_M, CrystalModel
 from xfel_spread.stage1.shot import ShotPixels
@@ -147,13 +147,18 @@ def bragg_photons(detector: Detector, crystal: CrystalModel, values: torch.Tenso
     pixels = tensors.trusted if pixels is None else pixels
     fast, slow = tensors.fast[pixels], tensors.slow[pixels]
     state = crystal.crystal_state(values)
-    step = pixels_per_call(fast.device, tensors.beam.energies_ev.numel() * crystal.n_domains)
+    terms_per_pixel = tensors.beam.energies_ev.numel() * crystal.n_domains
+    if crystal.n_domains > 1:
+        # Many sharp domains: only the terms below the cut-off (about half; exact to rounding).
+        model, step = bragg_photons_pixels, max(1, CHUNK_TERMS // terms_per_pixel)
+    else:
+        model, step = bragg_photons_dense, pixels_per_call(fast.device, terms_per_pixel)
     if tensors.panel is None:
-        return torch.cat([bragg_photons_dense(detector, tensors.beam, state, amplitudes, fast[start:start + step],
-                                              slow[start:start + step]) for start in range(0, fast.numel(), step)])
+        return torch.cat([model(detector, tensors.beam, state, amplitudes, fast[start:start + step],
+                                slow[start:start + step]) for start in range(0, fast.numel(), step)])
     panel = tensors.panel[pixels]
-    return torch.cat([bragg_photons_dense(detector, tensors.beam, state, amplitudes, fast[start:start + step],
-                                          slow[start:start + step], panel[start:start + step])
+    return torch.cat([model(detector, tensors.beam, state, amplitudes, fast[start:start + step],
+                            slow[start:start + step], panel[start:start + step])
                       for start in range(0, fast.numel(), step)])
 
 
