@@ -219,7 +219,7 @@ def test_refine_batch_gives_the_fits_of_refine_shot(three_shots, few_lookup):
 
 
 def test_refine_batch_runs_the_free_domains_shot_by_shot_as_refine_shot_does(three_shots, few_lookup):
-    """The free-domain refinement (stage1.free_domains) runs each shot through the dense model after the
+    """The free-domain refinement (stage1.free_domains) runs each shot through refine_shot's model after the
     batch: on a CPU the fits are refine_shot's to the bit, domains included."""
     settings = Stage1Settings.from_config({"free_domains": 3, "free_domains_max_iterations": 30})
     shots = three_shots[:2]

@@ -14,7 +14,7 @@ and the pixel collects, in photons::
 
 ``scale`` is the number of mosaic domains in the crystal (crystal volume / domain volume).
 
-Two evaluations of the same expression are provided:
+Three evaluations of the same expression are provided:
 
 * :func:`bragg_photons_dense` visits every (pixel, channel, domain) and is the reference; its
   kernel :func:`bragg_sum` also serves pixels of many shots at once (the batched path).
@@ -27,6 +27,10 @@ Two evaluations of the same expression are provided:
   of that box ``arg(u)`` is a quadratic in u, whose sub-cut-off interval gives exactly the channels
   to evaluate. Pixels, channels and domains outside contribute exactly zero by definition, so both
   evaluations agree to rounding.
+* :func:`bragg_photons_pixels` is the same skipping at given pixels (stage 1's shoeboxes) for many
+  discrete domains: per (pixel, domain) the indices the band can reach, per index the channels its
+  quadratic ``arg(u)`` keeps, and the gradient per (pixel, domain, index) from two more sums over
+  its channels (:class:`PairChannelSum`), so the backward pass never visits the terms.
 
 All tensors carry gradients with respect to the crystal matrices, N and the scale, so the same
 model serves simulation and refinement, on CPU or CUDA.

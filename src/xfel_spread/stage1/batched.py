@@ -414,7 +414,7 @@ def refine_batch(shots: Sequence[ShotPixels], amplitudes: BatchedForwardModel | 
         restarts = Lockstep().run({index: restart_task(index) for index in again}, serve)
         minimizations.update(restarts)
         finals.update(_final_summaries(model, problems, restarts, batch_of, reasons))
-    # The free-domain refinement (stage1.free_domains) runs shot by shot through the dense model: its
+    # The free-domain refinement (stage1.free_domains) runs shot by shot through refine_shot's model: its
     # crystals have their own domains, which the batched model's per-shot layout does not hold.
     for index in list(finals):
         if index not in reasons and can_free_domains(problems[index], minimizations[index], finals[index]):

@@ -1,7 +1,8 @@
 """Expected photons in the shoebox pixels and the likelihood of the measured ones.
 
 Each pixel's expected photons are the shoebox's tilted-plane background plus the Bragg photons of
-the forward model (:func:`xfel_spread.sim.forward.bragg_photons_dense` on the shoebox pixels,
+the forward model (:func:`xfel_spread.sim.forward.bragg_photons_dense` on the shoebox pixels, or
+:func:`~xfel_spread.sim.forward.bragg_photons_pixels`, equal to rounding, for free mosaic domains;
 scale G included)::
 
     model = background + G * bragg

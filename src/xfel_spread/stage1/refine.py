@@ -232,8 +232,9 @@ class ShotProblem:
 
     def bragg(self, values: torch.Tensor, amplitudes: AmplitudeLookup,
               pixels: torch.Tensor | None = None) -> torch.Tensor:
-        """G * Bragg photons at ``pixels`` (default: trusted) with the dense forward model, spread by
-        the detector's point spread when the shot models one."""
+        """G * Bragg photons at ``pixels`` (default: trusted) with the forward model
+        (:func:`~xfel_spread.stage1.likelihood.bragg_photons`), spread by the detector's point spread
+        when the shot models one."""
         if self.spread is None:
             return bragg_photons(self.detector_at(values), self.crystal, values, self.tensors, amplitudes, pixels)
         every = bragg_photons(self.detector_at(values), self.crystal, values, self.tensors, amplitudes,
@@ -605,7 +606,8 @@ def refine_free_domains(problem: ShotProblem, amplitudes: AmplitudeLookup, previ
 
 
 def dense_evaluator(problem: ShotProblem, amplitudes: AmplitudeLookup) -> Evaluator:
-    """NLL and gradient of one shot with the dense forward model and torch autograd (float64)."""
+    """NLL and gradient of one shot with the forward model and torch autograd (float64); the dense
+    evaluation, or for free domains its sparse equal (:func:`~xfel_spread.stage1.likelihood.bragg_photons`)."""
 
     def evaluate(space: ParameterSpace, scaled: np.ndarray) -> tuple[float, np.ndarray]:
         leaf = torch.tensor(scaled, dtype=torch.float64, device=problem.device, requires_grad=True)
