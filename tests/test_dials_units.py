@@ -251,6 +251,13 @@ def test_rotation_angle_deg_recovers_the_angle(angle_deg):
     assert rotation_angle_deg(rotation_about([1.0, -2.0, 0.5], angle_deg)) == pytest.approx(angle_deg, abs=1e-6)
 
 
+@pytest.mark.parametrize("angle_deg", [1e-7, 1e-4, 0.002])
+def test_rotation_angle_deg_keeps_its_digits_near_zero(angle_deg):
+    """arccos((trace - 1) / 2) rounds an angle near 0 to about 1e-6 deg (a CPU's rounding decided
+    whether a C2-equivalent crystal scored 0 within 1e-6); the angle from atan2 keeps its digits."""
+    assert rotation_angle_deg(rotation_about([1.0, -2.0, 0.5], angle_deg)) == pytest.approx(angle_deg, rel=1e-6)
+
+
 def test_best_rotation_recovers_a_known_rotation():
     source = oriented_ly99_crystal()
     rotation = rotation_about([2.0, 1.0, -1.0], 23.0)

@@ -21,6 +21,7 @@ from xfel_spread.dials.stills import INTEGRATED
 from xfel_spread.io.stills import output_paths, read_shots_table
 from xfel_spread.errors import UserInputError
 from xfel_spread.io.tables import format_cell, write_table
+from xfel_spread.sim.crystal import rotation_angle_deg
 
 #: Columns of the score table, in order.
 SCORE_COLUMNS = (
@@ -46,12 +47,6 @@ def point_group_rotations(space_group_symbol: str) -> list[np.ndarray]:
         if not any(np.array_equal(rotation, seen) for seen in rotations):
             rotations.append(rotation)
     return rotations
-
-
-def rotation_angle_deg(rotation: np.ndarray) -> float:
-    """Angle of a proper rotation matrix, in degrees."""
-    cosine = np.clip((np.trace(rotation) - 1.0) / 2.0, -1.0, 1.0)
-    return float(np.degrees(np.arccos(cosine)))
 
 
 def best_rotation(source: np.ndarray, target: np.ndarray) -> np.ndarray:

@@ -125,15 +125,24 @@ def rms_rotation_deg(rotations: np.ndarray) -> float:
     return float(np.degrees(np.sqrt(np.mean(np.arccos(cos_angle) ** 2))))
 
 
+def rotation_angle_deg(rotation: np.ndarray) -> float:
+    """Angle (degrees) of a proper rotation matrix, to full precision at every angle.
+
+    ``atan2(|skew part|, trace - 1)``: the arccos of (trace - 1) / 2 alone loses half the digits
+    near 0 (about 1e-6 deg of rounding), which is the size of a good orientation's error here.
+    """
+    rotation = np.asarray(rotation, dtype=np.float64)
+    skew = np.array([rotation[2, 1] - rotation[1, 2], rotation[0, 2] - rotation[2, 0], rotation[1, 0] - rotation[0, 1]])
+    return float(np.degrees(np.arctan2(np.linalg.norm(skew), np.trace(rotation) - 1.0)))
+
+
 def misorientation_deg(matrix_a: np.ndarray, matrix_b: np.ndarray) -> float:
     """Angle of the rotation taking the orientation of ``matrix_b`` to that of ``matrix_a``.
 
     Both are real-space matrices (rows a, b, c) of the same cell setting; the cell shape is
     removed with a polar decomposition so that small cell differences do not count as rotation.
     """
-    relative = nearest_rotation(matrix_a.T) @ nearest_rotation(matrix_b.T).T
-    cos_angle = np.clip((np.trace(relative) - 1) / 2, -1.0, 1.0)
-    return float(np.degrees(np.arccos(cos_angle)))
+    return rotation_angle_deg(nearest_rotation(matrix_a.T) @ nearest_rotation(matrix_b.T).T)
 
 
 # --- many crystals at once (the synthetic lattices of xfel_spread.sim.lattices) ------------------------
