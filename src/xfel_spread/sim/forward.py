@@ -329,15 +329,15 @@ def domain_pixel_terms(h_per_u: torch.Tensor, inverse_wavelengths: torch.Tensor,
                        ncells: torch.Tensor) -> PixelTerms | None:
     """The (pixel, domain, Miller index) pairs with a term below the cut-off, and their channels.
 
-    ``h_per_u`` (P, D, 3) is ``A_d (dir_p - i)`` (no gradient needed); ``inverse_wavelengths`` (K,)
-    sorted increasing; every N above ``2 sqrt(ARG_CUTOFF * GAUSS_WIDTH)`` (see
-    :func:`sparse_pixels_apply`). Across the band a pair's fractional index ``u h_per_u`` runs along
-    a segment; a term lives only where ``|N (h - hkl)| < R = sqrt(ARG_CUTOFF * GAUSS_WIDTH)``, and a
-    line passing that close to an index crosses its rounding cell (which holds the ball of radius
-    ``min N / 2`` in these units) along at least :func:`rounding_chord`, so rounding points of the
-    segment sampled more finely than that meets every index with a live term. Each index's channels come from its quadratic ``arg(u)``,
-    widened by one channel each side; the evaluation's own ``arg < ARG_CUTOFF`` decides, as the dense
-    kernel's does. None when no term lives.
+    ``h_per_u`` (P, D, 3), or flattened to (P D, 3), is ``A_d (dir_p - i)`` (no gradient needed); a
+    pair's index is ``p D + d``. ``inverse_wavelengths`` (K,) sorted increasing; N as
+    :func:`sparse_pixels_apply` requires. Across the band a pair's fractional index ``u h_per_u`` runs
+    along a segment; a term lives only where ``|N (h - hkl)| < R = sqrt(ARG_CUTOFF * GAUSS_WIDTH)``,
+    and a line passing that close to an index crosses its rounding cell (which holds the ball of
+    radius ``min N / 2`` in these units) along at least :func:`rounding_chord`, so rounding points of
+    the segment sampled more finely than that meets every index with a live term. Each index's
+    channels come from its quadratic ``arg(u)``, widened by one channel each side; the evaluation's
+    own ``arg < ARG_CUTOFF`` decides, as the dense kernel's does. None when no term lives.
     """
     u_low, u_high = float(inverse_wavelengths[0]), float(inverse_wavelengths[-1])
     pairs = h_per_u.reshape(-1, 3)
