@@ -353,15 +353,26 @@ def domain_pixel_terms(h_per_u: torch.Tensor, inverse_wavelengths: torch.Tensor,
     pair, sample = torch.nonzero(new_run, as_tuple=True)
     hkl = indices[pair, sample]
     curvature, u_centre, floor = arg_quadratic(pairs[pair], hkl, ncells)
-    half_width = torch.sqrt(torch.clamp((ARG_CUTOFF - floor) / curvature, min=0))
-    n_channels = inverse_wavelengths.numel()
-    k_first = torch.clamp(torch.searchsorted(inverse_wavelengths, (u_centre - half_width).contiguous()) - 1, min=0)
-    k_last = torch.clamp(torch.searchsorted(inverse_wavelengths, (u_centre + half_width).contiguous(), right=True) + 1,
-                         max=n_channels)
-    live = torch.nonzero((floor < ARG_CUTOFF) & (k_last > k_first)).squeeze(1)
+    k_first, k_last, live = channel_range(curvature, u_centre, floor, inverse_wavelengths, widen=1)
+    live = torch.nonzero(live).squeeze(1)
     if live.numel() == 0:
         return None
     return PixelTerms(pair[live], hkl[live], k_first[live], (k_last - k_first)[live])
+
+
+def channel_range(curvature: torch.Tensor, u_centre: torch.Tensor, floor: torch.Tensor,
+                  inverse_wavelengths: torch.Tensor, widen: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The channels ``k_first <= k < k_last`` (sorted ``inverse_wavelengths``) at which ``arg(u) =
+    curvature (u - u_centre)^2 + floor`` is below the cut-off, widened by ``widen`` channels each side
+    within the band, and whether any is (``floor`` below the cut-off and the range not empty)."""
+    half_width = torch.sqrt(torch.clamp((ARG_CUTOFF - floor) / curvature, min=0))
+    u_channels = inverse_wavelengths.contiguous()
+    k_first = torch.searchsorted(u_channels, (u_centre - half_width).contiguous())
+    k_last = torch.searchsorted(u_channels, (u_centre + half_width).contiguous(), right=True)
+    if widen:
+        k_first = torch.clamp(k_first - widen, min=0)
+        k_last = torch.clamp(k_last + widen, max=u_channels.numel())
+    return k_first, k_last, (floor < ARG_CUTOFF) & (k_last > k_first)
 
 
 def arg_quadratic(h_per_u: torch.Tensor, hkl: torch.Tensor,
@@ -682,10 +693,7 @@ def candidate_terms(detector: Detector | MultiPanelDetector, beam: Beam, crystal
     u_centre = (scaled_h1 * scaled_hkl).sum(-1) / (scaled_h1 ** 2).sum(-1)
     floor = ((scaled_hkl ** 2).sum(-1) - (scaled_h1 * scaled_hkl).sum(-1) ** 2 / (scaled_h1 ** 2).sum(-1)) / GAUSS_WIDTH
     with torch.no_grad():
-        half_width = torch.sqrt(torch.clamp((ARG_CUTOFF - floor) / curvature, min=0))
-        k_first = torch.searchsorted(u_channels.contiguous(), (u_centre - half_width).contiguous())
-        k_last = torch.searchsorted(u_channels.contiguous(), (u_centre + half_width).contiguous(), right=True)
-        live = (floor < ARG_CUTOFF) & (k_last > k_first)
+        k_first, k_last, live = channel_range(curvature, u_centre, floor, u_channels)
         live_index = torch.nonzero(live).squeeze(1)
     if live_index.numel() == 0:
         return None
