@@ -97,6 +97,21 @@ def test_plane_fit_recovers_a_plane_exactly_despite_outliers():
     np.testing.assert_allclose(coefficients, [3.0, 0.25, -0.5], rtol=0, atol=1e-9)
 
 
+def test_plane_fit_says_which_points_its_last_fit_used():
+    """The clipped points are the outliers; the plane's share map (stage 1's plane_holds_bragg)
+    needs exactly the points the plane was fitted to."""
+    slow, fast = np.mgrid[0:12, 0:12]
+    x, y = fast.ravel() - 5.5, slow.ravel() - 5.5
+    values = 3.0 + 0.25 * x - 0.5 * y + np.random.default_rng(2).normal(0, 0.1, x.size)
+    values[[7, 30]] += 400.0
+    coefficients, used = rois.fit_plane_points(x, y, values)
+    assert np.array_equal(np.flatnonzero(~used), [7, 30])
+    design = np.stack((np.ones(x.size), x, y), axis=1)
+    np.testing.assert_allclose(coefficients, np.linalg.lstsq(design[used], values[used], rcond=None)[0], rtol=1e-12)
+    assert np.array_equal(coefficients, rois.fit_plane(x, y, values))
+    assert not rois.fit_plane_points(np.arange(5.0), np.arange(5.0), np.ones(5))[1].any()
+
+
 def test_plane_fit_needs_three_points_off_a_line():
     assert rois.fit_plane(np.array([0.0, 1.0]), np.array([0.0, 1.0]), np.array([1.0, 2.0])) is None
     assert rois.fit_plane(np.arange(5.0), np.arange(5.0), np.ones(5)) is None
@@ -121,6 +136,13 @@ def test_shoebox_background_is_a_known_plane_exactly_on_a_synthetic_image(case):
                                    [[DIALS_PREDICTION_OFFSET_PX, 0.0]] * shot.n_rois)
         np.testing.assert_array_equal(shot.data_photons, image[shot.pixel_slow, shot.pixel_fast])
         np.testing.assert_allclose(shot.background_photons, plane[shot.pixel_slow, shot.pixel_fast], rtol=0, atol=1e-9)
+        # The planes were fitted to trusted border pixels, and to some of every ROI's.
+        border = ((shot.pixel_fast == shot.roi_bounds[shot.pixel_roi, 0])
+                  | (shot.pixel_fast == shot.roi_bounds[shot.pixel_roi, 1] - 1)
+                  | (shot.pixel_slow == shot.roi_bounds[shot.pixel_roi, 2])
+                  | (shot.pixel_slow == shot.roi_bounds[shot.pixel_roi, 3] - 1))
+        assert not np.any(shot.background_fit & ~(border & shot.trusted))
+        assert set(shot.pixel_roi[shot.background_fit]) == set(range(shot.n_rois))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,6 +204,8 @@ def test_select_rois_keeps_the_chosen_reflections_and_their_pixels(case):
     assert kept.n_pixels == np.isin(shot.pixel_roi, np.flatnonzero(keep)).sum()
     assert set(np.unique(kept.pixel_roi)) == set(range(kept.n_rois))
     np.testing.assert_array_equal(kept.data_photons, shot.data_photons[np.isin(shot.pixel_roi, np.flatnonzero(keep))])
+    np.testing.assert_array_equal(kept.background_fit,
+                                  shot.background_fit[np.isin(shot.pixel_roi, np.flatnonzero(keep))])
 
 
 # ---------------------------------------------------------------------------------------------

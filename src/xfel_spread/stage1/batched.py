@@ -45,7 +45,7 @@ from xfel_spread.sim.forward import (
 )
 from xfel_spread.sim.geometry import BEAM_DIRECTION
 from xfel_spread.sim.structure_factors import HC_EV_ANGSTROM, AmplitudeGrid
-from xfel_spread.stage1.likelihood import ShotDataError, pixel_nll, pixels_per_call
+from xfel_spread.stage1.likelihood import PixelPhotons, ShotDataError, pixel_nll, pixels_per_call, poisson_variance
 from xfel_spread.stage1.model import (
     INDEX,
     NCELLS,
@@ -53,7 +53,7 @@ from xfel_spread.stage1.model import (
     ParameterSpace,
     Stage1Settings,
 )
-from xfel_spread.stage1.psf import DetectorPsf, SpreadMap, block_diagonal, spread
+from xfel_spread.stage1.psf import DetectorPsf, ShotSpread, block_diagonal_spreads, spread
 from xfel_spread.stage1.refine import (
     Evaluator,
     ShotFit,
@@ -145,7 +145,7 @@ class BatchedForwardModel:
         self.inverse_wavelengths = torch.as_tensor(self.energies_ev / HC_EV_ANGSTROM, device=self.device)
         self._storage: dict[str, torch.Tensor] = {}
         self.problems: list[ShotProblem] = []
-        self.spread: SpreadMap | None = None
+        self.spread: ShotSpread | None = None
 
     def check_shot(self, shot: ShotPixels) -> None:
         """ShotDataError unless the shot's channels are the model's."""
@@ -201,7 +201,7 @@ class BatchedForwardModel:
         spreads = [problem.spread for problem in self.problems]
         if any(matrix is None for matrix in spreads) and any(matrix is not None for matrix in spreads):
             raise ValueError("a batch must model the point spread for all of its shots or for none")
-        self.spread = block_diagonal(spreads) if spreads and spreads[0] is not None else None
+        self.spread = block_diagonal_spreads(spreads) if spreads and spreads[0] is not None else None
 
     def _pixels(self, shots: Sequence[int], trusted: bool) -> torch.Tensor:
         """Indices (into the batch's pixel buffers) of the shots' trusted or all pixels, in shot order."""
@@ -227,9 +227,10 @@ class BatchedForwardModel:
         return torch.cat(directions), torch.cat(factor)
 
     def bragg(self, shots: Sequence[int], values: torch.Tensor,
-              trusted: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              trusted: bool = True) -> tuple[PixelPhotons, torch.Tensor, torch.Tensor]:
         """G * Bragg photons of the shots' pixels for ``values`` (len(shots), 13), differentiable,
-        spread by the detector's point spread when the batch models one (a ``gathered`` model's kernel).
+        spread by the detector's point spread when the batch models one (a ``gathered`` model's kernel),
+        with their Poisson variance (:meth:`xfel_spread.stage1.refine.ShotProblem.photons`).
 
         Returns the photons, the pixels' indices into the batch buffers and their row in ``shots``.
         """
@@ -238,13 +239,14 @@ class BatchedForwardModel:
         row_of_shot[torch.as_tensor(list(shots), device=self.device)] = torch.arange(len(shots), device=self.device)
         rows = row_of_shot[self.pixel_shot[pixels]]
         if self.spread is None:
-            return self._unspread_bragg(shots, values, pixels, rows), pixels, rows
+            return PixelPhotons.poisson(self._unspread_bragg(shots, values, pixels, rows)), pixels, rows
         # Light reaches a trusted pixel from every pixel of its shot's shoeboxes. The batch's map is
         # block-diagonal, so the shots not asked for (zeros here) add nothing to those asked for.
         every = self._pixels(shots, trusted=False)
         bragg = self._unspread_bragg(shots, values, every, row_of_shot[self.pixel_shot[every]])
         batch = torch.zeros(self.pixel_shot.numel(), dtype=bragg.dtype, device=self.device).index_add(0, every, bragg)
-        return spread(self.spread, batch)[pixels], pixels, rows
+        return (PixelPhotons(spread(self.spread.photons, batch)[pixels], spread(self.spread.variance, batch)[pixels]),
+                pixels, rows)
 
     def _unspread_bragg(self, shots: Sequence[int], values: torch.Tensor, pixels: torch.Tensor,
                         rows: torch.Tensor) -> torch.Tensor:
@@ -278,9 +280,17 @@ class BatchedForwardModel:
                   for shot in shots]
         values = torch.stack([requests[shot][0].physical(leaf) for shot, leaf in zip(shots, leaves)])
         bragg, pixels, rows = self.bragg(shots, values, trusted=True)
-        model = self.background[pixels] + bragg
+        background = self.background[pixels]
+        shares = [self.problems[shot].active_plane_share() for shot in shots]
+        if any(share is not None for share in shares):
+            # Each shot's trusted pixels are contiguous, in the order of ``shots``.
+            parts = torch.split(bragg.mean, torch.bincount(rows, minlength=len(shots)).tolist())
+            background = background - torch.cat([torch.zeros_like(part) if share is None else spread(share, part)
+                                                 for share, part in zip(shares, parts)])
+        model = background + bragg.mean
         readout_variance = self.readout_variance[torch.as_tensor(shots, device=self.device)][rows]
-        per_pixel = pixel_nll(model, self.data[pixels], readout_variance)
+        poisson = poisson_variance(background, bragg, None if self.spread is None else self.spread.variance_share)
+        per_pixel = pixel_nll(model, self.data[pixels], readout_variance, poisson)
         per_shot = torch.zeros(len(shots), dtype=torch.float64, device=self.device).index_add(0, rows, per_pixel)
         per_shot = per_shot + torch.stack([self.problems[shot].space.restraint_penalty(values[row])
                                            for row, shot in enumerate(shots)])
@@ -288,16 +298,20 @@ class BatchedForwardModel:
         return {shot: (float(per_shot[row].detach()), leaf.grad.detach().cpu().numpy())
                 for row, (shot, leaf) in enumerate(zip(shots, leaves))}
 
-    def bragg_all_pixels(self, shots: Sequence[int], values: torch.Tensor) -> list[torch.Tensor]:
-        """G * Bragg photons on every shoebox pixel of each shot (no gradient), one tensor per shot."""
+    def bragg_all_pixels(self, shots: Sequence[int], values: torch.Tensor) -> list[PixelPhotons]:
+        """G * Bragg photons and their variance on every shoebox pixel of each shot (no gradient),
+        one per shot."""
         if not self.gathered:
             with torch.no_grad():
-                return [self.problems[shot].bragg(values[row], self.amplitudes, all_pixels(self.problems[shot]))
+                return [self.problems[shot].photons(values[row], self.amplitudes, all_pixels(self.problems[shot]))
                         for row, shot in enumerate(shots)]
         with torch.no_grad():
             bragg, _, rows = self.bragg(shots, values, trusted=False)
         counts = torch.bincount(rows, minlength=len(shots)).tolist()
-        return list(torch.split(bragg, counts))
+        if bragg.variance is bragg.mean:
+            return [PixelPhotons.poisson(part) for part in torch.split(bragg.mean, counts)]
+        return [PixelPhotons(mean, variance) for mean, variance in zip(torch.split(bragg.mean, counts),
+                                                                        torch.split(bragg.variance, counts))]
 
 
 class Lockstep:
@@ -455,10 +469,10 @@ def _start_summaries(model: BatchedForwardModel, problems: dict[int, ShotProblem
     for index, bragg, broad in zip(order, unit_bragg, broad_bragg):
         problem = problems[index]
         try:
-            problem.set_start(bragg[problem.tensors.trusted],
-                              None if broad is None else broad[problem.tensors.trusted])
+            problem.set_start(bragg.mean[problem.tensors.trusted],
+                              None if broad is None else broad.mean[problem.tensors.trusted])
             start_values = torch.as_tensor(problem.start_values, device=model.device)
-            summaries[index] = summarize_model(problem, start_values, bragg * start_values[INDEX["G"]])
+            summaries[index] = summarize_model(problem, start_values, bragg.scaled(start_values[INDEX["G"]]))
         except Exception as exc:  # noqa: BLE001 - reported per shot
             reasons[index] = describe_exception(exc)
     return summaries

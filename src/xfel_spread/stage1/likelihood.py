@@ -17,6 +17,12 @@ variance ``v = model + sigma_r^2``, whose negative log-likelihood over the trust
 and the variance is floored at :data:`VARIANCE_FLOOR` so that a pixel predicted empty without readout
 noise keeps a finite weight. The Z-scores ``(data - model) / sqrt(v)`` of a good model have unit
 standard deviation.
+
+Behind a detector's point spread the Poisson part of ``v`` is not ``model``: the photons are spread
+after they are counted, so it is the expected photons spread by the squared kernel
+(:mod:`xfel_spread.stage1.psf`), about a tenth of ``model``. The functions below take that Poisson
+variance as ``poisson`` where it differs from ``model``, and the refinement carries it beside the
+Bragg photons (:class:`PixelPhotons`).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import torch
 from xfel_spread.sim.forward import AmplitudeLookup, Beam, bragg_photons_dense, bragg_photons_pixels
 from xfel_spread.sim.geometry import Detector
 from xfel_spread.stage1.model import REFERENCE_BEAM_SIZE_M, CrystalModel
+from xfel_spread.stage1.psf import SpreadMap
 from xfel_spread.stage1.shot import ShotPixels
 
 #: Most (pixel, channel, domain) terms per call of the dense forward model. Its own evaluation
@@ -54,6 +61,33 @@ class ShotDataError(ValueError):
 def readout_variance(readout_sigma_adu: float, gain_adu_per_photon: float) -> float:
     """The readout noise variance in photons^2."""
     return (readout_sigma_adu / gain_adu_per_photon) ** 2
+
+
+@dataclass
+class PixelPhotons:
+    """G * Bragg photons at some pixels (``mean``) and their share of the pixels' Poisson variance
+    (``variance``): the same tensor without a point spread, the photons spread by the squared kernel
+    behind one. Index both at once with :meth:`at`."""
+
+    mean: torch.Tensor
+    variance: torch.Tensor
+
+    @classmethod
+    def poisson(cls, mean: torch.Tensor) -> PixelPhotons:
+        """Photons counted where they land: their variance is their mean."""
+        return cls(mean, mean)
+
+    def at(self, pixels: torch.Tensor) -> PixelPhotons:
+        """The photons and variances of the given positions."""
+        if self.variance is self.mean:
+            return PixelPhotons.poisson(self.mean[pixels])
+        return PixelPhotons(self.mean[pixels], self.variance[pixels])
+
+    def scaled(self, factor) -> PixelPhotons:
+        """Both times ``factor`` (the scale G: both are linear in it)."""
+        if self.variance is self.mean:
+            return PixelPhotons.poisson(self.mean * factor)
+        return PixelPhotons(self.mean * factor, self.variance * factor)
 
 
 @dataclass
@@ -172,26 +206,85 @@ def pixels_per_call(device: torch.device, terms_per_pixel: int) -> int:
     return max(1, TERMS_PER_CALL.get(device.type, TERMS_PER_CALL["cpu"]) // terms_per_pixel)
 
 
-def pixel_variance(model: torch.Tensor, readout_var: float | torch.Tensor) -> torch.Tensor:
-    """Poisson plus readout variance of each pixel, floored."""
-    return torch.clamp(torch.clamp(model, min=0) + readout_var, min=VARIANCE_FLOOR)
+def pixel_variance(poisson: torch.Tensor, readout_var: float | torch.Tensor) -> torch.Tensor:
+    """Poisson plus readout variance of each pixel, floored. ``poisson`` is the Poisson variance:
+    the expected photons themselves, except behind a point spread (see the module docstring)."""
+    return torch.clamp(torch.clamp(poisson, min=0) + readout_var, min=VARIANCE_FLOOR)
 
 
-def pixel_nll(model: torch.Tensor, data: torch.Tensor, readout_var: float | torch.Tensor) -> torch.Tensor:
-    """Per-pixel negative log-likelihood of the Gaussian approximation."""
-    variance = pixel_variance(model, readout_var)
+def poisson_variance(background: torch.Tensor, bragg: PixelPhotons,
+                     variance_share: float | torch.Tensor | None) -> torch.Tensor | None:
+    """The Poisson variance of pixels of ``background`` photons (the tilted plane) and ``bragg``
+    (G * Bragg photons and their variance). Without a point spread (``variance_share`` None) it is
+    the expected photons themselves and None is returned (``pixel_nll`` then takes the model). Behind
+    one it is the Bragg photons' spread variance plus the smooth background's photons times the
+    squared kernel's sum, ``variance_share`` (:class:`xfel_spread.stage1.psf.ShotSpread`)."""
+    if variance_share is None:
+        return None
+    return variance_share * torch.clamp(background, min=0) + bragg.variance
+
+
+def pixel_nll(model: torch.Tensor, data: torch.Tensor, readout_var: float | torch.Tensor,
+              poisson: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-pixel negative log-likelihood of the Gaussian approximation (``poisson``: the Poisson
+    variance where it is not ``model``)."""
+    variance = pixel_variance(model if poisson is None else poisson, readout_var)
     return HALF_LOG_TWO_PI + 0.5 * torch.log(variance) + (data - model) ** 2 / (2 * variance)
 
 
-def z_scores(model: torch.Tensor, data: torch.Tensor, readout_var: float | torch.Tensor) -> torch.Tensor:
+def z_scores(model: torch.Tensor, data: torch.Tensor, readout_var: float | torch.Tensor,
+             poisson: torch.Tensor | None = None) -> torch.Tensor:
     """Residuals in units of their expected standard deviation."""
-    return (data - model) / torch.sqrt(pixel_variance(model, readout_var))
+    return (data - model) / torch.sqrt(pixel_variance(model if poisson is None else poisson, readout_var))
 
 
-def z_score_sigma(model: torch.Tensor, data: torch.Tensor, readout_var: float | torch.Tensor) -> float:
+def z_score_sigma(model: torch.Tensor, data: torch.Tensor, readout_var: float | torch.Tensor,
+                  poisson: torch.Tensor | None = None) -> float:
     """Standard deviation of the Z-scores (1 for a model that explains the data down to the noise)."""
-    z = z_scores(model, data, readout_var)
+    z = z_scores(model, data, readout_var, poisson)
     return float(torch.std(z)) if z.numel() > 1 else float("nan")
+
+
+def plane_share_map(shot: ShotPixels, device) -> SpreadMap | None:
+    """The linear map from the Bragg photons of the trusted pixels to the share of them each ROI's
+    background plane holds, or None when the shot does not say which pixels the planes were fitted
+    to (``ShotPixels.background_fit``).
+
+    The plane is a least-squares fit to pixels on the shoebox's border, and a spot's light reaches
+    them (its own tails, and the detector's point spread, whose fiber tail falls as the distance
+    cubed). So the plane holds, besides the background, the least-squares plane through the Bragg
+    photons at those pixels. For ROI r with fitted pixels F and trusted pixels T, with the plane's
+    design rows ``A = [1, x, y]``, the map's block is ``A_T pinv(A_F)`` (T x F); a ROI with fewer
+    than three fitted pixels, or all on a line, has none.
+    """
+    if shot.background_fit is None:
+        return None
+    trusted = np.flatnonzero(np.asarray(shot.trusted, dtype=bool))
+    fitted = np.asarray(shot.background_fit, dtype=bool)[trusted]
+    roi = np.asarray(shot.pixel_roi)[trusted]
+    x = np.asarray(shot.pixel_fast, dtype=np.float64)[trusted]
+    y = np.asarray(shot.pixel_slow, dtype=np.float64)[trusted]
+    order = np.argsort(roi, kind="stable")
+    starts = np.searchsorted(roi[order], np.arange(shot.n_rois + 1))
+    rows, columns, weights = [], [], []
+    for index in range(shot.n_rois):
+        members = order[starts[index]:starts[index + 1]]
+        sources = members[fitted[members]]
+        if sources.size < 3:
+            continue
+        x0, y0 = x[sources].mean(), y[sources].mean()
+        design = np.stack((np.ones(members.size), x[members] - x0, y[members] - y0), axis=1)
+        source_design = np.stack((np.ones(sources.size), x[sources] - x0, y[sources] - y0), axis=1)
+        if np.linalg.matrix_rank(source_design) < 3:
+            continue
+        block = design @ np.linalg.pinv(source_design)
+        rows.append(np.repeat(members, sources.size))
+        columns.append(np.tile(sources, members.size))
+        weights.append(block.ravel())
+    if not rows:
+        return None
+    return SpreadMap.from_entries(np.concatenate(rows), np.concatenate(columns), np.concatenate(weights),
+                                  trusted.size, device)
 
 
 def closed_form_scale(unit_bragg: torch.Tensor, data: torch.Tensor, background: torch.Tensor,

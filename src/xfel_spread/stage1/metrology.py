@@ -52,10 +52,9 @@ import torch
 from xfel_spread.progress import Progress
 from xfel_spread.sim.forward import AmplitudeLookup
 from xfel_spread.sim.geometry import BEAM_DIRECTION, FAST_AXIS, SLOW_AXIS, Detector, MultiPanelDetector
-from xfel_spread.stage1.likelihood import bragg_photons
 from xfel_spread.stage1.model import PARAMETER_NAMES, Stage1Settings, refinement_passes
-from xfel_spread.stage1.psf import DetectorPsf, spread
-from xfel_spread.stage1.refine import FTOL, GTOL, ShotFit, ShotProblem, all_pixels, refine_shot
+from xfel_spread.stage1.psf import DetectorPsf
+from xfel_spread.stage1.refine import FTOL, GTOL, ShotFit, ShotProblem, refine_shot
 from xfel_spread.stage1.shot import ShotPixels
 
 logger = logging.getLogger("xfel_spread.stage1")
@@ -135,13 +134,7 @@ class DetectorFit:
 def _lattice_nll(problem: ShotProblem, values: torch.Tensor, detector: Detector,
                  amplitudes: AmplitudeLookup) -> torch.Tensor:
     """One lattice's NLL (plus restraints) on ``detector``."""
-    tensors = problem.tensors
-    if problem.spread is None:
-        bragg = bragg_photons(detector, problem.crystal, values, tensors, amplitudes)
-    else:
-        every = bragg_photons(detector, problem.crystal, values, tensors, amplitudes, all_pixels(problem))
-        bragg = spread(problem.spread, every)[tensors.trusted]
-    return problem.nll(values, bragg)
+    return problem.nll(values, problem.photons(values, amplitudes, detector=detector))
 
 
 #: How step 2 refines: ``profile`` (the detector alone, every lattice re-refined to its minimum at each

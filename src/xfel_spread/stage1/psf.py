@@ -21,6 +21,19 @@ entries, one thread), torch's coordinate-list product cost 56 ms forward and bac
 row-compressed products 2.4 ms. The two are built straight from the kernel's entries with 32-bit
 indices: together they take the memory of the one coordinate list (:meth:`DetectorPsf.spread_matrix`,
 which SPREAD's coefficients still read).
+
+The spread also changes the noise. The phosphor spreads each photon after it is counted (the
+simulator draws the Poisson counts, then spreads them), so a pixel's photon count is a sum of
+independent Poisson counts weighted by the kernel, whose variance is the counts' means spread by the
+*squared* kernel::
+
+    variance[i] = sum_j kernel(slow_i - slow_j, fast_i - fast_j)^2 * photons[j]
+
+not the spread photons themselves: about a tenth of them on a smooth background with the LY99
+kernel (whose squares sum to 0.098), and near a sharp spot's centre about a quarter. The
+refinement's likelihood takes that variance (:class:`ShotSpread`): the Bragg photons through the
+squared kernel's map, and the background plane, smooth, times the squares' sum
+(:meth:`DetectorPsf.variance_share`).
 """
 
 from __future__ import annotations
@@ -65,6 +78,19 @@ class DetectorPsf:
         """:meth:`spread_matrix` made ready to apply (:class:`SpreadMap`), built without the coordinate list."""
         rows, columns, weights = self.spread_entries(fast, slow, pixel_size_mm, panel)
         return SpreadMap.from_entries(rows, columns, weights, len(fast), device)
+
+    def shot_spread(self, fast: np.ndarray, slow: np.ndarray, pixel_size_mm: float, device,
+                    panel: np.ndarray | None = None) -> ShotSpread:
+        """The spread of the photons and of their Poisson variance among the pixels (:class:`ShotSpread`)."""
+        rows, columns, weights = self.spread_entries(fast, slow, pixel_size_mm, panel)
+        return ShotSpread(SpreadMap.from_entries(rows, columns, weights, len(fast), device),
+                          SpreadMap.from_entries(rows, columns, weights ** 2, len(fast), device),
+                          self.variance_share(pixel_size_mm))
+
+    def variance_share(self, pixel_size_mm: float) -> float:
+        """The sum of the squared kernel: the share of a smooth field's Poisson variance that is left
+        after the spread (the spread field's photons are the field's own, less the kernel's tail)."""
+        return float((fiber_psf_kernel(self.fwhm_mm / pixel_size_mm, self.radius_px) ** 2).sum())
 
     def spread_entries(self, fast: np.ndarray, slow: np.ndarray, pixel_size_mm: float,
                        panel: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -121,6 +147,30 @@ class SpreadMap:
     @property
     def shape(self) -> torch.Size:
         return self.rows.shape
+
+
+@dataclass
+class ShotSpread:
+    """The point spread among one shot's (or a batch's) shoebox pixels, for the mean and the noise.
+
+    ``photons`` spreads the Bragg photons (the kernel), ``variance`` spreads their Poisson variance
+    (the squared kernel), and ``variance_share`` is the squared kernel's sum, which carries a smooth
+    background's photons to its variance. Build it with :meth:`DetectorPsf.shot_spread`; join a
+    batch's with :func:`block_diagonal_spreads`.
+    """
+
+    photons: SpreadMap
+    variance: SpreadMap
+    variance_share: float
+
+
+def block_diagonal_spreads(spreads: list[ShotSpread]) -> ShotSpread:
+    """One ShotSpread for the pixels of several shots concatenated in order (one kernel for all)."""
+    shares = {shot_spread.variance_share for shot_spread in spreads}
+    if len(shares) != 1:
+        raise ValueError("a batch's shots must share one point spread")
+    return ShotSpread(block_diagonal([shot_spread.photons for shot_spread in spreads]),
+                      block_diagonal([shot_spread.variance for shot_spread in spreads]), shares.pop())
 
 
 def _compressed_rows(row: np.ndarray, column: np.ndarray, weight: np.ndarray, size: int, index_type,

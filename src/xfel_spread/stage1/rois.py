@@ -92,44 +92,52 @@ def fit_plane(x: np.ndarray, y: np.ndarray, values: np.ndarray) -> np.ndarray | 
     When the spread is zero (an exact plane with a few outliers) anything not on the plane within
     rounding is dropped. None when fewer than three points remain or they lie on a line.
     """
+    return fit_plane_points(x, y, values)[0]
+
+
+def fit_plane_points(x: np.ndarray, y: np.ndarray, values: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+    """:func:`fit_plane`'s coefficients (or None) and which points (bool) its last least-squares fit used."""
     x, y, values = (np.asarray(array, dtype=np.float64) for array in (x, y, values))
     keep = np.ones(len(values), dtype=bool)
-    coefficients = None
+    coefficients, used = None, keep
     rounding = 1e-9 * max(1.0, float(np.abs(values).max(initial=0.0)))
     for _ in range(BACKGROUND_CLIP_ROUNDS):
         design = np.stack((np.ones(int(keep.sum())), x[keep], y[keep]), axis=1)
         if len(design) < 3 or np.linalg.matrix_rank(design) < 3:
-            return None
-        coefficients = np.linalg.lstsq(design, values[keep], rcond=None)[0]
+            return None, np.zeros(len(values), dtype=bool)
+        coefficients, used = np.linalg.lstsq(design, values[keep], rcond=None)[0], keep
         residuals = values - (coefficients[0] + coefficients[1] * x + coefficients[2] * y)
         spread = 1.4826 * np.median(np.abs(residuals[keep] - np.median(residuals[keep])))
         new_keep = np.abs(residuals) <= max(BACKGROUND_CLIP_SIGMA * spread, rounding)
         if np.array_equal(new_keep, keep):
             break
         keep = new_keep
-    return coefficients
+    return coefficients, used
 
 
 def plane_backgrounds(pixels: BoxPixels, values: np.ndarray, trusted: np.ndarray, n_rois: int,
-                      centroids_px: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Each box's border plane evaluated at its pixels, and which boxes have one.
+                      centroids_px: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each box's border plane evaluated at its pixels, which boxes have one, and which pixels
+    the planes were fitted to.
 
     The plane is fitted on the trusted border pixels of each box, in coordinates relative to the
     box's centroid (pixel centres), and evaluated at all the box's pixels.
     """
     background = np.zeros(len(values), dtype=np.float64)
     has_background = np.zeros(n_rois, dtype=bool)
+    fitted = np.zeros(len(values), dtype=bool)
     x = pixels.fast + 0.5 - centroids_px[pixels.roi, 0]
     y = pixels.slow + 0.5 - centroids_px[pixels.roi, 1]
     starts = np.searchsorted(pixels.roi, np.arange(n_rois + 1))
     for index in range(n_rois):
         box = slice(starts[index], starts[index + 1])
         fit_points = pixels.on_border[box] & trusted[box]
-        coefficients = fit_plane(x[box][fit_points], y[box][fit_points], values[box][fit_points])
+        coefficients, used = fit_plane_points(x[box][fit_points], y[box][fit_points], values[box][fit_points])
         if coefficients is not None:
             background[box] = coefficients[0] + coefficients[1] * x[box] + coefficients[2] * y[box]
             has_background[index] = True
-    return background, has_background
+            fitted[starts[index] + np.flatnonzero(fit_points)[used]] = True
+    return background, has_background, fitted
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,7 +348,7 @@ def shot_pixels(annulus: AnnulusShard, lattice: int, image_adu: np.ndarray,
         raise RoiInputError(f"{annulus.shard_path}: its panels' gains differ ({sorted(set(gain.tolist()))[:3]}...); "
                             "stage 1 needs one gain for every panel")
     photons_px = (adu - offset) / gain
-    background, has_background = plane_backgrounds(pixels, photons_px, trusted, len(miller_index), centroids)
+    background, has_background, fitted = plane_backgrounds(pixels, photons_px, trusted, len(miller_index), centroids)
     counts.no_background = int((~has_background).sum())
 
     shot = ShotPixels(
@@ -368,6 +376,7 @@ def shot_pixels(annulus: AnnulusShard, lattice: int, image_adu: np.ndarray,
         trusted=trusted,
         pixel_panel=pixels.panel,
         roi_panel=roi_panel,
+        background_fit=fitted,
     )
     return select_rois(shot, has_background), counts
 
@@ -419,6 +428,7 @@ def select_rois(shot: ShotPixels, keep: np.ndarray) -> ShotPixels:
         trusted=shot.trusted[pixel_keep],
         pixel_panel=None if shot.pixel_panel is None else shot.pixel_panel[pixel_keep],
         roi_panel=None if shot.roi_panel is None else shot.roi_panel[keep],
+        background_fit=None if shot.background_fit is None else shot.background_fit[pixel_keep],
     )
 
 

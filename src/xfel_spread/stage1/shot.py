@@ -49,6 +49,9 @@ class ShotPixels:
     #: ``pixel_slow``, ``roi_bounds`` and the centroids are in that panel's frame); None on one panel.
     pixel_panel: np.ndarray | None = None
     roi_panel: np.ndarray | None = None  #: (n_roi,) int, the panel of each ROI's reflection, or None
+    #: (n_pix,) bool: the pixels each ROI's background plane was fitted to (trusted border pixels
+    #: the fit's clipping kept), or None where the shot's builder does not say.
+    background_fit: np.ndarray | None = None
 
     @property
     def n_rois(self) -> int:

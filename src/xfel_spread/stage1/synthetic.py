@@ -9,11 +9,11 @@ panel (``bragg_photons_sparse`` over the whole panel) and do not overlap; only t
 photons of every domain (``bragg_photons_dense``, the same expression), which keeps shots with many
 domains cheap. As the I/O side of stage 1 builds them from real images, each shoebox's background is
 the tilted plane fitted to its border and its observed centroid the centroid of the
-background-subtracted photons. With a point spread, each shoebox's Bragg photons are computed on the
-shoebox plus a margin of the kernel radius and spread by the simulator's own fiber PSF
-(``sim.detector_effects.apply_fiber_psf``, so light from just outside a shoebox reaches it), before
-the noise; the simulator spreads after the noise, which a test of the refinement's model does not
-need.
+background-subtracted photons. With a point spread, each shoebox's photons (Bragg and background)
+are computed on the shoebox plus a margin of the kernel radius, counted (Poisson) and then spread by
+the simulator's own fiber PSF (``sim.detector_effects.apply_fiber_psf``, so light from just outside a
+shoebox reaches it), in the simulator's order, so that the pixels carry the spread noise; the
+readout noise comes last.
 
 On a :class:`~xfel_spread.sim.geometry.MultiPanelDetector` the strongest spots are taken over every
 panel, each box lies inside one panel (pixels named by panel, fast, slow in that panel's frame), the
@@ -115,14 +115,20 @@ def simulate_shot_pixels(lookup: AmplitudeLookup, energies_ev: np.ndarray, unit_
     fast, slow, roi = _box_pixels(corners, shoebox)
 
     centre = np.array([detector.n_fast, detector.n_slow]) / 2
-    background = background_photons * (1 + 0.2 * (fast - centre[0]) / centre[0] - 0.1 * (slow - centre[1]) / centre[1])
+
+    def plane(fast, slow):
+        return background_photons * (1 + 0.2 * (fast - centre[0]) / centre[0] - 0.1 * (slow - centre[1]) / centre[1])
+
     domains = crystal(xtal.domain_matrices(true_matrix, rotations))
     if psf is None:
         bragg = bragg_photons_dense(detector, beam, domains, lookup, torch.as_tensor(fast), torch.as_tensor(slow))
-    else:
-        bragg = torch.cat([spread_box(detector, beam, domains, lookup, x0, y0, shoebox, psf) for x0, y0 in corners])
-    return _observed_shot(detector, bragg + torch.as_tensor(background), corners, fast, slow, roi, shoebox, seed,
-                          energies_ev, photons, true_matrix, rotations, ncells)
+        return _observed_shot(detector, bragg + torch.as_tensor(plane(fast, slow)), corners, fast, slow, roi, shoebox,
+                              seed, energies_ev, photons, true_matrix, rotations, ncells)
+    generator = torch.Generator().manual_seed(seed)
+    counted = torch.cat([spread_box(detector, beam, domains, lookup, x0, y0, shoebox, psf, plane, generator)
+                         for x0, y0 in corners])
+    return _observed_shot(detector, counted, corners, fast, slow, roi, shoebox, seed, energies_ev, photons,
+                          true_matrix, rotations, ncells, generator=generator)
 
 
 def _box_pixels(corners, shoebox: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -134,19 +140,27 @@ def _box_pixels(corners, shoebox: int) -> tuple[np.ndarray, np.ndarray, np.ndarr
 
 
 def _observed_shot(detector, expected: torch.Tensor, corners, fast, slow, roi, shoebox, seed, energies_ev, photons,
-                   true_matrix, rotations, ncells, **panels) -> SyntheticShot:
+                   true_matrix, rotations, ncells, generator: torch.Generator | None = None,
+                   **panels) -> SyntheticShot:
     """The shot as stage 1 sees it: ``expected`` photons drawn with noise, each box's background the
     tilted plane of its border, its observed centroid that of the photons above the plane; ``panels``
-    (pixel_panel, roi_panel) name the boxes' panels on a multi-panel detector."""
-    noisy = effects.draw_noise(expected, torch.ones_like(expected), READOUT, seed)
+    (pixel_panel, roi_panel) name the boxes' panels on a multi-panel detector. With ``generator``
+    the photons are already counted (and spread): only the readout noise is drawn, from it."""
+    if generator is None:
+        noisy = effects.draw_noise(expected, torch.ones_like(expected), READOUT, seed)
+    else:
+        noisy = effects.NoisyPhotons(expected, READOUT.readout_noise_adu * torch.randn(
+            expected.shape, generator=generator, dtype=expected.dtype))
     adu = effects.to_adu(noisy.photons, noisy.readout_adu, READOUT).numpy()
     data = (adu - READOUT.adc_offset_adu) / READOUT.gain_adu_per_photon
 
     plane = np.empty_like(data)
+    on_border = np.zeros(data.size, dtype=bool)
     observed = np.empty((len(corners), 2))
     for index, (x0, y0) in enumerate(corners):
         mine = roi == index
         border = np.isin(fast[mine], (x0, x0 + shoebox - 1)) | np.isin(slow[mine], (y0, y0 + shoebox - 1))
+        on_border[mine] = border
         plane[mine] = fit_tilted_plane(fast[mine], slow[mine], data[mine], border)
         signal = np.clip(data[mine] - plane[mine], 0, None)
         observed[index] = (signal @ (fast[mine] + 0.5), signal @ (slow[mine] + 0.5))
@@ -160,7 +174,8 @@ def _observed_shot(detector, expected: torch.Tensor, corners, fast, slow, roi, s
         roi_bounds=np.array([(x0, x0 + shoebox, y0, y0 + shoebox) for x0, y0 in corners]),
         observed_centroid_px=observed, strong=np.ones(len(corners), dtype=bool),
         dials_predicted_px=observed, pixel_fast=fast, pixel_slow=slow, pixel_roi=roi,
-        data_photons=data, background_photons=plane, trusted=np.ones(fast.size, dtype=bool), **panels)
+        data_photons=data, background_photons=plane, trusted=np.ones(fast.size, dtype=bool),
+        background_fit=on_border, **panels)
     return SyntheticShot(shot, true_matrix, float(ncells), LY99_DOMAINS_PER_CRYSTAL, xtal.rms_rotation_deg(rotations),
                          detector.distance_mm, np.asarray(rotations))
 
@@ -202,45 +217,65 @@ def _simulate_multipanel(detector: MultiPanelDetector, lookup, beam, photons, cr
     roi_panel = np.array([panel for panel, _, _ in boxes], dtype=np.int64)
     panel = roi_panel[roi]
 
-    position = detector.pixel_centres_mm(torch.as_tensor(fast), torch.as_tensor(slow), torch.as_tensor(panel)).numpy()
     reach = np.abs([tile.origin_mm[:2] for tile in detector.panels]).max()
-    background = background_photons * (1 + 0.2 * position[:, 0] / reach - 0.1 * position[:, 1] / reach)
+
+    def plane(fast, slow, panel):
+        position = detector.pixel_centres_mm(torch.as_tensor(fast), torch.as_tensor(slow),
+                                             torch.as_tensor(panel)).numpy()
+        return background_photons * (1 + 0.2 * position[:, 0] / reach - 0.1 * position[:, 1] / reach)
+
     domains = crystal(xtal.domain_matrices(true_matrix, rotations))
+    corners = [(x0, y0) for _, x0, y0 in boxes]
     if psf is None:
         bragg = bragg_photons_dense(detector, beam, domains, lookup, torch.as_tensor(fast), torch.as_tensor(slow),
                                     torch.as_tensor(panel))
-    else:
-        bragg = torch.cat([spread_panel_box(detector, beam, domains, lookup, p, x0, y0, shoebox, psf)
-                           for p, x0, y0 in boxes])
-    return _observed_shot(detector, bragg + torch.as_tensor(background), [(x0, y0) for _, x0, y0 in boxes], fast,
-                          slow, roi, shoebox, seed, energies_ev, photons, true_matrix, rotations, ncells,
-                          pixel_panel=panel, roi_panel=roi_panel)
+        return _observed_shot(detector, bragg + torch.as_tensor(plane(fast, slow, panel)), corners, fast, slow, roi,
+                              shoebox, seed, energies_ev, photons, true_matrix, rotations, ncells,
+                              pixel_panel=panel, roi_panel=roi_panel)
+    generator = torch.Generator().manual_seed(seed)
+    counted = torch.cat([spread_panel_box(detector, beam, domains, lookup, p, x0, y0, shoebox, psf, plane, generator)
+                         for p, x0, y0 in boxes])
+    return _observed_shot(detector, counted, corners, fast, slow, roi, shoebox, seed, energies_ev, photons,
+                          true_matrix, rotations, ncells, generator=generator, pixel_panel=panel, roi_panel=roi_panel)
 
 
 def spread_panel_box(detector: MultiPanelDetector, beam: Beam, crystal: CrystalState, lookup: AmplitudeLookup,
-                     panel: int, x0: int, y0: int, size: int, psf: DetectorPsf) -> torch.Tensor:
-    """:func:`spread_box` on one panel of a multi-panel detector: margin pixels beyond the panel's
-    edge do not exist and carry no light."""
+                     panel: int, x0: int, y0: int, size: int, psf: DetectorPsf, background,
+                     generator: torch.Generator) -> torch.Tensor:
+    """:func:`spread_box` on one panel of a multi-panel detector (``background(fast, slow, panel)``):
+    margin pixels beyond the panel's edge do not exist and carry no light."""
     margin = psf.radius_px
     slow, fast = np.mgrid[y0 - margin:y0 + size + margin, x0 - margin:x0 + size + margin]
     tile = detector.panels[panel]
     inside = (fast >= 0) & (fast < tile.n_fast) & (slow >= 0) & (slow < tile.n_slow)
+    on_panel = np.full(int(inside.sum()), panel)
     patch = torch.zeros(fast.shape, dtype=torch.float64)
     patch[torch.as_tensor(inside)] = bragg_photons_dense(
         detector, beam, crystal, lookup, torch.as_tensor(fast[inside]), torch.as_tensor(slow[inside]),
-        torch.full((int(inside.sum()),), panel))
-    spread = effects.apply_fiber_psf(patch, psf.fwhm_mm / tile.pixel_size_mm, psf.radius_px)
-    return spread[margin:margin + size, margin:margin + size].reshape(-1)
+        torch.as_tensor(on_panel)) + torch.as_tensor(background(fast[inside], slow[inside], on_panel))
+    return _counted_and_spread(patch, psf, tile.pixel_size_mm, size, generator)
 
 
 def spread_box(detector: Detector, beam: Beam, crystal: CrystalState, lookup: AmplitudeLookup, x0: int, y0: int,
-               size: int, psf: DetectorPsf) -> torch.Tensor:
-    """Bragg photons of the box at (x0, y0) after the point spread, in image order (slow, then fast)."""
+               size: int, psf: DetectorPsf, background, generator: torch.Generator) -> torch.Tensor:
+    """Photons of the box at (x0, y0), Bragg plus ``background(fast, slow)``, counted with Poisson
+    noise from ``generator`` and then spread by the point spread (as the simulator does), in image
+    order (slow, then fast)."""
     margin = psf.radius_px
     slow, fast = np.mgrid[y0 - margin:y0 + size + margin, x0 - margin:x0 + size + margin]
     patch = bragg_photons_dense(detector, beam, crystal, lookup, torch.as_tensor(fast.ravel()),
                                 torch.as_tensor(slow.ravel())).reshape(fast.shape)
-    spread = effects.apply_fiber_psf(patch, psf.fwhm_mm / detector.pixel_size_mm, psf.radius_px)
+    return _counted_and_spread(patch + torch.as_tensor(background(fast, slow)), psf, detector.pixel_size_mm, size,
+                               generator)
+
+
+def _counted_and_spread(patch: torch.Tensor, psf: DetectorPsf, pixel_size_mm: float, size: int,
+                        generator: torch.Generator) -> torch.Tensor:
+    """A box's patch of expected photons (the box and a margin of the kernel radius) counted, spread
+    and cut back to the box, flattened."""
+    margin = psf.radius_px
+    counts = torch.poisson(torch.clamp(patch, min=0.0), generator=generator)
+    spread = effects.apply_fiber_psf(counts, psf.fwhm_mm / pixel_size_mm, psf.radius_px)
     return spread[margin:margin + size, margin:margin + size].reshape(-1)
 
 
