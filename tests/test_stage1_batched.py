@@ -234,8 +234,9 @@ def test_refine_batch_with_eta_and_distance_gives_the_parameters_of_refine_shot(
     """Rotation, cell and distance are correlated: rounding moves the end point along that valley a
     little more, so a hundredth of a step is asked. eta ends at its bound 0, where the NLL is flat
     to second order: there the batch's rounding left the second shot at 0.00015 deg (0.07 of a step,
-    the NLLs 8e-7 apart), so a tenth of a step and the NLL are asked."""
-    settings = Stage1Settings.from_config({"refine": ALL_GROUPS, "mosaic_domains": 4})
+    the NLLs 8e-7 apart), so a tenth of a step and the NLL are asked. The background planes' share of
+    the Bragg photons is taken out, so that the batch's way of taking it out is checked too."""
+    settings = Stage1Settings.from_config({"refine": ALL_GROUPS, "mosaic_domains": 4, "plane_holds_bragg": True})
     shots = three_shots[:2]
     model = BatchedForwardModel(few_lookup, LY99_ENERGIES_EV[FEW_CHANNELS], "cpu", gathered=True)
     for batched_fit, shot in zip(refine_batch(shots, model, settings), shots):

@@ -98,7 +98,7 @@ class Stage1Settings:
     structure_factors: str
     shoebox_size_px: int
     readout_sigma_adu: float
-    plane_holds_bragg: bool
+    plane_holds_bragg: bool | None
     refine: tuple[str, ...]
     initial_G: float | None
     initial_ncells: tuple[float, float, float]
@@ -139,7 +139,7 @@ class Stage1Settings:
             structure_factors=filled["structure_factors"],
             shoebox_size_px=filled["shoebox_size_px"],
             readout_sigma_adu=float(filled["readout_sigma_adu"]),
-            plane_holds_bragg=bool(filled["plane_holds_bragg"]),
+            plane_holds_bragg=filled["plane_holds_bragg"],
             refine=tuple(filled["refine"]),
             initial_G=None if initial["G"] is None else float(initial["G"]),
             initial_ncells=tuple(float(v) for v in initial["ncells"]),

@@ -158,7 +158,8 @@ class ShotProblem:
                                                      self.device, shot.pixel_panel))
         #: The map from the trusted pixels' Bragg photons to the share of them the ROIs' background
         #: planes hold (:func:`~xfel_spread.stage1.likelihood.plane_share_map`), or None.
-        self.plane_share = plane_share_map(shot, self.device) if settings.plane_holds_bragg else None
+        holds = psf is not None if settings.plane_holds_bragg is None else settings.plane_holds_bragg
+        self.plane_share = plane_share_map(shot, self.device) if holds else None
         #: Whether :meth:`expected` takes the planes' share out now: not while the spots are being
         #: placed (:func:`_run_passes`).
         self.plane_share_on = True
