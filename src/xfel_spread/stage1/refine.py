@@ -157,7 +157,8 @@ class ShotProblem:
             None if psf is None else psf.shot_spread(shot.pixel_fast, shot.pixel_slow, shot.detector.pixel_size_mm,
                                                      self.device, shot.pixel_panel))
         #: The map from the trusted pixels' Bragg photons to the share of them the ROIs' background
-        #: planes hold (:func:`~xfel_spread.stage1.likelihood.plane_share_map`), or None.
+        #: planes hold (:func:`~xfel_spread.stage1.likelihood.plane_share_map`), or None: built when
+        #: ``stage1.plane_holds_bragg`` is true, or null (its default) and the point spread is modelled.
         holds = psf is not None if settings.plane_holds_bragg is None else settings.plane_holds_bragg
         self.plane_share = plane_share_map(shot, self.device) if holds else None
         #: Whether :meth:`expected` takes the planes' share out now: not while the spots are being
