@@ -246,12 +246,8 @@ class ShotProblem:
               pixels: torch.Tensor | None = None) -> torch.Tensor:
         """G * Bragg photons at ``pixels`` (default: trusted) with the forward model
         (:func:`~xfel_spread.stage1.likelihood.bragg_photons`), spread by the detector's point spread
-        when the shot models one: :meth:`photons` without their variance."""
-        if self.spread is None:
-            return bragg_photons(self.detector_at(values), self.crystal, values, self.tensors, amplitudes, pixels)
-        every = bragg_photons(self.detector_at(values), self.crystal, values, self.tensors, amplitudes,
-                              all_pixels(self))
-        return spread(self.spread.photons, every)[self.tensors.trusted if pixels is None else pixels]
+        when the shot models one: the mean of :meth:`photons`."""
+        return self.photons(values, amplitudes, pixels).mean
 
     def photons(self, values: torch.Tensor, amplitudes: AmplitudeLookup, pixels: torch.Tensor | None = None,
                 detector: Detector | None = None) -> PixelPhotons:
