@@ -30,7 +30,7 @@ def test_spread_matrix_is_the_simulators_convolution():
     rng = np.random.default_rng(3)
     image = torch.as_tensor(rng.exponential(5.0, (30, 40)))
     slow, fast = np.mgrid[100:130, 200:240]
-    spread_map = LY99_PSF.spread_map(fast.ravel(), slow.ravel(), PIXEL_MM, "cpu")
+    spread_map = LY99_PSF.shot_spread(fast.ravel(), slow.ravel(), PIXEL_MM, "cpu").photons
     spread_image = spread(spread_map, image.reshape(-1)).reshape(30, 40)
     kernel = fiber_psf_kernel(0.08 / PIXEL_MM, 10)
     tail = float(image.sum()) * (1 - float(kernel.sum())) / image.numel()
@@ -78,7 +78,7 @@ def test_spread_map_holds_the_spread_matrix_and_its_transpose():
     order = np.random.default_rng(5).permutation(12 * 12)
     fast, slow = order % 12 + 200, order // 12 + 50
     matrix = LY99_PSF.spread_matrix(fast, slow, PIXEL_MM, "cpu").to_dense()
-    spread_map = LY99_PSF.spread_map(fast, slow, PIXEL_MM, "cpu")
+    spread_map = LY99_PSF.shot_spread(fast, slow, PIXEL_MM, "cpu").photons
     assert torch.equal(spread_map.rows.to_dense(), matrix)
     assert torch.equal(spread_map.columns.to_dense(), matrix.t())
     assert spread_map.rows.col_indices().dtype == torch.int32
@@ -87,7 +87,7 @@ def test_spread_map_holds_the_spread_matrix_and_its_transpose():
 def test_block_diagonal_keeps_each_shot_to_itself():
     pixels = [(np.array([0, 1]), np.array([0, 0])), (np.array([5, 5, 6]), np.array([9, 10, 9]))]
     first, second = (LY99_PSF.spread_matrix(fast, slow, PIXEL_MM, "cpu").to_dense() for fast, slow in pixels)
-    both = block_diagonal([LY99_PSF.spread_map(fast, slow, PIXEL_MM, "cpu") for fast, slow in pixels])
+    both = block_diagonal([LY99_PSF.shot_spread(fast, slow, PIXEL_MM, "cpu").photons for fast, slow in pixels])
     dense = both.rows.to_dense()
     assert dense.shape == (5, 5) and both.shape == (5, 5)
     assert torch.equal(dense[:2, :2], first) and torch.equal(dense[2:, 2:], second)

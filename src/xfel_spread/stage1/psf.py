@@ -73,15 +73,11 @@ class DetectorPsf:
                                        (len(fast), len(fast)), dtype=torch.float64, device=device,
                                        check_invariants=True).coalesce()
 
-    def spread_map(self, fast: np.ndarray, slow: np.ndarray, pixel_size_mm: float, device,
-                   panel: np.ndarray | None = None) -> SpreadMap:
-        """:meth:`spread_matrix` made ready to apply (:class:`SpreadMap`), built without the coordinate list."""
-        rows, columns, weights = self.spread_entries(fast, slow, pixel_size_mm, panel)
-        return SpreadMap.from_entries(rows, columns, weights, len(fast), device)
-
     def shot_spread(self, fast: np.ndarray, slow: np.ndarray, pixel_size_mm: float, device,
                     panel: np.ndarray | None = None) -> ShotSpread:
-        """The spread of the photons and of their Poisson variance among the pixels (:class:`ShotSpread`)."""
+        """The spread of the photons and of their Poisson variance among the pixels (:class:`ShotSpread`):
+        :meth:`spread_matrix` and its squares made ready to apply (:class:`SpreadMap`s), built without
+        the coordinate list."""
         rows, columns, weights = self.spread_entries(fast, slow, pixel_size_mm, panel)
         return ShotSpread(SpreadMap.from_entries(rows, columns, weights, len(fast), device),
                           SpreadMap.from_entries(rows, columns, weights ** 2, len(fast), device),
@@ -127,7 +123,7 @@ class SpreadMap:
     """A point-spread map made ready to apply: the sparse (P, P) map kept as its rows and its
     transpose's rows, compressed (``rows``, ``columns``), for the spread and its gradient. The
     indices are 32-bit where they fit, so the two take the memory of one coordinate list (24 bytes
-    per entry). Build it with :meth:`DetectorPsf.spread_map` or :meth:`from_entries`; join a
+    per entry). Build it with :meth:`DetectorPsf.shot_spread` or :meth:`from_entries`; join a
     batch's maps with :func:`block_diagonal`."""
 
     def __init__(self, rows: torch.Tensor, columns: torch.Tensor):
