@@ -8,9 +8,7 @@ and FE2 the reduced table. Each shot is simulated on its annulus shoeboxes only
 those pixels). SPREAD's data per lattice are its trusted shoebox pixels and the coefficients at
 the *true* geometry: the subset simulator's Bragg terms per unit scale and |F|^2, summed per
 asymmetric-unit column and cut at ``spread.relative_cutoff`` (1e-3), the point spread folded in as
-stage 1 models it (:mod:`xfel_spread.stage1.psf`) for the psf dataset, with the Poisson variance
-spread by the squared kernel (``--psf-variance expected`` takes the expected photons as the variance,
-the likelihood before 2026-12-07, for comparison). With ``--perturbed-max M``
+stage 1 models it (:mod:`xfel_spread.stage1.psf`) for the psf dataset. With ``--perturbed-max M``
 the first M lattices are also fitted with coefficients at a geometry perturbed as DIALS leaves it
 (each lattice rotated by ``--perturb-deg`` about a random axis and its a, b, c lengths moved by
 N(0, ``--perturb-a``)), *not* refined; with ``--refined-max R`` (R <= M) the first R also
@@ -47,7 +45,6 @@ Usage: .venv/bin/python benchmarks/bench_spread_recovery.py [--lattices 1000 300
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import resource
 import tempfile
 import time
@@ -67,13 +64,7 @@ from xfel_spread.sim.structure_factors import (
 )
 from xfel_spread.sim.subset import SubsetSettings, SubsetSimulator, subset_bragg
 from xfel_spread.spread.assemble import LatticeArrays, concatenate
-from xfel_spread.spread.coefficients import (
-    ShotCoefficients,
-    apply_cutoff,
-    asu_lookup,
-    fold_point_spread,
-    spread_variance_ratio,
-)
+from xfel_spread.spread.coefficients import ShotCoefficients, apply_cutoff, asu_lookup, fold_point_spread
 from xfel_spread.spread.fit import Restraints, SpreadProblem, fit
 from xfel_spread.spread.model import Decomposition
 from xfel_spread.spread.pipeline import CONTROLS, ShardProblem, control_problem
@@ -151,13 +142,10 @@ def lattice_from_terms(shot, terms, lookup, cutoff: float, dataset: str, psf: De
     total = float(value.sum())
     coefficients = ShotCoefficients(pixel[keep], channel[keep], column[keep], value[keep],
                                     float(value[~keep].sum()) / total if total > 0 else 0.0)
-    trusted = np.asarray(shot.trusted, dtype=bool)
-    ratio = share = None
     if psf is not None:
         spread = psf.spread_matrix(shot.pixel_fast, shot.pixel_slow, pixel_size_mm, "cpu")
-        ratio = spread_variance_ratio(coefficients, spread, n_pixels)[trusted]
-        share = psf.variance_share(pixel_size_mm)
         coefficients = fold_point_spread(coefficients, spread, n_pixels, cutoff)
+    trusted = np.asarray(shot.trusted, dtype=bool)
     if not trusted.any() or coefficients.pixel.size == 0:
         return None
     local = np.full(n_pixels, -1, dtype=np.int64)
@@ -172,8 +160,7 @@ def lattice_from_terms(shot, terms, lookup, cutoff: float, dataset: str, psf: De
         shoebox=roi[trusted], dx=(shot.pixel_fast - centre_x[roi])[trusted], dy=(shot.pixel_slow - centre_y[roi])[trusted],
         readout_var=readout_var, n_shoeboxes=shot.n_rois, term_pixel=local[coefficients.pixel[keep]],
         term_channel=coefficients.channel[keep], term_column=coefficients.column[keep],
-        term_coeff=coefficients.value[keep], dropped_fraction=coefficients.dropped_fraction, lattice=shot.shot_index,
-        bragg_variance_ratio=ratio, background_variance_share=share)
+        term_coeff=coefficients.value[keep], dropped_fraction=coefficients.dropped_fraction, lattice=shot.shot_index)
 
 
 def compact_lattice(arrays: LatticeArrays | None) -> LatticeArrays | None:
@@ -185,8 +172,6 @@ def compact_lattice(arrays: LatticeArrays | None) -> LatticeArrays | None:
     arrays.shoebox, arrays.term_pixel = arrays.shoebox.astype(np.int32), arrays.term_pixel.astype(np.int32)
     arrays.term_channel, arrays.term_column = arrays.term_channel.astype(np.int16), arrays.term_column.astype(np.int32)
     arrays.term_coeff = arrays.term_coeff.astype(np.float32)
-    if arrays.bragg_variance_ratio is not None:
-        arrays.bragg_variance_ratio = arrays.bragg_variance_ratio.astype(np.float32)
     return arrays
 
 
@@ -290,9 +275,6 @@ def main() -> None:
     parser.add_argument("--kk", type=float, default=None, help="KK weight (default: spread's)")
     parser.add_argument("--preconditioner-lattices", type=int, default=None,
                         help="lattices of the fit's preconditioner, 0 for none (default: spread's)")
-    parser.add_argument("--psf-variance", choices=("spread", "expected"), default="spread",
-                        help="psf: the likelihood's Poisson variance, the squared kernel's spread of the photons "
-                             "(spread, as the stage has it) or the expected photons themselves (the older likelihood)")
     parser.add_argument("--lattice-cache", default=None,
                         help="pickle of the true-geometry lattices: read if it holds enough shots, else written")
     parser.add_argument("--workers", type=int, default=1,
@@ -335,6 +317,8 @@ def main() -> None:
             parser.error(f"{args.lattice_cache}: holds {cached['shots']} {cached['dataset']} shots; this run needs "
                          f"{n_max} {args.dataset} shots and --perturbed-max 0")
         true_lattices = [lattice for lattice in cached["lattices"] if lattice.lattice < n_max]
+        for lattice in true_lattices:  # the likelihood's readout is this run's, not the cache's
+            lattice.readout_var = readout_var
         n_pixels_all = cached["pixels_per_shot"] * n_max
         print(f"read {len(true_lattices)} lattices of the first {n_max} shots from {args.lattice_cache}", flush=True)
     elif args.workers > 1:
@@ -423,10 +407,6 @@ def main() -> None:
         if key not in assembled:
             assembled.clear()
             assembled[key] = concatenate(lattices)
-            if args.psf_variance == "expected":
-                data, columns = assembled[key]
-                assembled[key] = (dataclasses.replace(data, bragg_variance_ratio=None, background_variance_share=None),
-                                  columns)
         data, columns = assembled[key]
         fp_start = np.stack([on_grid(name)[0] for name in start])
         fdp_start = np.stack([on_grid(name)[1] for name in start])

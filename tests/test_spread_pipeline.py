@@ -180,6 +180,26 @@ def test_one_two_and_four_ranks_write_the_same_bytes(case, tmp_path):
     assert fits == {"start", "spread", "miller_l_plus_1", "shuffled_channels"}
 
 
+def test_behind_a_point_spread_one_and_two_ranks_write_the_same_bytes(case, tmp_path):
+    """With the point spread modelled (folded into the coefficients) the outputs are still the same
+    bytes on any rank count, and differ from those without it."""
+    import dataclasses
+
+    config = spread_config(tmp_path / "spread.yaml", controls=False)
+    _, stage1_prefix = case
+    prefixes = [stage1_prefix, with_converged(stage1_prefix, tmp_path / "first", {0})]
+
+    def inputs(name, psf=True):
+        plain = inputs_for(case, config, tmp_path / name, prefixes)
+        return dataclasses.replace(plain, psf_fwhm_mm=0.08, psf_radius_px=3) if psf else plain
+
+    run_spread(inputs("one"), SerialComm())
+    run_on_threads(2, lambda comm: run_spread(inputs("two"), comm))
+    assert output_bytes(tmp_path / "one") == output_bytes(tmp_path / "two")
+    run_spread(inputs("plain", psf=False), SerialComm())
+    assert output_bytes(tmp_path / "one")["fp_fdp"] != output_bytes(tmp_path / "plain")["fp_fdp"]
+
+
 def command_argv(case, tmp_path, config, stage1_prefix=None):
     inputs = inputs_for(case, config, tmp_path / "out", [stage1_prefix] if stage1_prefix else None)
     return ["--config", inputs.config, "--dataset", "psf", "--annulus-prefix", inputs.annulus_prefixes[0],

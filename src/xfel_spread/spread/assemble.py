@@ -5,9 +5,7 @@ stage-1 parameters (13 values in the order of :data:`xfel_spread.stage1.model.PA
 relative to the lattice's ``real_space_matrix``) and the mosaic domains stage 1 used. The
 coefficients are computed over all shoebox pixels (so that a modelled point spread carries light
 from untrusted pixels into trusted ones), then only the trusted pixels are kept, as in stage 1's
-likelihood. Pixel offsets dx, dy are from the centre of the pixel's shoebox (pixels). Behind a
-point spread each trusted pixel also gets its Poisson variance's shares (:func:`xfel_spread.spread.
-model.poisson_photons`).
+likelihood. Pixel offsets dx, dy are from the centre of the pixel's shoebox (pixels).
 """
 
 from __future__ import annotations
@@ -22,7 +20,6 @@ from xfel_spread.spread.coefficients import (
     AsuLookup,
     bragg_coefficients,
     fold_point_spread,
-    spread_variance_ratio,
 )
 from xfel_spread.spread.errors import SpreadInputError
 from xfel_spread.spread.model import SpreadData
@@ -52,12 +49,6 @@ class LatticeArrays:
     lattice: int = -1
     #: Whether the shot's spectrum was rebinned onto the structure_factors channels (spread.pipeline).
     spectrum_rebinned: bool = False
-    #: Behind a point spread: each trusted pixel's ratio of its Bragg light's Poisson variance to its
-    #: photons (:func:`xfel_spread.spread.coefficients.spread_variance_ratio`); None without one.
-    bragg_variance_ratio: np.ndarray | None = None
-    #: Behind a point spread: the share of a smooth background's photons that is their Poisson
-    #: variance (:meth:`xfel_spread.stage1.psf.DetectorPsf.variance_share`); None without one.
-    background_variance_share: float | None = None
 
 
 def lattice_arrays(shot: ShotPixels, values: np.ndarray, n_domains: int, lookup: AsuLookup,
@@ -75,14 +66,11 @@ def lattice_arrays(shot: ShotPixels, values: np.ndarray, n_domains: int, lookup:
     coefficients = bragg_coefficients(detector, tensors.beam, state, tensors.fast, tensors.slow, lookup,
                                       relative_cutoff, panel=tensors.panel)
     n_pixels = int(tensors.fast.numel())
-    trusted = np.asarray(shot.trusted, dtype=bool)
-    ratio = share = None
     if psf is not None:
         spread = psf.spread_matrix(shot.pixel_fast, shot.pixel_slow, shot.detector.pixel_size_mm, "cpu",
                                    shot.pixel_panel)
-        ratio = spread_variance_ratio(coefficients, spread, n_pixels)[trusted]
-        share = psf.variance_share(shot.detector.pixel_size_mm)
         coefficients = fold_point_spread(coefficients, spread, n_pixels, relative_cutoff)
+    trusted = np.asarray(shot.trusted, dtype=bool)
     local = np.full(n_pixels, -1, dtype=np.int64)
     local[trusted] = np.arange(int(trusted.sum()))
     keep = trusted[coefficients.pixel]
@@ -100,15 +88,14 @@ def lattice_arrays(shot: ShotPixels, values: np.ndarray, n_domains: int, lookup:
         n_shoeboxes=shot.n_rois,
         term_pixel=local[coefficients.pixel[keep]], term_channel=coefficients.channel[keep],
         term_column=coefficients.column[keep], term_coeff=coefficients.value[keep],
-        dropped_fraction=coefficients.dropped_fraction, bragg_variance_ratio=ratio, background_variance_share=share)
+        dropped_fraction=coefficients.dropped_fraction)
 
 
 def concatenate(lattices: Sequence[LatticeArrays], source: str = "stage-1 results") -> tuple[SpreadData, np.ndarray]:
     """All lattices as one :class:`SpreadData` and the asymmetric-unit columns it uses.
 
     ``term_pair`` indexes ``channel * n_used + position`` of the column in the returned ``columns``.
-    Shoeboxes without trusted pixels are dropped. Every lattice must have the same channel energies,
-    and either all or none of them lie behind a point spread (its Poisson variance's shares).
+    Shoeboxes without trusted pixels are dropped. Every lattice must have the same channel energies.
     """
     if not lattices:
         raise SpreadInputError(f"{source}: no converged lattices to refine")
@@ -117,13 +104,9 @@ def concatenate(lattices: Sequence[LatticeArrays], source: str = "stage-1 result
         if lattice.energies_ev.shape != energies.shape or not np.allclose(lattice.energies_ev, energies,
                                                                           rtol=0, atol=1e-6):
             raise SpreadInputError(f"{source}: the lattices' spectra have different channel energies")
-    behind = {lattice.bragg_variance_ratio is not None for lattice in lattices}
-    if len(behind) != 1:
-        raise ValueError("either all lattices or none lie behind a point spread")
     columns = np.unique(np.concatenate([lattice.term_column for lattice in lattices]))
     n_used = len(columns)
-    parts = {name: [] for name in ("data", "shoebox", "dx", "dy", "readout", "shot", "pixel", "pair", "coeff",
-                                   "ratio", "share")}
+    parts = {name: [] for name in ("data", "shoebox", "dx", "dy", "readout", "shot", "pixel", "pair", "coeff")}
     pixel_offset = box_offset = 0
     for shot_number, lattice in enumerate(lattices):
         boxes_used, box_local = np.unique(lattice.shoebox, return_inverse=True)
@@ -137,9 +120,6 @@ def concatenate(lattices: Sequence[LatticeArrays], source: str = "stage-1 result
         parts["pixel"].append(lattice.term_pixel.astype(np.int64) + pixel_offset)
         parts["pair"].append(lattice.term_channel.astype(np.int64) * n_used + np.searchsorted(columns, lattice.term_column))
         parts["coeff"].append(lattice.term_coeff)
-        if lattice.bragg_variance_ratio is not None:
-            parts["ratio"].append(lattice.bragg_variance_ratio)
-            parts["share"].append(np.full(len(lattice.data), lattice.background_variance_share))
         pixel_offset += len(lattice.data)
         box_offset += len(boxes_used)
 
@@ -149,6 +129,5 @@ def concatenate(lattices: Sequence[LatticeArrays], source: str = "stage-1 result
     data = SpreadData(joined("data", np.float64), joined("shoebox", np.int64), joined("dx", np.float64),
                       joined("dy", np.float64), joined("readout", np.float64), joined("shot", np.int64),
                       joined("pixel", np.int64), joined("pair", np.int64), joined("coeff", np.float64),
-                      len(lattices), *((joined("ratio", np.float64), joined("share", np.float64))
-                                       if behind == {True} else ()))
+                      len(lattices))
     return data, columns

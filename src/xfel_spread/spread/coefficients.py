@@ -19,9 +19,7 @@ term; :func:`bragg_coefficients` reports the dropped share of the coefficient su
 
 The detector's point spread (:class:`xfel_spread.stage1.psf.DetectorPsf`) is linear in the Bragg
 photons, so it folds into the coefficients: c' = S c with S the shot's spread matrix
-(:func:`fold_point_spread`). The photons are counted before they are spread, so their Poisson
-variance is spread by the squared kernel, S2 c; :func:`spread_variance_ratio` gives each pixel's
-ratio of the two.
+(:func:`fold_point_spread`).
 """
 
 from __future__ import annotations
@@ -192,26 +190,3 @@ def fold_point_spread(coefficients: ShotCoefficients, spread_matrix: torch.Tenso
     total = float(value.sum())
     dropped = coefficients.dropped_fraction + (float(value[~keep].sum()) / total if total > 0 else 0.0)
     return ShotCoefficients(row[keep], pairs[keep] // n_columns, pairs[keep] % n_columns, value[keep], dropped)
-
-
-def spread_variance_ratio(coefficients: ShotCoefficients, spread_matrix: torch.Tensor, n_pixels: int) -> np.ndarray:
-    """Each pixel's ratio rho of the spread Bragg light's Poisson variance to its photons (n_pixels,).
-
-    The photons u_j = sum_t c_{j,t} of the unspread ``coefficients`` (every |F|^2 = 1) are spread by
-    the kernel, S u, and their variance by the squared kernel, S2 u (S2 has the squares of
-    ``spread_matrix``'s entries): rho = S2 u / S u, 0 where no Bragg light arrives. It is the ratio
-    for any |F|^2 where one reflection's light fills the pixel (|F_k|^2 varies across the channels
-    only by the anomalous change); where spots overlap it weighs them as equally bright.
-    """
-    import scipy.sparse as sp
-
-    s = spread_matrix.coalesce()
-    rows, cols = s.indices().cpu().numpy()
-    weights = s.values().cpu().numpy()
-    photons = np.bincount(coefficients.pixel, weights=coefficients.value, minlength=n_pixels)
-    mean = sp.csr_matrix((weights, (rows, cols)), shape=(n_pixels, n_pixels)) @ photons
-    variance = sp.csr_matrix((weights ** 2, (rows, cols)), shape=(n_pixels, n_pixels)) @ photons
-    ratio = np.zeros(n_pixels)
-    lit = mean > 0
-    ratio[lit] = variance[lit] / mean[lit]
-    return ratio

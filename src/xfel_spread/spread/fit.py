@@ -38,8 +38,6 @@ from xfel_spread.spread.model import (
     SpreadData,
     expected_photons,
     intensities,
-    poisson_photons,
-    poisson_slopes,
     unit_bragg,
 )
 from xfel_spread.spread.restraints import kk_penalty, smoothness_penalty
@@ -109,48 +107,36 @@ class SpreadProblem:
     def objective(self, theta: torch.Tensor, nuisance: Nuisance) -> torch.Tensor:
         """NLL + restraints at the given grids and nuisance."""
         fp, fdp = self.split(theta)
-        return (pixels_nll(unit_bragg(self.intensity(theta), self.data), nuisance.scale, nuisance.background,
-                           self.data) + self.restraints.value(fp, fdp))
-
-
-def pixels_nll(bragg: torch.Tensor, scale: torch.Tensor, background: torch.Tensor, data: SpreadData) -> torch.Tensor:
-    """:func:`~xfel_spread.spread.likelihood.total_nll` of the pixels given their Bragg photons per unit G
-    and the nuisance (with their Poisson variance behind a point spread)."""
-    return total_nll(expected_photons(bragg, scale, background, data), data,
-                     poisson_photons(bragg, scale, background, data))
+        mu = expected_photons(unit_bragg(self.intensity(theta), self.data), nuisance.scale,
+                              nuisance.background, self.data)
+        return total_nll(mu, self.data) + self.restraints.value(fp, fdp)
 
 
 def _sum_by(index: torch.Tensor, values: torch.Tensor, size: int) -> torch.Tensor:
     return torch.zeros(size, dtype=values.dtype).index_add_(0, index, values)
 
 
-def nuisance_direction(bragg: torch.Tensor, mu: torch.Tensor, data: SpreadData, damping: float = 1e-9,
-                       nuisance: Nuisance | None = None) -> Nuisance:
+def nuisance_direction(bragg: torch.Tensor, mu: torch.Tensor, data: SpreadData, damping: float = 1e-9) -> Nuisance:
     """The Newton step of every shot's G and shoebox planes for fixed Bragg photons per unit G, at
-    expected photons ``mu`` (the ``nuisance``'s, which data behind a point spread need for their
-    Poisson variance).
+    expected photons ``mu``.
 
     The plane of each shoebox is eliminated first (3 x 3 Schur complement), then G of each shot.
     """
-    poisson = slopes = None
-    if data.behind_point_spread:
-        poisson = poisson_photons(bragg, nuisance.scale, nuisance.background, data)
-        slopes = poisson_slopes(nuisance.background, data)
-    derivatives = nll_derivatives(mu, data, observed=True, poisson=poisson, slopes=slopes)
+    gradient, weight = nll_derivatives(mu, data, observed=True)
     R, S = data.n_shoeboxes, data.n_shots
     box, shot_of_box, pixel_shot = data.shoebox, data.shot.long(), data.pixel_shot()
     design = (torch.ones_like(data.dx, dtype=bragg.dtype), data.dx.to(bragg.dtype), data.dy.to(bragg.dtype))
     h_bb = torch.empty(R, 3, 3, dtype=bragg.dtype)
     for i in range(3):
         for j in range(i, 3):
-            h_bb[:, i, j] = h_bb[:, j, i] = _sum_by(box, derivatives.plane_weight * design[i] * design[j], R)
+            h_bb[:, i, j] = h_bb[:, j, i] = _sum_by(box, weight * design[i] * design[j], R)
     diagonal = h_bb.diagonal(dim1=1, dim2=2).amax(1)
     h_bb = h_bb + damping * (1 + diagonal)[:, None, None] * torch.eye(3, dtype=bragg.dtype)
     # The derivative of mu in G is the Bragg photons per unit G.
-    h_bg = torch.stack([_sum_by(box, derivatives.cross_weight * d * bragg, R) for d in design], dim=1)
-    g_b = torch.stack([_sum_by(box, derivatives.plane * d, R) for d in design], dim=1)
-    h_gg = _sum_by(pixel_shot, derivatives.bragg_weight * bragg ** 2, S)
-    g_g = _sum_by(pixel_shot, derivatives.bragg * bragg, S)
+    h_bg = torch.stack([_sum_by(box, weight * d * bragg, R) for d in design], dim=1)
+    g_b = torch.stack([_sum_by(box, gradient * d, R) for d in design], dim=1)
+    h_gg = _sum_by(pixel_shot, weight * bragg ** 2, S)
+    g_g = _sum_by(pixel_shot, gradient * bragg, S)
     solved = torch.linalg.solve(h_bb, torch.stack([h_bg, g_b], dim=2))  # (R, 3, 2)
     reduced_h = h_gg - _sum_by(shot_of_box, (h_bg * solved[:, :, 0]).sum(1), S)
     reduced_g = g_g - _sum_by(shot_of_box, (h_bg * solved[:, :, 1]).sum(1), S)
@@ -159,8 +145,8 @@ def nuisance_direction(bragg: torch.Tensor, mu: torch.Tensor, data: SpreadData, 
     return Nuisance(delta_g, delta_b)
 
 
-def _shot_sums(mu: torch.Tensor, data: SpreadData, poisson: torch.Tensor | None = None) -> torch.Tensor:
-    return _sum_by(data.pixel_shot(), pixel_nll(mu, data.data.to(mu.dtype), data.readout_var.to(mu.dtype), poisson),
+def _shot_sums(mu: torch.Tensor, data: SpreadData) -> torch.Tensor:
+    return _sum_by(data.pixel_shot(), pixel_nll(mu, data.data.to(mu.dtype), data.readout_var.to(mu.dtype)),
                    data.n_shots)
 
 
@@ -169,22 +155,16 @@ def nuisance_step(bragg: torch.Tensor, nuisance: Nuisance, data: SpreadData,
     """One Newton step (:func:`nuisance_direction`), halved shot by shot until that shot's NLL does
     not rise (after ``halvings`` halvings the shot keeps its old values). Returns the new nuisance
     and the decrease of the total NLL. mu is linear in the nuisance, so every trial is
-    ``mu0 + fraction * delta_mu`` (and so is the Poisson variance behind a point spread, up to its
-    plane's clamp at 0, so there each trial is evaluated afresh)."""
+    ``mu0 + fraction * delta_mu``."""
     mu0 = expected_photons(bragg, nuisance.scale, nuisance.background, data)
-    direction = nuisance_direction(bragg, mu0, data, nuisance=nuisance)
+    direction = nuisance_direction(bragg, mu0, data)
     delta_mu = expected_photons(bragg, direction.scale, direction.background, data)
-    before = _shot_sums(mu0, data, poisson_photons(bragg, nuisance.scale, nuisance.background, data))
+    before = _shot_sums(mu0, data)
     slack = 1e-12 * torch.abs(before) + 1e-12
     fraction = torch.ones(data.n_shots, dtype=bragg.dtype)
     pixel_shot = data.pixel_shot()
-    shot = data.shot.long()
     for _ in range(halvings + 1):
-        poisson = None
-        if data.behind_point_spread:
-            poisson = poisson_photons(bragg, nuisance.scale + fraction * direction.scale,
-                                      nuisance.background + fraction[shot][:, None] * direction.background, data)
-        after = _shot_sums(mu0 + fraction[pixel_shot] * delta_mu, data, poisson)
+        after = _shot_sums(mu0 + fraction[pixel_shot] * delta_mu, data)
         worse = after > before + slack
         if not bool(worse.any()):
             break
@@ -192,6 +172,7 @@ def nuisance_step(bragg: torch.Tensor, nuisance: Nuisance, data: SpreadData,
     else:
         fraction = torch.where(worse, torch.zeros_like(fraction), fraction)
         after = torch.where(worse, before, after)
+    shot = data.shot.long()
     return (Nuisance(nuisance.scale + fraction * direction.scale,
                      nuisance.background + fraction[shot][:, None] * direction.background),
             float((before - after).sum()))
@@ -266,14 +247,9 @@ def leading_bounds(data: SpreadData, n_shots: int) -> tuple[int, ...]:
 def chunk_data(data: SpreadData, bounds: tuple[int, ...]) -> SpreadData:
     """The chunk's data with local pixel, shoebox and shot numbers (index arrays copied, the rest views)."""
     p0, p1, b0, b1, s0, s1, t0, t1 = bounds
-
-    def pixels(values):
-        return None if values is None else values[p0:p1]
-
     return SpreadData(data.data[p0:p1], data.shoebox[p0:p1] - b0, data.dx[p0:p1], data.dy[p0:p1],
                       data.readout_var[p0:p1], data.shot[b0:b1] - s0, data.term_pixel[t0:t1] - p0,
-                      data.term_pair[t0:t1], data.term_coeff[t0:t1], s1 - s0,
-                      pixels(data.bragg_variance_ratio), pixels(data.background_variance_share))
+                      data.term_pair[t0:t1], data.term_coeff[t0:t1], s1 - s0)
 
 
 class ProfiledNLL:
@@ -311,7 +287,7 @@ class ProfiledNLL:
             local = optimise_nuisance(bragg.detach(), Nuisance(state.scale[s0:s1], state.background[b0:b1]),
                                       chunk, steps)
             state.scale[s0:s1], state.background[b0:b1] = local.scale, local.background
-            nll = pixels_nll(bragg, local.scale, local.background, chunk)
+            nll = total_nll(expected_photons(bragg, local.scale, local.background, chunk), chunk)
             nll.backward()
             total += float(nll.detach())
         self.first = False

@@ -2,9 +2,7 @@
 
 ``J^T diag(w) J`` with ``w = 1/v + 1/(2 v^2)`` per pixel (the expected Hessian of the Poisson +
 readout NLL) and J the derivatives of the expected photons in the grids, over grids and nuisance
-(each shot's G, each shoebox's background plane). Behind a point spread the Bragg photons and the
-background carry different Poisson variance, so the weight of a pair of parameters depends on which
-photons each moves (:class:`xfel_spread.spread.likelihood.NllDerivatives`). The nuisance is profiled out exactly by the Schur
+(each shot's G, each shoebox's background plane). The nuisance is profiled out exactly by the Schur
 complement, shoebox planes first (3 x 3 blocks), then each shot's G. :mod:`xfel_spread.spread.
 uncertainty` inverts it (with the restraints' Hessian) for the standard errors at the minimum;
 :mod:`xfel_spread.spread.fit` takes it on the first lattices at the start as the fit's preconditioner.
@@ -23,7 +21,7 @@ if TYPE_CHECKING:  # fit imports this module
     from xfel_spread.spread.fit import Nuisance, SpreadProblem
 
 from xfel_spread.spread.likelihood import nll_derivatives
-from xfel_spread.spread.model import expected_photons, poisson_photons, poisson_slopes, unit_bragg
+from xfel_spread.spread.model import expected_photons, unit_bragg
 
 
 def _sum_rows(index: torch.Tensor, values: torch.Tensor, size: int) -> torch.Tensor:
@@ -88,8 +86,7 @@ def profile_fisher(problem: SpreadProblem, theta: np.ndarray, nuisance: Nuisance
     with torch.no_grad():
         bragg = unit_bragg(problem.intensity(theta_t), data)
         mu = expected_photons(bragg, nuisance.scale, nuisance.background, data)
-        nll = nll_derivatives(mu, data, poisson=poisson_photons(bragg, nuisance.scale, nuisance.background, data),
-                                      slopes=poisson_slopes(nuisance.background, data))
+        _, weight = nll_derivatives(mu, data)
         derivatives = intensity_derivatives(problem, theta_t)
     n_theta = theta_t.numel()
     fisher = torch.zeros(n_theta, n_theta, dtype=torch.float64)
@@ -103,11 +100,7 @@ def profile_fisher(problem: SpreadProblem, theta: np.ndarray, nuisance: Nuisance
             last_shot += 1
         end = shot_end[last_shot]
         jac = pixel_jacobian(problem, theta_t, nuisance, start, end, derivatives)
-        # The grids and G move the Bragg photons, the planes the background (behind a point spread
-        # the two carry different Poisson variance, so their weights differ).
-        w = nll.bragg_weight[start:end]
-        w_plane = nll.plane_weight[start:end]
-        w_cross = nll.cross_weight[start:end]
+        w = weight[start:end]
         box = data.shoebox[start:end]
         box0 = int(box.min())
         box_local = box - box0
@@ -118,10 +111,10 @@ def profile_fisher(problem: SpreadProblem, theta: np.ndarray, nuisance: Nuisance
         u = bragg[start:end]
         fisher += jac.T @ (w[:, None] * jac)
         # Nuisance blocks: planes (3 x 3 per shoebox), G (per shot: d mu / d G = bragg per unit G).
-        h_bb = _sum_rows(box_local, w_plane[:, None, None] * design[:, :, None] * design[:, None, :], n_box)
-        h_bg = _sum_rows(box_local, (w_cross * u)[:, None] * design, n_box)
+        h_bb = _sum_rows(box_local, w[:, None, None] * design[:, :, None] * design[:, None, :], n_box)
+        h_bg = _sum_rows(box_local, (w * u)[:, None] * design, n_box)
         h_gg = _sum_rows(shots_local, w * u * u, n_shots_local)
-        c_tb = _sum_rows(box_local, (w_cross[:, None, None] * jac[:, :, None] * design[:, None, :]), n_box)  # (b, n_theta, 3)
+        c_tb = _sum_rows(box_local, (w[:, None, None] * jac[:, :, None] * design[:, None, :]), n_box)  # (b, n_theta, 3)
         c_tg = _sum_rows(shots_local, (w * u)[:, None] * jac, n_shots_local)  # (s, n_theta)
         inv_bb = torch.linalg.inv(h_bb)
         fisher -= torch.einsum("bti,bij,buj->tu", c_tb, inv_bb, c_tb)

@@ -15,16 +15,6 @@ With each shot's stage-1 geometry and spectrum fixed, a pixel's Bragg photons pe
 ``b_r`` is the tilted background plane of the pixel's shoebox r (photons; dx, dy its offsets in
 pixels from the shoebox centre) and ``G_shot`` the shot's scale. I is evaluated densely on the
 (channels x used reflections) table, which the data index through ``pair = k * n_reflections + m``.
-
-A pixel's Poisson variance is mu_p itself, except behind a detector point spread: the photons are
-counted, then spread (as stage 1 models it, :class:`xfel_spread.stage1.psf.ShotSpread`), so their
-variance is spread by the squared kernel. There it is (:func:`poisson_photons`)::
-
-    v_p = a * max(plane_p, 0) + rho_p * G_shot * bragg_p
-
-with ``a`` the squared kernel's sum (a smooth background's share) and ``rho_p`` the pixel's ratio of
-squared-kernel to kernel spread of its Bragg light (:func:`xfel_spread.spread.coefficients.
-spread_variance_ratio`).
 """
 
 from __future__ import annotations
@@ -77,12 +67,6 @@ class SpreadData:
     term_pair: torch.Tensor
     term_coeff: torch.Tensor
     n_shots: int
-    #: Behind a point spread (P,): the ratio rho_p of the Bragg light's Poisson variance to its photons
-    #: (:func:`poisson_photons`); None without one.
-    bragg_variance_ratio: torch.Tensor | None = None
-    #: Behind a point spread (P,): the share ``a`` of a smooth background's photons that is its Poisson
-    #: variance (the squared kernel's sum); None without one.
-    background_variance_share: torch.Tensor | None = None
 
     @property
     def n_pixels(self) -> int:
@@ -104,13 +88,7 @@ class SpreadData:
         """Bytes held by the arrays."""
         return sum(t.element_size() * t.numel() for t in (
             self.data, self.shoebox, self.dx, self.dy, self.readout_var, self.shot,
-            self.term_pixel, self.term_pair, self.term_coeff, self.bragg_variance_ratio,
-            self.background_variance_share) if t is not None)
-
-    @property
-    def behind_point_spread(self) -> bool:
-        """Whether the pixels' Poisson variance is not their expected photons (:func:`poisson_photons`)."""
-        return self.bragg_variance_ratio is not None
+            self.term_pixel, self.term_pair, self.term_coeff))
 
 
 def channel_form_factors(grid: torch.Tensor, interpolation: torch.Tensor) -> torch.Tensor:
@@ -139,30 +117,6 @@ def unit_bragg(intensity: torch.Tensor, data: SpreadData) -> torch.Tensor:
 def expected_photons(bragg: torch.Tensor, scale: torch.Tensor, background: torch.Tensor,
                      data: SpreadData) -> torch.Tensor:
     """mu = plane of the shoebox + G * bragg (P,); ``scale`` (n_shots,), ``background`` (R, 3)."""
-    return plane_photons(background, data) + scale[data.pixel_shot()] * bragg
-
-
-def plane_photons(background: torch.Tensor, data: SpreadData) -> torch.Tensor:
-    """The background plane of each pixel's shoebox at the pixel (P,); ``background`` (R, 3)."""
     box = data.shoebox
-    return background[:, 0][box] + background[:, 1][box] * data.dx + background[:, 2][box] * data.dy
-
-
-def poisson_photons(bragg: torch.Tensor, scale: torch.Tensor, background: torch.Tensor,
-                    data: SpreadData) -> torch.Tensor | None:
-    """The pixels' Poisson variance behind a point spread, ``a max(plane, 0) + rho G bragg`` (P,); None
-    without one, where it is :func:`expected_photons` itself."""
-    if not data.behind_point_spread:
-        return None
-    return (data.background_variance_share.to(bragg.dtype) * torch.clamp(plane_photons(background, data), min=0)
-            + data.bragg_variance_ratio.to(bragg.dtype) * scale[data.pixel_shot()] * bragg)
-
-
-def poisson_slopes(background: torch.Tensor, data: SpreadData) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The derivatives of :func:`poisson_photons` in the plane's photons and in the Bragg photons
-    (G * bragg) at every pixel, ``(a [plane > 0], rho)``; None without a point spread."""
-    if not data.behind_point_spread:
-        return None
-    plane = plane_photons(background, data)
-    share = data.background_variance_share.to(plane.dtype)
-    return share * (plane > 0).to(plane.dtype), data.bragg_variance_ratio.to(plane.dtype)
+    return (background[:, 0][box] + background[:, 1][box] * data.dx + background[:, 2][box] * data.dy
+            + scale[data.pixel_shot()] * bragg)

@@ -215,7 +215,7 @@ def control_problem(name: str, shard: ShardProblem, decomposition, lookup, rows:
     kept, so the sites' signal lands on the wrong reflections. ``shuffled_channels``: each shot's
     channels permuted in the coefficients (seeded by ``seed`` and the shard number), so the spectrum
     no longer says which energy lit which pixel."""
-    from xfel_spread.spread.model import Decomposition
+    from xfel_spread.spread.model import Decomposition, SpreadData
 
     problem = shard.problem
     if name == "miller_l_plus_1":
@@ -236,7 +236,8 @@ def control_problem(name: str, shard: ShardProblem, decomposition, lookup, rows:
             pair = data.term_pair[lo:lo + step]
             term_shot = data.shot[data.shoebox[data.term_pixel[lo:lo + step]]].long()
             term_pair[lo:lo + step] = permutation[term_shot, pair // n_used] * n_used + pair % n_used
-        shuffled = dataclasses.replace(data, term_pair=term_pair)
+        shuffled = SpreadData(data.data, data.shoebox, data.dx, data.dy, data.readout_var, data.shot,
+                              data.term_pixel, term_pair, data.term_coeff, data.n_shots)
         return SpreadProblem(shuffled, problem.decomposition, problem.interpolation, problem.restraints)
     raise ValueError(f"unknown control {name}")
 
