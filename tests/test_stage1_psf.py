@@ -13,7 +13,7 @@ from stage1_cases import assert_identical_fit, assert_same_fit
 from xfel_spread.sim import crystal as xtal
 from xfel_spread.sim.detector_effects import apply_fiber_psf, fiber_psf_kernel
 from xfel_spread.stage1.batched import BatchedForwardModel, refine_batch
-from xfel_spread.stage1.likelihood import plane_share_map, z_score_sigma
+from xfel_spread.stage1.likelihood import pixel_nll, plane_share_map, z_score_sigma
 from xfel_spread.stage1.model import INDEX, Stage1Settings
 from xfel_spread.stage1.psf import DetectorPsf, SpreadMap, block_diagonal, spread
 from xfel_spread.stage1.refine import ShotProblem, dense_evaluator, refine_shot, summarize_model
@@ -124,6 +124,58 @@ def test_the_variance_map_is_the_simulators_spread_noise():
     flat = (slice(margin, margin + 4), slice(margin, margin + 4))  # more than a kernel radius from the spot
     assert torch.allclose(variance[flat], share * expected[flat], rtol=0.02)
     assert float((mean / variance)[22, 22]) > 3.5 and float((mean / variance)[flat].min()) > 9
+
+
+def test_the_spread_noise_of_a_spot_is_its_counted_photons():
+    """Why the NLL keeps the expected photons as their variance behind the point spread: the spread
+    shares each counted photon among neighbours, so their noise is correlated, and a spot's pixels
+    summed have nearly the Poisson noise of the photons counted, which the sum of the expected photons
+    describes and the sum of the pixels' own (squared-kernel) variances understates several times.
+    Measured: the box sum's variance 5225 photons^2, its expected photons 6112 (the kernel's tail
+    carries some of each photon out of the box), the sum of its pixels' variances 650; the centre and
+    the pixel beside it correlated 0.94."""
+    size = 44
+    expected = torch.full((size, size), 20.0, dtype=torch.float64)
+    expected[22, 22] += 3000.0
+    expected[22, 23] += 1000.0
+    generator = torch.Generator().manual_seed(9)
+    draws = torch.stack([apply_fiber_psf(torch.poisson(expected, generator=generator), 0.08 / PIXEL_MM, 10)
+                         for _ in range(2000)])
+    slow, fast = np.mgrid[0:size, 0:size]
+    shot_spread = LY99_PSF.shot_spread(fast.ravel(), slow.ravel(), PIXEL_MM, "cpu")
+    mean = spread(shot_spread.photons, expected.reshape(-1)).reshape(size, size)
+    variance = spread(shot_spread.variance, expected.reshape(-1)).reshape(size, size)
+    spot = (slice(17, 28), slice(17, 29))  # the spot's pixels, a 12-pixel box around it
+    sums = draws[:, spot[0], spot[1]].sum(dim=(1, 2))
+    measured = float(sums.var())
+    # 2000 draws measure a variance to 3.2 % (one sigma).
+    assert 0.75 < measured / float(mean[spot].sum()) < 1.0, (measured, float(mean[spot].sum()))
+    assert measured > 5 * float(variance[spot].sum()), (measured, float(variance[spot].sum()))
+    # Neighbours' noise is correlated: the spot's centre and the pixel beside it.
+    centre, beside = draws[:, 22, 22], draws[:, 22, 21]
+    correlation = float(((centre - centre.mean()) * (beside - beside.mean())).mean() / (centre.std() * beside.std()))
+    assert correlation > 0.5, correlation
+
+
+def test_the_nll_takes_the_photons_and_the_z_scores_the_spread_variance(spread_shot, few_lookup):
+    """Behind the point spread the refinement's NLL is that of independent pixels with the expected
+    photons as their variance; the Z-scores take the pixels' own (squared-kernel) variance."""
+    settings = Stage1Settings.from_config({"initial": {"ncells": [spread_shot.true_ncells] * 3,
+                                                       "G": spread_shot.true_G}, "readout_sigma_adu": 1.0})
+    problem = ShotProblem(spread_shot.shot, settings, "cpu", LY99_PSF)
+    unit = problem.set_start_from_model(few_lookup)
+    values = torch.as_tensor(problem.start_values)
+    photons = unit.scaled(values[INDEX["G"]])
+    tensors = problem.tensors
+    trusted = photons.at(tensors.trusted)
+    model, poisson = problem.expected(trusted)
+    assert poisson is not None and float((poisson / model.clamp(min=1e-9)).median()) < 0.5
+    data = tensors.data[tensors.trusted]
+    nll = float(pixel_nll(model, data, tensors.readout_variance).sum() + problem.space.restraint_penalty(values))
+    assert float(problem.nll(values, trusted)) == pytest.approx(nll, rel=1e-12)
+    summary = summarize_model(problem, values, photons)
+    assert summary.z_score_sigma == pytest.approx(z_score_sigma(model, data, tensors.readout_variance, poisson),
+                                                  rel=1e-12)
 
 
 def test_the_plane_share_map_is_the_border_plane_of_the_photons(spread_shot):

@@ -45,7 +45,7 @@ from xfel_spread.sim.forward import (
 )
 from xfel_spread.sim.geometry import BEAM_DIRECTION
 from xfel_spread.sim.structure_factors import HC_EV_ANGSTROM, AmplitudeGrid
-from xfel_spread.stage1.likelihood import PixelPhotons, ShotDataError, pixel_nll, pixels_per_call, poisson_variance
+from xfel_spread.stage1.likelihood import PixelPhotons, ShotDataError, pixel_nll, pixels_per_call
 from xfel_spread.stage1.model import (
     INDEX,
     NCELLS,
@@ -289,8 +289,8 @@ class BatchedForwardModel:
                                                  for share, part in zip(shares, parts)])
         model = background + bragg.mean
         readout_variance = self.readout_variance[torch.as_tensor(shots, device=self.device)][rows]
-        poisson = poisson_variance(background, bragg, None if self.spread is None else self.spread.variance_share)
-        per_pixel = pixel_nll(model, self.data[pixels], readout_variance, poisson)
+        # The expected photons are their own variance, behind a point spread too (ShotProblem.nll).
+        per_pixel = pixel_nll(model, self.data[pixels], readout_variance)
         per_shot = torch.zeros(len(shots), dtype=torch.float64, device=self.device).index_add(0, rows, per_pixel)
         per_shot = per_shot + torch.stack([self.problems[shot].space.restraint_penalty(values[row])
                                            for row, shot in enumerate(shots)])

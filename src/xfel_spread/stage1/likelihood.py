@@ -18,11 +18,14 @@ and the variance is floored at :data:`VARIANCE_FLOOR` so that a pixel predicted 
 noise keeps a finite weight. The Z-scores ``(data - model) / sqrt(v)`` of a good model have unit
 standard deviation.
 
-Behind a detector's point spread the Poisson part of ``v`` is not ``model``: the photons are spread
+Behind a detector's point spread a pixel's Poisson variance is not ``model``: the photons are spread
 after they are counted, so it is the expected photons spread by the squared kernel
 (:mod:`xfel_spread.stage1.psf`), about a tenth of ``model``. The functions below take that Poisson
 variance as ``poisson`` where it differs from ``model``, and the refinement carries it beside the
-Bragg photons (:class:`PixelPhotons`).
+Bragg photons (:class:`PixelPhotons`) for the Z-scores. The refinement's NLL keeps ``model`` as the
+variance there too: the spread also correlates neighbouring pixels' noise, which a per-pixel
+likelihood cannot hold, and with ``model`` as the variance a spot's pixels weigh as their sum, whose
+noise is the counted photons' (measured: README, "The psf dataset's noise").
 """
 
 from __future__ import annotations

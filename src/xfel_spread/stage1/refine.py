@@ -262,7 +262,7 @@ class ShotProblem:
 
     def expected(self, bragg_trusted: PixelPhotons) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The trusted pixels' expected photons given their :meth:`photons`, and their Poisson variance
-        (None where it is the expected photons, without a point spread).
+        (None where it is the expected photons, without a point spread), which the Z-scores take.
 
         The expected photons are the background plane plus the Bragg photons, less the share of
         those the plane holds when ``stage1.plane_holds_bragg`` is on (:attr:`plane_share`).
@@ -280,10 +280,13 @@ class ShotProblem:
         return self.plane_share if self.plane_share_on else None
 
     def nll(self, values: torch.Tensor, bragg_trusted: PixelPhotons) -> torch.Tensor:
-        """NLL of the trusted pixels given their G * Bragg photons (:meth:`photons`), plus the restraints."""
+        """NLL of the trusted pixels given their G * Bragg photons (:meth:`photons`), plus the restraints.
+
+        The expected photons are their own Poisson variance here, behind a point spread too (see
+        :mod:`xfel_spread.stage1.likelihood`); the Z-scores take the spread variance of :meth:`expected`."""
         tensors = self.tensors
-        model, poisson = self.expected(bragg_trusted)
-        return (pixel_nll(model, tensors.data[tensors.trusted], tensors.readout_variance, poisson).sum()
+        model, _ = self.expected(bragg_trusted)
+        return (pixel_nll(model, tensors.data[tensors.trusted], tensors.readout_variance).sum()
                 + self.space.restraint_penalty(values))
 
 
