@@ -25,7 +25,7 @@ variance as ``poisson`` where it differs from ``model``, and the refinement carr
 Bragg photons (:class:`PixelPhotons`) for the Z-scores. The refinement's NLL keeps ``model`` as the
 variance there too: the spread also correlates neighbouring pixels' noise, which a per-pixel
 likelihood cannot hold, and with ``model`` as the variance a spot's pixels weigh as their sum, whose
-noise is the counted photons' (measured: README, "The psf dataset's noise").
+noise is the counted photons' (measured: README, "The likelihood behind the point spread").
 """
 
 from __future__ import annotations
