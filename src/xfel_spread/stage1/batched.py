@@ -227,26 +227,44 @@ class BatchedForwardModel:
         return torch.cat(directions), torch.cat(factor)
 
     def bragg(self, shots: Sequence[int], values: torch.Tensor,
-              trusted: bool = True) -> tuple[PixelPhotons, torch.Tensor, torch.Tensor]:
+              trusted: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """G * Bragg photons of the shots' pixels for ``values`` (len(shots), 13), differentiable,
-        spread by the detector's point spread when the batch models one (a ``gathered`` model's kernel),
-        with their Poisson variance (:meth:`xfel_spread.stage1.refine.ShotProblem.photons`).
+        spread by the detector's point spread when the batch models one (a ``gathered`` model's kernel).
 
         Returns the photons, the pixels' indices into the batch buffers and their row in ``shots``.
         """
+        photons, pixels, rows = self._to_spread(shots, values, trusted)
+        if self.spread is not None:
+            photons = spread(self.spread.photons, photons)[pixels]
+        return photons, pixels, rows
+
+    def bragg_with_variance(self, shots: Sequence[int], values: torch.Tensor,
+                            trusted: bool = True) -> tuple[PixelPhotons, torch.Tensor, torch.Tensor]:
+        """:meth:`bragg` with the photons' Poisson variance
+        (:meth:`xfel_spread.stage1.refine.ShotProblem.photons`)."""
+        photons, pixels, rows = self._to_spread(shots, values, trusted)
+        if self.spread is None:
+            return PixelPhotons.poisson(photons), pixels, rows
+        return (PixelPhotons(spread(self.spread.photons, photons)[pixels], spread(self.spread.variance, photons)[pixels]),
+                pixels, rows)
+
+    def _to_spread(self, shots: Sequence[int], values: torch.Tensor,
+                   trusted: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The unspread G * Bragg photons :meth:`bragg` needs: at the shots' pixels without a point
+        spread; behind one, on the whole batch buffer (every shoebox pixel of the shots, zeros
+        elsewhere), to be spread and then taken at the pixels. Returns them, the pixels and their rows."""
         pixels = self._pixels(shots, trusted)
         row_of_shot = torch.full((len(self.problems),), -1, dtype=torch.int64, device=self.device)
         row_of_shot[torch.as_tensor(list(shots), device=self.device)] = torch.arange(len(shots), device=self.device)
         rows = row_of_shot[self.pixel_shot[pixels]]
         if self.spread is None:
-            return PixelPhotons.poisson(self._unspread_bragg(shots, values, pixels, rows)), pixels, rows
+            return self._unspread_bragg(shots, values, pixels, rows), pixels, rows
         # Light reaches a trusted pixel from every pixel of its shot's shoeboxes. The batch's map is
         # block-diagonal, so the shots not asked for (zeros here) add nothing to those asked for.
         every = self._pixels(shots, trusted=False)
         bragg = self._unspread_bragg(shots, values, every, row_of_shot[self.pixel_shot[every]])
         batch = torch.zeros(self.pixel_shot.numel(), dtype=bragg.dtype, device=self.device).index_add(0, every, bragg)
-        return (PixelPhotons(spread(self.spread.photons, batch)[pixels], spread(self.spread.variance, batch)[pixels]),
-                pixels, rows)
+        return batch, pixels, rows
 
     def _unspread_bragg(self, shots: Sequence[int], values: torch.Tensor, pixels: torch.Tensor,
                         rows: torch.Tensor) -> torch.Tensor:
@@ -284,10 +302,10 @@ class BatchedForwardModel:
         shares = [self.problems[shot].active_plane_share() for shot in shots]
         if any(share is not None for share in shares):
             # Each shot's trusted pixels are contiguous, in the order of ``shots``.
-            parts = torch.split(bragg.mean, torch.bincount(rows, minlength=len(shots)).tolist())
+            parts = torch.split(bragg, torch.bincount(rows, minlength=len(shots)).tolist())
             background = background - torch.cat([torch.zeros_like(part) if share is None else spread(share, part)
                                                  for share, part in zip(shares, parts)])
-        model = background + bragg.mean
+        model = background + bragg
         readout_variance = self.readout_variance[torch.as_tensor(shots, device=self.device)][rows]
         # The expected photons are their own variance, behind a point spread too (ShotProblem.nll).
         per_pixel = pixel_nll(model, self.data[pixels], readout_variance)
@@ -306,7 +324,7 @@ class BatchedForwardModel:
                 return [self.problems[shot].photons(values[row], self.amplitudes, all_pixels(self.problems[shot]))
                         for row, shot in enumerate(shots)]
         with torch.no_grad():
-            bragg, _, rows = self.bragg(shots, values, trusted=False)
+            bragg, _, rows = self.bragg_with_variance(shots, values, trusted=False)
         counts = torch.bincount(rows, minlength=len(shots)).tolist()
         if bragg.variance is bragg.mean:
             return [PixelPhotons.poisson(part) for part in torch.split(bragg.mean, counts)]

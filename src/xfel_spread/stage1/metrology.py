@@ -134,7 +134,7 @@ class DetectorFit:
 def _lattice_nll(problem: ShotProblem, values: torch.Tensor, detector: Detector,
                  amplitudes: AmplitudeLookup) -> torch.Tensor:
     """One lattice's NLL (plus restraints) on ``detector``."""
-    return problem.nll(values, problem.photons(values, amplitudes, detector=detector))
+    return problem.nll(values, problem.bragg(values, amplitudes, detector=detector))
 
 
 #: How step 2 refines: ``profile`` (the detector alone, every lattice re-refined to its minimum at each

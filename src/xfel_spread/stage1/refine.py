@@ -242,23 +242,33 @@ class ShotProblem:
             return shifted_detector(self.detector, values[INDEX["detz_shift_mm"]])
         return self.detector
 
-    def bragg(self, values: torch.Tensor, amplitudes: AmplitudeLookup,
-              pixels: torch.Tensor | None = None) -> torch.Tensor:
+    def bragg(self, values: torch.Tensor, amplitudes: AmplitudeLookup, pixels: torch.Tensor | None = None,
+              detector: Detector | None = None) -> torch.Tensor:
         """G * Bragg photons at ``pixels`` (default: trusted) with the forward model
         (:func:`~xfel_spread.stage1.likelihood.bragg_photons`), spread by the detector's point spread
-        when the shot models one: the mean of :meth:`photons`."""
-        return self.photons(values, amplitudes, pixels).mean
+        when the shot models one, on ``detector`` if given."""
+        photons, pixels = self._to_spread(values, amplitudes, pixels, detector)
+        return photons if self.spread is None else spread(self.spread.photons, photons)[pixels]
 
-    def photons(self, values: torch.Tensor, amplitudes: AmplitudeLookup, pixels: torch.Tensor | None = None,
-                detector: Detector | None = None) -> PixelPhotons:
+    def photons(self, values: torch.Tensor, amplitudes: AmplitudeLookup,
+                pixels: torch.Tensor | None = None) -> PixelPhotons:
         """:meth:`bragg` with the Bragg photons' Poisson variance (their spread by the squared
-        kernel behind a point spread), on ``detector`` if given."""
+        kernel behind a point spread), which the Z-scores take."""
+        photons, pixels = self._to_spread(values, amplitudes, pixels, None)
+        if self.spread is None:
+            return PixelPhotons.poisson(photons)
+        return PixelPhotons(spread(self.spread.photons, photons)[pixels], spread(self.spread.variance, photons)[pixels])
+
+    def _to_spread(self, values: torch.Tensor, amplitudes: AmplitudeLookup, pixels: torch.Tensor | None,
+                   detector: Detector | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The forward model's photons :meth:`bragg` needs before any spread: at ``pixels`` without a
+        point spread; behind one at every shoebox pixel (light reaches a pixel from all of them),
+        with the pixels to take after spreading (default: trusted)."""
         detector = self.detector_at(values) if detector is None else detector
         if self.spread is None:
-            return PixelPhotons.poisson(bragg_photons(detector, self.crystal, values, self.tensors, amplitudes, pixels))
+            return bragg_photons(detector, self.crystal, values, self.tensors, amplitudes, pixels), pixels
         every = bragg_photons(detector, self.crystal, values, self.tensors, amplitudes, all_pixels(self))
-        pixels = self.tensors.trusted if pixels is None else pixels
-        return PixelPhotons(spread(self.spread.photons, every)[pixels], spread(self.spread.variance, every)[pixels])
+        return every, self.tensors.trusted if pixels is None else pixels
 
     def expected(self, bragg_trusted: PixelPhotons) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The trusted pixels' expected photons given their :meth:`photons`, and their Poisson variance
@@ -267,25 +277,29 @@ class ShotProblem:
         The expected photons are the background plane plus the Bragg photons, less the share of
         those the plane holds when ``stage1.plane_holds_bragg`` is on (:attr:`plane_share`).
         """
+        background = self.planes(bragg_trusted.mean)
+        return background + bragg_trusted.mean, poisson_variance(
+            background, bragg_trusted, None if self.spread is None else self.spread.variance_share)
+
+    def planes(self, bragg_trusted: torch.Tensor) -> torch.Tensor:
+        """The trusted pixels' background planes, less the share of their G * Bragg photons
+        ``bragg_trusted`` the planes hold while that is taken out (:meth:`active_plane_share`)."""
         tensors = self.tensors
         background = tensors.background[tensors.trusted]
         plane_share = self.active_plane_share()
-        if plane_share is not None:
-            background = background - spread(plane_share, bragg_trusted.mean)
-        return background + bragg_trusted.mean, poisson_variance(
-            background, bragg_trusted, None if self.spread is None else self.spread.variance_share)
+        return background if plane_share is None else background - spread(plane_share, bragg_trusted)
 
     def active_plane_share(self):
         """:attr:`plane_share` while it is on (:attr:`plane_share_on`), else None."""
         return self.plane_share if self.plane_share_on else None
 
-    def nll(self, values: torch.Tensor, bragg_trusted: PixelPhotons) -> torch.Tensor:
-        """NLL of the trusted pixels given their G * Bragg photons (:meth:`photons`), plus the restraints.
+    def nll(self, values: torch.Tensor, bragg_trusted: torch.Tensor) -> torch.Tensor:
+        """NLL of the trusted pixels given their G * Bragg photons (:meth:`bragg`), plus the restraints.
 
         The expected photons are their own Poisson variance here, behind a point spread too (see
         :mod:`xfel_spread.stage1.likelihood`); the Z-scores take the spread variance of :meth:`expected`."""
         tensors = self.tensors
-        model, _ = self.expected(bragg_trusted)
+        model = self.planes(bragg_trusted) + bragg_trusted
         return (pixel_nll(model, tensors.data[tensors.trusted], tensors.readout_variance).sum()
                 + self.space.restraint_penalty(values))
 
@@ -361,7 +375,7 @@ def summarize_model(problem: ShotProblem, values: torch.Tensor, bragg_all: Pixel
     tensors, shot = problem.tensors, problem.shot
     with torch.no_grad():
         trusted = bragg_all.at(tensors.trusted)
-        nll = float(problem.nll(values, trusted))
+        nll = float(problem.nll(values, trusted.mean))
         model, poisson = problem.expected(trusted)
         sigma = z_score_sigma(model, tensors.data[tensors.trusted], tensors.readout_variance, poisson)
         matrix = problem.crystal.real_space_matrix(values).cpu().numpy()
@@ -616,7 +630,7 @@ def refine_free_domains(problem: ShotProblem, amplitudes: AmplitudeLookup, previ
         leaf = torch.tensor(x, dtype=torch.float64, device=problem.device, requires_grad=True)
         physical = space.physical(leaf[:n])
         crystal.vectors = (FREE_DOMAIN_UNIT_RAD * leaf[n:]).reshape(-1, 3)
-        nll = (problem.nll(physical, problem.photons(physical, amplitudes))
+        nll = (problem.nll(physical, problem.bragg(physical, amplitudes))
                + 0.5 * (crystal.centred_vectors() ** 2).sum() / prior_variance)
         nll.backward()
         return float(nll.detach()), leaf.grad.detach().cpu().numpy()
@@ -674,7 +688,7 @@ def dense_evaluator(problem: ShotProblem, amplitudes: AmplitudeLookup) -> Evalua
     def evaluate(space: ParameterSpace, scaled: np.ndarray) -> tuple[float, np.ndarray]:
         leaf = torch.tensor(scaled, dtype=torch.float64, device=problem.device, requires_grad=True)
         values = space.physical(leaf)
-        nll = problem.nll(values, problem.photons(values, amplitudes))
+        nll = problem.nll(values, problem.bragg(values, amplitudes))
         nll.backward()
         return float(nll.detach()), leaf.grad.detach().cpu().numpy()
 
