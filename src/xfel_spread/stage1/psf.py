@@ -30,10 +30,11 @@ independent Poisson counts weighted by the kernel, whose variance is the counts'
     variance[i] = sum_j kernel(slow_i - slow_j, fast_i - fast_j)^2 * photons[j]
 
 not the spread photons themselves: about a tenth of them on a smooth background with the LY99
-kernel (whose squares sum to 0.098), and near a sharp spot's centre about a quarter. The
-refinement's likelihood takes that variance (:class:`ShotSpread`): the Bragg photons through the
-squared kernel's map, and the background plane, smooth, times the squares' sum
-(:meth:`DetectorPsf.variance_share`).
+kernel (whose squares sum to 0.098), and near a sharp spot's centre about a quarter. The Z-scores
+take that variance (:class:`ShotSpread`): the Bragg photons through the squared kernel's map, and the
+background plane, smooth, times the squares' sum (:meth:`DetectorPsf.variance_share`). The
+refinement's likelihood keeps the photons themselves, since the spread also correlates neighbouring
+pixels' noise (:mod:`xfel_spread.stage1.likelihood`).
 """
 
 from __future__ import annotations
