@@ -2,6 +2,7 @@
 its gradients, and spot positions against DIALS predictions from the true model."""
 
 import dataclasses
+import functools
 import math
 
 import numpy as np
@@ -23,11 +24,17 @@ from sim_fixtures import (
 
 from xfel_spread.sim import crystal as xtal
 from xfel_spread.sim.forward import (
+    ARG_CUTOFF,
+    BEAM_DIRECTION,
+    CACHE_ARG_CUTOFF,
     AmplitudeLookup,
     CrystalState,
+    SparseTermCache,
+    arg_quadratic,
     bragg_photons_dense,
     bragg_photons_pixels,
     bragg_photons_sparse,
+    domain_pixel_terms,
     pixel_factors,
 )
 from xfel_spread.sim.geometry import Detector, capture_fraction, polarization_factor, solid_angle_sr
@@ -528,3 +535,62 @@ def test_the_simulators_mosaic_model_comes_from_the_config(amplitude_table, tmp_
     assert angles.max() <= np.radians(0.2) * (1 + 1e-9)
     with pytest.raises(ConfigError, match="mosaic_model"):
         load_config(tiny_config(crystal={"mosaic_model": "uniform"}))
+
+
+def live_term_set(h_per_u, u, ncells, arg_cutoff, below=None):
+    """The (pair, h, k, l, channel) terms :func:`domain_pixel_terms` finds to ``arg_cutoff``; with
+    ``below``, only those whose arg is below it."""
+    terms = domain_pixel_terms(h_per_u, u, ncells, arg_cutoff)
+    channel, valid = terms.channel_grid(u.numel())
+    if below is not None:
+        curvature, u_centre, floor = arg_quadratic(h_per_u[terms.pair], terms.hkl, ncells)
+        valid = valid & (curvature[:, None] * (u[channel] - u_centre[:, None]) ** 2 + floor[:, None] < below)
+    return {(int(terms.pair[i]), *(int(v) for v in terms.hkl[i]), int(channel[i, j]))
+            for i, j in torch.nonzero(valid).tolist()}
+
+
+def test_kept_terms_hold_every_live_term_and_give_the_uncached_photons(amplitude_table, ten_channel_lookup):
+    """SparseTermCache: terms found at one crystal are taken again only while they hold every term
+    live at the present one. Turned by growing angles (N changed too), each evaluation with terms
+    kept from the start crystal gives the uncached photons and gradients to rounding; where the
+    cache says its terms still hold, the live terms (arg < 35) of the turned crystal are among those
+    found at the start to the cache's reach, and the largest turns make it find them again."""
+    matrix = random_orientation(amplitude_table.unit_cell, seed=3)
+    start = crystal_state(matrix, 40.0, n_domains=5, spread_deg=0.5, seed=4)
+    beam = ten_channel_beam()
+    fast, slow = all_pixels(SMALL_DETECTOR)
+    directions, _ = pixel_factors(SMALL_DETECTOR, fast, slow, beam.polarization_fraction)
+    incident = directions - torch.as_tensor(BEAM_DIRECTION, dtype=directions.dtype)
+    u = beam.inverse_wavelengths.to(directions.dtype)
+
+    def h_per_u(crystal):
+        return torch.einsum("dij,pj->pdi", crystal.domain_matrices, incident).reshape(-1, 3)
+
+    found_at_start = live_term_set(h_per_u(start), u, start.ncells, CACHE_ARG_CUTOFF)
+    live_at_start = live_term_set(h_per_u(start), u, start.ncells, ARG_CUTOFF, below=ARG_CUTOFF)
+    outcomes, beyond_the_cutoff = [], []
+    for angle_deg in (0.0, 0.002, 0.005, 0.01, 0.02, 0.05, 0.2):
+        axis = np.array([0.3, -0.5, 0.8]) / np.linalg.norm([0.3, -0.5, 0.8])
+        turn = torch.as_tensor(xtal.axis_angle_rotation(axis, math.radians(angle_deg)), dtype=torch.float64)
+        moved = CrystalState(start.domain_matrices @ turn.T, start.ncells * (1 + angle_deg / 10), start.scale)
+        cache = SparseTermCache()
+        bragg_photons_pixels(SMALL_DETECTOR, beam, start, ten_channel_lookup, fast, slow, cache=cache, cache_key=0)
+        kept, kept_gradients = photons_and_gradients(
+            functools.partial(bragg_photons_pixels, cache=cache, cache_key=0), beam, moved, ten_channel_lookup)
+        fresh, fresh_gradients = photons_and_gradients(bragg_photons_pixels, beam, moved, ten_channel_lookup)
+        reused = cache.reuses == 1
+        outcomes.append(reused)
+        assert cache.builds == (1 if reused else 2)
+        assert float(fresh.max()) > 1.0
+        # Measured: photons to 1e-18 of the peak, gradients to 1e-13 of their largest (N's).
+        assert float((kept - fresh).abs().max() / fresh.max()) < 1e-12, angle_deg
+        for got, expected in zip(kept_gradients, fresh_gradients):
+            assert float((got - expected).abs().max() / expected.abs().max()) < 1e-12, angle_deg
+        if reused:
+            live_now = live_term_set(h_per_u(moved), u, moved.ncells, ARG_CUTOFF, below=ARG_CUTOFF)
+            assert live_now and live_now <= found_at_start, angle_deg
+            beyond_the_cutoff.append(len(live_now - live_at_start))
+    # Measured: reused to 0.02 deg, found again at 0.05 and 0.2; the turned crystals' live terms that
+    # were not live at the start (the reach's work): 0, 11, 22, 36, 77 of about 3200.
+    assert outcomes[0] and not outcomes[-1] and sum(outcomes) >= 2, outcomes
+    assert beyond_the_cutoff[0] == 0 and beyond_the_cutoff[-1] > 0, beyond_the_cutoff

@@ -326,7 +326,7 @@ class PixelTerms:
 
 
 def domain_pixel_terms(h_per_u: torch.Tensor, inverse_wavelengths: torch.Tensor,
-                       ncells: torch.Tensor) -> PixelTerms | None:
+                       ncells: torch.Tensor, arg_cutoff: float = ARG_CUTOFF) -> PixelTerms | None:
     """The (pixel, domain, Miller index) pairs with a term below the cut-off, and their channels.
 
     ``h_per_u`` (P, D, 3), or flattened to (P D, 3), is ``A_d (dir_p - i)`` (no gradient needed); a
@@ -337,14 +337,16 @@ def domain_pixel_terms(h_per_u: torch.Tensor, inverse_wavelengths: torch.Tensor,
     radius ``min N / 2`` in these units) along at least :func:`rounding_chord`, so rounding points of
     the segment sampled more finely than that meets every index with a live term. Each index's
     channels come from its quadratic ``arg(u)``, widened by one channel each side; the evaluation's
-    own ``arg < ARG_CUTOFF`` decides, as the dense kernel's does. None when no term lives.
+    own ``arg < ARG_CUTOFF`` decides, as the dense kernel's does. None when no term lives. A larger
+    ``arg_cutoff`` finds every term below it instead (:class:`SparseTermCache`'s reach); it must leave
+    :func:`rounding_chord` positive.
     """
     u_low, u_high = float(inverse_wavelengths[0]), float(inverse_wavelengths[-1])
     pairs = h_per_u.reshape(-1, 3)
     # In N-scaled index units the segment's length, and the shortest chord of a rounding cell that
     # passes within the cut-off's reach of its index.
     length = (u_high - u_low) * float(torch.linalg.norm(pairs * ncells, dim=1).max()) if pairs.shape[0] else 0.0
-    n_samples = max(2, math.ceil(length / (0.9 * rounding_chord(ncells))) + 1)
+    n_samples = max(2, math.ceil(length / (0.9 * rounding_chord(ncells, arg_cutoff))) + 1)
     samples = torch.linspace(u_low, u_high, n_samples, dtype=pairs.dtype, device=pairs.device)
     indices = torch.ceil(samples[None, :, None] * pairs[:, None, :] - 0.5)  # (PD, S, 3)
     # Along a line the rounding cells are met in runs: keep each run's first sample.
@@ -353,7 +355,8 @@ def domain_pixel_terms(h_per_u: torch.Tensor, inverse_wavelengths: torch.Tensor,
     pair, sample = torch.nonzero(new_run, as_tuple=True)
     hkl = indices[pair, sample]
     curvature, u_centre, floor = arg_quadratic(pairs[pair], hkl, ncells)
-    k_first, k_last, live = channel_range(curvature, u_centre, floor, inverse_wavelengths, widen=1)
+    k_first, k_last, live = channel_range(curvature, u_centre, floor, inverse_wavelengths, widen=1,
+                                          arg_cutoff=arg_cutoff)
     live = torch.nonzero(live).squeeze(1)
     if live.numel() == 0:
         return None
@@ -361,18 +364,19 @@ def domain_pixel_terms(h_per_u: torch.Tensor, inverse_wavelengths: torch.Tensor,
 
 
 def channel_range(curvature: torch.Tensor, u_centre: torch.Tensor, floor: torch.Tensor,
-                  inverse_wavelengths: torch.Tensor, widen: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  inverse_wavelengths: torch.Tensor, widen: int = 0,
+                  arg_cutoff: float = ARG_CUTOFF) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The channels ``k_first <= k < k_last`` (sorted ``inverse_wavelengths``) at which ``arg(u) =
-    curvature (u - u_centre)^2 + floor`` is below the cut-off, widened by ``widen`` channels each side
-    within the band, and whether any is (``floor`` below the cut-off and the range not empty)."""
-    half_width = torch.sqrt(torch.clamp((ARG_CUTOFF - floor) / curvature, min=0))
+    curvature (u - u_centre)^2 + floor`` is below ``arg_cutoff``, widened by ``widen`` channels each
+    side within the band, and whether any is (``floor`` below the cut-off and the range not empty)."""
+    half_width = torch.sqrt(torch.clamp((arg_cutoff - floor) / curvature, min=0))
     u_channels = inverse_wavelengths.contiguous()
     k_first = torch.searchsorted(u_channels, (u_centre - half_width).contiguous())
     k_last = torch.searchsorted(u_channels, (u_centre + half_width).contiguous(), right=True)
     if widen:
         k_first = torch.clamp(k_first - widen, min=0)
         k_last = torch.clamp(k_last + widen, max=u_channels.numel())
-    return k_first, k_last, (floor < ARG_CUTOFF) & (k_last > k_first)
+    return k_first, k_last, (floor < arg_cutoff) & (k_last > k_first)
 
 
 def arg_quadratic(h_per_u: torch.Tensor, hkl: torch.Tensor,
@@ -428,17 +432,106 @@ def sparse_pixels_apply(crystal: CrystalState, inverse_wavelengths: torch.Tensor
     return rounding_chord(crystal.ncells.detach()) >= 0.1 * float(crystal.ncells.detach().min())
 
 
-def rounding_chord(ncells: torch.Tensor) -> float:
+def rounding_chord(ncells: torch.Tensor, arg_cutoff: float = ARG_CUTOFF) -> float:
     """Shortest chord, in N-scaled index units ``N * h``, that a line passing within the cut-off's
-    reach ``R = sqrt(ARG_CUTOFF * GAUSS_WIDTH)`` of a Miller index cuts from that index's rounding
-    cell: ``2 sqrt((min N / 2)^2 - R^2)``, 0 when the cell does not hold the reach (N <= 2 R = 9.4)."""
+    reach ``R = sqrt(arg_cutoff * GAUSS_WIDTH)`` of a Miller index cuts from that index's rounding
+    cell: ``2 sqrt((min N / 2)^2 - R^2)``, 0 when the cell does not hold the reach (N <= 2 R = 9.4
+    at ARG_CUTOFF)."""
     half = float(ncells.min()) / 2
-    return 2.0 * math.sqrt(max(half * half - ARG_CUTOFF * GAUSS_WIDTH, 0.0))
+    return 2.0 * math.sqrt(max(half * half - arg_cutoff * GAUSS_WIDTH, 0.0))
+
+
+@dataclass
+class LiveTerms:
+    """:class:`PixelTerms` made ready to evaluate: per pair its flat (pixel, domain) index ``pair``
+    and Miller index ``hkl``, and per pair a padded row (n, W) of its channels' inverse wavelengths
+    ``u`` and weights ``photons_k |F_k(hkl)|^2`` (0 on padding and outside the amplitude table)."""
+
+    pair: torch.Tensor
+    hkl: torch.Tensor
+    u: torch.Tensor
+    weight: torch.Tensor
+
+
+def live_terms(terms: PixelTerms, u: torch.Tensor, beam: Beam, amplitudes: AmplitudeLookup) -> LiveTerms:
+    """The rows :class:`PairChannelSum` evaluates for ``terms`` (no gradient)."""
+    with torch.no_grad():
+        # photons_k |F_k|^2 of the few indices a set of shoeboxes holds, one row each (a small
+        # table the per-term gather stays in), a zero row for those outside the amplitude table.
+        flat, inside = amplitudes.cell_index(terms.hkl)
+        cells, row = torch.unique(torch.where(inside, flat, -1), return_inverse=True)
+        table = amplitudes.intensity[:, cells.clamp(min=0)].T.to(u.dtype) * beam.photons.to(u.dtype)
+        table[cells < 0] = 0.0
+        channel, valid = terms.channel_grid(u.numel())
+        return LiveTerms(terms.pair, terms.hkl, u[channel], torch.where(valid, table[row[:, None], channel], 0.0))
+
+
+#: The reach (an ``arg``) to which :class:`SparseTermCache` finds a set of pixels' terms: beyond
+#: ARG_CUTOFF, so that they stay a superset of the live terms while the crystal moves a little. In
+#: the N-scaled distance ``r = sqrt(arg * GAUSS_WIDTH)`` 5.32 against the cut-off's 4.70: a margin of
+#: 0.63, about a hundredth of an index at N = 57 (a 0.01 deg turn moves an index of 30 by 0.005).
+CACHE_ARG_CUTOFF = 45.0
+
+
+@dataclass
+class _CachedTerms:
+    fast: torch.Tensor
+    slow: torch.Tensor
+    h_per_u: torch.Tensor
+    u: torch.Tensor
+    ncells: torch.Tensor
+    terms: LiveTerms | None
+
+
+class SparseTermCache:
+    """The live terms of :func:`bragg_photons_pixels` kept between evaluations of the same pixels.
+
+    Finding a set of pixels' terms (:func:`domain_pixel_terms`, the channel rows and the amplitude
+    gather) is a third of an evaluation of stage 1's free domains, and between two iterations of a
+    refinement they hardly change. So the terms are found once to the wider reach
+    CACHE_ARG_CUTOFF and kept, per ``key`` (the evaluation's chunk), with the pixels, N and every
+    (pixel, domain) pair's ``h_per_u`` they were found at. A later evaluation takes them while no
+    term can have come from beyond that reach: with ``R`` the cut-off's and ``R_c`` the cache's
+    N-scaled reach, a term now below the cut-off was found if ``rho R + u_max max |N_c (h - h_c)| <
+    R_c``, ``rho`` the largest ratio of the cache's N to the present N (the triangle inequality on
+    ``N_c (u h_c - hkl)``). Each evaluation keeps its own ``arg < ARG_CUTOFF``, so the photons are the
+    uncached ones up to the order of a sum's terms (rounding). ``builds`` and ``reuses`` count the
+    two outcomes.
+    """
+
+    def __init__(self):
+        self._entries: dict = {}
+        self.builds = 0
+        self.reuses = 0
+
+    @staticmethod
+    def applies(ncells: torch.Tensor) -> bool:
+        """Whether N leaves room for the cache's reach (as :func:`sparse_pixels_apply` for the cut-off)."""
+        return rounding_chord(ncells, CACHE_ARG_CUTOFF) >= 0.1 * float(ncells.min())
+
+    def lookup(self, key, fast: torch.Tensor, slow: torch.Tensor, h_per_u: torch.Tensor, u: torch.Tensor,
+               ncells: torch.Tensor) -> tuple[bool, LiveTerms | None]:
+        """``(True, terms)`` when the terms kept for ``key`` still hold every live term, else ``(False, None)``."""
+        entry = self._entries.get(key)
+        if (entry is None or entry.h_per_u.shape != h_per_u.shape or not torch.equal(entry.fast, fast)
+                or not torch.equal(entry.slow, slow) or not torch.equal(entry.u, u)):
+            return False, None
+        rho = float((entry.ncells / ncells).max())
+        moved = float(torch.linalg.norm((h_per_u - entry.h_per_u) * entry.ncells, dim=1).max()) * float(u.max())
+        if rho * math.sqrt(ARG_CUTOFF * GAUSS_WIDTH) + moved >= math.sqrt(CACHE_ARG_CUTOFF * GAUSS_WIDTH):
+            return False, None
+        self.reuses += 1
+        return True, entry.terms
+
+    def store(self, key, fast, slow, h_per_u, u, ncells, terms: LiveTerms | None) -> None:
+        self.builds += 1
+        self._entries[key] = _CachedTerms(fast, slow, h_per_u, u, ncells, terms)
 
 
 def bragg_photons_pixels(detector: Detector | MultiPanelDetector, beam: Beam, crystal: CrystalState,
                          amplitudes: AmplitudeLookup, fast: torch.Tensor, slow: torch.Tensor,
-                         panel: torch.Tensor | None = None) -> torch.Tensor:
+                         panel: torch.Tensor | None = None, cache: SparseTermCache | None = None,
+                         cache_key=None) -> torch.Tensor:
     """:func:`bragg_photons_dense` at the given pixels, visiting only the terms below the cut-off.
 
     The live (pixel, domain, index) pairs and their channels are found without gradient
@@ -448,7 +541,8 @@ def bragg_photons_pixels(detector: Detector | MultiPanelDetector, beam: Beam, cr
     up once per index. Equal to the dense evaluation up to rounding. With 25 sharp domains (stage 1's
     free domains on an LY99 shot) 44 % of the (pixel, channel, domain) terms live: the cut-off
     (arg < 35) keeps about half the band at a pixel of a spot. Falls back to the dense evaluation where
-    :func:`sparse_pixels_apply` says no.
+    :func:`sparse_pixels_apply` says no. With a ``cache`` the terms are found once for ``cache_key``
+    and kept while they hold every live term (:class:`SparseTermCache`).
     """
     u = beam.inverse_wavelengths.to(crystal.domain_matrices.dtype)
     if not sparse_pixels_apply(crystal, u):
@@ -458,22 +552,20 @@ def bragg_photons_pixels(detector: Detector | MultiPanelDetector, beam: Beam, cr
     u = u.to(directions.dtype).contiguous()
     ncells = crystal.ncells.to(directions.dtype)
     h_per_u = torch.einsum("dij,pj->pdi", crystal.domain_matrices, directions - beam_direction).reshape(-1, 3)
-    with torch.no_grad():
-        terms = domain_pixel_terms(h_per_u.detach(), u, ncells.detach())
-    totals = torch.zeros(directions.shape[0], dtype=directions.dtype, device=directions.device)
-    if terms is not None:
-        curvature, u_centre, floor = arg_quadratic(h_per_u[terms.pair], terms.hkl, ncells)
+    use_cache = cache is not None and cache.applies(ncells.detach())
+    found, live = cache.lookup(cache_key, fast, slow, h_per_u.detach(), u, ncells.detach()) if use_cache else (False, None)
+    if not found:
         with torch.no_grad():
-            # photons_k |F_k|^2 of the few indices a set of shoeboxes holds, one row each (a small
-            # table the per-term gather stays in), a zero row for those outside the amplitude table.
-            flat, inside = amplitudes.cell_index(terms.hkl)
-            cells, row = torch.unique(torch.where(inside, flat, -1), return_inverse=True)
-            table = amplitudes.intensity[:, cells.clamp(min=0)].T.to(directions.dtype) * beam.photons.to(directions.dtype)
-            table[cells < 0] = 0.0
-            channel, valid = terms.channel_grid(u.numel())
-            weight = torch.where(valid, table[row[:, None], channel], 0.0)
-        per_pair = PairChannelSum.apply(curvature, u_centre, floor, u[channel], weight)
-        totals = totals.index_add(0, terms.pair // crystal.domain_matrices.shape[0], per_pair)
+            terms = domain_pixel_terms(h_per_u.detach(), u, ncells.detach(),
+                                       CACHE_ARG_CUTOFF if use_cache else ARG_CUTOFF)
+            live = None if terms is None else live_terms(terms, u, beam, amplitudes)
+        if use_cache:
+            cache.store(cache_key, fast, slow, h_per_u.detach(), u, ncells.detach().clone(), live)
+    totals = torch.zeros(directions.shape[0], dtype=directions.dtype, device=directions.device)
+    if live is not None:
+        curvature, u_centre, floor = arg_quadratic(h_per_u[live.pair], live.hkl, ncells)
+        per_pair = PairChannelSum.apply(curvature, u_centre, floor, live.u, live.weight)
+        totals = totals.index_add(0, live.pair // crystal.domain_matrices.shape[0], per_pair)
     return photon_prefactor(beam, crystal) * torch.prod(ncells) ** 2 * factor * totals
 
 

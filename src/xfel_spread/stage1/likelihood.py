@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from xfel_spread.sim.forward import AmplitudeLookup, Beam, bragg_photons_dense, bragg_photons_pixels
+from xfel_spread.sim.forward import AmplitudeLookup, Beam, SparseTermCache, bragg_photons_dense, bragg_photons_pixels
 from xfel_spread.sim.geometry import Detector
 from xfel_spread.stage1.model import REFERENCE_BEAM_SIZE_M, CrystalModel
 from xfel_spread.stage1.psf import SpreadMap
@@ -180,11 +180,13 @@ def shot_tensors(shot: ShotPixels, readout_sigma_adu: float, device) -> ShotTens
 
 
 def bragg_photons(detector: Detector, crystal: CrystalModel, values: torch.Tensor, tensors: ShotTensors,
-                  amplitudes: AmplitudeLookup, pixels: torch.Tensor | None = None) -> torch.Tensor:
+                  amplitudes: AmplitudeLookup, pixels: torch.Tensor | None = None,
+                  cache: SparseTermCache | None = None) -> torch.Tensor:
     """G * Bragg photons at the given pixel indices (default: the trusted ones).
 
     ``detector`` is the shot's detector already moved by ``detz_shift_mm`` (see
     :func:`xfel_spread.stage1.model.shifted_detector`); the result is differentiable in ``values``.
+    ``cache`` keeps the sparse model's terms between evaluations (many domains only).
     """
     pixels = tensors.trusted if pixels is None else pixels
     fast, slow = tensors.fast[pixels], tensors.slow[pixels]
@@ -195,13 +197,17 @@ def bragg_photons(detector: Detector, crystal: CrystalModel, values: torch.Tenso
         model, step = bragg_photons_pixels, max(1, SPARSE_TERMS_PER_CALL // terms_per_pixel)
     else:
         model, step = bragg_photons_dense, pixels_per_call(fast.device, terms_per_pixel)
-    if tensors.panel is None:
-        return torch.cat([model(detector, tensors.beam, state, amplitudes, fast[start:start + step],
-                                slow[start:start + step]) for start in range(0, fast.numel(), step)])
-    panel = tensors.panel[pixels]
-    return torch.cat([model(detector, tensors.beam, state, amplitudes, fast[start:start + step],
-                            slow[start:start + step], panel[start:start + step])
-                      for start in range(0, fast.numel(), step)])
+    panel = None if tensors.panel is None else tensors.panel[pixels]
+    # The sparse model's terms are kept per chunk of these pixels and this many domain matrices.
+    keep = {} if cache is None or model is not bragg_photons_pixels else {"cache": cache}
+    key = (state.domain_matrices.shape[0], fast.numel())
+
+    def chunk(start: int) -> torch.Tensor:
+        return model(detector, tensors.beam, state, amplitudes, fast[start:start + step], slow[start:start + step],
+                     None if panel is None else panel[start:start + step],
+                     **({**keep, "cache_key": (*key, start)} if keep else {}))
+
+    return torch.cat([chunk(start) for start in range(0, fast.numel(), step)])
 
 
 def pixels_per_call(device: torch.device, terms_per_pixel: int) -> int:

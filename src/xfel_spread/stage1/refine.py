@@ -45,7 +45,7 @@ import numpy as np
 import scipy.optimize
 import torch
 
-from xfel_spread.sim.forward import AmplitudeLookup
+from xfel_spread.sim.forward import AmplitudeLookup, SparseTermCache
 from xfel_spread.sim.geometry import Detector
 from xfel_spread.stage1.likelihood import (
     PixelPhotons,
@@ -166,6 +166,8 @@ class ShotProblem:
         self.plane_share_on = True
         self.space: ParameterSpace | None = None
         self.start_values: np.ndarray | None = None
+        #: The sparse model's terms kept between evaluations (many domains; see SparseTermCache).
+        self.term_cache = SparseTermCache()
 
     @property
     def detector(self) -> Detector:
@@ -266,8 +268,10 @@ class ShotProblem:
         with the pixels to take after spreading (default: trusted)."""
         detector = self.detector_at(values) if detector is None else detector
         if self.spread is None:
-            return bragg_photons(detector, self.crystal, values, self.tensors, amplitudes, pixels), pixels
-        every = bragg_photons(detector, self.crystal, values, self.tensors, amplitudes, all_pixels(self))
+            return bragg_photons(detector, self.crystal, values, self.tensors, amplitudes, pixels,
+                                 self.term_cache), pixels
+        every = bragg_photons(detector, self.crystal, values, self.tensors, amplitudes, all_pixels(self),
+                              self.term_cache)
         return every, self.tensors.trusted if pixels is None else pixels
 
     def expected(self, bragg_trusted: PixelPhotons) -> tuple[torch.Tensor, torch.Tensor | None]:
