@@ -166,8 +166,10 @@ class ShotProblem:
         self.plane_share_on = True
         self.space: ParameterSpace | None = None
         self.start_values: np.ndarray | None = None
-        #: The sparse model's terms kept between evaluations (many domains; see SparseTermCache).
-        self.term_cache = SparseTermCache()
+        #: The sparse model's terms kept between evaluations (SparseTermCache), while the free-domain
+        #: refinement runs (its evaluations repeat at nearby crystals; about 100 MB on a shot of 31
+        #: shoeboxes with 25 domains, let go after it), else None.
+        self.term_cache: SparseTermCache | None = None
 
     @property
     def detector(self) -> Detector:
@@ -619,8 +621,17 @@ def refine_free_domains(problem: ShotProblem, amplitudes: AmplitudeLookup, previ
     ``free_domains_starts`` S > 1 this runs from S start draws and keeps the one of least objective
     (NLL plus the prior; a start ending in a non-finite NLL loses). Iterations and evaluations of
     every start add to ``previous``'s. The returned values hold the domains' RMS angle as eta; the
-    crystal (``problem.crystal``) keeps the refined vectors.
+    crystal (``problem.crystal``) keeps the refined vectors. The shot's evaluations keep their sparse
+    terms meanwhile (:class:`~xfel_spread.sim.forward.SparseTermCache`).
     """
+    problem.term_cache = SparseTermCache()
+    try:
+        return _refine_free_domains(problem, amplitudes, previous)
+    finally:
+        problem.term_cache = None
+
+
+def _refine_free_domains(problem: ShotProblem, amplitudes: AmplitudeLookup, previous: Minimization) -> Minimization:
     settings = problem.settings
     values = np.asarray(previous.values, dtype=np.float64).copy()
     refined_eta = "eta" in settings.refine and values[INDEX["eta_deg"]] > 0
