@@ -406,7 +406,7 @@ class PairChannelSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, curvature, u_centre, floor, u, weight):
         # In place on two (n, W) temporaries: allocating one per operation cost a fifth of a free-domain
-        # evaluation (98 against 79 ms on a demo lattice of 31 shoeboxes, 25 domains, 100 channels).
+        # evaluation (96-108 against 72-81 ms on a demo lattice of 31 shoeboxes, 25 domains, 100 channels).
         du = u - u_centre[:, None]
         arg = (du * du).mul_(curvature[:, None]).add_(floor[:, None])
         dead = arg >= ARG_CUTOFF
@@ -499,8 +499,10 @@ class SparseTermCache:
     N-scaled reach, a term now below the cut-off was found if ``rho R + u_max max |N_c (h - h_c)| <
     R_c``, ``rho`` the largest ratio of the cache's N to the present N (the triangle inequality on
     ``N_c (u h_c - hkl)``). Each evaluation keeps its own ``arg < ARG_CUTOFF``, so the photons are the
-    uncached ones up to the order of a sum's terms (rounding). ``builds`` and ``reuses`` count the
-    two outcomes.
+    uncached ones up to the order of a sum's terms (rounding). The bound holds whatever moved the
+    pixels' directions (the detector too). A cache serves one shot: the channel weights it keeps take
+    the beam's photons and the amplitude table as they were when found. ``builds`` and ``reuses``
+    count the two outcomes.
     """
 
     def __init__(self):
