@@ -298,13 +298,13 @@ class BatchedForwardModel:
                   for shot in shots]
         values = torch.stack([requests[shot][0].physical(leaf) for shot, leaf in zip(shots, leaves)])
         bragg, pixels, rows = self.bragg(shots, values, trusted=True)
-        background = self.background[pixels]
-        shares = [self.problems[shot].active_plane_share() for shot in shots]
-        if any(share is not None for share in shares):
-            # Each shot's trusted pixels are contiguous, in the order of ``shots``.
+        if any(self.problems[shot].active_plane_share() is not None for shot in shots):
+            # Each shot's planes less the share of its Bragg photons they hold, as refine_shot takes
+            # them (ShotProblem.planes); its trusted pixels are contiguous, in the order of ``shots``.
             parts = torch.split(bragg, torch.bincount(rows, minlength=len(shots)).tolist())
-            background = background - torch.cat([torch.zeros_like(part) if share is None else spread(share, part)
-                                                 for share, part in zip(shares, parts)])
+            background = torch.cat([self.problems[shot].planes(part) for shot, part in zip(shots, parts)])
+        else:
+            background = self.background[pixels]
         model = background + bragg
         readout_variance = self.readout_variance[torch.as_tensor(shots, device=self.device)][rows]
         # The expected photons are their own variance, behind a point spread too (ShotProblem.nll).
