@@ -243,10 +243,7 @@ class BatchedForwardModel:
         """:meth:`bragg` with the photons' Poisson variance
         (:meth:`xfel_spread.stage1.refine.ShotProblem.photons`)."""
         photons, pixels, rows = self._to_spread(shots, values, trusted)
-        if self.spread is None:
-            return PixelPhotons.poisson(photons), pixels, rows
-        return (PixelPhotons(spread(self.spread.photons, photons)[pixels], spread(self.spread.variance, photons)[pixels]),
-                pixels, rows)
+        return PixelPhotons.from_unspread(self.spread, photons, pixels), pixels, rows
 
     def _to_spread(self, shots: Sequence[int], values: torch.Tensor,
                    trusted: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -40,7 +40,7 @@ import torch
 from xfel_spread.sim.forward import AmplitudeLookup, Beam, SparseTermCache, bragg_photons_dense, bragg_photons_pixels
 from xfel_spread.sim.geometry import Detector
 from xfel_spread.stage1.model import REFERENCE_BEAM_SIZE_M, CrystalModel
-from xfel_spread.stage1.psf import SpreadMap
+from xfel_spread.stage1.psf import ShotSpread, SpreadMap, spread
 from xfel_spread.stage1.shot import ShotPixels
 
 #: Most (pixel, channel, domain) terms per call of the dense forward model. Its own evaluation
@@ -79,6 +79,16 @@ class PixelPhotons:
     def poisson(cls, mean: torch.Tensor) -> PixelPhotons:
         """Photons counted where they land: their variance is their mean."""
         return cls(mean, mean)
+
+    @classmethod
+    def from_unspread(cls, shot_spread: ShotSpread | None, photons: torch.Tensor,
+                      pixels: torch.Tensor) -> PixelPhotons:
+        """Without a point spread (``shot_spread`` None) the ``photons`` of the pixels, counted where
+        they land; behind one, ``photons`` at every shoebox pixel spread by the kernel and taken at
+        ``pixels``, with their variance spread by the squared kernel."""
+        if shot_spread is None:
+            return cls.poisson(photons)
+        return cls(spread(shot_spread.photons, photons)[pixels], spread(shot_spread.variance, photons)[pixels])
 
     def at(self, pixels: torch.Tensor) -> PixelPhotons:
         """The photons and variances of the given positions."""

@@ -265,10 +265,7 @@ class ShotProblem:
                 pixels: torch.Tensor | None = None) -> PixelPhotons:
         """:meth:`bragg` with the Bragg photons' Poisson variance (their spread by the squared
         kernel behind a point spread), which the Z-scores take."""
-        photons, pixels = self._to_spread(values, amplitudes, pixels, None)
-        if self.spread is None:
-            return PixelPhotons.poisson(photons)
-        return PixelPhotons(spread(self.spread.photons, photons)[pixels], spread(self.spread.variance, photons)[pixels])
+        return PixelPhotons.from_unspread(self.spread, *self._to_spread(values, amplitudes, pixels, None))
 
     def _to_spread(self, values: torch.Tensor, amplitudes: AmplitudeLookup, pixels: torch.Tensor | None,
                    detector: Detector | None) -> tuple[torch.Tensor, torch.Tensor | None]:
