@@ -479,8 +479,6 @@ CACHE_ARG_CUTOFF = 45.0
 
 @dataclass
 class _CachedTerms:
-    fast: torch.Tensor
-    slow: torch.Tensor
     h_per_u: torch.Tensor
     u: torch.Tensor
     ncells: torch.Tensor
@@ -493,14 +491,14 @@ class SparseTermCache:
     Finding a set of pixels' terms (:func:`domain_pixel_terms`, the channel rows and the amplitude
     gather) is a third of an evaluation of stage 1's free domains, and between two iterations of a
     refinement they hardly change. So the terms are found once to the wider reach
-    CACHE_ARG_CUTOFF and kept, per ``key`` (the evaluation's chunk), with the pixels, N and every
+    CACHE_ARG_CUTOFF and kept, per ``key`` (the evaluation's chunk), with the band, N and every
     (pixel, domain) pair's ``h_per_u`` they were found at. A later evaluation takes them while no
     term can have come from beyond that reach: with ``R`` the cut-off's and ``R_c`` the cache's
     N-scaled reach, a term now below the cut-off was found if ``rho R + u_max max |N_c (h - h_c)| <
     R_c``, ``rho`` the largest ratio of the cache's N to the present N (the triangle inequality on
     ``N_c (u h_c - hkl)``). Each evaluation keeps its own ``arg < ARG_CUTOFF``, so the photons are the
-    uncached ones up to the order of a sum's terms (rounding). The bound holds whatever moved the
-    pixels' directions (the detector too). A cache serves one shot: the channel weights it keeps take
+    uncached ones up to the order of a sum's terms (rounding). The bound is on h alone, so it holds
+    whatever moved the pixels' directions (the detector too), and needs no record of the pixels. A cache serves one shot: the channel weights it keeps take
     the beam's photons and the amplitude table as they were when found. ``builds`` and ``reuses``
     count the two outcomes.
     """
@@ -515,12 +513,10 @@ class SparseTermCache:
         """Whether N leaves room for the cache's reach (as :func:`sparse_pixels_apply` for the cut-off)."""
         return rounding_chord(ncells, CACHE_ARG_CUTOFF) >= 0.1 * float(ncells.min())
 
-    def lookup(self, key, fast: torch.Tensor, slow: torch.Tensor, h_per_u: torch.Tensor, u: torch.Tensor,
-               ncells: torch.Tensor) -> tuple[bool, LiveTerms | None]:
+    def lookup(self, key, h_per_u: torch.Tensor, u: torch.Tensor, ncells: torch.Tensor) -> tuple[bool, LiveTerms | None]:
         """``(True, terms)`` when the terms kept for ``key`` still hold every live term, else ``(False, None)``."""
         entry = self._entries.get(key)
-        if (entry is None or entry.h_per_u.shape != h_per_u.shape or not torch.equal(entry.fast, fast)
-                or not torch.equal(entry.slow, slow) or not torch.equal(entry.u, u)):
+        if entry is None or entry.h_per_u.shape != h_per_u.shape or not torch.equal(entry.u, u):
             return False, None
         rho = float((entry.ncells / ncells).max())
         moved = float(torch.linalg.norm((h_per_u - entry.h_per_u) * entry.ncells, dim=1).max()) * float(u.max())
@@ -529,9 +525,9 @@ class SparseTermCache:
         self.reuses += 1
         return True, entry.terms
 
-    def store(self, key, fast, slow, h_per_u, u, ncells, terms: LiveTerms | None) -> None:
+    def store(self, key, h_per_u, u, ncells, terms: LiveTerms | None) -> None:
         self.builds += 1
-        self._entries[key] = _CachedTerms(fast, slow, h_per_u, u, ncells, terms)
+        self._entries[key] = _CachedTerms(h_per_u, u, ncells, terms)
 
 
 def bragg_photons_pixels(detector: Detector | MultiPanelDetector, beam: Beam, crystal: CrystalState,
@@ -559,14 +555,14 @@ def bragg_photons_pixels(detector: Detector | MultiPanelDetector, beam: Beam, cr
     ncells = crystal.ncells.to(directions.dtype)
     h_per_u = torch.einsum("dij,pj->pdi", crystal.domain_matrices, directions - beam_direction).reshape(-1, 3)
     use_cache = cache is not None and cache.applies(ncells.detach())
-    found, live = cache.lookup(cache_key, fast, slow, h_per_u.detach(), u, ncells.detach()) if use_cache else (False, None)
+    found, live = cache.lookup(cache_key, h_per_u.detach(), u, ncells.detach()) if use_cache else (False, None)
     if not found:
         with torch.no_grad():
             terms = domain_pixel_terms(h_per_u.detach(), u, ncells.detach(),
                                        CACHE_ARG_CUTOFF if use_cache else ARG_CUTOFF)
             live = None if terms is None else live_terms(terms, u, beam, amplitudes)
         if use_cache:
-            cache.store(cache_key, fast, slow, h_per_u.detach(), u, ncells.detach().clone(), live)
+            cache.store(cache_key, h_per_u.detach(), u, ncells.detach().clone(), live)
     totals = torch.zeros(directions.shape[0], dtype=directions.dtype, device=directions.device)
     if live is not None:
         curvature, u_centre, floor = arg_quadratic(h_per_u[live.pair], live.hkl, ncells)
