@@ -207,21 +207,49 @@ def mosaic_lattice_transform(h_per_u: torch.Tensor, w_squared: torch.Tensor, met
     x0, x1, x2 = (component - index for component, index in zip(h, nearest))
     # The cross terms' factor 2 is taken on the (P,) inverse below (exact: a power of two).
     squares = (x0 * x0, x1 * x1, x2 * x2, x0 * x1, x0 * x2, x1 * x2)
-    n = ncells[:, None, :] if per_pixel else ncells[None, None, :]
-    lattice_variance = GAUSS_WIDTH / (4 * n ** 2)  # (P or 1, 1, 3)
-    lattice_determinant = torch.prod(lattice_variance, dim=-1)  # (P or 1, 1)
+    lattice_variance = GAUSS_WIDTH / (4 * (ncells if per_pixel else ncells[None, :]) ** 2)  # (P or 1, 3)
+    lattice_determinant = torch.prod(lattice_variance, dim=-1)  # (P or 1,)
     if metric.dim() == 2:
         metric = metric.expand(h_per_u.shape[0], 3, 3)
+    peak_sq = torch.prod(ncells, dim=-1)[:, None] ** 2 if per_pixel else torch.prod(ncells) ** 2
+    nodes = mosaic_covariances(h_per_u, w_squared, metric, inverse_wavelengths, lattice_variance, mosaic_variance)
+    lattice_sq = None
+    for node in nodes:
+        (a00, a11, a22, a01, a02, a12), determinant = node.adjugate, node.determinant
+        inverse = [(a / determinant)[:, None] for a in (a00, a11, a22, 2 * a01, 2 * a02, 2 * a12)]
+        quadratic = (inverse[0] * squares[0] + inverse[1] * squares[1] + inverse[2] * squares[2]
+                     + inverse[3] * squares[3] + inverse[4] * squares[4] + inverse[5] * squares[5])
+        term = torch.where(quadratic < 4 * ARG_CUTOFF,
+                           torch.sqrt(lattice_determinant / determinant)[:, None] * torch.exp(-0.5 * quadratic), 0.0)
+        lattice_sq = term if lattice_sq is None else lattice_sq + term
+    lattice_sq = lattice_sq * (peak_sq / len(nodes))
+    return torch.stack(nearest, dim=-1), lattice_sq
+
+
+@dataclass
+class MosaicCovariance:
+    """One node's covariance ``C = C_N + C_m`` of the analytic mosaic average at each pixel (see
+    :func:`bragg_sum_mosaic`): its diagonal ``(c00, c11, c22)``, its adjugate ``(a00, a11, a22, a01,
+    a02, a12)`` (``C^-1 = adjugate / determinant``) and its ``determinant``, each (P,) or (1,)."""
+
+    diagonal: tuple
+    adjugate: tuple
+    determinant: torch.Tensor
+
+
+def mosaic_covariances(h_per_u: torch.Tensor, w_squared: torch.Tensor, metric: torch.Tensor,
+                       inverse_wavelengths: torch.Tensor, lattice_variance: torch.Tensor,
+                       mosaic_variance: torch.Tensor) -> list[MosaicCovariance]:
+    """Each node's :class:`MosaicCovariance` at the pixels of ``h_per_u`` (P, 3), ``w_squared`` (P,),
+    ``metric`` (P, 3, 3), with ``lattice_variance`` (P or 1, 3) the diagonal of ``C_N`` and
+    ``mosaic_variance`` (J,) or (P, J) the nodes' rotation variances (:func:`bragg_sum_mosaic`)."""
     spread = w_squared[:, None, None] * metric - h_per_u[:, :, None] * h_per_u[:, None, :]  # (P, 3, 3)
     # The blur's u^2 is the channels' mean: across a band of a few percent (LY99: 1.4 %) the spread's
     # width changes by that fraction, and C is then one matrix per pixel instead of per pixel and channel.
     u_squared = (inverse_wavelengths ** 2).mean()
     variances = mosaic_variance.to(h_per_u.dtype)
     variances = variances[None, :] if variances.dim() == 1 else variances  # (P or 1, J)
-    peak_sq = torch.prod(ncells, dim=-1)[:, None] ** 2 if per_pixel else torch.prod(ncells) ** 2
-    lattice_variance = lattice_variance[:, 0, :]  # (P or 1, 3)
-    lattice_determinant = lattice_determinant[:, 0]  # (P or 1,)
-    lattice_sq = None
+    nodes = []
     for node in range(variances.shape[1]):
         t = variances[:, node] * u_squared  # (P or 1,)
 
@@ -234,14 +262,8 @@ def mosaic_lattice_transform(h_per_u: torch.Tensor, w_squared: torch.Tensor, met
         a00, a11, a22 = c11 * c22 - c12 * c12, c00 * c22 - c02 * c02, c00 * c11 - c01 * c01
         a01, a02, a12 = c02 * c12 - c01 * c22, c01 * c12 - c02 * c11, c01 * c02 - c00 * c12
         determinant = c00 * a00 + c01 * a01 + c02 * a02  # (P,)
-        inverse = [(a / determinant)[:, None] for a in (a00, a11, a22, 2 * a01, 2 * a02, 2 * a12)]
-        quadratic = (inverse[0] * squares[0] + inverse[1] * squares[1] + inverse[2] * squares[2]
-                     + inverse[3] * squares[3] + inverse[4] * squares[4] + inverse[5] * squares[5])
-        term = torch.where(quadratic < 4 * ARG_CUTOFF,
-                           torch.sqrt(lattice_determinant / determinant)[:, None] * torch.exp(-0.5 * quadratic), 0.0)
-        lattice_sq = term if lattice_sq is None else lattice_sq + term
-    lattice_sq = lattice_sq * (peak_sq / variances.shape[1])
-    return torch.stack(nearest, dim=-1), lattice_sq
+        nodes.append(MosaicCovariance((c00, c11, c22), (a00, a11, a22, a01, a02, a12), determinant))
+    return nodes
 
 
 def bragg_sum_mosaic(h_per_u: torch.Tensor, w_squared: torch.Tensor, metric: torch.Tensor,
@@ -569,6 +591,97 @@ def bragg_photons_pixels(detector: Detector | MultiPanelDetector, beam: Beam, cr
         per_pair = PairChannelSum.apply(curvature, u_centre, floor, live.u, live.weight)
         totals = totals.index_add(0, live.pair // crystal.domain_matrices.shape[0], per_pair)
     return photon_prefactor(beam, crystal) * torch.prod(ncells) ** 2 * factor * totals
+
+
+def channel_runs(h_per_u: torch.Tensor, inverse_wavelengths: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The runs of channels over which each pixel's nearest Miller index ``ceil(u_k h_per_u - 0.5)``
+    stays the same (the dense kernels' rounding, operation for operation): per run its pixel (row of
+    ``h_per_u`` (P, 3)), index (float (n, 3)) and channels ``k_start <= k < k_end``."""
+    n_channels = inverse_wavelengths.numel()
+    indices = torch.ceil(inverse_wavelengths[None, :, None] * h_per_u[:, None, :] - 0.5)  # (P, K, 3)
+    new_run = torch.ones(indices.shape[:2], dtype=torch.bool, device=h_per_u.device)
+    new_run[:, 1:] = (indices[:, 1:] != indices[:, :-1]).any(dim=-1)
+    pixel, k_start = torch.nonzero(new_run, as_tuple=True)
+    k_end = torch.full_like(k_start, n_channels)
+    same_pixel = pixel[1:] == pixel[:-1]
+    k_end[:-1] = torch.where(same_pixel, k_start[1:], n_channels)
+    return pixel, indices[pixel, k_start], k_start, k_end
+
+
+def _bilinear(entries: tuple, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``x^T M y`` (n,) for symmetric M given by ``entries`` (m00, m11, m22, m01, m02, m12), each (n,),
+    and vectors ``x``, ``y`` (n, 3)."""
+    m00, m11, m22, m01, m02, m12 = entries
+    return (m00 * x[:, 0] * y[:, 0] + m11 * x[:, 1] * y[:, 1] + m22 * x[:, 2] * y[:, 2]
+            + m01 * (x[:, 0] * y[:, 1] + x[:, 1] * y[:, 0]) + m02 * (x[:, 0] * y[:, 2] + x[:, 2] * y[:, 0])
+            + m12 * (x[:, 1] * y[:, 2] + x[:, 2] * y[:, 1]))
+
+
+def mosaic_arg_quadratic(g: torch.Tensor, hkl: torch.Tensor, inverse: tuple) -> tuple[torch.Tensor, ...]:
+    """The analytic mosaic term's ``arg(u) = (u g - hkl)^T C^-1 (u g - hkl) / 4`` (the exponent
+    of :func:`mosaic_lattice_transform`'s ``exp(-quadratic / 2)`` written as ``exp(-2 arg)``, as the
+    sharp kernel's) as ``curvature (u - u_centre)^2 + floor`` for pairs of ``g`` (n, 3) and ``hkl``
+    (n, 3) with ``inverse`` the entries of C^-1 (each (n,)); the floor is taken at ``u_centre`` itself
+    (as :func:`arg_quadratic`)."""
+    curvature = _bilinear(inverse, g, g)
+    u_centre = _bilinear(inverse, g, hkl) / curvature
+    offset = u_centre[:, None] * g - hkl
+    return curvature / 4, u_centre, _bilinear(inverse, offset, offset) / 4
+
+
+def bragg_photons_mosaic_pixels(detector: Detector | MultiPanelDetector, beam: Beam, crystal: CrystalState,
+                                amplitudes: AmplitudeLookup, fast: torch.Tensor, slow: torch.Tensor,
+                                panel: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`bragg_photons_dense` of one domain with the analytic mosaic spread (``crystal.mosaic_variance``),
+    visiting only the terms below the cut-off; equal to it up to rounding.
+
+    Each node's term at a pixel and channel is ``sqrt(det C_N / det C) exp(-q / 2)`` with ``q`` the
+    quadratic form of ``C^-1`` (per pixel, :func:`mosaic_covariances`) in ``u g - hkl`` and ``hkl``
+    the index ``u g`` rounds to. Over a run of channels with the same index (:func:`channel_runs`, the
+    dense kernel's rounding) ``q`` is a quadratic in u, as the sharp domains' arg
+    (:func:`mosaic_arg_quadratic`), so the same padded channel rows (:class:`PairChannelSum`) evaluate
+    it and its gradient. Each run's channels are cut to those where the node of largest variance is
+    below the cut-off (widened by a channel each side; each node's own ``arg < ARG_CUTOFF`` then
+    decides): that node's ``q`` is the least at every point (``C`` grows with the variance), so its live
+    channels hold every node's. With channels not sorted, or fewer than two, this is
+    :func:`bragg_photons_dense`. On stage 1's LY99 shots about 40 % of the dense kernel's (pixel,
+    channel) terms live.
+    """
+    u = beam.inverse_wavelengths.to(crystal.domain_matrices.dtype)
+    if (crystal.mosaic_variance is None or crystal.domain_matrices.shape[0] != 1 or u.numel() < 2
+            or bool(torch.any(u[1:] <= u[:-1]))):
+        return bragg_photons_dense(detector, beam, crystal, amplitudes, fast, slow, panel)
+    directions, factor = pixel_factors(detector, fast, slow, beam.polarization_fraction, panel)
+    beam_direction = torch.as_tensor(BEAM_DIRECTION, dtype=directions.dtype, device=directions.device)
+    u = u.to(directions.dtype).contiguous()
+    ncells = crystal.ncells.to(directions.dtype)
+    matrix = crystal.domain_matrices[0]
+    w = directions - beam_direction
+    g = w @ matrix.T
+    lattice_variance = GAUSS_WIDTH / (4 * ncells[None, :] ** 2)
+    nodes = mosaic_covariances(g, (w ** 2).sum(dim=-1), (matrix @ matrix.T).expand(g.shape[0], 3, 3), u,
+                               lattice_variance, crystal.mosaic_variance.reshape(-1))
+    widest = nodes[int(torch.argmax(crystal.mosaic_variance.reshape(-1)))]
+    with torch.no_grad():
+        pixel, hkl, k_start, k_end = channel_runs(g.detach(), u)
+        inverse = tuple((a / widest.determinant)[pixel] for a in widest.adjugate)
+        curvature, u_centre, floor = mosaic_arg_quadratic(g.detach()[pixel], hkl, inverse)
+        k_first, k_last, live = channel_range(curvature, u_centre, floor, u, widen=1)
+        k_first, k_last = torch.maximum(k_first, k_start), torch.minimum(k_last, k_end)
+        live = torch.nonzero(live & (k_last > k_first)).squeeze(1)
+    totals = torch.zeros(directions.shape[0], dtype=directions.dtype, device=directions.device)
+    if live.numel():
+        terms = live_terms(PixelTerms(pixel[live], hkl[live], k_first[live], (k_last - k_first)[live]), u, beam,
+                           amplitudes)
+        g_pairs = g[terms.pair]
+        per_pair = None
+        for node in nodes:
+            inverse = tuple((a / node.determinant)[terms.pair] for a in node.adjugate)
+            node_sum = PairChannelSum.apply(*mosaic_arg_quadratic(g_pairs, terms.hkl, inverse), terms.u, terms.weight)
+            node_sum = node_sum * torch.sqrt(torch.prod(lattice_variance) / node.determinant)[terms.pair]
+            per_pair = node_sum if per_pair is None else per_pair + node_sum
+        totals = totals.index_add(0, terms.pair, per_pair)
+    return photon_prefactor(beam, crystal) * (torch.prod(ncells) ** 2 / len(nodes)) * factor * totals
 
 
 def cutoff_radius(crystal: CrystalState) -> float:
