@@ -16,7 +16,7 @@ from xfel_spread.sim.forward import ARG_CUTOFF, GAUSS_WIDTH, Beam, CrystalState,
 from xfel_spread.sim.structure_factors import HC_EV_ANGSTROM
 from xfel_spread.stage1.batched import BatchedForwardModel, Lockstep, batched_bragg_photons, refine_batch
 from xfel_spread.stage1.model import Stage1Settings
-from xfel_spread.stage1.refine import ShotProblem, dense_evaluator, refine_shot
+from xfel_spread.stage1.refine import ShotProblem, shot_evaluator, refine_shot
 from xfel_spread.stage1.synthetic import LY99_DETECTOR, perturbed_matrix, simulate_shot_pixels, with_start
 
 FEW_CHANNELS = np.arange(20, 80, 6)
@@ -136,7 +136,7 @@ def test_batched_nll_and_gradients_equal_the_dense_ones(three_shots, few_lookup)
     """At generic points of each shot, through the gathered kernel (a GPU's way, here on the CPU)."""
     problems, model, requests, replies = served_at_generic_points(three_shots, few_lookup, gathered=True)
     for index, problem in enumerate(problems):
-        value, gradient = dense_evaluator(problem, few_lookup)(*requests[index])
+        value, gradient = shot_evaluator(problem, few_lookup)(*requests[index])
         # The photons agree to kernel_rtol (N within its bounds); the NLL's per-pixel terms
         # are positive and summed in other orders, adding one rounding step per pixel.
         n_pixels = problem.tensors.trusted.numel()
@@ -156,7 +156,7 @@ def test_on_a_cpu_the_batch_evaluates_each_shot_as_refine_shot_does(three_shots,
     assert not model.gathered
     assert model._storage == {}
     for index, problem in enumerate(problems):
-        value, gradient = dense_evaluator(problem, few_lookup)(*requests[index])
+        value, gradient = shot_evaluator(problem, few_lookup)(*requests[index])
         assert replies[index][0] == value
         assert np.array_equal(replies[index][1], gradient)
     values = torch.stack([torch.as_tensor(problem.space.start) for problem in problems])

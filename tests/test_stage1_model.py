@@ -33,7 +33,7 @@ from xfel_spread.stage1.model import (
     rotation_xyz,
     shifted_detector,
 )
-from xfel_spread.stage1.refine import ShotProblem, dense_evaluator
+from xfel_spread.stage1.refine import ShotProblem, shot_evaluator
 from xfel_spread.stage1.scoring import mean_rotation
 from xfel_spread.stage1.synthetic import perturbed_matrix, simulate_shot_pixels, with_start
 
@@ -309,7 +309,7 @@ def test_gradient_of_every_parameter_matches_central_differences(amplitude_table
                                            "mosaic_domains": 4, "restraints": {"cell_a": 0.1, "ncells": 20.0}})
     problem = ShotProblem(with_start(synthetic.shot, perturbed_matrix(synthetic.true_matrix, 7)), settings, "cpu")
     problem.set_start_from_model(few_channel_lookup)
-    evaluate = dense_evaluator(problem, few_channel_lookup)
+    evaluate = shot_evaluator(problem, few_channel_lookup)
     point = np.random.default_rng(0).uniform(-3, 3, problem.space.n_refined)
     values = problem.space.values(point)
     assert values[INDEX["eta_deg"]] > 0.05 and values[INDEX["detz_shift_mm"]] != 0
@@ -387,7 +387,7 @@ def test_gradient_of_the_analytic_mosaic_spread_matches_central_differences(ampl
     settings = Stage1Settings.from_config({"refine": ["G", "rotation", "cell", "ncells", "eta"]})
     problem = ShotProblem(synthetic.shot, settings, "cpu")
     problem.set_start_from_model(lookup)
-    evaluate = dense_evaluator(problem, lookup)
+    evaluate = shot_evaluator(problem, lookup)
     point = np.random.default_rng(0).uniform(-3, 3, problem.space.n_refined)
     _, gradient = evaluate(problem.space, point)
     scale = np.abs(gradient).max()

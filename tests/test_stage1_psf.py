@@ -16,7 +16,7 @@ from xfel_spread.stage1.batched import BatchedForwardModel, refine_batch
 from xfel_spread.stage1.likelihood import pixel_nll, plane_share_map, z_score_sigma
 from xfel_spread.stage1.model import INDEX, Stage1Settings
 from xfel_spread.stage1.psf import DetectorPsf, SpreadMap, block_diagonal, spread
-from xfel_spread.stage1.refine import ShotProblem, dense_evaluator, refine_shot, summarize_model
+from xfel_spread.stage1.refine import ShotProblem, shot_evaluator, refine_shot, summarize_model
 from xfel_spread.stage1.synthetic import fit_tilted_plane, perturbed_matrix, simulate_shot_pixels, with_start
 
 FEW_CHANNELS = np.arange(20, 80, 6)
@@ -245,7 +245,7 @@ def test_gradient_with_the_psf_matches_central_differences(spread_shot, few_look
     problem = ShotProblem(with_start(spread_shot.shot, perturbed_matrix(spread_shot.true_matrix, 7)), settings,
                           "cpu", LY99_PSF)
     problem.set_start_from_model(few_lookup)
-    evaluate = dense_evaluator(problem, few_lookup)
+    evaluate = shot_evaluator(problem, few_lookup)
     point = np.random.default_rng(0).uniform(-3, 3, problem.space.n_refined)
     _, gradient = evaluate(problem.space, point)
     # A component far below the others (rot_z here, -26 against thousands) meets the NLL's

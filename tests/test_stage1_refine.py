@@ -9,7 +9,7 @@ import torch
 from sim_fixtures import LY99_ENERGIES_EV, lookup_for
 
 from xfel_spread.sim import crystal as xtal
-from xfel_spread.sim.forward import SparseTermCache, bragg_photons_dense
+from xfel_spread.sim.forward import SparseTermCache, bragg_photons_pixels
 from xfel_spread.stage1 import likelihood, refine
 from xfel_spread.stage1.model import PARAMETER_NAMES, FreeDomainCrystal, Stage1Settings, c2_cell, parameter_space
 from xfel_spread.stage1.refine import ShotProblem, centroid_rmsd, model_centroids, refine_shot
@@ -446,13 +446,13 @@ def test_an_amplitude_table_for_other_channels_is_refused(quick_shot, full_looku
 def test_an_exception_inside_is_reported(quick_shot, few_lookup, monkeypatch):
     calls = []
 
-    def failing_model(*args):
+    def failing_model(*args, **kwargs):
         calls.append(1)
         if len(calls) > 3:
             raise RuntimeError("CUDA out of memory.\nTried to allocate 2 GiB")
-        return bragg_photons_dense(*args)
+        return bragg_photons_pixels(*args, **kwargs)
 
-    monkeypatch.setattr(likelihood, "bragg_photons_dense", failing_model)
+    monkeypatch.setattr(likelihood, "bragg_photons_pixels", failing_model)
     fit = refine_shot(quick_shot.shot, few_lookup, Stage1Settings.from_config({}))
     assert not fit.converged
     assert fit.reason == "RuntimeError: CUDA out of memory."

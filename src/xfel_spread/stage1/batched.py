@@ -13,9 +13,11 @@ its own crystal (mosaic-domain matrices, N, G) and spectrum. The kernel is
 The pixel arrays of a batch live in device buffers that are reused from batch to batch (grown when a
 batch needs more), and the pixels' directions and geometric factors are computed once per batch
 unless the detector distance is refined. On a CPU there are no kernel launches to save, and the
-gathered inputs made an evaluation 8-22 % dearer per shot, so there each shot of the batch is
-evaluated by its own dense model, with exactly :func:`~xfel_spread.stage1.refine.refine_shot`'s
-arithmetic (``gathered=True`` runs a GPU's way on a CPU, as the tests do).
+gathered inputs made an evaluation 8-22 % dearer per shot than the same dense kernel per shot (and
+a shot's sparse models, which skip the terms beyond the cut-off, are cheaper still), so there each
+shot of the batch is evaluated by its own model, with exactly
+:func:`~xfel_spread.stage1.refine.refine_shot`'s arithmetic (``gathered=True`` runs a GPU's way on a
+CPU, as the tests do).
 
 :func:`refine_batch` runs exactly :func:`xfel_spread.stage1.refine.refine_shot`'s refinement for
 every shot of a batch at once. Each shot keeps its own L-BFGS-B (its own parameters, iterations,
@@ -60,7 +62,7 @@ from xfel_spread.stage1.refine import (
     ShotProblem,
     all_pixels,
     can_free_domains,
-    dense_evaluator,
+    shot_evaluator,
     describe_exception,
     failed_fit,
     final_summary,
@@ -130,7 +132,7 @@ class BatchedForwardModel:
     ``energies_ev`` are the channels of the amplitude table's rows, shared by every shot. Use
     :meth:`load` to put a batch's pixels on the device, then :meth:`nll_and_gradients` and
     :meth:`bragg_all_pixels` on it. ``gathered`` (default: off a CPU) runs the batch through one
-    gathered kernel; without it each shot is evaluated by its own dense model, as ``refine_shot`` does.
+    gathered kernel; without it each shot is evaluated by its own model, as ``refine_shot`` does.
     """
 
     def __init__(self, amplitudes: AmplitudeLookup | AmplitudeGrid, energies_ev: np.ndarray, device,
@@ -285,10 +287,10 @@ class BatchedForwardModel:
         ``requests`` maps a shot (its position in the loaded batch) to the parameter space of its
         current refinement pass and the scaled parameters to evaluate. One forward and one backward
         pass over the requested shots' trusted pixels serve them all; without ``gathered``, each
-        shot's own (``dense_evaluator``: refine_shot's values to the bit).
+        shot's own (``shot_evaluator``: refine_shot's values to the bit).
         """
         if not self.gathered:
-            return {shot: dense_evaluator(self.problems[shot], self.amplitudes)(*requests[shot])
+            return {shot: shot_evaluator(self.problems[shot], self.amplitudes)(*requests[shot])
                     for shot in sorted(requests)}
         shots = sorted(requests)
         leaves = [torch.tensor(requests[shot][1], dtype=torch.float64, device=self.device, requires_grad=True)

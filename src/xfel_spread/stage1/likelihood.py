@@ -1,10 +1,11 @@
 """Expected photons in the shoebox pixels and the likelihood of the measured ones.
 
 Each pixel's expected photons are the shoebox's tilted-plane background plus the Bragg photons of
-the forward model (:func:`xfel_spread.sim.forward.bragg_photons_dense` on the shoebox pixels, or,
-equal to it to rounding, :func:`~xfel_spread.sim.forward.bragg_photons_pixels` for free mosaic
-domains and :func:`~xfel_spread.sim.forward.bragg_photons_mosaic_pixels` for the analytic mosaic
-spread; scale G included)::
+the forward model (:func:`xfel_spread.sim.forward.bragg_photons_dense` on the shoebox pixels,
+evaluated over its terms below the cut-off, equal to it to rounding:
+:func:`~xfel_spread.sim.forward.bragg_photons_pixels` for sharp domains, one or many, and
+:func:`~xfel_spread.sim.forward.bragg_photons_mosaic_pixels` for the analytic mosaic spread; scale G
+included)::
 
     model = background + G * bragg
 
@@ -38,21 +39,23 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from xfel_spread.sim.forward import (AmplitudeLookup, Beam, SparseTermCache, bragg_photons_dense,
-                                    bragg_photons_mosaic_pixels, bragg_photons_pixels)
+from xfel_spread.sim.forward import (AmplitudeLookup, Beam, SparseTermCache, bragg_photons_mosaic_pixels,
+                                    bragg_photons_pixels)
 from xfel_spread.sim.geometry import Detector
 from xfel_spread.stage1.model import REFERENCE_BEAM_SIZE_M, CrystalModel
 from xfel_spread.stage1.psf import ShotSpread, SpreadMap, spread
 from xfel_spread.stage1.shot import ShotPixels
 
-#: Most (pixel, channel, domain) terms per call of the dense forward model. Its own evaluation
-#: chunks hold 4M terms; on a CPU, calls of a quarter million keep its temporaries in cache: an
-#: evaluation (forward and backward) of 50 shoeboxes of 144 px, 100 channels, is 0.054 s instead of
-#: 0.088 s with one domain, 1.1 s instead of 3.2 s with 25. A GPU takes larger calls best.
+#: Most (pixel, channel, domain) terms per call of the dense forward model (the batched model's
+#: gathered kernel, :mod:`xfel_spread.stage1.batched`). Its own evaluation chunks hold 4M terms; on a
+#: CPU, calls of a quarter million keep its temporaries in cache: an evaluation (forward and
+#: backward) of 50 shoeboxes of 144 px, 100 channels, is 0.054 s instead of 0.088 s with one domain,
+#: 1.1 s instead of 3.2 s with 25. A GPU takes larger calls best.
 TERMS_PER_CALL = {"cpu": 1 << 18, "cuda": 1 << 24}
-#: The same for the sparse model of free domains (``bragg_photons_pixels``), counted as dense terms:
-#: on a CPU 400-800 pixels of 25 domains and 100 channels per call evaluated 20 shoeboxes in 0.14 s
-#: (forward and backward) against 0.15-0.27 s in calls of 25 or of every pixel.
+#: The same for the sparse models of a shot (:func:`bragg_photons`), counted as dense terms: on a
+#: CPU 400-800 pixels of 25 domains and 100 channels per call evaluated 20 shoeboxes in 0.14 s
+#: (forward and backward) against 0.15-0.27 s in calls of 25 or of every pixel; one domain (or the
+#: analytic spread) takes a shot's pixels in one call.
 SPARSE_TERMS_PER_CALL = 1 << 20
 #: Smallest pixel variance (photons^2).
 VARIANCE_FLOOR = 1e-6
@@ -204,14 +207,11 @@ def bragg_photons(detector: Detector, crystal: CrystalModel, values: torch.Tenso
     fast, slow = tensors.fast[pixels], tensors.slow[pixels]
     state = crystal.crystal_state(values)
     terms_per_pixel = tensors.beam.energies_ev.numel() * crystal.n_domains
-    if crystal.n_domains > 1:
-        # Many sharp domains: only the terms below the cut-off (about half; exact to rounding).
-        model, step = bragg_photons_pixels, max(1, SPARSE_TERMS_PER_CALL // terms_per_pixel)
-    elif state.mosaic_variance is not None:
-        # The analytic mosaic spread: likewise (about 40 % of the terms live).
-        model, step = bragg_photons_mosaic_pixels, max(1, SPARSE_TERMS_PER_CALL // terms_per_pixel)
-    else:
-        model, step = bragg_photons_dense, pixels_per_call(fast.device, terms_per_pixel)
+    # Only the terms below the cut-off, equal to the dense evaluation to rounding: of the analytic mosaic
+    # spread (about 40 % of them live on LY99 shots), or of sharp domains, one or stage 1's free domains
+    # (about half; dense where N is too small to skip terms, see sparse_pixels_apply).
+    model = bragg_photons_pixels if state.mosaic_variance is None else bragg_photons_mosaic_pixels
+    step = max(1, SPARSE_TERMS_PER_CALL // terms_per_pixel)
     panel = None if tensors.panel is None else tensors.panel[pixels]
     # The sparse model's terms are kept per chunk of these pixels and this many domain matrices.
     keep = {} if cache is None or model is not bragg_photons_pixels else {"cache": cache}

@@ -700,9 +700,9 @@ def _refine_free_domains(problem: ShotProblem, amplitudes: AmplitudeLookup, prev
     return Minimization(values, counts[0], counts[1], converged, reason, previous.restarted)
 
 
-def dense_evaluator(problem: ShotProblem, amplitudes: AmplitudeLookup) -> Evaluator:
-    """NLL and gradient of one shot with the forward model and torch autograd (float64); the dense
-    evaluation, or for free domains its sparse equal (:func:`~xfel_spread.stage1.likelihood.bragg_photons`)."""
+def shot_evaluator(problem: ShotProblem, amplitudes: AmplitudeLookup) -> Evaluator:
+    """NLL and gradient of one shot with the forward model and torch autograd (float64): the terms
+    below the cut-off, equal to the dense evaluation to rounding (:func:`~xfel_spread.stage1.likelihood.bragg_photons`)."""
 
     def evaluate(space: ParameterSpace, scaled: np.ndarray) -> tuple[float, np.ndarray]:
         leaf = torch.tensor(scaled, dtype=torch.float64, device=problem.device, requires_grad=True)
@@ -810,7 +810,7 @@ def refine_shot(shot: ShotPixels, amplitudes: AmplitudeLookup, settings: Stage1S
         unit_bragg = problem.set_start_from_model(amplitudes)
         start_values = torch.as_tensor(problem.start_values, device=problem.device)
         start = summarize_model(problem, start_values, unit_bragg.scaled(start_values[INDEX["G"]]))
-        evaluate = dense_evaluator(problem, amplitudes)
+        evaluate = shot_evaluator(problem, amplitudes)
         minimization = minimize_shot(problem, evaluate)
         final = final_summary(problem, amplitudes, minimization, pixels)
         if should_restart(problem, minimization, final):
