@@ -16,7 +16,7 @@ from xfel_spread.sim.forward import ARG_CUTOFF, GAUSS_WIDTH, Beam, CrystalState,
 from xfel_spread.sim.structure_factors import HC_EV_ANGSTROM
 from xfel_spread.stage1.batched import BatchedForwardModel, Lockstep, batched_bragg_photons, refine_batch
 from xfel_spread.stage1.model import Stage1Settings
-from xfel_spread.stage1.refine import ShotProblem, shot_evaluator, refine_shot
+from xfel_spread.stage1.refine import ShotProblem, refine_shot, shot_evaluator
 from xfel_spread.stage1.synthetic import LY99_DETECTOR, perturbed_matrix, simulate_shot_pixels, with_start
 
 FEW_CHANNELS = np.arange(20, 80, 6)
@@ -132,7 +132,7 @@ def served_at_generic_points(three_shots, few_lookup, **model_options):
     return problems, model, requests, model.nll_and_gradients(requests)
 
 
-def test_batched_nll_and_gradients_equal_the_dense_ones(three_shots, few_lookup):
+def test_batched_nll_and_gradients_equal_the_per_shot_ones(three_shots, few_lookup):
     """At generic points of each shot, through the gathered kernel (a GPU's way, here on the CPU)."""
     problems, model, requests, replies = served_at_generic_points(three_shots, few_lookup, gathered=True)
     for index, problem in enumerate(problems):

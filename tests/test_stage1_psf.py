@@ -16,7 +16,7 @@ from xfel_spread.stage1.batched import BatchedForwardModel, refine_batch
 from xfel_spread.stage1.likelihood import pixel_nll, plane_share_map, z_score_sigma
 from xfel_spread.stage1.model import INDEX, Stage1Settings
 from xfel_spread.stage1.psf import DetectorPsf, SpreadMap, block_diagonal, spread
-from xfel_spread.stage1.refine import ShotProblem, shot_evaluator, refine_shot, summarize_model
+from xfel_spread.stage1.refine import ShotProblem, refine_shot, shot_evaluator, summarize_model
 from xfel_spread.stage1.synthetic import fit_tilted_plane, perturbed_matrix, simulate_shot_pixels, with_start
 
 FEW_CHANNELS = np.arange(20, 80, 6)

@@ -229,10 +229,9 @@ def mosaic_lattice_transform(h_per_u: torch.Tensor, w_squared: torch.Tensor, met
 @dataclass
 class MosaicCovariance:
     """One node's covariance ``C = C_N + C_m`` of the analytic mosaic average at each pixel (see
-    :func:`bragg_sum_mosaic`): its diagonal ``(c00, c11, c22)``, its adjugate ``(a00, a11, a22, a01,
-    a02, a12)`` (``C^-1 = adjugate / determinant``) and its ``determinant``, each (P,) or (1,)."""
+    :func:`bragg_sum_mosaic`): its adjugate ``(a00, a11, a22, a01, a02, a12)`` (``C^-1 = adjugate /
+    determinant``) and its ``determinant``, each (P,) or (1,)."""
 
-    diagonal: tuple
     adjugate: tuple
     determinant: torch.Tensor
 
@@ -262,7 +261,7 @@ def mosaic_covariances(h_per_u: torch.Tensor, w_squared: torch.Tensor, metric: t
         a00, a11, a22 = c11 * c22 - c12 * c12, c00 * c22 - c02 * c02, c00 * c11 - c01 * c01
         a01, a02, a12 = c02 * c12 - c01 * c22, c01 * c12 - c02 * c11, c01 * c02 - c00 * c12
         determinant = c00 * a00 + c01 * a01 + c02 * a02  # (P,)
-        nodes.append(MosaicCovariance((c00, c11, c22), (a00, a11, a22, a01, a02, a12), determinant))
+        nodes.append(MosaicCovariance((a00, a11, a22, a01, a02, a12), determinant))
     return nodes
 
 

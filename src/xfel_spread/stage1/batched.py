@@ -62,7 +62,6 @@ from xfel_spread.stage1.refine import (
     ShotProblem,
     all_pixels,
     can_free_domains,
-    shot_evaluator,
     describe_exception,
     failed_fit,
     final_summary,
@@ -70,6 +69,7 @@ from xfel_spread.stage1.refine import (
     minimize_shot,
     refine_free_domains,
     restart_with_broad_spots,
+    shot_evaluator,
     should_restart,
     summarize_model,
 )
