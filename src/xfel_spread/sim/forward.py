@@ -445,14 +445,18 @@ class PairChannelSum(torch.autograd.Function):
         return -2 * grad * second, 4 * grad * curvature * first, -2 * grad * total, None, None
 
 
+def increasing_band(inverse_wavelengths: torch.Tensor) -> bool:
+    """Whether the band has two channels or more in strictly increasing order, as the sparse models'
+    channel ranges (``searchsorted``) need."""
+    return inverse_wavelengths.numel() >= 2 and not bool(torch.any(inverse_wavelengths[1:] <= inverse_wavelengths[:-1]))
+
+
 def sparse_pixels_apply(crystal: CrystalState, inverse_wavelengths: torch.Tensor) -> bool:
     """Whether :func:`bragg_photons_pixels` can skip terms for this crystal and band: discrete domains
     (no analytic spread), channels sorted, and every N large enough that a live term's index is the
     one its fractional index rounds to (the dense kernel's nearest index) with room to find it: a
     rounding chord (:func:`rounding_chord`) of at least a tenth of an index (N >= 9.44)."""
-    if crystal.mosaic_variance is not None or inverse_wavelengths.numel() < 2:
-        return False
-    if bool(torch.any(inverse_wavelengths[1:] <= inverse_wavelengths[:-1])):
+    if crystal.mosaic_variance is not None or not increasing_band(inverse_wavelengths):
         return False
     return rounding_chord(crystal.ncells.detach()) >= 0.1 * float(crystal.ncells.detach().min())
 
@@ -647,8 +651,7 @@ def bragg_photons_mosaic_pixels(detector: Detector | MultiPanelDetector, beam: B
     channel) terms live.
     """
     u = beam.inverse_wavelengths.to(crystal.domain_matrices.dtype)
-    if (crystal.mosaic_variance is None or crystal.domain_matrices.shape[0] != 1 or u.numel() < 2
-            or bool(torch.any(u[1:] <= u[:-1]))):
+    if crystal.mosaic_variance is None or crystal.domain_matrices.shape[0] != 1 or not increasing_band(u):
         return bragg_photons_dense(detector, beam, crystal, amplitudes, fast, slow, panel)
     directions, factor = pixel_factors(detector, fast, slow, beam.polarization_fraction, panel)
     beam_direction = torch.as_tensor(BEAM_DIRECTION, dtype=directions.dtype, device=directions.device)
@@ -658,9 +661,10 @@ def bragg_photons_mosaic_pixels(detector: Detector | MultiPanelDetector, beam: B
     w = directions - beam_direction
     g = w @ matrix.T
     lattice_variance = GAUSS_WIDTH / (4 * ncells[None, :] ** 2)
+    variances = crystal.mosaic_variance.reshape(-1)
     nodes = mosaic_covariances(g, (w ** 2).sum(dim=-1), (matrix @ matrix.T).expand(g.shape[0], 3, 3), u,
-                               lattice_variance, crystal.mosaic_variance.reshape(-1))
-    widest = nodes[int(torch.argmax(crystal.mosaic_variance.reshape(-1)))]
+                               lattice_variance, variances)
+    widest = nodes[int(torch.argmax(variances))]
     with torch.no_grad():
         pixel, hkl, k_start, k_end = channel_runs(g.detach(), u)
         inverse = tuple((a / widest.determinant)[pixel] for a in widest.adjugate)

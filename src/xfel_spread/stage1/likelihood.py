@@ -46,16 +46,10 @@ from xfel_spread.stage1.model import REFERENCE_BEAM_SIZE_M, CrystalModel
 from xfel_spread.stage1.psf import ShotSpread, SpreadMap, spread
 from xfel_spread.stage1.shot import ShotPixels
 
-#: Most (pixel, channel, domain) terms per call of the dense forward model (the batched model's
-#: gathered kernel, :mod:`xfel_spread.stage1.batched`). Its own evaluation chunks hold 4M terms; on a
-#: CPU, calls of a quarter million keep its temporaries in cache: an evaluation (forward and
-#: backward) of 50 shoeboxes of 144 px, 100 channels, is 0.054 s instead of 0.088 s with one domain,
-#: 1.1 s instead of 3.2 s with 25. A GPU takes larger calls best.
-TERMS_PER_CALL = {"cpu": 1 << 18, "cuda": 1 << 24}
-#: The same for the sparse models of a shot (:func:`bragg_photons`), counted as dense terms: on a
-#: CPU 400-800 pixels of 25 domains and 100 channels per call evaluated 20 shoeboxes in 0.14 s
-#: (forward and backward) against 0.15-0.27 s in calls of 25 or of every pixel; one domain (or the
-#: analytic spread) takes a shot's pixels in one call.
+#: Most (pixel, channel, domain) terms per call of the sparse models of a shot (:func:`bragg_photons`),
+#: counted as dense terms: on a CPU 400-800 pixels of 25 domains and 100 channels per call evaluated
+#: 20 shoeboxes in 0.14 s (forward and backward) against 0.15-0.27 s in calls of 25 or of every pixel;
+#: one domain (or the analytic spread) takes a shot's pixels in one call.
 SPARSE_TERMS_PER_CALL = 1 << 20
 #: Smallest pixel variance (photons^2).
 VARIANCE_FLOOR = 1e-6
@@ -213,21 +207,16 @@ def bragg_photons(detector: Detector, crystal: CrystalModel, values: torch.Tenso
     model = bragg_photons_pixels if state.mosaic_variance is None else bragg_photons_mosaic_pixels
     step = max(1, SPARSE_TERMS_PER_CALL // terms_per_pixel)
     panel = None if tensors.panel is None else tensors.panel[pixels]
-    # The sparse model's terms are kept per chunk of these pixels and this many domain matrices.
-    keep = {} if cache is None or model is not bragg_photons_pixels else {"cache": cache}
-    key = (state.domain_matrices.shape[0], fast.numel())
 
     def chunk(start: int) -> torch.Tensor:
-        return model(detector, tensors.beam, state, amplitudes, fast[start:start + step], slow[start:start + step],
-                     None if panel is None else panel[start:start + step],
-                     **({**keep, "cache_key": (*key, start)} if keep else {}))
+        inputs = (detector, tensors.beam, state, amplitudes, fast[start:start + step], slow[start:start + step],
+                  None if panel is None else panel[start:start + step])
+        if cache is None or model is not bragg_photons_pixels:
+            return model(*inputs)
+        # The sharp domains' terms are kept per chunk of these pixels and this many domain matrices.
+        return model(*inputs, cache=cache, cache_key=(state.domain_matrices.shape[0], fast.numel(), start))
 
     return torch.cat([chunk(start) for start in range(0, fast.numel(), step)])
-
-
-def pixels_per_call(device: torch.device, terms_per_pixel: int) -> int:
-    """Pixels evaluated per forward-model call on ``device`` (see :data:`TERMS_PER_CALL`)."""
-    return max(1, TERMS_PER_CALL.get(device.type, TERMS_PER_CALL["cpu"]) // terms_per_pixel)
 
 
 def pixel_variance(poisson: torch.Tensor, readout_var: float | torch.Tensor) -> torch.Tensor:
