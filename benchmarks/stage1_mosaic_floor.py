@@ -35,7 +35,7 @@ from xfel_spread.sim.forward import AmplitudeLookup
 from xfel_spread.stage1.io import load_amplitude_grid
 from xfel_spread.stage1.model import INDEX, CrystalModel, Stage1Settings
 from xfel_spread.stage1.psf import DetectorPsf
-from xfel_spread.stage1.refine import ShotProblem, dense_evaluator, minimize_shot
+from xfel_spread.stage1.refine import ShotProblem, minimize_shot, shot_evaluator
 from xfel_spread.stage1.rois import open_annulus_shard, read_lattices, rois_with_amplitude, select_rois
 
 
@@ -57,7 +57,7 @@ def refine(shot, amplitudes, settings, psf, truth_rotations=None):
     if truth_rotations is not None:
         problem.crystal = TruthDomainCrystal(shot.real_space_matrix, truth_rotations)
     problem.set_start_from_model(amplitudes)
-    result = minimize_shot(problem, dense_evaluator(problem, amplitudes))
+    result = minimize_shot(problem, shot_evaluator(problem, amplitudes))
     values = torch.as_tensor(result.values)
     n = [float(values[INDEX[name]]) for name in ("Na", "Nb", "Nc")]
     return problem.crystal.real_space_matrix(values).numpy(), n, result.converged
