@@ -18,6 +18,7 @@ apt_packages=(
   python3-sklearn  # tests only: our DBSCAN and covariance are compared with its own
   chromium         # tests only: the Snakemake report is rendered in headless Chromium
   python3-pandas   # imported by snakemake-executor-plugin-slurm when Snakemake loads it
+  g++ python3-dev ninja-build  # build the sparse models' compiled loop (src/xfel_spread/sim/fused.py)
   # tests only: a single-node Slurm (scripts/slurm/single_node.sh) for tests/test_slurm.py
   slurmctld slurmd slurm-client munge
   slurm-wlm-basic-plugins  # tests only: its mpi_pmix plugin is what `srun --mpi=pmix` loads

@@ -27,6 +27,27 @@ def mpi_stays_uninitialised(request):
     assert "mpi4py.MPI" not in sys.modules, f"{request.node.nodeid} initialised MPI in the pytest process"
 
 
+@pytest.fixture(params=["compiled", "eager"])
+def pair_channel_loop(request, monkeypatch):
+    """Run a test with the sparse models' per-term loop compiled (sim.fused; skipped where no C++
+    compiler is found) and in eager torch (``XFEL_SPREAD_FUSED=0``); the process's choice is
+    restored after."""
+    from xfel_spread.sim import fused
+
+    if request.param == "compiled":
+        module = fused.pair_channel_sum_module()
+        if module is None and fused.missing_toolchain():
+            pytest.skip(f"this machine lacks {fused.missing_toolchain()} to build the compiled loop")
+        assert module is not None, fused.unavailable_reason()
+    else:
+        monkeypatch.setenv(fused.SWITCH, "0")
+        fused.reset()
+        assert fused.pair_channel_sum_module() is None
+    yield request.param
+    monkeypatch.undo()
+    fused.reset()
+
+
 @pytest.fixture
 def repo_root() -> Path:
     return REPO_ROOT

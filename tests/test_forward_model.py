@@ -135,11 +135,12 @@ def photons_and_gradients(model, beam, crystal, lookup):
 
 
 @pytest.mark.parametrize(("ncells", "n_domains"), [(10.0, 5), (40.0, 5), (20.0, 1)])
-def test_pixel_sparse_equals_dense_with_gradients(amplitude_table, ten_channel_lookup, ncells, n_domains):
+def test_pixel_sparse_equals_dense_with_gradients(amplitude_table, ten_channel_lookup, ncells, n_domains,
+                                                  pair_channel_loop):
     """bragg_photons_pixels (stage 1's model of sharp domains: its free domains, and the one domain of
     its default refinement) visits only the terms below the cut-off and takes its gradient per (pixel,
     domain, index) pair: photons and gradients equal the dense reference's to rounding, on every pixel
-    of a panel."""
+    of a panel, with the per-term loop compiled and in eager torch."""
     matrix = random_orientation(amplitude_table.unit_cell, seed=3)
     crystal = crystal_state(matrix, ncells, n_domains=n_domains, spread_deg=0.5, seed=4)
     beam = ten_channel_beam()
@@ -170,7 +171,8 @@ def test_pixel_sparse_takes_the_dense_path_where_it_cannot_skip(amplitude_table,
 
 
 @pytest.mark.parametrize(("ncells", "eta_deg"), [(20.0, 0.05), (10.0, 0.05), (40.0, 1.0), (20.0, 0.0)])
-def test_analytic_mosaic_pixels_equal_dense_with_gradients(amplitude_table, ten_channel_lookup, ncells, eta_deg):
+def test_analytic_mosaic_pixels_equal_dense_with_gradients(amplitude_table, ten_channel_lookup, ncells, eta_deg,
+                                                           pair_channel_loop):
     """bragg_photons_mosaic_pixels (stage 1's analytic eta) visits only the terms below the cut-off,
     over runs of channels of one rounded index: photons and gradients (matrix, N, scale and the
     spread's variances) equal the dense kernel's to rounding, at a spread of stage 1's size, one of a

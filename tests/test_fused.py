@@ -1,0 +1,163 @@
+"""The compiled per-term loop of the sparse models (sim.fused, sim/pair_channel_sum.cpp): its sums equal
+the eager torch loop's, and where it cannot be built or is switched off the eager loop runs after one
+warning. The sparse-against-dense tests of test_forward_model.py run with both loops."""
+
+import logging
+import os
+import time
+
+import pytest
+import torch
+
+from xfel_spread.sim import fused
+from xfel_spread.sim.forward import ARG_CUTOFF, PairChannelSum
+
+
+@pytest.fixture
+def compiled():
+    """The built extension; skipped where the machine lacks the toolchain, a failure where it has it."""
+    module = fused.pair_channel_sum_module()
+    if module is None and fused.missing_toolchain():
+        pytest.skip(f"this machine lacks {fused.missing_toolchain()} to build the compiled loop")
+    assert module is not None, fused.unavailable_reason()
+    return module
+
+
+@pytest.fixture
+def fresh_state(monkeypatch):
+    """Forget the process's outcome before and after (the test builds or fails its own)."""
+    fused.reset()
+    yield
+    monkeypatch.undo()
+    fused.reset()
+
+
+class _Context:
+    needs_input_grad = (True, True, True, False, False)
+
+    def save_for_backward(self, *tensors):
+        self.saved_tensors = tensors
+
+
+def rows(n: int, width: int, seed: int = 0):
+    """Pairs like the free domains': padded channel rows of an LY99 band, centres inside them,
+    curvatures and floors that leave some terms live, some beyond the cut-off, some padding."""
+    generator = torch.Generator().manual_seed(seed)
+    band = torch.linspace(0.139, 0.142, 100, dtype=torch.float64)
+    first = torch.randint(0, 100 - width, (n, 1), generator=generator)
+    u = band[first + torch.arange(width)]
+    centre = u[:, width // 2] + 1e-5 * torch.randn(n, dtype=torch.float64, generator=generator)
+    curvature = 4e7 * torch.rand(n, dtype=torch.float64, generator=generator)
+    floor = 40 * torch.rand(n, dtype=torch.float64, generator=generator)
+    weight = torch.rand(n, width, dtype=torch.float64, generator=generator)
+    weight[torch.rand(n, width, generator=generator) < 0.3] = 0.0
+    return curvature, centre, floor, u, weight
+
+
+def eager_sums(curvature, centre, floor, u, weight):
+    context = _Context()
+    PairChannelSum.eager(context, curvature, centre, floor, u, weight, True)
+    _, total, first, second = context.saved_tensors
+    return total, first, second
+
+
+@pytest.mark.parametrize("width", [62, 5, 3, 1])
+def test_compiled_sums_equal_eager(compiled, width):
+    """Per pair the total and both moments agree with eager torch's to rounding, with rows of four
+    channels and more (the vector lanes) and fewer (the one-lane tail only)."""
+    inputs = rows(3000, width)
+    reference = eager_sums(*inputs)
+    total, first, second = compiled.pair_channel_sum(*inputs, ARG_CUTOFF, True)
+    du = inputs[3] - inputs[1][:, None]
+    arg = du * du * inputs[0][:, None] + inputs[2][:, None]
+    live = (arg < ARG_CUTOFF) & (inputs[4] > 0)
+    assert 0 < int(live.sum()) < live.numel()  # live, dead and padded terms all present
+    assert int((reference[0] > 0).sum()) > 100
+    # The scale of each sum: that of its terms' absolute values (the first moment cancels).
+    magnitude = torch.exp(-2 * arg.clamp(max=ARG_CUTOFF)) * inputs[4] * live
+    for mine, theirs, power in zip((total, first, second), reference, range(3)):
+        scale = (magnitude * du.abs() ** power).sum(dim=1)
+        # Measured: 3e-15 of the scale (FMA and the polynomial's few ulp against Sleef's exp).
+        assert torch.all((mine - theirs).abs() <= 1e-13 * scale)
+    without_moments = compiled.pair_channel_sum(*inputs, ARG_CUTOFF, False)
+    assert torch.equal(without_moments[0], total) and without_moments[1].numel() == 0
+
+
+def test_compiled_sums_carry_nan_and_drop_infinite_args(compiled):
+    """A NaN arg anywhere in a row makes that pair's three sums NaN (the refinement's non-finite
+    check sees it), as eager torch does; an infinite arg is beyond the cut-off and adds nothing."""
+    curvature, centre, floor, u, weight = rows(8, 9)
+    floor[2] = float("nan")
+    u[5, 7] = float("nan")
+    weight[6, 3] = 0.0
+    u[6, 3] = float("nan")  # NaN even where the weight is 0 (eager: NaN * 0)
+    curvature[7] = float("inf")
+    total, first, second = compiled.pair_channel_sum(curvature, centre, floor, u, weight, ARG_CUTOFF, True)
+    reference = eager_sums(curvature, centre, floor, u, weight)
+    for sums in (total, first, second):
+        assert torch.isnan(sums[[2, 5, 6]]).all() and not torch.isnan(sums[[0, 1, 3, 4, 7]]).any()
+    assert total[7] == 0.0 and reference[0][7] == 0.0
+    assert torch.isnan(reference[0][[2, 5, 6]]).all()
+
+
+def test_compiled_sums_do_not_depend_on_the_thread_count(compiled):
+    """Each pair is summed by one thread: 1 and 2 threads give the same bytes."""
+    inputs = rows(5000, 40, seed=3)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = compiled.pair_channel_sum(*inputs, ARG_CUTOFF, True)
+        torch.set_num_threads(2)
+        two = compiled.pair_channel_sum(*inputs, ARG_CUTOFF, True)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(one, two))
+
+
+def test_compiled_loop_checks_its_inputs(compiled):
+    curvature, centre, floor, u, weight = rows(4, 6)
+    with pytest.raises(RuntimeError, match="u must be a contiguous float64 CPU tensor"):
+        compiled.pair_channel_sum(curvature, centre, floor, u.T, weight, ARG_CUTOFF, True)
+    with pytest.raises(RuntimeError, match="shapes disagree"):
+        compiled.pair_channel_sum(curvature[:3], centre, floor, u, weight, ARG_CUTOFF, True)
+
+
+def test_switched_off_the_eager_loop_runs(fresh_state, monkeypatch):
+    monkeypatch.setenv(fused.SWITCH, "0")
+    assert fused.pair_channel_sum_module() is None
+    assert fused.unavailable_reason() == f"{fused.SWITCH}=0"
+    curvature, centre, floor, u, weight = rows(50, 12)
+    total = PairChannelSum.apply(curvature, centre, floor, u, weight)
+    assert torch.equal(total, eager_sums(curvature, centre, floor, u, weight)[0])
+
+
+def test_a_failed_build_warns_once_and_the_eager_loop_runs(fresh_state, monkeypatch, tmp_path, caplog):
+    """A source that does not compile (here: not C++) leaves the module None with one warning naming
+    the error, and the forward model still evaluates (eager torch)."""
+    broken = tmp_path / "broken.cpp"
+    broken.write_text("this is not C++\n")
+    monkeypatch.setattr(fused, "SOURCE", broken)
+    monkeypatch.setattr(fused, "extension_name", lambda: "xfel_spread_test_broken_build")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "extensions"))
+    with caplog.at_level(logging.WARNING, logger=fused.__name__):
+        assert fused.pair_channel_sum_module() is None
+        assert fused.pair_channel_sum_module() is None
+    warnings = [record for record in caplog.records if record.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "eager torch loop runs instead" in warnings[0].getMessage()
+    assert "xfel_spread_test_broken_build" in fused.unavailable_reason()
+    curvature, centre, floor, u, weight = rows(50, 12)
+    assert torch.isfinite(PairChannelSum.apply(curvature, centre, floor, u, weight)).all()
+
+
+def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(monkeypatch, tmp_path):
+    """torch's builder waits forever for a lock a killed build left; one older than STALE_LOCK_S goes."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    lock = tmp_path / "some_extension" / "lock"
+    lock.parent.mkdir()
+    lock.touch()
+    fused._remove_stale_lock("some_extension")
+    assert lock.exists()
+    old = time.time() - fused.STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    fused._remove_stale_lock("some_extension")
+    assert not lock.exists()
