@@ -32,8 +32,10 @@ SOURCE = Path(__file__).with_name("pair_channel_sum.cpp")
 #: Environment variable that turns the compiled loop off when set to 0.
 SWITCH = "XFEL_SPREAD_FUSED"
 #: A build lock older than this (s) is taken as left by a killed build and removed: torch's builder
-#: would otherwise wait for it forever.
-STALE_LOCK_S = 600.0
+#: would otherwise wait for it forever (a build takes 25-50 s).
+STALE_LOCK_S = 300.0
+#: How often (s) :func:`_wait_for_build_lock` looks at another process's lock.
+LOCK_POLL_S = 1.0
 
 _lock = threading.Lock()
 _state: dict = {"tried": False, "module": None, "reason": "not tried yet"}
@@ -58,23 +60,30 @@ def missing_toolchain() -> str:
     return ", ".join(missing)
 
 
-def _remove_stale_lock(name: str) -> None:
+def _wait_for_build_lock(name: str) -> None:
+    """Wait while another process builds the extension (its lock is younger than STALE_LOCK_S), and
+    remove a lock older than that: a build killed midway (a cancelled job) leaves it behind, and torch's
+    builder would wait for it forever."""
     from torch.utils.cpp_extension import _get_build_directory
 
     lock = Path(_get_build_directory(name, verbose=False)) / "lock"
-    try:
-        if time.time() - lock.stat().st_mtime > STALE_LOCK_S:
-            lock.unlink()
-            logger.warning("removed a stale build lock %s (older than %.0f s)", lock, STALE_LOCK_S)
-    except FileNotFoundError:
-        pass
+    while True:
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:
+            return
+        if age > STALE_LOCK_S:
+            lock.unlink(missing_ok=True)
+            logger.warning("removed a stale build lock %s (%.0f s old; a build takes under a minute)", lock, age)
+            return
+        time.sleep(LOCK_POLL_S)
 
 
 def _build():
     from torch.utils.cpp_extension import load
 
     name = extension_name()
-    _remove_stale_lock(name)
+    _wait_for_build_lock(name)
     started = time.perf_counter()
     module = load(name=name, sources=[str(SOURCE)], extra_cflags=["-O3", "-Wno-psabi"], verbose=False)
     logger.info("compiled pair-channel loop ready (%s, %.1f s)", name, time.perf_counter() - started)
