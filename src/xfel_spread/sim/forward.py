@@ -462,6 +462,43 @@ class PairChannelSum(torch.autograd.Function):
         return -2 * grad * second, 4 * grad * curvature * first, -2 * grad * total, None, None
 
 
+class PairQuadraticSum(torch.autograd.Function):
+    """:func:`arg_quadratic` and :class:`PairChannelSum` in one call of the compiled loop
+    (:mod:`xfel_spread.sim.fused`): per pair the channel sum of its quadratic from ``h`` (n, 3, the
+    pairs' ``h_per_u``), ``hkl`` (n, 3) and ``ncells`` (3,), differentiable in ``h`` and ``ncells``.
+    The compiled loop returns each pair's derivatives too (the chain rule through the quadratic, see
+    ``pair_channel_sum.cpp``), so the backward pass is two products: the autograd graph of
+    :func:`arg_quadratic`'s two dozen small operations is gone. Only where :func:`pair_sums` finds
+    the compiled loop."""
+
+    @staticmethod
+    def forward(ctx, h, hkl, ncells, u, weight):
+        gradients = ctx.needs_input_grad[0] or ctx.needs_input_grad[2]
+        total, grad_h, grad_n = pair_channel_sum_module().pair_quadratic_sum(
+            h.contiguous(), hkl.contiguous(), ncells.contiguous(), u.contiguous(), weight.contiguous(), GAUSS_WIDTH,
+            ARG_CUTOFF, gradients)
+        if gradients:
+            ctx.save_for_backward(grad_h, grad_n)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_h, grad_n = ctx.saved_tensors
+        return grad[:, None] * grad_h, None, (grad[:, None] * grad_n).sum(dim=0), None, None
+
+
+def pair_sums(h: torch.Tensor, hkl: torch.Tensor, ncells: torch.Tensor, u: torch.Tensor,
+              weight: torch.Tensor) -> torch.Tensor:
+    """Per pair ``sum_k weight_k exp(-2 arg(u_k))`` below the cut-off with ``arg`` the pair's
+    :func:`arg_quadratic`: in one compiled call (:class:`PairQuadraticSum`) on the CPU in float64
+    with one N for all pairs, where the compiled loop is available, else :class:`PairChannelSum` of
+    :func:`arg_quadratic` (the two agree to rounding)."""
+    if (u.device.type == "cpu" and u.dtype == torch.float64 and h.dtype == torch.float64 and ncells.shape == (3,)
+            and pair_channel_sum_module() is not None):
+        return PairQuadraticSum.apply(h, hkl.to(h.dtype), ncells, u, weight)
+    return PairChannelSum.apply(*arg_quadratic(h, hkl, ncells), u, weight)
+
+
 def increasing_band(inverse_wavelengths: torch.Tensor) -> bool:
     """Whether the band has two channels or more in strictly increasing order, as the sparse models'
     channel ranges (``searchsorted``) need."""
@@ -607,8 +644,7 @@ def bragg_photons_pixels(detector: Detector | MultiPanelDetector, beam: Beam, cr
             cache.store(cache_key, h_per_u.detach(), u, ncells.detach().clone(), live)
     totals = torch.zeros(directions.shape[0], dtype=directions.dtype, device=directions.device)
     if live is not None:
-        curvature, u_centre, floor = arg_quadratic(h_per_u[live.pair], live.hkl, ncells)
-        per_pair = PairChannelSum.apply(curvature, u_centre, floor, live.u, live.weight)
+        per_pair = pair_sums(h_per_u[live.pair], live.hkl, ncells, live.u, live.weight)
         totals = totals.index_add(0, live.pair // crystal.domain_matrices.shape[0], per_pair)
     return photon_prefactor(beam, crystal) * torch.prod(ncells) ** 2 * factor * totals
 

@@ -106,7 +106,7 @@ void sum_rows(const Rows& rows, int64_t begin, int64_t end) {
 void check(const torch::Tensor& tensor, int64_t dim, const char* name) {
   TORCH_CHECK(tensor.device().is_cpu() && tensor.scalar_type() == torch::kFloat64 && tensor.is_contiguous() &&
                   tensor.dim() == dim,
-              "pair_channel_sum: ", name, " must be a contiguous float64 CPU tensor of ", dim, " dimension(s)");
+              "pair sums: ", name, " must be a contiguous float64 CPU tensor of ", dim, " dimension(s)");
 }
 
 std::vector<torch::Tensor> pair_channel_sum(torch::Tensor curvature, torch::Tensor centre, torch::Tensor floor_,
@@ -132,9 +132,105 @@ std::vector<torch::Tensor> pair_channel_sum(torch::Tensor curvature, torch::Tens
   return {total, first, second};
 }
 
+// Per pair, arg(u) = |N (u h - hkl)|^2 / gauss_width as curvature (u - centre)^2 + floor, as
+// xfel_spread.sim.forward.arg_quadratic computes it: s = N h, curvature = |s|^2 / w, centre = s.(N hkl) /
+// |s|^2, floor = |N (centre h - hkl)|^2 / w.
+struct Quadratic {
+  double s[3], big_h[3], r[3], q, curvature, centre, floor_;
+};
+
+inline Quadratic quadratic(const double* h, const double* hkl, const double* ncells, double gauss_width) {
+  Quadratic a;
+  double dot = 0.0;
+  a.q = 0.0;
+  for (int axis = 0; axis < 3; ++axis) {
+    a.s[axis] = h[axis] * ncells[axis];
+    a.big_h[axis] = hkl[axis] * ncells[axis];
+    a.q += a.s[axis] * a.s[axis];
+    dot += a.s[axis] * a.big_h[axis];
+  }
+  a.centre = dot / a.q;
+  a.floor_ = 0.0;
+  for (int axis = 0; axis < 3; ++axis) {
+    a.r[axis] = (a.centre * h[axis] - hkl[axis]) * ncells[axis];
+    a.floor_ += a.r[axis] * a.r[axis];
+  }
+  a.curvature = a.q / gauss_width;
+  a.floor_ /= gauss_width;
+  return a;
+}
+
+// The sums of pair_channel_sum with each pair's quadratic from its h (n, 3), index hkl (n, 3) and N (3,),
+// and (with gradients) each pair's total's derivative in its h (n, 3) and in N (n, 3, summed over the
+// pairs by the caller after weighting). By the chain rule through curvature, centre and floor:
+//   dT/dcurvature = -2 M2, dT/dcentre = 4 curvature M1, dT/dfloor = -2 T (T, M1, M2 the sums);
+//   dcurvature/ds = 2 s / w; dcentre/ds = (H - 2 centre s) / |s|^2, dcentre/dH = s / |s|^2;
+//   dfloor/ds = (2 centre r + 2 (r.s) dcentre/ds) / w, dfloor/dH = (-2 r + 2 (r.s) s / |s|^2) / w,
+// with H = N hkl and r = centre s - H (r.s vanishes but for rounding; it is kept, as autograd keeps it);
+// dT/dh = N dT/ds and dT/dN = h dT/ds + hkl dT/dH, axis by axis.
+std::vector<torch::Tensor> pair_quadratic_sum(torch::Tensor h, torch::Tensor hkl, torch::Tensor ncells,
+                                              torch::Tensor u, torch::Tensor weight, double gauss_width,
+                                              double cutoff, bool gradients) {
+  check(h, 2, "h");
+  check(hkl, 2, "hkl");
+  check(ncells, 1, "ncells");
+  check(u, 2, "u");
+  check(weight, 2, "weight");
+  const int64_t n = u.size(0), width = u.size(1);
+  TORCH_CHECK(h.size(0) == n && h.size(1) == 3 && hkl.size(0) == n && hkl.size(1) == 3 && ncells.size(0) == 3 &&
+                  weight.size(0) == n && weight.size(1) == width,
+              "pair_quadratic_sum: the pairs' shapes disagree");
+  TORCH_CHECK(cutoff > 0.0 && cutoff <= 40.0, "pair_quadratic_sum: the cut-off must be in (0, 40]");
+  auto curvature = torch::empty({n}, u.options());
+  auto centre = torch::empty({n}, u.options());
+  auto floor_ = torch::empty({n}, u.options());
+  auto total = torch::empty({n}, u.options());
+  auto first = torch::empty({gradients ? n : 0}, u.options());
+  auto second = torch::empty({gradients ? n : 0}, u.options());
+  auto grad_h = torch::empty({gradients ? n : 0, 3}, u.options());
+  auto grad_n = torch::empty({gradients ? n : 0, 3}, u.options());
+  const double *hp = h.data_ptr<double>(), *kp = hkl.data_ptr<double>(), *np = ncells.data_ptr<double>();
+  double *cp = curvature.data_ptr<double>(), *up = centre.data_ptr<double>(), *fp = floor_.data_ptr<double>();
+  const Rows rows{cp, up, fp, u.data_ptr<double>(), weight.data_ptr<double>(), total.data_ptr<double>(),
+                  gradients ? first.data_ptr<double>() : nullptr, gradients ? second.data_ptr<double>() : nullptr,
+                  width, cutoff};
+  double* gh = gradients ? grad_h.data_ptr<double>() : nullptr;
+  double* gn = gradients ? grad_n.data_ptr<double>() : nullptr;
+  at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const Quadratic a = quadratic(hp + 3 * i, kp + 3 * i, np, gauss_width);
+      cp[i] = a.curvature;
+      up[i] = a.centre;
+      fp[i] = a.floor_;
+    }
+    sum_rows(rows, begin, end);
+    if (!gradients) return;
+    for (int64_t i = begin; i < end; ++i) {
+      const Quadratic a = quadratic(hp + 3 * i, kp + 3 * i, np, gauss_width);
+      const double d_curvature = -2.0 * rows.second[i], d_centre = 4.0 * a.curvature * rows.first[i];
+      const double d_floor = -2.0 * rows.total[i];
+      double rs = 0.0;
+      for (int axis = 0; axis < 3; ++axis) rs += a.r[axis] * a.s[axis];
+      for (int axis = 0; axis < 3; ++axis) {
+        const double centre_s = (a.big_h[axis] - 2.0 * a.centre * a.s[axis]) / a.q;
+        const double centre_h = a.s[axis] / a.q;
+        const double d_s = d_curvature * 2.0 * a.s[axis] / gauss_width + d_centre * centre_s +
+                           d_floor * (2.0 * a.centre * a.r[axis] + 2.0 * rs * centre_s) / gauss_width;
+        const double d_big_h =
+            d_centre * centre_h + d_floor * (-2.0 * a.r[axis] + 2.0 * rs * centre_h) / gauss_width;
+        gh[3 * i + axis] = d_s * np[axis];
+        gn[3 * i + axis] = d_s * hp[3 * i + axis] + d_big_h * kp[3 * i + axis];
+      }
+    }
+  });
+  return {total, grad_h, grad_n};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pair_channel_sum", &pair_channel_sum,
         "Per pair: sum of exp(-2 arg) weight over its channels below the cut-off, and its two moments in du");
+  m.def("pair_quadratic_sum", &pair_quadratic_sum,
+        "pair_channel_sum of each pair's arg quadratic from (h, hkl, N), with its derivatives in h and N");
 }
