@@ -86,6 +86,10 @@ the bit:
 | default, 50 shoeboxes, ``--shots 4`` | 2.38 | 1.95 |
 | ``--eta --rois 20 --shots 4`` | 3.30 | 3.19 |
 
+With the compiled per-term loop (``sim.fused``, b98def2; a later session, same VM, same protocol):
+default 1.71 (refine_shot) and 1.85 (refine_batch); ``--eta --rois 20`` 2.87 and 2.58. The same
+evaluations and fits as above; the batch equal to refine_shot to the bit.
+
 ``BatchedForwardModel.nll_and_gradients`` over 3 shots of 50 shoeboxes cost 72-76 ms CPU per shot
 with the kernel fed one shot at a time (the CPU default), 79-83 with gathered per-pixel inputs, the
 dense per-shot evaluation 73-76 (two alternating runs in one process).

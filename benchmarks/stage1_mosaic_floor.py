@@ -63,6 +63,15 @@ def refine(shot, amplitudes, settings, psf, truth_rotations=None):
     return problem.crystal.real_space_matrix(values).numpy(), n, result.converged
 
 
+def run_settings(results: Path, dataset: str) -> tuple[Stage1Settings, DetectorPsf | None]:
+    """A completed run's stage-1 settings and the point spread it models for ``dataset`` (or None)."""
+    config = {section: load_config(results / "settings" / f"{section}.yaml")[section]
+              for section in ("simulate", "stage1")}
+    fwhm_and_radius = modelled_psf(dataset, config)
+    return Stage1Settings.from_config(config["stage1"]), (
+        None if fwhm_and_radius is None else DetectorPsf(*fwhm_and_radius))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="nopsf", choices=("nopsf", "psf"))
@@ -72,11 +81,7 @@ def main() -> None:
     arguments = parser.parse_args()
     torch.set_num_threads(1)
     results = Path(arguments.results)
-    config = {section: load_config(results / "settings" / f"{section}.yaml")[section]
-              for section in ("simulate", "stage1")}
-    settings = Stage1Settings.from_config(config["stage1"])
-    fwhm_and_radius = modelled_psf(arguments.dataset, config)
-    psf = None if fwhm_and_radius is None else DetectorPsf(*fwhm_and_radius)
+    settings, psf = run_settings(results, arguments.dataset)
     shard = f"shard_{arguments.shard:05d}"
     annulus = open_annulus_shard(results / "annulus" / arguments.dataset / shard,
                                  results / "sim" / arguments.dataset / f"{shard}.h5")

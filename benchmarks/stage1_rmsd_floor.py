@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from xfel_spread.config import load_config, modelled_psf
 from xfel_spread.sim.forward import AmplitudeLookup
 from xfel_spread.sim.geometry import Detector
 from xfel_spread.stage1.io import load_amplitude_grid
@@ -37,7 +36,7 @@ from xfel_spread.stage1.refine import (ShotProblem, all_pixels, centroid_rmsd, d
                                       roi_beam_centres_px)
 from xfel_spread.stage1.rois import open_annulus_shard
 
-from stage1_mosaic_floor import TruthDomainCrystal  # noqa: E402 - the sibling benchmark, run from benchmarks/
+from stage1_mosaic_floor import TruthDomainCrystal, run_settings  # noqa: E402 - the sibling benchmark, run from benchmarks/
 
 
 def truth_strong_radial_rmsd(shot, truth: dict, settings: Stage1Settings, amplitudes: AmplitudeLookup,
@@ -81,11 +80,7 @@ def main() -> None:
     arguments = parser.parse_args()
     torch.set_num_threads(1)
     results = Path(arguments.results)
-    config = {section: load_config(results / "settings" / f"{section}.yaml")[section]
-              for section in ("simulate", "stage1")}
-    settings = Stage1Settings.from_config(config["stage1"])
-    fwhm_and_radius = modelled_psf(arguments.dataset, config)
-    psf = None if fwhm_and_radius is None else DetectorPsf(*fwhm_and_radius)
+    settings, psf = run_settings(results, arguments.dataset)
     scored = scored_rows(results / "score" / f"stage1_{arguments.dataset}.tsv")
     print(f"{arguments.dataset}: strong-spot radial RMSD (px) against DIALS's observed centroids; "
           f"point spread {'modelled' if psf else 'none'}")
