@@ -27,18 +27,33 @@ def mpi_stays_uninitialised(request):
     assert "mpi4py.MPI" not in sys.modules, f"{request.node.nodeid} initialised MPI in the pytest process"
 
 
+def compiled_loop_or_skip():
+    """The built per-term loop (sim.fused); skipped where it is switched off or the machine lacks the
+    toolchain, a failure where the toolchain is there and the build fails."""
+    from xfel_spread.sim import fused
+
+    module = fused.pair_channel_sum_module()
+    if module is None and fused.unavailable_reason() == f"{fused.SWITCH}=0":
+        pytest.skip(f"the compiled loop is switched off ({fused.SWITCH}=0)")
+    if module is None and fused.missing_toolchain():
+        pytest.skip(f"this machine lacks {fused.missing_toolchain()} to build the compiled loop")
+    assert module is not None, fused.unavailable_reason()
+    return module
+
+
+@pytest.fixture
+def compiled_loop():
+    return compiled_loop_or_skip()
+
+
 @pytest.fixture(params=["compiled", "eager"])
 def pair_channel_loop(request, monkeypatch):
-    """Run a test with the sparse models' per-term loop compiled (sim.fused; skipped where no C++
-    compiler is found) and in eager torch (``XFEL_SPREAD_FUSED=0``); the process's choice is
-    restored after."""
+    """Run a test with the sparse models' per-term loop compiled (:func:`compiled_loop_or_skip`) and in
+    eager torch (``XFEL_SPREAD_FUSED=0``); the process's choice is restored after."""
     from xfel_spread.sim import fused
 
     if request.param == "compiled":
-        module = fused.pair_channel_sum_module()
-        if module is None and fused.missing_toolchain():
-            pytest.skip(f"this machine lacks {fused.missing_toolchain()} to build the compiled loop")
-        assert module is not None, fused.unavailable_reason()
+        compiled_loop_or_skip()
     else:
         monkeypatch.setenv(fused.SWITCH, "0")
         fused.reset()

@@ -431,7 +431,7 @@ class PairChannelSum(torch.autograd.Function):
     def forward(ctx, curvature, u_centre, floor, u, weight):
         moments = any(ctx.needs_input_grad[:3])
         module = pair_channel_sum_module() if u.device.type == "cpu" and u.dtype == torch.float64 else None
-        if module is not None:  # the compiled loop (sim/fused.py): one pass, no exponential for dead terms
+        if module is not None:  # the compiled loop (sim/fused.py): one vectorised pass over the rows
             total, first, second = module.pair_channel_sum(
                 curvature.contiguous(), u_centre.contiguous(), floor.contiguous(), u.contiguous(),
                 weight.contiguous(), ARG_CUTOFF, moments)

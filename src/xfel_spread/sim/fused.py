@@ -3,8 +3,9 @@
 :class:`~xfel_spread.sim.forward.PairChannelSum` sums, per (pixel, domain, Miller index) pair, a few
 dozen channel terms ``exp(-2 arg) weight`` and two moments of them. Eager torch does that in about
 eight passes over a padded (pairs, channels) array and evaluates every entry; on the free-domain
-refinement of stage 1 that was about half a lattice's time, and 45 % of the entries were padding or
-beyond the cut-off. The C++ loop here does it in one pass and skips those entries' exponentials.
+refinement of stage 1 that was about half a lattice's time. The C++ loop here does it in one
+vectorised pass (four channels at a time, exp written out), and :class:`~xfel_spread.sim.forward.
+PairQuadraticSum` also forms each pair's quadratic and its derivatives in the same call.
 
 It is built with torch's extension builder (a C++ compiler and ninja; the Debian set-up installs
 ``g++``, ``python3-dev`` and ``ninja-build``, the conda environment ``cxx-compiler`` and ``ninja``)
@@ -90,6 +91,15 @@ def _build():
     return module
 
 
+def error_line(error: BaseException, limit: int = 300) -> str:
+    """The line of a failed build's message that says what went wrong: the compiler's first
+    ``error:`` line where there is one (torch's message starts with the whole command line), else
+    the message's first line; at most ``limit`` characters."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+    line = next((line for line in lines if "error:" in line), lines[0])
+    return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
 def pair_channel_sum_module():
     """The built extension (its ``pair_channel_sum``), or None when it is off or cannot be built;
     built or loaded once per process, the first time it is asked for."""
@@ -104,8 +114,7 @@ def pair_channel_sum_module():
                     _state["module"] = _build()
                     _state["reason"] = ""
                 except Exception as error:  # noqa: BLE001 - any failure to build falls back to eager torch
-                    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-                    _state["reason"] = f"{type(error).__name__}: {first_line}"
+                    _state["reason"] = f"{type(error).__name__}: {error_line(error)}"
                     logger.warning("the compiled pair-channel loop is unavailable (%s); the eager torch loop "
                                    "runs instead (the same sums, slower)", _state["reason"])
             _state["tried"] = True
