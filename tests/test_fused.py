@@ -135,6 +135,7 @@ def test_a_failed_build_warns_once_and_the_eager_loop_runs(fresh_state, monkeypa
     monkeypatch.setattr(fused, "SOURCE", broken)
     monkeypatch.setattr(fused, "extension_name", lambda: "xfel_spread_test_broken_build")
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "extensions"))
+    monkeypatch.delenv(fused.SWITCH, raising=False)
     with caplog.at_level(logging.WARNING, logger=fused.__name__):
         assert fused.pair_channel_sum_module() is None
         assert fused.pair_channel_sum_module() is None
