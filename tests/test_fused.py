@@ -172,20 +172,25 @@ def test_a_stale_build_lock_is_removed_and_a_live_one_waited_for(monkeypatch, tm
 
 
 def test_compiled_quadratic_sums_and_gradients_equal_autograd(compiled):
-    """PairQuadraticSum (the pairs' quadratic, its channel sums and their derivatives in one compiled
-    call) against arg_quadratic and the eager PairChannelSum under autograd: sums and the gradients in
-    h and N agree to rounding."""
-    from xfel_spread.sim.forward import PairQuadraticSum, arg_quadratic
+    """PairQuadraticSum (the pairs' quadratic, its channel sums over their ragged rows and their
+    derivatives, in one compiled call) against arg_quadratic and the eager PairChannelSum over the
+    padded rows under autograd: sums and the gradients in h and N agree to rounding. The rows are of
+    every length from 0 to the band's, at its start, middle and end."""
+    from xfel_spread.sim.forward import LiveTerms, PairQuadraticSum, arg_quadratic
 
     generator = torch.Generator().manual_seed(5)
-    n, width = 4000, 40
+    n, n_band, n_indices = 4000, 100, 30
     hkl = torch.randint(-20, 21, (n, 3), generator=generator).to(torch.float64)
     centre = 0.1405 + 5e-4 * torch.rand(n, 1, dtype=torch.float64, generator=generator)
     h = hkl / centre + 0.02 * torch.randn(n, 3, dtype=torch.float64, generator=generator) / centre
     ncells = torch.tensor([57.0, 50.0, 63.0], dtype=torch.float64)
-    band = torch.linspace(0.139, 0.142, 100, dtype=torch.float64)
-    u = band[torch.randint(0, 100 - width, (n, 1), generator=generator) + torch.arange(width)]
-    weight = torch.rand(n, width, dtype=torch.float64, generator=generator)
+    band = torch.linspace(0.139, 0.142, n_band, dtype=torch.float64)
+    n_channels = torch.randint(0, n_band + 1, (n,), generator=generator)
+    k_first = (torch.rand(n, dtype=torch.float64, generator=generator) * (n_band - n_channels + 1)).long()
+    table = torch.rand(n_indices, n_band, dtype=torch.float64, generator=generator)
+    table[0] = 0.0  # the row of indices outside the amplitude table
+    live = LiveTerms(torch.arange(n), hkl, k_first, n_channels,
+                     torch.randint(0, n_indices, (n,), generator=generator), table, band)
     combine = torch.rand(n, dtype=torch.float64, generator=generator)
 
     def sums_and_gradients(evaluate):
@@ -196,10 +201,30 @@ def test_compiled_quadratic_sums_and_gradients_equal_autograd(compiled):
     class Eager(PairChannelSum):
         forward = staticmethod(lambda ctx, *a: PairChannelSum.eager(ctx, *a, any(ctx.needs_input_grad[:3])))
 
-    mine = sums_and_gradients(lambda hh, nn: PairQuadraticSum.apply(hh, hkl, nn, u, weight))
-    theirs = sums_and_gradients(lambda hh, nn: Eager.apply(*arg_quadratic(hh, hkl, nn), u, weight))
+    mine = sums_and_gradients(lambda hh, nn: PairQuadraticSum.apply(hh, nn, live))
+    theirs = sums_and_gradients(lambda hh, nn: Eager.apply(*arg_quadratic(hh, hkl, nn), *live.padded()))
     assert int((theirs[0] > 1e-6 * theirs[0].max()).sum()) > 500  # live pairs, not an empty comparison
+    assert int((n_channels == 0).sum()) > 0 and int((k_first + n_channels == n_band).sum()) > 0
     for a, b in zip(mine, theirs):
         # Measured: sums and h-gradients to 2e-16 of their largest, the N-gradient (a sum over the
         # pairs) to 2e-14.
         assert torch.all((a - b).abs() <= 1e-12 * b.abs().max()), float((a - b).abs().max() / b.abs().max())
+
+
+def test_compiled_quadratic_sums_check_the_rows(compiled):
+    """A pair whose channels run past the band, or whose table row does not exist, is an error, not a
+    read outside the arrays."""
+    from xfel_spread.sim.forward import GAUSS_WIDTH
+
+    h, hkl, ncells = torch.ones(2, 3, dtype=torch.float64), torch.zeros(2, 3, dtype=torch.float64), torch.ones(
+        3, dtype=torch.float64)
+    band, table = torch.linspace(0.1, 0.2, 10, dtype=torch.float64), torch.ones(3, 10, dtype=torch.float64)
+
+    def call(row, k_first, n_channels):
+        return compiled.pair_quadratic_sum(h, hkl, ncells, band, table, torch.tensor(row), torch.tensor(k_first),
+                                           torch.tensor(n_channels), GAUSS_WIDTH, ARG_CUTOFF, True)
+
+    assert torch.isfinite(call([0, 2], [0, 5], [10, 5])[0]).all()
+    for row, k_first, n_channels in (([0, 3], [0, 0], [1, 1]), ([0, 0], [6, 0], [5, 1]), ([0, 0], [-1, 0], [2, 1])):
+        with pytest.raises(RuntimeError, match="outside the band or the table"):
+            call(row, k_first, n_channels)

@@ -39,7 +39,7 @@ model serves simulation and refinement, on CPU or CUDA.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -465,18 +465,20 @@ class PairChannelSum(torch.autograd.Function):
 class PairQuadraticSum(torch.autograd.Function):
     """:func:`arg_quadratic` and :class:`PairChannelSum` in one call of the compiled loop
     (:mod:`xfel_spread.sim.fused`): per pair the channel sum of its quadratic from ``h`` (n, 3, the
-    pairs' ``h_per_u``), ``hkl`` (n, 3) and ``ncells`` (3,), differentiable in ``h`` and ``ncells``.
-    The compiled loop returns each pair's derivatives too (the chain rule through the quadratic, see
+    pairs' ``h_per_u``), ``hkl`` (n, 3) and ``ncells`` (3,), differentiable in ``h`` and ``ncells``,
+    over the pairs' ragged channel rows (:class:`LiveTerms`; no padded arrays are made). The compiled
+    loop returns each pair's derivatives too (the chain rule through the quadratic, see
     ``pair_channel_sum.cpp``), so the backward pass is two products: the autograd graph of
     :func:`arg_quadratic`'s two dozen small operations is gone. Only where :func:`pair_sums` finds
     the compiled loop."""
 
     @staticmethod
-    def forward(ctx, h, hkl, ncells, u, weight):
-        gradients = ctx.needs_input_grad[0] or ctx.needs_input_grad[2]
+    def forward(ctx, h, ncells, live):
+        gradients = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         total, grad_h, grad_n = pair_channel_sum_module().pair_quadratic_sum(
-            h.contiguous(), hkl.contiguous(), ncells.contiguous(), u.contiguous(), weight.contiguous(), GAUSS_WIDTH,
-            ARG_CUTOFF, gradients)
+            h.contiguous(), live.hkl.to(h.dtype).contiguous(), ncells.contiguous(), live.band, live.table,
+            live.row.contiguous(), live.k_first.contiguous(), live.n_channels.contiguous(), GAUSS_WIDTH, ARG_CUTOFF,
+            gradients)
         if gradients:
             ctx.save_for_backward(grad_h, grad_n)
         return total
@@ -484,19 +486,18 @@ class PairQuadraticSum(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         grad_h, grad_n = ctx.saved_tensors
-        return grad[:, None] * grad_h, None, (grad[:, None] * grad_n).sum(dim=0), None, None
+        return grad[:, None] * grad_h, (grad[:, None] * grad_n).sum(dim=0), None
 
 
-def pair_sums(h: torch.Tensor, hkl: torch.Tensor, ncells: torch.Tensor, u: torch.Tensor,
-              weight: torch.Tensor) -> torch.Tensor:
-    """Per pair ``sum_k weight_k exp(-2 arg(u_k))`` below the cut-off with ``arg`` the pair's
-    :func:`arg_quadratic`: in one compiled call (:class:`PairQuadraticSum`) on the CPU in float64
-    with one N for all pairs, where the compiled loop is available, else :class:`PairChannelSum` of
-    :func:`arg_quadratic` (the two agree to rounding)."""
-    if (u.device.type == "cpu" and u.dtype == torch.float64 and h.dtype == torch.float64 and ncells.shape == (3,)
-            and pair_channel_sum_module() is not None):
-        return PairQuadraticSum.apply(h, hkl.to(h.dtype), ncells, u, weight)
-    return PairChannelSum.apply(*arg_quadratic(h, hkl, ncells), u, weight)
+def pair_sums(h: torch.Tensor, ncells: torch.Tensor, live: LiveTerms) -> torch.Tensor:
+    """Per pair of ``live`` ``sum_k weight_k exp(-2 arg(u_k))`` below the cut-off with ``arg`` the
+    pair's :func:`arg_quadratic` of its ``h`` (n, 3): in one compiled call (:class:`PairQuadraticSum`)
+    on the CPU in float64 with one N for all pairs, where the compiled loop is available, else
+    :class:`PairChannelSum` of :func:`arg_quadratic` over the padded rows (the two agree to rounding)."""
+    if (h.device.type == "cpu" and h.dtype == torch.float64 and live.band.dtype == torch.float64
+            and ncells.shape == (3,) and pair_channel_sum_module() is not None):
+        return PairQuadraticSum.apply(h, ncells, live)
+    return PairChannelSum.apply(*arg_quadratic(h, live.hkl, ncells), *live.padded())
 
 
 def increasing_band(inverse_wavelengths: torch.Tensor) -> bool:
@@ -526,18 +527,36 @@ def rounding_chord(ncells: torch.Tensor, arg_cutoff: float = ARG_CUTOFF) -> floa
 
 @dataclass
 class LiveTerms:
-    """:class:`PixelTerms` made ready to evaluate: per pair its flat (pixel, domain) index ``pair``
-    and Miller index ``hkl``, and per pair a padded row (n, W) of its channels' inverse wavelengths
-    ``u`` and weights ``photons_k |F_k(hkl)|^2`` (0 on padding and outside the amplitude table)."""
+    """:class:`PixelTerms` made ready to evaluate: per pair its flat (pixel, domain) index ``pair``,
+    Miller index ``hkl`` and channels ``k_first <= k < k_first + n_channels`` of the ``band`` (the
+    inverse wavelengths), and its row of ``table`` (R, K), whose rows hold ``photons_k |F_k|^2`` of
+    the pairs' indices (a zero row for those outside the amplitude table). The compiled loop reads
+    these ragged rows as they are (:class:`PairQuadraticSum`); the eager loop takes them padded
+    (:meth:`padded`)."""
 
     pair: torch.Tensor
     hkl: torch.Tensor
-    u: torch.Tensor
-    weight: torch.Tensor
+    k_first: torch.Tensor
+    n_channels: torch.Tensor
+    row: torch.Tensor
+    table: torch.Tensor
+    band: torch.Tensor
+    _padded: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False, compare=False)
+
+    def padded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each pair's channels as a row (n, W) padded to the longest: the inverse wavelengths ``u`` and
+        the weights (0 on padding), as :class:`PairChannelSum` takes them; made once, then kept."""
+        if self._padded is None:
+            with torch.no_grad():
+                terms = PixelTerms(self.pair, self.hkl, self.k_first, self.n_channels)
+                channel, valid = terms.channel_grid(self.band.numel())
+                self._padded = (self.band[channel],
+                                torch.where(valid, self.table[self.row[:, None], channel], 0.0))
+        return self._padded
 
 
 def live_terms(terms: PixelTerms, u: torch.Tensor, beam: Beam, amplitudes: AmplitudeLookup) -> LiveTerms:
-    """The rows :class:`PairChannelSum` evaluates for ``terms`` (no gradient)."""
+    """The rows :class:`PairQuadraticSum` and :class:`PairChannelSum` evaluate for ``terms`` (no gradient)."""
     with torch.no_grad():
         # photons_k |F_k|^2 of the few indices a set of shoeboxes holds, one row each (a small
         # table the per-term gather stays in), a zero row for those outside the amplitude table.
@@ -545,8 +564,8 @@ def live_terms(terms: PixelTerms, u: torch.Tensor, beam: Beam, amplitudes: Ampli
         cells, row = torch.unique(torch.where(inside, flat, -1), return_inverse=True)
         table = amplitudes.intensity[:, cells.clamp(min=0)].T.to(u.dtype) * beam.photons.to(u.dtype)
         table[cells < 0] = 0.0
-        channel, valid = terms.channel_grid(u.numel())
-        return LiveTerms(terms.pair, terms.hkl, u[channel], torch.where(valid, table[row[:, None], channel], 0.0))
+        return LiveTerms(terms.pair, terms.hkl, terms.k_first, terms.n_channels, row, table.contiguous(),
+                         u.contiguous())
 
 
 #: The reach (an ``arg``) to which :class:`SparseTermCache` finds a set of pixels' terms: beyond
@@ -644,7 +663,7 @@ def bragg_photons_pixels(detector: Detector | MultiPanelDetector, beam: Beam, cr
             cache.store(cache_key, h_per_u.detach(), u, ncells.detach().clone(), live)
     totals = torch.zeros(directions.shape[0], dtype=directions.dtype, device=directions.device)
     if live is not None:
-        per_pair = pair_sums(h_per_u[live.pair], live.hkl, ncells, live.u, live.weight)
+        per_pair = pair_sums(h_per_u[live.pair], ncells, live)
         totals = totals.index_add(0, live.pair // crystal.domain_matrices.shape[0], per_pair)
     return photon_prefactor(beam, crystal) * torch.prod(ncells) ** 2 * factor * totals
 
@@ -733,7 +752,7 @@ def bragg_photons_mosaic_pixels(detector: Detector | MultiPanelDetector, beam: B
         per_pair = None
         for node in nodes:
             inverse = tuple((a / node.determinant)[terms.pair] for a in node.adjugate)
-            node_sum = PairChannelSum.apply(*mosaic_arg_quadratic(g_pairs, terms.hkl, inverse), terms.u, terms.weight)
+            node_sum = PairChannelSum.apply(*mosaic_arg_quadratic(g_pairs, terms.hkl, inverse), *terms.padded())
             node_sum = node_sum * torch.sqrt(torch.prod(lattice_variance) / node.determinant)[terms.pair]
             per_pair = node_sum if per_pair is None else per_pair + node_sum
         totals = totals.index_add(0, terms.pair, per_pair)

@@ -53,15 +53,18 @@ __attribute__((always_inline)) inline D terms(D u, D weight, double centre, doub
   return p * (D)scale_bits * (live ? weight : zero) + nan;
 }
 
+// The pairs' rows of channels: padded (row i at u + i width, weight + i width) or, when k_first is set,
+// ragged: row i is band[k_first[i] ...] with weights table[row[i], k_first[i] ...], n_channels[i] long.
 struct Rows {
   const double *curvature, *centre, *floor, *u, *weight;
   double *total, *first, *second;
   int64_t width;
   double cutoff;
+  const int64_t *row = nullptr, *k_first = nullptr, *n_channels = nullptr;
 };
 
-// The rows [begin, end), four channels at a time, the row's last few through a one-lane copy of the
-// same arithmetic. On x86-64 GCC also builds an x86-64-v3 copy (AVX2, FMA) and picks it at run time when
+// The rows [begin, end), four channels at a time, a row's last few through a one-lane copy of the same
+// arithmetic. On x86-64 GCC also builds an x86-64-v3 copy (AVX2, FMA) and picks it at run time when
 // the CPU has them, so the build stays portable across a cluster's nodes. That copy is 6x faster than
 // the baseline's (SSE2, no 64-bit compare), which is about as fast as eager torch.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -70,10 +73,11 @@ __attribute__((target_clones("arch=x86-64-v3", "default")))
 void sum_rows(const Rows& rows, int64_t begin, int64_t end) {
   typedef double Double1 __attribute__((vector_size(8)));
   typedef int64_t Integer1 __attribute__((vector_size(8)));
-  const int64_t width = rows.width, whole = width - width % kLanes;
   for (int64_t i = begin; i < end; ++i) {
-    const double* ur = rows.u + i * width;
-    const double* wr = rows.weight + i * width;
+    const bool ragged = rows.k_first != nullptr;
+    const int64_t width = ragged ? rows.n_channels[i] : rows.width, whole = width - width % kLanes;
+    const double* ur = ragged ? rows.u + rows.k_first[i] : rows.u + i * width;
+    const double* wr = ragged ? rows.weight + rows.row[i] * rows.width + rows.k_first[i] : rows.weight + i * width;
     const double ci = rows.centre[i], ki = rows.curvature[i], fi = rows.floor[i];
     Doubles s0 = {}, s1 = {}, s2 = {};
     for (int64_t j = 0; j < whole; j += kLanes) {
@@ -168,19 +172,35 @@ inline Quadratic quadratic(const double* h, const double* hkl, const double* nce
 //   dfloor/ds = (2 centre r + 2 (r.s) dcentre/ds) / w, dfloor/dH = (-2 r + 2 (r.s) s / |s|^2) / w,
 // with H = N hkl and r = centre s - H (r.s vanishes but for rounding; it is kept, as autograd keeps it);
 // dT/dh = N dT/ds and dT/dN = h dT/ds + hkl dT/dH, axis by axis.
+//
+// The channels are ragged rows (see Rows): pair i's are band[k_first[i] + j] for j < n_channels[i], with
+// weights table[row[i], k_first[i] + j] (photons_k |F_k|^2 of its index), so no padded (pairs, channels)
+// arrays are made at all.
 std::vector<torch::Tensor> pair_quadratic_sum(torch::Tensor h, torch::Tensor hkl, torch::Tensor ncells,
-                                              torch::Tensor u, torch::Tensor weight, double gauss_width,
+                                              torch::Tensor band, torch::Tensor table, torch::Tensor row,
+                                              torch::Tensor k_first, torch::Tensor n_channels, double gauss_width,
                                               double cutoff, bool gradients) {
   check(h, 2, "h");
   check(hkl, 2, "hkl");
   check(ncells, 1, "ncells");
-  check(u, 2, "u");
-  check(weight, 2, "weight");
-  const int64_t n = u.size(0), width = u.size(1);
-  TORCH_CHECK(h.size(0) == n && h.size(1) == 3 && hkl.size(0) == n && hkl.size(1) == 3 && ncells.size(0) == 3 &&
-                  weight.size(0) == n && weight.size(1) == width,
+  check(band, 1, "band");
+  check(table, 2, "table");
+  for (const auto* index : {&row, &k_first, &n_channels}) {
+    TORCH_CHECK(index->device().is_cpu() && index->scalar_type() == torch::kInt64 && index->is_contiguous() &&
+                    index->dim() == 1,
+                "pair sums: row, k_first and n_channels must be contiguous int64 CPU vectors");
+  }
+  const int64_t n = h.size(0), width = band.size(0), n_rows = table.size(0);
+  TORCH_CHECK(h.size(1) == 3 && hkl.size(0) == n && hkl.size(1) == 3 && ncells.size(0) == 3 && table.size(1) == width &&
+                  row.size(0) == n && k_first.size(0) == n && n_channels.size(0) == n,
               "pair_quadratic_sum: the pairs' shapes disagree");
   TORCH_CHECK(cutoff > 0.0 && cutoff <= 40.0, "pair_quadratic_sum: the cut-off must be in (0, 40]");
+  const int64_t *rp = row.data_ptr<int64_t>(), *kf = k_first.data_ptr<int64_t>(), *nc = n_channels.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(rp[i] >= 0 && rp[i] < n_rows && kf[i] >= 0 && nc[i] >= 0 && kf[i] + nc[i] <= width,
+                "pair_quadratic_sum: pair ", i, "'s channels or table row are outside the band or the table");
+  }
+  const auto u = band;
   auto curvature = torch::empty({n}, u.options());
   auto centre = torch::empty({n}, u.options());
   auto floor_ = torch::empty({n}, u.options());
@@ -191,9 +211,9 @@ std::vector<torch::Tensor> pair_quadratic_sum(torch::Tensor h, torch::Tensor hkl
   auto grad_n = torch::empty({gradients ? n : 0, 3}, u.options());
   const double *hp = h.data_ptr<double>(), *kp = hkl.data_ptr<double>(), *np = ncells.data_ptr<double>();
   double *cp = curvature.data_ptr<double>(), *up = centre.data_ptr<double>(), *fp = floor_.data_ptr<double>();
-  const Rows rows{cp, up, fp, u.data_ptr<double>(), weight.data_ptr<double>(), total.data_ptr<double>(),
+  const Rows rows{cp, up, fp, band.data_ptr<double>(), table.data_ptr<double>(), total.data_ptr<double>(),
                   gradients ? first.data_ptr<double>() : nullptr, gradients ? second.data_ptr<double>() : nullptr,
-                  width, cutoff};
+                  width, cutoff, rp, kf, nc};
   double* gh = gradients ? grad_h.data_ptr<double>() : nullptr;
   double* gn = gradients ? grad_n.data_ptr<double>() : nullptr;
   at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
@@ -232,5 +252,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pair_channel_sum", &pair_channel_sum,
         "Per pair: sum of exp(-2 arg) weight over its channels below the cut-off, and its two moments in du");
   m.def("pair_quadratic_sum", &pair_quadratic_sum,
-        "pair_channel_sum of each pair's arg quadratic from (h, hkl, N), with its derivatives in h and N");
+        "pair_channel_sum of each pair's arg quadratic from (h, hkl, N) over ragged channel rows, with its "
+        "derivatives in h and N");
 }
