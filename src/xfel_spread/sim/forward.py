@@ -526,18 +526,13 @@ def rounding_chord(ncells: torch.Tensor, arg_cutoff: float = ARG_CUTOFF) -> floa
 
 
 @dataclass
-class LiveTerms:
-    """:class:`PixelTerms` made ready to evaluate: per pair its flat (pixel, domain) index ``pair``,
-    Miller index ``hkl`` and channels ``k_first <= k < k_first + n_channels`` of the ``band`` (the
-    inverse wavelengths), and its row of ``table`` (R, K), whose rows hold ``photons_k |F_k|^2`` of
-    the pairs' indices (a zero row for those outside the amplitude table). The compiled loop reads
-    these ragged rows as they are (:class:`PairQuadraticSum`); the eager loop takes them padded
-    (:meth:`padded`)."""
+class LiveTerms(PixelTerms):
+    """:class:`PixelTerms` made ready to evaluate: with each pair's channels ``k_first <= k < k_first +
+    n_channels`` of the ``band`` (the inverse wavelengths), its row of ``table`` (R, K), whose rows hold
+    ``photons_k |F_k|^2`` of the pairs' indices (a zero row for those outside the amplitude table).
+    The compiled loop reads these ragged rows as they are (:class:`PairQuadraticSum`); the eager loop
+    takes them padded (:meth:`padded`)."""
 
-    pair: torch.Tensor
-    hkl: torch.Tensor
-    k_first: torch.Tensor
-    n_channels: torch.Tensor
     row: torch.Tensor
     table: torch.Tensor
     band: torch.Tensor
@@ -548,8 +543,7 @@ class LiveTerms:
         the weights (0 on padding), as :class:`PairChannelSum` takes them; made once, then kept."""
         if self._padded is None:
             with torch.no_grad():
-                terms = PixelTerms(self.pair, self.hkl, self.k_first, self.n_channels)
-                channel, valid = terms.channel_grid(self.band.numel())
+                channel, valid = self.channel_grid(self.band.numel())
                 self._padded = (self.band[channel],
                                 torch.where(valid, self.table[self.row[:, None], channel], 0.0))
         return self._padded
