@@ -494,3 +494,47 @@ def test_centroids_and_radial_rmsd():
     assert radial == pytest.approx(np.sqrt(1 / 2))
     beam_centre = np.array([0.0, 4.5])  # to the side: the same error is tangential
     assert centroid_rmsd(centroids, observed, beam_centre)[1] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_free_domains_cached_terms_come_in_chunks_of_pairs_or_of_terms(amplitude_table, few_lookup,
+                                                                       pair_channel_loop, monkeypatch):
+    """The free domains' cached sparse model (likelihood.bragg_photons) takes a shot's pixels in chunks:
+    of SPARSE_PAIRS_PER_CALL (pixel, domain) pairs where the compiled loop evaluates them (its memory
+    goes with the pairs), else of SPARSE_TERMS_PER_CALL (pixel, channel, domain) terms, each chunk
+    keeping its own terms. The photons and their gradients do not depend on the chunks (to rounding)."""
+    synthetic = simulate_shot_pixels(few_lookup, LY99_ENERGIES_EV[FEW_CHANNELS], amplitude_table.unit_cell, seed=3,
+                                     n_rois=10, spread_deg=0.05, n_domains=6)
+    settings = Stage1Settings.from_config({"refine": ["G", "rotation", "cell", "ncells", "eta"], "free_domains": 6})
+    problem = ShotProblem(synthetic.shot, settings, "cpu")
+    problem.set_start_from_model(few_lookup)
+    crystal = FreeDomainCrystal(problem.crystal.start_matrix, 6)
+    problem.crystal = crystal
+    n_pixels = problem.tensors.trusted.numel()
+    n_channels = len(FEW_CHANNELS)
+    assert n_pixels == 1440
+
+    def evaluated(pairs_per_call: int, terms_per_call: int):
+        monkeypatch.setattr(likelihood, "SPARSE_PAIRS_PER_CALL", pairs_per_call)
+        monkeypatch.setattr(likelihood, "SPARSE_TERMS_PER_CALL", terms_per_call)
+        problem.term_cache = SparseTermCache()
+        values = torch.tensor(problem.start_values, requires_grad=True)
+        crystal.vectors = torch.tensor(np.radians(0.03) * np.random.default_rng(5).normal(size=(6, 3)),
+                                       requires_grad=True)
+        photons = problem.bragg(values, few_lookup)
+        (photons ** 2).sum().backward()
+        return photons.detach(), values.grad, crystal.vectors.grad, problem.term_cache.builds
+
+    default_pairs, default_terms = likelihood.SPARSE_PAIRS_PER_CALL, likelihood.SPARSE_TERMS_PER_CALL
+    whole, *whole_gradients, whole_builds = evaluated(default_pairs, default_terms)
+    # 100 pixels per chunk counted either way: the loop in use decides which count applies.
+    by_pairs, *pair_gradients, pair_builds = evaluated(6 * 100, default_terms)
+    by_terms, *term_gradients, term_builds = evaluated(default_pairs, 6 * n_channels * 100)
+    compiled = pair_channel_loop == "compiled"
+    assert whole_builds == (1 if compiled else -(-n_pixels // (default_terms // (6 * n_channels))))
+    assert pair_builds == (15 if compiled else whole_builds)
+    assert term_builds == (1 if compiled else 15)
+    assert float(whole.max()) > 1.0
+    for photons, gradients in ((by_pairs, pair_gradients), (by_terms, term_gradients)):
+        assert float((photons - whole).abs().max() / whole.max()) < 1e-12
+        for got, expected in zip(gradients, whole_gradients):
+            assert float((got - expected).abs().max() / expected.abs().max()) < 1e-12

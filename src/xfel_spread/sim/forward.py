@@ -489,13 +489,19 @@ class PairQuadraticSum(torch.autograd.Function):
         return grad[:, None] * grad_h, (grad[:, None] * grad_n).sum(dim=0), None
 
 
+def compiled_pair_sums(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether :func:`pair_sums` runs the compiled loop for tensors of this device and dtype (the CPU,
+    float64, the loop available), where the terms' memory goes with their pairs, not their channels."""
+    return torch.device(device).type == "cpu" and dtype == torch.float64 and pair_channel_sum_module() is not None
+
+
 def pair_sums(h: torch.Tensor, ncells: torch.Tensor, live: LiveTerms) -> torch.Tensor:
     """Per pair of ``live`` ``sum_k weight_k exp(-2 arg(u_k))`` below the cut-off with ``arg`` the
     pair's :func:`arg_quadratic` of its ``h`` (n, 3): in one compiled call (:class:`PairQuadraticSum`)
-    on the CPU in float64 with one N for all pairs, where the compiled loop is available, else
-    :class:`PairChannelSum` of :func:`arg_quadratic` over the padded rows (the two agree to rounding)."""
-    if (h.device.type == "cpu" and h.dtype == torch.float64 and live.band.dtype == torch.float64
-            and ncells.shape == (3,) and pair_channel_sum_module() is not None):
+    on the CPU in float64 with one N for all pairs, where the compiled loop is available
+    (:func:`compiled_pair_sums`), else :class:`PairChannelSum` of :func:`arg_quadratic` over the
+    padded rows (the two agree to rounding)."""
+    if (live.band.dtype == torch.float64 and ncells.shape == (3,) and compiled_pair_sums(h.device, h.dtype)):
         return PairQuadraticSum.apply(h, ncells, live)
     return PairChannelSum.apply(*arg_quadratic(h, live.hkl, ncells), *live.padded())
 
