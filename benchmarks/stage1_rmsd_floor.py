@@ -39,6 +39,19 @@ from xfel_spread.stage1.rois import open_annulus_shard
 from stage1_mosaic_floor import TruthDomainCrystal, run_settings  # noqa: E402 - the sibling benchmark, run from benchmarks/
 
 
+def truth_problem(shot, truth: dict, settings: Stage1Settings, psf: DetectorPsf | None,
+                  rotations: np.ndarray | None = None) -> tuple[ShotProblem, torch.Tensor]:
+    """Stage 1's problem of ``shot`` with the truth's crystal (its domain ``rotations``, default all of
+    them), and the values that put it at the truth: its cell, no rotation, the true N, G 1, no shift."""
+    problem = ShotProblem(shot, settings, "cpu", psf)
+    problem.crystal = TruthDomainCrystal(np.array(truth["real_space_a_b_c"]),
+                                         truth["mosaic_rotations"] if rotations is None else rotations)
+    values = problem.unit_start_values()
+    values[NCELLS] = torch.as_tensor(truth["ncells_abc"], dtype=torch.float64)
+    values[INDEX["eta_deg"]] = 0.0
+    return problem, values
+
+
 def truth_strong_radial_rmsd(shot, truth: dict, settings: Stage1Settings, amplitudes: AmplitudeLookup,
                              psf: DetectorPsf | None, true_beam_centre: bool) -> float:
     """The strong-spot radial RMSD (px) of the truth's model of ``shot``, on the run's detector or
@@ -48,11 +61,7 @@ def truth_strong_radial_rmsd(shot, truth: dict, settings: Stage1Settings, amplit
             raise SystemExit("the true beam centre applies to the single-panel simulated detector only")
         shot = dataclasses.replace(shot, detector=dataclasses.replace(
             shot.detector, beam_center_mm=tuple(float(v) for v in truth["true_beam_center_mm"])))
-    problem = ShotProblem(shot, settings, "cpu", psf)
-    problem.crystal = TruthDomainCrystal(np.array(truth["real_space_a_b_c"]), truth["mosaic_rotations"])
-    values = problem.unit_start_values()  # the truth's cell, no rotation, G 1, no detector shift
-    values[NCELLS] = torch.as_tensor(truth["ncells_abc"], dtype=torch.float64)
-    values[INDEX["eta_deg"]] = 0.0
+    problem, values = truth_problem(shot, truth, settings, psf)
     with torch.no_grad():
         photons = problem.photons(values, amplitudes, all_pixels(problem))
     centroids = model_centroids(photons.mean.numpy(), np.asarray(shot.pixel_fast), np.asarray(shot.pixel_slow),
@@ -73,6 +82,26 @@ def median(values: list[float]) -> float:
     return float(np.median(finite)) if finite else float("nan")
 
 
+def scored_lattices(results: Path, dataset: str, settings: Stage1Settings, strong_only: bool = True):
+    """(shard name, lattice, shot, score row, truth shot, amplitudes) of each lattice of a completed run that stage 1's
+    score counts: converged (and, with ``strong_only``, with strong spots), shard by shard."""
+    scored = scored_rows(results / "score" / f"stage1_{dataset}.tsv")
+    for expt in sorted((results / "annulus" / dataset).glob("shard_*_annulus.expt")):
+        shard = expt.name[:len("shard_00000")]
+        annulus = open_annulus_shard(results / "annulus" / dataset / shard, results / "sim" / dataset / f"{shard}.h5")
+        truth_shots = json.loads((results / "sim" / "truth" / f"{shard}.json").read_text())["shots"]
+        grid = load_amplitude_grid("model", annulus.metadata.energy_ev, None,
+                                   results / "structure_factors" / "amplitudes.h5")
+        amplitudes = AmplitudeLookup(grid, "cpu")
+        failures: list = []
+        lattices = range(len(annulus.experiments))
+        for lattice, shot, _, _ in prepared_lattices(annulus, grid, lattices, settings.shoebox_size_px, failures):
+            row = scored.get(shot.shot_index)
+            if row is None or row["converged"] != "1" or (strong_only and not int(row["n_rois_strong"] or 0)):
+                continue
+            yield shard, lattice, shot, row, truth_shots[shot.image_index], amplitudes
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="nopsf", choices=("nopsf", "psf"))
@@ -81,34 +110,19 @@ def main() -> None:
     torch.set_num_threads(1)
     results = Path(arguments.results)
     settings, psf = run_settings(results, arguments.dataset)
-    scored = scored_rows(results / "score" / f"stage1_{arguments.dataset}.tsv")
     print(f"{arguments.dataset}: strong-spot radial RMSD (px) against DIALS's observed centroids; "
           f"point spread {'modelled' if psf else 'none'}")
     print("shot  strong  truth(run det)  truth(true centre)  refined  DIALS(xyzcal)")
     columns: dict[str, list[float]] = {"truth": [], "truth_centre": [], "refined": [], "dials": []}
-    for expt in sorted((results / "annulus" / arguments.dataset).glob("shard_*_annulus.expt")):
-        shard = expt.name[:len("shard_00000")]
-        annulus = open_annulus_shard(results / "annulus" / arguments.dataset / shard,
-                                     results / "sim" / arguments.dataset / f"{shard}.h5")
-        truth_shots = json.loads((results / "sim" / "truth" / f"{shard}.json").read_text())["shots"]
-        grid = load_amplitude_grid("model", annulus.metadata.energy_ev, None,
-                                   results / "structure_factors" / "amplitudes.h5")
-        amplitudes = AmplitudeLookup(grid, "cpu")
-        failures: list = []
-        lattices = range(len(annulus.experiments))
-        for _, shot, _, _ in prepared_lattices(annulus, grid, lattices, settings.shoebox_size_px, failures):
-            row = scored.get(shot.shot_index)
-            if row is None or row["converged"] != "1" or not int(row["n_rois_strong"] or 0):
-                continue
-            truth = truth_shots[shot.image_index]
-            figures = {"truth": truth_strong_radial_rmsd(shot, truth, settings, amplitudes, psf, False),
-                       "truth_centre": truth_strong_radial_rmsd(shot, truth, settings, amplitudes, psf, True),
-                       "refined": float(row["rmsd_radial_strong_after_px"]),
-                       "dials": dials_strong_radial_rmsd(shot)}
-            for name, value in figures.items():
-                columns[name].append(value)
-            print(f"{shot.shot_index:4d}  {int(row['n_rois_strong']):6d}  {figures['truth']:14.3f}  "
-                  f"{figures['truth_centre']:18.3f}  {figures['refined']:7.3f}  {figures['dials']:13.3f}", flush=True)
+    for _, _, shot, row, truth, amplitudes in scored_lattices(results, arguments.dataset, settings):
+        figures = {"truth": truth_strong_radial_rmsd(shot, truth, settings, amplitudes, psf, False),
+                   "truth_centre": truth_strong_radial_rmsd(shot, truth, settings, amplitudes, psf, True),
+                   "refined": float(row["rmsd_radial_strong_after_px"]),
+                   "dials": dials_strong_radial_rmsd(shot)}
+        for name, value in figures.items():
+            columns[name].append(value)
+        print(f"{shot.shot_index:4d}  {int(row['n_rois_strong']):6d}  {figures['truth']:14.3f}  "
+              f"{figures['truth_centre']:18.3f}  {figures['refined']:7.3f}  {figures['dials']:13.3f}", flush=True)
     print(f"median over {len(columns['truth'])} lattices: truth {median(columns['truth']):.3f}, "
           f"truth with the true beam centre {median(columns['truth_centre']):.3f}, "
           f"refined {median(columns['refined']):.3f}, DIALS {median(columns['dials']):.3f}")

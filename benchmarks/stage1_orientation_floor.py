@@ -1,0 +1,96 @@
+"""How much of the domains' mean orientation a lattice's pixels show: the floor of stage 1's orientation goal.
+
+Stage 1's orientation goal is scored against the mean orientation of the simulated crystal's 25 mosaic
+domains (``stage1.scoring.domain_mean_matrix``). On a still, a domain lights the shoeboxes only where
+one of its reflections meets the Ewald sphere within the spectrum, so some domains put few or no
+photons into them: the pixels cannot say where those domains are, and their share of the mean is
+unseen by any refinement. This benchmark evaluates, on every lattice a completed run's score counts,
+the forward model at the truth one domain at a time (the simulated matrix turned by that domain's
+rotation, the true N, stage 1's trusted pixels, the run's point spread): the photons each domain puts
+into the shoeboxes. It prints per lattice how many domains carry 90 % of those photons, the angle
+between the domains' mean and their photon-weighted mean (the orientation the pixels weigh), and the
+refined crystal's misorientation to each (``stage1/<dataset>/shard_*_refined.expt``), with the medians.
+
+Usage: .venv/bin/python benchmarks/stage1_orientation_floor.py [--dataset nopsf] [--results results]
+25 one-domain evaluations per lattice: 2-4 s per lattice on one core.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from xfel_spread.dials.scoring import misorientation_deg, point_group_rotations
+from xfel_spread.sim import crystal as xtal
+from xfel_spread.stage1.scoring import SPACE_GROUP, domain_mean_matrix
+
+from stage1_mosaic_floor import run_settings  # noqa: E402 - sibling benchmarks, run from benchmarks/
+from stage1_rmsd_floor import median, scored_lattices, truth_problem  # noqa: E402
+
+
+def domain_photons(shot, truth: dict, settings, amplitudes, psf) -> np.ndarray:
+    """Bragg photons (D,) each of the truth's domains puts into ``shot``'s trusted pixels."""
+    photons = []
+    for rotation in np.asarray(truth["mosaic_rotations"], dtype=np.float64):
+        problem, values = truth_problem(shot, truth, settings, psf, rotation[None])
+        with torch.no_grad():
+            photons.append(float(problem.bragg(values, amplitudes).sum()))
+    return np.asarray(photons)
+
+
+def weighted_mean_matrix(truth: dict, weights: np.ndarray) -> np.ndarray:
+    """The truth's matrix turned by the rotation nearest the ``weights``-weighted mean of its domains'."""
+    rotations = np.asarray(truth["mosaic_rotations"], dtype=np.float64)
+    mean = xtal.nearest_rotation(np.tensordot(weights / weights.sum(), rotations, axes=1))
+    return np.asarray(truth["real_space_a_b_c"], dtype=np.float64) @ mean.T
+
+
+def refined_matrices(results: Path, dataset: str, shard: str) -> list[np.ndarray]:
+    from dxtbx.model.experiment_list import ExperimentList
+
+    experiments = ExperimentList.from_file(str(results / "stage1" / dataset / f"{shard}_refined.expt"),
+                                           check_format=False)
+    return [np.array([list(v) for v in experiment.crystal.get_real_space_vectors()], dtype=np.float64)
+            for experiment in experiments]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="nopsf", choices=("nopsf", "psf"))
+    parser.add_argument("--results", default="results", help="output directory of a completed run")
+    arguments = parser.parse_args()
+    torch.set_num_threads(1)
+    results = Path(arguments.results)
+    settings, psf = run_settings(results, arguments.dataset)
+    print(f"{arguments.dataset}: the domains' mean against the orientation their photons weigh (deg); "
+          f"point spread {'modelled' if psf else 'none'}")
+    print("shot  domains(90 %)  mean->weighted  refined->mean  refined->weighted")
+    columns: dict[str, list[float]] = {"unseen": [], "refined": [], "refined_weighted": [], "lit": []}
+    refined_by_shard: dict[str, list[np.ndarray]] = {}
+    symmetry = point_group_rotations(SPACE_GROUP)
+    for shard, lattice, shot, _row, truth, amplitudes in scored_lattices(results, arguments.dataset, settings,
+                                                                          strong_only=False):
+        if shard not in refined_by_shard:
+            refined_by_shard[shard] = refined_matrices(results, arguments.dataset, shard)
+        refined = refined_by_shard[shard][lattice]
+        photons = domain_photons(shot, truth, settings, amplitudes, psf)
+        share = np.sort(photons)[::-1].cumsum() / photons.sum()
+        lit = int(np.searchsorted(share, 0.9) + 1)
+        mean, weighted = domain_mean_matrix(truth), weighted_mean_matrix(truth, photons)
+        figures = {"unseen": misorientation_deg(weighted, mean, symmetry),
+                   "refined": misorientation_deg(refined, mean, symmetry),
+                   "refined_weighted": misorientation_deg(refined, weighted, symmetry), "lit": lit}
+        for name, value in figures.items():
+            columns[name].append(value)
+        print(f"{shot.shot_index:4d}  {lit:13d}  {figures['unseen']:14.4f}  {figures['refined']:13.4f}  "
+              f"{figures['refined_weighted']:17.4f}", flush=True)
+    print(f"median over {len(columns['unseen'])} lattices: domains carrying 90 % {median(columns['lit']):.0f}, "
+          f"mean to weighted mean {median(columns['unseen']):.4f}, refined to the mean "
+          f"{median(columns['refined']):.4f}, refined to the weighted mean {median(columns['refined_weighted']):.4f}")
+
+
+if __name__ == "__main__":
+    main()
