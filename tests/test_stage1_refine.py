@@ -144,7 +144,7 @@ def test_free_domains_find_the_drawn_domains_mean_orientation(amplitude_table, f
     domain_mean = turned_by_mean(synthetic.true_matrix, synthetic.mosaic_rotations)
     eta = Stage1Settings.from_config({"refine": ["G", "rotation", "cell", "ncells", "eta"], "plane_holds_bragg": False})
     smooth = refine_shot(start, few_lookup, eta)
-    free = refine_shot(start, few_lookup, dataclasses.replace(eta, free_domains=25))
+    free = refine_shot(start, few_lookup, dataclasses.replace(eta, free_domains=25, free_domains_starts=1))
     assert smooth.converged and free.converged, (smooth.reason, free.reason)
     assert smooth.domain_vectors_deg is None and free.domain_vectors_deg.shape == (25, 3)
     assert np.allclose(free.domain_vectors_deg.mean(axis=0), 0, atol=1e-12)
@@ -166,7 +166,8 @@ def test_a_dark_free_domain_is_drawn_again(amplitude_table, few_lookup, monkeypa
     synthetic = simulate_shot_pixels(few_lookup, LY99_ENERGIES_EV[FEW_CHANNELS], amplitude_table.unit_cell, seed=3,
                                      n_rois=10, spread_deg=0.05, n_domains=6)
     start = with_start(synthetic.shot, perturbed_matrix(synthetic.true_matrix, seed=3))
-    settings = Stage1Settings.from_config({"refine": ["G", "rotation", "cell", "ncells", "eta"], "free_domains": 6})
+    settings = Stage1Settings.from_config({"refine": ["G", "rotation", "cell", "ncells", "eta"], "free_domains": 6,
+                                           "free_domains_starts": 1})
     drawn = refine.free_domain_start
 
     def one_far_off(shot_index, n_domains, eta_deg, start=0):
@@ -196,7 +197,7 @@ def test_free_domain_starts_keep_the_start_of_least_objective(amplitude_table, f
                                      n_rois=10, spread_deg=0.05, n_domains=6)
     start = with_start(synthetic.shot, perturbed_matrix(synthetic.true_matrix, seed=3))
     eta = Stage1Settings.from_config({"refine": ["G", "rotation", "cell", "ncells", "eta"]})
-    single = dataclasses.replace(eta, free_domains=6)
+    single = dataclasses.replace(eta, free_domains=6, free_domains_starts=1)
     first_eta = refine.refine_shot(start, few_lookup, eta).final["eta_deg"]
     prior_variance = np.radians(first_eta) ** 2 / 3
     seed = refine.free_domain_seed
@@ -223,7 +224,8 @@ def test_free_domains_keep_their_sparse_terms_while_they_refine(amplitude_table,
     synthetic = simulate_shot_pixels(few_lookup, LY99_ENERGIES_EV[FEW_CHANNELS], amplitude_table.unit_cell, seed=3,
                                      n_rois=10, spread_deg=0.05, n_domains=6)
     start = with_start(synthetic.shot, perturbed_matrix(synthetic.true_matrix, seed=3))
-    settings = Stage1Settings.from_config({"refine": ["G", "rotation", "cell", "ncells", "eta"], "free_domains": 6})
+    settings = Stage1Settings.from_config({"refine": ["G", "rotation", "cell", "ncells", "eta"], "free_domains": 6,
+                                           "free_domains_starts": 1})
     caches, problems = [], []
 
     class Recorded(SparseTermCache):
