@@ -17,7 +17,6 @@ Usage: .venv/bin/python benchmarks/stage1_orientation_floor.py [--dataset nopsf]
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +26,7 @@ from xfel_spread.dials.scoring import misorientation_deg, point_group_rotations
 from xfel_spread.sim import crystal as xtal
 from xfel_spread.stage1.scoring import SPACE_GROUP, domain_mean_matrix
 
-from stage1_mosaic_floor import run_settings  # noqa: E402 - sibling benchmarks, run from benchmarks/
-from stage1_rmsd_floor import median, scored_lattices, truth_problem  # noqa: E402
+from stage1_rmsd_floor import completed_run, median, scored_lattices, truth_problem  # noqa: E402 - a sibling, run from benchmarks/
 
 
 def domain_photons(shot, truth: dict, settings, amplitudes, psf) -> np.ndarray:
@@ -58,38 +56,31 @@ def refined_matrices(results: Path, dataset: str, shard: str) -> list[np.ndarray
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", default="nopsf", choices=("nopsf", "psf"))
-    parser.add_argument("--results", default="results", help="output directory of a completed run")
-    arguments = parser.parse_args()
-    torch.set_num_threads(1)
-    results = Path(arguments.results)
-    settings, psf = run_settings(results, arguments.dataset)
-    print(f"{arguments.dataset}: the domains' mean against the orientation their photons weigh (deg); "
+    results, dataset, settings, psf = completed_run(__doc__.splitlines()[0])
+    print(f"{dataset}: the domains' mean against the orientation their photons weigh (deg); "
           f"point spread {'modelled' if psf else 'none'}")
     print("shot  domains(90 %)  mean->weighted  refined->mean  refined->weighted")
-    columns: dict[str, list[float]] = {"unseen": [], "refined": [], "refined_weighted": [], "lit": []}
+    rows: list[dict[str, float]] = []
     refined_by_shard: dict[str, list[np.ndarray]] = {}
     symmetry = point_group_rotations(SPACE_GROUP)
-    for shard, lattice, shot, _row, truth, amplitudes in scored_lattices(results, arguments.dataset, settings,
+    for shard, lattice, shot, _row, truth, amplitudes in scored_lattices(results, dataset, settings,
                                                                           strong_only=False):
         if shard not in refined_by_shard:
-            refined_by_shard[shard] = refined_matrices(results, arguments.dataset, shard)
+            refined_by_shard[shard] = refined_matrices(results, dataset, shard)
         refined = refined_by_shard[shard][lattice]
         photons = domain_photons(shot, truth, settings, amplitudes, psf)
         share = np.sort(photons)[::-1].cumsum() / photons.sum()
-        lit = int(np.searchsorted(share, 0.9) + 1)
         mean, weighted = domain_mean_matrix(truth), weighted_mean_matrix(truth, photons)
-        figures = {"unseen": misorientation_deg(weighted, mean, symmetry),
-                   "refined": misorientation_deg(refined, mean, symmetry),
-                   "refined_weighted": misorientation_deg(refined, weighted, symmetry), "lit": lit}
-        for name, value in figures.items():
-            columns[name].append(value)
-        print(f"{shot.shot_index:4d}  {lit:13d}  {figures['unseen']:14.4f}  {figures['refined']:13.4f}  "
-              f"{figures['refined_weighted']:17.4f}", flush=True)
-    print(f"median over {len(columns['unseen'])} lattices: domains carrying 90 % {median(columns['lit']):.0f}, "
-          f"mean to weighted mean {median(columns['unseen']):.4f}, refined to the mean "
-          f"{median(columns['refined']):.4f}, refined to the weighted mean {median(columns['refined_weighted']):.4f}")
+        rows.append({"lit": int(np.searchsorted(share, 0.9) + 1),
+                     "unseen": misorientation_deg(weighted, mean, symmetry),
+                     "refined": misorientation_deg(refined, mean, symmetry),
+                     "refined_weighted": misorientation_deg(refined, weighted, symmetry)})
+        print(f"{shot.shot_index:4d}  " + "  ".join(f"{rows[-1][name]:{width}}" for name, width in
+                                                      zip(rows[-1], ("13d", "14.4f", "13.4f", "17.4f"))), flush=True)
+    middle = {name: median([row[name] for row in rows]) for name in ("lit", "unseen", "refined", "refined_weighted")}
+    print(f"median over {len(rows)} lattices: domains carrying 90 % {middle['lit']:.0f}, mean to weighted mean "
+          f"{middle['unseen']:.4f}, refined to the mean {middle['refined']:.4f}, refined to the weighted mean "
+          f"{middle['refined_weighted']:.4f}")
 
 
 if __name__ == "__main__":

@@ -102,19 +102,25 @@ def scored_lattices(results: Path, dataset: str, settings: Stage1Settings, stron
             yield shard, lattice, shot, row, truth_shots[shot.image_index], amplitudes
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def completed_run(description: str) -> tuple[Path, str, Stage1Settings, DetectorPsf | None]:
+    """The command line of a floor benchmark (``--dataset``, ``--results``): the run's directory, the
+    dataset, its stage-1 settings and modelled point spread; one torch thread."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--dataset", default="nopsf", choices=("nopsf", "psf"))
     parser.add_argument("--results", default="results", help="output directory of a completed run")
     arguments = parser.parse_args()
     torch.set_num_threads(1)
     results = Path(arguments.results)
-    settings, psf = run_settings(results, arguments.dataset)
-    print(f"{arguments.dataset}: strong-spot radial RMSD (px) against DIALS's observed centroids; "
+    return (results, arguments.dataset, *run_settings(results, arguments.dataset))
+
+
+def main() -> None:
+    results, dataset, settings, psf = completed_run(__doc__.splitlines()[0])
+    print(f"{dataset}: strong-spot radial RMSD (px) against DIALS's observed centroids; "
           f"point spread {'modelled' if psf else 'none'}")
     print("shot  strong  truth(run det)  truth(true centre)  refined  DIALS(xyzcal)")
     columns: dict[str, list[float]] = {"truth": [], "truth_centre": [], "refined": [], "dials": []}
-    for _, _, shot, row, truth, amplitudes in scored_lattices(results, arguments.dataset, settings):
+    for _, _, shot, row, truth, amplitudes in scored_lattices(results, dataset, settings):
         figures = {"truth": truth_strong_radial_rmsd(shot, truth, settings, amplitudes, psf, False),
                    "truth_centre": truth_strong_radial_rmsd(shot, truth, settings, amplitudes, psf, True),
                    "refined": float(row["rmsd_radial_strong_after_px"]),
