@@ -228,3 +228,25 @@ def test_compiled_quadratic_sums_check_the_rows(compiled):
     for row, k_first, n_channels in (([0, 3], [0, 0], [1, 1]), ([0, 0], [6, 0], [5, 1]), ([0, 0], [-1, 0], [2, 1])):
         with pytest.raises(RuntimeError, match="outside the band or the table"):
             call(row, k_first, n_channels)
+
+
+def test_compiled_channel_runs_equal_torch_to_the_bit(compiled):
+    """channel_runs (the analytic eta's runs of channels with the same nearest Miller index) in the compiled
+    loop against eager torch's: the same runs, indices and channels to the bit, also where u h lands on a
+    half-integer (the rounding's ties, torch's product then the half subtracted, no fused multiply-add)
+    and on rows holding a NaN (a run at every channel)."""
+    from xfel_spread.sim.forward import channel_runs, channel_runs_eager
+
+    generator = torch.Generator().manual_seed(3)
+    u = torch.linspace(0.5630, 0.5700, 100, dtype=torch.float64)
+    h = 40 * torch.randn(3000, 3, dtype=torch.float64, generator=generator)
+    # Rows whose u h is a half-integer at channel 37, to rounding: ties of ceil(x - 0.5) in every axis.
+    h[:200] = (torch.randint(-30, 30, (200, 3), generator=generator).to(torch.float64) + 0.5) / u[37]
+    h[200:210, 1] = float("nan")
+    ties = u[37] * h[:200] - 0.5
+    assert int((ties == torch.round(ties)).sum()) > 100  # exact ties reached, not only near ones
+    mine, theirs = channel_runs(h, u), channel_runs_eager(h, u)
+    assert mine[0].numel() > 5000 and int((mine[0] == 205).sum()) == 100
+    for a, b in zip(mine, theirs):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert torch.equal(torch.nan_to_num(a, nan=0.5), torch.nan_to_num(b, nan=0.5))

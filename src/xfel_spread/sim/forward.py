@@ -671,7 +671,18 @@ def bragg_photons_pixels(detector: Detector | MultiPanelDetector, beam: Beam, cr
 def channel_runs(h_per_u: torch.Tensor, inverse_wavelengths: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The runs of channels over which each pixel's nearest Miller index ``ceil(u_k h_per_u - 0.5)``
     stays the same (the dense kernels' rounding, operation for operation): per run its pixel (row of
-    ``h_per_u`` (P, 3)), index (float (n, 3)) and channels ``k_start <= k < k_end``."""
+    ``h_per_u`` (P, 3)), index (float (n, 3)) and channels ``k_start <= k < k_end``. On the CPU in
+    float64 the compiled loop of :mod:`xfel_spread.sim.fused` finds them in one pass, with the same
+    roundings (a half of the analytic eta's evaluation went into this torch version's (P, K, 3) arrays);
+    the two give the same runs to the bit."""
+    if (h_per_u.device.type == "cpu" and h_per_u.dtype == torch.float64
+            and inverse_wavelengths.dtype == torch.float64 and pair_channel_sum_module() is not None):
+        return tuple(pair_channel_sum_module().channel_runs(h_per_u.contiguous(), inverse_wavelengths.contiguous()))
+    return channel_runs_eager(h_per_u, inverse_wavelengths)
+
+
+def channel_runs_eager(h_per_u: torch.Tensor, inverse_wavelengths: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """:func:`channel_runs` in eager torch (CUDA tensors, or where the compiled loop is unavailable)."""
     n_channels = inverse_wavelengths.numel()
     indices = torch.ceil(inverse_wavelengths[None, :, None] * h_per_u[:, None, :] - 0.5)  # (P, K, 3)
     new_run = torch.ones(indices.shape[:2], dtype=torch.bool, device=h_per_u.device)

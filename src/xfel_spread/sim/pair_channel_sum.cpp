@@ -246,11 +246,65 @@ std::vector<torch::Tensor> pair_quadratic_sum(torch::Tensor h, torch::Tensor hkl
   return {total, grad_h, grad_n};
 }
 
+// The runs of channels over which each row's nearest Miller index ceil(u_k h - 0.5) stays the same, as
+// xfel_spread.sim.forward.channel_runs finds them with torch: per run its row of h (P, 3), its index
+// (n, 3) and its channels k_start <= k < k_end, in row and channel order. The rounding is torch's
+// operation for operation (the product, then the half subtracted, then ceil): no FMA contraction.
+// The rounding loop; on x86-64 GCC also builds an x86-64-v3 copy (ceil as one instruction, SSE4.1).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("arch=x86-64-v3", "default")))
+#endif
+__attribute__((optimize("fp-contract=off"))) int64_t find_runs(const double* hp, const double* up, int64_t n_rows,
+                                                               int64_t k, std::vector<int64_t>& pixel,
+                                                               std::vector<int64_t>& k_start, std::vector<double>& index) {
+  for (int64_t p = 0; p < n_rows; ++p) {
+    double previous[3] = {0.0, 0.0, 0.0};
+    for (int64_t j = 0; j < k; ++j) {
+      double current[3];
+      for (int axis = 0; axis < 3; ++axis) {
+        const double product = up[j] * hp[3 * p + axis];
+        current[axis] = std::ceil(product - 0.5);
+      }
+      // A NaN index differs from every other, as torch's != says, so it starts a run at each channel.
+      if (j == 0 || current[0] != previous[0] || current[1] != previous[1] || current[2] != previous[2]) {
+        pixel.push_back(p);
+        k_start.push_back(j);
+        index.insert(index.end(), current, current + 3);
+      }
+      std::memcpy(previous, current, sizeof previous);
+    }
+  }
+  return static_cast<int64_t>(pixel.size());
+}
+
+std::vector<torch::Tensor> channel_runs(torch::Tensor h, torch::Tensor u) {
+  check(h, 2, "h");
+  check(u, 1, "u");
+  TORCH_CHECK(h.size(1) == 3, "channel_runs: h must be (P, 3)");
+  const int64_t n_rows = h.size(0), k = u.size(0);
+  const double *hp = h.data_ptr<double>(), *up = u.data_ptr<double>();
+  std::vector<int64_t> pixel, k_start;
+  std::vector<double> index;
+  const int64_t n = find_runs(hp, up, n_rows, k, pixel, k_start, index);
+  auto long_options = torch::TensorOptions().dtype(torch::kInt64);
+  auto pixel_t = torch::empty({n}, long_options), start_t = torch::empty({n}, long_options);
+  auto end_t = torch::empty({n}, long_options);
+  auto index_t = torch::empty({n, 3}, h.options());
+  int64_t *pp = pixel_t.data_ptr<int64_t>(), *sp = start_t.data_ptr<int64_t>(), *ep = end_t.data_ptr<int64_t>();
+  std::memcpy(pp, pixel.data(), n * sizeof(int64_t));
+  std::memcpy(sp, k_start.data(), n * sizeof(int64_t));
+  std::memcpy(index_t.data_ptr<double>(), index.data(), 3 * n * sizeof(double));
+  for (int64_t i = 0; i < n; ++i) ep[i] = (i + 1 < n && pp[i + 1] == pp[i]) ? sp[i + 1] : k;
+  return {pixel_t, index_t, start_t, end_t};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pair_channel_sum", &pair_channel_sum,
         "Per pair: sum of exp(-2 arg) weight over its channels below the cut-off, and its two moments in du");
+  m.def("channel_runs", &channel_runs,
+        "The runs of channels over which each row's nearest Miller index ceil(u h - 0.5) stays the same");
   m.def("pair_quadratic_sum", &pair_quadratic_sum,
         "pair_channel_sum of each pair's arg quadratic from (h, hkl, N) over ragged channel rows, with its "
         "derivatives in h and N");
