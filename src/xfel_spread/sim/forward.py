@@ -489,6 +489,36 @@ class PairQuadraticSum(torch.autograd.Function):
         return grad[:, None] * grad_h, (grad[:, None] * grad_n).sum(dim=0), None
 
 
+class RaggedPairChannelSum(torch.autograd.Function):
+    """:class:`PairChannelSum` over the ragged channel rows of :class:`LiveTerms` (``live``), read in
+    place by the compiled loop: no padded (pairs, channels) arrays. Only where :func:`pair_channel_sums`
+    finds the compiled loop; the backward pass is :class:`PairChannelSum`'s."""
+
+    @staticmethod
+    def forward(ctx, curvature, u_centre, floor, live):
+        moments = any(ctx.needs_input_grad[:3])
+        total, first, second = pair_channel_sum_module().pair_channel_sum_ragged(
+            curvature.contiguous(), u_centre.contiguous(), floor.contiguous(), live.band, live.table,
+            live.row.contiguous(), live.k_first.contiguous(), live.n_channels.contiguous(), ARG_CUTOFF, moments)
+        if moments:
+            ctx.save_for_backward(curvature, total, first, second)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (*PairChannelSum.backward(ctx, grad)[:3], None)
+
+
+def pair_channel_sums(curvature: torch.Tensor, u_centre: torch.Tensor, floor: torch.Tensor,
+                      live: LiveTerms) -> torch.Tensor:
+    """Per pair of ``live`` ``sum_k weight_k exp(-2 arg(u_k))`` below the cut-off with ``arg = curvature
+    (u - u_centre)^2 + floor``: over the ragged rows in the compiled loop (:class:`RaggedPairChannelSum`)
+    where it runs (:func:`compiled_pair_sums`), else :class:`PairChannelSum` over the padded rows."""
+    if live.band.dtype == torch.float64 and compiled_pair_sums(curvature.device, curvature.dtype):
+        return RaggedPairChannelSum.apply(curvature, u_centre, floor, live)
+    return PairChannelSum.apply(curvature, u_centre, floor, *live.padded())
+
+
 def compiled_pair_sums(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether :func:`pair_sums` runs the compiled loop for tensors of this device and dtype (the CPU,
     float64, the loop available), where the terms' memory goes with their pairs, not their channels."""
@@ -536,8 +566,8 @@ class LiveTerms(PixelTerms):
     """:class:`PixelTerms` made ready to evaluate: with each pair's channels ``k_first <= k < k_first +
     n_channels`` of the ``band`` (the inverse wavelengths), its row of ``table`` (R, K), whose rows hold
     ``photons_k |F_k|^2`` of the pairs' indices (a zero row for those outside the amplitude table).
-    The compiled loop reads these ragged rows as they are (:class:`PairQuadraticSum`); the eager loop
-    takes them padded (:meth:`padded`)."""
+    The compiled loop reads these ragged rows as they are (:class:`PairQuadraticSum`,
+    :class:`RaggedPairChannelSum`); the eager loop takes them padded (:meth:`padded`)."""
 
     row: torch.Tensor
     table: torch.Tensor
@@ -725,8 +755,8 @@ def bragg_photons_mosaic_pixels(detector: Detector | MultiPanelDetector, beam: B
     quadratic form of ``C^-1`` (per pixel, :func:`mosaic_covariances`) in ``u g - hkl`` and ``hkl``
     the index ``u g`` rounds to. Over a run of channels with the same index (:func:`channel_runs`, the
     dense kernel's rounding) ``q`` is a quadratic in u, as the sharp domains' arg
-    (:func:`mosaic_arg_quadratic`), so the same padded channel rows (:class:`PairChannelSum`) evaluate
-    it and its gradient. Each run's channels are cut to those where the node of largest variance is
+    (:func:`mosaic_arg_quadratic`), so the same channel rows (:func:`pair_channel_sums`: ragged in the
+    compiled loop, else padded) evaluate it and its gradient. Each run's channels are cut to those where the node of largest variance is
     below the cut-off (widened by a channel each side; each node's own ``arg < ARG_CUTOFF`` then
     decides): that node's ``q`` is the least at every point (``C`` grows with the variance), so its live
     channels hold every node's. With channels not sorted, or fewer than two, this is
@@ -763,7 +793,7 @@ def bragg_photons_mosaic_pixels(detector: Detector | MultiPanelDetector, beam: B
         per_pair = None
         for node in nodes:
             inverse = tuple((a / node.determinant)[terms.pair] for a in node.adjugate)
-            node_sum = PairChannelSum.apply(*mosaic_arg_quadratic(g_pairs, terms.hkl, inverse), *terms.padded())
+            node_sum = pair_channel_sums(*mosaic_arg_quadratic(g_pairs, terms.hkl, inverse), terms)
             node_sum = node_sum * torch.sqrt(torch.prod(lattice_variance) / node.determinant)[terms.pair]
             per_pair = node_sum if per_pair is None else per_pair + node_sum
         totals = totals.index_add(0, terms.pair, per_pair)

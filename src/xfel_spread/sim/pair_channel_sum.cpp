@@ -113,6 +113,25 @@ void check(const torch::Tensor& tensor, int64_t dim, const char* name) {
               "pair sums: ", name, " must be a contiguous float64 CPU tensor of ", dim, " dimension(s)");
 }
 
+// The sums, and with moments the two moment sums, of the pairs' rows (see Rows: padded, or ragged when
+// k_first is given), the inputs checked by the caller.
+std::vector<torch::Tensor> channel_sums(const torch::Tensor& curvature, const torch::Tensor& centre,
+                                        const torch::Tensor& floor_, const torch::Tensor& u,
+                                        const torch::Tensor& weight, int64_t width, double cutoff, bool moments,
+                                        const int64_t* row = nullptr, const int64_t* k_first = nullptr,
+                                        const int64_t* n_channels = nullptr) {
+  const int64_t n = curvature.size(0);
+  auto total = torch::empty({n}, u.options());
+  auto first = torch::empty({moments ? n : 0}, u.options());
+  auto second = torch::empty({moments ? n : 0}, u.options());
+  const Rows rows{curvature.data_ptr<double>(), centre.data_ptr<double>(), floor_.data_ptr<double>(),
+                  u.data_ptr<double>(), weight.data_ptr<double>(), total.data_ptr<double>(),
+                  moments ? first.data_ptr<double>() : nullptr, moments ? second.data_ptr<double>() : nullptr,
+                  width, cutoff, row, k_first, n_channels};
+  at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) { sum_rows(rows, begin, end); });
+  return {total, first, second};
+}
+
 std::vector<torch::Tensor> pair_channel_sum(torch::Tensor curvature, torch::Tensor centre, torch::Tensor floor_,
                                             torch::Tensor u, torch::Tensor weight, double cutoff, bool moments) {
   check(curvature, 1, "curvature");
@@ -125,15 +144,7 @@ std::vector<torch::Tensor> pair_channel_sum(torch::Tensor curvature, torch::Tens
                   weight.size(1) == width,
               "pair_channel_sum: the pairs' shapes disagree");
   TORCH_CHECK(cutoff > 0.0 && cutoff <= 40.0, "pair_channel_sum: the cut-off must be in (0, 40]");
-  auto total = torch::empty({n}, u.options());
-  auto first = torch::empty({moments ? n : 0}, u.options());
-  auto second = torch::empty({moments ? n : 0}, u.options());
-  const Rows rows{curvature.data_ptr<double>(), centre.data_ptr<double>(), floor_.data_ptr<double>(),
-                  u.data_ptr<double>(), weight.data_ptr<double>(), total.data_ptr<double>(),
-                  moments ? first.data_ptr<double>() : nullptr, moments ? second.data_ptr<double>() : nullptr,
-                  width, cutoff};
-  at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) { sum_rows(rows, begin, end); });
-  return {total, first, second};
+  return channel_sums(curvature, centre, floor_, u, weight, width, cutoff, moments);
 }
 
 // Per pair, arg(u) = |N (u h - hkl)|^2 / gauss_width as curvature (u - centre)^2 + floor, as
@@ -164,6 +175,44 @@ inline Quadratic quadratic(const double* h, const double* hkl, const double* nce
   return a;
 }
 
+// The checks of n pairs' ragged rows (see Rows): every pair's channels inside the band and its row inside
+// the table, so that the loop reads nothing outside them.
+void check_ragged_rows(int64_t n, const torch::Tensor& band, const torch::Tensor& table, const torch::Tensor& row,
+                       const torch::Tensor& k_first, const torch::Tensor& n_channels, double cutoff, const char* name) {
+  check(band, 1, "band");
+  check(table, 2, "table");
+  for (const auto* index : {&row, &k_first, &n_channels}) {
+    TORCH_CHECK(index->device().is_cpu() && index->scalar_type() == torch::kInt64 && index->is_contiguous() &&
+                    index->dim() == 1,
+                "pair sums: row, k_first and n_channels must be contiguous int64 CPU vectors");
+  }
+  const int64_t width = band.size(0), n_rows = table.size(0);
+  TORCH_CHECK(table.size(1) == width && row.size(0) == n && k_first.size(0) == n && n_channels.size(0) == n,
+              name, ": the pairs' shapes disagree");
+  TORCH_CHECK(cutoff > 0.0 && cutoff <= 40.0, name, ": the cut-off must be in (0, 40]");
+  const int64_t *rp = row.data_ptr<int64_t>(), *kf = k_first.data_ptr<int64_t>(), *nc = n_channels.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(rp[i] >= 0 && rp[i] < n_rows && kf[i] >= 0 && nc[i] >= 0 && kf[i] + nc[i] <= width,
+                name, ": pair ", i, "'s channels or table row are outside the band or the table");
+  }
+}
+
+// pair_channel_sum over ragged rows (see Rows): pair i's channels are band[k_first[i] + j], j < n_channels[i],
+// with weights table[row[i], k_first[i] + j]; no padded (pairs, channels) arrays.
+std::vector<torch::Tensor> pair_channel_sum_ragged(torch::Tensor curvature, torch::Tensor centre, torch::Tensor floor_,
+                                                   torch::Tensor band, torch::Tensor table, torch::Tensor row,
+                                                   torch::Tensor k_first, torch::Tensor n_channels, double cutoff,
+                                                   bool moments) {
+  check(curvature, 1, "curvature");
+  check(centre, 1, "centre");
+  check(floor_, 1, "floor");
+  const int64_t n = curvature.size(0);
+  TORCH_CHECK(centre.size(0) == n && floor_.size(0) == n, "pair_channel_sum_ragged: the pairs' shapes disagree");
+  check_ragged_rows(n, band, table, row, k_first, n_channels, cutoff, "pair_channel_sum_ragged");
+  return channel_sums(curvature, centre, floor_, band, table, band.size(0), cutoff, moments, row.data_ptr<int64_t>(),
+                      k_first.data_ptr<int64_t>(), n_channels.data_ptr<int64_t>());
+}
+
 // The sums of pair_channel_sum with each pair's quadratic from its h (n, 3), index hkl (n, 3) and N (3,),
 // and (with gradients) each pair's total's derivative in its h (n, 3) and in N (n, 3, summed over the
 // pairs by the caller after weighting). By the chain rule through curvature, centre and floor:
@@ -183,23 +232,11 @@ std::vector<torch::Tensor> pair_quadratic_sum(torch::Tensor h, torch::Tensor hkl
   check(h, 2, "h");
   check(hkl, 2, "hkl");
   check(ncells, 1, "ncells");
-  check(band, 1, "band");
-  check(table, 2, "table");
-  for (const auto* index : {&row, &k_first, &n_channels}) {
-    TORCH_CHECK(index->device().is_cpu() && index->scalar_type() == torch::kInt64 && index->is_contiguous() &&
-                    index->dim() == 1,
-                "pair sums: row, k_first and n_channels must be contiguous int64 CPU vectors");
-  }
-  const int64_t n = h.size(0), width = band.size(0), n_rows = table.size(0);
-  TORCH_CHECK(h.size(1) == 3 && hkl.size(0) == n && hkl.size(1) == 3 && ncells.size(0) == 3 && table.size(1) == width &&
-                  row.size(0) == n && k_first.size(0) == n && n_channels.size(0) == n,
+  const int64_t n = h.size(0), width = band.size(0);
+  TORCH_CHECK(h.size(1) == 3 && hkl.size(0) == n && hkl.size(1) == 3 && ncells.size(0) == 3,
               "pair_quadratic_sum: the pairs' shapes disagree");
-  TORCH_CHECK(cutoff > 0.0 && cutoff <= 40.0, "pair_quadratic_sum: the cut-off must be in (0, 40]");
+  check_ragged_rows(n, band, table, row, k_first, n_channels, cutoff, "pair_quadratic_sum");
   const int64_t *rp = row.data_ptr<int64_t>(), *kf = k_first.data_ptr<int64_t>(), *nc = n_channels.data_ptr<int64_t>();
-  for (int64_t i = 0; i < n; ++i) {
-    TORCH_CHECK(rp[i] >= 0 && rp[i] < n_rows && kf[i] >= 0 && nc[i] >= 0 && kf[i] + nc[i] <= width,
-                "pair_quadratic_sum: pair ", i, "'s channels or table row are outside the band or the table");
-  }
   const auto u = band;
   auto curvature = torch::empty({n}, u.options());
   auto centre = torch::empty({n}, u.options());
@@ -303,6 +340,8 @@ std::vector<torch::Tensor> channel_runs(torch::Tensor h, torch::Tensor u) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pair_channel_sum", &pair_channel_sum,
         "Per pair: sum of exp(-2 arg) weight over its channels below the cut-off, and its two moments in du");
+  m.def("pair_channel_sum_ragged", &pair_channel_sum_ragged,
+        "pair_channel_sum over ragged channel rows: the band and the table's rows read in place");
   m.def("channel_runs", &channel_runs,
         "The runs of channels over which each row's nearest Miller index ceil(u h - 0.5) stays the same");
   m.def("pair_quadratic_sum", &pair_quadratic_sum,
