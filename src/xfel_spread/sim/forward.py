@@ -430,7 +430,7 @@ class PairChannelSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, curvature, u_centre, floor, u, weight):
         moments = any(ctx.needs_input_grad[:3])
-        module = pair_channel_sum_module() if u.device.type == "cpu" and u.dtype == torch.float64 else None
+        module = pair_channel_sum_module() if compiled_pair_sums(u.device, u.dtype) else None
         if module is not None:  # the compiled loop (sim/fused.py): one vectorised pass over the rows
             total, first, second = module.pair_channel_sum(
                 curvature.contiguous(), u_centre.contiguous(), floor.contiguous(), u.contiguous(),
@@ -520,8 +520,9 @@ def pair_channel_sums(curvature: torch.Tensor, u_centre: torch.Tensor, floor: to
 
 
 def compiled_pair_sums(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether :func:`pair_sums` runs the compiled loop for tensors of this device and dtype (the CPU,
-    float64, the loop available), where the terms' memory goes with their pairs, not their channels."""
+    """Whether the compiled loop serves tensors of this device and dtype (the CPU, float64, the loop
+    available): :func:`pair_sums`, :func:`pair_channel_sums`, :class:`PairChannelSum` and
+    :func:`channel_runs` ask it; there the terms' memory goes with their pairs, not their channels."""
     return torch.device(device).type == "cpu" and dtype == torch.float64 and pair_channel_sum_module() is not None
 
 
@@ -705,8 +706,7 @@ def channel_runs(h_per_u: torch.Tensor, inverse_wavelengths: torch.Tensor) -> tu
     float64 the compiled loop of :mod:`xfel_spread.sim.fused` finds them in one pass, with the same
     roundings (a half of the analytic eta's evaluation went into this torch version's (P, K, 3) arrays);
     the two give the same runs to the bit."""
-    if (h_per_u.device.type == "cpu" and h_per_u.dtype == torch.float64
-            and inverse_wavelengths.dtype == torch.float64 and pair_channel_sum_module() is not None):
+    if inverse_wavelengths.dtype == torch.float64 and compiled_pair_sums(h_per_u.device, h_per_u.dtype):
         return tuple(pair_channel_sum_module().channel_runs(h_per_u.contiguous(), inverse_wavelengths.contiguous()))
     return channel_runs_eager(h_per_u, inverse_wavelengths)
 
@@ -756,8 +756,8 @@ def bragg_photons_mosaic_pixels(detector: Detector | MultiPanelDetector, beam: B
     the index ``u g`` rounds to. Over a run of channels with the same index (:func:`channel_runs`, the
     dense kernel's rounding) ``q`` is a quadratic in u, as the sharp domains' arg
     (:func:`mosaic_arg_quadratic`), so the same channel rows (:func:`pair_channel_sums`: ragged in the
-    compiled loop, else padded) evaluate it and its gradient. Each run's channels are cut to those where the node of largest variance is
-    below the cut-off (widened by a channel each side; each node's own ``arg < ARG_CUTOFF`` then
+    compiled loop, else padded) evaluate it and its gradient. Each run's channels are cut to those where
+    the node of largest variance is below the cut-off (widened by a channel each side; each node's own ``arg < ARG_CUTOFF`` then
     decides): that node's ``q`` is the least at every point (``C`` grows with the variance), so its live
     channels hold every node's. With channels not sorted, or fewer than two, this is
     :func:`bragg_photons_dense`. On stage 1's LY99 shots about 40 % of the dense kernel's (pixel,
