@@ -12,6 +12,8 @@ rule spread:
         reflections=lambda wildcards: shard_files("annulus", "_annulus.refl", wildcards.dataset),
         shards=lambda wildcards: [shard_path(wildcards.dataset, index) for index in range(len(SHARD_RANGES))],
         shots=lambda wildcards: shard_files(SPREAD_REFINEMENT, "_shots.tsv", wildcards.dataset),
+        # Each converged lattice's free mosaic domains (stage1.free_domains; the header alone when off).
+        domains=lambda wildcards: shard_files(SPREAD_REFINEMENT, "_domains.tsv", wildcards.dataset),
         pdb=lambda wildcards: MODEL_FILE,  # a function: with `input.model: none` nothing plans this rule
     output:
         **spread_outputs(),

@@ -15,6 +15,7 @@ for refinement in PIXEL_REFINEMENTS:
         output:
             experiments=shard_file(refinement, "_refined.expt"),
             shots=shard_file(refinement, "_shots.tsv"),
+            domains=shard_file(refinement, "_domains.tsv"),
         params:
             annulus_prefix=lambda wildcards: shard_prefix("annulus", wildcards.dataset, wildcards.index),
             prefix=lambda wildcards, refinement=refinement: shard_prefix(

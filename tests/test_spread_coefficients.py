@@ -188,3 +188,43 @@ def test_coefficients_reproduce_stage1_with_its_analytic_eta(shot_and_model, mos
     assembled = s["G"] * unit_bragg(torch.as_tensor(s["intensity"][:, columns]), data).numpy()
     expected = stage1[np.asarray(shot.trusted, dtype=bool)]
     assert np.abs(assembled - expected).max() / expected.max() < 1e-6
+
+
+def test_coefficients_reproduce_stage1_with_its_free_domains(shot_and_model):
+    """stage1.free_domains: lattice_arrays given the domains' rotation vectors (P_domains.tsv) gives stage 1's
+    Bragg photons of that FreeDomainCrystal; the analytic eta at the domains' RMS angle (SPREAD's model of
+    such a lattice before it read the domains) is another model, so the test can fail."""
+    from xfel_spread.spread.assemble import concatenate, lattice_arrays
+    from xfel_spread.spread.model import unit_bragg
+    from xfel_spread.stage1.model import FreeDomainCrystal
+
+    s = shot_and_model
+    t = s["tensors"]
+    shot = s["shot"]
+    vectors_deg = np.random.default_rng(5).normal(0.0, 0.03, (6, 3))
+    vectors_deg -= vectors_deg.mean(axis=0)
+    rms_deg = float(np.sqrt((vectors_deg ** 2).sum(axis=1).mean()))
+    values = torch.tensor([80.0, 0.01, -0.02, 0.015, *s["cell"], 50.0, 57.0, 64.0, rms_deg, 0.02], dtype=torch.float64)
+    model = FreeDomainCrystal(shot.real_space_matrix, len(vectors_deg))
+    model.vectors = torch.as_tensor(np.radians(vectors_deg))
+    every_pixel = torch.arange(t.fast.numel())
+    with torch.no_grad():
+        stage1 = bragg_photons(s["detector"], model, values, t, s["lookup_p1"], every_pixel).numpy()
+        analytic = bragg_photons(s["detector"], CrystalModel(shot.real_space_matrix, 1, mosaic_model="gaussian"),
+                                 values, t, s["lookup_p1"], every_pixel).numpy()
+    assert stage1.max() > 10
+    trusted = np.asarray(shot.trusted, dtype=bool)
+    expected = stage1[trusted]
+
+    def assembled(**model_options):
+        arrays = lattice_arrays(shot, values.numpy(), 1, s["lookup"], 3.0, relative_cutoff=0.0, **model_options)
+        data, columns = concatenate([arrays])
+        return arrays, s["G"] * unit_bragg(torch.as_tensor(s["intensity"][:, columns]), data).numpy()
+
+    arrays, ours = assembled(mosaic_model="gaussian", domain_vectors_deg=vectors_deg)
+    assert arrays.free_domains == 6
+    assert np.abs(ours - expected).max() / expected.max() < 1e-6
+    plain, eta_model = assembled(mosaic_model="gaussian")
+    assert plain.free_domains == 0
+    assert np.abs(eta_model - analytic[trusted]).max() / expected.max() < 1e-6
+    assert np.abs(eta_model - expected).max() / expected.max() > 1e-2

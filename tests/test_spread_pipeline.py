@@ -382,3 +382,66 @@ def test_a_model_of_another_crystal_is_refused_in_one_line(case, tmp_path):
                                                r"120\.00\) is not the lattices'") as error:
         lattices((93.4, 93.4, 131.2, 90.0, 90.0, 120.0))
     assert "\n" not in str(error.value)
+
+
+def with_domains(stage1_prefix, prefix, vectors_deg, eta_deg=None):
+    """A copy of the stage-1 shots table at ``prefix`` with lattice 0's eta the RMS angle of ``vectors_deg``
+    (or ``eta_deg``), and a domains table giving lattice 0 those domains."""
+    from xfel_spread.io.mosaic_domains import write_domain_vectors
+
+    with open(f"{stage1_prefix}_shots.tsv") as stream:
+        lines = stream.read().splitlines()
+    column = lines[0].split("\t").index("eta_deg")
+    row = lines[1].split("\t")
+    rms = float(np.sqrt((vectors_deg ** 2).sum(axis=1).mean()))
+    row[column] = f"{rms if eta_deg is None else eta_deg:.10g}"
+    with open(f"{prefix}_shots.tsv", "w") as stream:
+        stream.write("\n".join([lines[0], "\t".join(row), *lines[2:]]) + "\n")
+    write_domain_vectors({0: vectors_deg}, f"{prefix}_domains.tsv")
+    return prefix
+
+
+def test_stage1s_free_domains_are_spreads_model_of_their_lattices(case, tmp_path):
+    """A lattice with free domains in the stage-1 domains table is modelled by them (the coefficients of
+    lattice_arrays given its vectors; their equality with stage 1's model: test_spread_coefficients), a
+    lattice without by the shots table alone; domains the shots table does not match are refused in one
+    line naming the file."""
+    from xfel_spread.spread.assemble import lattice_arrays
+    from xfel_spread.spread.errors import SpreadInputError
+    from xfel_spread.spread.pipeline import (_lookup_of, _prepare_spread, _site_decomposition, converged_parameters,
+                                             shard_lattices)
+    from xfel_spread.stage1.rois import open_annulus_shard, read_lattices, select_rois
+
+    written, stage1_prefix = case
+    inputs = inputs_for(case, spread_config(tmp_path / "spread.yaml"), tmp_path / "out")
+    settings, stage1, structure, psf, _ = _prepare_spread(inputs)
+    lookup = _lookup_of(_site_decomposition(inputs, settings, structure))
+
+    def lattices(prefix):
+        return shard_lattices(str(written.annulus_prefix), str(written.shard), str(prefix), lookup, stage1,
+                              settings.relative_cutoff, psf)
+
+    vectors = np.random.default_rng(3).normal(0.0, 0.03, (4, 3))
+    vectors -= vectors.mean(axis=0)
+    prefix = with_domains(stage1_prefix, tmp_path / "free", vectors)
+    plain, free = lattices(stage1_prefix), lattices(prefix)
+    assert [one.free_domains for one in plain] == [0, 0] and [one.free_domains for one in free] == [4, 0]
+    assert np.array_equal(free[0].data, plain[0].data) and not np.array_equal(free[0].term_coeff, plain[0].term_coeff)
+    for field in ("term_pixel", "term_channel", "term_column", "term_coeff"):
+        assert np.array_equal(getattr(free[1], field), getattr(plain[1], field)), field
+    # Lattice 0's arrays are lattice_arrays' of its shot given the table's vectors.
+    annulus = open_annulus_shard(str(written.annulus_prefix), str(written.shard))
+    ((_, shot, _),) = read_lattices(annulus, [0], stage1.shoebox_size_px, lambda lattice, error: None)
+    direct = lattice_arrays(select_rois(shot, lookup.columns(shot.miller_index) >= 0),
+                            converged_parameters(f"{prefix}_shots.tsv")[0], stage1.n_domains, lookup,
+                            stage1.readout_sigma_adu, settings.relative_cutoff, psf,
+                            stage1.mosaic_model if stage1.analytic_mosaic else None, vectors)
+    assert np.abs(direct.term_coeff - free[0].term_coeff).max() <= 1e-9 * np.abs(direct.term_coeff).max()
+
+    with pytest.raises(SpreadInputError, match=rf"^{prefix}_domains\.tsv: lattice 0's domains turn 0\.0\d+ deg RMS, "
+                                                r"its eta in .* is 0\.2 \(files of different runs\?\)$"):
+        lattices(with_domains(stage1_prefix, tmp_path / "free", vectors, eta_deg=0.2))
+    unconverged = with_converged(with_domains(stage1_prefix, tmp_path / "free", vectors), tmp_path / "free", [1])
+    with pytest.raises(SpreadInputError, match=rf"^{unconverged}_domains\.tsv: domains of lattice 0, which "
+                                                r".* does not hold as converged"):
+        lattices(unconverged)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from stage1_cases import write_case
+from xfel_spread.io.mosaic_domains import read_domain_vectors
 from xfel_spread.mpi import AgreedError, SerialComm
 from xfel_spread.stage1.model import Stage1Settings
 from xfel_spread.stage1.pipeline import (Stage1Inputs, batch_results, prepared_lattices, refine_batch_or_singly,
@@ -59,6 +60,31 @@ def test_run_stage1_in_process_writes_one_converged_row_per_lattice(case, tmp_pa
     assert [(row["identifier"], row["converged"], row["reason"]) for row in rows] == [
         ("lattice-0", "1", ""), ("lattice-1", "1", "")]
     assert (tmp_path / "s_refined.expt").is_file()
+    # No free domains: their table is its header.
+    assert read_domain_vectors(tmp_path / "s_domains.tsv") == {}
+
+
+def test_free_domains_are_written_beside_the_shots_table(case, tmp_path):
+    """stage1.free_domains: every converged lattice's domain vectors go to P_domains.tsv, the ones its fit
+    ended with (to the table's 10 digits), their RMS angle the shots table's eta."""
+    from xfel_spread.io.refined_shots import read_refined_shots
+    from xfel_spread.stage1.pipeline import refine_one_by_one
+
+    config = write_config(tmp_path / "stage1.yaml", refine="[G, rotation, cell, ncells, eta]", free_domains=3,
+                          free_domains_starts=1, **SETTINGS)
+    inputs = Stage1Inputs(str(config), str(case.annulus_prefix), str(case.shard), str(tmp_path / "s"),
+                          amplitudes=str(case.amplitudes))
+    results = run_stage1(inputs, "spread-stage1", refine_one_by_one, SerialComm())
+    rows = read_refined_shots(tmp_path / "s_shots.tsv")
+    assert [row["converged"] for row in rows] == [1, 1], [row["reason"] for row in rows]
+    written = read_domain_vectors(tmp_path / "s_domains.tsv")
+    assert sorted(written) == [0, 1]
+    for result, row in zip(results, rows):
+        vectors = written[result.lattice]
+        # The case's crystals are one domain each: the fitted domains sit within 1e-4 deg of each other.
+        assert vectors.shape == (3, 3) and np.abs(vectors).max() > 0
+        assert np.abs(vectors - result.domain_vectors_deg).max() <= 1e-9 * np.abs(vectors).max()
+        assert row["eta_deg"] == pytest.approx(np.sqrt((vectors ** 2).sum(axis=1).mean()), rel=1e-8)
 
 
 def test_a_user_error_is_agreed_and_writes_nothing(case, tmp_path):

@@ -24,7 +24,7 @@ def _stage1_parser(program: str, description: str) -> argparse.ArgumentParser:
                         help="annulus shard prefix A: reads A_annulus.expt and A_annulus.refl")
     parser.add_argument("--shard", required=True, help="the simulated shard (HDF5) the experiments' images are in")
     add_structure_factor_source(parser)
-    parser.add_argument("--output-prefix", required=True, help="write P_refined.expt and P_shots.tsv")
+    parser.add_argument("--output-prefix", required=True, help="write P_refined.expt, P_shots.tsv and P_domains.tsv")
     add_threads_and_psf(parser)
     return parser
 

@@ -2,7 +2,8 @@
 
 For every lattice: its shoebox pixels (:class:`xfel_spread.stage1.shot.ShotPixels`), its refined
 stage-1 parameters (13 values in the order of :data:`xfel_spread.stage1.model.PARAMETER_NAMES`,
-relative to the lattice's ``real_space_matrix``) and the mosaic domains stage 1 used. The
+relative to the lattice's ``real_space_matrix``) and the mosaic domains stage 1 used (its free
+domains' rotation vectors where ``stage1.free_domains`` refined them, ``io.mosaic_domains``). The
 coefficients are computed over all shoebox pixels (so that a modelled point spread carries light
 from untrusted pixels into trusted ones), then only the trusted pixels are kept, as in stage 1's
 likelihood. Pixel offsets dx, dy are from the centre of the pixel's shoebox (pixels).
@@ -24,7 +25,7 @@ from xfel_spread.spread.coefficients import (
 from xfel_spread.spread.errors import SpreadInputError
 from xfel_spread.spread.model import SpreadData
 from xfel_spread.stage1.likelihood import shot_tensors
-from xfel_spread.stage1.model import INDEX, CrystalModel, shifted_detector
+from xfel_spread.stage1.model import INDEX, CrystalModel, FreeDomainCrystal, shifted_detector
 from xfel_spread.stage1.psf import DetectorPsf
 from xfel_spread.stage1.shot import ShotPixels
 
@@ -49,17 +50,21 @@ class LatticeArrays:
     lattice: int = -1
     #: Whether the shot's spectrum was rebinned onto the structure_factors channels (spread.pipeline).
     spectrum_rebinned: bool = False
+    #: How many free domains stage 1 refined for the lattice and its model has (0: none).
+    free_domains: int = 0
 
 
 def lattice_arrays(shot: ShotPixels, values: np.ndarray, n_domains: int, lookup: AsuLookup,
                    readout_sigma_adu: float, relative_cutoff: float = 1e-3,
-                   psf: DetectorPsf | None = None, mosaic_model: str | None = None) -> LatticeArrays:
+                   psf: DetectorPsf | None = None, mosaic_model: str | None = None,
+                   domain_vectors_deg: np.ndarray | None = None) -> LatticeArrays:
     """The coefficients (per unit G) and trusted pixels of one stage-1 lattice: stage 1's crystal model
-    (the cell in the shot's crystal system; with ``mosaic_model``, eta as stage 1's analytic average over
-    the rotations, else ``n_domains`` domains)."""
+    (the cell in the shot's crystal system; with ``domain_vectors_deg`` (D, 3), the free domains stage 1
+    refined, turned by those rotation vectors about the lattice's orientation, eta unused; else with
+    ``mosaic_model``, eta as stage 1's analytic average over the rotations; else ``n_domains`` domains)."""
     tensors = shot_tensors(shot, readout_sigma_adu, "cpu")
     values_t = torch.as_tensor(np.asarray(values, dtype=np.float64))
-    model = CrystalModel(shot.real_space_matrix, n_domains, mosaic_model=mosaic_model, space_group=shot.space_group)
+    model = crystal_model(shot, n_domains, mosaic_model, domain_vectors_deg)
     with torch.no_grad():
         detector = shifted_detector(shot.detector, values_t[INDEX["detz_shift_mm"]])
         state = model.crystal_state(values_t)
@@ -88,7 +93,19 @@ def lattice_arrays(shot: ShotPixels, values: np.ndarray, n_domains: int, lookup:
         n_shoeboxes=shot.n_rois,
         term_pixel=local[coefficients.pixel[keep]], term_channel=coefficients.channel[keep],
         term_column=coefficients.column[keep], term_coeff=coefficients.value[keep],
-        dropped_fraction=coefficients.dropped_fraction)
+        dropped_fraction=coefficients.dropped_fraction,
+        free_domains=0 if domain_vectors_deg is None else model.n_domains)
+
+
+def crystal_model(shot: ShotPixels, n_domains: int, mosaic_model: str | None = None,
+                  domain_vectors_deg: np.ndarray | None = None) -> CrystalModel:
+    """Stage 1's crystal model of a lattice (see :func:`lattice_arrays`)."""
+    if domain_vectors_deg is None:
+        return CrystalModel(shot.real_space_matrix, n_domains, mosaic_model=mosaic_model, space_group=shot.space_group)
+    vectors = np.radians(np.asarray(domain_vectors_deg, dtype=np.float64).reshape(-1, 3))
+    model = FreeDomainCrystal(shot.real_space_matrix, len(vectors), space_group=shot.space_group)
+    model.vectors = torch.as_tensor(vectors)
+    return model
 
 
 def concatenate(lattices: Sequence[LatticeArrays], source: str = "stage-1 results") -> tuple[SpreadData, np.ndarray]:

@@ -6,7 +6,9 @@ parameters, relative to the annulus start crystal) and ``{stage1_prefix}_refined
 shoeboxes are rebuilt as stage 1 built them (:func:`xfel_spread.stage1.rois.read_lattices` on
 ``{annulus_prefix}_annulus.expt/.refl`` and the shard's image and spectrum), ROIs whose Miller index
 has no structure factor dropped as stage 1 drops them; then each converged lattice's coefficients
-are computed at its stage-1 parameters (:func:`xfel_spread.spread.assemble.lattice_arrays`).
+are computed at its stage-1 parameters (:func:`xfel_spread.spread.assemble.lattice_arrays`), as the
+free mosaic domains stage 1 refined where ``{stage1_prefix}_domains.tsv`` gives them
+(``stage1.free_domains``; :func:`stage1_domains`).
 
 SPREAD needs every shot's spectrum on one channel grid, the ``structure_factors`` section's: images from
 elsewhere bring spectra at their own energies (the nanoBragg stills: 20 channels of 1 eV at other
@@ -30,6 +32,7 @@ from xfel_spread.spread.coefficients import AsuLookup
 from xfel_spread.spread.errors import SpreadInputError
 from xfel_spread.spread.fit import SpreadProblem
 from xfel_spread.spread.outputs import output_paths
+from xfel_spread.io.mosaic_domains import read_domain_vectors
 from xfel_spread.io.refined_shots import read_refined_shots
 from xfel_spread.sim.spectrum import SpectrumGridError, rebin_spectrum
 from xfel_spread.sim.structure_factors import channel_energies
@@ -55,6 +58,37 @@ def converged_parameters(shots_path: str | os.PathLike) -> dict[int, np.ndarray]
     return parameters
 
 
+#: A lattice's eta in the shots table and its domains' RMS angle (degrees) agree to this when both come
+#: from one stage-1 run (the table's 10 significant digits are far finer).
+DOMAINS_ETA_TOLERANCE_DEG = 1e-6
+
+
+def stage1_domains(stage1_prefix: str, parameters: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+    """{lattice: its free domains' rotation vectors (D, 3, deg)} of ``{stage1_prefix}_domains.tsv``, for the
+    converged lattices ``parameters`` of the same run's shots table (:func:`converged_parameters`).
+
+    A stage-1 output without the file (written before stage 1 wrote it) gives no domains. Domains of a
+    lattice the shots table does not hold as converged, or whose RMS angle is not the table's eta (the
+    files of two runs), are refused in one line (SpreadInputError)."""
+    path = f"{stage1_prefix}_domains.tsv"
+    if not os.path.exists(path):
+        return {}
+    try:
+        vectors = read_domain_vectors(path)
+    except ValueError as error:  # MosaicDomainsError: one line naming the file
+        raise SpreadInputError(str(error)) from None
+    eta = PARAMETER_NAMES.index("eta_deg")
+    for lattice, domains in vectors.items():
+        if lattice not in parameters:
+            raise SpreadInputError(f"{path}: domains of lattice {lattice}, which {stage1_prefix}_shots.tsv does not "
+                                   "hold as converged (files of different runs?)")
+        rms = float(np.sqrt((domains ** 2).sum(axis=1).mean()))
+        if abs(rms - parameters[lattice][eta]) > DOMAINS_ETA_TOLERANCE_DEG:
+            raise SpreadInputError(f"{path}: lattice {lattice}'s domains turn {rms:.6g} deg RMS, its eta in "
+                                   f"{stage1_prefix}_shots.tsv is {parameters[lattice][eta]:.6g} (files of different runs?)")
+    return vectors
+
+
 def shard_lattices(annulus_prefix: str, shard_path: str, stage1_prefix: str, lookup: AsuLookup,
                    settings: Stage1Settings, relative_cutoff: float, psf: DetectorPsf | None = None,
                    on_error: Callable[[int, Exception], None] | None = None,
@@ -71,6 +105,7 @@ def shard_lattices(annulus_prefix: str, shard_path: str, stage1_prefix: str, loo
     the grid is refused with one line naming the shard and image."""
     shots_path = f"{stage1_prefix}_shots.tsv"
     parameters = converged_parameters(shots_path)
+    domains = stage1_domains(stage1_prefix, parameters)
     annulus = open_annulus_shard(annulus_prefix, shard_path)
     if model_cell is not None:
         try:
@@ -100,7 +135,7 @@ def shard_lattices(annulus_prefix: str, shard_path: str, stage1_prefix: str, loo
             shot = dataclasses.replace(shot, energies_ev=energies, photons=photons)
         arrays = lattice_arrays(select_rois(shot, keep), parameters[lattice], settings.n_domains, lookup,
                                 settings.readout_sigma_adu, relative_cutoff, psf,
-                                settings.mosaic_model if settings.analytic_mosaic else None)
+                                settings.mosaic_model if settings.analytic_mosaic else None, domains.get(lattice))
         arrays.lattice = lattice
         arrays.spectrum_rebinned = rebinned
         lattices.append(arrays)
@@ -146,6 +181,8 @@ class ShardProblem:
     pixels_per_shot: list[int]
     #: How many of its shots' spectra were rebinned onto the structure_factors channels.
     spectra_rebinned: int = 0
+    #: How many of its lattices are modelled by the free domains stage 1 refined.
+    free_domain_lattices: int = 0
 
 
 def _sum_in_shard_order(parts: list[list[tuple]]) -> tuple[float, np.ndarray | None]:
@@ -304,7 +341,8 @@ def _shard_problems(inputs, numbers, settings, stage1, psf, decomposition, looku
                                 interpolation, restraints)
         problems.append(ShardProblem(number, problem, columns, [lattice.lattice for lattice in lattices],
                                      [len(lattice.data) for lattice in lattices],
-                                     sum(lattice.spectrum_rebinned for lattice in lattices)))
+                                     sum(lattice.spectrum_rebinned for lattice in lattices),
+                                     sum(lattice.free_domains > 0 for lattice in lattices)))
     return problems
 
 
@@ -399,10 +437,11 @@ def run_spread(inputs: SpreadInputs, comm=None, log=None) -> dict | None:
             error = caught
     first_error(comm, error)
     with abort_on_unexpected_error(comm):
-        counts = comm.allgather([(shard.shard, len(shard.lattices), shard.problem.data.n_pixels, shard.spectra_rebinned)
-                                 for shard in shards])
+        counts = comm.allgather([(shard.shard, len(shard.lattices), shard.problem.data.n_pixels, shard.spectra_rebinned,
+                                  shard.free_domain_lattices) for shard in shards])
         per_shard = sorted(item for part in counts for item in part)
         n_rebinned = sum(item[3] for item in per_shard)
+        n_free_domains = sum(item[4] for item in per_shard)
         n_lattices = sum(item[1] for item in per_shard)
         n_pixels = sum(item[2] for item in per_shard)
     if n_lattices == 0:
@@ -411,7 +450,8 @@ def run_spread(inputs: SpreadInputs, comm=None, log=None) -> dict | None:
     with abort_on_unexpected_error(comm):
         if rank == 0:
             log(f"spread {inputs.dataset}: {n_lattices} lattices, {n_pixels} pixels in {len(per_shard)} shard(s) "
-                f"on {size} rank(s); sites {', '.join(f'{n} from {t}' for n, t in settings.sites)}")
+                f"on {size} rank(s); sites {', '.join(f'{n} from {t}' for n, t in settings.sites)}; "
+                f"{n_free_domains} lattice(s) as stage 1's free domains")
         empty = SpreadData(*(torch.zeros(0, dtype=torch.float64) for _ in range(5)), torch.zeros(0, dtype=torch.int64),
                            torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64),
                            torch.zeros(0, dtype=torch.float64), 0)
@@ -491,10 +531,12 @@ def run_spread(inputs: SpreadInputs, comm=None, log=None) -> dict | None:
                          "preconditioner_lattices": settings.preconditioner_lattices,
                          "seed": settings.seed, "point_spread_modelled": psf is not None},
             "grid_ev": [float(grid[0]), float(grid[-1]), len(grid)],
-            "shards": [{"shard": shard, "lattices": n, "pixels": p} for shard, n, p, _ in per_shard],
+            "shards": [{"shard": shard, "lattices": n, "pixels": p} for shard, n, p, _, _ in per_shard],
             "lattices": n_lattices, "pixels": n_pixels, "ranks": size,
             # Images from elsewhere bring spectra at their own energies (rebinned onto the channels) and no truth.
             "spectra_rebinned": n_rebinned,
+            # Lattices modelled by the free mosaic domains stage 1 refined (stage1.free_domains), not by eta.
+            "free_domain_lattices": n_free_domains,
             "input_source": source,
             "truth": ("the simulation's tables (rule score_spread)" if source == "simulate" else
                       "none: images from elsewhere (input.source: images); the fit is not scored"),

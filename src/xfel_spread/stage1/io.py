@@ -29,6 +29,10 @@ Outputs of one annulus shard, for output prefix P:
     RMSD (xyzcal.px) over the same strong spots; the standard deviation of
     the trusted pixels' Z-scores before and after; wall seconds. Values that do not exist for the
     lattice (a lattice that never reached the refinement) are blank.
+``P_domains.tsv``
+    With ``stage1.free_domains`` on, each converged lattice's free mosaic domains: their rotation
+    vectors about the refined orientation (``io.mosaic_domains``, which writes and reads it), so that
+    SPREAD models the lattice as stage 1 fitted it. Its header alone when the free domains are off.
 """
 
 from __future__ import annotations
@@ -42,12 +46,13 @@ import numpy as np
 
 from xfel_spread.atomic import atomic_path
 from xfel_spread.errors import UserInputError
+from xfel_spread.io.mosaic_domains import write_domain_vectors
 from xfel_spread.io.refined_shots import PARAMETER_COLUMNS, write_refined_shots
 from xfel_spread.sim.structure_factors import (AmplitudeGrid, ChannelAmplitudes, expand_to_p1_grid,
                                                load_channel_amplitudes)
 
 #: Output files of one shard, as suffixes of its output prefix.
-OUTPUT_SUFFIXES = {"experiments": "_refined.expt", "shots": "_shots.tsv"}
+OUTPUT_SUFFIXES = {"experiments": "_refined.expt", "shots": "_shots.tsv", "domains": "_domains.tsv"}
 #: Energies of the model's channels must match the shard's to this tolerance (eV).
 ENERGY_TOLERANCE_EV = 1e-6
 
@@ -156,6 +161,8 @@ class LatticeResult:
     row: dict = field(default_factory=dict)  #: values of ``io.refined_shots.SHOT_COLUMNS`` (missing ones blank)
     refined_matrix: np.ndarray | None = None  #: (3, 3) rows a, b, c, when converged
     detz_shift_mm: float | None = None  #: refined distance shift, when converged and refined
+    #: The free domains' centred rotation vectors (D, 3, deg), when converged with ``stage1.free_domains``.
+    domain_vectors_deg: np.ndarray | None = None
 
 
 def lattice_result(lattice: int, fit, n_rois_no_f: int, n_pixels: int) -> LatticeResult:
@@ -179,7 +186,8 @@ def lattice_result(lattice: int, fit, n_rois_no_f: int, n_pixels: int) -> Lattic
     if not fit.converged:
         return LatticeResult(lattice, row)
     shift = fit.final.get("detz_shift_mm") if "detz_shift_mm" in fit.refined else None
-    return LatticeResult(lattice, row, np.asarray(fit.real_space_matrix, dtype=np.float64), shift)
+    vectors = None if fit.domain_vectors_deg is None else np.asarray(fit.domain_vectors_deg, dtype=np.float64)
+    return LatticeResult(lattice, row, np.asarray(fit.real_space_matrix, dtype=np.float64), shift, vectors)
 
 
 def failed_lattice_result(lattice: int, shot: int, image: int, identifier: str, reason: str,
@@ -239,3 +247,9 @@ def write_refined_experiments(experiments, results: Sequence[LatticeResult], pat
 def write_shots_table(results: Sequence[LatticeResult], path: str | os.PathLike) -> None:
     """The shots table of ``results``, in the given order (:func:`xfel_spread.io.refined_shots.write_refined_shots`)."""
     write_refined_shots([result.row for result in results], path)
+
+
+def write_domains_table(results: Sequence[LatticeResult], path: str | os.PathLike) -> None:
+    """The domains table of the ``results`` that have free domains (:func:`xfel_spread.io.mosaic_domains.write_domain_vectors`)."""
+    write_domain_vectors({result.lattice: result.domain_vectors_deg for result in results
+                          if result.domain_vectors_deg is not None}, path)

@@ -1,10 +1,10 @@
 """The driver of the per-shot pixel refinement (stages 8-9): what ``spread-stage1`` and ``spread-exa`` run.
 
 :func:`run_stage1` refines every lattice of one annulus shard against its shoebox pixels and writes
-``P_refined.expt`` and ``P_shots.tsv``. It is collective over an MPI communicator (``comm``; a
+``P_refined.expt``, ``P_shots.tsv`` and ``P_domains.tsv``. It is collective over an MPI communicator (``comm``; a
 :class:`~xfel_spread.mpi.SerialComm` runs it in-process, without mpirun). Ranks take
 lattices round-robin by their position in the annulus experiment list (rank r: r, r + N, ...); rank
-0 gathers the results in lattice order and writes both outputs, so the files are the same for any
+0 gathers the results in lattice order and writes the outputs, so the files are the same for any
 number of ranks (torch runs ``threads`` threads per rank: reductions split over a different number
 of threads round differently). A lattice whose shoeboxes or refinement fail becomes a row with
 converged 0 and the reason; the job goes on.
@@ -241,7 +241,7 @@ def run_stage1(inputs: Stage1Inputs, program: str, refine: Refine, comm=None) ->
     :class:`~xfel_spread.mpi.AgreedError`; a bug on one rank of several aborts the job.
     """
     from xfel_spread.mpi import abort_on_error, abort_on_unexpected_error, first_error, wait_for_all
-    from xfel_spread.stage1.io import output_paths, write_refined_experiments, write_shots_table
+    from xfel_spread.stage1.io import output_paths, write_domains_table, write_refined_experiments, write_shots_table
 
     if comm is None:
         from mpi4py import MPI
@@ -274,6 +274,7 @@ def run_stage1(inputs: Stage1Inputs, program: str, refine: Refine, comm=None) ->
         paths = output_paths(inputs.output_prefix)
         write_refined_experiments(annulus.experiments, results, paths["experiments"])
         write_shots_table(results, paths["shots"])
+        write_domains_table(results, paths["domains"])
     return results
 
 
