@@ -100,16 +100,23 @@ def test_demo_config(repo_root):
     config = load_config(repo_root / "config" / "config.yaml")
     assert config["reference"]["mirror_dir"] == "../shared/data"
     assert (config["simulate"]["n_shots"], config["simulate"]["shots_per_shard"]) == (8, 4)
+    # The demo refines eta and the free domains, which SPREAD models its lattices by.
+    assert config["stage1"]["free_domains"] == 25 and "eta" in config["stage1"]["refine"]
 
 
 def test_production_config_over_demo_config(repo_root):
-    """Snakemake merges --configfile config/production.yaml over the Snakefile's config/config.yaml."""
-    demo = yaml.safe_load((repo_root / "config" / "config.yaml").read_text())
-    production = yaml.safe_load((repo_root / "config" / "production.yaml").read_text())
-    merged = {**demo, **production}  # both files only hold whole sections
+    """Snakemake merges --configfile config/production.yaml over the Snakefile's config/config.yaml, key by
+    key within a section (snakemake.utils.update_config), so production names every demo key it undoes."""
+    from snakemake.utils import update_config
+
+    merged = yaml.safe_load((repo_root / "config" / "config.yaml").read_text())
+    update_config(merged, yaml.safe_load((repo_root / "config" / "production.yaml").read_text()))
     config = load_config(merged, "production")
     assert config["reference"]["mirror_dir"] is None
     assert (config["simulate"]["n_shots"], config["simulate"]["shots_per_shard"]) == (100000, 500)
+    defaults = load_config({}, "defaults")["stage1"]
+    for key in ("structure_factors", "refine", "free_domains"):
+        assert config["stage1"][key] == defaults[key], key
 
 
 # --- one-line errors ---------------------------------------------------------------------------------
