@@ -445,3 +445,29 @@ def test_stage1s_free_domains_are_spreads_model_of_their_lattices(case, tmp_path
     with pytest.raises(SpreadInputError, match=rf"^{unconverged}_domains\.tsv: domains of lattice 0, which "
                                                 r".* does not hold as converged"):
         lattices(unconverged)
+
+
+def test_a_stage1_output_without_its_domains_table(case, tmp_path):
+    """A stage-1 output written before the domains table existed: SPREAD models its lattices by the shots
+    table when the free domains are off, and asks for the table in one line when they are on."""
+    import dataclasses
+    import shutil
+
+    from xfel_spread.spread.errors import SpreadInputError
+    from xfel_spread.spread.pipeline import _lookup_of, _prepare_spread, _site_decomposition, shard_lattices
+
+    written, stage1_prefix = case
+    inputs = inputs_for(case, spread_config(tmp_path / "spread.yaml"), tmp_path / "out")
+    settings, stage1, structure, psf, _ = _prepare_spread(inputs)
+    lookup = _lookup_of(_site_decomposition(inputs, settings, structure))
+    older = tmp_path / "older"
+    shutil.copy(f"{stage1_prefix}_shots.tsv", f"{older}_shots.tsv")
+
+    def lattices(stage1_settings):
+        return shard_lattices(str(written.annulus_prefix), str(written.shard), str(older), lookup, stage1_settings,
+                              settings.relative_cutoff, psf, max_lattices=1)
+
+    assert [one.free_domains for one in lattices(stage1)] == [0]
+    with pytest.raises(SpreadInputError, match=rf"^{older}_domains\.tsv: no such file, but stage1\.free_domains is on"
+                                                r".*--forcerun stage1 exa\)$"):
+        lattices(dataclasses.replace(stage1, free_domains=25))

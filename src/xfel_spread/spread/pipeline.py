@@ -63,15 +63,23 @@ def converged_parameters(shots_path: str | os.PathLike) -> dict[int, np.ndarray]
 DOMAINS_ETA_TOLERANCE_DEG = 1e-6
 
 
-def stage1_domains(stage1_prefix: str, parameters: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+def stage1_domains(stage1_prefix: str, parameters: dict[int, np.ndarray],
+                   free_domains: bool = False) -> dict[int, np.ndarray]:
     """{lattice: its free domains' rotation vectors (D, 3, deg)} of ``{stage1_prefix}_domains.tsv``, for the
     converged lattices ``parameters`` of the same run's shots table (:func:`converged_parameters`).
 
-    A stage-1 output without the file (written before stage 1 wrote it) gives no domains. Domains of a
-    lattice the shots table does not hold as converged, or whose RMS angle is not the table's eta (the
-    files of two runs), are refused in one line (SpreadInputError)."""
+    A stage-1 output without the file (written before stage 1 wrote it) gives no domains, unless
+    ``free_domains`` (``stage1.free_domains`` is on): then its lattices would be modelled otherwise than
+    stage 1 fitted them, and the file is asked for in one line (SpreadInputError; Snakemake does not
+    remake a missing intermediate file whose consumers are up to date). Domains of a lattice the shots
+    table does not hold as converged, or whose RMS angle is not the table's eta (the files of two runs),
+    are refused in one line too."""
     path = f"{stage1_prefix}_domains.tsv"
     if not os.path.exists(path):
+        if free_domains:
+            raise SpreadInputError(f"{path}: no such file, but stage1.free_domains is on: this stage-1 output was "
+                                   "written before stage 1 wrote its domains; run stage 1 again (snakemake "
+                                   "--forcerun stage1 exa)")
         return {}
     try:
         vectors = read_domain_vectors(path)
@@ -105,7 +113,7 @@ def shard_lattices(annulus_prefix: str, shard_path: str, stage1_prefix: str, loo
     the grid is refused with one line naming the shard and image."""
     shots_path = f"{stage1_prefix}_shots.tsv"
     parameters = converged_parameters(shots_path)
-    domains = stage1_domains(stage1_prefix, parameters)
+    domains = stage1_domains(stage1_prefix, parameters, settings.free_domains > 0)
     annulus = open_annulus_shard(annulus_prefix, shard_path)
     if model_cell is not None:
         try:
