@@ -105,7 +105,7 @@ def stage1_lattices(annulus, grid, stage1_prefix: str, shard: int, wanted: int, 
     from xfel_spread.stage1.rois import real_space_matrix
 
     paths = output_paths(stage1_prefix)
-    for path in (paths["shots"], paths["experiments"]):
+    for path in (paths["experiments"], paths["shots"]):
         if not path.is_file():
             raise PixelMetrologyError(f"{path}: no such file (stage 1's output)")
     rows = read_refined_shots(paths["shots"])
