@@ -179,3 +179,22 @@ def test_the_written_tiled_detector_moves_every_panel_by_the_refined_vector():
     assert [rows["beam_centre_fast_px"]["change"], rows["beam_centre_slow_px"]["change"]] == pytest.approx(
         [0.5, -0.25], abs=1e-3)
     assert rows["distance_mm"]["change"] == pytest.approx(0.3, abs=1e-3)
+
+
+def test_the_detectors_lattices_are_refined_without_free_domains(amplitude_table, monkeypatch):
+    """stage1.free_domains (on in the demo config) is not refined for the detector: the joint refinement
+    models each lattice as one crystal with its eta, so step 1 refines that model alone."""
+    from xfel_spread.stage1 import refine
+
+    def no_free_domains(*args, **kwargs):
+        raise AssertionError("free domains refined for the detector")
+
+    monkeypatch.setattr(refine, "refine_free_domains", no_free_domains)
+    lookup = lookup_for(amplitude_table, FEW_CHANNELS)
+    shots = imaged_shots(amplitude_table, lookup, LY99_DETECTOR, LY99_DETECTOR, 1)
+    settings = Stage1Settings.from_config({"refine": ["G", "rotation", "cell", "ncells", "eta"], "free_domains": 3})
+    assert refine.refine_shot(shots[0], lookup, settings).reason == "AssertionError: free domains refined for the detector"
+    fit = refine_detector(shots, lookup, settings, max_iterations=2, uncertainty=False)
+    (single,) = fit.single_fits
+    assert single.converged, single.reason
+    assert single.domain_vectors_deg is None

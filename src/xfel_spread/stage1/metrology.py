@@ -148,7 +148,8 @@ def refine_detector(shots: list[ShotPixels], amplitudes: AmplitudeLookup, settin
     """The level-0 detector refined jointly with the lattices of ``shots`` (see the module docstring).
 
     Every shot must share the starting detector. ``settings`` are stage 1's; its ``detz_shift`` group,
-    if any, is dropped (the distance is the panel's here, refined when ``refine_distance``).
+    if any, is dropped (the distance is the panel's here, refined when ``refine_distance``), and so are
+    its free domains (each lattice is one crystal with stage 1's eta here).
 
     ``method`` ``joint`` minimises the summed NLL over the detector and every lattice's parameters at
     once; ``profile`` minimises over the detector alone the profile NLL, the sum over lattices of each
@@ -171,7 +172,7 @@ def refine_detector(shots: list[ShotPixels], amplitudes: AmplitudeLookup, settin
         raise ValueError("the detector refinement moves a Detector or a MultiPanelDetector")
     if isinstance(start_detector, MultiPanelDetector):
         _ = start_detector.pixel_size_mm  # one pixel size for a shift in pixels (ValueError otherwise)
-    settings = _without_distance(settings)
+    settings = _detector_settings(settings)
     progress = Progress(len(shots), "pixel metrology, step 1 (each lattice alone)", logger.info, items="lattices")
     singles = []
     for shot in shots:
@@ -359,7 +360,12 @@ def _padded(sigma: np.ndarray) -> np.ndarray:
     return np.concatenate((sigma, np.full(3 - len(sigma), np.nan)))
 
 
-def _without_distance(settings: Stage1Settings) -> Stage1Settings:
-    return dataclasses.replace(settings, refine=tuple(group for group in settings.refine if group != "detz_shift"))
+def _detector_settings(settings: Stage1Settings) -> Stage1Settings:
+    """Stage 1's settings for the detector's lattices: no distance shift of their own (the panel's is
+    refined), and no free domains (``stage1.free_domains``): the joint refinement models each lattice as
+    one crystal with stage 1's eta, so free domains refined in step 1 would cost several times its
+    refinement and be dropped."""
+    return dataclasses.replace(settings, refine=tuple(group for group in settings.refine if group != "detz_shift"),
+                               free_domains=0)
 
 
