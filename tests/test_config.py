@@ -119,6 +119,19 @@ def test_production_config_over_demo_config(repo_root):
         assert config["stage1"][key] == defaults[key], key
 
 
+@pytest.mark.parametrize("example", ["nanobragg", "rayonix_mfx", "thermolysin_cspad"])
+def test_the_examples_take_the_schemas_crystal_model_back(repo_root, example):
+    """The worked examples run with --configfile over the demo's config (key by key, as Snakemake merges):
+    the demo's eta and free domains, made for the simulation's sharp domains, are not theirs."""
+    from snakemake.utils import update_config
+
+    merged = yaml.safe_load((repo_root / "config" / "config.yaml").read_text())
+    update_config(merged, yaml.safe_load((repo_root / "config" / "examples" / f"{example}.yaml").read_text()))
+    stage1 = load_config(merged, example)["stage1"]
+    defaults = load_config({}, "defaults")["stage1"]
+    assert (stage1["refine"], stage1["free_domains"]) == (defaults["refine"], defaults["free_domains"])
+
+
 # --- one-line errors ---------------------------------------------------------------------------------
 
 
