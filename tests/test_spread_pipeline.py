@@ -116,17 +116,23 @@ def inputs_for(case, config, prefix, stage1_prefixes=None):
                         tuple(map(str, stage1_prefixes)), str(PDB_PATH), str(SHARED_DATA_DIR), str(prefix))
 
 
-def with_converged(stage1_prefix, prefix, converged):
-    """A copy of the stage-1 shots table at ``prefix`` with only the lattices ``converged`` converged."""
+def with_column(stage1_prefix, prefix, name, cell):
+    """A copy of the stage-1 shots table at ``prefix`` with column ``name`` of each lattice's row set to
+    ``cell(lattice, old cell)``."""
     with open(f"{stage1_prefix}_shots.tsv") as stream:
         lines = stream.read().splitlines()
-    column = lines[0].split("\t").index("converged")
+    column = lines[0].split("\t").index(name)
     rows = [line.split("\t") for line in lines[1:]]
     for lattice, row in enumerate(rows):
-        row[column] = "1" if lattice in converged else "0"
+        row[column] = cell(lattice, row[column])
     with open(f"{prefix}_shots.tsv", "w") as stream:
         stream.write("\n".join([lines[0]] + ["\t".join(row) for row in rows]) + "\n")
     return prefix
+
+
+def with_converged(stage1_prefix, prefix, converged):
+    """A copy of the stage-1 shots table at ``prefix`` with only the lattices ``converged`` converged."""
+    return with_column(stage1_prefix, prefix, "converged", lambda lattice, _: "1" if lattice in converged else "0")
 
 
 def output_bytes(prefix):
@@ -389,14 +395,9 @@ def with_domains(stage1_prefix, prefix, vectors_deg, eta_deg=None):
     (or ``eta_deg``), and a domains table giving lattice 0 those domains."""
     from xfel_spread.io.mosaic_domains import write_domain_vectors
 
-    with open(f"{stage1_prefix}_shots.tsv") as stream:
-        lines = stream.read().splitlines()
-    column = lines[0].split("\t").index("eta_deg")
-    row = lines[1].split("\t")
     rms = float(np.sqrt((vectors_deg ** 2).sum(axis=1).mean()))
-    row[column] = f"{rms if eta_deg is None else eta_deg:.10g}"
-    with open(f"{prefix}_shots.tsv", "w") as stream:
-        stream.write("\n".join([lines[0], "\t".join(row), *lines[2:]]) + "\n")
+    eta = f"{rms if eta_deg is None else eta_deg:.10g}"
+    with_column(stage1_prefix, prefix, "eta_deg", lambda lattice, old: eta if lattice == 0 else old)
     write_domain_vectors({0: vectors_deg}, f"{prefix}_domains.tsv")
     return prefix
 
@@ -406,6 +407,7 @@ def test_stage1s_free_domains_are_spreads_model_of_their_lattices(case, tmp_path
     lattice_arrays given its vectors; their equality with stage 1's model: test_spread_coefficients), a
     lattice without by the shots table alone; domains the shots table does not match are refused in one
     line naming the file."""
+    from xfel_spread.io.mosaic_domains import read_domain_vectors
     from xfel_spread.spread.assemble import lattice_arrays
     from xfel_spread.spread.errors import SpreadInputError
     from xfel_spread.spread.pipeline import (_lookup_of, _prepare_spread, _site_decomposition, converged_parameters,
@@ -429,13 +431,14 @@ def test_stage1s_free_domains_are_spreads_model_of_their_lattices(case, tmp_path
     assert np.array_equal(free[0].data, plain[0].data) and not np.array_equal(free[0].term_coeff, plain[0].term_coeff)
     for field in ("term_pixel", "term_channel", "term_column", "term_coeff"):
         assert np.array_equal(getattr(free[1], field), getattr(plain[1], field)), field
-    # Lattice 0's arrays are lattice_arrays' of its shot given the table's vectors.
+    # Lattice 0's arrays are lattice_arrays' of its shot given the table's vectors (as written: 10 digits).
     annulus = open_annulus_shard(str(written.annulus_prefix), str(written.shard))
     ((_, shot, _),) = read_lattices(annulus, [0], stage1.shoebox_size_px, lambda lattice, error: None)
     direct = lattice_arrays(select_rois(shot, lookup.columns(shot.miller_index) >= 0),
                             converged_parameters(f"{prefix}_shots.tsv")[0], stage1.n_domains, lookup,
                             stage1.readout_sigma_adu, settings.relative_cutoff, psf,
-                            stage1.mosaic_model if stage1.analytic_mosaic else None, vectors)
+                            stage1.mosaic_model if stage1.analytic_mosaic else None,
+                            read_domain_vectors(f"{prefix}_domains.tsv")[0])
     assert np.abs(direct.term_coeff - free[0].term_coeff).max() <= 1e-9 * np.abs(direct.term_coeff).max()
 
     with pytest.raises(SpreadInputError, match=rf"^{prefix}_domains\.tsv: lattice 0's domains turn 0\.0\d+ deg RMS, "
