@@ -113,6 +113,11 @@ void check(const torch::Tensor& tensor, int64_t dim, const char* name) {
               "pair sums: ", name, " must be a contiguous float64 CPU tensor of ", dim, " dimension(s)");
 }
 
+// The terms' cut-off must be in (0, 40], the range the loop takes (one check for every entry point).
+void check_cutoff(double cutoff, const char* name) {
+  TORCH_CHECK(cutoff > 0.0 && cutoff <= 40.0, name, ": the cut-off must be in (0, 40]");
+}
+
 // The sums, and with moments the two moment sums, of the pairs' rows (see Rows: padded, or ragged when
 // k_first is given), the inputs checked by the caller.
 std::vector<torch::Tensor> channel_sums(const torch::Tensor& curvature, const torch::Tensor& centre,
@@ -143,7 +148,7 @@ std::vector<torch::Tensor> pair_channel_sum(torch::Tensor curvature, torch::Tens
   TORCH_CHECK(curvature.size(0) == n && centre.size(0) == n && floor_.size(0) == n && weight.size(0) == n &&
                   weight.size(1) == width,
               "pair_channel_sum: the pairs' shapes disagree");
-  TORCH_CHECK(cutoff > 0.0 && cutoff <= 40.0, "pair_channel_sum: the cut-off must be in (0, 40]");
+  check_cutoff(cutoff, "pair_channel_sum");
   return channel_sums(curvature, centre, floor_, u, weight, width, cutoff, moments);
 }
 
@@ -189,7 +194,7 @@ void check_ragged_rows(int64_t n, const torch::Tensor& band, const torch::Tensor
   const int64_t width = band.size(0), n_rows = table.size(0);
   TORCH_CHECK(table.size(1) == width && row.size(0) == n && k_first.size(0) == n && n_channels.size(0) == n,
               name, ": the pairs' shapes disagree");
-  TORCH_CHECK(cutoff > 0.0 && cutoff <= 40.0, name, ": the cut-off must be in (0, 40]");
+  check_cutoff(cutoff, name);
   const int64_t *rp = row.data_ptr<int64_t>(), *kf = k_first.data_ptr<int64_t>(), *nc = n_channels.data_ptr<int64_t>();
   for (int64_t i = 0; i < n; ++i) {
     TORCH_CHECK(rp[i] >= 0 && rp[i] < n_rows && kf[i] >= 0 && nc[i] >= 0 && kf[i] + nc[i] <= width,
