@@ -116,6 +116,9 @@ def test_compiled_loop_checks_its_inputs(compiled):
         compiled.pair_channel_sum(curvature, centre, floor, u.T, weight, ARG_CUTOFF, True)
     with pytest.raises(RuntimeError, match="shapes disagree"):
         compiled.pair_channel_sum(curvature[:3], centre, floor, u, weight, ARG_CUTOFF, True)
+    for cutoff in (0.0, 40.5):
+        with pytest.raises(RuntimeError, match=r"pair_channel_sum: the cut-off must be in \(0, 40\]"):
+            compiled.pair_channel_sum(curvature, centre, floor, u, weight, cutoff, True)
 
 
 def test_switched_off_the_eager_loop_runs(fresh_state, monkeypatch):
@@ -228,6 +231,9 @@ def test_compiled_quadratic_sums_check_the_rows(compiled):
     for row, k_first, n_channels in (([0, 3], [0, 0], [1, 1]), ([0, 0], [6, 0], [5, 1]), ([0, 0], [-1, 0], [2, 1])):
         with pytest.raises(RuntimeError, match="outside the band or the table"):
             call(row, k_first, n_channels)
+    with pytest.raises(RuntimeError, match=r"pair_quadratic_sum: the cut-off must be in \(0, 40\]"):
+        compiled.pair_quadratic_sum(h, hkl, ncells, band, table, torch.tensor([0, 2]), torch.tensor([0, 5]),
+                                    torch.tensor([10, 5]), GAUSS_WIDTH, 41.0, True)
 
 
 def test_compiled_channel_runs_equal_torch_to_the_bit(compiled):
