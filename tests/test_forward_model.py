@@ -541,6 +541,40 @@ def test_nanobragg_mosaic_draw_has_nanobraggs_angle_distribution():
     assert scipy.stats.kstest(axes[:, 2], "uniform", args=(-1, 2)).pvalue > 0.01
 
 
+def test_nanobraggs_ran1_is_the_minimal_standard_generator_behind_a_shuffle():
+    """The generator under the shuffle is Park and Miller's: from 1, the 10000th value is 1043618065 (their
+    published check). The deviates lie on (0, 1) in single precision, and a seed gives the same sequence.
+    (That the shuffled draw is nanoBragg's is checked on its images: benchmarks/stage1_nanobragg_truth.py.)"""
+    state = 1
+    for _ in range(10000):
+        state = xtal.NanoBraggRan1._step(state)
+    assert state == 1043618065
+    first, again = xtal.NanoBraggRan1(-1000), xtal.NanoBraggRan1(-1000)
+    values = np.array([first.next() for _ in range(3000)])
+    assert np.array_equal(values, [again.next() for _ in range(3000)])
+    assert values.min() > 0 and values.max() < 1 and np.array_equal(values, values.astype(np.float32))
+    assert abs(values.mean() - 0.5) < 0.02 and scipy.stats.kstest(values, "uniform").pvalue > 0.01
+
+
+def test_nanobraggs_seeded_domains_are_its_draw_from_its_generator():
+    """``-mosaic_seed 1000``: domain 0 the identity after its three deviates, the rest nanoBragg's
+    axis-angle formula on the generator's next three deviates each, never beyond the spread."""
+    rotations = xtal.nanobragg_seeded_mosaic_rotations(10, 0.05, 1000)
+    generator = xtal.NanoBraggRan1(-1000)
+    deviates = np.array([[2.0 * generator.next() - 1.0 for _ in range(3)] for _ in range(10)])
+    assert np.array_equal(rotations[0], np.eye(3))
+    for rotation, (r1, r2, r3) in zip(rotations[1:], deviates[1:]):
+        axis = np.array([np.sqrt(1 - r2 ** 2) * np.sin(np.pi * r1), np.sqrt(1 - r2 ** 2) * np.cos(np.pi * r1), r2])
+        angle = np.radians(0.05) * (1 - r3 ** 2) ** (1 / 3)
+        assert np.allclose(rotation, xtal.axis_angle_rotation(axis, angle), atol=1e-15)
+        assert xtal.rotation_angle_deg(rotation) <= 0.05 + 1e-12
+    assert not np.allclose(rotations, xtal.nanobragg_seeded_mosaic_rotations(10, 0.05, 1001))
+    # nanoBragg's frame to DIALS's: a proper rotation (x_dials = z, y_dials = y, z_dials = -x).
+    frame = xtal.NANOBRAGG_MOSFLM_TO_DIALS
+    assert np.allclose(frame @ frame.T, np.eye(3)) and np.linalg.det(frame) == pytest.approx(1.0)
+    assert np.array_equal(frame @ np.array([1.0, 2.0, 3.0]), [3.0, 2.0, -1.0])
+
+
 def test_gaussian_mosaic_draw_is_the_default_and_unchanged():
     """The default draw is the LY99 one: normal angles of standard deviation spread, axes uniform."""
     default = xtal.mosaic_rotations(5000, 0.5, np.random.default_rng(12))

@@ -93,14 +93,75 @@ def nanobragg_mosaic_rotations(n_domains: int, spread_deg: float, rng: np.random
     :data:`NANOBRAGG_RMS_FRACTION` of the spread). Domain 0 is the identity, as nanoBragg forces it
     after taking its three deviates.
     """
-    rotations = np.empty((n_domains, 3, 3))
-    for domain in range(n_domains):
-        r1, r2, r3 = rng.uniform(-1.0, 1.0, 3)
+    return _nanobragg_rotations(rng.uniform(-1.0, 1.0, (n_domains, 3)), spread_deg)
+
+
+def nanobragg_seeded_mosaic_rotations(n_domains: int, spread_deg: float, mosaic_seed: int) -> np.ndarray:
+    """The mosaic domains the nanoBragg program itself drew with ``-mosaic_seed mosaic_seed``, in its
+    own laboratory frame: :func:`nanobragg_mosaic_rotations` with the deviates of its ``ran1``
+    (:class:`NanoBraggRan1`) seeded by ``-mosaic_seed``, three per domain, domain 0's taken and
+    discarded. nanoBragg applies each to the cell vectors (``a_domain = U a``) before it sums the
+    domains; turn them into another frame ``F`` by ``F U F^T``.
+    """
+    generator = NanoBraggRan1(-abs(int(mosaic_seed)))
+    deviates = np.array([[2.0 * generator.next() - 1.0 for _ in range(3)] for _ in range(n_domains)])
+    return _nanobragg_rotations(deviates, spread_deg)
+
+
+#: nanoBragg's MOSFLM laboratory frame (beam along +x) to DIALS's (beam along -z): x_dials = z,
+#: y_dials = y, z_dials = -x. A rotation U of nanoBragg's frame is ``F @ U @ F.T`` in DIALS's.
+NANOBRAGG_MOSFLM_TO_DIALS = np.array([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [-1.0, 0.0, 0.0]])
+
+
+def _nanobragg_rotations(deviates: np.ndarray, spread_deg: float) -> np.ndarray:
+    """Rotations (D, 3, 3) from nanoBragg's three deviates on [-1, 1] per domain (rows of ``deviates``)."""
+    rotations = np.empty((len(deviates), 3, 3))
+    for domain, (r1, r2, r3) in enumerate(deviates):
         xy = np.sqrt(1.0 - r2 * r2)
         axis = np.array([xy * np.sin(np.pi * r1), xy * np.cos(np.pi * r1), r2])
         angle = np.radians(spread_deg) * (1.0 - r3 * r3) ** (1.0 / 3.0)
         rotations[domain] = np.eye(3) if domain == 0 else axis_angle_rotation(axis, angle)
     return rotations
+
+
+class NanoBraggRan1:
+    """The nanoBragg program's uniform generator ``ran1`` (Numerical Recipes' "ran1": Park and Miller's
+    minimal standard generator x -> 16807 x mod (2^31 - 1) by Schrage's method, behind a Bays-Durham
+    shuffle table of 32), so that the domains of its images can be drawn again from their seed.
+
+    A seed <= 0 (nanoBragg negates the command line's) fills the table after eight warm-up steps; each
+    deviate is single precision on (0, 1), never above 1 - 1.2e-7, as nanoBragg returns it.
+    """
+
+    MULTIPLIER, MODULUS, QUOTIENT, REMAINDER = 16807, 2147483647, 127773, 2836
+    TABLE = 32
+    DIVISOR = 1 + (MODULUS - 1) // TABLE
+    LARGEST = 1.0 - 1.2e-7
+
+    def __init__(self, seed: int):
+        state = max(-int(seed), 1)
+        table = [0] * self.TABLE
+        for slot in range(self.TABLE + 7, -1, -1):
+            state = self._step(state)
+            if slot < self.TABLE:
+                table[slot] = state
+        self._state, self._table, self._last = state, table, table[0]
+
+    @classmethod
+    def _step(cls, state: int) -> int:
+        """One step of the minimal standard generator, without overflow (Schrage)."""
+        high = state // cls.QUOTIENT
+        state = cls.MULTIPLIER * (state - high * cls.QUOTIENT) - cls.REMAINDER * high
+        return state + cls.MODULUS if state < 0 else state
+
+    def next(self) -> float:
+        """The next deviate."""
+        self._state = self._step(self._state)
+        slot = self._last // self.DIVISOR
+        self._last = self._table[slot]
+        self._table[slot] = self._state
+        value = float(np.float32((1.0 / self.MODULUS) * self._last))
+        return float(np.float32(self.LARGEST)) if value > self.LARGEST else value
 
 
 #: Root-mean-square angle of nanoBragg's draw over its spread: sqrt(E[(1 - u^2)^(2/3)]) for u uniform
