@@ -322,6 +322,49 @@ def test_model_amplitude_grid_must_be_on_the_shards_channels(case):
         stage1_io.load_amplitude_grid("merged", energies, amplitudes_path=case.amplitudes)
 
 
+def test_spectra_elsewhere_are_put_on_the_models_channels(case):
+    """Images from elsewhere carry spectra on their own energies: with the model's |F| stage 1 puts every
+    shot's spectrum on the table's channels (total and mean energy kept) and reads its lattices so; with
+    merged |F| the shard's own channels stay. A spectrum off the table's channels is one line naming the
+    shard and image, before any lattice is read."""
+    from dataclasses import replace
+
+    from xfel_spread.sim.spectrum import SpectrumGridError
+
+    annulus = rois.open_annulus_shard(case.annulus_prefix, case.shard)
+    table = stage1_io.stage1_channels("model", annulus.metadata.energy_ev + 0.25, case.amplitudes)
+    np.testing.assert_array_equal(table, annulus.metadata.energy_ev)  # the case's table is on its shard's
+    np.testing.assert_array_equal(stage1_io.stage1_channels("merged", annulus.metadata.energy_ev + 0.25, None),
+                                  annulus.metadata.energy_ev + 0.25)
+    assert rois.annulus_on_channels(annulus, table) is annulus  # already on them
+    # The same shard as a beamline's: its spectra a quarter of a channel step up, on 9 of the 10 channels.
+    step = float(np.diff(table).min())
+    elsewhere = replace(annulus, metadata=replace(annulus.metadata, energy_ev=table[:-1] + 0.25 * step,
+                                                  photons_per_channel=annulus.metadata.photons_per_channel[:, :-1]))
+    moved = rois.annulus_on_channels(elsewhere, table)
+    np.testing.assert_array_equal(moved.metadata.energy_ev, table)
+    before, after = elsewhere.metadata.photons_per_channel, moved.metadata.photons_per_channel
+    np.testing.assert_allclose(after.sum(axis=1), before.sum(axis=1), rtol=1e-12)
+    np.testing.assert_allclose(after @ table / after.sum(axis=1),
+                               before @ elsewhere.metadata.energy_ev / before.sum(axis=1), rtol=1e-12)
+    shot, _ = rois.shot_pixels(annulus, 0, read_shard_image(case.shard, 0), 12)
+    assert rois.shot_on_channels(shot, table, case.shard) is shot
+    energies, photons = shot.energies_ev[:-1] + 0.25 * step, shot.photons[:-1]
+    shifted = rois.shot_on_channels(replace(shot, energies_ev=energies, photons=photons), table, case.shard)
+    np.testing.assert_array_equal(shifted.energies_ev, table)
+    assert shifted.photons.sum() == pytest.approx(photons.sum(), rel=1e-12)
+    assert shifted.photons @ table == pytest.approx(photons @ energies, rel=1e-12)
+    # Channels of no weight may lie outside; a lit one may not.
+    dark = replace(annulus, metadata=replace(annulus.metadata, energy_ev=annulus.metadata.energy_ev + 50 * step,
+                                             photons_per_channel=np.zeros_like(before[:, :1]).repeat(10, axis=1)))
+    assert rois.annulus_on_channels(dark, table).metadata.photons_per_channel.sum() == 0
+    outside = replace(elsewhere, metadata=replace(elsewhere.metadata, energy_ev=table[:-1] + 2 * step))
+    with pytest.raises(SpectrumGridError) as raised:
+        rois.annulus_on_channels(outside, table)
+    assert str(raised.value).startswith(f"{case.shard}: image 0: spectrum at ")
+    assert "\n" not in str(raised.value)
+
+
 def test_a_model_of_another_crystal_is_refused_in_one_line(case):
     """The model's |F| are only used for lattices of its own crystal: LY99's under thermolysin's cell
     (the default model under real images of something else) stops the job."""

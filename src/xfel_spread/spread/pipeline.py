@@ -34,12 +34,12 @@ from xfel_spread.spread.fit import SpreadProblem
 from xfel_spread.spread.outputs import output_paths
 from xfel_spread.io.mosaic_domains import read_domain_vectors
 from xfel_spread.io.refined_shots import read_refined_shots
-from xfel_spread.sim.spectrum import SpectrumGridError, rebin_spectrum
+from xfel_spread.sim.spectrum import SpectrumGridError
 from xfel_spread.sim.structure_factors import channel_energies
 from xfel_spread.stage1.io import Stage1FileError, check_model_cell
 from xfel_spread.stage1.model import PARAMETER_NAMES, Stage1Settings
 from xfel_spread.stage1.psf import DetectorPsf
-from xfel_spread.stage1.rois import open_annulus_shard, read_lattices, select_rois
+from xfel_spread.stage1.rois import open_annulus_shard, read_lattices, select_rois, spectrum_on_channels
 
 
 def converged_parameters(shots_path: str | os.PathLike) -> dict[int, np.ndarray]:
@@ -109,7 +109,7 @@ def shard_lattices(annulus_prefix: str, shard_path: str, stage1_prefix: str, loo
     ``model_path`` otherwise): SPREAD's fixed part comes from the model.
 
     With ``channel_grid_ev`` each shot's spectrum is first put on those channels
-    (:func:`xfel_spread.sim.spectrum.rebin_spectrum`; unchanged when already on them); a spectrum outside
+    (:func:`xfel_spread.stage1.rois.spectrum_on_channels`; unchanged when already on them); a spectrum outside
     the grid is refused with one line naming the shard and image."""
     shots_path = f"{stage1_prefix}_shots.tsv"
     parameters = converged_parameters(shots_path)
@@ -135,8 +135,8 @@ def shard_lattices(annulus_prefix: str, shard_path: str, stage1_prefix: str, loo
         rebinned = False
         if channel_grid_ev is not None:
             try:
-                energies, photons = rebin_spectrum(shot.energies_ev, shot.photons, channel_grid_ev,
-                                                   f"{shard_path}: image {shot.image_index} (lattice {lattice})")
+                energies, photons = spectrum_on_channels(shot.energies_ev, shot.photons, channel_grid_ev,
+                                                         f"{shard_path}: image {shot.image_index} (lattice {lattice})")
             except SpectrumGridError as error:
                 raise SpreadInputError(str(error)) from None
             rebinned = energies is not shot.energies_ev

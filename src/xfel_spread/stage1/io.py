@@ -134,6 +134,16 @@ def amplitude_grid_from_model(amplitudes_path: str | os.PathLike, energies_ev: n
     return expand_to_p1_grid(table)
 
 
+def stage1_channels(source: str, shard_energies_ev: np.ndarray, amplitudes_path=None) -> np.ndarray:
+    """The channels (eV) on which stage 1 evaluates each shot's spectrum: the shard's own with merged
+    |F| (one |F| for every channel), the amplitude table's with the model's (``source`` ``model``),
+    on which shots whose spectra lie elsewhere, images from another program or a beamline, are put
+    (:func:`xfel_spread.stage1.rois.annulus_on_channels`)."""
+    if source == "model" and amplitudes_path is not None:
+        return np.asarray(load_channel_amplitudes(str(amplitudes_path)).energies_ev, dtype=np.float64)
+    return np.asarray(shard_energies_ev, dtype=np.float64)
+
+
 def load_amplitude_grid(source: str, energies_ev: np.ndarray, mtz_path=None, amplitudes_path=None,
                         lattice_cells=None, lattices_source: str = "") -> AmplitudeGrid:
     """The grid of ``stage1.structure_factors`` (``merged`` or ``model``) from the file it needs; a model's

@@ -86,12 +86,15 @@ def check_source(source: str, config_path, mtz, amplitudes) -> None:
 def prepared_lattices(annulus, grid, lattices: Iterable[int], shoebox_size_px: int, failures: list):
     """Yield ``(lattice, ShotPixels, n_pixels, n_rois_no_f)`` ready to refine; the rest go to ``failures``.
 
+    Each shot's spectrum is on the annulus metadata's channels (those of ``grid``; see
+    :func:`xfel_spread.stage1.rois.annulus_on_channels`).
+
     ROIs without a background plane or a structure factor are dropped; a lattice left with none, or
     whose shoeboxes cannot be read, becomes a failed result.
     """
     from xfel_spread.stage1.io import failed_lattice_result
     from xfel_spread.stage1.refine import describe_exception
-    from xfel_spread.stage1.rois import read_lattices, rois_with_amplitude, select_rois
+    from xfel_spread.stage1.rois import read_lattices, rois_with_amplitude, select_rois, shot_on_channels
 
     def identity(lattice):
         image = annulus.image_index(lattice)
@@ -101,6 +104,7 @@ def prepared_lattices(annulus, grid, lattices: Iterable[int], shoebox_size_px: i
         failures.append(failed_lattice_result(lattice, *identity(lattice), f"shoeboxes: {describe_exception(error)}"))
 
     for lattice, shot, counts in read_lattices(annulus, lattices, shoebox_size_px, on_error):
+        shot = shot_on_channels(shot, annulus.metadata.energy_ev, annulus.shard_path)
         with_amplitude = rois_with_amplitude(grid, shot.miller_index)
         no_f = int((~with_amplitude).sum())
         shot = select_rois(shot, with_amplitude)
@@ -212,9 +216,9 @@ def _prepare(inputs: Stage1Inputs, comm):
     """Settings, annulus shard, amplitude grid, device and point spread of a run; user errors raised."""
     import torch
 
-    from xfel_spread.stage1.io import load_amplitude_grid, output_paths
+    from xfel_spread.stage1.io import load_amplitude_grid, output_paths, stage1_channels
     from xfel_spread.stage1.model import Stage1Settings
-    from xfel_spread.stage1.rois import open_annulus_shard
+    from xfel_spread.stage1.rois import annulus_on_channels, open_annulus_shard
 
     if inputs.threads < 1:
         raise OptionError(f"--threads must be at least 1, got {inputs.threads}")
@@ -223,6 +227,8 @@ def _prepare(inputs: Stage1Inputs, comm):
     settings = Stage1Settings.from_config(load_config(inputs.config)["stage1"], inputs.config)
     check_source(settings.structure_factors, inputs.config, inputs.mtz, inputs.amplitudes)
     annulus = open_annulus_shard(inputs.annulus_prefix, inputs.shard)
+    annulus = annulus_on_channels(annulus, stage1_channels(settings.structure_factors, annulus.metadata.energy_ev,
+                                                           inputs.amplitudes))
     cells = [experiment.crystal.get_unit_cell().parameters() for experiment in annulus.experiments]
     grid = load_amplitude_grid(settings.structure_factors, annulus.metadata.energy_ev, inputs.mtz, inputs.amplitudes,
                                cells, str(annulus.experiments_path))

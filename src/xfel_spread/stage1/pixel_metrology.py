@@ -227,11 +227,11 @@ def run_pixel_metrology(inputs: PixelMetrologyInputs) -> dict:
     from xfel_spread.dials.metrology import write_detector
     from xfel_spread.sim.forward import AmplitudeLookup
     from xfel_spread.sim.geometry import Detector
-    from xfel_spread.stage1.io import load_amplitude_grid
+    from xfel_spread.stage1.io import load_amplitude_grid, stage1_channels
     from xfel_spread.stage1.metrology import moved_detector, refine_detector
     from xfel_spread.stage1.model import Stage1Settings
     from xfel_spread.stage1.pipeline import check_source, detector_psf, resolve_device
-    from xfel_spread.stage1.rois import open_annulus_shard
+    from xfel_spread.stage1.rois import annulus_on_channels, open_annulus_shard
 
     if inputs.threads < 1:
         raise OptionError(f"--threads must be at least 1, got {inputs.threads}")
@@ -255,6 +255,8 @@ def run_pixel_metrology(inputs: PixelMetrologyInputs) -> dict:
         annulus = open_annulus_shard(annulus_prefix, shard_path)
         if annulus.n_lattices == 0:
             continue
+        annulus = annulus_on_channels(annulus, stage1_channels(settings.structure_factors, annulus.metadata.energy_ev,
+                                                               inputs.amplitudes))
         if grid is None:
             grid = load_amplitude_grid(settings.structure_factors, annulus.metadata.energy_ev, inputs.mtz,
                                        inputs.amplitudes,

@@ -58,6 +58,7 @@ from xfel_spread.io.shard import (
     read_shard_spectrum,
 )
 from xfel_spread.sim.geometry import FAST_AXIS, SLOW_AXIS, Detector, MultiPanelDetector
+from xfel_spread.sim.spectrum import rebin_spectrum
 from xfel_spread.sim.shoeboxes import BoxPixels, assign_box_pixels, shoebox_bounds  # noqa: F401 (re-exported)
 from xfel_spread.sim.structure_factors import AmplitudeGrid
 from xfel_spread.stage1.shot import ShotPixels
@@ -442,6 +443,46 @@ def rois_with_amplitude(grid: AmplitudeGrid, miller_index: np.ndarray) -> np.nda
         inner = offset[inside]
         present[inside] = (grid.values[:, inner[:, 0], inner[:, 1], inner[:, 2]] > 0).any(axis=0)
     return present
+
+
+def spectrum_on_channels(energies_ev: np.ndarray, weights: np.ndarray, channels_ev: np.ndarray,
+                         source: str) -> tuple[np.ndarray, np.ndarray]:
+    """A spectrum on the channels ``channels_ev``: its channels of nonzero weight put on them by
+    :func:`xfel_spread.sim.spectrum.rebin_spectrum` (total weight and mean energy kept; the same arrays
+    when already on them). A spectrum outside them is refused with one line starting with ``source``
+    (:class:`~xfel_spread.sim.spectrum.SpectrumGridError`)."""
+    energies, values = np.asarray(energies_ev, dtype=np.float64), np.asarray(weights, dtype=np.float64)
+    channels = np.asarray(channels_ev, dtype=np.float64)
+    if energies.shape == channels.shape and np.array_equal(energies, channels):
+        return energies_ev, weights
+    lit = values != 0
+    return rebin_spectrum(energies[lit], values[lit], channels, source)
+
+
+def shot_on_channels(shot: ShotPixels, channels_ev: np.ndarray, shard_path) -> ShotPixels:
+    """The shot with its spectrum on ``channels_ev`` (:func:`spectrum_on_channels`); the same shot when
+    already on them."""
+    energies, photons = spectrum_on_channels(shot.energies_ev, shot.photons, channels_ev,
+                                             f"{shard_path}: image {shot.image_index}")
+    return shot if energies is shot.energies_ev else replace(shot, energies_ev=energies, photons=photons)
+
+
+def annulus_on_channels(annulus: AnnulusShard, channels_ev: np.ndarray) -> AnnulusShard:
+    """The annulus shard with its metadata's spectra on ``channels_ev``, those of a model's amplitude
+    table when they are not the shard's (images from elsewhere carry their spectra on their own energies).
+
+    Every shot's spectrum is put on them here, before any lattice is refined, so a spectrum outside
+    them is refused at once with one line naming the shard and image (SpectrumGridError); each lattice's
+    shot is then put on the same channels as it is read (:func:`shot_on_channels`). Unchanged when the
+    shard's channels are these."""
+    metadata = annulus.metadata
+    channels = np.asarray(channels_ev, dtype=np.float64)
+    if metadata.energy_ev.shape == channels.shape and np.array_equal(metadata.energy_ev, channels):
+        return annulus
+    photons = np.array([spectrum_on_channels(metadata.energy_ev, row, channels,
+                                             f"{annulus.shard_path}: image {image}")[1]
+                        for image, row in enumerate(metadata.photons_per_channel)]).reshape(-1, channels.size)
+    return replace(annulus, metadata=replace(metadata, energy_ev=channels, photons_per_channel=photons))
 
 
 def read_lattices(annulus: AnnulusShard, lattices, shoebox_size_px: int, on_error):
