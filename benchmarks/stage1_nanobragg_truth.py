@@ -32,11 +32,19 @@ closer than DIALS's reindex to the domains' mean on 8 of 8 lattices and converge
 eta 0.031-0.044 deg (analytic) and 0.039-0.054 (free domains) against the domains' RMS angle 0.036-0.044;
 seconds per lattice median 0.4, 1.2 and 7.4 (free domains 5.2-20.5), two ranks on the two cores.
 
+With ``--detector``, refined detectors against the origin nanoBragg drew the pattern with (its
+``DIALS_ORIGIN``; dxtbx's header origin is half a pixel off in both directions). Measured 2026-12-07 on the
+same run: DIALS's level-0 metrology (8 lattices) left the beam centre +0.0051, -0.0417 px and the distance
++0.022 mm off; ``spread-pixel-metrology`` from it, run by hand on the default stage 1's 8 lattices with the run's
+stage-1 settings (``pixel_metrology``'s defaults), -0.0051, -0.0044 px and -0.003 mm against the model's
+|F|, and +0.0066, -0.0016 px and -0.006 mm against the merge's (each about 100 s on the two cores).
+
 Usage (after a run of ``config/examples/nanobragg.yaml`` to stage 1; ``--stage1`` as often as there
 are stage-1 outputs to compare, each a directory with ``shard_0000N_refined.expt`` and ``_shots.tsv``)::
 
     .venv/bin/python benchmarks/stage1_nanobragg_truth.py --results results_nanobragg \\
-        [--stage1 default=results_nanobragg/stage1/images] [--stage1 domains=copy/of/another/run]
+        [--stage1 default=results_nanobragg/stage1/images] [--stage1 domains=copy/of/another/run] \\
+        [--detector metrology=results_nanobragg/metrology/images/refined_detector.expt]
 """
 
 from __future__ import annotations
@@ -54,6 +62,8 @@ from xfel_spread.sim import crystal as xtal
 from xfel_spread.stage1.scoring import mean_rotation, turned_by_mean
 
 NANOBRAGG_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "external" / "nanobragg"
+#: The stills' pixel (mm): a 4x4-binned Rayonix MX340.
+NANOBRAGG_PIXEL_MM = 0.176
 
 
 def mosaic_seeds(make_log: Path) -> dict[str, int]:
@@ -88,6 +98,9 @@ def main() -> None:
     parser.add_argument("--results", type=Path, required=True, help="output_dir of the nanoBragg run")
     parser.add_argument("--stage1", action="append", default=[], metavar="LABEL=DIR",
                         help="a stage-1 output directory to score (default: the run's own)")
+    parser.add_argument("--detector", action="append", default=[], metavar="LABEL=EXPT",
+                        help="a refined detector (metrology's or pixel metrology's experiment list) to score "
+                             "against the origin nanoBragg drew the pattern with")
     parser.add_argument("--nanobragg-dir", type=Path, default=NANOBRAGG_DIR)
     parser.add_argument("--shards", type=int, default=2)
     parser.add_argument("--shots-per-shard", type=int, default=4)
@@ -140,6 +153,7 @@ def main() -> None:
     print(f"{'median':18s} {np.median([r['mean_to_matrix_deg'] for r in rows]):11.4f} "
           + " ".join(_median(rows, f"{c}_matrix") for c in columns) + " | "
           + " ".join(_median(rows, f"{c}_mean") for c in columns))
+    score_detectors(dict(item.split("=", 1) for item in arguments.detector), truth[0])
     for label in stage1_dirs:
         closer = [row[f"{label}_mean"] < row["reindex_mean"] for row in rows
                   if f"{label}_mean" in row and "reindex_mean" in row]
@@ -153,6 +167,21 @@ def main() -> None:
             print(f"  median Na, Nb, Nc {', '.join(f'{value:.1f}' for value in np.median(ncells, axis=0))} "
                   f"(truth 57); seconds per lattice median {np.median(seconds):.1f} "
                   f"({seconds.min():.1f}-{seconds.max():.1f})")
+
+
+def score_detectors(detectors: dict[str, str], image_truth: dict) -> None:
+    """Each refined detector's origin against nanoBragg's (``true_detector_origin_dials_mm``, the same for
+    every image): the beam-centre error in pixels (fast = -x, slow = +y) and the distance error (mm)."""
+    from dxtbx.model.experiment_list import ExperimentList
+
+    true_origin = np.array(image_truth["true_detector_origin_dials_mm"])
+    origins = {"header (dxtbx)": np.array(image_truth["dxtbx_detector_origin_mm"])}
+    for label, path in detectors.items():
+        origins[label] = np.array(ExperimentList.from_file(path, check_format=False)[0].detector[0].get_origin())
+    for label, origin in origins.items():
+        error, pixel = origin - true_origin, NANOBRAGG_PIXEL_MM
+        print(f"detector {label}: beam centre error fast {-error[0] / pixel:+.4f} px, slow {error[1] / pixel:+.4f} px, "
+              f"distance {-error[2]:+.4f} mm")
 
 
 def _cell(row: dict, key: str) -> str:
