@@ -337,6 +337,7 @@ def test_spectra_elsewhere_are_put_on_the_models_channels(case):
     np.testing.assert_array_equal(stage1_io.stage1_channels("merged", annulus.metadata.energy_ev + 0.25, None),
                                   annulus.metadata.energy_ev + 0.25)
     assert rois.annulus_on_channels(annulus, table) is annulus  # already on them
+    assert rois.annulus_on_channels(annulus, table + 0.5e-6) is annulus  # within rebin_spectrum's bound
     # The same shard as a beamline's: its spectra a quarter of a channel step up, on 9 of the 10 channels.
     step = float(np.diff(table).min())
     elsewhere = replace(annulus, metadata=replace(annulus.metadata, energy_ev=table[:-1] + 0.25 * step,

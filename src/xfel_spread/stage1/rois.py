@@ -445,16 +445,26 @@ def rois_with_amplitude(grid: AmplitudeGrid, miller_index: np.ndarray) -> np.nda
     return present
 
 
+#: Channels this close (eV) are the same channels (:func:`xfel_spread.sim.spectrum.rebin_spectrum`'s bound).
+SAME_CHANNEL_EV = 1e-6
+
+
+def same_channels(energies_ev: np.ndarray, channels_ev: np.ndarray) -> bool:
+    """Whether a spectrum's channel energies are ``channels_ev``, each within SAME_CHANNEL_EV."""
+    energies, channels = np.asarray(energies_ev, dtype=np.float64), np.asarray(channels_ev, dtype=np.float64)
+    return energies.shape == channels.shape and bool(np.all(np.abs(energies - channels) <= SAME_CHANNEL_EV))
+
+
 def spectrum_on_channels(energies_ev: np.ndarray, weights: np.ndarray, channels_ev: np.ndarray,
                          source: str) -> tuple[np.ndarray, np.ndarray]:
     """A spectrum on the channels ``channels_ev``: its channels of nonzero weight put on them by
     :func:`xfel_spread.sim.spectrum.rebin_spectrum` (total weight and mean energy kept; the same arrays
-    when already on them). A spectrum outside them is refused with one line starting with ``source``
+    when already on them, within SAME_CHANNEL_EV). A spectrum outside them is refused with one line starting with ``source``
     (:class:`~xfel_spread.sim.spectrum.SpectrumGridError`)."""
     energies, values = np.asarray(energies_ev, dtype=np.float64), np.asarray(weights, dtype=np.float64)
-    channels = np.asarray(channels_ev, dtype=np.float64)
-    if energies.shape == channels.shape and np.array_equal(energies, channels):
+    if same_channels(energies, channels_ev):
         return energies_ev, weights
+    channels = np.asarray(channels_ev, dtype=np.float64)
     lit = values != 0
     return rebin_spectrum(energies[lit], values[lit], channels, source)
 
@@ -476,9 +486,9 @@ def annulus_on_channels(annulus: AnnulusShard, channels_ev: np.ndarray) -> Annul
     shot is then put on the same channels as it is read (:func:`shot_on_channels`). Unchanged when the
     shard's channels are these."""
     metadata = annulus.metadata
-    channels = np.asarray(channels_ev, dtype=np.float64)
-    if metadata.energy_ev.shape == channels.shape and np.array_equal(metadata.energy_ev, channels):
+    if same_channels(metadata.energy_ev, channels_ev):
         return annulus
+    channels = np.asarray(channels_ev, dtype=np.float64)
     photons = np.array([spectrum_on_channels(metadata.energy_ev, row, channels,
                                              f"{annulus.shard_path}: image {image}")[1]
                         for image, row in enumerate(metadata.photons_per_channel)]).reshape(-1, channels.size)
