@@ -76,14 +76,6 @@ def mosaic_seeds(make_log: Path) -> dict[str, int]:
     return seeds
 
 
-def domain_rotations_dials(image_truth: dict, seed: int) -> np.ndarray:
-    """The image's domain rotations (D, 3, 3) in DIALS's frame, drawn again from its seed."""
-    frame = xtal.NANOBRAGG_MOSFLM_TO_DIALS
-    rotations = xtal.nanobragg_seeded_mosaic_rotations(
-        int(image_truth["mosaic_domains"]), float(image_truth["mosaic_spread_deg"]), seed)
-    return np.einsum("ij,djk,lk->dil", frame, rotations, frame)
-
-
 def crystals_by_image(path: Path) -> dict[int, tuple[str, np.ndarray]]:
     """(identifier, real-space matrix) of each experiment, by its image's index in the shard."""
     from dxtbx.model.experiment_list import ExperimentList
@@ -122,7 +114,9 @@ def main() -> None:
                    for label, directory in stage1_dirs.items()}
         for image in range(arguments.shots_per_shard):
             image_truth = truth[shard * arguments.shots_per_shard + image]
-            rotations = domain_rotations_dials(image_truth, seeds[image_truth["file"]])
+            rotations = xtal.nanobragg_seeded_domains_dials(int(image_truth["mosaic_domains"]),
+                                                            float(image_truth["mosaic_spread_deg"]),
+                                                            seeds[image_truth["file"]])
             matrix = np.array(image_truth["real_space_a_b_c_dials_frame"])
             mean = turned_by_mean(matrix, rotations)
             rms = xtal.rms_rotation_deg(rotations @ mean_rotation(rotations).T)

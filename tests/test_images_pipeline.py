@@ -92,13 +92,8 @@ def domain_means() -> list[np.ndarray]:
         seed, image = re.search(r"-mosaic_seed (\d+)", line), re.search(r"-noisefile (\S+)", line)
         if seed and image:
             seeds[image.group(1) + ".gz"] = int(seed.group(1))
-    frame = xtal.NANOBRAGG_MOSFLM_TO_DIALS
-    means = []
-    for image in truth:
-        drawn = xtal.nanobragg_seeded_mosaic_rotations(image["mosaic_domains"], image["mosaic_spread_deg"],
-                                                       seeds[image["file"]])
-        means.append(turned_by_mean(image["real_space_a_b_c_dials_frame"], frame @ drawn @ frame.T))
-    return means
+    return [turned_by_mean(image["real_space_a_b_c_dials_frame"], xtal.nanobragg_seeded_domains_dials(
+        image["mosaic_domains"], image["mosaic_spread_deg"], seeds[image["file"]])) for image in truth]
 
 
 def misorientations(workdir, against_domains: bool = False) -> dict:

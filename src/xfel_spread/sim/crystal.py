@@ -113,6 +113,14 @@ def nanobragg_seeded_mosaic_rotations(n_domains: int, spread_deg: float, mosaic_
 NANOBRAGG_MOSFLM_TO_DIALS = np.array([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [-1.0, 0.0, 0.0]])
 
 
+def nanobragg_seeded_domains_dials(n_domains: int, spread_deg: float, mosaic_seed: int) -> np.ndarray:
+    """:func:`nanobragg_seeded_mosaic_rotations` in DIALS's laboratory frame (``F U F^T``, F
+    :data:`NANOBRAGG_MOSFLM_TO_DIALS`): the domains of a nanoBragg image whose crystal is given in DIALS's
+    frame, as the shared data's ``truth.json`` gives it."""
+    frame = NANOBRAGG_MOSFLM_TO_DIALS
+    return frame @ nanobragg_seeded_mosaic_rotations(n_domains, spread_deg, mosaic_seed) @ frame.T
+
+
 def _nanobragg_rotations(deviates: np.ndarray, spread_deg: float) -> np.ndarray:
     """Rotations (D, 3, 3) from nanoBragg's three deviates on [-1, 1] per domain (rows of ``deviates``)."""
     rotations = np.empty((len(deviates), 3, 3))

@@ -168,19 +168,30 @@ def save_channel_amplitudes(amplitudes: ChannelAmplitudes, path: str) -> None:
 
 def load_channel_amplitudes(path: str) -> ChannelAmplitudes:
     """Read a table written by :func:`save_channel_amplitudes`."""
+    return _read_table(path, lambda handle: ChannelAmplitudes(
+        energies_ev=handle["energy_ev"][()],
+        unit_cell=tuple(float(v) for v in handle.attrs["unit_cell"]),
+        space_group=str(handle.attrs["space_group"]),
+        indices=handle["miller_index"][()],
+        amplitudes=handle["amplitude"][()],
+    ))
+
+
+def load_channel_energies(path: str) -> np.ndarray:
+    """The channel energies (eV) of a table written by :func:`save_channel_amplitudes`, without reading
+    its amplitudes."""
+    return _read_table(path, lambda handle: handle["energy_ev"][()])
+
+
+def _read_table(path: str, read):
+    """``read(handle)`` of the channel-amplitude table at ``path``; ModelFileError naming it otherwise."""
     import h5py
 
     try:
         with h5py.File(path, "r") as handle:
             if handle.attrs.get("format") != "xfel_spread.channel_amplitudes":
                 raise ModelFileError(f"{path}: not a channel-amplitude table")
-            return ChannelAmplitudes(
-                energies_ev=handle["energy_ev"][()],
-                unit_cell=tuple(float(v) for v in handle.attrs["unit_cell"]),
-                space_group=str(handle.attrs["space_group"]),
-                indices=handle["miller_index"][()],
-                amplitudes=handle["amplitude"][()],
-            )
+            return read(handle)
     except (OSError, KeyError) as exc:
         raise ModelFileError(f"{path}: cannot read channel-amplitude table ({exc})") from None
 

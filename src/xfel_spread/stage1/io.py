@@ -49,7 +49,7 @@ from xfel_spread.errors import UserInputError
 from xfel_spread.io.mosaic_domains import write_domain_vectors
 from xfel_spread.io.refined_shots import PARAMETER_COLUMNS, write_refined_shots
 from xfel_spread.sim.structure_factors import (AmplitudeGrid, ChannelAmplitudes, expand_to_p1_grid,
-                                               load_channel_amplitudes)
+                                               load_channel_amplitudes, load_channel_energies)
 
 #: Output files of one shard, as suffixes of its output prefix.
 OUTPUT_SUFFIXES = {"experiments": "_refined.expt", "shots": "_shots.tsv", "domains": "_domains.tsv"}
@@ -140,7 +140,7 @@ def stage1_channels(source: str, shard_energies_ev: np.ndarray, amplitudes_path=
     on which shots whose spectra lie elsewhere, images from another program or a beamline, are put
     (:func:`xfel_spread.stage1.rois.annulus_on_channels`)."""
     if source == "model" and amplitudes_path is not None:
-        return np.asarray(load_channel_amplitudes(str(amplitudes_path)).energies_ev, dtype=np.float64)
+        return np.asarray(load_channel_energies(str(amplitudes_path)), dtype=np.float64)
     return np.asarray(shard_energies_ev, dtype=np.float64)
 
 
