@@ -102,6 +102,8 @@ def test_demo_config(repo_root):
     assert (config["simulate"]["n_shots"], config["simulate"]["shots_per_shard"]) == (8, 4)
     # The demo refines eta and the free domains, which SPREAD models its lattices by.
     assert config["stage1"]["free_domains"] == 25 and "eta" in config["stage1"]["refine"]
+    # With eta refined, every lattice from the broad-spot start too (one validation lattice needed it).
+    assert config["stage1"]["broad_start"] == "always"
 
 
 def test_production_config_over_demo_config(repo_root):
@@ -119,6 +121,7 @@ def test_production_config_over_demo_config(repo_root):
     # The free domains, as the demo, with one start (SPREAD's model of its lattices).
     assert "eta" in config["stage1"]["refine"]
     assert (config["stage1"]["free_domains"], config["stage1"]["free_domains_starts"]) == (25, 1)
+    assert config["stage1"]["broad_start"] == "always"
 
 
 @pytest.mark.parametrize("example", ["nanobragg", "rayonix_mfx", "thermolysin_cspad"])
@@ -131,7 +134,8 @@ def test_the_examples_take_the_schemas_crystal_model_back(repo_root, example):
     update_config(merged, yaml.safe_load((repo_root / "config" / "examples" / f"{example}.yaml").read_text()))
     stage1 = load_config(merged, example)["stage1"]
     defaults = load_config({}, "defaults")["stage1"]
-    assert (stage1["refine"], stage1["free_domains"]) == (defaults["refine"], defaults["free_domains"])
+    assert (stage1["refine"], stage1["free_domains"], stage1["broad_start"]) == (
+        defaults["refine"], defaults["free_domains"], defaults["broad_start"])
 
 
 # --- one-line errors ---------------------------------------------------------------------------------

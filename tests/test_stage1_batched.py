@@ -286,6 +286,18 @@ def test_refine_batch_on_cuda_gives_the_parameters_found_on_cpu(three_shots, few
         assert_same_fit(cuda_fit, cpu_fit, tolerance_steps=1e-2)
 
 
+def test_refine_batch_tries_the_broad_start_as_refine_shot_does(three_shots, few_lookup):
+    """With ``broad_start: always`` every shot of a batch is refined from the broad-spot start too,
+    the same way as alone: the same fits, field for field."""
+    settings = Stage1Settings.from_config({"broad_start": "always"})
+    plain = refine_batch(three_shots, few_lookup, Stage1Settings.from_config({}), "cpu")
+    for batched, shot, once in zip(refine_batch(three_shots, few_lookup, settings, "cpu"), three_shots, plain):
+        single = refine_shot(shot, few_lookup, settings)
+        assert single.converged, single.reason
+        assert_identical_fit(batched, single)
+        assert batched.n_evaluations > once.n_evaluations
+
+
 def test_refine_batch_restarts_a_lost_shot_as_refine_shot_does(amplitude_table, three_shots, few_lookup):
     """A start whose spots lie about 4 px off loses its shot (G to 0) and is refined again with
     broad spots, in the batch as alone, beside a shot that needs no restart; so is one whose spots

@@ -74,6 +74,9 @@ def test_settings_defaults_are_the_schema_ly99_values():
     ({"free_domains": 1}, "settings.yaml: stage1.free_domains: 1 domain is the crystal itself"),
     ({"free_domains": -2}, "settings.yaml: stage1.free_domains"),
     ({"bounds": {"detz_shift_mm": [0.5, 1.0]}}, "stage1.bounds.detz_shift_mm: the range must contain 0"),
+    ({"broad_start": "sometimes"}, "settings.yaml: stage1.broad_start"),
+    ({"broad_start": "always", "broad_start_ncells": None},
+     "settings.yaml: stage1.broad_start: always needs broad_start_ncells"),
 ])
 def test_settings_errors_are_one_line_naming_the_key(section, message):
     with pytest.raises(ConfigError) as error:

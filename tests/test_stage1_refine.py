@@ -345,6 +345,59 @@ def test_a_shot_lost_with_g_inside_its_bounds_restarts_with_broad_spots(quick_sh
     assert_inside_bounds(fit, settings)
 
 
+def test_broad_start_always_refines_from_both_starts_and_keeps_the_lower_nll(quick_shot, few_lookup):
+    """With ``broad_start: always`` a shot that kept its spots is refined again from the broad-spot
+    start (N 20) and the end of lower NLL is kept, with the evaluations of both. On this shot, whose
+    likelihood has one minimum, both ends are the truth; the validation shot that needed it (nopsf 66,
+    25 mosaic domains) is in the README."""
+    start = with_start(quick_shot.shot, perturbed_matrix(quick_shot.true_matrix, seed=3, rotation_deg=0.05,
+                                                         cell_fraction=0.001))
+    settings = Stage1Settings.from_config({"broad_start": "always"})
+    plain = refine_shot(start, few_lookup, Stage1Settings.from_config({}))
+    both = refine_shot(start, few_lookup, settings)
+    problem = ShotProblem(start, settings, "cpu")
+    problem.set_start_from_model(few_lookup)
+    broad = refine.restart_with_broad_spots(problem, refine.shot_evaluator(problem, few_lookup),
+                                            refine.Minimization(problem.start_values, 0, 0, False, ""))
+    broad_final = refine.final_summary(problem, few_lookup, broad, refine.all_pixels(problem))
+    assert plain.converged and both.converged and broad.converged
+    assert both.n_evaluations == plain.n_evaluations + broad.n_evaluations
+    assert both.nll_final == min(plain.nll_final, broad_final.nll)
+    assert both.nll_final == pytest.approx(plain.nll_final, abs=1e-3)
+    assert xtal.misorientation_deg(both.real_space_matrix, quick_shot.true_matrix) < 0.002
+
+
+def test_better_start_keeps_the_lower_nll_of_a_usable_end(quick_shot, few_lookup):
+    """``better_start`` takes the broad-spot end only when its NLL is lower and finite and it kept
+    the shot (spots in their shoeboxes, G inside its bounds); either way the counts are both ends'."""
+    settings = Stage1Settings.from_config({"broad_start": "always"})
+    problem = ShotProblem(quick_shot.shot, settings, "cpu")
+    problem.set_start_from_model(few_lookup)
+    values = np.asarray(problem.start_values, dtype=np.float64)
+    centroids = np.zeros((quick_shot.shot.n_rois, 2))
+
+    def end(nll, g=None, lost=False, iterations=30, evaluations=50):
+        chosen = values.copy()
+        if g is not None:
+            chosen[PARAMETER_NAMES.index("G")] = g
+        summary = refine.ModelSummary(nll, 1.0, np.full_like(centroids, np.nan) if lost else centroids,
+                                      0.0, 0.0, 0.0, 0.0, np.eye(3), 100.0)
+        return refine.Minimization(chosen, iterations, evaluations, True, "", restarted=True), summary
+
+    first = end(100.0, iterations=10, evaluations=20)
+    first = (dataclasses.replace(first[0], restarted=False), first[1])
+    assert refine.should_try_broad(problem, first[0])
+    assert not refine.should_try_broad(problem, dataclasses.replace(first[0], restarted=True))
+    assert not refine.should_try_broad(ShotProblem(quick_shot.shot, Stage1Settings.from_config({}), "cpu"), first[0])
+    lower = end(90.0)
+    assert refine.better_start(problem, first, lower) == lower
+    for other in (end(110.0), end(80.0, lost=True), end(float("nan")), end(70.0, g=0.0)):
+        kept, summary = refine.better_start(problem, first, other)
+        assert summary is first[1]
+        assert np.array_equal(kept.values, first[0].values)
+        assert (kept.n_iterations, kept.n_evaluations, kept.restarted) == (30, 50, True)
+
+
 def test_a_start_too_far_off_is_reported_not_converged(quick_shot, few_lookup):
     """A start 1 degree off: every spot is out of its shoebox even with broad spots, G runs to 0
     (from the start and again from the restart), where every other gradient vanishes and L-BFGS-B

@@ -66,9 +66,11 @@ from xfel_spread.stage1.refine import (
     failed_fit,
     final_summary,
     finished_fit,
+    better_start,
     minimize_shot,
     refine_free_domains,
     restart_with_broad_spots,
+    should_try_broad,
     shot_evaluator,
     should_restart,
     summarize_model,
@@ -458,6 +460,16 @@ def refine_batch(shots: Sequence[ShotPixels], amplitudes: BatchedForwardModel | 
         restarts = Lockstep().run({index: restart_task(index) for index in again}, serve)
         minimizations.update(restarts)
         finals.update(_final_summaries(model, problems, restarts, batch_of, reasons))
+    # stage1.broad_start: always refines every other shot from the broad-spot start too and keeps the lower NLL.
+    tries = [index for index, final in finals.items()
+             if index not in again and should_try_broad(problems[index], minimizations[index])]
+    if tries:
+        broad = Lockstep().run({index: restart_task(index) for index in tries}, serve)
+        broad_finals = _final_summaries(model, problems, broad, batch_of, reasons)
+        for index in tries:
+            if index in broad_finals:
+                minimizations[index], finals[index] = better_start(
+                    problems[index], (minimizations[index], finals[index]), (broad[index], broad_finals[index]))
     # The free-domain refinement (stage1.free_domains) runs shot by shot through refine_shot's model: its
     # crystals have their own domains, which the batched model's per-shot layout does not hold.
     for index in list(finals):

@@ -118,6 +118,7 @@ class Stage1Settings:
     free_domains_starts: int
     mosaic_model: str
     broad_start_ncells: float | None
+    broad_start: str
     max_iterations: int
     device: str
     batch_shots: int
@@ -160,6 +161,7 @@ class Stage1Settings:
             mosaic_model=filled["mosaic_model"],
             broad_start_ncells=(None if filled["broad_start_ncells"] is None
                                 else float(filled["broad_start_ncells"])),
+            broad_start=filled["broad_start"],
             max_iterations=filled["max_iterations"],
             device=filled["device"],
             batch_shots=filled["batch_shots"],
@@ -192,6 +194,8 @@ class Stage1Settings:
             return "mosaic_domains: refining eta needs at least 2 mosaic domains"
         if self.free_domains == 1:
             return "free_domains: 1 domain is the crystal itself; give 0 (off) or at least 2"
+        if self.broad_start == "always" and self.broad_start_ncells is None:
+            return "broad_start: always needs broad_start_ncells (null turns the broad-spot start off)"
         return None
 
     def torch_device(self) -> torch.device:

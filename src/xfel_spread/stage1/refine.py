@@ -12,7 +12,8 @@ For one shot, :func:`refine_shot`:
    torch autograd through the forward model in float64; spot positions first, then everything
    (:func:`xfel_spread.stage1.model.refinement_passes`); a shot that loses its spots (G at a bound,
    or no Bragg photons left in the shoeboxes) starts again, once, with broad spots
-   (:func:`restart_with_broad_spots`);
+   (:func:`restart_with_broad_spots`); with ``stage1.broad_start: always`` every other shot is
+   refined from the broad-spot start too and the end of lower NLL kept (:func:`better_start`);
 4. with ``stage1.free_domains`` on, refines the crystal again as that many mosaic domains of free
    rotation vectors (:func:`refine_free_domains`), which decides convergence;
 5. evaluates the refined model on every shoebox pixel and reports, before and after, the
@@ -468,6 +469,29 @@ def restart_with_broad_spots(problem: ShotProblem, evaluate: Evaluator, previous
     return dataclasses.replace(result, restarted=True)
 
 
+def should_try_broad(problem: ShotProblem, minimization: Minimization) -> bool:
+    """True when ``stage1.broad_start`` is always and the broad-spot start has not run yet: a
+    minimisation that ended well is refined again from it, and :func:`better_start` keeps one end."""
+    return (problem.settings.broad_start == "always" and problem.broad_space is not None
+            and not minimization.restarted and not minimization.reason.startswith("non-finite"))
+
+
+def better_start(problem: ShotProblem, first: tuple[Minimization, ModelSummary],
+                 broad: tuple[Minimization, ModelSummary]) -> tuple[Minimization, ModelSummary]:
+    """Of a shot's first minimisation and its broad-spot one (``stage1.broad_start: always``), the end
+    of lower NLL, with the iterations and evaluations of both; a broad end that lost the shot (spots
+    out of their shoeboxes, G at a bound) or has no finite NLL never wins."""
+    (plain, plain_final), (other, other_final) = first, broad
+    usable = not (lost(other_final) or g_at_bound(problem.space, other.values)
+                  or other.reason.startswith("non-finite"))
+    if usable and np.isfinite(other_final.nll) and other_final.nll < plain_final.nll:
+        logger.debug("shot %d: the broad-spot start ended lower (NLL %.2f against %.2f)",
+                     problem.shot.shot_index, other_final.nll, plain_final.nll)
+        return other, other_final
+    return dataclasses.replace(plain, n_iterations=other.n_iterations, n_evaluations=other.n_evaluations,
+                               restarted=True), plain_final
+
+
 def lost(summary: ModelSummary) -> bool:
     """True when the model predicts no Bragg photons in any shoebox (every centroid undefined)."""
     return not np.any(np.isfinite(summary.centroids))
@@ -817,6 +841,10 @@ def refine_shot(shot: ShotPixels, amplitudes: AmplitudeLookup, settings: Stage1S
             logger.debug("shot %d: the spots left their shoeboxes; restarting with broad spots", shot.shot_index)
             minimization = restart_with_broad_spots(problem, evaluate, minimization)
             final = final_summary(problem, amplitudes, minimization, pixels)
+        elif should_try_broad(problem, minimization):
+            broad = restart_with_broad_spots(problem, evaluate, minimization)
+            minimization, final = better_start(problem, (minimization, final),
+                                               (broad, final_summary(problem, amplitudes, broad, pixels)))
         if can_free_domains(problem, minimization, final):
             minimization = refine_free_domains(problem, amplitudes, minimization)
             final = final_summary(problem, amplitudes, minimization, pixels)
