@@ -61,12 +61,12 @@ from xfel_spread.stage1.refine import (
     ShotFit,
     ShotProblem,
     all_pixels,
+    better_start,
     can_free_domains,
     describe_exception,
     failed_fit,
     final_summary,
     finished_fit,
-    better_start,
     minimize_shot,
     refine_free_domains,
     restart_with_broad_spots,
@@ -461,8 +461,7 @@ def refine_batch(shots: Sequence[ShotPixels], amplitudes: BatchedForwardModel | 
         minimizations.update(restarts)
         finals.update(_final_summaries(model, problems, restarts, batch_of, reasons))
     # stage1.broad_start: always refines every other shot from the broad-spot start too and keeps the lower NLL.
-    tries = [index for index, final in finals.items()
-             if index not in again and should_try_broad(problems[index], minimizations[index])]
+    tries = [index for index in finals if should_try_broad(problems[index], minimizations[index])]
     if tries:
         broad = Lockstep().run({index: restart_task(index) for index in tries}, serve)
         broad_finals = _final_summaries(model, problems, broad, batch_of, reasons)
